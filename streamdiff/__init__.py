@@ -1,0 +1,53 @@
+"""streamdiff: real-time streaming image-to-image diffusion.
+
+Public API::
+
+    from streamdiff import StreamConfig, StreamPipeline
+    pipe = StreamPipeline.from_pretrained("tiny", StreamConfig(width=256, height=256, t_index_list=[32, 45]))
+    pipe.prepare(prompt="a watercolor portrait", guidance_scale=1.2, delta=1.0, seed=2)
+    out = pipe(frame)
+"""
+
+from __future__ import annotations
+
+from .config import BackendKind, CfgMode, FilterConfig, Precision, PromptConfig, StreamConfig, StreamMode
+from .errors import (
+    BackendUnavailable,
+    ConfigError,
+    EngineBuildError,
+    FrameError,
+    ModelLoadError,
+    ProtocolError,
+    SinkError,
+    SourceError,
+    StreamDiffError,
+)
+from .models import LoadedModel, LoraSpec, load_model
+from .pipeline import StreamOutput, StreamPipeline
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendKind",
+    "BackendUnavailable",
+    "CfgMode",
+    "ConfigError",
+    "EngineBuildError",
+    "FilterConfig",
+    "FrameError",
+    "LoadedModel",
+    "LoraSpec",
+    "ModelLoadError",
+    "Precision",
+    "PromptConfig",
+    "ProtocolError",
+    "SinkError",
+    "SourceError",
+    "StreamConfig",
+    "StreamDiffError",
+    "StreamMode",
+    "StreamOutput",
+    "StreamPipeline",
+    "__version__",
+    "load_model",
+]

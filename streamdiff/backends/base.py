@@ -1,0 +1,25 @@
+"""The backend interface: a U-Net engine and a VAE engine."""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+
+
+@runtime_checkable
+class UNetEngine(Protocol):
+    """Noise prediction: sample ``[B, C, h, w]``, timestep ``[B]`` (int64), hidden states ``[B, L, D]`` → ε."""
+
+    def __call__(
+        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+    ) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class VaeEngine(Protocol):
+    """Images in [-1, 1] ``[B, 3, H, W]`` ↔ scaled latents ``[B, C, H/s, W/s]`` (already × scaling_factor)."""
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor: ...
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor: ...

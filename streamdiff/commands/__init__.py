@@ -1,0 +1,1 @@
+"""Subcommands of the ``streamdiff`` CLI, one module each (see :mod:`streamdiff.cli`)."""

@@ -1,0 +1,70 @@
+"""Residual classifier-free guidance (RCFG) as pure tensor functions.
+
+StreamDiffusion paper (Kodaira et al., 2023), Sec. 3.3. With guidance scale γ and text-conditioned prediction ε_c:
+
+- ``FULL``:      ε = ε_u + γ (ε_c − ε_u), ε_u from a real negative-prompt pass on every slot (Eq. 8).
+- ``SELF``:      ε = δ·ε̃ + γ (ε_c − δ·ε̃), where the virtual negative ε̃ is the residual noise carried from the
+                 previous step (Eq. 11–13); no extra U-Net work.
+- ``INITIALIZE``: as SELF, but ε̃ of the first step is a real negative pass on the first slot only (Eq. 14).
+- ``NONE``:      ε = ε_c.
+
+Guidance is applied only when γ > 1 (as in diffusers); the U-Net batch layout depends only on the mode, so shapes
+stay static when γ changes live. Layout of every expanded batch: negatives first, then the conditional rows.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import CfgMode
+
+RESIDUAL_MODES = frozenset({CfgMode.SELF, CfgMode.INITIALIZE})
+
+
+def unet_rows(mode: CfgMode, rows: int, frames: int, has_first_step: bool) -> int:
+    """U-Net batch for ``rows`` latents: rows (NONE/SELF), 2·rows (FULL), rows + F with the first step (INITIALIZE)."""
+    if mode is CfgMode.FULL:
+        return 2 * rows
+    if mode is CfgMode.INITIALIZE and has_first_step:
+        return rows + frames
+    return rows
+
+
+def expand_inputs(
+    mode: CfgMode, x_t: torch.Tensor, timesteps: torch.Tensor, frames: int, has_first_step: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prepend the negative rows the mode needs. ``x_t`` ``[R, C, h, w]``, ``timesteps`` ``[R]``."""
+    if mode is CfgMode.FULL:
+        return torch.cat([x_t, x_t]), torch.cat([timesteps, timesteps])
+    if mode is CfgMode.INITIALIZE and has_first_step:
+        return torch.cat([x_t[:frames], x_t]), torch.cat([timesteps[:frames], timesteps])
+    return x_t, timesteps
+
+
+def expand_embeddings(
+    mode: CfgMode, cond: torch.Tensor, uncond: torch.Tensor | None, rows: int, frames: int, has_first_step: bool
+) -> torch.Tensor:
+    """Encoder hidden states matching :func:`expand_inputs`. ``cond``/``uncond`` are ``[1, L, D]``."""
+    cond_rows = cond.expand(rows, -1, -1)
+    negatives = unet_rows(mode, rows, frames, has_first_step) - rows
+    if negatives == 0:
+        return cond_rows.contiguous()
+    assert uncond is not None
+    return torch.cat([uncond.expand(negatives, -1, -1), cond_rows]).contiguous()
+
+
+def split_prediction(
+    mode: CfgMode, prediction: torch.Tensor, frames: int, has_first_step: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Split the U-Net output into (conditional ε_c, real negative ε_u or None)."""
+    if mode is CfgMode.FULL:
+        uncond, cond = prediction.chunk(2)
+        return cond, uncond
+    if mode is CfgMode.INITIALIZE and has_first_step:
+        return prediction[frames:], prediction[:frames]
+    return prediction, None
+
+
+def combine(cond: torch.Tensor, uncond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """ε = ε_u + γ (ε_c − ε_u)."""
+    return uncond + guidance_scale * (cond - uncond)

@@ -1,0 +1,66 @@
+"""Frame ↔ tensor conversions and value ranges, in one place.
+
+Three representations meet here:
+
+- **frame**: ``numpy.ndarray`` ``[H, W, 3]`` (or ``[F, H, W, 3]``) ``uint8`` RGB, as sources deliver and sinks take;
+- **image tensor**: float ``[B, 3, H, W]`` in ``[0, 1]``, the public tensor form;
+- **model tensor**: float ``[B, 3, H, W]`` in ``[-1, 1]``, what the VAE encodes and decodes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .errors import FrameError
+
+
+def frame_to_tensor(frame: np.ndarray) -> torch.Tensor:
+    """uint8 RGB ``[H, W, 3]`` or ``[F, H, W, 3]`` → float32 ``[F, 3, H, W]`` in [0, 1] (CPU)."""
+    if not isinstance(frame, np.ndarray):
+        raise FrameError(f"frame must be a numpy array or a torch tensor, got {type(frame).__name__}")
+    if frame.dtype != np.uint8:
+        raise FrameError(f"frame dtype {frame.dtype} is not uint8; pass uint8 RGB or a float tensor in [0, 1]")
+    if frame.ndim == 3:
+        frame = frame[None]
+    if frame.ndim != 4 or frame.shape[-1] != 3:
+        raise FrameError(f"frame shape {tuple(frame.shape)} is not [H, W, 3] or [F, H, W, 3] RGB")
+    tensor = torch.from_numpy(np.ascontiguousarray(frame)).permute(0, 3, 1, 2)
+    return tensor.float().div_(255.0)
+
+
+def tensor_to_frame(images: torch.Tensor) -> np.ndarray:
+    """float ``[F, 3, H, W]`` in [0, 1] → uint8 ``[F, H, W, 3]`` (rounded, clipped)."""
+    out = images.detach().float().clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8)
+    return out.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def check_image_tensor(images: torch.Tensor, frames: int, height: int, width: int) -> None:
+    """Raise FrameError unless ``images`` is float ``[frames, 3, height, width]``."""
+    if not torch.is_floating_point(images):
+        raise FrameError(f"image tensor dtype {images.dtype} is not floating point; expected values in [0, 1]")
+    expected = (frames, 3, height, width)
+    if tuple(images.shape) != expected:
+        raise FrameError(f"image shape {tuple(images.shape)} does not match the stream's {list(expected)}")
+
+
+def to_model_range(images: torch.Tensor) -> torch.Tensor:
+    """[0, 1] → [-1, 1]."""
+    return images * 2.0 - 1.0
+
+
+def from_model_range(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] → [0, 1], clipped."""
+    return (images / 2.0 + 0.5).clamp(0.0, 1.0)
+
+
+def psnr(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray, peak: float | None = None) -> float:
+    """Peak signal-to-noise ratio in dB between two images of the same shape (uint8 peak 255, float peak 1)."""
+    ta = torch.as_tensor(np.asarray(a) if isinstance(a, np.ndarray) else a.detach().cpu())
+    tb = torch.as_tensor(np.asarray(b) if isinstance(b, np.ndarray) else b.detach().cpu())
+    if peak is None:
+        peak = 255.0 if ta.dtype == torch.uint8 else 1.0
+    mse = torch.mean((ta.double() - tb.double()) ** 2).item()
+    if mse == 0.0:
+        return float("inf")
+    return 10.0 * float(np.log10(peak * peak / mse))

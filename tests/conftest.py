@@ -1,0 +1,38 @@
+"""Shared fixtures: a per-session cache folder for the built-in tiny model, one torch thread for steady timings."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+torch.set_num_threads(int(os.environ.get("STREAMDIFF_TEST_THREADS", "1")))
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A private STREAMDIFF_CACHE for the whole session (the tiny model is built once into it)."""
+    path = tmp_path_factory.mktemp("streamdiff-cache")
+    os.environ["STREAMDIFF_CACHE"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(cache_dir: Path):
+    """The built-in tiny model, loaded once per session on the CPU in float32 (treat as read-only)."""
+    from streamdiff import load_model
+
+    return load_model("tiny", device="cpu")
+
+
+@pytest.fixture()
+def frames() -> list:
+    """Eight distinct deterministic 64×64 RGB frames (a moving gradient)."""
+    import numpy as np
+
+    yy, xx = np.mgrid[0:64, 0:64]
+    return [np.stack([(xx + 8 * i) % 256, yy * 3 % 256, (xx * yy + 17 * i) % 256], -1).astype(np.uint8) for i in range(8)]

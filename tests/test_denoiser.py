@@ -1,0 +1,78 @@
+"""Stream Batch equals sequential denoising (the core property), on an analytic U-Net: no model needed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from streamdiff.config import CfgMode
+from streamdiff.denoiser import Embeddings, Guidance, StreamBuffers, sequential_step, stream_batch_step
+from streamdiff.guidance import expand_embeddings, unet_rows
+from streamdiff.schedule import NoiseSchedule, slot_coefficients
+from streamdiff.testing import AnalyticUNet
+
+SHAPE = (4, 8, 8)
+
+
+def _setup(t_index_list: tuple[int, ...], frames: int, mode: CfgMode):
+    coeffs = slot_coefficients(NoiseSchedule.from_betas(), t_index_list, 50, frames).to("cpu", torch.float64)
+    rows = len(t_index_list) * frames
+    noise = torch.randn((rows, *SHAPE), generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    cond = torch.randn((1, 5, 6), generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    uncond = torch.randn((1, 5, 6), generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    embeddings = Embeddings(
+        batch=expand_embeddings(mode, cond, uncond, rows, frames, True),
+        first=expand_embeddings(mode, cond, uncond, frames, frames, True),
+        later=expand_embeddings(mode, cond, uncond, frames, frames, False),
+    )
+    return coeffs, noise, embeddings
+
+
+@pytest.mark.parametrize("mode", list(CfgMode))
+@pytest.mark.parametrize("frames", [1, 2, 3])
+@pytest.mark.parametrize("t_index_list", [(0,), (32, 45), (5, 20, 35), (0, 10, 25, 49)])
+def test_stream_batch_equals_sequential(mode: CfgMode, frames: int, t_index_list: tuple[int, ...]) -> None:
+    coeffs, noise, embeddings = _setup(t_index_list, frames, mode)
+    n = len(t_index_list)
+    guidance = Guidance(mode, scale=1.7, delta=0.8)
+    unet = AnalyticUNet()
+    buffers = StreamBuffers.allocate(coeffs, frames, SHAPE, noise.clone())
+    inputs = [torch.randn((frames, *SHAPE), dtype=torch.float64, generator=torch.Generator().manual_seed(10 + i))
+              for i in range(6)]
+    batched = [stream_batch_step(unet, x, buffers, coeffs, embeddings, guidance) for x in inputs]
+    assert set(unet.batches) == {unet_rows(mode, n * frames, frames, True)}
+    for i, x in enumerate(inputs[: len(inputs) - (n - 1)]):
+        expected = sequential_step(AnalyticUNet(), x, noise, coeffs, embeddings, guidance)
+        torch.testing.assert_close(batched[i + n - 1], expected, rtol=0, atol=1e-12)
+
+
+def test_guidance_changes_the_result_only_above_one() -> None:
+    coeffs, noise, embeddings = _setup((20, 40), 1, CfgMode.SELF)
+    x = torch.randn((1, *SHAPE), dtype=torch.float64)
+    plain = sequential_step(AnalyticUNet(), x, noise, coeffs, embeddings, Guidance(CfgMode.NONE, 1.0, 1.0))
+    at_one = sequential_step(AnalyticUNet(), x, noise, coeffs, embeddings, Guidance(CfgMode.SELF, 1.0, 1.0))
+    above = sequential_step(AnalyticUNet(), x, noise, coeffs, embeddings, Guidance(CfgMode.SELF, 2.0, 1.0))
+    torch.testing.assert_close(plain, at_one)
+    assert (plain - above).abs().max() > 1e-3
+
+
+def test_self_guidance_uses_residual_noise() -> None:
+    """RCFG self: ε = δ·ε̃ + γ(ε_c − δ·ε̃) with ε̃ = the first slot's own noise (paper Eq. 11)."""
+    coeffs, noise, embeddings = _setup((25,), 1, CfgMode.SELF)
+    x = torch.randn((1, *SHAPE), dtype=torch.float64)
+    unet = AnalyticUNet()
+    got = sequential_step(unet, x, noise, coeffs, embeddings, Guidance(CfgMode.SELF, 1.5, 0.5))
+    eps_c = AnalyticUNet()(x, coeffs.timesteps, embeddings.first)
+    eps = 0.5 * noise[:1] + 1.5 * (eps_c - 0.5 * noise[:1])
+    expected = coeffs.c_out * (x - coeffs.beta_sqrt * eps) / coeffs.alpha_sqrt + coeffs.c_skip * x
+    torch.testing.assert_close(got, expected)
+
+
+def test_full_guidance_uses_negative_pass() -> None:
+    coeffs, noise, embeddings = _setup((25,), 1, CfgMode.FULL)
+    x = torch.randn((1, *SHAPE), dtype=torch.float64)
+    got = sequential_step(AnalyticUNet(), x, noise, coeffs, embeddings, Guidance(CfgMode.FULL, 3.0, 1.0))
+    both = AnalyticUNet()(torch.cat([x, x]), coeffs.timesteps.repeat(2), embeddings.first)
+    eps = both[:1] + 3.0 * (both[1:] - both[:1])
+    expected = coeffs.c_out * (x - coeffs.beta_sqrt * eps) / coeffs.alpha_sqrt + coeffs.c_skip * x
+    torch.testing.assert_close(got, expected)
