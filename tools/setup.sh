@@ -8,5 +8,5 @@ python3 -m venv .venv
 if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
     .venv/bin/python -m pip install -q "torch==${STREAMDIFF_TORCH_VERSION:-2.13.0}"
 fi
-.venv/bin/python -m pip install -q -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -m pip install -q -e ".[dev]"
 .venv/bin/python -c "import streamdiff, torch; print(f'streamdiff {streamdiff.__version__} ready (torch {torch.__version__})')"
