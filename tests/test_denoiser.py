@@ -76,3 +76,58 @@ def test_full_guidance_uses_negative_pass() -> None:
     eps = both[:1] + 3.0 * (both[1:] - both[:1])
     expected = coeffs.c_out * (x - coeffs.beta_sqrt * eps) / coeffs.alpha_sqrt + coeffs.c_skip * x
     torch.testing.assert_close(got, expected)
+
+
+def _streamdiffusion_formulation(unet, inputs, coeffs, noise, cond, uncond, mode, scale, delta):
+    """StreamDiffusion's per-call update for F = 1, written from its equations with whole-batch rolls.
+
+    Slot 0 takes noise row 0 as residual noise; after the call every row's residual noise moves one slot on.
+    """
+    n = noise.shape[0]
+    x_buffer = torch.zeros_like(noise[1:])
+    stock = torch.zeros_like(noise)
+    ones = torch.ones_like(coeffs.alpha_sqrt[:1])
+    alpha_next = torch.cat([coeffs.alpha_sqrt[1:], ones])
+    beta_next = torch.cat([coeffs.beta_sqrt[1:], ones])
+    outputs = []
+    for x_new in inputs:
+        x = torch.cat([x_new, x_buffer])
+        stock = torch.cat([noise[:1], stock[:-1]])
+        if mode is CfgMode.INITIALIZE:
+            pred = unet(torch.cat([x[:1], x]), torch.cat([coeffs.timesteps[:1], coeffs.timesteps]),
+                        torch.cat([uncond, cond.expand(n, -1, -1)]))
+            stock = torch.cat([pred[:1], stock[1:]])
+            pred = pred[1:]
+        else:
+            pred = unet(x, coeffs.timesteps, cond.expand(n, -1, -1))
+        eps = delta * stock + scale * (pred - delta * stock)
+        x0 = coeffs.c_out * (x - coeffs.beta_sqrt * eps) / coeffs.alpha_sqrt + coeffs.c_skip * x
+        scaled = coeffs.beta_sqrt * stock
+        dx = coeffs.c_out * (scaled - coeffs.beta_sqrt * eps) / coeffs.alpha_sqrt + coeffs.c_skip * scaled
+        stock = torch.cat([noise[1:], noise[:1]]) + dx * alpha_next / beta_next
+        x_buffer = coeffs.alpha_sqrt[1:] * x0[:-1] + coeffs.beta_sqrt[1:] * noise[1:]
+        outputs.append(x0[-1:])
+    return outputs
+
+
+@pytest.mark.parametrize("mode", [CfgMode.SELF, CfgMode.INITIALIZE])
+@pytest.mark.parametrize("t_index_list", [(32, 45), (10, 20, 35), (0, 15, 30, 45)])
+def test_matches_streamdiffusion_formulation(mode: CfgMode, t_index_list: tuple[int, ...]) -> None:
+    """For F = 1 and n >= 2 our Stream Batch reproduces the StreamDiffusion update exactly (RCFG modes)."""
+    coeffs, noise, _ = _setup(t_index_list, 1, mode)
+    cond = torch.randn((1, 5, 6), generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    uncond = torch.randn((1, 5, 6), generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    n = len(t_index_list)
+    embeddings = Embeddings(
+        batch=expand_embeddings(mode, cond, uncond, n, 1, True),
+        first=expand_embeddings(mode, cond, uncond, 1, 1, True),
+        later=expand_embeddings(mode, cond, uncond, 1, 1, False),
+    )
+    inputs = [torch.randn((1, *SHAPE), dtype=torch.float64, generator=torch.Generator().manual_seed(20 + i))
+              for i in range(5)]
+    buffers = StreamBuffers.allocate(coeffs, 1, SHAPE, noise.clone())
+    ours = [stream_batch_step(AnalyticUNet(), x, buffers, coeffs, embeddings, Guidance(mode, 1.4, 0.7))
+            for x in inputs]
+    reference = _streamdiffusion_formulation(AnalyticUNet(), inputs, coeffs, noise, cond, uncond, mode, 1.4, 0.7)
+    for a, b in zip(ours, reference):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
