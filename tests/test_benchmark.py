@@ -1,0 +1,132 @@
+"""The benchmark harness (with a fake clock) and a quick ``streamdiff bench`` run on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from streamdiff.benchmark import Case, Check, Comparison, format_table, report_dict, run_interleaved
+from streamdiff.errors import ConfigError
+
+
+class FakeClock:
+    """A clock that only moves when a case says how long its work took."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def work(self, seconds: float):
+        def step() -> None:
+            self.now += seconds
+
+        return step
+
+
+def test_interleaved_rounds_alternate_order_and_skip_warmup_from_timing() -> None:
+    clock = FakeClock()
+    log: list[str] = []
+
+    def step(name: str, seconds: float):
+        def run() -> None:
+            log.append(name)
+            clock.now += seconds
+
+        return run
+
+    cases = [Case("a", step("a", 0.5)), Case("b", step("b", 0.25), items=2)]
+    results = run_interleaved(cases, rounds=3, calls=2, warmup=1, clock=clock)
+    # Warm-up a, b; then rounds a a b b | b b a a | a a b b.
+    assert log == ["a", "b"] + ["a", "a", "b", "b"] + ["b", "b", "a", "a"] + ["a", "a", "b", "b"]
+    a, b = results
+    assert a.seconds == [0.5, 0.5, 0.5]
+    assert b.seconds == [0.125, 0.125, 0.125]  # per item: 0.25 s per call of 2 items
+    assert b.per_second == 8.0
+
+
+def test_median_ignores_one_slow_round_and_setup_is_untimed() -> None:
+    clock = FakeClock()
+    durations = iter([1.0, 1.0, 9.0, 1.0, 1.0])
+    setups: list[int] = []
+
+    def step() -> None:
+        clock.now += next(durations)
+
+    def setup() -> None:
+        setups.append(1)
+        clock.now += 100.0  # untimed
+
+    (result,) = run_interleaved([Case("x", step, setup=setup)], rounds=5, warmup=0, clock=clock)
+    assert result.seconds == [1.0, 1.0, 9.0, 1.0, 1.0]
+    assert result.median == 1.0
+    assert len(setups) == 6  # once before warm-up, once per round
+
+
+def test_per_case_warmup_override() -> None:
+    clock = FakeClock()
+    calls = {"slow": 0, "fast": 0}
+
+    def counter(name: str):
+        def run() -> None:
+            calls[name] += 1
+
+        return run
+
+    run_interleaved(
+        [Case("slow", counter("slow"), warmup=0), Case("fast", counter("fast"))], rounds=2, warmup=3, clock=clock
+    )
+    assert calls == {"slow": 2, "fast": 5}
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"rounds": 0}, "rounds=0"),
+        ({"calls": 0}, "calls=0"),
+        ({"warmup": -1}, "warmup=-1"),
+    ],
+)
+def test_bad_arguments_name_the_value(kwargs: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        run_interleaved([Case("a", lambda: None)], **kwargs)
+
+
+def test_duplicate_or_missing_cases_are_rejected() -> None:
+    with pytest.raises(ConfigError, match="not unique"):
+        run_interleaved([Case("a", lambda: None), Case("a", lambda: None)])
+    with pytest.raises(ConfigError, match="at least one"):
+        run_interleaved([])
+
+
+def test_comparison_ratios_checks_table_and_json() -> None:
+    clock = FakeClock()
+    cases = [Case("full", clock.work(2.0)), Case("self", clock.work(1.0)), Case("init", clock.work(1.5))]
+    results = run_interleaved(cases, rounds=3, warmup=0, clock=clock)
+    comparison = Comparison("rcfg", results, baseline="full", metrics={"self": {"unet_batch": 2.0}})
+    comparison.checks.append(Check("self vs full frames/s", comparison.speedup("self"), 1.8))
+    comparison.checks.append(Check("init vs full frames/s", comparison.speedup("init"), 1.8))
+    assert comparison.speedup("self") == 2.0
+    assert comparison.speedup("init", over="self") == pytest.approx(1.0 / 1.5)
+    assert comparison.checks[0].met and not comparison.checks[1].met
+    assert comparison.checks[1].shortfall == pytest.approx(1 - (2.0 / 1.5) / 1.8)
+    table = format_table([comparison], title="demo")
+    assert "[rcfg]" in table and "SHORT by 26%" in table and "unet_batch" in table
+    report = json.loads(json.dumps(report_dict([comparison], model="x")))
+    assert report["model"] == "x"
+    entry = report["comparisons"]["rcfg"]
+    assert entry["baseline"] == "full"
+    assert entry["cases"]["self"]["speedup_vs_baseline"] == 2.0
+    assert entry["cases"]["self"]["unet_batch"] == 2.0
+    assert entry["checks"][0] == {"what": "self vs full frames/s", "value": 2.0, "target": ">= 1.8", "met": True}
+    with pytest.raises(ConfigError, match="baseline 'nope'"):
+        Comparison("x", results, baseline="nope")
+
+
+def test_check_lower_is_better_and_nan() -> None:
+    assert Check("calls", 0.2, 0.5, higher_is_better=False).met
+    assert not Check("calls", 0.7, 0.5, higher_is_better=False).met
+    assert not Check("nan", math.nan, 1.0).met
