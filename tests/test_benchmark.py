@@ -130,3 +130,44 @@ def test_check_lower_is_better_and_nan() -> None:
     assert Check("calls", 0.2, 0.5, higher_is_better=False).met
     assert not Check("calls", 0.7, 0.5, higher_is_better=False).met
     assert not Check("nan", math.nan, 1.0).met
+
+
+def test_bench_quick_tiny_json(cache_dir, capsys) -> None:
+    """A smoke run of the real command: every comparison is present, and the filter saves U-Net calls when static."""
+    from streamdiff.cli import main
+
+    code = main(["-q", "bench", "--model", "tiny", "--size", "128", "--quick", "--rounds", "3", "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["size"] == 128 and report["threads"] >= 1
+    comparisons = report["comparisons"]
+    assert sorted(comparisons) == sorted(
+        f"tiny/{name}" for name in ("stream-batch", "rcfg", "filter", "dtype", "diffusers")
+    )
+    for comparison in comparisons.values():
+        assert comparison["baseline"] in comparison["cases"]
+        for case in comparison["cases"].values():
+            assert len(case["rounds"]) >= 2
+            assert case["seconds_per_item"] > 0 and case["items_per_second"] > 0
+        for check in comparison["checks"]:
+            assert set(check) == {"what", "value", "target", "met"}
+    cases = comparisons["tiny/filter"]["cases"]
+    assert cases["static"]["unet_calls_per_frame"] < cases["moving"]["unet_calls_per_frame"]
+    assert cases["moving"]["skipped_fraction"] == 0.0
+    rcfg = comparisons["tiny/rcfg"]["cases"]
+    # U-Net rows per frame with n=2 steps: full CFG 2n, initialize n+1, self n.
+    assert [rcfg[m]["unet_rows_per_frame"] for m in ("full", "initialize", "self")] == [4.0, 3.0, 2.0]
+    batch = comparisons["tiny/stream-batch"]["cases"]
+    assert batch["sequential"]["unet_calls_per_frame"] == 2.0 and batch["stream-batch"]["unet_calls_per_frame"] == 1.0
+    diffusers = comparisons["tiny/diffusers"]["cases"]
+    assert diffusers["diffusers-defaults"]["unet_calls_per_frame"] == 40.0  # 50 steps x strength 0.8
+    assert diffusers["diffusers-same-steps"]["unet_calls_per_frame"] == 2.0
+    dtype = comparisons["tiny/dtype"]["cases"]
+    assert dtype["bfloat16"]["psnr_vs_float32_db"] > 20.0
+
+
+def test_bench_rejects_bad_options(cache_dir) -> None:
+    from streamdiff.cli import main
+
+    assert main(["-q", "bench", "--size", "100"]) == 1
+    assert main(["-q", "bench", "--threads", "0"]) == 1

@@ -1,0 +1,138 @@
+"""``streamdiff bench``: measure the core engine's speed-ups side by side in one run.
+
+Comparisons (``--only`` picks some): ``stream-batch`` (Stream Batch vs sequential), ``rcfg`` (RCFG self and
+initialize vs full CFG), ``filter`` (U-Net calls per frame with the similarity filter on a static and a moving input),
+``dtype`` (float32 vs bfloat16, with PSNR against float32), ``diffusers`` (diffusers' img2img pipeline per frame vs
+streamdiff on the same U-Net). Models: the built-in ``tiny`` one and ``sd21``, an SD-2.1-size model with random
+weights built in memory. Configurations are interleaved; figures are medians over rounds. Example::
+
+    streamdiff bench --model sd21 --threads 1 --json > bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import sys
+import time
+from typing import Any
+
+import torch
+
+from ..benchmark import Comparison, format_table, report_dict
+from ..config import Precision, to_enum
+from ..errors import ConfigError
+
+NAME = "bench"
+HELP = "benchmark Stream Batch, RCFG, the similarity filter, bfloat16 and diffusers' img2img side by side"
+
+logger = logging.getLogger(__name__)
+
+_DEFAULT_DTYPE = {"tiny": Precision.FLOAT32, "sd21": Precision.BFLOAT16}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..bench_suites import COMPARISONS
+
+    parser.add_argument("--model", choices=("tiny", "sd21", "both"), default="tiny", help="model(s) to measure")
+    parser.add_argument("--size", type=int, default=256, help="frame width and height in pixels (default 256)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (1 = steady single-thread timings)")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds per comparison (default 5)")
+    parser.add_argument("--slow-rounds", type=int, default=None, help="rounds of the diffusers comparison (default 3)")
+    parser.add_argument("--calls", type=int, default=None, help="frames per configuration and round (default 3)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed warm-up calls per configuration (default 2)")
+    parser.add_argument(
+        "--dtype", choices=[p.value for p in Precision if p is not Precision.FLOAT16], default=None,
+        help="precision of the stream-batch, rcfg and filter comparisons (default: float32 tiny, bfloat16 sd21)",
+    )
+    parser.add_argument(
+        "--only", nargs="+", choices=COMPARISONS, default=None, metavar="NAME",
+        help=f"run only these comparisons ({', '.join(COMPARISONS)})",
+    )
+    parser.add_argument("--quick", action="store_true", help="a fast smoke run: 2 rounds of 1 call, 1 warm-up")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+
+
+def _settings(args: argparse.Namespace) -> Any:
+    from ..bench_suites import Settings
+
+    settings = Settings(rounds=2, calls=1, warmup=1, slow_rounds=2) if args.quick else Settings()
+    for name in ("rounds", "slow_rounds", "calls", "warmup"):
+        value = getattr(args, name)
+        if value is not None:
+            minimum = 0 if name == "warmup" else 1
+            if value < minimum:
+                raise ConfigError(f"--{name.replace('_', '-')}={value} must be >= {minimum}")
+            setattr(settings, name, value)
+    return settings
+
+
+def _compiled_unet(model: Any) -> Any:
+    """A compiled torch U-Net engine when the torch backend offers one (see streamdiff.backends), else None."""
+    try:
+        from ..backends import torch_backend
+    except ImportError:  # pragma: no cover
+        return None
+    factory = getattr(torch_backend, "compiled_unet", None)
+    return factory(model.unet) if factory is not None else None
+
+
+def _run_model(name: str, args: argparse.Namespace, settings: Any, only: list[str]) -> list[Comparison]:
+    from .. import bench_suites as suites
+
+    started = time.perf_counter()
+    bench_model = suites.tiny_bench_model() if name == "tiny" else suites.sd21_bench_model()
+    logger.info("built the %s model in %.1f s", name, time.perf_counter() - started)
+    precision = to_enum(Precision, args.dtype, "dtype") if args.dtype else _DEFAULT_DTYPE[name]
+    dtype = torch.bfloat16 if precision is Precision.BFLOAT16 else torch.float32
+    comparisons = []
+    for comparison_name in only:
+        started = time.perf_counter()
+        if comparison_name == "diffusers":
+            comparison = suites.compare_diffusers(bench_model, args.size, settings, _compiled_unet(bench_model.bf16))
+        else:
+            runner = {
+                "stream-batch": suites.compare_stream_batch,
+                "rcfg": suites.compare_rcfg,
+                "filter": suites.compare_filter,
+                "dtype": suites.compare_dtype,
+            }[comparison_name]
+            comparison = runner(bench_model, args.size, dtype, settings)
+        comparison.name = f"{name}/{comparison_name}"
+        logger.info("%s took %.0f s", comparison.name, time.perf_counter() - started)
+        comparisons.append(comparison)
+    return comparisons
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..bench_suites import COMPARISONS
+
+    if args.size < 64 or args.size % 8:
+        raise ConfigError(f"--size={args.size} must be a multiple of 8 and at least 64")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads={args.threads} must be >= 1")
+        torch.set_num_threads(args.threads)
+    settings = _settings(args)
+    only = [c for c in COMPARISONS if c in (args.only or COMPARISONS)]
+    models = ["tiny", "sd21"] if args.model == "both" else [args.model]
+    started = time.perf_counter()
+    comparisons: list[Comparison] = []
+    for name in models:
+        comparisons.extend(_run_model(name, args, settings, only))
+    meta = {
+        "command": "streamdiff " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "streamdiff bench",
+        "size": args.size,
+        "threads": torch.get_num_threads(),
+        "settings": vars(settings),
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    if args.json:
+        print(json.dumps(report_dict(comparisons, **meta), indent=2))
+    else:
+        print(format_table(comparisons, title=f"{meta['command']}  ({meta['threads']} threads, {args.size} px)"))
+    return 0
