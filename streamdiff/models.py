@@ -1,9 +1,17 @@
 """Model loading: hub id, local diffusers folder, single checkpoint file, or the built-in ``tiny`` model.
 
 Everything becomes a :class:`LoadedModel`: the U-Net, the VAE (the model's own ``AutoencoderKL`` or a tiny
-``AutoencoderTiny``), the text encoder and tokenizer, and the model's noise schedule. LoRAs are fused at load.
-A hub id is looked up in the local cache first; a download is tried only when the hub is reachable and
-``HF_HUB_OFFLINE`` is not set, and a failure says what was tried and how to fix it.
+``AutoencoderTiny`` given with ``vae=``), the text encoder and tokenizer, and the model's noise schedule. LoRAs (the
+LCM-LoRA among them) are fused into the weights at load, in float32, each with its own scale; the fused model has no
+adapter layers left. Weights are loaded directly in the target dtype (float32 on the CPU by default, bfloat16 on the
+CPU as an option, float16 on CUDA; the device and dtype are resolved in :mod:`streamdiff.backends.device`).
+
+Example, SD 1.5 with the LCM-LoRA and the TAESD autoencoder::
+
+    model = load_model("stable-diffusion-v1-5/stable-diffusion-v1-5", vae="madebyollin/taesd",
+                       loras=[("latent-consistency/lcm-lora-sdv1-5", 1.0)])
+
+Next: build a :class:`~streamdiff.pipeline.StreamPipeline` on it. See docs/models.md.
 """
 
 from __future__ import annotations
@@ -11,20 +19,21 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from .errors import ModelLoadError
+from .checkpoints import CHECKPOINT_SUFFIXES, load_single_file
+from .errors import ConfigError, ModelLoadError
+from .hub import hub_snapshot, is_hub_id
 from .schedule import NoiseSchedule
 from .tiny import TINY_NAME, tiny_model_path
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 # What a Stable Diffusion repo needs for streaming; skips root-level checkpoints, EMA and non-safetensors variants.
 PIPELINE_PATTERNS = [
     "model_index.json",
@@ -36,14 +45,22 @@ PIPELINE_PATTERNS = [
     "text_encoder/model.safetensors",
 ]
 VAE_PATTERNS = ["config.json", "diffusion_pytorch_model.safetensors"]
+LORA_PATTERNS = ["*.safetensors"]
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
 @dataclass(frozen=True)
 class LoraSpec:
-    """A LoRA to fuse at load: a file, folder or hub id, and its scale."""
+    """A LoRA to fuse at load: a ``.safetensors`` file, a folder holding one, or a hub id; and its scale."""
 
     source: str
     scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.source, str) or not self.source:
+            raise ConfigError(f"LoRA source {self.source!r} must be a non-empty path or hub id")
+        if not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale):
+            raise ConfigError(f"LoRA scale {self.scale!r} for {self.source!r} must be a finite number")
 
 
 @dataclass
@@ -58,7 +75,7 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     model_id: str
-    fingerprint: str  # identifies the weights (for engine cache keys)
+    fingerprint: str  # identifies the weights: model, VAE and LoRAs with their scales (for engine cache keys)
     loras: tuple[LoraSpec, ...] = field(default_factory=tuple)
 
     @property
@@ -76,30 +93,6 @@ class LoadedModel:
         return int(self.text_encoder.config.hidden_size)
 
 
-def _hub_snapshot(repo_id: str, patterns: list[str], revision: str | None, what: str) -> Path:
-    """A hub repo's local snapshot folder: the cache first, then a download unless offline."""
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, local_files_only=True))
-    except Exception as cached_error:  # noqa: BLE001 - any miss falls through to the download attempt
-        logger.debug("%s %s not in the local cache: %s", what, repo_id, cached_error)
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        raise ModelLoadError(
-            f"{what} {repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set, so it cannot be "
-            f"downloaded. Download it once with network access (e.g. `huggingface-cli download {repo_id}`), or "
-            f"pass a local folder or file path instead."
-        )
-    try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, etag_timeout=10))
-    except Exception as error:  # noqa: BLE001 - reported with what was tried
-        raise ModelLoadError(
-            f"{what} {repo_id!r} is neither a local file or folder nor in the Hugging Face cache, and downloading "
-            f"it failed ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). Check the id "
-            f"and your network, log in with `huggingface-cli login` for gated models, or pass a local path."
-        ) from error
-
-
 def resolve_model_path(model: str, revision: str | None = None, cache_dir: Path | None = None) -> Path:
     """``tiny`` → the built-in model's folder; a path → itself; otherwise a hub id → its snapshot folder."""
     if model == TINY_NAME:
@@ -107,59 +100,68 @@ def resolve_model_path(model: str, revision: str | None = None, cache_dir: Path 
     path = Path(model).expanduser()
     if path.exists():
         return path
-    if model.count("/") == 1 and not model.startswith((".", "/", "~")) and not model.endswith(CHECKPOINT_SUFFIXES):
-        return _hub_snapshot(model, PIPELINE_PATTERNS, revision, "model")
+    if is_hub_id(model):
+        return hub_snapshot(model, PIPELINE_PATTERNS, revision, "model")
     raise ModelLoadError(
         f"model {model!r} is not an existing file or folder, not a Hugging Face hub id ('org/name') and not "
-        f"'{TINY_NAME}'"
+        f"{TINY_NAME!r}"
     )
 
 
-def _folder_fingerprint(folder: Path) -> str:
-    """A cheap identity of a weights folder or file: names, sizes and modification times of the weight files."""
-    digest = hashlib.sha256()
-    files = [folder] if folder.is_file() else sorted(p for p in folder.rglob("*") if p.is_file())
+def _fingerprint(path: Path) -> str:
+    """A cheap identity of a weights folder or file: names, sizes and modification times of its files."""
+    digest = hashlib.sha256(str(path.resolve()).encode())
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     for p in files:
         stat = p.stat()
-        digest.update(f"{p.relative_to(folder.parent)}:{stat.st_size}:{int(stat.st_mtime)}".encode())
+        digest.update(f"{p.relative_to(path.parent)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     return digest.hexdigest()[:16]
 
 
-def load_vae(source: str | Path, dtype: torch.dtype, revision: str | None = None) -> torch.nn.Module:
-    """A VAE from a folder or hub id; ``AutoencoderTiny`` or ``AutoencoderKL`` chosen by its config."""
+def _local_or_hub(source: str, patterns: list[str], revision: str | None, what: str) -> Path:
+    path = Path(source).expanduser()
+    if path.exists():
+        return path
+    if is_hub_id(source):
+        return hub_snapshot(source, patterns, revision, what)
+    raise ModelLoadError(f"{what} {source!r} is not an existing file or folder and not a hub id ('org/name')")
+
+
+def load_vae(source: str | Path, dtype: torch.dtype = torch.float32, revision: str | None = None) -> torch.nn.Module:
+    """A VAE from a folder or hub id: ``AutoencoderTiny`` or ``AutoencoderKL``, chosen by its config's ``_class_name``.
+
+    A model folder with a ``vae/`` subfolder works too. Loaded directly in ``dtype``.
+    """
     from diffusers import AutoencoderKL, AutoencoderTiny
 
-    source_str = str(source)
-    path = Path(source_str).expanduser()
-    if not path.exists():
-        if source_str.count("/") != 1:
-            raise ModelLoadError(f"VAE {source_str!r} is not an existing folder and not a hub id ('org/name')")
-        path = _hub_snapshot(source_str, VAE_PATTERNS + [f"vae/{p}" for p in VAE_PATTERNS], revision, "VAE")
+    path = _local_or_hub(str(source), VAE_PATTERNS + [f"vae/{p}" for p in VAE_PATTERNS], revision, "VAE")
     if (path / "vae" / "config.json").is_file() and not (path / "config.json").is_file():
         path = path / "vae"
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise ModelLoadError(f"VAE folder {path} has no config.json")
-    class_name = json.loads(config_file.read_text()).get("_class_name", "AutoencoderKL")
-    cls = AutoencoderTiny if class_name == "AutoencoderTiny" else AutoencoderKL
+        raise ModelLoadError(f"VAE {str(source)!r}: folder {path} has no config.json (a diffusers VAE folder has one)")
+    class_name = json.loads(config_file.read_text(encoding="utf-8")).get("_class_name", "AutoencoderKL")
+    classes = {"AutoencoderTiny": AutoencoderTiny, "AutoencoderKL": AutoencoderKL}
+    if class_name not in classes:
+        raise ModelLoadError(f"VAE {str(source)!r} is a {class_name}; supported are {sorted(classes)}")
     try:
-        return cls.from_pretrained(path, torch_dtype=dtype).eval()
+        return classes[class_name].from_pretrained(path, torch_dtype=dtype).eval()
     except Exception as error:  # noqa: BLE001
-        raise ModelLoadError(f"could not load the VAE from {path}: {error}") from error
+        raise ModelLoadError(f"could not load the VAE from {path}: {type(error).__name__}: {error}") from error
 
 
 def _load_folder(folder: Path, dtype: torch.dtype) -> dict[str, Any]:
     from diffusers import LCMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    missing = [c for c in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (folder / c).is_dir()]
+    missing = [c for c in COMPONENTS if not (folder / c).is_dir()]
     if missing:
         raise ModelLoadError(f"model folder {folder} lacks the diffusers component folder(s) {missing}")
     try:
         return {
             "unet": UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype).eval(),
             "vae": load_vae(folder / "vae", dtype),
-            "text_encoder": CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=dtype).eval(),
+            "text_encoder": CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", dtype=dtype).eval(),
             "tokenizer": CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
             "scheduler": LCMScheduler.from_pretrained(folder, subfolder="scheduler"),
         }
@@ -169,33 +171,11 @@ def _load_folder(folder: Path, dtype: torch.dtype) -> dict[str, Any]:
         raise ModelLoadError(f"could not load the diffusers folder {folder}: {type(error).__name__}: {error}") from error
 
 
-def _load_single_file(path: Path, dtype: torch.dtype, config: str | None) -> dict[str, Any]:
-    """A Stable Diffusion checkpoint in the original (LDM) layout; ``config`` names a diffusers folder or hub id."""
-    from diffusers import LCMScheduler, StableDiffusionPipeline
+def _fuse_loras(components: dict[str, Any], loras: Sequence[LoraSpec], revision: str | None) -> list[str]:
+    """Fuse each LoRA into the U-Net (and text encoder) weights with its scale, then drop the adapters.
 
-    kwargs: dict[str, Any] = {"torch_dtype": dtype, "safety_checker": None, "requires_safety_checker": False}
-    if config is not None:
-        config_path = Path(config).expanduser()
-        kwargs["config"] = str(config_path if config_path.exists() else config)
-        kwargs["local_files_only"] = config_path.exists() or os.environ.get("HF_HUB_OFFLINE", "") in ("1", "true")
-    try:
-        pipe = StableDiffusionPipeline.from_single_file(str(path), **kwargs)
-    except Exception as error:  # noqa: BLE001
-        raise ModelLoadError(
-            f"could not load the checkpoint file {path}: {type(error).__name__}: {error}. Offline, pass "
-            f"model_config= a diffusers folder (or cached hub id) of the same architecture."
-        ) from error
-    return {
-        "unet": pipe.unet.eval(),
-        "vae": pipe.vae.eval(),
-        "text_encoder": pipe.text_encoder.eval(),
-        "tokenizer": pipe.tokenizer,
-        "scheduler": LCMScheduler.from_config(pipe.scheduler.config),
-    }
-
-
-def _fuse_loras(components: dict[str, Any], loras: Sequence[LoraSpec]) -> None:
-    """Fuse each LoRA into the U-Net (and text encoder) weights with its scale, then drop the adapters."""
+    Returns a fingerprint part per LoRA. Works on float32 weights: fusing in half precision would round twice.
+    """
     from diffusers import StableDiffusionPipeline
 
     try:
@@ -205,30 +185,97 @@ def _fuse_loras(components: dict[str, Any], loras: Sequence[LoraSpec]) -> None:
 
         raise missing_extra("peft", "lora") from None
     pipe = StableDiffusionPipeline(
-        vae=components["vae"],
-        text_encoder=components["text_encoder"],
-        tokenizer=components["tokenizer"],
-        unet=components["unet"],
-        scheduler=components["scheduler"],
-        safety_checker=None,
-        feature_extractor=None,
+        vae=components["vae"], text_encoder=components["text_encoder"], tokenizer=components["tokenizer"],
+        unet=components["unet"], scheduler=components["scheduler"], safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )
-    names = []
+    names, parts = [], []
     for i, spec in enumerate(loras):
+        path = _local_or_hub(spec.source, LORA_PATTERNS, revision, "LoRA")
         name = f"lora{i}"
-        source = Path(spec.source).expanduser()
         try:
-            if source.is_file():
-                pipe.load_lora_weights(str(source.parent), weight_name=source.name, adapter_name=name)
+            if path.is_file():
+                pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
             else:
-                pipe.load_lora_weights(spec.source, adapter_name=name)
+                pipe.load_lora_weights(str(path), adapter_name=name)
         except Exception as error:  # noqa: BLE001
             raise ModelLoadError(f"could not load LoRA {spec.source!r}: {type(error).__name__}: {error}") from error
         names.append(name)
-    pipe.set_adapters(names, adapter_weights=[spec.scale for spec in loras])
+        parts.append(f"lora={_fingerprint(path)}:{spec.scale!r}")
+    pipe.set_adapters(names, adapter_weights=[float(spec.scale) for spec in loras])
     pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
     pipe.unload_lora_weights()
+    return parts
+
+
+def _cast(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast parameters and buffers to ``dtype`` in place (once, after fusing LoRAs in float32).
+
+    ``torch.nn.Module.to`` directly: diffusers' own ``to`` warns on every dtype cast, and none of the models used
+    here (U-Net, AutoencoderKL/Tiny, CLIP) keep modules in float32.
+    """
+    if getattr(module, "_keep_in_fp32_modules", None):
+        raise ModelLoadError(f"{type(module).__name__} keeps modules in float32 and cannot be cast to {dtype}")
+    torch.nn.Module.to(module, dtype=dtype)
+
+
+def model_from_components(
+    components: dict[str, Any],
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+    model_id: str = "in-memory",
+    fingerprint: str | None = None,
+    loras: tuple[LoraSpec, ...] = (),
+) -> LoadedModel:
+    """A :class:`LoadedModel` from modules in memory (``unet``, ``vae``, ``text_encoder``, ``tokenizer`` and
+    ``scheduler``: a scheduler object or its config dict). Casts to ``dtype`` only what is not in it already."""
+    missing = [c for c in COMPONENTS if c not in components]
+    if missing:
+        raise ModelLoadError(f"components {missing} are missing (need {list(COMPONENTS)})")
+    dtype = dtype or components["unet"].dtype
+    device = torch.device(device)
+    modules = {name: components[name] for name in ("unet", "vae", "text_encoder")}
+    for module in modules.values():
+        if any(p.dtype != dtype for p in module.parameters()):
+            _cast(module, dtype)
+        if any(p.device != device for p in module.parameters()):
+            module.to(device)
+        module.eval().requires_grad_(False)
+    scheduler = components["scheduler"]
+    config = dict(scheduler if isinstance(scheduler, dict) else scheduler.config)
+    schedule = _schedule(config)
+    return LoadedModel(
+        unet=modules["unet"], vae=modules["vae"], text_encoder=modules["text_encoder"],
+        tokenizer=components["tokenizer"], schedule=schedule, device=device, dtype=dtype, model_id=model_id,
+        fingerprint=fingerprint or "in-memory", loras=loras,
+    )
+
+
+def _schedule(config: dict[str, Any]) -> NoiseSchedule:
+    """The model's training noise schedule, read through diffusers' LCM scheduler (any SD scheduler config works)."""
+    from diffusers import LCMScheduler
+
+    scheduler = LCMScheduler.from_config(config)
+    return NoiseSchedule(
+        alphas_cumprod=tuple(float(a) for a in scheduler.alphas_cumprod),
+        original_inference_steps=int(scheduler.config.original_inference_steps),
+        timestep_scaling=float(scheduler.config.timestep_scaling),
+    )
+
+
+def _lora_specs(loras: Sequence[LoraSpec | tuple[str, float] | str]) -> tuple[LoraSpec, ...]:
+    specs = []
+    for spec in loras:
+        if isinstance(spec, LoraSpec):
+            specs.append(spec)
+        elif isinstance(spec, str):
+            specs.append(LoraSpec(spec))
+        elif isinstance(spec, (tuple, list)) and len(spec) == 2:
+            specs.append(LoraSpec(str(spec[0]), spec[1]))
+        else:
+            raise ConfigError(f"LoRA {spec!r} must be a LoraSpec, a path/hub id, or a (source, scale) pair")
+    return tuple(specs)
 
 
 def load_model(
@@ -244,48 +291,31 @@ def load_model(
 ) -> LoadedModel:
     """Load a model for streaming.
 
-    ``model``: ``"tiny"``, a local diffusers folder, a ``.safetensors``/``.ckpt`` file (original SD layout; give
-    ``model_config`` offline), or a hub id such as ``"stabilityai/sd-turbo"``. ``vae``: replace the model's VAE, e.g.
-    ``"madebyollin/taesd"``. ``loras``: fused at load with their scales. Next: build a
-    :class:`~streamdiff.pipeline.StreamPipeline` on it.
+    ``model``: ``"tiny"``, a local diffusers folder, a ``.safetensors``/``.ckpt`` file in the original SD layout
+    (``model_config`` names a diffusers folder or cached hub id of the same architecture; needed offline), or a hub
+    id such as ``"stabilityai/sd-turbo"``. ``vae``: replace the model's VAE, e.g. ``"madebyollin/taesd"``.
+    ``loras``: fused at load, each ``(source, scale)``, e.g. ``("latent-consistency/lcm-lora-sdv1-5", 1.0)``.
+    ``dtype``/``device``: as resolved by :func:`streamdiff.backends.device.resolve_dtype` / ``resolve_device``.
+    Next: build a :class:`~streamdiff.pipeline.StreamPipeline` on it.
     """
-    lora_specs = tuple(
-        spec if isinstance(spec, LoraSpec) else LoraSpec(spec) if isinstance(spec, str) else LoraSpec(*spec)
-        for spec in loras
-    )
+    lora_specs = _lora_specs(loras)
+    load_dtype = torch.float32 if lora_specs else dtype  # LoRAs are fused in float32, then cast once
     path = resolve_model_path(model, revision, cache_dir)
     if path.is_file():
         if not path.name.endswith(CHECKPOINT_SUFFIXES):
             raise ModelLoadError(f"model file {path} is not a {' or '.join(CHECKPOINT_SUFFIXES)} checkpoint")
-        components = _load_single_file(path, torch.float32, model_config)
+        components = load_single_file(path, load_dtype, model_config, revision)
     else:
-        components = _load_folder(path, torch.float32)
+        components = _load_folder(path, load_dtype)
+    parts = [_fingerprint(path), f"config={model_config}" if path.is_file() else ""]
     if vae is not None:
-        components["vae"] = load_vae(vae, torch.float32)
+        components["vae"] = load_vae(vae, dtype, revision)
+        parts.append(f"vae={_fingerprint(_local_or_hub(vae, VAE_PATTERNS, revision, 'VAE'))}")
     if lora_specs:
-        _fuse_loras(components, lora_specs)
-    fingerprint_parts = [_folder_fingerprint(path), f"vae={vae}"]
-    fingerprint_parts += [f"lora={s.source}:{s.scale}" for s in lora_specs]
-    fingerprint = hashlib.sha256("|".join(fingerprint_parts).encode()).hexdigest()[:16]
-    device = torch.device(device)
-    for name in ("unet", "vae", "text_encoder"):
-        components[name].to(device=device, dtype=dtype).requires_grad_(False)
-    scheduler_config = components["scheduler"].config
-    schedule = NoiseSchedule(
-        alphas_cumprod=tuple(float(a) for a in components["scheduler"].alphas_cumprod),
-        original_inference_steps=int(getattr(scheduler_config, "original_inference_steps", 50)),
-        timestep_scaling=float(getattr(scheduler_config, "timestep_scaling", 10.0)),
+        parts += _fuse_loras(components, lora_specs, revision)
+    fingerprint = hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+    loaded = model_from_components(
+        components, dtype=dtype, device=device, model_id=model, fingerprint=fingerprint, loras=lora_specs
     )
-    logger.info("loaded model %s (%s, %s) from %s", model, device, dtype, path)
-    return LoadedModel(
-        unet=components["unet"],
-        vae=components["vae"],
-        text_encoder=components["text_encoder"],
-        tokenizer=components["tokenizer"],
-        schedule=schedule,
-        device=device,
-        dtype=dtype,
-        model_id=model,
-        fingerprint=fingerprint,
-        loras=lora_specs,
-    )
+    logger.info("loaded model %s (%s, %s) from %s", model, loaded.device, dtype, path)
+    return loaded
