@@ -1,0 +1,54 @@
+"""Frame sources and sinks, and fitting frames to a size.
+
+``open_source("testpattern" | "webcam:0" | "file:clip.mp4" | "folder:frames/")`` and
+``open_sink("window" | "file:out.mp4" | "folder:out/" | "virtualcam" | "null")``.
+"""
+
+from __future__ import annotations
+
+from .resize import fit_frame, parse_size
+from .sinks import (
+    FolderSink,
+    NullSink,
+    VideoFileSink,
+    VirtualCamSink,
+    WindowKey,
+    WindowSink,
+    draw_overlay,
+    no_virtualcam_help,
+    open_sink,
+)
+from .sources import (
+    CameraInfo,
+    FolderSource,
+    Pacer,
+    TestPatternSource,
+    VideoFileSource,
+    WebcamSource,
+    list_webcams,
+    open_source,
+    pattern_frame,
+)
+
+__all__ = [
+    "CameraInfo",
+    "FolderSink",
+    "FolderSource",
+    "NullSink",
+    "Pacer",
+    "TestPatternSource",
+    "VideoFileSink",
+    "VideoFileSource",
+    "VirtualCamSink",
+    "WebcamSource",
+    "WindowKey",
+    "WindowSink",
+    "draw_overlay",
+    "fit_frame",
+    "list_webcams",
+    "no_virtualcam_help",
+    "open_sink",
+    "open_source",
+    "parse_size",
+    "pattern_frame",
+]

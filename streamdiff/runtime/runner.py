@@ -1,0 +1,308 @@
+"""Run a stream: source → capture thread → slot → engine thread → slots → sink threads.
+
+Typical use::
+
+    runner = StreamRunner(pipe, open_source("testpattern"), [open_sink("file:out.mp4")])
+    summary = runner.run(status_interval=2.0, on_status=print)   # returns at end of input, on stop() or Ctrl-C
+
+Every stage runs in its own thread (a sink that must live on the main thread, such as a window on macOS, is served
+by :meth:`StreamRunner.run` itself), so throughput is that of the slowest stage, not the sum. With a real-time
+source the slots are latest-wins (the engine always takes the newest frame, drops are counted); otherwise they are
+lossless with back-pressure and nothing is dropped. Shutdown — end of input, :meth:`stop`, a control's quit,
+Ctrl-C or an error in any stage — sets one event that every wait watches, then all threads are joined.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol, Sequence
+
+import numpy as np
+
+from ..errors import ConfigError, StreamDiffError
+from ..io.resize import fit_frame
+from .controls import Controls
+from .engine_stage import Engine, EngineStage
+from .metrics import DropReason, RunMetrics, RunSummary
+from .slots import Closed, FrameSlot, SlotPolicy
+from .stages import END, CapturedFrame, OutputFrame, Stage
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_FPS = 30.0
+
+
+class Source(Protocol):
+    """A frame source (see :mod:`streamdiff.io.sources`): ``read()`` returns uint8 RGB ``[H, W, 3]`` or None at the end."""
+
+    name: str
+    realtime: bool  # frames arrive at their own pace (a camera, or a file paced on request)
+    fps: float | None
+
+    def open(self) -> None: ...
+
+    def read(self) -> np.ndarray | None: ...
+
+    def close(self) -> None: ...
+
+
+class Sink(Protocol):
+    """A frame sink (see :mod:`streamdiff.io.sinks`). Optional: ``bind(controls, metrics)``, ``main_thread``."""
+
+    name: str
+
+    def open(self, width: int, height: int, fps: float) -> None: ...
+
+    def write(self, frame: np.ndarray) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """How frames move between the stages.
+
+    ``realtime``: latest-wins slots (None: follow ``source.realtime``). ``queue_size``: capacity of latest-wins
+    slots; ``lossless_queue_size`` of lossless ones. ``max_frames``: stop reading after that many. ``frame_size``:
+    the engine's (width, height), taken from ``engine.config`` when None. ``output_size``: what sinks receive
+    (default the engine size). ``fps``: the sinks' frame rate (default the source's, else 30).
+    """
+
+    realtime: bool | None = None
+    queue_size: int = 1
+    lossless_queue_size: int = 4
+    max_frames: int | None = None
+    frame_size: tuple[int, int] | None = None
+    output_size: tuple[int, int] | None = None
+    fps: float | None = None
+    flush: bool = True
+    join_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        for name in ("queue_size", "lossless_queue_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name}={value!r} must be an integer >= 1")
+        if self.max_frames is not None and self.max_frames < 0:
+            raise ConfigError(f"max_frames={self.max_frames} must be >= 0")
+        if self.fps is not None and not 0 < self.fps <= 1000:
+            raise ConfigError(f"fps={self.fps} is outside (0, 1000]")
+
+
+class SinkStage:
+    """Moves output frames from one slot into one sink, recording end-to-end latency."""
+
+    def __init__(self, sink: Sink, slot: FrameSlot, metrics: RunMetrics, output_size: tuple[int, int] | None):
+        self.sink = sink
+        self.slot = slot
+        self.metrics = metrics
+        self.output_size = output_size
+        self.done = False
+
+    def step(self, stop: threading.Event, timeout: float | None = None) -> None:
+        """Write at most one frame (waiting up to ``timeout`` s); sets :attr:`done` at the end marker."""
+        try:
+            item = self.slot.get(stop, timeout=timeout)
+        except (Closed, TimeoutError):
+            return
+        if item is END:
+            self.done = True
+            return
+        assert isinstance(item, OutputFrame)
+        image = item.image
+        if self.output_size is not None:
+            image = fit_frame(image, *self.output_size)
+        self.sink.write(image)
+        self.metrics.record_output(self.sink.name, item.captured, time.perf_counter())
+
+    def __call__(self, stop: threading.Event) -> None:
+        while not self.done and not stop.is_set():
+            self.step(stop)
+
+
+class StreamRunner:
+    """One streaming run. Build, then :meth:`run` (or :meth:`start` + :meth:`wait`). Not reusable."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        source: Source,
+        sinks: Sequence[Sink],
+        config: RuntimeConfig | None = None,
+        controls: Controls | None = None,
+    ) -> None:
+        if not sinks:
+            raise ConfigError("no sink given: pass at least one (e.g. a null sink)")
+        self.engine = engine
+        self.source = source
+        self.sinks = list(sinks)
+        self.config = config or RuntimeConfig()
+        engine_config = getattr(engine, "config", None)
+        self.controls = controls or Controls(engine_config if hasattr(engine_config, "t_index_list") else None)
+        self.metrics = RunMetrics()
+        size = self.config.frame_size
+        if size is None and engine_config is not None:
+            size = (int(engine_config.width), int(engine_config.height))
+        if size is None:
+            raise ConfigError("frame_size is unknown: the engine has no config; pass RuntimeConfig(frame_size=(w, h))")
+        self.frame_size = size
+        realtime = self.config.realtime if self.config.realtime is not None else bool(getattr(source, "realtime", False))
+        self.realtime = realtime
+        policy = SlotPolicy.LATEST_WINS if realtime else SlotPolicy.LOSSLESS
+        capacity = self.config.queue_size if realtime else self.config.lossless_queue_size
+        self.source_slot: FrameSlot = FrameSlot(capacity, policy, "source")
+        self.sink_slots = [FrameSlot(capacity, policy, f"sink:{s.name}") for s in self.sinks]
+        self._stop = threading.Event()
+        self._threads: list[Stage] = []
+        self._sink_stages = [
+            SinkStage(sink, slot, self.metrics, self.config.output_size) for sink, slot in zip(self.sinks, self.sink_slots)
+        ]
+        self._main_stage: SinkStage | None = None
+        self._opened: list[Any] = []
+        self.summary: RunSummary | None = None
+        self.error: BaseException | None = None
+
+    # -- life cycle -------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Open the source and sinks (errors raise here, before any thread starts) and start the threads."""
+        try:
+            self.source.open()
+            self._opened.append(self.source)
+            fps = self.config.fps or getattr(self.source, "fps", None) or DEFAULT_FPS
+            width, height = self.config.output_size or self.frame_size
+            for sink in self.sinks:
+                sink.open(width, height, fps)
+                self._opened.append(sink)
+                self.metrics.add_sink(sink.name)
+                if hasattr(sink, "bind"):
+                    sink.bind(self.controls, self.metrics)
+        except BaseException:
+            self._close_all()
+            raise
+        logger.info(
+            "streaming %s -> %s at %dx%d, %s queues", self.source.name, ", ".join(s.name for s in self.sinks),
+            *self.frame_size, "latest-wins" if self.realtime else "lossless",
+        )
+        engine_stage = EngineStage(
+            self.engine, self.source_slot, self.sink_slots, self.metrics, self.controls, flush=self.config.flush
+        )
+        self._threads = [Stage("capture", self._capture, self._stop), Stage("engine", engine_stage, self._stop)]
+        for stage in self._sink_stages:
+            if getattr(stage.sink, "main_thread", False) and self._main_stage is None:
+                self._main_stage = stage
+            else:
+                self._threads.append(Stage(f"sink-{stage.sink.name}", stage, self._stop))
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self) -> None:
+        """End the run soon (from any thread or a signal handler); :meth:`wait` then returns."""
+        self._stop.set()
+
+    def wait(
+        self,
+        status_interval: float | None = None,
+        on_status: Callable[[RunSummary], None] | None = None,
+        raise_on_error: bool = True,
+    ) -> RunSummary:
+        """Serve a main-thread sink, report status every ``status_interval`` s, and return the final summary.
+
+        Ctrl-C ends the run cleanly (``summary.interrupted``). An error in any stage is raised after shutdown
+        (as a :class:`StreamDiffError`) unless ``raise_on_error=False``; the summary is on :attr:`summary`.
+        """
+        interrupted = False
+        next_status = time.monotonic() + status_interval if status_interval else None
+        main_error: BaseException | None = None
+        try:
+            while True:
+                if self.controls.stop_requested:
+                    self._stop.set()
+                main = self._main_stage
+                if main is not None and not main.done and not self._stop.is_set():
+                    try:
+                        main.step(self._stop, timeout=0.02)
+                    except Exception as error:  # noqa: BLE001 - reported like a thread's error
+                        main_error = error
+                        self._stop.set()
+                else:
+                    alive = [t for t in self._threads if t.is_alive()]
+                    if not alive:
+                        break
+                    alive[0].join(0.05)
+                if next_status is not None and on_status is not None and time.monotonic() >= next_status:
+                    next_status += status_interval
+                    on_status(self.metrics.summary())
+        except KeyboardInterrupt:
+            interrupted = True
+            logger.warning("interrupted: stopping")
+        finally:
+            self._stop.set()
+            self._shutdown()
+        error = main_error or next((t.error for t in self._threads if t.error is not None), None)
+        self.error = error
+        depths = {slot.name: slot.max_depth for slot in [self.source_slot, *self.sink_slots]}
+        self.summary = self.metrics.summary(depths, _describe(error, self._threads), interrupted)
+        if error is not None and raise_on_error:
+            if isinstance(error, StreamDiffError):
+                raise error
+            raise StreamDiffError(_describe(error, self._threads)) from error
+        return self.summary
+
+    def run(self, status_interval: float | None = None, on_status: Callable[[RunSummary], None] | None = None) -> RunSummary:
+        """:meth:`start` then :meth:`wait`."""
+        self.start()
+        return self.wait(status_interval, on_status)
+
+    @property
+    def threads(self) -> list[threading.Thread]:
+        return list(self._threads)
+
+    # -- stages -----------------------------------------------------------------------------------------------
+
+    def _capture(self, stop: threading.Event) -> None:
+        width, height = self.frame_size
+        limit = self.config.max_frames
+        frame_id = 0
+        while not stop.is_set() and (limit is None or frame_id < limit):
+            image = self.source.read()
+            captured = time.perf_counter()
+            if image is None:
+                break
+            frame = CapturedFrame(frame_id, captured, fit_frame(image, width, height))
+            self.metrics.record_capture(captured)
+            dropped = self.source_slot.put(frame, stop)
+            self.metrics.record_drop(DropReason.SUPERSEDED, len(dropped))
+            frame_id += 1
+        self.source_slot.put(END, stop, force=True)
+
+    def _shutdown(self) -> None:
+        for slot in [self.source_slot, *self.sink_slots]:
+            slot.wake()
+        deadline = time.monotonic() + self.config.join_timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                logger.error("thread %s did not stop within %.1f s", thread.name, self.config.join_timeout)
+        self._close_all()
+
+    def _close_all(self) -> None:
+        for item in reversed(self._opened):
+            try:
+                item.close()
+            except Exception as error:  # noqa: BLE001 - closing must reach every sink; reported, not raised
+                logger.error("closing %s failed: %s", getattr(item, "name", item), error)
+        self._opened.clear()
+
+
+def _describe(error: BaseException | None, threads: Sequence[Stage]) -> str | None:
+    if error is None:
+        return None
+    stage = next((t.stage_name for t in threads if t.error is error), "main")
+    text = str(error) or type(error).__name__
+    if isinstance(error, StreamDiffError):
+        return f"{stage} stage: {text}"
+    return f"{stage} stage failed: {type(error).__name__}: {text}"
