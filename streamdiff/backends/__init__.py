@@ -8,5 +8,6 @@ from __future__ import annotations
 
 from .base import UNetEngine, VaeEngine
 from .device import resolve_device, resolve_dtype
+from .keys import Component, EngineOptions
 
-__all__ = ["UNetEngine", "VaeEngine", "resolve_device", "resolve_dtype"]
+__all__ = ["Component", "EngineOptions", "UNetEngine", "VaeEngine", "resolve_device", "resolve_dtype"]

@@ -1,13 +1,18 @@
-"""Choose and create the engines for a pipeline."""
+"""Choose and create the engines for a pipeline, building missing compiled engines on first use."""
 
 from __future__ import annotations
 
 import logging
 from typing import TYPE_CHECKING
 
+import torch
+
 from ..config import BackendKind, to_enum
-from ..errors import BackendUnavailable
+from ..errors import BackendUnavailable, missing_extra
 from .base import UNetEngine, VaeEngine
+from .builders import COMPONENTS, BuildStep, plan_builds
+from .cache import EngineCache
+from .keys import Component, EngineOptions
 from .torch_backend import TorchUNet, TorchVae
 
 if TYPE_CHECKING:
@@ -16,14 +21,105 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# Above this many U-Net parameters ONNX Runtime (fp32, CPU) beat torch eager here (SD-2.1 size: ~0.7 s vs ~1.2 s);
+# on small U-Nets it was slower (see docs/PERF.md, "Backends").
+ORT_MIN_PARAMETERS = 100_000_000
+
+
+def _has_module(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def tensorrt_usable() -> bool:
+    """TensorRT imports (its native libraries load) and torch sees a CUDA GPU."""
+    if not torch.cuda.is_available() or not _has_module("tensorrt"):
+        return False
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def choose_auto(model: LoadedModel, options: EngineOptions) -> tuple[BackendKind, str]:
+    """The backend ``auto`` picks for ``model`` and why (the reason goes into the log)."""
+    if model.device.type == "cuda":
+        if tensorrt_usable():
+            return BackendKind.TENSORRT, "a CUDA GPU and TensorRT are available"
+        return BackendKind.TORCH, "CUDA GPU without TensorRT (pip install 'streamdiff[tensorrt]' for engines)"
+    if model.dtype != torch.float32:
+        return BackendKind.TORCH, f"{model.dtype} on the CPU runs fastest in torch (ONNX Runtime's CPU path is float32)"
+    if not _has_module("onnxruntime"):
+        return BackendKind.TORCH, "onnxruntime is not installed (pip install 'streamdiff[onnx]')"
+    parameters = sum(p.numel() for p in model.unet.parameters())
+    if parameters >= ORT_MIN_PARAMETERS:
+        return BackendKind.ONNXRUNTIME, f"float32 U-Net of {parameters / 1e6:.0f}M parameters: ONNX Runtime is faster"
+    return BackendKind.TORCH, f"small U-Net ({parameters / 1e6:.1f}M parameters): torch eager is faster than ONNX Runtime"
+
+
+def resolve_backend(kind: BackendKind | str, model: LoadedModel, options: EngineOptions) -> BackendKind:
+    """``kind`` as an enum, ``auto`` resolved (logged with its reason), availability checked."""
+    kind = to_enum(BackendKind, kind, "backend")
+    if kind is BackendKind.AUTO:
+        kind, reason = choose_auto(model, options)
+        logger.info("backend auto: picked %s because %s", kind.value, reason)
+    if kind is BackendKind.ONNXRUNTIME and not _has_module("onnxruntime"):
+        raise missing_extra("onnxruntime", "onnx")
+    if kind is BackendKind.TENSORRT:
+        from .tensorrt_build import import_tensorrt
+
+        import_tensorrt()
+        if model.device.type != "cuda":
+            raise BackendUnavailable(f"backend 'tensorrt' needs a CUDA device; the model is on {model.device}")
+    return kind
+
+
+def engine_steps(
+    kind: BackendKind | str, model: LoadedModel, config: StreamConfig, options: EngineOptions | None = None
+) -> tuple[BackendKind, list[BuildStep]]:
+    """The resolved backend and the cache entries it needs (for ``streamdiff engines build``)."""
+    options = options or EngineOptions()
+    resolved = resolve_backend(kind, model, options)
+    return resolved, plan_builds(resolved, model, config, options, EngineCache(options.directory))
+
 
 def create_engines(
-    kind: BackendKind | str, model: LoadedModel, config: StreamConfig
+    kind: BackendKind | str,
+    model: LoadedModel,
+    config: StreamConfig,
+    options: EngineOptions | None = None,
 ) -> tuple[UNetEngine, VaeEngine]:
-    """The U-Net and VAE engines of backend ``kind`` for ``model`` at ``config``'s shapes."""
-    kind = to_enum(BackendKind, kind, "backend")
-    if kind in (BackendKind.TORCH, BackendKind.AUTO):
-        if kind is BackendKind.AUTO:
-            logger.info("backend auto: picked torch (eager) on %s", model.device)
-        return TorchUNet(model.unet), TorchVae(model.vae)
-    raise BackendUnavailable(f"backend {kind.value!r} is not available in this build")
+    """The U-Net and VAE engines of backend ``kind`` for ``model`` at ``config``'s shapes.
+
+    Compiled backends build their missing cache entries first (logged; once per configuration).
+    """
+    options = options or EngineOptions()
+    kind, steps = engine_steps(kind, model, config, options)
+    entries = {step.key.name: step.run() for step in steps}
+    by_component = {}
+    for step in steps:
+        by_component.setdefault(step.component, []).append((step.key, entries[step.key.name]))
+    if kind is BackendKind.TORCH:
+        vae = TorchVae(model.vae, channels_last=options.channels_last)
+        if options.compile:
+            from .compiled import CompiledUNet
+
+            spec_shape = (model.latent_channels, config.height // model.vae_scale_factor,
+                          config.width // model.vae_scale_factor)
+            packages = {(key.shapes.opt_batch, *spec_shape): entry.artifact for key, entry in by_component[Component.UNET]}
+            return CompiledUNet(packages), vae
+        return TorchUNet(model.unet, channels_last=options.channels_last), vae
+    paths = {c: by_component[c][0][1].artifact for c in COMPONENTS}
+    if kind is BackendKind.ONNXRUNTIME:
+        from .onnxruntime_backend import OrtUNet, OrtVae
+
+        return OrtUNet(paths[Component.UNET], model.device), OrtVae(
+            paths[Component.VAE_ENCODER], paths[Component.VAE_DECODER], model.device
+        )
+    from .tensorrt_runtime import TrtUNet, TrtVae
+
+    return TrtUNet(paths[Component.UNET], model.device, options.cuda_graph), TrtVae(
+        paths[Component.VAE_ENCODER], paths[Component.VAE_DECODER], model.device, options.cuda_graph
+    )

@@ -1,8 +1,13 @@
-"""The PyTorch backend: diffusers modules run eagerly (optionally channels-last)."""
+"""The PyTorch backend: diffusers modules run eagerly (optionally channels-last, bfloat16 on the CPU).
+
+Ahead-of-time compiled U-Nets (``EngineOptions.compile``) come from :mod:`streamdiff.backends.compiled`.
+"""
 
 from __future__ import annotations
 
 import torch
+
+from .onnx_export import VaeDecoder, VaeEncoder
 
 
 class TorchUNet:
@@ -10,6 +15,7 @@ class TorchUNet:
 
     def __init__(self, unet: torch.nn.Module, channels_last: bool = False) -> None:
         self.unet = unet
+        self.channels_last = channels_last
         if channels_last:
             self.unet.to(memory_format=torch.channels_last)
 
@@ -17,27 +23,37 @@ class TorchUNet:
     def __call__(
         self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
     ) -> torch.Tensor:
-        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+        if self.channels_last:
+            sample = sample.contiguous(memory_format=torch.channels_last)
+        out = self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+        return out.contiguous() if self.channels_last else out
 
 
 class TorchVae:
     """Wraps ``AutoencoderTiny`` or ``AutoencoderKL`` as a :class:`~streamdiff.backends.base.VaeEngine`.
 
-    The KL encoder returns its distribution's mode (deterministic), not a sample.
+    The KL encoder returns its distribution's mode (deterministic), not a sample. The same wrapper modules are
+    exported to ONNX, so every backend computes the same function.
     """
 
-    def __init__(self, vae: torch.nn.Module) -> None:
+    def __init__(self, vae: torch.nn.Module, channels_last: bool = False) -> None:
         self.vae = vae
-        self.scaling_factor = float(getattr(vae.config, "scaling_factor", 1.0))
-        self.shift_factor = float(getattr(vae.config, "shift_factor", None) or 0.0)
-        self.is_tiny = type(vae).__name__ == "AutoencoderTiny"
+        self.encoder = VaeEncoder(vae)
+        self.decoder = VaeDecoder(vae)
+        self.scaling_factor = self.encoder.scaling_factor
+        self.shift_factor = self.encoder.shift_factor
+        self.is_tiny = self.encoder.is_tiny
+        self.channels_last = channels_last
+        if channels_last:
+            self.vae.to(memory_format=torch.channels_last)
+
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     @torch.inference_mode()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        out = self.vae.encode(images, return_dict=False)[0]
-        latents = out if self.is_tiny else out.mode()
-        return (latents - self.shift_factor) * self.scaling_factor
+        return self.encoder(self._layout(images)).contiguous()
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(latents / self.scaling_factor + self.shift_factor, return_dict=False)[0]
+        return self.decoder(self._layout(latents)).contiguous()

@@ -1,0 +1,184 @@
+"""Build steps: the cache entries a backend needs for a model and configuration, each built at most once.
+
+:func:`plan_builds` lists the steps (ONNX graphs, TensorRT plans, AOTInductor packages) without running them, so
+the CLI can show a progress bar and the pipeline can build what is missing on first use. Every step goes through
+:class:`~streamdiff.backends.cache.EngineCache`, so an unchanged configuration reuses its entries.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+import torch
+
+from ..config import BackendKind, StreamConfig
+from ..errors import missing_extra
+from .cache import CacheEntry, EngineCache
+from .keys import Component, EngineKey, EngineOptions, ShapeRange, engine_key, exact_range, shape_range
+from .onnx_export import UNetExport, VaeDecoder, VaeEncoder, component_spec, export_module, verification_cases
+from .onnx_export import verify_onnx
+
+if TYPE_CHECKING:
+    from ..models import LoadedModel
+
+logger = logging.getLogger(__name__)
+
+COMPONENTS = (Component.UNET, Component.VAE_ENCODER, Component.VAE_DECODER)
+ONNX_FILE = "model.onnx"
+PLAN_FILE = "model.plan"
+
+
+@dataclass
+class BuildStep:
+    """One cache entry to make sure of. ``run()`` returns it, building it first when it is missing or invalid."""
+
+    description: str
+    key: EngineKey
+    run: Callable[[], CacheEntry]
+    component: Component
+
+    def cached(self, cache: EngineCache) -> bool:
+        return cache.load(self.key) is not None
+
+
+def spatial_multiple(model: LoadedModel, component: Component) -> int:
+    """Image sides must be multiples of this: the VAE factor, times 2^(levels−1) for the U-Net."""
+    factor = model.vae_scale_factor
+    if component is Component.UNET:
+        return factor * 2 ** (len(model.unet.config.block_out_channels) - 1)
+    return factor
+
+
+def component_module(model: LoadedModel, component: Component) -> torch.nn.Module:
+    """The engine-contract wrapper of ``component`` (shares the model's weights)."""
+    if component is Component.UNET:
+        return UNetExport(model.unet)
+    return VaeEncoder(model.vae) if component is Component.VAE_ENCODER else VaeDecoder(model.vae)
+
+
+def spec_for(model: LoadedModel, component: Component, dtype: torch.dtype, device: torch.device):  # noqa: ANN201
+    return component_spec(
+        component,
+        latent_channels=model.latent_channels,
+        vae_scale_factor=model.vae_scale_factor,
+        text_length=int(getattr(model.text_encoder.config, "max_position_embeddings", 77)),
+        text_dim=int(model.unet.config.cross_attention_dim),
+        dtype=dtype,
+        device=device,
+    )
+
+
+def _onnx_version() -> str:
+    try:
+        import onnx
+    except ImportError:
+        raise missing_extra("onnx", "onnx") from None
+    return f"torch-{torch.__version__}+onnx-{onnx.__version__}"
+
+
+def onnx_step(
+    model: LoadedModel,
+    config: StreamConfig,
+    options: EngineOptions,
+    cache: EngineCache,
+    component: Component,
+    dtype: torch.dtype = torch.float32,
+) -> BuildStep:
+    """Export ``component`` to ONNX in ``dtype`` (checked against PyTorch in ONNX Runtime when float32)."""
+    shapes = shape_range(component, config, options, spatial_multiple(model, component))
+    export_device = model.device if dtype != torch.float32 else torch.device("cpu")
+    key = engine_key(
+        model, component, shapes, backend="onnx", backend_version=_onnx_version(), dtype=dtype, opset=options.opset,
+        device=export_device, target="portable",
+    )
+
+    def build(folder: Path) -> str:
+        module = component_module(model, component)
+        if next(module.parameters()).dtype != dtype or next(module.parameters()).device != export_device:
+            module = copy.deepcopy(module).to(export_device, dtype)
+        spec = spec_for(model, component, dtype, export_device)
+        export_module(module, spec, shapes, folder / ONNX_FILE, options.opset)
+        if options.verify and dtype == torch.float32:
+            verify_onnx(folder / ONNX_FILE, module, spec, verification_cases(shapes, spatial_multiple(model, component)))
+        return ONNX_FILE
+
+    description = f"export {component.value} to ONNX ({key.precision})"
+    return BuildStep(description, key, lambda: cache.get_or_build(key, build, description=description), component)
+
+
+def aoti_steps(
+    model: LoadedModel, config: StreamConfig, options: EngineOptions, cache: EngineCache
+) -> list[BuildStep]:
+    """One AOTInductor package of the U-Net per U-Net batch size of ``config`` (static shapes)."""
+    component = Component.UNET
+    full = exact_range(component, config, options)
+    steps = []
+    for batch in sorted({full.batch[0], full.batch[1]}):
+        shapes = ShapeRange((batch, batch), full.height, full.width, batch, full.opt_height, full.opt_width)
+        key = engine_key(
+            model, component, shapes, backend="torch-aoti", backend_version=torch.__version__, dtype=model.dtype,
+            opset=None, extra={"freezing": "1"},
+        )
+
+        def build(folder: Path, shapes: ShapeRange = shapes) -> str:
+            from .compiled import aoti_compile
+
+            spec = spec_for(model, component, model.dtype, model.device)
+            return aoti_compile(UNetExport(model.unet), spec.make_inputs(shapes.opt_batch, shapes.opt_height,
+                                                                         shapes.opt_width), folder)
+
+        description = f"compile unet (batch {batch}, {full.height[0]}x{full.width[0]}, {key.precision})"
+        steps.append(
+            BuildStep(description, key, lambda k=key, b=build, d=description: cache.get_or_build(k, b, description=d),
+                      component)
+        )
+    return steps
+
+
+def tensorrt_step(
+    model: LoadedModel, config: StreamConfig, options: EngineOptions, cache: EngineCache, component: Component,
+    onnx: BuildStep,
+) -> BuildStep:
+    """Build a TensorRT fp16 plan of ``component`` from its ONNX entry (``onnx`` runs first)."""
+    from .tensorrt_build import build_engine, build_plan, tensorrt_version
+
+    shapes = shape_range(component, config, options, spatial_multiple(model, component))
+    key = engine_key(
+        model, component, shapes, backend="tensorrt", backend_version=tensorrt_version(), dtype=torch.float16,
+        opset=options.opset,
+    )
+
+    def build(folder: Path) -> str:
+        onnx_entry = onnx.run()
+        plan = build_plan(
+            component, onnx_entry.artifact, shapes, latent_channels=model.latent_channels,
+            vae_scale_factor=model.vae_scale_factor,
+            text_length=int(getattr(model.text_encoder.config, "max_position_embeddings", 77)),
+            text_dim=int(model.unet.config.cross_attention_dim),
+        )
+        build_engine(plan, folder / PLAN_FILE)
+        return PLAN_FILE
+
+    description = f"build TensorRT {component.value} engine (fp16)"
+    return BuildStep(description, key, lambda: cache.get_or_build(key, build, description=description), component)
+
+
+def plan_builds(
+    kind: BackendKind, model: LoadedModel, config: StreamConfig, options: EngineOptions, cache: EngineCache
+) -> list[BuildStep]:
+    """The entries backend ``kind`` needs (none for eager torch), in build order."""
+    if kind is BackendKind.ONNXRUNTIME:
+        return [onnx_step(model, config, options, cache, c) for c in COMPONENTS]
+    if kind is BackendKind.TENSORRT:
+        steps = []
+        for component in COMPONENTS:
+            onnx = onnx_step(model, config, options, cache, component, dtype=torch.float16)
+            steps.append(tensorrt_step(model, config, options, cache, component, onnx))
+        return steps
+    if kind is BackendKind.TORCH and options.compile:
+        return aoti_steps(model, config, options, cache)
+    return []

@@ -1,0 +1,271 @@
+"""What a compiled engine is built for: components, shape ranges, build options and the engine cache key.
+
+Everything here is pure data derived from a :class:`~streamdiff.config.StreamConfig`, a loaded model and
+:class:`EngineOptions`; nothing touches a device except :func:`target_id`, which names the hardware an artifact is
+compiled for (GPU compute capability or CPU ISA). The cache key (:class:`EngineKey`) holds every input that changes a
+built artifact, so a changed resolution range, LoRA scale or library version can never reuse a stale engine.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import hashlib
+import json
+import os
+import platform
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..config import CfgMode, StreamConfig
+from ..errors import ConfigError
+from ..guidance import unet_rows
+
+if TYPE_CHECKING:
+    from ..models import LoadedModel
+
+ENGINE_DIR_ENV = "STREAMDIFF_ENGINE_DIR"
+DEFAULT_OPSET = 17
+DEFAULT_MIN_RESOLUTION = 256
+DEFAULT_MAX_RESOLUTION = 1024
+DEFAULT_OPT_RESOLUTION = 512
+
+
+class Component(str, enum.Enum):
+    """A part of the model that becomes one engine."""
+
+    UNET = "unet"
+    VAE_ENCODER = "vae_encoder"
+    VAE_DECODER = "vae_decoder"
+
+
+def default_engine_dir() -> Path:
+    """``$STREAMDIFF_ENGINE_DIR`` or ``engines/`` in the current directory."""
+    return Path(os.environ.get(ENGINE_DIR_ENV) or "engines")
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How engines are built and where they are kept.
+
+    ``min_resolution``/``max_resolution`` bound the image side (pixels) an engine accepts; None takes 256–1024 widened
+    to include the configured size, so a size change inside the range needs no rebuild. ``batch_sizes`` adds U-Net
+    batch sizes to the profile beyond what the configuration needs. ``compile`` asks the torch backend for an
+    AOTInductor-compiled U-Net (cached); ``channels_last`` applies to the eager torch backend.
+    """
+
+    engine_dir: Path | str | None = None
+    compile: bool = False
+    channels_last: bool = False
+    min_resolution: int | None = None
+    max_resolution: int | None = None
+    opt_resolution: int = DEFAULT_OPT_RESOLUTION
+    batch_sizes: tuple[int, ...] = ()
+    opset: int = DEFAULT_OPSET
+    verify: bool = True
+    cuda_graph: bool = False
+
+    def __post_init__(self) -> None:
+        if self.opset < 17:
+            raise ConfigError(f"opset={self.opset} is below 17, the lowest opset streamdiff exports")
+        for name in ("min_resolution", "max_resolution"):
+            value = getattr(self, name)
+            if value is not None and not 8 <= value <= 4096:
+                raise ConfigError(f"{name}={value} is outside [8, 4096]")
+        if self.min_resolution and self.max_resolution and self.min_resolution > self.max_resolution:
+            raise ConfigError(f"min_resolution={self.min_resolution} > max_resolution={self.max_resolution}")
+        object.__setattr__(self, "batch_sizes", tuple(int(b) for b in self.batch_sizes))
+        if any(b < 1 for b in self.batch_sizes):
+            raise ConfigError(f"batch_sizes={self.batch_sizes} must all be >= 1")
+
+    @property
+    def directory(self) -> Path:
+        return Path(self.engine_dir) if self.engine_dir is not None else default_engine_dir()
+
+
+@dataclass(frozen=True)
+class ShapeRange:
+    """Inclusive ranges of batch and image size (pixels) an engine accepts, and the size it is tuned for."""
+
+    batch: tuple[int, int]
+    height: tuple[int, int]
+    width: tuple[int, int]
+    opt_batch: int
+    opt_height: int
+    opt_width: int
+
+    def contains(self, batch: int, height: int, width: int) -> bool:
+        return (
+            self.batch[0] <= batch <= self.batch[1]
+            and self.height[0] <= height <= self.height[1]
+            and self.width[0] <= width <= self.width[1]
+        )
+
+
+def unet_batch_sizes(config: StreamConfig) -> tuple[int, ...]:
+    """Every U-Net batch a stream with ``config`` runs (see :func:`streamdiff.guidance.unet_rows`).
+
+    With the denoising batch: n·F (NONE/SELF), (n+1)·F (INITIALIZE), 2n·F (FULL). Without it each step is its own
+    call of F rows, the first step of INITIALIZE adding F negatives.
+    """
+    f, mode = config.frame_buffer_size, config.cfg_type
+    if config.use_denoising_batch:
+        return (unet_rows(mode, config.denoising_steps * f, f, has_first_step=True),)
+    sizes = {unet_rows(mode, f, f, has_first_step=True)}
+    if config.denoising_steps > 1:
+        sizes.add(unet_rows(mode, f, f, has_first_step=False))
+    if mode is CfgMode.INITIALIZE:
+        sizes.add(unet_rows(mode, f, f, has_first_step=True))
+    return tuple(sorted(sizes))
+
+
+def component_batch_sizes(component: Component, config: StreamConfig, options: EngineOptions) -> tuple[int, ...]:
+    """Batch sizes an engine of ``component`` must accept: the U-Net's per cfg mode, F frames for the VAE."""
+    if component is Component.UNET:
+        return tuple(sorted(set(unet_batch_sizes(config)) | set(options.batch_sizes)))
+    return (config.frame_buffer_size,)
+
+
+def shape_range(component: Component, config: StreamConfig, options: EngineOptions, multiple: int) -> ShapeRange:
+    """The shapes an engine of ``component`` is built for. Sides are in pixels, rounded to ``multiple``."""
+    sizes = component_batch_sizes(component, config, options)
+    side_min = options.min_resolution or min(DEFAULT_MIN_RESOLUTION, config.width, config.height)
+    side_max = options.max_resolution or max(DEFAULT_MAX_RESOLUTION, config.width, config.height)
+    side_min = max(multiple, side_min // multiple * multiple)
+    side_max = max(side_min, side_max // multiple * multiple)
+    for name in ("width", "height"):
+        value = getattr(config, name)
+        if not side_min <= value <= side_max:
+            raise ConfigError(f"{name}={value} is outside the engine resolution range [{side_min}, {side_max}]")
+    opt = min(max(options.opt_resolution // multiple * multiple, side_min), side_max)
+    main_batch = unet_batch_sizes(config)[0] if component is Component.UNET else config.frame_buffer_size
+    return ShapeRange(
+        batch=(sizes[0], sizes[-1]),
+        height=(side_min, side_max),
+        width=(side_min, side_max),
+        opt_batch=main_batch,
+        opt_height=opt,
+        opt_width=opt,
+    )
+
+
+def exact_range(component: Component, config: StreamConfig, options: EngineOptions) -> ShapeRange:
+    """A range holding only the configured shapes (for artifacts compiled for static shapes)."""
+    sizes = component_batch_sizes(component, config, options)
+    return ShapeRange(
+        batch=(sizes[0], sizes[-1]),
+        height=(config.height, config.height),
+        width=(config.width, config.width),
+        opt_batch=sizes[0],
+        opt_height=config.height,
+        opt_width=config.width,
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_isa() -> str:
+    """The CPU an artifact is compiled for: architecture, torch's vector ISA level and AMX/bf16 support."""
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    extra = sorted(flags & {"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8", "amx_tile"})
+    capability = torch.backends.cpu.get_cpu_capability()
+    return "+".join([platform.machine() or "cpu", capability.lower(), *extra])
+
+
+def target_id(device: torch.device) -> str:
+    """``sm_86`` style GPU compute capability for CUDA devices, else :func:`cpu_isa`."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"sm_{major}{minor}"
+    return f"cpu:{cpu_isa()}"
+
+
+def _streamdiff_version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+@dataclass(frozen=True)
+class EngineKey:
+    """Everything that changes a built artifact. Equal keys ⇔ the same artifact; see :meth:`digest`."""
+
+    model: str
+    weights: str
+    loras: tuple[tuple[str, float], ...]
+    component: Component
+    precision: str
+    shapes: ShapeRange
+    opset: int | None
+    backend: str
+    backend_version: str
+    target: str
+    streamdiff_version: str = field(default_factory=_streamdiff_version)
+    extra: tuple[tuple[str, str], ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (the manifest's ``key``)."""
+        data = asdict(self)
+        data["component"] = self.component.value
+        data["loras"] = [list(lora) for lora in self.loras]
+        data["extra"] = [list(item) for item in self.extra]
+        data["shapes"] = {k: list(v) if isinstance(v, tuple) else v for k, v in data["shapes"].items()}
+        return data
+
+    def digest(self) -> str:
+        """A stable hash of :meth:`to_dict`."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+    @property
+    def name(self) -> str:
+        """The entry folder name: readable prefix plus the digest."""
+        return f"{self.component.value}-{self.backend}-{self.digest()}"
+
+    def with_changes(self, **changes: Any) -> EngineKey:
+        return replace(self, **changes)
+
+
+def precision_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def engine_key(
+    model: LoadedModel,
+    component: Component,
+    shapes: ShapeRange,
+    *,
+    backend: str,
+    backend_version: str,
+    dtype: torch.dtype,
+    opset: int | None,
+    device: torch.device | None = None,
+    target: str | None = None,
+    extra: dict[str, str] | None = None,
+) -> EngineKey:
+    """The cache key of one artifact of ``model``'s ``component``.
+
+    ``target`` overrides the hardware id (``"portable"`` for ONNX graphs, which do not depend on the hardware).
+    """
+    return EngineKey(
+        model=model.model_id,
+        weights=model.fingerprint,
+        loras=tuple((spec.source, float(spec.scale)) for spec in model.loras),
+        component=component,
+        precision=precision_name(dtype),
+        shapes=shapes,
+        opset=opset,
+        backend=backend,
+        backend_version=backend_version,
+        target=target or target_id(device or model.device),
+        extra=tuple(sorted((extra or {}).items())),
+    )

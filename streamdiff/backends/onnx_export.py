@@ -1,0 +1,253 @@
+"""ONNX export of the U-Net, the VAE encoder and the VAE decoder, with dynamic batch and spatial axes.
+
+Each component is wrapped in a small module with the engine's exact contract (:class:`UNetExport`,
+:class:`VaeEncoder`, :class:`VaeDecoder`), exported with TorchScript-based ``torch.onnx.export(dynamo=False)`` (no
+onnxscript needed) at opset ≥ 17, constant-folded with polygraphy when the graph fits in one protobuf (< 2 GB), and
+then checked: ONNX Runtime against PyTorch at two resolutions and two batch sizes inside the engine's shape range.
+Next: :mod:`streamdiff.backends.onnxruntime_backend` runs the file, :mod:`streamdiff.backends.tensorrt_build`
+builds a TensorRT plan from it.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..errors import EngineBuildError, missing_extra
+from .keys import Component, ShapeRange
+
+logger = logging.getLogger(__name__)
+
+PROTOBUF_LIMIT = 2**31 - 1
+DEFAULT_TOLERANCE = 1e-3
+
+
+class UNetExport(torch.nn.Module):
+    """ε = U-Net(sample ``[B, C, h, w]``, timestep ``[B]`` float32, encoder_hidden_states ``[B, L, D]``)."""
+
+    def __init__(self, unet: torch.nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(
+        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+    ) -> torch.Tensor:
+        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+
+
+def _vae_factors(vae: torch.nn.Module) -> tuple[float, float, bool]:
+    scaling = float(getattr(vae.config, "scaling_factor", 1.0))
+    shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
+    return scaling, shift, type(vae).__name__ == "AutoencoderTiny"
+
+
+class VaeEncoder(torch.nn.Module):
+    """Images in [-1, 1] ``[B, 3, H, W]`` → scaled latents ``[B, C, H/s, W/s]``; the KL encoder gives its mode."""
+
+    def __init__(self, vae: torch.nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+        self.scaling_factor, self.shift_factor, self.is_tiny = _vae_factors(vae)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        out = self.vae.encode(images, return_dict=False)[0]
+        latents = out if self.is_tiny else out.mode()
+        return (latents - self.shift_factor) * self.scaling_factor
+
+
+class VaeDecoder(torch.nn.Module):
+    """Scaled latents ``[B, C, h, w]`` → images in [-1, 1] ``[B, 3, h·s, w·s]``."""
+
+    def __init__(self, vae: torch.nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+        self.scaling_factor, self.shift_factor, _ = _vae_factors(vae)
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latents / self.scaling_factor + self.shift_factor, return_dict=False)[0]
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """Names, axes and example-input maker of one component's graph."""
+
+    inputs: tuple[str, ...]
+    output: str
+    dynamic_axes: dict[str, dict[int, str]]
+    make_inputs: Callable[[int, int, int], tuple[torch.Tensor, ...]]  # (batch, height px, width px) -> inputs
+
+
+def component_spec(
+    component: Component,
+    *,
+    latent_channels: int,
+    vae_scale_factor: int,
+    text_length: int = 77,
+    text_dim: int = 1024,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+) -> ComponentSpec:
+    """The graph signature of ``component``; ``make_inputs`` draws seeded example inputs for a shape."""
+    s, c = vae_scale_factor, latent_channels
+
+    def randn(*shape: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(seed + sum(shape))
+        return torch.randn(shape, generator=generator).to(device, dtype)
+
+    if component is Component.UNET:
+
+        def unet_inputs(b: int, h: int, w: int) -> tuple[torch.Tensor, ...]:
+            timestep = torch.linspace(999.0, 19.0, b).round().to(device, torch.float32)
+            return randn(b, c, h // s, w // s), timestep, randn(b, text_length, text_dim)
+
+        return ComponentSpec(
+            ("sample", "timestep", "encoder_hidden_states"),
+            "noise_pred",
+            {"sample": {0: "B", 2: "h", 3: "w"}, "timestep": {0: "B"}, "encoder_hidden_states": {0: "B"},
+             "noise_pred": {0: "B", 2: "h", 3: "w"}},
+            unet_inputs,
+        )
+    if component is Component.VAE_ENCODER:
+        return ComponentSpec(
+            ("images",),
+            "latents",
+            {"images": {0: "B", 2: "H", 3: "W"}, "latents": {0: "B", 2: "h", 3: "w"}},
+            lambda b, h, w: (randn(b, 3, h, w).clamp(-1, 1),),
+        )
+    return ComponentSpec(
+        ("latents",),
+        "images",
+        {"latents": {0: "B", 2: "h", 3: "w"}, "images": {0: "B", 2: "H", 3: "W"}},
+        lambda b, h, w: (randn(b, c, h // s, w // s),),
+    )
+
+
+def export_module(
+    module: torch.nn.Module,
+    spec: ComponentSpec,
+    shapes: ShapeRange,
+    path: Path,
+    opset: int,
+    fold: bool = True,
+) -> Path:
+    """Export ``module`` to ``path`` (external data beside it when > 2 GB) and constant-fold it. Returns ``path``."""
+    try:
+        import onnx
+    except ImportError:
+        raise missing_extra("onnx", "onnx") from None
+    example = spec.make_inputs(shapes.opt_batch, shapes.opt_height, shapes.opt_width)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            torch.onnx.export(
+                module.eval(),
+                example,
+                str(path),
+                input_names=list(spec.inputs),
+                output_names=[spec.output],
+                dynamic_axes=spec.dynamic_axes,
+                opset_version=opset,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+    except Exception as error:  # noqa: BLE001 - reported as a build failure with its cause
+        raise EngineBuildError(f"ONNX export to {path} failed: {type(error).__name__}: {error}") from error
+    weights = sum(p.numel() * p.element_size() for p in module.parameters())
+    if fold and weights < PROTOBUF_LIMIT // 2:
+        fold_constants(path)
+    elif fold:
+        logger.info("skipping polygraphy constant folding of %s: %.2f GB of weights exceed one protobuf", path,
+                    weights / 1e9)
+    onnx.checker.check_model(str(path))
+    return path
+
+
+def fold_constants(path: Path) -> None:
+    """Constant-fold the graph at ``path`` in place with polygraphy (needs onnx-graphsurgeon)."""
+    import onnx
+
+    try:
+        from polygraphy.backend.onnx import fold_constants as polygraphy_fold
+    except ImportError:
+        raise missing_extra("polygraphy", "onnx") from None
+    try:
+        import onnx_graphsurgeon  # noqa: F401
+    except ImportError:
+        raise missing_extra("onnx_graphsurgeon", "onnx") from None
+    from polygraphy.logger import G_LOGGER
+
+    model = onnx.load(str(path))
+    before = len(model.graph.node)
+    from .onnxruntime_backend import import_onnxruntime
+
+    # Folding runs the graph's constant parts in ONNX Runtime, whose optimiser chatters on stderr otherwise.
+    import_onnxruntime().set_default_logger_severity(3)
+    severity = G_LOGGER.module_severity
+    G_LOGGER.module_severity = G_LOGGER.ERROR
+    try:
+        folded = polygraphy_fold(model, num_passes=2, fold_shapes=True, error_ok=False)
+    finally:
+        G_LOGGER.module_severity = severity
+    logger.debug("constant folding %s: %d -> %d nodes", path.name, before, len(folded.graph.node))
+    onnx.save(folded, str(path))
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |a − e| / max |e| (the tolerance measure of the export checks)."""
+    scale = expected.abs().max().clamp_min(1e-12)
+    return float((actual.float() - expected.float()).abs().max() / scale)
+
+
+def verification_cases(shapes: ShapeRange, multiple: int) -> list[tuple[int, int, int]]:
+    """Two batch sizes × two resolutions inside ``shapes``: the tuned size and a second one (smaller if possible)."""
+    b0 = shapes.opt_batch
+    b1 = shapes.batch[1] if shapes.batch[1] != b0 else (shapes.batch[0] if shapes.batch[0] != b0 else b0 + 1)
+    h0, w0 = shapes.opt_height, shapes.opt_width
+
+    def other(side: int, bounds: tuple[int, int]) -> int:
+        smaller = max(bounds[0], (side // 2) // multiple * multiple)
+        return smaller if smaller != side else min(bounds[1], side + multiple)
+
+    h1, w1 = other(h0, shapes.height), other(w0, shapes.width)
+    return [(b, h, w) for b in (b0, b1) for h, w in ((h0, w0), (h1, w1))]
+
+
+def verify_onnx(
+    path: Path,
+    module: torch.nn.Module,
+    spec: ComponentSpec,
+    cases: list[tuple[int, int, int]],
+    tolerance: float = DEFAULT_TOLERANCE,
+) -> list[dict[str, float]]:
+    """Run ``path`` in ONNX Runtime (CPU) and ``module`` in PyTorch on the same inputs for each (batch, H, W).
+
+    Raises EngineBuildError when a relative error exceeds ``tolerance``. Returns one record per case.
+    """
+    from .onnxruntime_backend import OrtSession
+
+    if next(module.parameters()).dtype != torch.float32:
+        raise EngineBuildError("ONNX verification compares float32 graphs; verify the float32 module")
+    session = OrtSession(path, torch.device("cpu"))
+    records = []
+    for batch, height, width in cases:
+        inputs = tuple(t.float().cpu() for t in spec.make_inputs(batch, height, width))
+        with torch.no_grad():
+            expected = module(*inputs)
+        actual = session.run(dict(zip(spec.inputs, inputs)))
+        error = relative_error(actual, expected)
+        records.append({"batch": batch, "height": height, "width": width, "relative_error": error})
+        if not error <= tolerance:
+            raise EngineBuildError(
+                f"ONNX graph {path.name} differs from PyTorch at batch {batch}, {height}x{width}: relative error "
+                f"{error:.2e} > {tolerance:.0e}"
+            )
+    logger.info("verified %s against PyTorch: max relative error %.2e over %d shapes", path.name,
+                max(r["relative_error"] for r in records), len(records))
+    return records
