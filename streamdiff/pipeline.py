@@ -21,6 +21,7 @@ import torch
 from .backends.base import UNetEngine, VaeEngine
 from .backends.device import resolve_device, resolve_dtype
 from .backends.factory import create_engines
+from .backends.keys import EngineOptions
 from .config import BackendKind, CfgMode, PromptConfig, StreamConfig, StreamMode
 from .denoiser import sequential_step, stream_batch_step
 from .errors import ConfigError, FrameError, StreamDiffError
@@ -54,11 +55,12 @@ class StreamPipeline:
         unet: UNetEngine | None = None,
         vae: VaeEngine | None = None,
         backend: BackendKind | str = BackendKind.TORCH,
+        engine_options: EngineOptions | None = None,
     ) -> None:
         self.model = model
         self.config = self._checked(config)
         if unet is None or vae is None:
-            default_unet, default_vae = create_engines(backend, model, config)
+            default_unet, default_vae = create_engines(backend, model, config, engine_options)
             unet, vae = unet or default_unet, vae or default_vae
         self.unet = unet
         self.vae = vae
@@ -76,15 +78,20 @@ class StreamPipeline:
         dtype: str | None = None,
         device: str = "auto",
         backend: BackendKind | str = BackendKind.TORCH,
+        engine_options: EngineOptions | None = None,
         **load_kwargs: Any,
     ) -> StreamPipeline:
-        """Load ``model`` (``"tiny"``, folder, checkpoint file or hub id) and build a pipeline. Next: prepare()."""
+        """Load ``model`` (``"tiny"``, folder, checkpoint file or hub id) and build a pipeline. Next: prepare().
+
+        ``engine_options`` (engine folder, compile, channels-last, resolution range) configure the backend;
+        compiled engines missing from the cache are built on first use.
+        """
         config = config or StreamConfig()
         resolved = resolve_device(device)
         loaded = load_model(
             model, vae=vae, loras=loras, dtype=resolve_dtype(dtype, resolved), device=resolved, **load_kwargs
         )
-        return cls(loaded, config, backend=backend)
+        return cls(loaded, config, backend=backend, engine_options=engine_options)
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
