@@ -68,7 +68,7 @@ class RuntimeConfig:
     ``realtime``: latest-wins slots (None: follow ``source.realtime``). ``queue_size``: capacity of latest-wins
     slots; ``lossless_queue_size`` of lossless ones. ``max_frames``: stop reading after that many. ``frame_size``:
     the engine's (width, height), taken from ``engine.config`` when None. ``output_size``: what sinks receive
-    (default the engine size). ``fps``: the sinks' frame rate (default the source's, else 30).
+    (default the engine size; ``"source"``: the source's native size, scaling the output back). ``fps``: the sinks' frame rate (default the source's, else 30).
     """
 
     realtime: bool | None = None
@@ -76,7 +76,7 @@ class RuntimeConfig:
     lossless_queue_size: int = 4
     max_frames: int | None = None
     frame_size: tuple[int, int] | None = None
-    output_size: tuple[int, int] | None = None
+    output_size: tuple[int, int] | str | None = None
     fps: float | None = None
     flush: bool = True
     join_timeout: float = 10.0
@@ -88,6 +88,8 @@ class RuntimeConfig:
                 raise ConfigError(f"{name}={value!r} must be an integer >= 1")
         if self.max_frames is not None and self.max_frames < 0:
             raise ConfigError(f"max_frames={self.max_frames} must be >= 0")
+        if isinstance(self.output_size, str) and self.output_size != "source":
+            raise ConfigError(f"output_size={self.output_size!r} must be (width, height), 'source' or None")
         if self.fps is not None and not 0 < self.fps <= 1000:
             raise ConfigError(f"fps={self.fps} is outside (0, 1000]")
 
@@ -158,8 +160,9 @@ class StreamRunner:
         self._stop = threading.Event()
         self._threads: list[Stage] = []
         self._sink_stages = [
-            SinkStage(sink, slot, self.metrics, self.config.output_size) for sink, slot in zip(self.sinks, self.sink_slots)
+            SinkStage(sink, slot, self.metrics, None) for sink, slot in zip(self.sinks, self.sink_slots)
         ]
+        self.output_size: tuple[int, int] | None = None
         self._main_stage: SinkStage | None = None
         self._opened: list[Any] = []
         self.summary: RunSummary | None = None
@@ -173,7 +176,10 @@ class StreamRunner:
             self.source.open()
             self._opened.append(self.source)
             fps = self.config.fps or getattr(self.source, "fps", None) or DEFAULT_FPS
-            width, height = self.config.output_size or self.frame_size
+            self.output_size = self._resolve_output_size()
+            for stage in self._sink_stages:
+                stage.output_size = self.output_size
+            width, height = self.output_size or self.frame_size
             for sink in self.sinks:
                 sink.open(width, height, fps)
                 self._opened.append(sink)
@@ -198,6 +204,17 @@ class StreamRunner:
                 self._threads.append(Stage(f"sink-{stage.sink.name}", stage, self._stop))
         for thread in self._threads:
             thread.start()
+
+    def _resolve_output_size(self) -> tuple[int, int] | None:
+        size = self.config.output_size
+        if size != "source":
+            return size  # type: ignore[return-value]
+        native = getattr(self.source, "size", None)
+        if native is None and hasattr(self.source, "width"):
+            native = (self.source.width, self.source.height)
+        if native is None:
+            raise ConfigError(f"output_size='source' but the size of {self.source.name} is unknown; give WxH")
+        return (int(native[0]), int(native[1]))
 
     def stop(self) -> None:
         """End the run soon (from any thread or a signal handler); :meth:`wait` then returns."""

@@ -1,0 +1,46 @@
+"""A real video file through the real tiny model into a real mp4: same frame count, size and fps."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+
+from streamdiff import StreamConfig, StreamPipeline
+from streamdiff.io import VideoFileSink, VideoFileSource, pattern_frame
+from streamdiff.runtime import RuntimeConfig, StreamRunner
+
+
+def write_video(path: Path, frames: int, width: int, height: int, fps: int) -> None:
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps))
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for i in range(frames):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(pattern_frame(i, width, height), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+
+
+def probe(path: Path) -> tuple[int, int, int, float, list[np.ndarray]]:
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+        return len(frames), stream.codec_context.width, stream.codec_context.height, float(stream.average_rate), frames
+
+
+def test_video_file_through_tiny_model_keeps_count_size_and_fps(tiny_model, tmp_path: Path) -> None:
+    source_path, out_path = tmp_path / "in.mp4", tmp_path / "out" / "styled.mp4"
+    write_video(source_path, frames=11, width=96, height=72, fps=24)
+    pipe = StreamPipeline(tiny_model, StreamConfig(width=64, height=64, t_index_list=(32, 45)))
+    pipe.prepare(prompt="a watercolor", seed=3)
+    runner = StreamRunner(
+        pipe, VideoFileSource(source_path), [VideoFileSink(out_path)], RuntimeConfig(output_size="source")
+    )
+    summary = runner.run()
+    assert summary.frames_in == summary.frames_out == 11 and summary.drops == {}
+    count, width, height, fps, frames = probe(out_path)
+    assert (count, width, height, fps) == (11, 96, 72, 24.0)
+    assert frames[0].std() > 1.0 and not np.array_equal(frames[0], frames[-1])
