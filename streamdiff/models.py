@@ -176,7 +176,7 @@ def _fuse_loras(components: dict[str, Any], loras: Sequence[LoraSpec], revision:
 
     Returns a fingerprint part per LoRA. Works on float32 weights: fusing in half precision would round twice.
     """
-    from diffusers import StableDiffusionPipeline
+    from diffusers import LCMScheduler, StableDiffusionPipeline
 
     try:
         import peft  # noqa: F401
@@ -184,14 +184,14 @@ def _fuse_loras(components: dict[str, Any], loras: Sequence[LoraSpec], revision:
         from .errors import missing_extra
 
         raise missing_extra("peft", "lora") from None
+    paths = [_local_or_hub(spec.source, LORA_PATTERNS, revision, "LoRA") for spec in loras]  # fail before work
     pipe = StableDiffusionPipeline(
         vae=components["vae"], text_encoder=components["text_encoder"], tokenizer=components["tokenizer"],
-        unet=components["unet"], scheduler=components["scheduler"], safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
+        unet=components["unet"], scheduler=LCMScheduler(steps_offset=1),  # a stand-in the pipeline leaves alone
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     names, parts = [], []
-    for i, spec in enumerate(loras):
-        path = _local_or_hub(spec.source, LORA_PATTERNS, revision, "LoRA")
+    for i, (spec, path) in enumerate(zip(loras, paths)):
         name = f"lora{i}"
         try:
             if path.is_file():
