@@ -132,3 +132,15 @@ def test_checkpoint_family_from_key_layout() -> None:
         checkpoint_family(Path("a.safetensors"), unet)
     with pytest.raises(ModelLoadError, match="not a Stable Diffusion checkpoint: none of its 1 tensors"):
         checkpoint_family(Path("a.safetensors"), {"weight": (1,)})
+
+
+def test_model_config_by_cached_hub_id(tmp_path, kl_components, config_only_folder, monkeypatch) -> None:
+    from huggingface_hub import constants
+
+    from streamdiff.testing import fake_hub_cache
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    fake_hub_cache(tmp_path / "hub", "someorg/tiny-config", config_only_folder)
+    path = save_ldm_checkpoint(kl_components, tmp_path / "model.safetensors")
+    model = load_model(str(path), model_config="someorg/tiny-config")
+    assert torch.equal(model.unet.conv_in.weight, kl_components["unet"].conv_in.weight)

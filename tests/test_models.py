@@ -207,6 +207,13 @@ def test_lora_fused_in_float32_then_cast(tiny_folder, loras) -> None:
     assert torch.equal(model.unet.get_submodule(Q).weight, expected)
 
 
+def test_lora_by_hub_id(hub_cache, tiny_folder, loras) -> None:
+    path, _ = loras["first"]
+    fake_hub_cache(hub_cache, "someorg/lcm-lora-tiny", path.parent)
+    by_id = load_model(str(tiny_folder), loras=[("someorg/lcm-lora-tiny", 0.5)])
+    by_path = load_model(str(tiny_folder), loras=[(str(path), 0.5)])
+    assert torch.equal(by_id.unet.get_submodule(Q).weight, by_path.unet.get_submodule(Q).weight)
+
 # -- dtype and device -------------------------------------------------------------------------------------------------
 
 
