@@ -179,7 +179,10 @@ def stream_config(options: dict[str, Any]) -> StreamConfig:
 
 
 def build_runner(options: dict[str, Any]) -> StreamRunner:
-    """Load the model and open nothing yet: the runner opens the source and sinks when it starts."""
+    """Open the source (so a bad device fails before the model loads), load the model, build the runner.
+
+    The runner opens the sinks when it starts.
+    """
     from ..pipeline import StreamPipeline
 
     config = stream_config(options)
@@ -192,18 +195,24 @@ def build_runner(options: dict[str, Any]) -> StreamRunner:
         realtime=bool(options["realtime"]), frames=None, camera_size=camera_size,
     )
     sinks = [open_sink(str(spec), virtualcam_backend=options["virtualcam_backend"]) for spec in options["sink"]]
+    source.open()  # fail fast, before a possibly long model load; the runner's open() is then a no-op
     runtime = RuntimeConfig(
         realtime=options["realtime"], queue_size=int(options["queue_size"]), max_frames=options["frames"],
         output_size=output_size, fps=options["fps"],
     )
-    pipe = StreamPipeline.from_pretrained(
-        options["model"], config, vae=options["vae"], dtype=options["dtype"], device=options["device"],
-        backend=options["backend"],
-    )
-    pipe.prepare(
-        prompt=str(options["prompt"]), negative_prompt=str(options["negative_prompt"]),
-        guidance_scale=float(options["guidance_scale"]), delta=float(options["delta"]), seed=int(options["seed"]),
-    )
+    try:
+        pipe = StreamPipeline.from_pretrained(
+            options["model"], config, vae=options["vae"], dtype=options["dtype"], device=options["device"],
+            backend=options["backend"],
+        )
+        pipe.prepare(
+            prompt=str(options["prompt"]), negative_prompt=str(options["negative_prompt"]),
+            guidance_scale=float(options["guidance_scale"]), delta=float(options["delta"]),
+            seed=int(options["seed"]),
+        )
+    except BaseException:
+        source.close()
+        raise
     return StreamRunner(pipe, source, sinks, runtime)
 
 

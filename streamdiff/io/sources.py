@@ -1,6 +1,6 @@
 """Frame sources: webcam, video file, image folder and a deterministic moving test pattern.
 
-Every source has ``open()``, ``read() -> uint8 RGB [H, W, 3] | None`` (None at the end) and ``close()``, a ``name``,
+Every source has ``open()`` (idempotent while open), ``read() -> uint8 RGB [H, W, 3] | None`` (None at the end) and ``close()``, a ``name``,
 its ``fps`` (None when unknown) and ``realtime`` (True when frames arrive at their own pace: a camera, or a file
 paced on request). Sources deliver frames at their native size; the runtime fits them to the engine size.
 Build one from a spec with :func:`open_source`: ``testpattern``, ``webcam[:INDEX|PATH]``, ``file:clip.mp4``,
@@ -124,6 +124,9 @@ class VideoFileSource:
         self._pacer: Pacer | None = None
 
     def open(self) -> None:
+        """Open the file (a second call while open does nothing)."""
+        if self._container is not None:
+            return
         try:
             import av
         except ImportError:
@@ -272,6 +275,9 @@ class WebcamSource:
         self._capture: Any = None
 
     def open(self) -> None:
+        """Open the camera (a second call while open does nothing)."""
+        if self._capture is not None:
+            return
         cv2 = _import_cv2()
         if isinstance(self.device, str) and not os.path.exists(self.device):
             raise SourceError(self._cannot_open(f"{self.device} does not exist"))

@@ -1,0 +1,134 @@
+"""``streamdiff run`` end to end on the tiny model: files, TOML config, clear errors, signals and exit codes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import av
+import pytest
+
+from streamdiff import ConfigError
+from streamdiff.cli import main
+from streamdiff.commands import run as run_command
+
+
+def frame_count(path: Path) -> tuple[int, int, int, float]:
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        count = sum(1 for _ in container.decode(stream))
+        return count, stream.codec_context.width, stream.codec_context.height, float(stream.average_rate)
+
+
+def test_readme_style_run_writes_a_video_and_stats(tiny_model, tmp_path: Path, capsys) -> None:
+    out, stats = tmp_path / "out" / "demo.mp4", tmp_path / "stats.json"
+    code = main([
+        "run", "--source", "testpattern", "--sink", f"file:{out}", "--sink", "null", "--frames", "7",
+        "--size", "64x64", "--fps", "12", "--stats-json", str(stats), "--status-interval", "0",
+    ])
+    assert code == 0
+    assert frame_count(out) == (7, 64, 64, 12.0)
+    data = json.loads(stats.read_text())
+    assert data["frames_in"] == data["frames_out"] == 7 and data["drops"] == {} and data["error"] is None
+    assert data["latency_p50_ms"] > 0 and data["sinks"] == {f"file:{out}": 7, "null": 7}
+    printed = capsys.readouterr().out
+    assert "frames   in 7, out 7" in printed and "latency  p50" in printed
+
+
+def test_toml_config_with_flag_overrides(tiny_model, tmp_path: Path) -> None:
+    config = tmp_path / "stream.toml"
+    config.write_text(
+        'source = "testpattern:96x64"\nsink = ["folder:%s"]\nframes = 9\nsize = "64x64"\nstrength = 0.5\n'
+        'guidance-scale = 1.4\nfilter = true\nstatus_interval = 0\n' % (tmp_path / "pngs")
+    )
+    assert main(["run", "--config", str(config), "--frames", "4", "--output-size", "source"]) == 0
+    pngs = sorted((tmp_path / "pngs").iterdir())
+    assert len(pngs) <= 4 and len(pngs) >= 1  # the filter may skip near-identical frames; the flag won over 9
+    from PIL import Image
+
+    assert Image.open(pngs[0]).size == (96, 64)  # scaled back to the source size
+    args = run_command.resolve_options(_parse(["run", "--config", str(config), "--seed", "9"]))
+    assert args["seed"] == 9 and args["guidance_scale"] == 1.4 and args["frames"] == 9
+    stream = run_command.stream_config(args)
+    assert stream.t_index_list == (25, 37) and stream.filter.enabled
+
+
+def _parse(argv: list[str]):
+    from streamdiff.cli import build_parser
+
+    return build_parser().parse_args(argv)
+
+
+def test_config_errors_are_clear(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("promt = 'typo'\n")
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['promt'\]"):
+        run_command.resolve_options(_parse(["run", "--config", str(bad)]))
+    with pytest.raises(ConfigError, match="either t_index_list or strength"):
+        run_command.stream_config(run_command.resolve_options(_parse(["run", "--strength", "0.5", "--t-index-list", "3,4"])))
+
+
+@pytest.mark.parametrize(
+    "sink,source,message",
+    [
+        ("null", "webcam:/dev/video77", "cannot open webcam '/dev/video77'"),
+        ("virtualcam", "testpattern", "no virtual camera is available"),
+    ],
+)
+def test_unopenable_webcam_and_missing_virtualcam_exit_1_with_a_message(
+    tiny_model, caplog, sink: str, source: str, message: str
+) -> None:
+    if sink == "virtualcam" and sys.platform.startswith("linux") and Path("/dev/video0").exists():
+        pytest.skip("a video device exists here")
+    with caplog.at_level(logging.ERROR, logger="streamdiff"):
+        code = main(["run", "--source", source, "--sink", sink, "--size", "64x64", "--frames", "3",
+                     "--virtualcam-backend", "v4l2loopback"] if sink == "virtualcam" else
+                    ["run", "--source", source, "--sink", sink, "--size", "64x64"])
+    assert code == 1
+    assert any(message in record.getMessage() for record in caplog.records), caplog.text
+
+
+def _spawn(tmp_path: Path, *extra: str) -> subprocess.Popen:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    return subprocess.Popen(
+        [sys.executable, "-m", "streamdiff.cli", "run", "--source", "testpattern", "--size", "64x64",
+         "--sink", f"file:{tmp_path / 'live.mp4'}", "--status-interval", "0.2", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signals_stop_an_endless_run_cleanly(tiny_model, tmp_path: Path, sig: int, code: int) -> None:
+    process = _spawn(tmp_path, "--realtime")
+    # Wait for the first status line: the stream is running.
+    deadline = time.monotonic() + 60
+    assert process.stderr is not None
+    seen = ""
+    while time.monotonic() < deadline:
+        line = process.stderr.readline()
+        seen += line
+        if " | out " in line or not line:
+            break
+    assert " | out " in seen, seen
+    process.send_signal(sig)
+    stdout, stderr = process.communicate(timeout=30)
+    assert process.returncode == code, seen + stderr
+    assert "Traceback" not in stderr and "frames   in" in stdout
+    count, width, height, _ = frame_count(tmp_path / "live.mp4")  # the file was finalised
+    assert count >= 1 and (width, height) == (64, 64)
+
+
+def test_no_traceback_for_an_unopenable_webcam_in_a_real_process(tiny_model, tmp_path: Path) -> None:
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "streamdiff.cli", "run", "--source", "webcam:5", "--size", "64x64"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert result.returncode == 1
+    assert "cannot open webcam 5" in result.stderr and "Traceback" not in result.stderr
