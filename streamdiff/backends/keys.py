@@ -51,8 +51,9 @@ def default_engine_dir() -> Path:
 class EngineOptions:
     """How engines are built and where they are kept.
 
-    ``min_resolution``/``max_resolution`` bound the image side (pixels) an engine accepts; None takes 256–1024 widened
-    to include the configured size, so a size change inside the range needs no rebuild. ``batch_sizes`` adds U-Net
+    ``min_resolution``/``max_resolution`` bound the image side (pixels) an engine accepts; None takes 256–1024,
+    widened in steps (64, 8 below; 2048, 4096 above) to include the configured size, so a size change inside the
+    range needs no rebuild. ``batch_sizes`` adds U-Net
     batch sizes to the profile beyond what the configuration needs. ``compile`` asks the torch backend for an
     AOTInductor-compiled U-Net (cached); ``channels_last`` applies to the eager torch backend.
     """
@@ -129,11 +130,17 @@ def component_batch_sizes(component: Component, config: StreamConfig, options: E
     return (config.frame_buffer_size,)
 
 
+# Default side bounds come in buckets, so that a size change inside a bucket keeps the same engine.
+_MIN_BUCKETS = (8, 64, DEFAULT_MIN_RESOLUTION)
+_MAX_BUCKETS = (DEFAULT_MAX_RESOLUTION, 2048, 4096)
+
+
 def shape_range(component: Component, config: StreamConfig, options: EngineOptions, multiple: int) -> ShapeRange:
     """The shapes an engine of ``component`` is built for. Sides are in pixels, rounded to ``multiple``."""
     sizes = component_batch_sizes(component, config, options)
-    side_min = options.min_resolution or min(DEFAULT_MIN_RESOLUTION, config.width, config.height)
-    side_max = options.max_resolution or max(DEFAULT_MAX_RESOLUTION, config.width, config.height)
+    small, large = min(config.width, config.height), max(config.width, config.height)
+    side_min = options.min_resolution or max(b for b in _MIN_BUCKETS if b <= max(small, _MIN_BUCKETS[0]))
+    side_max = options.max_resolution or min(b for b in _MAX_BUCKETS if b >= large)
     side_min = max(multiple, side_min // multiple * multiple)
     side_max = max(side_min, side_max // multiple * multiple)
     for name in ("width", "height"):

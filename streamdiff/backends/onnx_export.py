@@ -146,6 +146,8 @@ def export_module(
     try:
         with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.filterwarnings("ignore", message="Constant folding", category=UserWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter, chosen on purpose
             torch.onnx.export(
                 module.eval(),
                 example,

@@ -1,0 +1,198 @@
+"""``streamdiff engines``: build, list and clear compiled engines in the engine cache.
+
+Examples::
+
+    streamdiff engines build --model tiny --backend onnxruntime --size 256x256
+    streamdiff engines build --model ./sd-turbo --dtype bfloat16 --backend torch --compile
+    streamdiff engines list
+    streamdiff engines clear --backend onnx
+
+``streamdiff run`` and :class:`~streamdiff.pipeline.StreamPipeline` build missing engines on first use; this command
+builds them ahead of time (with a progress bar) so the first frame is not delayed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from ..config import BackendKind, CfgMode, StreamConfig
+from ..errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+NAME = "engines"
+HELP = "build, list or clear compiled engines (ONNX, ONNX Runtime, TensorRT, AOTInductor) in the engine cache"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    actions = parser.add_subparsers(dest="engines_action", metavar="ACTION")
+    actions.required = True
+    build = actions.add_parser("build", help="build the engines a configuration needs")
+    build.add_argument("--model", default="tiny", help="'tiny', a diffusers folder, a checkpoint file or a hub id")
+    build.add_argument("--vae", help="replace the model's VAE (folder or hub id)")
+    build.add_argument("--lora", action="append", default=[], metavar="SOURCE[:SCALE]", help="fuse a LoRA (repeatable)")
+    build.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="model precision")
+    build.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    build.add_argument("--backend", default="onnxruntime", choices=[b.value for b in BackendKind])
+    build.add_argument("--compile", action="store_true", help="torch backend: build an AOTInductor-compiled U-Net")
+    build.add_argument("--size", default="512x512", metavar="WxH", help="frame size (default 512x512)")
+    build.add_argument("--t-index-list", type=int, nargs="+", default=[32, 45], metavar="T")
+    build.add_argument("--frame-buffer-size", type=int, default=1)
+    build.add_argument("--cfg-type", default="self", choices=[m.value for m in CfgMode])
+    build.add_argument("--min-resolution", type=int, help="smallest side the engines accept (default 256)")
+    build.add_argument("--max-resolution", type=int, help="largest side the engines accept (default 1024)")
+    build.add_argument("--batch-sizes", type=int, nargs="*", default=[], help="extra U-Net batch sizes to cover")
+    build.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime vs PyTorch check")
+    _engine_dir(build)
+    listing = actions.add_parser("list", help="show the cached engines")
+    listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    listing.add_argument("--verify", action="store_true", help="also check every file's size and hash")
+    _engine_dir(listing)
+    clear = actions.add_parser("clear", help="delete cached engines (all, or those matching the filters)")
+    clear.add_argument("--model", help="only engines of this model id")
+    clear.add_argument("--backend", help="only engines of this backend (onnx, tensorrt, torch-aoti)")
+    _engine_dir(clear)
+
+
+def _engine_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--engine-dir", type=Path, help="engine cache folder (default $STREAMDIFF_ENGINE_DIR or engines/)")
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise ConfigError(f"--size={text!r} is not WIDTHxHEIGHT, e.g. 512x512") from None
+    return width, height
+
+
+def _lora(text: str) -> tuple[str, float]:
+    source, _, scale = text.rpartition(":")
+    if source and scale.replace(".", "", 1).isdigit():
+        return source, float(scale)
+    return text, 1.0
+
+
+def _build(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from ..backends.device import resolve_device, resolve_dtype
+    from ..backends.factory import engine_steps
+    from ..backends.keys import EngineOptions
+    from ..models import load_model
+
+    width, height = _size(args.size)
+    config = StreamConfig(width=width, height=height, t_index_list=tuple(args.t_index_list),
+                          frame_buffer_size=args.frame_buffer_size, cfg_type=args.cfg_type)
+    options = EngineOptions(
+        engine_dir=args.engine_dir, compile=args.compile, min_resolution=args.min_resolution,
+        max_resolution=args.max_resolution, batch_sizes=tuple(args.batch_sizes), verify=not args.no_verify,
+    )
+    device = resolve_device(args.device)
+    model = load_model(args.model, vae=args.vae, loras=[_lora(x) for x in args.lora],
+                       dtype=resolve_dtype(args.dtype, device), device=device)
+    kind, steps = engine_steps(args.backend, model, config, options)
+    if not steps:
+        print(f"backend {kind.value} runs eagerly: nothing to build (add --compile for a compiled torch U-Net)")
+        return 0
+    started = time.monotonic()
+    built = 0
+    with tqdm(total=len(steps), unit="engine", desc="engines") as bar:
+        for step in steps:
+            from ..backends.cache import EngineCache
+
+            bar.set_description(step.description)
+            if not step.cached(EngineCache(options.directory)):
+                built += 1
+            entry = step.run()
+            bar.write(f"{entry.path}  ({_human(entry.size)})")
+            bar.update(1)
+    print(f"{built} built, {len(steps) - built} reused, in {time.monotonic() - started:.1f} s ({options.directory})")
+    return 0
+
+
+def _human(size: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GB"
+
+
+def _age(created: float) -> str:
+    seconds = max(0.0, time.time() - created)
+    for unit, span in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= span:
+            return f"{seconds / span:.0f} {unit}"
+    return f"{seconds:.0f} s"
+
+
+def _shapes(key: dict[str, Any]) -> str:
+    shapes = key.get("shapes", {})
+    batch, height, width = shapes.get("batch", ["?"] * 2), shapes.get("height", ["?"] * 2), shapes.get("width", ["?"] * 2)
+    b = f"{batch[0]}" if batch[0] == batch[1] else f"{batch[0]}-{batch[1]}"
+    if height == width:
+        side = f"{height[0]}" if height[0] == height[1] else f"{height[0]}-{height[1]}"
+        return f"b{b} {side}px"
+    return f"b{b} {height[0]}-{height[1]}x{width[0]}-{width[1]}px"
+
+
+def _list(args: argparse.Namespace) -> int:
+    from ..backends.cache import EngineCache
+    from ..backends.keys import default_engine_dir
+
+    cache = EngineCache(args.engine_dir or default_engine_dir())
+    rows = []
+    for path, manifest in cache.entries():
+        status = "unreadable" if manifest is None else "ok"
+        if manifest is not None and args.verify:
+            status = cache.verify(path) or "ok"
+        key = (manifest or {}).get("key", {})
+        rows.append({
+            "model": key.get("model", "?"), "component": key.get("component", "?"),
+            "backend": key.get("backend", "?"), "precision": key.get("precision", "?"),
+            "shapes": _shapes(key) if key else "?",
+            "size": sum(f["size"] for f in (manifest or {}).get("files", {}).values()),
+            "age": _age((manifest or {}).get("created", time.time())), "status": status, "path": str(path),
+        })
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print(f"no engines in {cache.root}")
+        return 0
+    header = ("model", "component", "backend", "precision", "shapes", "size", "age", "status")
+    table = [header] + [tuple(_human(r[h]) if h == "size" else str(r[h]) for h in header) for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    print(f"{len(rows)} engine(s), {_human(sum(r['size'] for r in rows))} in {cache.root}")
+    return 0
+
+
+def _clear(args: argparse.Namespace) -> int:
+    from ..backends.cache import EngineCache
+    from ..backends.keys import default_engine_dir
+
+    cache = EngineCache(args.engine_dir or default_engine_dir())
+    if args.model is None and args.backend is None:
+        removed = cache.clear()
+    else:
+        def matches(manifest: dict[str, Any] | None) -> bool:
+            key = (manifest or {}).get("key", {})
+            return (args.model is None or key.get("model") == args.model) and (
+                args.backend is None or key.get("backend") == args.backend
+            )
+
+        removed = cache.clear(matches)
+    print(f"removed {removed} engine(s) from {cache.root}")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    return {"build": _build, "list": _list, "clear": _clear}[args.engines_action](args)

@@ -1,0 +1,109 @@
+"""Backends through the pipeline: ONNX Runtime gives torch's frames, engines are reused, choices are explained."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from streamdiff import BackendUnavailable, ConfigError, StreamConfig, StreamPipeline
+from streamdiff.backends import factory
+from streamdiff.backends.cache import MANIFEST, EngineCache
+from streamdiff.backends.keys import EngineOptions
+from streamdiff.config import BackendKind
+
+CONFIG = StreamConfig(width=64, height=64, t_index_list=(20, 40), cfg_type="initialize")
+
+
+def _frames(count: int = 5) -> list[torch.Tensor]:
+    return [torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(i)) for i in range(count)]
+
+
+def _run(pipe: StreamPipeline) -> list[torch.Tensor]:
+    pipe.prepare(prompt="a red fox", guidance_scale=1.4, delta=0.9, seed=3)
+    outputs = [pipe.step(frame).images for frame in _frames()]
+    return [o for o in outputs if o is not None]
+
+
+def _options(tmp_path: Path) -> EngineOptions:
+    return EngineOptions(engine_dir=tmp_path, min_resolution=32, max_resolution=128, opt_resolution=64)
+
+
+def test_onnxruntime_pipeline_matches_torch_and_reuses_its_engines(
+    tiny_model, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    reference = _run(StreamPipeline(tiny_model, CONFIG, backend="torch"))
+    with caplog.at_level(logging.INFO, logger="streamdiff.backends"):
+        ort_pipe = StreamPipeline(tiny_model, CONFIG, backend="onnxruntime", engine_options=_options(tmp_path))
+    assert caplog.text.count("not built yet") == 3
+    frames = _run(ort_pipe)
+    assert len(frames) == len(reference) == 4
+    for expected, actual in zip(reference, frames):
+        error = float((actual - expected).abs().max() / expected.abs().max())
+        assert error <= 1e-3, error
+
+    manifests = {p: (p / MANIFEST).read_text() for p, _ in EngineCache(tmp_path).entries()}
+    assert len(manifests) == 3
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="streamdiff.backends"):
+        again = StreamPipeline(tiny_model, CONFIG.with_changes(width=96), backend="onnxruntime",
+                               engine_options=_options(tmp_path))
+    assert "not built yet" not in caplog.text and "built engine" not in caplog.text
+    assert {p: (p / MANIFEST).read_text() for p, _ in EngineCache(tmp_path).entries()} == manifests
+    again.prepare(prompt="a red fox")
+    again.step(torch.rand(1, 3, 64, 96))
+    assert again.step(torch.rand(1, 3, 64, 96)).images.shape == (1, 3, 64, 96)  # same engine, another size
+
+    # A change of U-Net batch (cfg mode) needs a new U-Net engine only; the VAE engines are reused.
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="streamdiff.backends"):
+        StreamPipeline(tiny_model, CONFIG.with_changes(cfg_type="full"), backend="onnxruntime",
+                       engine_options=_options(tmp_path))
+    assert caplog.text.count("not built yet") == 1 and "export unet" in caplog.text
+    keys = [json.loads(m)["key"]["shapes"]["batch"] for m in manifests.values()]
+    assert sorted(keys) == [[1, 1], [1, 1], [3, 3]]
+
+
+def test_missing_backends_name_their_extra(tiny_model, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    with pytest.raises(BackendUnavailable, match=r"streamdiff\[tensorrt\]"):
+        StreamPipeline(tiny_model, CONFIG, backend="tensorrt", engine_options=_options(tmp_path))
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if onnxruntime were not installed
+    with pytest.raises(BackendUnavailable, match=r"pip install 'streamdiff\[onnx\]'"):
+        StreamPipeline(tiny_model, CONFIG, backend="onnxruntime", engine_options=_options(tmp_path))
+    with pytest.raises(ConfigError, match="backend='openvino' is not one of 'torch', 'onnxruntime'"):
+        StreamPipeline(tiny_model, CONFIG, backend="openvino")
+
+
+def test_auto_says_what_it_picked_and_why(
+    tiny_model, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    options = EngineOptions()
+    with caplog.at_level(logging.INFO, logger="streamdiff.backends.factory"):
+        assert factory.resolve_backend("auto", tiny_model, options) is BackendKind.TORCH
+    assert "backend auto: picked torch because small U-Net" in caplog.text
+    monkeypatch.setattr(factory, "ORT_MIN_PARAMETERS", 1000)
+    kind, reason = factory.choose_auto(tiny_model, options)
+    assert kind is BackendKind.ONNXRUNTIME and "ONNX Runtime is faster" in reason
+    import dataclasses
+
+    bf16 = dataclasses.replace(tiny_model, dtype=torch.bfloat16)
+    assert factory.choose_auto(bf16, options)[0] is BackendKind.TORCH
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    kind, reason = factory.choose_auto(tiny_model, options)
+    assert kind is BackendKind.TORCH and "streamdiff[onnx]" in reason
+
+
+def test_torch_backend_channels_last_gives_the_same_frames(tiny_model) -> None:
+    import copy
+
+    model = copy.copy(tiny_model)
+    model.unet = copy.deepcopy(tiny_model.unet)
+    model.vae = copy.deepcopy(tiny_model.vae)
+    reference = _run(StreamPipeline(tiny_model, CONFIG, backend="torch"))
+    frames = _run(StreamPipeline(model, CONFIG, backend="torch", engine_options=EngineOptions(channels_last=True)))
+    for expected, actual in zip(reference, frames):
+        assert float((actual - expected).abs().max() / expected.abs().max()) <= 1e-4
