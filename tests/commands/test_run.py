@@ -132,3 +132,16 @@ def test_no_traceback_for_an_unopenable_webcam_in_a_real_process(tiny_model, tmp
     )
     assert result.returncode == 1
     assert "cannot open webcam 5" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_list_devices_matches_the_video_devices(capsys) -> None:
+    import glob
+
+    assert main(["run", "--list-devices"]) == 0
+    captured = capsys.readouterr()
+    if sys.platform.startswith("linux"):
+        devices = glob.glob("/dev/video*")
+        listed = [line.split("\t")[0] for line in captured.out.splitlines() if line]
+        assert sorted(listed) == sorted(devices)
+        if not devices:
+            assert "no webcams found" in captured.err

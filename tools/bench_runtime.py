@@ -1,0 +1,156 @@
+"""Benchmark the streaming runtime: engine alone vs file → engine → file, and latency with a paced source.
+
+    python tools/bench_runtime.py --threads 1                 # tiny model, 256x256, 60 frames, 3 rounds
+    python tools/bench_runtime.py --threads 1 --json out.json
+
+A = the engine alone: ``pipe.step`` over frames already decoded into tensors, plus the flush (no I/O, no threads).
+B = the whole path: an mp4 decoded by the source thread, the engine thread, an mp4 encoded by the sink thread.
+A and B alternate (A B, B A, A B, ...); medians and the ratio B/A are reported. Then a paced test pattern (a camera stand-in)
+runs at each ``--paced-fps`` into a null sink, reporting end-to-end latency p50/p95 and drops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import torch
+
+
+def write_pattern_video(path: Path, frames: int, width: int, height: int, fps: int) -> None:
+    import av
+
+    from streamdiff.io import pattern_frame
+
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps))
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for i in range(frames):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(pattern_frame(i, width, height), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+
+
+def decoded_tensors(path: Path) -> list[torch.Tensor]:
+    from streamdiff.image import frame_to_tensor
+    from streamdiff.io import VideoFileSource
+
+    source = VideoFileSource(path)
+    source.open()
+    out = []
+    while (frame := source.read()) is not None:
+        out.append(frame_to_tensor(frame))
+    source.close()
+    return out
+
+
+def engine_only(pipe, tensors: list[torch.Tensor], prompt: str) -> float:
+    pipe.prepare(prompt=prompt)
+    start = time.perf_counter()
+    produced = 0
+    for i, x in enumerate(tensors):
+        produced += pipe.step(x, frame_id=i).images is not None
+    produced += len(pipe.flush())
+    elapsed = time.perf_counter() - start
+    assert produced == len(tensors), (produced, len(tensors))
+    return produced / elapsed
+
+
+def whole_path(pipe, source_path: Path, out_path: Path, prompt: str) -> tuple[float, dict]:
+    from streamdiff.io import VideoFileSink, VideoFileSource
+    from streamdiff.runtime import StreamRunner
+
+    pipe.prepare(prompt=prompt)
+    runner = StreamRunner(pipe, VideoFileSource(source_path), [VideoFileSink(out_path)])
+    start = time.perf_counter()
+    summary = runner.run()
+    elapsed = time.perf_counter() - start
+    return summary.frames_out / elapsed, json.loads(summary.to_json())
+
+
+def paced(pipe, fps: float, seconds: float, prompt: str) -> dict:
+    from streamdiff.io import NullSink, TestPatternSource
+    from streamdiff.runtime import RuntimeConfig, StreamRunner
+
+    pipe.prepare(prompt=prompt)
+    width, height = pipe.config.width, pipe.config.height
+    source = TestPatternSource(width, height, fps=fps, realtime=True)
+    runner = StreamRunner(pipe, source, [NullSink()], RuntimeConfig(max_frames=max(2, int(fps * seconds))))
+    return json.loads(runner.run().to_json())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--t-index-list", default="32,45")
+    parser.add_argument("--frames", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (1 for steady numbers)")
+    parser.add_argument("--paced-fps", type=float, nargs="*", default=[8.0, 30.0])
+    parser.add_argument("--paced-seconds", type=float, default=6.0)
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON ('-' for stdout)")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from streamdiff import StreamConfig, StreamPipeline
+
+    t_index_list = tuple(int(v) for v in args.t_index_list.split(","))
+    config = StreamConfig(width=args.size, height=args.size, t_index_list=t_index_list)
+    pipe = StreamPipeline.from_pretrained(args.model, config)
+    prompt = "a watercolor portrait"
+    results: dict = {"model": args.model, "size": args.size, "t_index_list": list(t_index_list),
+                     "frames": args.frames, "threads": torch.get_num_threads(), "rounds": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        source_path, out_path = Path(tmp) / "in.mp4", Path(tmp) / "out.mp4"
+        write_pattern_video(source_path, args.frames, args.size, args.size, 30)
+        tensors = decoded_tensors(source_path)
+        engine_only(pipe, tensors[:4], prompt)  # warm-up
+        for round_index in range(args.rounds):
+            # A B, then B A: a load drift on the shared machine cancels out over pairs of rounds.
+            if round_index % 2 == 0:
+                a = engine_only(pipe, tensors, prompt)
+                b, summary = whole_path(pipe, source_path, out_path, prompt)
+            else:
+                b, summary = whole_path(pipe, source_path, out_path, prompt)
+                a = engine_only(pipe, tensors, prompt)
+            results["rounds"].append({"engine_fps": a, "path_fps": b, "ratio": b / a,
+                                      "path_latency_p50_ms": summary["latency_p50_ms"]})
+    a_med = statistics.median(r["engine_fps"] for r in results["rounds"])
+    b_med = statistics.median(r["path_fps"] for r in results["rounds"])
+    ratio_med = statistics.median(r["ratio"] for r in results["rounds"])
+    results.update(engine_fps_median=a_med, path_fps_median=b_med, ratio=b_med / a_med, paired_ratio_median=ratio_med)
+    results["paced"] = [dict(fps=fps, **paced(pipe, fps, args.paced_seconds, prompt)) for fps in args.paced_fps]
+
+    print(f"streaming runtime, {args.model} {args.size}x{args.size} t_index_list={list(t_index_list)}, "
+          f"{results['threads']} torch thread(s), {args.frames} frames, {args.rounds} rounds (A/B interleaved)")
+    print(f"{'configuration':42} {'median fps':>10}")
+    print(f"{'A engine only (pre-decoded tensors)':42} {a_med:10.1f}")
+    print(f"{'B file -> engine -> file (3 threads)':42} {b_med:10.1f}")
+    print(f"{'ratio of medians B/A':42} {results['ratio']:10.3f}")
+    print(f"{'median of per-round ratios B/A':42} {ratio_med:10.3f}")
+    print(f"\n{'paced source':14} {'in fps':>7} {'out fps':>8} {'p50 ms':>7} {'p95 ms':>7} {'max ms':>7} {'drops':>6}")
+    for p in results["paced"]:
+        print(f"{p['fps']:8.0f} fps   {p['fps_in'] or 0:7.1f} {p['fps_out'] or 0:8.1f} {p['latency_p50_ms']:7.1f} "
+              f"{p['latency_p95_ms']:7.1f} {p['latency_max_ms']:7.1f} {sum(p['drops'].values()):6d}")
+    if args.json:
+        text = json.dumps(results, indent=2)
+        if args.json == "-":
+            print(text)
+        else:
+            Path(args.json).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
