@@ -136,7 +136,7 @@ def test_bench_quick_tiny_json(cache_dir, capsys) -> None:
     """A smoke run of the real command: every comparison is present, and the filter saves U-Net calls when static."""
     from streamdiff.cli import main
 
-    code = main(["-q", "bench", "--model", "tiny", "--size", "128", "--quick", "--rounds", "3", "--json"])
+    code = main(["-q", "bench", "--model", "tiny", "--size", "128", "--quick", "--rounds", "3", "--no-compile", "--json"])
     assert code == 0
     report = json.loads(capsys.readouterr().out)
     assert report["size"] == 128 and report["threads"] >= 1
