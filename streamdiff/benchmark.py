@@ -216,6 +216,20 @@ def format_table(comparisons: Sequence[Comparison], title: str = "") -> str:
     return "\n".join(lines)
 
 
+def _strict(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by None (strict JSON has no such numbers)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
+
+
 def report_dict(comparisons: Sequence[Comparison], **meta: Any) -> dict[str, Any]:
-    """The JSON-ready report: ``meta`` (command, threads, model...) plus every comparison by name."""
-    return {**meta, "comparisons": {c.name: c.to_dict() for c in comparisons}}
+    """The JSON-ready report: ``meta`` (command, threads, model...) plus every comparison by name.
+
+    Non-finite numbers (an identical image's PSNR, a failed measurement) become None.
+    """
+    return _strict({**meta, "comparisons": {c.name: c.to_dict() for c in comparisons}})

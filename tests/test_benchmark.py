@@ -115,7 +115,9 @@ def test_comparison_ratios_checks_table_and_json() -> None:
     assert comparison.checks[1].shortfall == pytest.approx(1 - (2.0 / 1.5) / 1.8)
     table = format_table([comparison], title="demo")
     assert "[rcfg]" in table and "SHORT by 26%" in table and "unet_batch" in table
-    report = json.loads(json.dumps(report_dict([comparison], model="x")))
+    comparison.metrics["full"] = {"psnr": math.inf}
+    report = json.loads(json.dumps(report_dict([comparison], model="x"), allow_nan=False))
+    assert report["comparisons"]["rcfg"]["cases"]["full"]["psnr"] is None
     assert report["model"] == "x"
     entry = report["comparisons"]["rcfg"]
     assert entry["baseline"] == "full"
@@ -138,7 +140,9 @@ def test_bench_quick_tiny_json(cache_dir, capsys) -> None:
 
     code = main(["-q", "bench", "--model", "tiny", "--size", "128", "--quick", "--rounds", "3", "--no-compile", "--json"])
     assert code == 0
-    report = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert "[tiny/rcfg]" in captured.err  # the human-readable table goes to stderr
     assert report["size"] == 128 and report["threads"] >= 1
     comparisons = report["comparisons"]
     assert sorted(comparisons) == sorted(
