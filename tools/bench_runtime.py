@@ -5,8 +5,8 @@
 
 A = the engine alone: ``pipe.step`` over frames already decoded into tensors, plus the flush (no I/O, no threads).
 B = the whole path: an mp4 decoded by the source thread, the engine thread, an mp4 encoded by the sink thread.
-A and B alternate (A B, B A, A B, ...); medians and the ratio B/A are reported. Then a paced test pattern (a camera stand-in)
-runs at each ``--paced-fps`` into a null sink, reporting end-to-end latency p50/p95 and drops.
+A and B alternate (A B, B A, A B, ...); medians and the ratio B/A are reported. Then a paced test pattern (a camera
+stand-in) runs at each ``--paced-fps`` into a null sink, reporting end-to-end latency p50/p95 and drops.
 """
 
 from __future__ import annotations

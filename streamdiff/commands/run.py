@@ -70,7 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--config", metavar="FILE", help="TOML file with any of these options (flags override it)")
     io = parser.add_argument_group("input and output")
-    io.add_argument("--source", help="testpattern[:WxH] | webcam[:INDEX|PATH] | file:VIDEO | folder:DIR (default testpattern)")
+    io.add_argument("--source",
+                    help="testpattern[:WxH] | webcam[:INDEX|PATH] | file:VIDEO | folder:DIR (default testpattern)")
     io.add_argument("--sink", action="append", metavar="SPEC",
                     help="window | file:OUT.mp4 | folder:DIR | virtualcam[:DEVICE] | null; repeatable (default null)")
     io.add_argument("--frames", type=int, help="stop after reading this many frames (default: the whole input)")
@@ -79,7 +80,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          "default: on for webcams only")
     io.add_argument("--fps", type=float, help="pattern/folder frame rate, requested webcam rate and output fps")
     io.add_argument("--camera-size", metavar="WxH", help="requested webcam resolution, e.g. 1280x720")
-    io.add_argument("--output-size", metavar="WxH|source", help="scale output frames to this size ('source': input size)")
+    io.add_argument("--output-size", metavar="WxH|source",
+                    help="scale output frames to this size ('source': the input's size)")
     io.add_argument("--list-devices", action="store_true", help="list webcams and exit")
     io.add_argument("--virtualcam-backend", help="pyvirtualcam backend name (default: the first that works)")
     model = parser.add_argument_group("model")
@@ -171,7 +173,9 @@ def stream_config(options: dict[str, Any]) -> StreamConfig:
         t_index_list = t_index_list_for_strength(float(options["strength"]), int(options["steps"]), steps)
     else:
         t_index_list = _int_list(options["t_index_list"] or (32, 45), "t_index_list")
-    filter_config = FilterConfig(bool(options["filter"]), float(options["filter_threshold"]), int(options["filter_max_skip"]))
+    filter_config = FilterConfig(
+        bool(options["filter"]), float(options["filter_threshold"]), int(options["filter_max_skip"])
+    )
     return StreamConfig(
         width=width, height=height, t_index_list=t_index_list, num_inference_steps=steps,
         frame_buffer_size=int(options["frame_buffer_size"]), cfg_type=options["cfg_type"], filter=filter_config,

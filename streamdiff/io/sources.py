@@ -1,8 +1,8 @@
 """Frame sources: webcam, video file, image folder and a deterministic moving test pattern.
 
-Every source has ``open()`` (idempotent while open), ``read() -> uint8 RGB [H, W, 3] | None`` (None at the end) and ``close()``, a ``name``,
-its ``fps`` (None when unknown) and ``realtime`` (True when frames arrive at their own pace: a camera, or a file
-paced on request). Sources deliver frames at their native size; the runtime fits them to the engine size.
+Every source has ``open()`` (idempotent while open), ``read() -> uint8 RGB [H, W, 3] | None`` (None at the end)
+and ``close()``, a ``name``, its ``fps`` (None when unknown) and ``realtime`` (True when frames arrive at their own
+pace: a camera, or a file paced on request). Sources deliver frames at their native size; the runtime fits them to the engine size.
 Build one from a spec with :func:`open_source`: ``testpattern``, ``webcam[:INDEX|PATH]``, ``file:clip.mp4``,
 ``folder:frames/`` (a bare existing path also works).
 """

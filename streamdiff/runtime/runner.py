@@ -36,7 +36,7 @@ DEFAULT_FPS = 30.0
 
 
 class Source(Protocol):
-    """A frame source (see :mod:`streamdiff.io.sources`): ``read()`` returns uint8 RGB ``[H, W, 3]`` or None at the end."""
+    """A frame source (see :mod:`streamdiff.io.sources`): ``read()`` gives uint8 RGB ``[H, W, 3]``, None at the end."""
 
     name: str
     realtime: bool  # frames arrive at their own pace (a camera, or a file paced on request)
@@ -68,7 +68,8 @@ class RuntimeConfig:
     ``realtime``: latest-wins slots (None: follow ``source.realtime``). ``queue_size``: capacity of latest-wins
     slots; ``lossless_queue_size`` of lossless ones. ``max_frames``: stop reading after that many. ``frame_size``:
     the engine's (width, height), taken from ``engine.config`` when None. ``output_size``: what sinks receive
-    (default the engine size; ``"source"``: the source's native size, scaling the output back). ``fps``: the sinks' frame rate (default the source's, else 30).
+    (default the engine size; ``"source"``: the source's native size, scaling the output back). ``fps``: the
+    sinks' frame rate (default the source's, else 30).
     """
 
     realtime: bool | None = None
@@ -151,10 +152,10 @@ class StreamRunner:
         if size is None:
             raise ConfigError("frame_size is unknown: the engine has no config; pass RuntimeConfig(frame_size=(w, h))")
         self.frame_size = size
-        realtime = self.config.realtime if self.config.realtime is not None else bool(getattr(source, "realtime", False))
-        self.realtime = realtime
-        policy = SlotPolicy.LATEST_WINS if realtime else SlotPolicy.LOSSLESS
-        capacity = self.config.queue_size if realtime else self.config.lossless_queue_size
+        realtime = self.config.realtime
+        self.realtime = bool(getattr(source, "realtime", False)) if realtime is None else realtime
+        policy = SlotPolicy.LATEST_WINS if self.realtime else SlotPolicy.LOSSLESS
+        capacity = self.config.queue_size if self.realtime else self.config.lossless_queue_size
         self.source_slot: FrameSlot = FrameSlot(capacity, policy, "source")
         self.sink_slots = [FrameSlot(capacity, policy, f"sink:{s.name}") for s in self.sinks]
         self._stop = threading.Event()
@@ -269,7 +270,9 @@ class StreamRunner:
             raise StreamDiffError(_describe(error, self._threads)) from error
         return self.summary
 
-    def run(self, status_interval: float | None = None, on_status: Callable[[RunSummary], None] | None = None) -> RunSummary:
+    def run(
+        self, status_interval: float | None = None, on_status: Callable[[RunSummary], None] | None = None
+    ) -> RunSummary:
         """:meth:`start` then :meth:`wait`."""
         self.start()
         return self.wait(status_interval, on_status)

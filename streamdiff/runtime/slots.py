@@ -78,7 +78,7 @@ class FrameSlot(Generic[T]):
             return dropped
 
     def get(self, stop: threading.Event | None = None, timeout: float | None = None) -> T:
-        """The oldest item; waits for one. Raises :class:`Closed` once ``stop`` is set, TimeoutError after ``timeout``."""
+        """The oldest item, waiting for one: :class:`Closed` once ``stop`` is set, TimeoutError after ``timeout``."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while not self._items:

@@ -71,7 +71,8 @@ def test_config_errors_are_clear(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \['promt'\]"):
         run_command.resolve_options(_parse(["run", "--config", str(bad)]))
     with pytest.raises(ConfigError, match="either t_index_list or strength"):
-        run_command.stream_config(run_command.resolve_options(_parse(["run", "--strength", "0.5", "--t-index-list", "3,4"])))
+        options = run_command.resolve_options(_parse(["run", "--strength", "0.5", "--t-index-list", "3,4"]))
+        run_command.stream_config(options)
 
 
 @pytest.mark.parametrize(

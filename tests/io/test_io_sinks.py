@@ -1,4 +1,4 @@
-"""Sinks: folder, video file, virtual camera (through a registered pyvirtualcam backend), window (through a display seam)."""
+"""Sinks: folder, video file, virtual camera (via a registered pyvirtualcam backend), window (via a display seam)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,16 @@ import pyvirtualcam
 from PIL import Image
 
 from streamdiff import ConfigError, SinkError, StreamConfig
-from streamdiff.io import FolderSink, VideoFileSink, VirtualCamSink, WindowKey, WindowSink, no_virtualcam_help, open_sink, pattern_frame
+from streamdiff.io import (
+    FolderSink,
+    VideoFileSink,
+    VirtualCamSink,
+    WindowKey,
+    WindowSink,
+    no_virtualcam_help,
+    open_sink,
+    pattern_frame,
+)
 from streamdiff.io.sinks import WINDOW_CLOSED, NullSink, OpenCVDisplay
 from streamdiff.runtime import Controls, RunMetrics
 
