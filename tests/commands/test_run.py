@@ -146,3 +146,36 @@ def test_list_devices_matches_the_video_devices(capsys) -> None:
         assert sorted(listed) == sorted(devices)
         if not devices:
             assert "no webcams found" in captured.err
+
+
+def test_virtualcam_sink_through_the_whole_run(tiny_model) -> None:
+    """`--sink virtualcam` with a registered stand-in backend: every frame arrives as RGB, paced to --fps."""
+    import numpy as np
+    import pyvirtualcam
+
+    received: list[tuple[float, np.ndarray]] = []
+
+    class StandIn:
+        def __init__(self, *, width: int, height: int, fps: float, fourcc: int, device: str | None, **kw) -> None:
+            self.shape = (height, width, 3)
+            assert fourcc == pyvirtualcam.camera.encode_fourcc(pyvirtualcam.PixelFormat.RGB.value)
+
+        def send(self, frame: np.ndarray) -> None:
+            received.append((time.perf_counter(), frame.reshape(self.shape).copy()))
+
+        def close(self) -> None:
+            pass
+
+        def device(self) -> str:
+            return "stand-in"
+
+        def native_fourcc(self) -> None:
+            return None
+
+    pyvirtualcam.register_backend("streamdiff-run-test", StandIn)
+    code = main(["run", "--source", "testpattern:96x64", "--sink", "virtualcam", "--virtualcam-backend",
+                 "streamdiff-run-test", "--size", "64x64", "--output-size", "128x96", "--frames", "8", "--fps", "25",
+                 "--status-interval", "0"])
+    assert code == 0
+    assert len(received) == 8 and all(frame.shape == (96, 128, 3) for _, frame in received)
+    assert float(np.median(np.diff([t for t, _ in received]))) >= 0.8 / 25
