@@ -21,9 +21,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# Above this many U-Net parameters ONNX Runtime (fp32, CPU) beat torch eager here (SD-2.1 size: ~0.7 s vs ~1.2 s);
-# on small U-Nets it was slower (see docs/PERF.md, "Backends").
-ORT_MIN_PARAMETERS = 100_000_000
 
 
 def _has_module(name: str) -> bool:
@@ -50,13 +47,13 @@ def choose_auto(model: LoadedModel, options: EngineOptions) -> tuple[BackendKind
             return BackendKind.TENSORRT, "a CUDA GPU and TensorRT are available"
         return BackendKind.TORCH, "CUDA GPU without TensorRT (pip install 'streamdiff[tensorrt]' for engines)"
     if model.dtype != torch.float32:
-        return BackendKind.TORCH, f"{model.dtype} on the CPU runs fastest in torch (ONNX Runtime's CPU path is float32)"
+        how = "compiled (AOTInductor)" if options.compile else "eager; EngineOptions(compile=True) compiles it"
+        return BackendKind.TORCH, f"{model.dtype} on the CPU runs fastest in torch ({how}); ONNX Runtime is float32"
     if not _has_module("onnxruntime"):
         return BackendKind.TORCH, "onnxruntime is not installed (pip install 'streamdiff[onnx]')"
-    parameters = sum(p.numel() for p in model.unet.parameters())
-    if parameters >= ORT_MIN_PARAMETERS:
-        return BackendKind.ONNXRUNTIME, f"float32 U-Net of {parameters / 1e6:.0f}M parameters: ONNX Runtime is faster"
-    return BackendKind.TORCH, f"small U-Net ({parameters / 1e6:.1f}M parameters): torch eager is faster than ONNX Runtime"
+    # Measured here (docs/PERF.md, "Backends"): ONNX Runtime beats torch eager in float32 on the tiny and the
+    # SD-2.1-size U-Net alike.
+    return BackendKind.ONNXRUNTIME, "float32 on the CPU: ONNX Runtime is faster than torch eager"
 
 
 def resolve_backend(kind: BackendKind | str, model: LoadedModel, options: EngineOptions) -> BackendKind:
