@@ -109,8 +109,11 @@ class EngineStage:
         self._pending[key] = list(group) + [None] * padding
         out = self.engine.step(tensor, frame_id=key)
         if getattr(out, "skipped", False):
+            # Not denoised, counted as a filter skip; the frame still leaves, as the previous output held.
             self._pending.pop(key, None)
             self.metrics.record_drop(DropReason.FILTER_SKIP, len(group))
+            if out.images is not None:
+                self._send(group, tensor_to_frame(out.images[-1:]).repeat(len(group), axis=0))
             return
         if out.images is not None:
             self._emit(out)
@@ -122,8 +125,10 @@ class EngineStage:
             logger.warning("the engine returned an output for no pending frame (ids %s); ignored", ids)
             return
         self._drop_pending(until=key)
-        frames = self._pending.pop(key)
-        images = tensor_to_frame(out.images)  # [F, H, W, 3] uint8
+        self._send(self._pending.pop(key), tensor_to_frame(out.images))
+
+    def _send(self, frames: Sequence[CapturedFrame | None], images: np.ndarray) -> None:
+        """Hand output ``images`` ``[F, H, W, 3]`` of the captured ``frames`` to every sink (padding skipped)."""
         for frame, image in zip(frames, images):
             if frame is None:
                 continue

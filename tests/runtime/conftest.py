@@ -21,7 +21,7 @@ class FakeEngine:
     """``step``/``flush`` like StreamPipeline: a Stream Batch of ``n`` (frame k leaves after frame k+n−1 went in).
 
     Output = 1 − input. ``cost`` seconds per step; ``fail_at`` raises on that step; ``skip`` is a set of step
-    numbers reported as filter skips.
+    numbers reported as filter skips (returning the last output, as StreamPipeline does).
     """
 
     def __init__(self, size: int = 32, n: int = 1, cost: float = 0.0, frame_buffer_size: int = 1,
@@ -37,6 +37,7 @@ class FakeEngine:
         self.updates: list[tuple[str, dict[str, Any]]] = []
         self.step_threads: set[str] = set()
         self._inside: list[tuple[Any, torch.Tensor]] = []
+        self._last: torch.Tensor | None = None
 
     def step(self, images: torch.Tensor, frame_id: Any = None) -> StreamOutput:
         self.step_threads.add(threading.current_thread().name)
@@ -47,11 +48,12 @@ class FakeEngine:
         if self.fail_at is not None and step == self.fail_at:
             raise RuntimeError(f"fake engine failure at step {step}")
         if step in self.skip:
-            return StreamOutput(None, skipped=True)
+            return StreamOutput(self._last, skipped=True)
         self._inside.append((frame_id, 1.0 - images))
         if len(self._inside) < self.n:
             return StreamOutput(None)
         leaving, out = self._inside.pop(0)
+        self._last = out
         return StreamOutput(out, frame_ids=(leaving,))
 
     def flush(self) -> list[StreamOutput]:

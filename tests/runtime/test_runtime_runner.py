@@ -41,12 +41,17 @@ def test_frame_groups_are_padded_at_end_of_input(fakes) -> None:
     assert summary.frames_out == 7 and len(sink.frames) == 7
 
 
-def test_filter_skips_are_counted_as_drops(fakes) -> None:
-    engine = fakes.Engine(size=32, n=1, skip={2, 3, 7})
+def test_filter_skips_are_counted_and_repeat_the_last_output(fakes) -> None:
+    """A skipped frame is not denoised (counted as a filter skip) but still leaves as the previous output."""
+    engine = fakes.Engine(size=32, n=1, skip={0, 2, 3, 7})
     sink = fakes.Sink()
     summary = StreamRunner(engine, fakes.Source(size=32, frames=10), [sink]).run()
-    assert summary.drops == {"filter_skip": 3} and summary.filter_skips == 3
-    assert summary.frames_out == len(sink.frames) == 7
+    assert summary.drops == {"filter_skip": 4} and summary.filter_skips == 4
+    # step 0 has no previous output to repeat: 9 frames out, one per input after it
+    assert summary.frames_out == len(sink.frames) == 9
+    images = sink.frames
+    assert np.array_equal(images[1], images[0]) and np.array_equal(images[2], images[0])
+    assert np.array_equal(images[6], images[5]) and not np.array_equal(images[5], images[4])
 
 
 def test_paced_source_with_slow_engine_is_latest_wins(fakes) -> None:
