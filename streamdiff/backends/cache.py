@@ -116,16 +116,19 @@ class EngineCache:
 
     # -- reading ------------------------------------------------------------------------------------------------
 
-    def load(self, key: EngineKey) -> CacheEntry | None:
-        """The valid entry of ``key``, or None. An invalid entry is deleted with a warning (and so gets rebuilt)."""
+    def load(self, key: EngineKey, warn: bool = True) -> CacheEntry | None:
+        """The valid entry of ``key``, or None (with a warning when an invalid entry is in the way).
+
+        An invalid entry is never loaded; the next build of ``key`` replaces it, under the lock.
+        """
         path = self.entry_path(key)
         if not path.exists():
             return None
         problem = self._problem(path, key)
         if problem is None:
             return CacheEntry(path, json.loads((path / MANIFEST).read_text()))
-        logger.warning("engine cache entry %s is invalid (%s); it will be rebuilt", path, problem)
-        self._remove(path)
+        if warn:
+            logger.warning("engine cache entry %s is invalid (%s); it will be rebuilt", path, problem)
         return None
 
     def _problem(self, path: Path, key: EngineKey | None) -> str | None:
@@ -193,7 +196,7 @@ class EngineCache:
             logger.debug("engine cache hit: %s", entry.path)
             return entry
         with file_lock(self.root / _LOCKS / f"{key.name}.lock", what):
-            entry = self.load(key)  # another process may have built it while we waited
+            entry = self.load(key, warn=False)  # another process may have built it while we waited
             if entry is not None:
                 logger.info("engine %s was built by another process; reusing %s", what, entry.path)
                 return entry
