@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import logging
 import math
@@ -58,7 +59,7 @@ def bench_key(model: str, backend: str, version: str, dtype: torch.dtype, shapes
     )
 
 
-def measure(args: argparse.Namespace, model_name: str) -> Comparison:
+def measure(args: argparse.Namespace, model_name: str) -> Comparison | None:
     unet32 = build_unet(model_name)
     batch, size = args.batch, args.size
     shapes = ShapeRange((batch, batch), (size, size), (size, size), batch, size, size)
@@ -73,23 +74,21 @@ def measure(args: argparse.Namespace, model_name: str) -> Comparison:
     params = sum(p.numel() for p in unet32.parameters())
     logger.info("%s U-Net: %.0fM parameters, batch %d at %d px", model_name, params / 1e6, batch, size)
 
-    eager32 = TorchUNet(unet32)  # the baseline always runs
-    steps["eager-fp32"] = lambda: eager32(*inputs32)
-    if "eager-bf16" in wanted:
-        eager16 = TorchUNet(copy.deepcopy(unet32).to(torch.bfloat16), channels_last=True)
-        steps["eager-bf16"] = lambda: eager16(*inputs16)
+    artifacts: dict[str, Path] = {}
     for dtype, name in ((torch.float32, "compiled-fp32"), (torch.bfloat16, "compiled-bf16")):
         if name not in wanted:
             continue
         key = bench_key(model_name, "torch-aoti", torch.__version__, dtype, shapes)
         example = inputs32 if dtype == torch.float32 else inputs16
         started = time.perf_counter()
-        module = UNetExport(unet32 if dtype == torch.float32 else copy.deepcopy(unet32).to(dtype))
-        entry = cache.get_or_build(key, lambda folder, m=module, x=example: aoti_compile(m, x, folder),
-                                   description=f"{model_name} {name}")
+        if EngineCache(args.engine_dir).load(key) is None:
+            module = UNetExport(unet32 if dtype == torch.float32 else copy.deepcopy(unet32).to(dtype))
+            cache.get_or_build(key, lambda folder, m=module, x=example: aoti_compile(m, x, folder),
+                               description=f"{model_name} {name}")
+            del module
+            gc.collect()
+        artifacts[name] = cache.get_or_build(key, lambda folder: "").artifact
         build_seconds[name] = round(time.perf_counter() - started, 1)
-        compiled = AotiModule(entry.artifact)
-        steps[name] = lambda c=compiled, x=example: c(*x)
     if "onnxruntime-fp32" in wanted:
         key = bench_key(model_name, "onnx", f"torch-{torch.__version__}", torch.float32, shapes)
         started = time.perf_counter()
@@ -97,8 +96,24 @@ def measure(args: argparse.Namespace, model_name: str) -> Comparison:
             key, lambda folder: export_module(UNetExport(unet32), spec, shapes, folder / "model.onnx", 17).name,
             description=f"{model_name} onnx",
         )
+        artifacts["onnxruntime-fp32"] = entry.artifact
         build_seconds["onnxruntime-fp32"] = round(time.perf_counter() - started, 1)
-        session = OrtSession(entry.artifact, torch.device("cpu"), threads=torch.get_num_threads())
+        gc.collect()
+    if args.build_only:
+        return None
+
+    eager32 = TorchUNet(unet32)  # the baseline always runs
+    steps["eager-fp32"] = lambda: eager32(*inputs32)
+    if "eager-bf16" in wanted:
+        eager16 = TorchUNet(copy.deepcopy(unet32).to(torch.bfloat16), channels_last=True)
+        steps["eager-bf16"] = lambda: eager16(*inputs16)
+    for name in ("compiled-fp32", "compiled-bf16"):
+        if name in artifacts:
+            compiled = AotiModule(artifacts[name])
+            example = inputs32 if name.endswith("fp32") else inputs16
+            steps[name] = lambda c=compiled, x=example: c(*x)
+    if "onnxruntime-fp32" in artifacts:
+        session = OrtSession(artifacts["onnxruntime-fp32"], torch.device("cpu"), threads=torch.get_num_threads())
         feeds = dict(zip(spec.inputs, inputs32))
         steps["onnxruntime-fp32"] = lambda: session.run(feeds)
 
@@ -143,13 +158,18 @@ def main() -> int:
     parser.add_argument("--only", nargs="+", choices=CONFIGS, help="configurations to run (eager-fp32 always runs)")
     parser.add_argument("--engine-dir", type=Path, default=None, help="engine cache for the compiled artifacts")
     parser.add_argument("--json", action="store_true", help="print the JSON report after the table")
+    parser.add_argument("--build-only", action="store_true",
+                        help="only build the compiled artifacts (one at a time, to limit peak memory), then exit")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     if args.threads:
         torch.set_num_threads(args.threads)
     models = ["tiny", "sd21"] if args.model == "both" else [args.model]
-    comparisons = [measure(args, name) for name in models]
+    comparisons = [c for c in (measure(args, name) for name in models) if c is not None]
+    if args.build_only:
+        print(f"built the artifacts of {', '.join(models)} in {args.engine_dir or 'engines/'}")
+        return 0
     print(format_table(comparisons, title=f"U-Net step, CPU, {torch.get_num_threads()} thread(s)"))
     if args.json:
         meta: dict[str, Any] = {
