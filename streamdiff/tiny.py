@@ -2,7 +2,8 @@
 
 U-Net (attention only at the two coarse levels), TAESD-style ``AutoencoderTiny`` VAE, a small CLIP text encoder and a
 tokenizer from a hand-written vocabulary. It is saved as a normal diffusers folder on first use and loaded through the
-same code path as any local model. Its images are meaningless noise patterns: it exists so that everything runs in
+same code path as any local model. Its U-Net and text encoder are random; its VAE is a lossy pass-through with a random
+texture, so the output follows the input with meaningless styling. It exists so that everything runs in
 real time on a CPU with no download. Sized for 256×256 (32×32 latents).
 """
 
@@ -22,7 +23,7 @@ from .tokenizer_vocab import build_vocab, write_tokenizer_files
 logger = logging.getLogger(__name__)
 
 TINY_NAME = "tiny"
-TINY_VERSION = 1
+TINY_VERSION = 2
 TINY_SEED = 0
 
 # Shared by the tiny model and the tests' random components.
@@ -44,6 +45,7 @@ TINY_VAE = dict(
     num_encoder_blocks=(1, 1, 1, 1),
     num_decoder_blocks=(1, 1, 1, 1),
     latent_channels=4,
+    scaling_factor=3.0,
 )
 TINY_TEXT = dict(
     hidden_size=64,
@@ -62,6 +64,7 @@ SD_SCHEDULER = dict(
     prediction_type="epsilon",
     original_inference_steps=50,
     timestep_scaling=10.0,
+    steps_offset=1,
 )
 
 
@@ -83,7 +86,7 @@ def build_tiny_components(seed: int = TINY_SEED) -> dict[str, object]:
     unet = UNet2DConditionModel(**TINY_UNET)
     torch.manual_seed(seed + 1)
     vae = AutoencoderTiny(**TINY_VAE)
-    _calibrate_vae(vae, seed)
+    _make_passthrough_vae(vae)
     torch.manual_seed(seed + 2)
     text_config = CLIPTextConfig(
         vocab_size=len(vocab),
@@ -98,25 +101,47 @@ def build_tiny_components(seed: int = TINY_SEED) -> dict[str, object]:
 
 
 @torch.no_grad()
-def _calibrate_vae(vae: torch.nn.Module, seed: int) -> None:
-    """Rescale the random VAE's last layers so latents have unit spread and decoded images fill [0, 1].
+def _identity_taps(conv: torch.nn.Conv2d, channels: int, value: float, texture: float) -> None:
+    """Keep ``texture`` × the random weights and add ``value`` at the centre tap of channel i → i (i < channels)."""
+    conv.weight.mul_(texture)
+    centre = conv.kernel_size[0] // 2
+    for i in range(channels):
+        conv.weight[i, i, centre, centre] += value
 
-    Freshly initialised, the random encoder gives latents with std ~0.03 and the decoder near-black images; after
-    this the streamed output is visibly textured (still meaningless) and responds to the input.
+
+@torch.no_grad()
+def _make_passthrough_vae(vae: torch.nn.Module) -> None:
+    """Turn the random TAESD-style VAE into a lossy pass-through with a faint random texture.
+
+    Channels 0–2 carry the RGB image through every layer (blocks' residual branches are damped, down-sampling
+    convolutions average, the last convolutions map RGB in [0, 1] to latents in [-1, 1] and back); what remains of
+    the random weights adds texture. With a latent scaling factor of 3 the latents stand out of the noise the
+    Stream Batch adds, so the tiny model's output follows its input (meaningless styling, but visibly live).
     """
-    generator = torch.Generator().manual_seed(seed)
-    probe = torch.rand((1, 3, 64, 64), generator=generator) * 2 - 1
-    enc_last = vae.encoder.layers[-1]
-    scale = 1.0 / vae.encode(probe).latents.std().clamp_min(1e-6)
-    enc_last.weight.mul_(scale)
-    enc_last.bias.mul_(scale)
-    dec_last = vae.decoder.layers[-1]
-    latents = torch.randn((1, vae.config.latent_channels, 8, 8), generator=generator)
-    before = (vae.decode(latents).sample + 1) / 2  # the decoder's last layer output
-    k = 0.25 / before.std().clamp_min(1e-6)
-    dec_last.weight.mul_(k)
-    dec_last.bias.mul_(k)
-    dec_last.bias.add_(0.5 - before.mean(dim=(0, 2, 3)) * k)
+    rgb, texture = 3, 0.02
+    for layers in (vae.encoder.layers, vae.decoder.layers):
+        for layer in layers:
+            if type(layer).__name__ == "AutoencoderTinyBlock":
+                layer.conv[-1].weight.mul_(texture)
+                layer.conv[-1].bias.mul_(texture)
+    enc = [m for m in vae.encoder.layers if isinstance(m, torch.nn.Conv2d)]
+    _identity_taps(enc[0], rgb, 1.0, texture)
+    enc[0].bias.zero_()
+    for down in enc[1:-1]:
+        down.weight.mul_(texture)
+        for i in range(rgb):
+            down.weight[i, i] += 1.0 / 9.0
+    _identity_taps(enc[-1], rgb, 2.0, texture)  # latent = 2·rgb − 1
+    enc[-1].bias.zero_()
+    enc[-1].bias[:rgb] = -1.0
+    dec = [m for m in vae.decoder.layers if isinstance(m, torch.nn.Conv2d)]
+    _identity_taps(dec[0], rgb, 1.0, texture)  # channel = latent + 1 ∈ [0, 2], positive through the ReLUs
+    dec[0].bias.zero_()
+    dec[0].bias[:rgb] = 1.0
+    for conv in dec[1:-1]:
+        _identity_taps(conv, rgb, 1.0, texture)
+    _identity_taps(dec[-1], rgb, 0.5, texture)  # rgb = channel / 2; the decoder then maps [0, 1] to [-1, 1]
+    dec[-1].bias.zero_()
 
 
 def save_diffusers_folder(components: dict[str, object], folder: Path) -> None:
