@@ -10,17 +10,9 @@ import torch
 from streamdiff import ModelLoadError, StreamConfig, StreamPipeline, load_model
 from streamdiff.checkpoints import checkpoint_family
 from streamdiff.models import model_from_components
-from streamdiff.testing import save_ldm_checkpoint, save_tiny_model, small_kl_vae, tiny_components
+from streamdiff.testing import stream_frames, save_ldm_checkpoint, save_tiny_model, small_kl_vae, tiny_components
 
 SIZE = 64
-
-
-def stream(model, frames) -> torch.Tensor:
-    """Four frames through a two-step stream; the outputs stacked ``[n, 3, H, W]``."""
-    pipe = StreamPipeline(model, StreamConfig(width=SIZE, height=SIZE, t_index_list=[20, 40]))
-    pipe.prepare("a watercolor portrait", seed=3)
-    outs = [pipe.step(torch.from_numpy(f).permute(2, 0, 1)[None].float() / 255).images for f in frames[:4]]
-    return torch.cat([o for o in outs if o is not None])
 
 
 @pytest.fixture(scope="module")
@@ -58,13 +50,13 @@ def test_single_file_gives_the_in_memory_frames(tmp_path, frames, kl_components,
         got = getattr(model, name).state_dict()
         assert set(got) == set(expected), name
         assert all(torch.equal(got[k], expected[k]) for k in expected), name
-    worst = (stream(model, frames) - stream(in_memory, frames)).abs().max().item()
+    worst = (stream_frames(model, frames[:4]) - stream_frames(in_memory, frames[:4])).abs().max().item()
     assert worst <= 1e-5
 
 
 def test_folder_gives_the_in_memory_frames(tmp_path, frames, in_memory) -> None:
     folder = save_tiny_model(tmp_path / "model", seed=0, kl_vae=True)
-    worst = (stream(load_model(str(folder)), frames) - stream(in_memory, frames)).abs().max().item()
+    worst = (stream_frames(load_model(str(folder)), frames[:4]) - stream_frames(in_memory, frames[:4])).abs().max().item()
     assert worst <= 1e-5
 
 

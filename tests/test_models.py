@@ -13,6 +13,7 @@ import torch
 
 from streamdiff import ConfigError, LoraSpec, ModelLoadError, StreamConfig, StreamPipeline, load_model
 from streamdiff.testing import (
+    stream_frames,
     fake_hub_cache,
     random_lora,
     save_kohya_lora,
@@ -27,14 +28,6 @@ SIZE = 64
 Q = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
 
 
-def stream(model, frames) -> torch.Tensor:
-    """Four frames through a two-step stream; the outputs stacked ``[n, 3, H, W]``."""
-    pipe = StreamPipeline(model, StreamConfig(width=SIZE, height=SIZE, t_index_list=[20, 40]))
-    pipe.prepare("a watercolor portrait", seed=3)
-    outs = [pipe.step(torch.from_numpy(f).permute(2, 0, 1)[None].float() / 255).images for f in frames[:4]]
-    return torch.cat([o for o in outs if o is not None])
-
-
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
@@ -42,7 +35,7 @@ def tiny_folder(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def base_frames(tiny_folder, frames_module) -> torch.Tensor:
-    return stream(load_model(str(tiny_folder)), frames_module)
+    return stream_frames(load_model(str(tiny_folder)), frames_module[:4])
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +65,7 @@ def test_hub_id_loads_from_the_cache_offline(hub_cache, tiny_folder, frames_modu
     fake_hub_cache(hub_cache, "someorg/tiny-sd", tiny_folder)
     model = load_model("someorg/tiny-sd")
     assert model.model_id == "someorg/tiny-sd"
-    assert torch.equal(stream(model, frames_module), base_frames)
+    assert torch.equal(stream_frames(model, frames_module[:4]), base_frames)
 
 
 def test_unknown_hub_id_offline_fails_fast_and_says_how_to_fix(hub_cache) -> None:
@@ -144,7 +137,7 @@ def test_vae_choice_by_config_class(tmp_path, tiny_folder, frames_module, base_f
     same = load_model(str(tiny_folder), vae=str(tmp_path / "taesd"))
     other = load_model(str(tiny_folder), vae=str(tmp_path / "taesd5"))
     assert type(kl.vae).__name__ == "AutoencoderKL" and type(other.vae).__name__ == "AutoencoderTiny"
-    kl_frames, same_frames, other_frames = (stream(m, frames_module) for m in (kl, same, other))
+    kl_frames, same_frames, other_frames = (stream_frames(m, frames_module[:4]) for m in (kl, same, other))
     assert kl_frames.shape == same_frames.shape == base_frames.shape == (3, 3, SIZE, SIZE)
     assert torch.equal(same_frames, base_frames)
     assert (kl_frames - base_frames).abs().max() > 0.05 and (other_frames - base_frames).abs().max() > 0.05
@@ -192,8 +185,8 @@ def test_lora_scale_zero_gives_the_base_frames(tiny_folder, loras, frames_module
     path = str(loras["first"][0])
     zero = load_model(str(tiny_folder), loras=[(path, 0.0)])
     one = load_model(str(tiny_folder), loras=[(path, 1.0)])
-    assert (stream(zero, frames_module) - base_frames).abs().max() <= 1e-6
-    assert (stream(one, frames_module) - base_frames).abs().max() > 1e-3
+    assert (stream_frames(zero, frames_module[:4]) - base_frames).abs().max() <= 1e-6
+    assert (stream_frames(one, frames_module[:4]) - base_frames).abs().max() > 1e-3
     base = load_model(str(tiny_folder))
     assert len({base.fingerprint, zero.fingerprint, one.fingerprint}) == 3
     assert load_model(str(tiny_folder), loras=[(path, 1.0)]).fingerprint == one.fingerprint
@@ -224,7 +217,7 @@ def test_float32_default_and_bfloat16_close(tiny_folder, frames_module, base_fra
     bf16 = load_model(str(tiny_folder), dtype=torch.bfloat16)
     for module in (bf16.unet, bf16.vae, bf16.text_encoder):
         assert {p.dtype for p in module.parameters()} == {torch.bfloat16}
-    mse = ((stream(bf16, frames_module) - base_frames) ** 2).mean().item()
+    mse = ((stream_frames(bf16, frames_module[:4]) - base_frames) ** 2).mean().item()
     psnr = 10 * torch.log10(torch.tensor(1.0 / mse)).item()
     assert psnr >= 40.0, psnr  # measured 50.1 dB
 
@@ -257,7 +250,7 @@ def test_tiny_is_deterministic_cached_and_loaded_like_a_folder(tmp_path, frames_
     assert stamps == {f: (a / f).stat().st_mtime_ns for f in files}  # not rebuilt
     assert [p.name for p in a.parent.iterdir()] == [a.name]  # no staging folder left
     model = load_model("tiny", cache_dir=tmp_path / "a")
-    assert torch.equal(stream(model, frames_module), base_frames)  # same seed as save_tiny_model(seed=0)
+    assert torch.equal(stream_frames(model, frames_module[:4]), base_frames)  # same seed as save_tiny_model(seed=0)
 
 
 def test_tiny_first_use_from_two_processes_at_once(tmp_path) -> None:

@@ -18,25 +18,9 @@ import statistics
 import sys
 import tempfile
 import time
-from fractions import Fraction
 from pathlib import Path
 
 import torch
-
-
-def write_pattern_video(path: Path, frames: int, width: int, height: int, fps: int) -> None:
-    import av
-
-    from streamdiff.io import pattern_frame
-
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=Fraction(fps))
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        for i in range(frames):
-            for packet in stream.encode(av.VideoFrame.from_ndarray(pattern_frame(i, width, height), format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode(None):
-            container.mux(packet)
 
 
 def decoded_tensors(path: Path) -> list[torch.Tensor]:
@@ -113,6 +97,8 @@ def main() -> int:
                      "frames": args.frames, "threads": torch.get_num_threads(), "rounds": []}
     with tempfile.TemporaryDirectory() as tmp:
         source_path, out_path = Path(tmp) / "in.mp4", Path(tmp) / "out.mp4"
+        from streamdiff.testing import write_pattern_video
+
         write_pattern_video(source_path, args.frames, args.size, args.size, 30)
         tensors = decoded_tensors(source_path)
         engine_only(pipe, tensors[:4], prompt)  # warm-up

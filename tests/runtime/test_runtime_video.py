@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -11,17 +10,7 @@ import numpy as np
 from streamdiff import StreamConfig, StreamPipeline
 from streamdiff.io import VideoFileSink, VideoFileSource, pattern_frame
 from streamdiff.runtime import RuntimeConfig, StreamRunner
-
-
-def write_video(path: Path, frames: int, width: int, height: int, fps: int) -> None:
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=Fraction(fps))
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        for i in range(frames):
-            for packet in stream.encode(av.VideoFrame.from_ndarray(pattern_frame(i, width, height), format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode(None):
-            container.mux(packet)
+from streamdiff.testing import write_pattern_video
 
 
 def probe(path: Path) -> tuple[int, int, int, float, list[np.ndarray]]:
@@ -33,7 +22,7 @@ def probe(path: Path) -> tuple[int, int, int, float, list[np.ndarray]]:
 
 def test_video_file_through_tiny_model_keeps_count_size_and_fps(tiny_model, tmp_path: Path) -> None:
     source_path, out_path = tmp_path / "in.mp4", tmp_path / "out" / "styled.mp4"
-    write_video(source_path, frames=11, width=96, height=72, fps=24)
+    write_pattern_video(source_path, frames=11, width=96, height=72, fps=24)
     pipe = StreamPipeline(tiny_model, StreamConfig(width=64, height=64, t_index_list=(32, 45)))
     pipe.prepare(prompt="a watercolor", seed=3)
     runner = StreamRunner(
