@@ -175,3 +175,20 @@ def test_bench_rejects_bad_options(cache_dir) -> None:
 
     assert main(["-q", "bench", "--size", "100"]) == 1
     assert main(["-q", "bench", "--threads", "0"]) == 1
+
+
+def test_calibrated_tiny_vae_gives_unit_latents() -> None:
+    import torch
+    from diffusers import AutoencoderTiny
+
+    from streamdiff.bench_suites import calibrate_tiny_vae
+
+    torch.manual_seed(0)
+    vae = AutoencoderTiny(encoder_block_out_channels=(8,) * 4, decoder_block_out_channels=(8,) * 4,
+                          num_encoder_blocks=(1,) * 4, num_decoder_blocks=(1,) * 4).eval()
+    probe = torch.rand((1, 3, 64, 64)) * 2 - 1
+    before = vae.encode(probe).latents.std().item()
+    calibrate_tiny_vae(vae)
+    with torch.no_grad():
+        after = vae.encode(probe).latents.std().item()
+    assert before < 0.5 and 0.5 < after < 2.0
