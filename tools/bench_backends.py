@@ -1,4 +1,4 @@
-"""Compare the CPU backends on one U-Net step: torch eager fp32/bf16, AOTInductor-compiled fp32/bf16, ONNX Runtime.
+"""Compare the CPU backends on one U-Net step: torch eager fp32/bf16, AOTInductor fp32/bf16, torch.compile, ORT.
 
 Usage::
 
@@ -31,11 +31,11 @@ from streamdiff.backends.compiled import AotiModule, aoti_compile
 from streamdiff.backends.keys import Component, EngineKey, ShapeRange, precision_name, target_id
 from streamdiff.backends.onnx_export import UNetExport, component_spec, export_module, relative_error
 from streamdiff.backends.onnxruntime_backend import OrtSession, onnxruntime_version
-from streamdiff.backends.torch_backend import TorchUNet
+from streamdiff.backends.torch_backend import TorchUNet, compiled_unet
 from streamdiff.benchmark import Case, Check, Comparison, format_table, report_dict, run_interleaved
 
 logger = logging.getLogger("bench_backends")
-CONFIGS = ("eager-fp32", "eager-bf16", "compiled-fp32", "compiled-bf16", "onnxruntime-fp32")
+CONFIGS = ("eager-fp32", "eager-bf16", "compiled-fp32", "compiled-bf16", "jit-bf16", "onnxruntime-fp32")
 
 
 def build_unet(name: str) -> torch.nn.Module:
@@ -119,6 +119,13 @@ def measure(args: argparse.Namespace, model_name: str) -> Comparison | None:
             compiled = AotiModule(artifacts[name])
             example = inputs32 if name.endswith("fp32") else inputs16
             steps[name] = lambda c=compiled, x=example: c(*x)
+    if "jit-bf16" in wanted:  # in-process torch.compile (not cached): compiles in the first call
+        jit = compiled_unet(copy.deepcopy(unet32).to(torch.bfloat16), channels_last=True)
+        started = time.perf_counter()
+        with torch.inference_mode():
+            jit(*inputs16)
+        build_seconds["jit-bf16"] = round(time.perf_counter() - started, 1)
+        steps["jit-bf16"] = lambda: jit(*inputs16)
     if "onnxruntime-fp32" in artifacts:
         session = OrtSession(artifacts["onnxruntime-fp32"], torch.device("cpu"), threads=torch.get_num_threads())
         feeds = dict(zip(spec.inputs, inputs32))
