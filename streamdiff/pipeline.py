@@ -59,6 +59,8 @@ class StreamPipeline:
     ) -> None:
         self.model = model
         self.config = self._checked(config)
+        # Engines the pipeline made itself are remade (from the cache) when a live update changes their shapes.
+        self._engine_request = (backend, engine_options) if unet is None and vae is None else None
         if unet is None or vae is None:
             default_unet, default_vae = create_engines(backend, model, config, engine_options)
             unet, vae = unet or default_unet, vae or default_vae
@@ -135,6 +137,9 @@ class StreamPipeline:
         )
         if reshape:
             self._checked(config)
+            if self._engine_request is not None:
+                backend, options = self._engine_request
+                self.unet, self.vae = create_engines(backend, self.model, config, options)
             state.stats.dropped_on_reconfigure += len([i for i in state.buffers.frame_ids if i is not None])
             stats = state.stats
             self.config = config

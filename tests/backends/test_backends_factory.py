@@ -68,6 +68,29 @@ def test_onnxruntime_pipeline_matches_torch_and_reuses_its_engines(
     assert sorted(keys) == [[1, 1], [1, 1], [3, 3]]
 
 
+def test_live_update_remakes_engines_for_new_shapes(tiny_model, tmp_path: Path) -> None:
+    """A live change of U-Net batch (cfg mode) or of frames per call gets engines of the new shapes, built once."""
+    pipe = StreamPipeline(tiny_model, CONFIG, backend="onnxruntime", engine_options=_options(tmp_path))
+    pipe.prepare(prompt="a red fox", negative_prompt="blur", guidance_scale=1.5)
+    first_unet = pipe.unet
+    pipe.update(cfg_type="full", frame_buffer_size=2)
+    assert pipe.unet is not first_unet
+    outs = [pipe.step(torch.rand(2, 3, 64, 64)) for _ in range(CONFIG.denoising_steps)]
+    assert outs[-1].images.shape == (2, 3, 64, 64)
+    reference = StreamPipeline(tiny_model, pipe.config, backend="torch")
+    reference.prepare(prompt="a red fox", negative_prompt="blur", guidance_scale=1.5)
+    frames = [torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    pipe.update(seed=2)  # same noise as the reference
+    pipe.flush()
+    ours = [pipe.step(f).images for f in frames]
+    theirs = [reference.step(f).images for f in frames]
+    for a, b in zip(ours[CONFIG.denoising_steps - 1 :], theirs[CONFIG.denoising_steps - 1 :]):
+        assert float((a - b).abs().max()) <= 1e-3
+    batches = sorted(json.loads((p / MANIFEST).read_text())["key"]["shapes"]["batch"][0]
+                     for p, _ in EngineCache(tmp_path).entries())
+    assert 2 * CONFIG.denoising_steps * 2 in batches  # the full-CFG U-Net batch 2·n·F was built
+
+
 def test_missing_backends_name_their_extra(tiny_model, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     with pytest.raises(BackendUnavailable, match=r"streamdiff\[tensorrt\]"):
         StreamPipeline(tiny_model, CONFIG, backend="tensorrt", engine_options=_options(tmp_path))
