@@ -20,10 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from ..config import BackendKind, CfgMode, FilterConfig, StreamConfig, t_index_list_for_strength
+from ..backends.keys import EngineOptions
 from ..errors import ConfigError, StreamDiffError
 from ..io.resize import parse_size
 from ..io.sinks import open_sink
 from ..io.sources import list_webcams, open_source
+from ..models import LoraSpec
 from ..runtime import RuntimeConfig, StreamRunner
 
 logger = logging.getLogger(__name__)
@@ -40,9 +42,13 @@ DEFAULTS: dict[str, Any] = {
     "camera_size": None,
     "model": "tiny",
     "vae": None,
+    "lora": [],
     "dtype": None,
     "device": "auto",
     "backend": "torch",
+    "engine_dir": None,
+    "compile": False,
+    "channels_last": False,
     "prompt": "",
     "negative_prompt": "",
     "t_index_list": None,
@@ -89,7 +95,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--vae", help="replacement VAE folder or hub id, e.g. madebyollin/taesd")
     model.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: per device")
     model.add_argument("--device", help="auto | cpu | cuda | mps (default auto)")
+    model.add_argument("--lora", action="append", metavar="PATH[:SCALE]",
+                       help="LoRA file, folder or hub id fused at load, with an optional scale (default 1); repeatable")
     model.add_argument("--backend", choices=[b.value for b in BackendKind], help="engine backend (default torch)")
+    model.add_argument("--engine-dir", help="engine cache folder (default $STREAMDIFF_ENGINE_DIR or ./engines)")
+    model.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                       help="torch backend: AOTInductor-compiled U-Net, built once and cached")
+    model.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
+                       help="torch backend: channels-last memory format (faster on CPUs)")
     stream = parser.add_argument_group("stream")
     stream.add_argument("--prompt", help="what to turn the frames into")
     stream.add_argument("--negative-prompt", help="what to steer away from (cfg full/initialize)")
@@ -141,9 +154,23 @@ def resolve_options(args: argparse.Namespace) -> dict[str, Any]:
     if getattr(args, "config", None):
         options.update(load_config_file(args.config))
     options.update({k: v for k, v in vars(args).items() if k in DEFAULTS and v is not None})
-    if isinstance(options["sink"], str):
-        options["sink"] = [options["sink"]]
+    for key in ("sink", "lora"):
+        if isinstance(options[key], str):
+            options[key] = [options[key]]
     return options
+
+
+def lora_specs(values: list[str]) -> list[LoraSpec]:
+    """``PATH[:SCALE]`` entries → LoRA specs (a trailing ``:number`` is the scale)."""
+    specs = []
+    for value in values:
+        source, _, scale_text = str(value).rpartition(":")
+        try:
+            scale = float(scale_text) if source else None
+        except ValueError:  # a colon inside the path (C:\\...), no scale given
+            scale = None
+        specs.append(LoraSpec(source, scale) if scale is not None else LoraSpec(str(value)))
+    return specs
 
 
 def _int_list(value: Any, name: str) -> tuple[int, ...]:
@@ -206,8 +233,12 @@ def build_runner(options: dict[str, Any]) -> StreamRunner:
     )
     try:
         pipe = StreamPipeline.from_pretrained(
-            options["model"], config, vae=options["vae"], dtype=options["dtype"], device=options["device"],
-            backend=options["backend"],
+            options["model"], config, vae=options["vae"], loras=lora_specs(options["lora"]),
+            dtype=options["dtype"], device=options["device"], backend=options["backend"],
+            engine_options=EngineOptions(
+                engine_dir=options["engine_dir"], compile=bool(options["compile"]),
+                channels_last=bool(options["channels_last"]),
+            ),
         )
         pipe.prepare(
             prompt=str(options["prompt"]), negative_prompt=str(options["negative_prompt"]),

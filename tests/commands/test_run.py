@@ -179,3 +179,16 @@ def test_virtualcam_sink_through_the_whole_run(tiny_model) -> None:
     assert code == 0
     assert len(received) == 8 and all(frame.shape == (96, 128, 3) for _, frame in received)
     assert float(np.median(np.diff([t for t, _ in received]))) >= 0.8 / 25
+
+
+def test_lora_flags_parse_path_and_scale() -> None:
+    from streamdiff.commands.run import lora_specs
+
+    specs = lora_specs(["org/lcm-lora:0.5", "style.safetensors", "C:\\loras\\x.safetensors", "dir/lora:-1"])
+    assert [(s.source, s.scale) for s in specs] == [
+        ("org/lcm-lora", 0.5), ("style.safetensors", 1.0), ("C:\\loras\\x.safetensors", 1.0), ("dir/lora", -1.0)
+    ]
+    from streamdiff import ConfigError
+
+    with pytest.raises(ConfigError, match="nan"):
+        lora_specs(["x:nan"])
