@@ -209,11 +209,16 @@ def compare_stream_batch(bm: BenchModel, size: int, dtype: torch.dtype, settings
     return comparison
 
 
-def compare_rcfg(bm: BenchModel, size: int, dtype: torch.dtype, settings: Settings) -> Comparison:
-    """RCFG self and initialize vs full CFG (guidance 1.2, Stream Batch)."""
+def compare_rcfg(
+    bm: BenchModel, size: int, dtype: torch.dtype, settings: Settings, compiled_unet: Any = None
+) -> Comparison:
+    """RCFG self and initialize vs full CFG (guidance 1.2, Stream Batch); ``compiled_unet`` replaces the eager one.
+
+    A compiled U-Net is specialised per batch size: each mode's first call (in the warm-up) compiles its own graph.
+    """
     frames = moving_frames(8, size)
     model = bm.model(dtype)
-    cases = {mode.value: StreamCase(model, base_config(size, cfg_type=mode), frames)
+    cases = {mode.value: StreamCase(model, base_config(size, cfg_type=mode), frames, unet=compiled_unet)
              for mode in (CfgMode.FULL, CfgMode.INITIALIZE, CfgMode.SELF)}
     comparison = _measure("rcfg", cases, "full", settings)
     comparison.checks.append(Check("RCFG self / full CFG frames/s", comparison.speedup("self"), 1.8))
@@ -371,4 +376,6 @@ def compare_diffusers(
     return comparison
 
 
-COMPARISONS = ("stream-batch", "rcfg", "filter", "dtype", "diffusers")
+COMPARISONS = ("stream-batch", "rcfg", "filter", "dtype", "diffusers", "rcfg-compiled")
+# rcfg-compiled compiles one U-Net graph per guidance mode (~1 min each at SD-2.1 size): only on request.
+DEFAULT_COMPARISONS = COMPARISONS[:-1]

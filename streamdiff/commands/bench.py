@@ -3,7 +3,8 @@
 Comparisons (``--only`` picks some): ``stream-batch`` (Stream Batch vs sequential), ``rcfg`` (RCFG self and
 initialize vs full CFG), ``filter`` (U-Net calls per frame with the similarity filter on a static and a moving input),
 ``dtype`` (float32 vs bfloat16, with PSNR against float32), ``diffusers`` (diffusers' img2img pipeline per frame vs
-streamdiff on the same U-Net). Models: the built-in ``tiny`` one and ``sd21``, an SD-2.1-size model with random
+streamdiff on the same U-Net), and on request ``rcfg-compiled`` (the RCFG comparison on the in-process compiled U-Net,
+one compile per guidance mode). Models: the built-in ``tiny`` one and ``sd21``, an SD-2.1-size model with random
 weights built in memory. Configurations are interleaved; figures are medians over rounds. Example::
 
     streamdiff bench --model sd21 --threads 1 --json > bench.json
@@ -35,7 +36,7 @@ _DEFAULT_DTYPE = {"tiny": Precision.FLOAT32, "sd21": Precision.BFLOAT16}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..bench_suites import COMPARISONS
+    from ..bench_suites import COMPARISONS, DEFAULT_COMPARISONS
 
     parser.add_argument("--model", choices=("tiny", "sd21", "both"), default="tiny", help="model(s) to measure")
     parser.add_argument("--size", type=int, default=256, help="frame width and height in pixels (default 256)")
@@ -96,6 +97,11 @@ def _run_model(name: str, args: argparse.Namespace, settings: Any, only: list[st
         if comparison_name == "diffusers":
             compiled = None if args.no_compile else _compiled_unet(bench_model.bf16)
             comparison = suites.compare_diffusers(bench_model, args.size, settings, compiled)
+        elif comparison_name == "rcfg-compiled":
+            compiled = _compiled_unet(bench_model.model(dtype))
+            if compiled is None:
+                raise ConfigError("rcfg-compiled needs the torch backend's compiled U-Net, not in this build")
+            comparison = suites.compare_rcfg(bench_model, args.size, dtype, settings, compiled)
         else:
             runner = {
                 "stream-batch": suites.compare_stream_batch,
@@ -111,7 +117,7 @@ def _run_model(name: str, args: argparse.Namespace, settings: Any, only: list[st
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..bench_suites import COMPARISONS
+    from ..bench_suites import COMPARISONS, DEFAULT_COMPARISONS
 
     if args.size < 64 or args.size % 8:
         raise ConfigError(f"--size={args.size} must be a multiple of 8 and at least 64")
@@ -122,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
     settings = _settings(args)
     # diffusers' modules call an lru_cache'd version check that dynamo warns about on every compile.
     warnings.filterwarnings("ignore", message="Dynamo detected a call to a `functools.lru_cache`")
-    only = [c for c in COMPARISONS if c in (args.only or COMPARISONS)]
+    only = [c for c in COMPARISONS if c in (args.only or DEFAULT_COMPARISONS)]
     models = ["tiny", "sd21"] if args.model == "both" else [args.model]
     started = time.perf_counter()
     comparisons: list[Comparison] = []
