@@ -259,7 +259,7 @@ class OpenCVDisplay:
         try:
             import cv2
         except ImportError:
-            raise missing_extra("cv2 (opencv-python)", "cam") from None
+            raise missing_extra("cv2 (opencv-python)", "window") from None
         try:
             cv2.namedWindow(title, cv2.WINDOW_NORMAL)
             cv2.resizeWindow(title, width, height)
@@ -267,7 +267,7 @@ class OpenCVDisplay:
             raise SinkError(
                 "the window sink needs OpenCV with GUI support, but this OpenCV has none "
                 f"({str(error).strip().splitlines()[-1]}). Install it with `pip uninstall -y opencv-python-headless "
-                "&& pip install opencv-python`, or use another sink (file:out.mp4, virtualcam)."
+                "&& pip install 'streamdiff[window]'`, or use another sink (file:out.mp4, virtualcam)."
             ) from None
         self._cv2, self._title = cv2, title
 

@@ -158,7 +158,7 @@ def test_window_overlay_and_keys() -> None:
 def test_opencv_display_without_gui_names_what_to_install() -> None:
     if "GUI:                           NONE" not in cv2.getBuildInformation():
         pytest.skip("this OpenCV has a GUI")
-    with pytest.raises(SinkError, match="pip install opencv-python"):
+    with pytest.raises(SinkError, match=r"pip install .streamdiff\[window\]."):
         OpenCVDisplay().open("t", 64, 64)
 
 
