@@ -154,11 +154,13 @@ class StreamCase:
     def __init__(
         self, model: LoadedModel, config: StreamConfig, frames: list[torch.Tensor], vae: torch.nn.Module | None = None,
         unet: Any = None, frames_per_step: int = 1, guidance_scale: float = 1.2, channels_last: bool | None = None,
+        vae_engine: Any = None,
     ) -> None:
         # bfloat16 runs channels-last unless told otherwise: its fastest layout here (see compare_dtype).
         layout = model.dtype == torch.bfloat16 if channels_last is None else channels_last
         self.unet = CountingUNet(unet if unet is not None else TorchUNet(model.unet, channels_last=layout))
-        vae_engine = TorchVae(vae if vae is not None else model.vae, channels_last=layout and vae is None)
+        if vae_engine is None:
+            vae_engine = TorchVae(vae if vae is not None else model.vae, channels_last=layout and vae is None)
         self.pipe = StreamPipeline(model, config, unet=self.unet, vae=vae_engine)
         self.pipe.prepare(prompt=PROMPT, guidance_scale=guidance_scale, delta=1.0, seed=2)
         self.frames = [f.to(model.dtype) for f in frames]
@@ -210,15 +212,17 @@ def compare_stream_batch(bm: BenchModel, size: int, dtype: torch.dtype, settings
 
 
 def compare_rcfg(
-    bm: BenchModel, size: int, dtype: torch.dtype, settings: Settings, compiled_unet: Any = None
+    bm: BenchModel, size: int, dtype: torch.dtype, settings: Settings, compiled_unet: Any = None,
+    compiled_vae: Any = None,
 ) -> Comparison:
-    """RCFG self and initialize vs full CFG (guidance 1.2, Stream Batch); ``compiled_unet`` replaces the eager one.
+    """RCFG self and initialize vs full CFG (guidance 1.2, Stream Batch); compiled engines replace the eager ones.
 
     A compiled U-Net is specialised per batch size: each mode's first call (in the warm-up) compiles its own graph.
     """
     frames = moving_frames(8, size)
     model = bm.model(dtype)
-    cases = {mode.value: StreamCase(model, base_config(size, cfg_type=mode), frames, unet=compiled_unet)
+    cases = {mode.value: StreamCase(model, base_config(size, cfg_type=mode), frames, unet=compiled_unet,
+                                    vae_engine=compiled_vae)
              for mode in (CfgMode.FULL, CfgMode.INITIALIZE, CfgMode.SELF)}
     comparison = _measure("rcfg", cases, "full", settings)
     comparison.checks.append(Check("RCFG self / full CFG frames/s", comparison.speedup("self"), 1.8))

@@ -71,3 +71,14 @@ def compiled_unet(unet: torch.nn.Module, channels_last: bool = True) -> TorchUNe
     engine = TorchUNet(unet, channels_last=channels_last)
     engine.unet = torch.compile(unet)
     return engine
+
+
+def compiled_vae(vae: torch.nn.Module, channels_last: bool = True) -> TorchVae:
+    """An in-process ``torch.compile`` (inductor, weight freezing) of the VAE's encoder and decoder (benchmarks)."""
+    import torch._inductor.config as inductor_config
+
+    inductor_config.freezing = True
+    engine = TorchVae(vae, channels_last=channels_last)
+    engine.encoder = torch.compile(engine.encoder)
+    engine.decoder = torch.compile(engine.decoder)
+    return engine

@@ -3,8 +3,8 @@
 Comparisons (``--only`` picks some): ``stream-batch`` (Stream Batch vs sequential), ``rcfg`` (RCFG self and
 initialize vs full CFG), ``filter`` (U-Net calls per frame with the similarity filter on a static and a moving input),
 ``dtype`` (float32 vs bfloat16, with PSNR against float32), ``diffusers`` (diffusers' img2img pipeline per frame vs
-streamdiff on the same U-Net), and on request ``rcfg-compiled`` (the RCFG comparison on the in-process compiled U-Net,
-one compile per guidance mode). Models: the built-in ``tiny`` one and ``sd21``, an SD-2.1-size model with random
+streamdiff on the same U-Net), and on request ``rcfg-compiled`` (the RCFG comparison on the in-process compiled U-Net
+and VAE, one U-Net compile per guidance mode). Models: the built-in ``tiny`` one and ``sd21``, an SD-2.1-size model with random
 weights built in memory. Configurations are interleaved; figures are medians over rounds. Example::
 
     streamdiff bench --model sd21 --threads 1 --json > bench.json
@@ -98,10 +98,14 @@ def _run_model(name: str, args: argparse.Namespace, settings: Any, only: list[st
             compiled = None if args.no_compile else _compiled_unet(bench_model.bf16)
             comparison = suites.compare_diffusers(bench_model, args.size, settings, compiled)
         elif comparison_name == "rcfg-compiled":
-            compiled = _compiled_unet(bench_model.model(dtype))
+            from ..backends.torch_backend import compiled_vae
+
+            model = bench_model.model(dtype)
+            compiled = _compiled_unet(model)
             if compiled is None:
                 raise ConfigError("rcfg-compiled needs the torch backend's compiled U-Net, not in this build")
-            comparison = suites.compare_rcfg(bench_model, args.size, dtype, settings, compiled)
+            vae = compiled_vae(model.vae, channels_last=dtype == torch.bfloat16)
+            comparison = suites.compare_rcfg(bench_model, args.size, dtype, settings, compiled, vae)
         else:
             runner = {
                 "stream-batch": suites.compare_stream_batch,
