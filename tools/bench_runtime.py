@@ -1,6 +1,6 @@
 """Benchmark the streaming runtime: engine alone vs file → engine → file, and latency with a paced source.
 
-    python tools/bench_runtime.py --threads 1                 # tiny model, 256x256, 60 frames, 3 rounds
+    python tools/bench_runtime.py --threads 1                 # tiny model, 256x256, 40 frames, 6 rounds
     python tools/bench_runtime.py --threads 1 --json out.json
 
 A = the engine alone: ``pipe.step`` over frames already decoded into tensors, plus the flush (no I/O, no threads).
@@ -17,7 +17,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -36,28 +35,22 @@ def decoded_tensors(path: Path) -> list[torch.Tensor]:
     return out
 
 
-def engine_only(pipe, tensors: list[torch.Tensor], prompt: str) -> float:
+def engine_only(pipe, tensors: list[torch.Tensor], prompt: str) -> None:
+    """A: the frames, already decoded into tensors, through the engine alone (plus the flush)."""
     pipe.prepare(prompt=prompt)
-    start = time.perf_counter()
-    produced = 0
-    for i, x in enumerate(tensors):
-        produced += pipe.step(x, frame_id=i).images is not None
+    produced = sum(pipe.step(x, frame_id=i).images is not None for i, x in enumerate(tensors))
     produced += len(pipe.flush())
-    elapsed = time.perf_counter() - start
     assert produced == len(tensors), (produced, len(tensors))
-    return produced / elapsed
 
 
-def whole_path(pipe, source_path: Path, out_path: Path, prompt: str) -> tuple[float, dict]:
+def whole_path(pipe, source_path: Path, out_path: Path, prompt: str) -> dict:
+    """B: file → engine → file through the runtime; its summary as a dict."""
     from streamdiff.io import VideoFileSink, VideoFileSource
     from streamdiff.runtime import StreamRunner
 
     pipe.prepare(prompt=prompt)
-    runner = StreamRunner(pipe, VideoFileSource(source_path), [VideoFileSink(out_path)])
-    start = time.perf_counter()
-    summary = runner.run()
-    elapsed = time.perf_counter() - start
-    return summary.frames_out / elapsed, json.loads(summary.to_json())
+    summary = StreamRunner(pipe, VideoFileSource(source_path), [VideoFileSink(out_path)]).run()
+    return json.loads(summary.to_json())
 
 
 def paced(pipe, fps: float, seconds: float, prompt: str) -> dict:
@@ -88,6 +81,7 @@ def main() -> int:
         torch.set_num_threads(args.threads)
 
     from streamdiff import StreamConfig, StreamPipeline
+    from streamdiff.benchmark import Case, run_interleaved
 
     t_index_list = tuple(int(v) for v in args.t_index_list.split(","))
     config = StreamConfig(width=args.size, height=args.size, t_index_list=t_index_list)
@@ -101,19 +95,17 @@ def main() -> int:
 
         write_pattern_video(source_path, args.frames, args.size, args.size, 30)
         tensors = decoded_tensors(source_path)
-        engine_only(pipe, tensors[:4], prompt)  # warm-up
-        for round_index in range(args.rounds):
-            # A B, then B A: a load drift on the shared machine cancels out over pairs of rounds.
-            if round_index % 2 == 0:
-                a = engine_only(pipe, tensors, prompt)
-                b, summary = whole_path(pipe, source_path, out_path, prompt)
-            else:
-                b, summary = whole_path(pipe, source_path, out_path, prompt)
-                a = engine_only(pipe, tensors, prompt)
-            results["rounds"].append({"engine_fps": a, "path_fps": b, "ratio": b / a,
-                                      "path_latency_p50_ms": summary["latency_p50_ms"]})
-    a_med = statistics.median(r["engine_fps"] for r in results["rounds"])
-    b_med = statistics.median(r["path_fps"] for r in results["rounds"])
+        summaries: list[dict] = []
+        cases = [
+            Case("engine", lambda: engine_only(pipe, tensors, prompt), items=len(tensors)),
+            Case("path", lambda: summaries.append(whole_path(pipe, source_path, out_path, prompt)), items=len(tensors)),
+        ]
+        # Rounds alternate A B, B A: a load drift on the shared machine cancels out over pairs of rounds.
+        engine, path = run_interleaved(cases, rounds=args.rounds, calls=1, warmup=1)
+    for a_seconds, b_seconds, summary in zip(engine.seconds, path.seconds, summaries[1:]):
+        results["rounds"].append({"engine_fps": 1 / a_seconds, "path_fps": 1 / b_seconds,
+                                  "ratio": a_seconds / b_seconds, "path_latency_p50_ms": summary["latency_p50_ms"]})
+    a_med, b_med = engine.per_second, path.per_second
     ratio_med = statistics.median(r["ratio"] for r in results["rounds"])
     results.update(engine_fps_median=a_med, path_fps_median=b_med, ratio=b_med / a_med, paired_ratio_median=ratio_med)
     results["paced"] = [dict(fps=fps, **paced(pipe, fps, args.paced_seconds, prompt)) for fps in args.paced_fps]
