@@ -22,9 +22,8 @@ from .backends.torch_backend import TorchUNet, TorchVae
 from .benchmark import Case, Check, Comparison, run_interleaved
 from .config import CfgMode, FilterConfig, StreamConfig, t_index_list_for_strength
 from .image import psnr
-from .models import LoadedModel, load_model
+from .models import LoadedModel, load_model, model_from_components
 from .pipeline import StreamPipeline
-from .schedule import NoiseSchedule
 from .testing import CountingUNet
 
 logger = logging.getLogger(__name__)
@@ -67,15 +66,6 @@ def cast_copy(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     for b in module.buffers():
         memo[id(b)] = b.to(dtype) if b.is_floating_point() else b.clone()
     return copy.deepcopy(module, memo).eval()
-
-
-def _schedule(scheduler: Any) -> NoiseSchedule:
-    config = scheduler.config
-    return NoiseSchedule(
-        alphas_cumprod=tuple(float(a) for a in scheduler.alphas_cumprod),
-        original_inference_steps=int(getattr(config, "original_inference_steps", 50)),
-        timestep_scaling=float(getattr(config, "timestep_scaling", 10.0)),
-    )
 
 
 def tiny_bench_model() -> BenchModel:
@@ -123,12 +113,10 @@ def sd21_bench_model(seed: int = 0) -> BenchModel:
     with tempfile.TemporaryDirectory() as folder:
         write_tokenizer_files(Path(folder))
         tokenizer = CLIPTokenizer.from_pretrained(folder)
-    schedule = _schedule(parts["scheduler"])
 
     def loaded(unet: Any, vae: Any, text: Any, dtype: torch.dtype) -> LoadedModel:
-        return LoadedModel(
-            unet, vae, text, tokenizer, schedule, torch.device("cpu"), dtype, "sd21-random", f"sd21-random-{seed}"
-        )
+        components = dict(unet=unet, vae=vae, text_encoder=text, tokenizer=tokenizer, scheduler=parts["scheduler"])
+        return model_from_components(components, dtype=dtype, model_id="sd21-random", fingerprint=f"sd21-random-{seed}")
 
     fp32 = loaded(parts["unet"], taesd, parts["text_encoder"], torch.float32)
     bf16 = loaded(*(cast_copy(parts[k], torch.bfloat16) for k in ("unet", "taesd", "text_encoder")), torch.bfloat16)
