@@ -190,7 +190,11 @@ class StreamPipeline:
             if state.filter.decide(model_input).skip:
                 state.stats.filter_skips += f
                 return StreamOutput(state.last_output, skipped=True)
-            latents = self.vae.encode(model_input)
+            # The method's first step (paper Sec. 3; reference encode_image): noise the clean latent to t0.
+            coeffs = state.coeffs
+            latents = coeffs.alpha_sqrt[:f] * self.vae.encode(model_input) + coeffs.beta_sqrt[:f] * (
+                state.buffers.init_noise[:f]
+            )
         state.last_latents = latents
         return self._denoise(state, latents, frame_id)
 
