@@ -2,7 +2,7 @@
 
 Public API::
 
-    from streamdiff import StreamConfig, StreamPipeline
+    from . import StreamConfig, StreamPipeline
     pipe = StreamPipeline.from_pretrained("tiny", StreamConfig(width=256, height=256, t_index_list=[32, 45]))
     pipe.prepare(prompt="a watercolor portrait", guidance_scale=1.2, delta=1.0, seed=2)
     out = pipe(frame)

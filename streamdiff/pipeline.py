@@ -23,12 +23,12 @@ from .backends.device import resolve_device, resolve_dtype
 from .backends.factory import create_engines
 from .backends.keys import EngineOptions
 from .config import BackendKind, CfgMode, PromptConfig, StreamConfig, StreamMode
-from .denoiser import sequential_step, stream_batch_step
+from .core.step import sequential_step, stream_batch_step
 from .errors import ConfigError, FrameError, StreamDiffError
-from .image import check_image_tensor, frame_to_tensor, from_model_range, tensor_to_frame, to_model_range
+from .core.image import check_image_tensor, frame_to_tensor, from_model_range, tensor_to_frame, to_model_range
 from .models import LoadedModel, LoraSpec, load_model
-from .prompts import PromptEncoder
-from .stream import StreamState
+from .models.prompts import PromptEncoder
+from .engine.state import StreamState
 
 logger = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ def test_stream_batch_equals_sequential(tiny_model, frames, mode: str, f: int, t
     """Frame k out of the staggered batch equals frame k denoised step by step (float32, max abs diff <= 1e-5).
 
     The residual difference is GEMM rounding that depends on the batch size (~1e-6 per U-Net call here); the
-    analytic-U-Net version of this property in test_denoiser.py holds to 1e-12 over the whole timestep range.
+    analytic-U-Net version of this property in tests/core/test_step.py holds to 1e-12 over the whole timestep range.
     """
     pipes = []
     for use_denoising_batch in (True, False):

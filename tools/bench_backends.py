@@ -32,7 +32,7 @@ from streamdiff.backends.keys import Component, EngineKey, ShapeRange, precision
 from streamdiff.backends.onnx_export import UNetExport, component_spec, export_module, relative_error
 from streamdiff.backends.onnxruntime_backend import OrtSession, onnxruntime_version
 from streamdiff.backends.torch_backend import TorchUNet, compiled_unet
-from streamdiff.benchmark import Case, Check, Comparison, format_table, report_dict, run_interleaved
+from streamdiff.bench.harness import Case, Check, Comparison, format_table, report_dict, run_interleaved
 
 logger = logging.getLogger("bench_backends")
 CONFIGS = ("eager-fp32", "eager-bf16", "compiled-fp32", "compiled-bf16", "jit-bf16", "onnxruntime-fp32")

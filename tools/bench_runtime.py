@@ -23,7 +23,7 @@ import torch
 
 
 def decoded_tensors(path: Path) -> list[torch.Tensor]:
-    from streamdiff.image import frame_to_tensor
+    from streamdiff.core.image import frame_to_tensor
     from streamdiff.io import VideoFileSource
 
     source = VideoFileSource(path)
@@ -81,7 +81,7 @@ def main() -> int:
         torch.set_num_threads(args.threads)
 
     from streamdiff import StreamConfig, StreamPipeline
-    from streamdiff.benchmark import Case, run_interleaved
+    from streamdiff.bench.harness import Case, run_interleaved
 
     t_index_list = tuple(int(v) for v in args.t_index_list.split(","))
     config = StreamConfig(width=args.size, height=args.size, t_index_list=t_index_list)

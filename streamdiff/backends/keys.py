@@ -22,7 +22,7 @@ import torch
 
 from ..config import CfgMode, StreamConfig
 from ..errors import ConfigError
-from ..guidance import unet_rows
+from ..core.guidance import unet_rows
 
 if TYPE_CHECKING:
     from ..models import LoadedModel
@@ -107,7 +107,7 @@ class ShapeRange:
 
 
 def unet_batch_sizes(config: StreamConfig) -> tuple[int, ...]:
-    """Every U-Net batch a stream with ``config`` runs (see :func:`streamdiff.guidance.unet_rows`).
+    """Every U-Net batch a stream with ``config`` runs (see :func:`streamdiff.core.guidance.unet_rows`).
 
     With the denoising batch: n·F (NONE/SELF), (n+1)·F (INITIALIZE), 2n·F (FULL). Without it each step is its own
     call of F rows, the first step of INITIALIZE adding F negatives.

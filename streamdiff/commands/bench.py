@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ..benchmark import Comparison, format_table, report_dict
+from ..bench.harness import Comparison, format_table, report_dict
 from ..config import Precision, to_enum
 from ..errors import ConfigError
 
@@ -36,7 +36,7 @@ _DEFAULT_DTYPE = {"tiny": Precision.FLOAT32, "sd21": Precision.BFLOAT16}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..bench_suites import COMPARISONS, DEFAULT_COMPARISONS
+    from ..bench.suites import COMPARISONS
 
     parser.add_argument("--model", choices=("tiny", "sd21", "both"), default="tiny", help="model(s) to measure")
     parser.add_argument("--size", type=int, default=256, help="frame width and height in pixels (default 256)")
@@ -59,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _settings(args: argparse.Namespace) -> Any:
-    from ..bench_suites import Settings
+    from ..bench.suites import Settings
 
     settings = Settings(rounds=2, calls=1, warmup=1, slow_rounds=2) if args.quick else Settings()
     for name in ("rounds", "slow_rounds", "calls", "warmup"):
@@ -84,7 +84,7 @@ def _compiled_unet(model: Any) -> Any:
 
 
 def _run_model(name: str, args: argparse.Namespace, settings: Any, only: list[str]) -> list[Comparison]:
-    from .. import bench_suites as suites
+    from ..bench import suites
 
     started = time.perf_counter()
     bench_model = suites.tiny_bench_model() if name == "tiny" else suites.sd21_bench_model()
@@ -121,7 +121,7 @@ def _run_model(name: str, args: argparse.Namespace, settings: Any, only: list[st
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..bench_suites import COMPARISONS, DEFAULT_COMPARISONS
+    from ..bench.suites import COMPARISONS, DEFAULT_COMPARISONS
 
     if args.size < 64 or args.size % 8:
         raise ConfigError(f"--size={args.size} must be a multiple of 8 and at least 64")

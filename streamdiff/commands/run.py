@@ -11,7 +11,6 @@ Every flag can also come from ``--config FILE.toml`` under the same name (``guid
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import signal
 import sys

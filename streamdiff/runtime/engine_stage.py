@@ -16,7 +16,7 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
-from ..image import frame_to_tensor, tensor_to_frame
+from ..core.image import frame_to_tensor, tensor_to_frame
 from .controls import Controls
 from .metrics import DropReason, RunMetrics
 from .slots import Closed, FrameSlot

@@ -13,7 +13,7 @@ import enum
 import threading
 import time
 from collections import deque
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 from ..errors import ConfigError
 

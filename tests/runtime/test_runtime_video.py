@@ -8,7 +8,7 @@ import av
 import numpy as np
 
 from streamdiff import StreamConfig, StreamPipeline
-from streamdiff.io import VideoFileSink, VideoFileSource, pattern_frame
+from streamdiff.io import VideoFileSink, VideoFileSource
 from streamdiff.runtime import RuntimeConfig, StreamRunner
 from streamdiff.testing import write_pattern_video
 

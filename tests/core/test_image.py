@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from streamdiff import FrameError
-from streamdiff.image import (
+from streamdiff.core.image import (
     check_image_tensor,
     frame_to_tensor,
     from_model_range,

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 SIGMA_DATA = 0.5
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from streamdiff import FilterConfig
-from streamdiff.similarity import SimilarityFilter, cosine_similarity, skip_probability
+from streamdiff.core.similarity import SimilarityFilter, cosine_similarity, skip_probability
 
 
 def test_skip_probability_formula() -> None:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .errors import ModelLoadError
+from ..errors import ModelLoadError
 from .hub import hub_snapshot, is_hub_id
 
 logger = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .errors import FrameError
+from ..errors import FrameError
 
 
 def frame_to_tensor(frame: np.ndarray) -> torch.Tensor:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import CfgMode
+from ..config import CfgMode
 
 RESIDUAL_MODES = frozenset({CfgMode.SELF, CfgMode.INITIALIZE})
 

@@ -12,7 +12,7 @@ import os
 import re
 from pathlib import Path
 
-from .errors import ModelLoadError
+from ..errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
 

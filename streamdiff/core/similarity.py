@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import FilterConfig
+from ..config import FilterConfig
 
 
 def skip_probability(similarity: float, threshold: float) -> float:

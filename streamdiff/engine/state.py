@@ -9,11 +9,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import PromptConfig, StreamConfig
-from .denoiser import Embeddings, Guidance, StreamBuffers
-from .guidance import expand_embeddings
-from .schedule import NoiseSchedule, SlotCoefficients, slot_coefficients
-from .similarity import SimilarityFilter
+from ..config import PromptConfig, StreamConfig
+from ..core.step import Embeddings, Guidance, StreamBuffers
+from ..core.guidance import expand_embeddings
+from ..core.schedule import NoiseSchedule, SlotCoefficients, slot_coefficients
+from ..core.similarity import SimilarityFilter
 
 
 def draw_noise(seed: int, rows: int, latent_shape: tuple[int, int, int]) -> torch.Tensor:

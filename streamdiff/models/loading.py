@@ -27,9 +27,9 @@ from typing import Any, Sequence
 import torch
 
 from .checkpoints import CHECKPOINT_SUFFIXES, load_single_file
-from .errors import ConfigError, ModelLoadError
+from ..errors import ConfigError, ModelLoadError
 from .hub import hub_snapshot, is_hub_id
-from .schedule import NoiseSchedule
+from ..core.schedule import NoiseSchedule
 from .tiny import TINY_NAME, tiny_model_path
 
 logger = logging.getLogger(__name__)
@@ -181,7 +181,7 @@ def _fuse_loras(components: dict[str, Any], loras: Sequence[LoraSpec], revision:
     try:
         import peft  # noqa: F401
     except ImportError:
-        from .errors import missing_extra
+        from ..errors import missing_extra
 
         raise missing_extra("peft", "lora") from None
     paths = [_local_or_hub(spec.source, LORA_PATTERNS, revision, "LoRA") for spec in loras]  # fail before work

@@ -1,8 +1,8 @@
 """The comparisons of ``streamdiff bench``: models to measure and one function per comparison.
 
-Each comparison builds its configurations as :class:`~streamdiff.benchmark.Case` objects over real pipelines, runs
-them interleaved with :func:`~streamdiff.benchmark.run_interleaved` and returns a
-:class:`~streamdiff.benchmark.Comparison` with the extra numbers (U-Net calls, PSNR) and the targets it is held to.
+Each comparison builds its configurations as :class:`~streamdiff.bench.harness.Case` objects over real pipelines, runs
+them interleaved with :func:`~streamdiff.bench.harness.run_interleaved` and returns a
+:class:`~streamdiff.bench.harness.Comparison` with the extra numbers (U-Net calls, PSNR) and the targets it is held to.
 The SD-2.1-size model is built in memory from :func:`streamdiff.testing.sd21_components` (random weights).
 """
 
@@ -18,13 +18,13 @@ from typing import Any, Callable
 
 import torch
 
-from .backends.torch_backend import TorchUNet, TorchVae
-from .benchmark import Case, Check, Comparison, run_interleaved
-from .config import CfgMode, FilterConfig, StreamConfig, t_index_list_for_strength
-from .image import psnr
-from .models import LoadedModel, load_model, model_from_components
-from .pipeline import StreamPipeline
-from .testing import CountingUNet
+from ..backends.torch_backend import TorchUNet, TorchVae
+from .harness import Case, Check, Comparison, run_interleaved
+from ..config import CfgMode, FilterConfig, StreamConfig, t_index_list_for_strength
+from ..core.image import psnr
+from ..models import LoadedModel, load_model, model_from_components
+from ..pipeline import StreamPipeline
+from ..testing import CountingUNet
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def tiny_bench_model() -> BenchModel:
     """The built-in tiny model in float32 and bfloat16 (its VAE is already a tiny autoencoder)."""
     from diffusers import LCMScheduler
 
-    from .tiny import SD_SCHEDULER
+    from ..models.tiny import SD_SCHEDULER
 
     fp32 = load_model("tiny", device="cpu")
     bf16 = load_model("tiny", device="cpu", dtype=torch.bfloat16)
@@ -102,8 +102,8 @@ def sd21_bench_model(seed: int = 0) -> BenchModel:
     """SD-2.1-size U-Net, KL VAE, TAESD and text encoder with random weights; the tiny model's tokenizer."""
     from transformers import CLIPTokenizer
 
-    from .testing import sd21_components
-    from .tokenizer_vocab import write_tokenizer_files
+    from ..testing import sd21_components
+    from ..models.tokenizer_vocab import write_tokenizer_files
 
     parts = sd21_components(seed)
     taesd = parts["taesd"]

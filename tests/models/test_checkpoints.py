@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from streamdiff import ModelLoadError, StreamConfig, StreamPipeline, load_model
-from streamdiff.checkpoints import checkpoint_family
+from streamdiff import ModelLoadError, load_model
+from streamdiff.models.checkpoints import checkpoint_family
 from streamdiff.models import model_from_components
 from streamdiff.testing import stream_frames, save_ldm_checkpoint, save_tiny_model, small_kl_vae, tiny_components
 

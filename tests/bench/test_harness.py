@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from streamdiff.benchmark import Case, Check, Comparison, format_table, report_dict, run_interleaved
+from streamdiff.bench.harness import Case, Check, Comparison, format_table, report_dict, run_interleaved
 from streamdiff.errors import ConfigError
 
 
@@ -181,7 +181,7 @@ def test_calibrated_tiny_vae_gives_unit_latents() -> None:
     import torch
     from diffusers import AutoencoderTiny
 
-    from streamdiff.bench_suites import calibrate_tiny_vae
+    from streamdiff.bench.suites import calibrate_tiny_vae
 
     torch.manual_seed(0)
     vae = AutoencoderTiny(encoder_block_out_channels=(8,) * 4, decoder_block_out_channels=(8,) * 4,

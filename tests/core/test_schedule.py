@@ -4,8 +4,8 @@ import pytest
 import torch
 from diffusers import LCMScheduler
 
-from streamdiff.schedule import NoiseSchedule, boundary_scalings, lcm_timesteps, slot_coefficients
-from streamdiff.tiny import SD_SCHEDULER
+from streamdiff.core.schedule import NoiseSchedule, boundary_scalings, lcm_timesteps, slot_coefficients
+from streamdiff.models.tiny import SD_SCHEDULER
 
 
 @pytest.fixture(scope="module")

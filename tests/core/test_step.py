@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from streamdiff.config import CfgMode
-from streamdiff.denoiser import Embeddings, Guidance, StreamBuffers, sequential_step, stream_batch_step
-from streamdiff.guidance import expand_embeddings, unet_rows
-from streamdiff.schedule import NoiseSchedule, slot_coefficients
+from streamdiff.core.step import Embeddings, Guidance, StreamBuffers, sequential_step, stream_batch_step
+from streamdiff.core.guidance import expand_embeddings, unet_rows
+from streamdiff.core.schedule import NoiseSchedule, slot_coefficients
 from streamdiff.testing import AnalyticUNet
 
 SHAPE = (4, 8, 8)

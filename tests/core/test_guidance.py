@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from streamdiff.config import CfgMode
-from streamdiff.guidance import combine, expand_embeddings, expand_inputs, split_prediction, unet_rows
+from streamdiff.core.guidance import combine, expand_embeddings, expand_inputs, split_prediction, unet_rows
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,7 @@ from typing import Protocol
 
 import torch
 
-from .config import CfgMode
+from ..config import CfgMode
 from .guidance import RESIDUAL_MODES, combine, expand_inputs, split_prediction
 from .schedule import SlotCoefficients
 

@@ -1,0 +1,1 @@
+"""Benchmarks: the interleaved timing harness (``harness``) and the comparisons of ``streamdiff bench`` (``suites``)."""
