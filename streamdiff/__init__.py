@@ -23,7 +23,8 @@ from .errors import (
     StreamDiffError,
 )
 from .models import LoadedModel, LoraSpec, load_model
-from .pipeline import StreamOutput, StreamPipeline
+from .engine import EngineConfig, Stream, StreamEngine, StreamOutput
+from .pipeline import StreamPipeline
 
 __version__ = "0.1.0"
 

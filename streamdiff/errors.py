@@ -10,7 +10,9 @@
     ├── FrameError                  an input frame has the wrong shape, dtype or value range
     ├── SourceError                 a frame source (webcam, file, folder) cannot be opened or read
     ├── SinkError                   a frame sink (window, file, virtual camera) cannot be opened or written
-    └── ProtocolError               a network client sent something the protocol does not allow
+    ├── ProtocolError               a network client sent something the protocol does not allow
+    ├── EngineFull                  the engine already serves max_streams streams (try again later)
+    └── StreamClosed                the stream was closed or failed; it takes no more frames or changes
 
 ``ConfigError`` is also a ``ValueError`` and ``FrameError`` a ``ValueError`` so that generic callers keep working.
 """
@@ -59,3 +61,11 @@ def missing_extra(module: str, extra: str) -> BackendUnavailable:
     return BackendUnavailable(
         f"optional dependency {module!r} is not installed; install it with: pip install 'streamdiff[{extra}]'"
     )
+
+
+class EngineFull(StreamDiffError):
+    """The engine already serves its ``max_streams`` streams; close one or try again later."""
+
+
+class StreamClosed(StreamDiffError):
+    """The stream was closed (or ended with an error): it takes no more frames or changes."""

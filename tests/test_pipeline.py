@@ -76,7 +76,7 @@ def test_output_kinds_and_warmup(tiny_model, frames) -> None:
     assert isinstance(tensor_out, torch.Tensor) and tensor_out.shape == (1, 3, SIZE, SIZE)
     assert 0.0 <= tensor_out.min() and tensor_out.max() <= 1.0
     assert len(pipe.flush()) == 2
-    assert pipe.state.stats.frames_out == 5
+    assert pipe.stats.frames_out == 5
 
 
 def test_same_seed_same_frames_other_seed_differs(tiny_model, frames) -> None:
@@ -172,7 +172,7 @@ def test_similarity_filter_skips_static_input(tiny_model, frames) -> None:
     assert skipped == [True, True, True, False] * 3  # static input: skip up to the cap, then process one
     assert all(torch.equal(r.images, first.images) for r in results if r.skipped)
     assert pipe.unet.batches == [1] * 4
-    assert pipe.state.stats.filter_skips == 9
+    assert pipe.stats.filter_skips == 9
 
 
 def test_invalid_inputs_raise_clear_errors(tiny_model, frames) -> None:

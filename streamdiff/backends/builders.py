@@ -18,7 +18,7 @@ import torch
 from ..config import BackendKind, StreamConfig
 from ..errors import missing_extra
 from .cache import CacheEntry, EngineCache
-from .keys import Component, EngineKey, EngineOptions, ShapeRange, engine_key, exact_range, shape_range
+from .keys import Component, EngineKey, EngineOptions, EngineShapes, ShapeRange, engine_key, exact_ranges, shape_range
 from .onnx_export import UNetExport, VaeDecoder, VaeEncoder, component_spec, export_module, verification_cases
 from .onnx_export import verify_onnx
 
@@ -82,14 +82,14 @@ def _onnx_version() -> str:
 
 def onnx_step(
     model: LoadedModel,
-    config: StreamConfig,
+    shapes: EngineShapes | StreamConfig,
     options: EngineOptions,
     cache: EngineCache,
     component: Component,
     dtype: torch.dtype = torch.float32,
 ) -> BuildStep:
     """Export ``component`` to ONNX in ``dtype`` (checked against PyTorch in ONNX Runtime when float32)."""
-    shapes = shape_range(component, config, options, spatial_multiple(model, component))
+    shapes = shape_range(component, shapes, options, spatial_multiple(model, component))
     export_device = model.device if dtype != torch.float32 else torch.device("cpu")
     key = engine_key(
         model, component, shapes, backend="onnx", backend_version=_onnx_version(), dtype=dtype, opset=options.opset,
@@ -111,27 +111,25 @@ def onnx_step(
 
 
 def aoti_steps(
-    model: LoadedModel, config: StreamConfig, options: EngineOptions, cache: EngineCache
+    model: LoadedModel, shapes: EngineShapes | StreamConfig, options: EngineOptions, cache: EngineCache
 ) -> list[BuildStep]:
-    """One AOTInductor package of the U-Net per U-Net batch size of ``config`` (static shapes)."""
+    """One AOTInductor package of the U-Net per static batch and frame size (compiled for fixed shapes)."""
     component = Component.UNET
-    full = exact_range(component, config, options)
     steps = []
-    for batch in sorted({full.batch[0], full.batch[1]}):
-        shapes = ShapeRange((batch, batch), full.height, full.width, batch, full.opt_height, full.opt_width)
+    for exact in exact_ranges(component, shapes, options):
         key = engine_key(
-            model, component, shapes, backend="torch-aoti", backend_version=torch.__version__, dtype=model.dtype,
+            model, component, exact, backend="torch-aoti", backend_version=torch.__version__, dtype=model.dtype,
             opset=None, extra={"freezing": "1"},
         )
 
-        def build(folder: Path, shapes: ShapeRange = shapes) -> str:
+        def build(folder: Path, exact: ShapeRange = exact) -> str:
             from .compiled import aoti_compile
 
             spec = spec_for(model, component, model.dtype, model.device)
-            return aoti_compile(UNetExport(model.unet), spec.make_inputs(shapes.opt_batch, shapes.opt_height,
-                                                                         shapes.opt_width), folder)
+            return aoti_compile(UNetExport(model.unet), spec.make_inputs(exact.opt_batch, exact.opt_height,
+                                                                         exact.opt_width), folder)
 
-        description = f"compile unet (batch {batch}, {full.height[0]}x{full.width[0]}, {key.precision})"
+        description = f"compile unet (batch {exact.opt_batch}, {exact.opt_height}x{exact.opt_width}, {key.precision})"
         steps.append(
             BuildStep(description, key, lambda k=key, b=build, d=description: cache.get_or_build(k, b, description=d),
                       component)
@@ -140,13 +138,13 @@ def aoti_steps(
 
 
 def tensorrt_step(
-    model: LoadedModel, config: StreamConfig, options: EngineOptions, cache: EngineCache, component: Component,
+    model: LoadedModel, shapes: EngineShapes | StreamConfig, options: EngineOptions, cache: EngineCache, component: Component,
     onnx: BuildStep,
 ) -> BuildStep:
     """Build a TensorRT fp16 plan of ``component`` from its ONNX entry (``onnx`` runs first)."""
     from .tensorrt_build import build_engine, build_plan, tensorrt_version
 
-    shapes = shape_range(component, config, options, spatial_multiple(model, component))
+    shapes = shape_range(component, shapes, options, spatial_multiple(model, component))
     key = engine_key(
         model, component, shapes, backend="tensorrt", backend_version=tensorrt_version(), dtype=torch.float16,
         opset=options.opset,
@@ -168,17 +166,17 @@ def tensorrt_step(
 
 
 def plan_builds(
-    kind: BackendKind, model: LoadedModel, config: StreamConfig, options: EngineOptions, cache: EngineCache
+    kind: BackendKind, model: LoadedModel, shapes: EngineShapes | StreamConfig, options: EngineOptions, cache: EngineCache
 ) -> list[BuildStep]:
     """The entries backend ``kind`` needs (none for eager torch), in build order."""
     if kind is BackendKind.ONNXRUNTIME:
-        return [onnx_step(model, config, options, cache, c) for c in COMPONENTS]
+        return [onnx_step(model, shapes, options, cache, c) for c in COMPONENTS]
     if kind is BackendKind.TENSORRT:
         steps = []
         for component in COMPONENTS:
-            onnx = onnx_step(model, config, options, cache, component, dtype=torch.float16)
-            steps.append(tensorrt_step(model, config, options, cache, component, onnx))
+            onnx = onnx_step(model, shapes, options, cache, component, dtype=torch.float16)
+            steps.append(tensorrt_step(model, shapes, options, cache, component, onnx))
         return steps
     if kind is BackendKind.TORCH and options.compile:
-        return aoti_steps(model, config, options, cache)
+        return aoti_steps(model, shapes, options, cache)
     return []

@@ -60,6 +60,11 @@ class CompiledUNet:
     def __init__(self, packages: dict[tuple[int, ...], Path]) -> None:
         self.modules = {shape: AotiModule(path) for shape, path in packages.items()}
 
+    @property
+    def batch_sizes(self) -> tuple[int, ...]:
+        """The batch sizes it was compiled for (a multi-stream engine pads each call up to one of them)."""
+        return tuple(sorted({shape[0] for shape in self.modules}))
+
     @torch.inference_mode()
     def __call__(
         self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor

@@ -12,7 +12,7 @@ from ..errors import BackendUnavailable, missing_extra
 from .base import UNetEngine, VaeEngine
 from .builders import COMPONENTS, BuildStep, plan_builds
 from .cache import EngineCache
-from .keys import Component, EngineOptions
+from .keys import Component, EngineOptions, EngineShapes, engine_shapes
 from .torch_backend import TorchUNet, TorchVae
 
 if TYPE_CHECKING:
@@ -74,26 +74,30 @@ def resolve_backend(kind: BackendKind | str, model: LoadedModel, options: Engine
 
 
 def engine_steps(
-    kind: BackendKind | str, model: LoadedModel, config: StreamConfig, options: EngineOptions | None = None
+    kind: BackendKind | str,
+    model: LoadedModel,
+    shapes: EngineShapes | StreamConfig,
+    options: EngineOptions | None = None,
 ) -> tuple[BackendKind, list[BuildStep]]:
     """The resolved backend and the cache entries it needs (for ``streamdiff engines build``)."""
     options = options or EngineOptions()
     resolved = resolve_backend(kind, model, options)
-    return resolved, plan_builds(resolved, model, config, options, EngineCache(options.directory))
+    return resolved, plan_builds(resolved, model, shapes, options, EngineCache(options.directory))
 
 
 def create_engines(
     kind: BackendKind | str,
     model: LoadedModel,
-    config: StreamConfig,
+    shapes: EngineShapes | StreamConfig,
     options: EngineOptions | None = None,
 ) -> tuple[UNetEngine, VaeEngine]:
-    """The U-Net and VAE engines of backend ``kind`` for ``model`` at ``config``'s shapes.
+    """The U-Net and VAE engines of backend ``kind`` for ``model``, serving ``shapes`` (or one stream's config).
 
     Compiled backends build their missing cache entries first (logged; once per configuration).
     """
     options = options or EngineOptions()
-    kind, steps = engine_steps(kind, model, config, options)
+    shapes = engine_shapes(shapes, options)
+    kind, steps = engine_steps(kind, model, shapes, options)
     entries = {step.key.name: step.run() for step in steps}
     by_component = {}
     for step in steps:
@@ -103,9 +107,11 @@ def create_engines(
         if options.compile:
             from .compiled import CompiledUNet
 
-            spec_shape = (model.latent_channels, config.height // model.vae_scale_factor,
-                          config.width // model.vae_scale_factor)
-            packages = {(key.shapes.opt_batch, *spec_shape): entry.artifact for key, entry in by_component[Component.UNET]}
+            packages = {}
+            for key, entry in by_component[Component.UNET]:
+                latent = (model.latent_channels, key.shapes.opt_height // model.vae_scale_factor,
+                          key.shapes.opt_width // model.vae_scale_factor)
+                packages[(key.shapes.opt_batch, *latent)] = entry.artifact
             return CompiledUNet(packages), vae
         return TorchUNet(model.unet, channels_last=options.channels_last), vae
     paths = {c: by_component[c][0][1].artifact for c in COMPONENTS}

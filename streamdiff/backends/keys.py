@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..config import CfgMode, StreamConfig
+from ..config import StreamConfig
 from ..errors import ConfigError
-from ..core.guidance import unet_rows
+from ..core.guidance import call_rows
 
 if TYPE_CHECKING:
     from ..models import LoadedModel
@@ -107,20 +107,12 @@ class ShapeRange:
 
 
 def unet_batch_sizes(config: StreamConfig) -> tuple[int, ...]:
-    """Every U-Net batch a stream with ``config`` runs (see :func:`streamdiff.core.guidance.unet_rows`).
+    """Every U-Net batch a stream with ``config`` runs (see :func:`streamdiff.core.guidance.call_rows`).
 
     With the denoising batch: n·F (NONE/SELF), (n+1)·F (INITIALIZE), 2n·F (FULL). Without it each step is its own
     call of F rows, the first step of INITIALIZE adding F negatives.
     """
-    f, mode = config.frame_buffer_size, config.cfg_type
-    if config.use_denoising_batch:
-        return (unet_rows(mode, config.denoising_steps * f, f, has_first_step=True),)
-    sizes = {unet_rows(mode, f, f, has_first_step=True)}
-    if config.denoising_steps > 1:
-        sizes.add(unet_rows(mode, f, f, has_first_step=False))
-    if mode is CfgMode.INITIALIZE:
-        sizes.add(unet_rows(mode, f, f, has_first_step=True))
-    return tuple(sorted(sizes))
+    return call_rows(config.cfg_type, config.denoising_steps, config.frame_buffer_size, config.use_denoising_batch)
 
 
 def component_batch_sizes(component: Component, config: StreamConfig, options: EngineOptions) -> tuple[int, ...]:
@@ -130,46 +122,105 @@ def component_batch_sizes(component: Component, config: StreamConfig, options: E
     return (config.frame_buffer_size,)
 
 
+@dataclass(frozen=True)
+class EngineShapes:
+    """The shapes a U-Net and a VAE engine must serve.
+
+    ``unet_batch`` / ``vae_batch``: inclusive (min, max) rows per call. ``sizes``: the (width, height) of the frames
+    (the resolution range is derived from them in buckets). ``opt_batch``: the U-Net batch engines are tuned for.
+    ``static_batches``: the U-Net batches that artifacts compiled for fixed shapes are built for (a call is padded
+    up to the next one). Build with :meth:`for_config` (one stream) or :meth:`for_engine` (a multi-stream engine).
+    """
+
+    unet_batch: tuple[int, int]
+    vae_batch: tuple[int, int]
+    sizes: tuple[tuple[int, int], ...]
+    opt_batch: int
+    static_batches: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if not self.sizes:
+            raise ConfigError("EngineShapes needs at least one (width, height) size")
+        for name in ("unet_batch", "vae_batch"):
+            low, high = getattr(self, name)
+            if not 1 <= low <= high:
+                raise ConfigError(f"{name}={(low, high)} must be (min, max) with 1 <= min <= max")
+
+    @classmethod
+    def for_config(cls, config: StreamConfig, options: EngineOptions | None = None) -> EngineShapes:
+        """What one stream with ``config`` runs (plus ``options.batch_sizes``)."""
+        sizes = component_batch_sizes(Component.UNET, config, options or EngineOptions())
+        f = config.frame_buffer_size
+        return cls(
+            unet_batch=(sizes[0], sizes[-1]), vae_batch=(f, f), sizes=((config.width, config.height),),
+            opt_batch=unet_batch_sizes(config)[0], static_batches=tuple(sorted({sizes[0], sizes[-1]})),
+        )
+
+    @classmethod
+    def for_engine(
+        cls, max_batch_rows: int, max_vae_batch: int, sizes: tuple[tuple[int, int], ...], opt_batch: int | None = None
+    ) -> EngineShapes:
+        """A multi-stream engine: any U-Net call of 1 … ``max_batch_rows`` rows, VAE calls of 1 … ``max_vae_batch``.
+
+        Fixed-shape artifacts are built for the powers of two below ``max_batch_rows`` and for ``max_batch_rows``.
+        """
+        static = {max_batch_rows}
+        size = 1
+        while size < max_batch_rows:
+            static.add(size)
+            size *= 2
+        return cls(
+            unet_batch=(1, max_batch_rows), vae_batch=(1, max_vae_batch), sizes=tuple(sorted(set(sizes))),
+            opt_batch=opt_batch or min(max_batch_rows, 4), static_batches=tuple(sorted(static)),
+        )
+
+
+def engine_shapes(shapes: EngineShapes | StreamConfig, options: EngineOptions) -> EngineShapes:
+    """``shapes`` itself, or what one stream with that StreamConfig needs."""
+    return shapes if isinstance(shapes, EngineShapes) else EngineShapes.for_config(shapes, options)
+
+
 # Default side bounds come in buckets, so that a size change inside a bucket keeps the same engine.
 _MIN_BUCKETS = (8, 64, DEFAULT_MIN_RESOLUTION)
 _MAX_BUCKETS = (DEFAULT_MAX_RESOLUTION, 2048, 4096)
 
 
-def shape_range(component: Component, config: StreamConfig, options: EngineOptions, multiple: int) -> ShapeRange:
+def shape_range(
+    component: Component, shapes: EngineShapes | StreamConfig, options: EngineOptions, multiple: int
+) -> ShapeRange:
     """The shapes an engine of ``component`` is built for. Sides are in pixels, rounded to ``multiple``."""
-    sizes = component_batch_sizes(component, config, options)
-    small, large = min(config.width, config.height), max(config.width, config.height)
+    shapes = engine_shapes(shapes, options)
+    small = min(min(size) for size in shapes.sizes)
+    large = max(max(size) for size in shapes.sizes)
     side_min = options.min_resolution or max(b for b in _MIN_BUCKETS if b <= max(small, _MIN_BUCKETS[0]))
     side_max = options.max_resolution or min(b for b in _MAX_BUCKETS if b >= large)
     side_min = max(multiple, side_min // multiple * multiple)
     side_max = max(side_min, side_max // multiple * multiple)
-    for name in ("width", "height"):
-        value = getattr(config, name)
-        if not side_min <= value <= side_max:
-            raise ConfigError(f"{name}={value} is outside the engine resolution range [{side_min}, {side_max}]")
+    for width, height in shapes.sizes:
+        for name, value in (("width", width), ("height", height)):
+            if not side_min <= value <= side_max:
+                raise ConfigError(f"{name}={value} is outside the engine resolution range [{side_min}, {side_max}]")
     opt = min(max(options.opt_resolution // multiple * multiple, side_min), side_max)
-    main_batch = unet_batch_sizes(config)[0] if component is Component.UNET else config.frame_buffer_size
+    unet = component is Component.UNET
     return ShapeRange(
-        batch=(sizes[0], sizes[-1]),
+        batch=shapes.unet_batch if unet else shapes.vae_batch,
         height=(side_min, side_max),
         width=(side_min, side_max),
-        opt_batch=main_batch,
+        opt_batch=shapes.opt_batch if unet else shapes.vae_batch[0],
         opt_height=opt,
         opt_width=opt,
     )
 
 
-def exact_range(component: Component, config: StreamConfig, options: EngineOptions) -> ShapeRange:
-    """A range holding only the configured shapes (for artifacts compiled for static shapes)."""
-    sizes = component_batch_sizes(component, config, options)
-    return ShapeRange(
-        batch=(sizes[0], sizes[-1]),
-        height=(config.height, config.height),
-        width=(config.width, config.width),
-        opt_batch=sizes[0],
-        opt_height=config.height,
-        opt_width=config.width,
-    )
+def exact_ranges(component: Component, shapes: EngineShapes | StreamConfig, options: EngineOptions) -> list[ShapeRange]:
+    """One single-shape range per static batch and size (for artifacts compiled for fixed shapes)."""
+    shapes = engine_shapes(shapes, options)
+    batches = shapes.static_batches if component is Component.UNET else tuple(sorted(set(shapes.vae_batch)))
+    return [
+        ShapeRange((batch, batch), (height, height), (width, width), batch, height, width)
+        for width, height in shapes.sizes
+        for batch in batches
+    ]
 
 
 @functools.lru_cache(maxsize=None)

@@ -167,7 +167,7 @@ class StreamCase:
         return Case(name, self.step, items=self.frames_per_step, **kwargs)
 
     def unet_metrics(self) -> dict[str, float]:
-        frames = max(self.pipe.state.stats.frames_in, 1) if self.pipe.state else 1
+        frames = max(self.pipe.stats.frames_in, 1) if self.pipe.stream else 1
         return {
             "unet_calls_per_frame": len(self.unet.batches) / frames,
             "unet_rows_per_frame": sum(self.unet.batches) / frames,
@@ -225,7 +225,7 @@ def compare_filter(bm: BenchModel, size: int, dtype: torch.dtype, settings: Sett
     cases = {"moving": StreamCase(model, config, frames), "static": StreamCase(model, config, frames[:1])}
     comparison = _measure("filter", cases, "moving", settings)
     for label, case in cases.items():
-        stats = case.pipe.state.stats
+        stats = case.pipe.stats
         comparison.metrics[label]["skipped_fraction"] = stats.filter_skips / max(stats.frames_in, 1)
     return comparison
 

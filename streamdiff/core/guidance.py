@@ -30,6 +30,17 @@ def unet_rows(mode: CfgMode, rows: int, frames: int, has_first_step: bool) -> in
     return rows
 
 
+def call_rows(mode: CfgMode, steps: int, frames: int, batched: bool) -> tuple[int, ...]:
+    """Every U-Net batch one stream runs, ascending: one call of n·F rows (plus negatives) with the denoising batch;
+    without it, one call of F rows (plus negatives) per step."""
+    if batched:
+        return (unet_rows(mode, steps * frames, frames, has_first_step=True),)
+    sizes = {unet_rows(mode, frames, frames, has_first_step=True)}
+    if steps > 1:
+        sizes.add(unet_rows(mode, frames, frames, has_first_step=False))
+    return tuple(sorted(sizes))
+
+
 def expand_inputs(
     mode: CfgMode, x_t: torch.Tensor, timesteps: torch.Tensor, frames: int, has_first_step: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:

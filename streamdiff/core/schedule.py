@@ -14,6 +14,7 @@ Formulas (Luo et al., *Latent Consistency Models*, Eq. 9 and App. D; diffusers' 
 
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass
 
@@ -24,13 +25,26 @@ from ..errors import ConfigError
 SIGMA_DATA = 0.5
 
 
+class PredictionType(str, enum.Enum):
+    """What the model's U-Net predicts (its scheduler's ``prediction_type``); see :func:`streamdiff.core.step.to_epsilon`.
+
+    ``EPSILON``: the noise ε (SD 1.x, SD-Turbo, most models). ``V_PREDICTION``: v = √ᾱ·ε − √(1−ᾱ)·x0 (SD 2.x at
+    768 px and many fine-tunes). ``SAMPLE``: x0 itself.
+    """
+
+    EPSILON = "epsilon"
+    V_PREDICTION = "v_prediction"
+    SAMPLE = "sample"
+
+
 @dataclass(frozen=True)
 class NoiseSchedule:
-    """The training noise schedule of a model: ``alphas_cumprod[t]`` for t in [0, T)."""
+    """The training noise schedule of a model: ``alphas_cumprod[t]`` for t in [0, T), and what its U-Net predicts."""
 
     alphas_cumprod: tuple[float, ...]
     original_inference_steps: int = 50
     timestep_scaling: float = 10.0
+    prediction_type: PredictionType = PredictionType.EPSILON
 
     @property
     def num_train_timesteps(self) -> int:
@@ -123,6 +137,12 @@ def slot_coefficients(
             raise ConfigError(f"t_index_list entry {entry} is outside [0, {num_inference_steps})")
     sub = [timesteps[i] for i in t_index_list]
     acp = torch.tensor([schedule.alphas_cumprod[t] for t in sub], dtype=torch.float64)
+    for entry, t, value in zip(t_index_list, sub, acp.tolist()):
+        if not 0.0 < value < 1.0:
+            raise ConfigError(
+                f"t_index_list entry {entry} (timestep {t}) has alphas_cumprod={value}, outside (0, 1): the model's "
+                f"schedule has zero signal there (zero terminal SNR); choose a later index"
+            )
     scal = [boundary_scalings(t, schedule.timestep_scaling) for t in sub]
 
     def per_slot(values: torch.Tensor) -> torch.Tensor:

@@ -1,15 +1,27 @@
-"""Stream Batch: the staggered, batched denoising core (StreamDiffusion paper, Sec. 3.2).
+"""One denoising step of the StreamDiffusion method, as PLAN and APPLY around a U-Net call made by someone else.
 
-The Stream Batch holds ``n = len(t_index_list)`` steps × ``F = frame_buffer_size`` frames. Row ``k·F + f`` is step
-k of frame f ("slot" k). One call of :func:`stream_batch_step` puts F new latents into slot 0, runs ONE U-Net call over
-all rows, returns the F finished latents of slot n−1 and re-noises every other slot's prediction into the next
-slot. :func:`sequential_step` runs the same n steps one after another for the same F frames (the baseline). Both go
-through :func:`denoise_rows`, the only implementation of a denoising step, so for the same frames and noise they agree.
+The Stream Batch (paper Sec. 3.2) holds ``n = len(t_index_list)`` steps × ``F = frame_buffer_size`` frames; row
+``k·F + f`` is step k of frame f ("slot" k). A step is split so that the engine can put the rows of many streams
+into ONE U-Net call:
 
-Noise: ``init_noise`` ``[n·F, C, h, w]`` is drawn once per seed; row r is the noise of row r in every call.
+- :func:`plan_rows` (PLAN): the U-Net rows a set of latents needs — samples, timesteps and text embeddings, with the
+  negative rows the CFG mode adds (:mod:`.guidance`). No U-Net call.
+- the caller runs the U-Net on the plan's rows (possibly concatenated with other streams' rows) and hands back the
+  prediction rows that belong to this plan;
+- :func:`apply_rows` (APPLY): the prediction as ε (:func:`to_epsilon`), guidance, the x̂0 prediction and, in the RCFG
+  modes, the residual noise each row carries on.
+
+:func:`batch_plan` / :func:`batch_apply` do this for the whole Stream Batch of one stream (slot 0 takes the new
+frames, slot n−1 leaves, every other slot is re-noised into the next); :class:`SequentialRun` does the same n steps one
+after another for the same F frames (``use_denoising_batch=False``). Both call :func:`plan_rows` and
+:func:`apply_rows`, the one implementation of a step, so for the same frames and noise they agree.
+:func:`stream_batch_step` and :func:`sequential_step` compose plan → U-Net → apply for a single stream.
+
+Noise: ``init_noise`` ``[n·F, C, h, w]`` is drawn once per seed; row r is the noise of row r in every call. An
+img2img frame enters slot 0 noised to the first timestep with the first F noise rows (:func:`noise_first_step`).
 RCFG's residual noise ("stock noise") travels with its frame from slot to slot.
 
-No I/O, no timing, no device choice: the U-Net is any callable ``(sample, timestep, encoder_hidden_states) -> ε``.
+No I/O, no timing, no device choice: everything computes on the tensors it is given.
 """
 
 from __future__ import annotations
@@ -21,11 +33,11 @@ import torch
 
 from ..config import CfgMode
 from .guidance import RESIDUAL_MODES, combine, expand_inputs, split_prediction
-from .schedule import SlotCoefficients
+from .schedule import PredictionType, SlotCoefficients
 
 
 class UNetFn(Protocol):
-    """The noise predictor: ``[B, C, h, w]``, ``[B]``, ``[B, L, D]`` → ε ``[B, C, h, w]``."""
+    """The noise predictor: ``[B, C, h, w]``, ``[B]``, ``[B, L, D]`` → prediction ``[B, C, h, w]``."""
 
     def __call__(
         self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
@@ -52,6 +64,19 @@ class Embeddings:
     batch: torch.Tensor  # all n·F rows, first step included
     first: torch.Tensor  # the F rows of step 0 (sequential mode)
     later: torch.Tensor  # the F rows of a later step (sequential mode)
+
+
+@dataclass
+class UNetRows:
+    """The PLAN of one step: the rows it needs in a U-Net call (negatives first, see :mod:`.guidance`)."""
+
+    sample: torch.Tensor  # [R, C, h, w]
+    timesteps: torch.Tensor  # [R] int64
+    embeddings: torch.Tensor  # [R, L, D]
+
+    @property
+    def rows(self) -> int:
+        return int(self.sample.shape[0])
 
 
 @dataclass
@@ -107,17 +132,57 @@ class StreamBuffers:
         self.frame_ids.clear()
 
 
+def noise_first_step(latents: torch.Tensor, coeffs: SlotCoefficients, init_noise: torch.Tensor) -> torch.Tensor:
+    """An encoded frame noised to the first timestep: x_t0 = √ᾱ_t0·z + √(1−ᾱ_t0)·init_noise[0:F] (paper Sec. 3).
+
+    ``latents`` ``[F, C, h, w]`` are clean VAE latents; slot 0's coefficients and noise rows are the first F.
+    """
+    f = latents.shape[0]
+    return coeffs.alpha_sqrt[:f] * latents + coeffs.beta_sqrt[:f] * init_noise[:f]
+
+
+def to_epsilon(
+    prediction: torch.Tensor, x_t: torch.Tensor, coeffs: SlotCoefficients, kind: PredictionType
+) -> torch.Tensor:
+    """The U-Net's prediction as noise ε, whatever the model predicts (exact; guidance then works on ε).
+
+    ``V_PREDICTION``: ε = √ᾱ·v + √(1−ᾱ)·x_t. ``SAMPLE``: ε = (x_t − √ᾱ·x̂0) / √(1−ᾱ). With these, the LCM step below
+    gives the same x̂0 as the model's own formula (x̂0 = √ᾱ·x_t − √(1−ᾱ)·v for v-prediction).
+    """
+    if kind is PredictionType.EPSILON:
+        return prediction
+    if kind is PredictionType.V_PREDICTION:
+        return coeffs.alpha_sqrt * prediction + coeffs.beta_sqrt * x_t
+    return (x_t - coeffs.alpha_sqrt * prediction) / coeffs.beta_sqrt
+
+
 def lcm_x0(x_t: torch.Tensor, eps: torch.Tensor, c: SlotCoefficients) -> torch.Tensor:
     """Consistency-model prediction: x̂0 = c_out·(x_t − √(1−ᾱ)·ε)/√ᾱ + c_skip·x_t (LCM paper, Eq. 9)."""
     return c.c_out * ((x_t - c.beta_sqrt * eps) / c.alpha_sqrt) + c.c_skip * x_t
 
 
-def denoise_rows(
-    unet: UNetFn,
+def plan_rows(
+    mode: CfgMode,
     x_t: torch.Tensor,
     coeffs: SlotCoefficients,
     embeddings: torch.Tensor,
+    frames: int,
+    has_first_step: bool,
+) -> UNetRows:
+    """PLAN: the U-Net rows for latents ``x_t`` ``[R, C, h, w]`` at ``coeffs`` (negatives first, per ``mode``).
+
+    ``embeddings`` are already expanded to the mode's row layout (:func:`.guidance.expand_embeddings`).
+    """
+    sample, timesteps = expand_inputs(mode, x_t, coeffs.timesteps, frames, has_first_step)
+    return UNetRows(sample, timesteps, embeddings)
+
+
+def apply_rows(
+    prediction: torch.Tensor,
+    x_t: torch.Tensor,
+    coeffs: SlotCoefficients,
     guidance: Guidance,
+    prediction_type: PredictionType,
     stock: torch.Tensor,
     next_alpha: torch.Tensor,
     next_beta: torch.Tensor,
@@ -125,20 +190,24 @@ def denoise_rows(
     frames: int,
     has_first_step: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One denoising step for a set of rows: one U-Net call, guidance, the x̂0 prediction.
+    """APPLY: the U-Net ``prediction`` for the rows :func:`plan_rows` planned → ``(x0_pred, next_stock)``.
 
-    Returns ``(x0_pred, next_stock)``. ``next_stock`` (RCFG modes only) is the residual noise each row carries into
-    its next slot (paper Eq. 12–13): ε̃' = n' + (√ᾱ'/√(1−ᾱ')) · f(√(1−ᾱ)·ε̃, ε), with f the LCM step above and
-    n' the next slot's noise. In INITIALIZE mode the first step's ε̃ is the real negative prediction.
+    Guidance (paper Eq. 8 and 11–14), then the x̂0 prediction. ``next_stock`` (RCFG modes only) is the residual noise
+    each row carries into its next slot (paper Eq. 12–13): ε̃' = n' + (√ᾱ'/√(1−ᾱ')) · f(√(1−ᾱ)·ε̃, ε), with f the LCM
+    step and n' the next slot's noise. In INITIALIZE mode the first step's ε̃ is the real negative prediction.
     """
-    x_in, t_in = expand_inputs(guidance.mode, x_t, coeffs.timesteps, frames, has_first_step)
-    prediction = unet(x_in, t_in, embeddings)
-    eps_cond, eps_uncond = split_prediction(guidance.mode, prediction, frames, has_first_step)
+    cond, uncond = split_prediction(guidance.mode, prediction, frames, has_first_step)
+    eps_cond = to_epsilon(cond, x_t, coeffs, prediction_type)
+    eps_uncond = None
+    if uncond is not None:
+        rows = uncond.shape[0]
+        eps_uncond = to_epsilon(uncond, x_t[:rows], coeffs.rows(0, rows), prediction_type)
     residual = guidance.mode in RESIDUAL_MODES
     if residual and eps_uncond is not None:
         stock = torch.cat([eps_uncond, stock[frames:]])
     if guidance.active:
         negative = guidance.delta * stock if residual else eps_uncond
+        assert negative is not None
         eps = combine(eps_cond, negative, guidance.scale)
     else:
         eps = eps_cond
@@ -149,33 +218,33 @@ def denoise_rows(
     return x0_pred, next_noise + delta_x
 
 
-def stream_batch_step(
-    unet: UNetFn,
-    latents: torch.Tensor,
+# -- the Stream Batch of one stream ----------------------------------------------------------------------------------
+
+
+def batch_plan(
+    latents: torch.Tensor, buffers: StreamBuffers, coeffs: SlotCoefficients, embeddings: Embeddings, mode: CfgMode
+) -> UNetRows:
+    """PLAN one Stream Batch call: F new latents ``[F, C, h, w]`` (already at t0) enter slot 0; all n·F rows run."""
+    buffers.x_batch[: buffers.frames].copy_(latents)
+    return plan_rows(mode, buffers.x_batch, coeffs, embeddings.batch, buffers.frames, has_first_step=True)
+
+
+def batch_apply(
+    prediction: torch.Tensor,
     buffers: StreamBuffers,
     coeffs: SlotCoefficients,
-    embeddings: Embeddings,
     guidance: Guidance,
+    prediction_type: PredictionType,
     add_noise: bool = True,
 ) -> torch.Tensor:
-    """One Stream Batch call: F new latents ``[F, C, h, w]`` in, the F latents of slot n−1 ``[F, C, h, w]`` out.
+    """APPLY one Stream Batch call: the F latents leaving slot n−1 ``[F, C, h, w]``; every other slot moves on.
 
     The output belongs to the frames that entered n−1 calls ago (``buffers.filled`` tells when it is real).
     """
     f = buffers.frames
-    buffers.x_batch[:f].copy_(latents)
-    x0_pred, next_stock = denoise_rows(
-        unet,
-        buffers.x_batch,
-        coeffs,
-        embeddings.batch,
-        guidance,
-        buffers.stock_noise,
-        buffers.next_alpha,
-        buffers.next_beta,
-        buffers.next_noise,
-        f,
-        has_first_step=True,
+    x0_pred, next_stock = apply_rows(
+        prediction, buffers.x_batch, coeffs, guidance, prediction_type, buffers.stock_noise, buffers.next_alpha,
+        buffers.next_beta, buffers.next_noise, f, has_first_step=True,
     )
     if next_stock is not None:
         # Each frame's residual noise moves with it to the next slot; slot 0 starts again from its own noise.
@@ -190,6 +259,79 @@ def stream_batch_step(
     return x0_pred[-f:]
 
 
+class SequentialRun:
+    """The same n steps for the same F frames, one U-Net call per step (``use_denoising_batch=False``).
+
+    ``plan(k)`` then ``apply(k, prediction)`` for k = 0 … n−1; :attr:`result` is the final x̂0 ``[F, C, h, w]``.
+    """
+
+    def __init__(
+        self,
+        latents: torch.Tensor,
+        init_noise: torch.Tensor,
+        coeffs: SlotCoefficients,
+        embeddings: Embeddings,
+        guidance: Guidance,
+        prediction_type: PredictionType,
+        add_noise: bool = True,
+    ) -> None:
+        self.frames = latents.shape[0]
+        self.steps = coeffs.alpha_sqrt.shape[0] // self.frames
+        self.init_noise, self.coeffs, self.embeddings = init_noise, coeffs, embeddings
+        self.guidance, self.prediction_type, self.add_noise = guidance, prediction_type, add_noise
+        self.x_t = latents
+        self.stock = init_noise[: self.frames]
+        self.result: torch.Tensor | None = None
+
+    def _rows(self, step: int) -> tuple[int, int]:
+        return step * self.frames, (step + 1) * self.frames
+
+    def plan(self, step: int) -> UNetRows:
+        start, stop = self._rows(step)
+        embeddings = self.embeddings.first if step == 0 else self.embeddings.later
+        return plan_rows(self.guidance.mode, self.x_t, self.coeffs.rows(start, stop), embeddings, self.frames, step == 0)
+
+    def apply(self, step: int, prediction: torch.Tensor) -> None:
+        start, stop = self._rows(step)
+        f, last = self.frames, step == self.steps - 1
+        following = None if last else self.coeffs.rows(stop, stop + f)
+        ones = torch.ones_like(self.coeffs.alpha_sqrt[:f])
+        x0_pred, next_stock = apply_rows(
+            prediction, self.x_t, self.coeffs.rows(start, stop), self.guidance, self.prediction_type, self.stock,
+            ones if following is None else following.alpha_sqrt,
+            ones if following is None else following.beta_sqrt,
+            self.init_noise[:f] if following is None else self.init_noise[stop : stop + f],
+            f, has_first_step=step == 0,
+        )
+        if following is None:
+            self.result = x0_pred
+            return
+        self.x_t = following.alpha_sqrt * x0_pred
+        if self.add_noise:
+            self.x_t = self.x_t + following.beta_sqrt * self.init_noise[stop : stop + f]
+        if next_stock is not None:
+            self.stock = next_stock
+
+
+def _call(unet: UNetFn, rows: UNetRows) -> torch.Tensor:
+    return unet(rows.sample, rows.timesteps, rows.embeddings)
+
+
+def stream_batch_step(
+    unet: UNetFn,
+    latents: torch.Tensor,
+    buffers: StreamBuffers,
+    coeffs: SlotCoefficients,
+    embeddings: Embeddings,
+    guidance: Guidance,
+    add_noise: bool = True,
+    prediction_type: PredictionType = PredictionType.EPSILON,
+) -> torch.Tensor:
+    """One Stream Batch call of a single stream: plan → ``unet`` → apply. F latents at t0 in, F finished out."""
+    rows = batch_plan(latents, buffers, coeffs, embeddings, guidance.mode)
+    return batch_apply(_call(unet, rows), buffers, coeffs, guidance, prediction_type, add_noise)
+
+
 def sequential_step(
     unet: UNetFn,
     latents: torch.Tensor,
@@ -198,38 +340,11 @@ def sequential_step(
     embeddings: Embeddings,
     guidance: Guidance,
     add_noise: bool = True,
+    prediction_type: PredictionType = PredictionType.EPSILON,
 ) -> torch.Tensor:
-    """The same n steps for the same F frames, one U-Net call per step (``use_denoising_batch=False``)."""
-    f = latents.shape[0]
-    rows = coeffs.alpha_sqrt.shape[0]
-    x_t = latents
-    stock = init_noise[:f]
-    x0_pred = latents
-    for start in range(0, rows, f):
-        stop = start + f
-        last = stop >= rows
-        step = coeffs.rows(start, stop)
-        following = coeffs.rows(stop, stop + f) if not last else None
-        ones = torch.ones_like(step.alpha_sqrt)
-        x0_pred, next_stock = denoise_rows(
-            unet,
-            x_t,
-            step,
-            embeddings.first if start == 0 else embeddings.later,
-            guidance,
-            stock,
-            following.alpha_sqrt if following is not None else ones,
-            following.beta_sqrt if following is not None else ones,
-            init_noise[stop : stop + f] if following is not None else init_noise[:f],
-            f,
-            has_first_step=start == 0,
-        )
-        if following is None:
-            break
-        x_t = following.alpha_sqrt * x0_pred
-        if add_noise:
-            x_t = x_t + following.beta_sqrt * init_noise[stop : stop + f]
-        if next_stock is not None:
-            stock = next_stock
-    return x0_pred
-
+    """The n steps of :class:`SequentialRun` with ``unet``: F latents at t0 in, their finished x̂0 out."""
+    run = SequentialRun(latents, init_noise, coeffs, embeddings, guidance, prediction_type, add_noise)
+    for step in range(run.steps):
+        run.apply(step, _call(unet, run.plan(step)))
+    assert run.result is not None
+    return run.result

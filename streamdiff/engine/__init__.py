@@ -1,1 +1,38 @@
-"""The multi-stream engine: per-stream state, a pure scheduler, batch assembly and the worker that owns the model."""
+"""The multi-stream engine: one model, one worker thread, many streams, every stream's rows in one U-Net call.
+
+::
+
+    engine = StreamEngine.from_pretrained("tiny", max_streams=8)
+    a = engine.open_stream(StreamConfig(width=256, height=256, t_index_list=[32, 45]), prompt="watercolor", seed=1)
+    b = engine.open_stream(StreamConfig(width=256, height=256, t_index_list=[20, 30, 40], cfg_type="full"),
+                           prompt="an oil painting", negative_prompt="blurry", guidance_scale=1.6, seed=2)
+    outputs = engine.step({a: frame_a, b: frame_b})   # one tick, synchronously: {stream: StreamOutput}
+
+    engine.start()                                     # or threaded: ticks run whenever a stream has work
+    a.submit(frame, frame_id=7); out = a.get(timeout=1)
+    a.update(prompt="charcoal sketch")                 # validated now, applied between ticks
+    a.close(); engine.stop()
+
+Modules: ``engine`` (StreamEngine: the worker that owns the model), ``stream`` (Stream handles and outputs),
+``scheduler`` (pure batching policy), ``batch`` (assembling and splitting a call), ``state`` (per-stream numerics).
+"""
+
+from __future__ import annotations
+
+from .engine import EngineConfig, EngineStats, StreamEngine
+from .scheduler import Call, Demand, Scheduler, TickPlan
+from .state import StreamStats
+from .stream import Stream, StreamOutput
+
+__all__ = [
+    "Call",
+    "Demand",
+    "EngineConfig",
+    "EngineStats",
+    "Scheduler",
+    "Stream",
+    "StreamEngine",
+    "StreamOutput",
+    "StreamStats",
+    "TickPlan",
+]

@@ -1,19 +1,32 @@
-"""Per-stream state, apart from the loaded model: buffers, coefficients, conditioning, filter, last output.
+"""Per-stream numeric state, apart from the shared model: buffers, coefficients, conditioning, filter, last output.
 
-Several :class:`StreamState` objects can share one model; each owns what changes from frame to frame.
+Many :class:`StreamState` objects share one model and one U-Net call; each owns what changes from frame to frame.
+Only the engine's worker (the thread that owns the model) touches a state. Each tick a state turns its new frame
+group into a :class:`StreamTask` — the U-Net rounds it needs (one for the Stream Batch, n without it), planned and
+applied through :mod:`streamdiff.core.step`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from ..config import PromptConfig, StreamConfig
-from ..core.step import Embeddings, Guidance, StreamBuffers
-from ..core.guidance import expand_embeddings
-from ..core.schedule import NoiseSchedule, SlotCoefficients, slot_coefficients
+from ..config import PromptConfig, StreamConfig, StreamMode
+from ..core.guidance import call_rows, expand_embeddings
+from ..core.schedule import NoiseSchedule, PredictionType, SlotCoefficients, slot_coefficients
 from ..core.similarity import SimilarityFilter
+from ..core.step import (
+    Embeddings,
+    Guidance,
+    SequentialRun,
+    StreamBuffers,
+    UNetRows,
+    batch_apply,
+    batch_plan,
+    noise_first_step,
+)
 
 
 def draw_noise(seed: int, rows: int, latent_shape: tuple[int, int, int]) -> torch.Tensor:
@@ -24,18 +37,19 @@ def draw_noise(seed: int, rows: int, latent_shape: tuple[int, int, int]) -> torc
 
 @dataclass
 class StreamStats:
-    """Counters of one stream."""
+    """Counters of one stream (frames, not groups)."""
 
     frames_in: int = 0
     frames_out: int = 0
     unet_calls: int = 0
     filter_skips: int = 0
-    dropped_on_reconfigure: int = 0
+    dropped_inputs: int = 0  # superseded in the latest-wins input queue before the engine took them
+    dropped_on_reconfigure: int = 0  # inside the Stream Batch when a change of shape restarted it
 
 
 @dataclass
 class StreamState:
-    """Everything one stream carries between calls. Build with :meth:`create`; change with the pipeline's update."""
+    """Everything one stream carries between ticks. Build with :meth:`create`; the engine applies changes."""
 
     config: StreamConfig
     prompt: PromptConfig
@@ -44,9 +58,11 @@ class StreamState:
     guidance: Guidance
     embeddings: Embeddings
     filter: SimilarityFilter
-    last_output: torch.Tensor | None = None
-    last_latents: torch.Tensor | None = None
-    stats: StreamStats = field(default_factory=StreamStats)
+    prediction_type: PredictionType
+    latent_shape: tuple[int, int, int]
+    last_output: torch.Tensor | None = None  # [F, 3, H, W] in [0, 1] (float32, CPU)
+    last_latents: torch.Tensor | None = None  # the newest group at t0 (flush re-feeds it as padding)
+    version: int = 0  # settings version of the last applied change
 
     @classmethod
     def create(
@@ -60,7 +76,7 @@ class StreamState:
         device: torch.device,
         dtype: torch.dtype,
     ) -> StreamState:
-        coeffs = cls._coefficients(config, schedule, device, dtype)
+        coeffs = _coefficients(config, schedule, device, dtype)
         f = config.frame_buffer_size
         noise = draw_noise(prompt.seed, config.denoising_steps * f, latent_shape).to(device, dtype)
         return cls(
@@ -69,36 +85,21 @@ class StreamState:
             coeffs=coeffs,
             buffers=StreamBuffers.allocate(coeffs, f, latent_shape, noise),
             guidance=Guidance(config.cfg_type, float(prompt.guidance_scale), float(prompt.delta)),
-            embeddings=cls._embeddings(config, cond, uncond),
+            embeddings=_embeddings(config, cond, uncond),
             filter=SimilarityFilter(config.filter, seed=prompt.seed),
+            prediction_type=schedule.prediction_type,
+            latent_shape=latent_shape,
         )
 
-    @staticmethod
-    def _coefficients(
-        config: StreamConfig, schedule: NoiseSchedule, device: torch.device, dtype: torch.dtype
-    ) -> SlotCoefficients:
-        coeffs = slot_coefficients(
-            schedule, config.t_index_list, config.num_inference_steps, config.frame_buffer_size
-        )
-        return coeffs.to(device, dtype)
-
-    @staticmethod
-    def _embeddings(config: StreamConfig, cond: torch.Tensor, uncond: torch.Tensor | None) -> Embeddings:
-        mode, f = config.cfg_type, config.frame_buffer_size
-        rows = config.denoising_steps * f
-        return Embeddings(
-            batch=expand_embeddings(mode, cond, uncond, rows, f, has_first_step=True),
-            first=expand_embeddings(mode, cond, uncond, f, f, has_first_step=True),
-            later=expand_embeddings(mode, cond, uncond, f, f, has_first_step=False),
-        )
+    # -- live changes that keep the buffers ---------------------------------------------------------------------
 
     def set_conditioning(self, cond: torch.Tensor, uncond: torch.Tensor | None) -> None:
         """New prompt embeddings (expanded once for every row layout)."""
-        self.embeddings = self._embeddings(self.config, cond, uncond)
+        self.embeddings = _embeddings(self.config, cond, uncond)
 
     def set_schedule(self, config: StreamConfig, schedule: NoiseSchedule) -> None:
         """New timesteps with the same n and F: coefficients change in place, the frames inside stay."""
-        coeffs = self._coefficients(config, schedule, self.coeffs.alpha_sqrt.device, self.coeffs.alpha_sqrt.dtype)
+        coeffs = _coefficients(config, schedule, self.coeffs.alpha_sqrt.device, self.coeffs.alpha_sqrt.dtype)
         self.coeffs = coeffs
         self.buffers.set_coefficients(coeffs)
         self.config = config
@@ -108,3 +109,123 @@ class StreamState:
         noise = draw_noise(seed, self.buffers.init_noise.shape[0], tuple(self.buffers.init_noise.shape[1:]))
         self.buffers.set_noise(noise.to(self.buffers.init_noise.device, self.buffers.init_noise.dtype))
         self.filter.reset(seed)
+
+    # -- per tick -------------------------------------------------------------------------------------------------
+
+    @property
+    def rows(self) -> int:
+        """The most U-Net rows this stream puts into one call (what the scheduler packs)."""
+        return stream_rows(self.config)
+
+    @property
+    def frames_inside(self) -> int:
+        """Real frames still inside the Stream Batch (what a flush would bring out)."""
+        return sum(len(ids) for ids in self.buffers.frame_ids if ids is not None)
+
+    def entry_latents(self, encoded: torch.Tensor | None) -> torch.Tensor:
+        """The F latents that enter slot 0: encoded frames noised to t0 (img2img), or the seed's noise (txt2img)."""
+        f = self.config.frame_buffer_size
+        if self.config.mode is StreamMode.TXT2IMG or encoded is None:
+            return self.buffers.init_noise[:f]
+        return noise_first_step(encoded, self.coeffs, self.buffers.init_noise)
+
+    def task(self, latents: torch.Tensor, frame_ids: tuple[Any, ...] | None) -> StreamTask:
+        """This tick's work for ``latents`` at t0; ``frame_ids`` None marks flush padding (no output)."""
+        self.last_latents = latents
+        if self.config.use_denoising_batch:
+            return BatchTask(self, latents, frame_ids)
+        return SequentialTask(self, latents, frame_ids)
+
+    def reset(self) -> None:
+        """Empty the Stream Batch (after a flush); the next n−1 ticks are warm-up again."""
+        self.buffers.reset()
+        self.last_latents = None
+
+
+class StreamTask:
+    """One stream's work in one tick: ``rounds`` U-Net calls, each planned and applied; then :meth:`finish`."""
+
+    rounds = 1
+
+    def __init__(self, state: StreamState, latents: torch.Tensor, frame_ids: tuple[Any, ...] | None) -> None:
+        self.state = state
+        self.latents = latents
+        self.frame_ids = frame_ids
+        self.x0: torch.Tensor | None = None
+
+    def plan(self, round_index: int) -> UNetRows:
+        raise NotImplementedError
+
+    def apply(self, round_index: int, prediction: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def finish(self) -> tuple[torch.Tensor | None, tuple[Any, ...]]:
+        """The finished latents ``[F, C, h, w]`` leaving this tick and their frame ids, or ``(None, ())``."""
+        raise NotImplementedError
+
+
+class BatchTask(StreamTask):
+    """One Stream Batch call: the new group enters slot 0, the group that entered n−1 ticks ago leaves."""
+
+    def plan(self, round_index: int) -> UNetRows:
+        s = self.state
+        return batch_plan(self.latents, s.buffers, s.coeffs, s.embeddings, s.guidance.mode)
+
+    def apply(self, round_index: int, prediction: torch.Tensor) -> None:
+        s = self.state
+        self.x0 = batch_apply(prediction, s.buffers, s.coeffs, s.guidance, s.prediction_type, s.config.add_noise)
+
+    def finish(self) -> tuple[torch.Tensor | None, tuple[Any, ...]]:
+        inside = self.state.buffers.frame_ids
+        inside.append(self.frame_ids)
+        if len(inside) < self.state.config.denoising_steps:
+            return None, ()
+        leaving = inside.pop(0)
+        if leaving is None or self.x0 is None:
+            return None, ()
+        return self.x0, leaving
+
+
+class SequentialTask(StreamTask):
+    """The n steps of one group, one U-Net round each (``use_denoising_batch=False``)."""
+
+    def __init__(self, state: StreamState, latents: torch.Tensor, frame_ids: tuple[Any, ...] | None) -> None:
+        super().__init__(state, latents, frame_ids)
+        self.run = SequentialRun(
+            latents, state.buffers.init_noise, state.coeffs, state.embeddings, state.guidance, state.prediction_type,
+            state.config.add_noise,
+        )
+        self.rounds = self.run.steps
+
+    def plan(self, round_index: int) -> UNetRows:
+        return self.run.plan(round_index)
+
+    def apply(self, round_index: int, prediction: torch.Tensor) -> None:
+        self.run.apply(round_index, prediction)
+
+    def finish(self) -> tuple[torch.Tensor | None, tuple[Any, ...]]:
+        if self.frame_ids is None or self.run.result is None:
+            return None, ()
+        return self.run.result, self.frame_ids
+
+
+def stream_rows(config: StreamConfig) -> int:
+    """The most U-Net rows a stream with ``config`` puts into one call."""
+    return max(call_rows(config.cfg_type, config.denoising_steps, config.frame_buffer_size, config.use_denoising_batch))
+
+
+def _coefficients(
+    config: StreamConfig, schedule: NoiseSchedule, device: torch.device, dtype: torch.dtype
+) -> SlotCoefficients:
+    coeffs = slot_coefficients(schedule, config.t_index_list, config.num_inference_steps, config.frame_buffer_size)
+    return coeffs.to(device, dtype)
+
+
+def _embeddings(config: StreamConfig, cond: torch.Tensor, uncond: torch.Tensor | None) -> Embeddings:
+    mode, f = config.cfg_type, config.frame_buffer_size
+    rows = config.denoising_steps * f
+    return Embeddings(
+        batch=expand_embeddings(mode, cond, uncond, rows, f, has_first_step=True),
+        first=expand_embeddings(mode, cond, uncond, f, f, has_first_step=True),
+        later=expand_embeddings(mode, cond, uncond, f, f, has_first_step=False),
+    )

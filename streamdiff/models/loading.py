@@ -29,7 +29,7 @@ import torch
 from .checkpoints import CHECKPOINT_SUFFIXES, load_single_file
 from ..errors import ConfigError, ModelLoadError
 from .hub import hub_snapshot, is_hub_id
-from ..core.schedule import NoiseSchedule
+from ..core.schedule import NoiseSchedule, PredictionType
 from .tiny import TINY_NAME, tiny_model_path
 
 logger = logging.getLogger(__name__)
@@ -256,11 +256,20 @@ def _schedule(config: dict[str, Any]) -> NoiseSchedule:
     """The model's training noise schedule, read through diffusers' LCM scheduler (any SD scheduler config works)."""
     from diffusers import LCMScheduler
 
+    kind = str(config.get("prediction_type", PredictionType.EPSILON.value))
+    try:
+        prediction_type = PredictionType(kind)
+    except ValueError:
+        allowed = ", ".join(repr(p.value) for p in PredictionType)
+        raise ModelLoadError(
+            f"the model's scheduler has prediction_type={kind!r}; streamdiff supports {allowed}"
+        ) from None
     scheduler = LCMScheduler.from_config(config)
     return NoiseSchedule(
         alphas_cumprod=tuple(float(a) for a in scheduler.alphas_cumprod),
         original_inference_steps=int(scheduler.config.original_inference_steps),
         timestep_scaling=float(scheduler.config.timestep_scaling),
+        prediction_type=prediction_type,
     )
 
 

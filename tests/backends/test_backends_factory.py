@@ -73,9 +73,9 @@ def test_live_update_remakes_engines_for_new_shapes(tiny_model, tmp_path: Path) 
     pipe = StreamPipeline(tiny_model, CONFIG, backend="onnxruntime", engine_options=_options(tmp_path))
     pipe.prepare(prompt="a red fox", negative_prompt="blur", guidance_scale=1.5)
     first_unet = pipe.unet
-    pipe.update(cfg_type="full", frame_buffer_size=2)
-    assert pipe.unet is not first_unet
+    pipe.update(cfg_type="full", frame_buffer_size=2)  # applied before the next frame
     outs = [pipe.step(torch.rand(2, 3, 64, 64)) for _ in range(CONFIG.denoising_steps)]
+    assert pipe.unet is not first_unet
     assert outs[-1].images.shape == (2, 3, 64, 64)
     reference = StreamPipeline(tiny_model, pipe.config, backend="torch")
     reference.prepare(prompt="a red fox", negative_prompt="blur", guidance_scale=1.5)
