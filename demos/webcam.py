@@ -16,7 +16,7 @@ import logging
 import sys
 import threading
 
-from streamdiff import StreamConfig, StreamDiffError, StreamPipeline
+from streamdiff import PromptConfig, StreamConfig, StreamDiffError, StreamEngine
 from streamdiff.config import t_index_list_for_strength
 from streamdiff.io import VideoFileSink, VirtualCamSink, WindowSink, open_source, parse_size
 from streamdiff.runtime import Controls, RuntimeConfig, StreamRunner
@@ -69,9 +69,9 @@ def main() -> int:
     try:
         source = open_source(args.source, width=width, height=height, realtime=True,
                              camera_size=parse_size(args.camera_size))
-        pipe = StreamPipeline.from_pretrained(args.model, config)
-        pipe.prepare(prompt=args.prompt, guidance_scale=1.2, delta=1.0, seed=2)
-        runner = StreamRunner(pipe, source, sinks, RuntimeConfig(realtime=True, max_frames=args.frames))
+        engine = StreamEngine.from_pretrained(args.model, max_streams=1)
+        runner = StreamRunner(engine, source, sinks, RuntimeConfig(realtime=True, max_frames=args.frames),
+                              stream_config=config, prompt=PromptConfig(args.prompt, guidance_scale=1.2, seed=2))
         runner.start()
     except StreamDiffError as error:
         logging.error("%s", error)

@@ -65,6 +65,13 @@ def to_enum(enum_cls: type[E], value: Any, name: str) -> E:
         raise ConfigError(f"{name}={value!r} is not one of {allowed}") from None
 
 
+def check_bool(name: str, value: Any) -> bool:
+    """``value`` if it is a bool; otherwise ConfigError naming the field (``'no'`` or ``1`` is not a bool)."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name}={value!r} must be true or false")
+    return value
+
+
 @dataclass(frozen=True)
 class FilterConfig:
     """Stochastic similarity filter (StreamDiffusion paper, Sec. 3.5).

@@ -24,16 +24,12 @@ from .backends.device import resolve_device, resolve_dtype
 from .backends.keys import EngineOptions
 from .config import BackendKind, PromptConfig, StreamConfig
 from .core.image import check_image_tensor, frame_to_tensor, tensor_to_frame
-from .engine import EngineConfig, Stream, StreamEngine, StreamOutput, StreamStats
+from .engine import SINGLE_STREAM, Stream, StreamEngine, StreamOutput, StreamStats
 from .engine.state import StreamState
 from .errors import ConfigError, StreamDiffError
 from .models import LoadedModel, LoraSpec, load_model
 
 logger = logging.getLogger(__name__)
-
-# Any configuration one stream may switch to fits in one call: the pipeline's engine serves only this stream.
-_SINGLE_STREAM_ROWS = 4096
-
 
 class StreamPipeline:
     """A loaded model plus one stream. Build with :meth:`from_pretrained`, then :meth:`prepare`.
@@ -52,7 +48,7 @@ class StreamPipeline:
         engine_options: EngineOptions | None = None,
     ) -> None:
         self.engine = StreamEngine(
-            model, EngineConfig(max_streams=1, max_batch_rows=_SINGLE_STREAM_ROWS), unet=unet, vae=vae,
+            model, SINGLE_STREAM, unet=unet, vae=vae,
             backend=backend, engine_options=engine_options,
         )
         self.engine.check_settings(config, _default_prompt())

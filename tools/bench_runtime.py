@@ -36,7 +36,7 @@ def decoded_tensors(path: Path) -> list[torch.Tensor]:
 
 
 def engine_only(pipe, tensors: list[torch.Tensor], prompt: str) -> None:
-    """A: the frames, already decoded into tensors, through the engine alone (plus the flush)."""
+    """A: the frames, already decoded into tensors, through the engine alone, synchronously (plus the flush)."""
     pipe.prepare(prompt=prompt)
     produced = sum(pipe.step(x, frame_id=i).images is not None for i, x in enumerate(tensors))
     produced += len(pipe.flush())
@@ -44,23 +44,25 @@ def engine_only(pipe, tensors: list[torch.Tensor], prompt: str) -> None:
 
 
 def whole_path(pipe, source_path: Path, out_path: Path, prompt: str) -> dict:
-    """B: file → engine → file through the runtime; its summary as a dict."""
+    """B: file → engine (its worker thread) → file through the runtime; its summary as a dict."""
+    from streamdiff import PromptConfig
     from streamdiff.io import VideoFileSink, VideoFileSource
     from streamdiff.runtime import StreamRunner
 
-    pipe.prepare(prompt=prompt)
-    summary = StreamRunner(pipe, VideoFileSource(source_path), [VideoFileSink(out_path)]).run()
-    return json.loads(summary.to_json())
+    runner = StreamRunner(pipe.engine, VideoFileSource(source_path), [VideoFileSink(out_path)],
+                          stream_config=pipe.config, prompt=PromptConfig(prompt))
+    return json.loads(runner.run().to_json())
 
 
 def paced(pipe, fps: float, seconds: float, prompt: str) -> dict:
+    from streamdiff import PromptConfig
     from streamdiff.io import NullSink, TestPatternSource
     from streamdiff.runtime import RuntimeConfig, StreamRunner
 
-    pipe.prepare(prompt=prompt)
     width, height = pipe.config.width, pipe.config.height
     source = TestPatternSource(width, height, fps=fps, realtime=True)
-    runner = StreamRunner(pipe, source, [NullSink()], RuntimeConfig(max_frames=max(2, int(fps * seconds))))
+    runner = StreamRunner(pipe.engine, source, [NullSink()], RuntimeConfig(max_frames=max(2, int(fps * seconds))),
+                          stream_config=pipe.config, prompt=PromptConfig(prompt))
     return json.loads(runner.run().to_json())
 
 

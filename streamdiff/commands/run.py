@@ -18,7 +18,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from ..config import BackendKind, CfgMode, FilterConfig, StreamConfig, t_index_list_for_strength
+from ..config import BackendKind, CfgMode, FilterConfig, PromptConfig, StreamConfig, t_index_list_for_strength
 from ..backends.keys import EngineOptions
 from ..errors import ConfigError, StreamDiffError
 from ..io.resize import parse_size
@@ -211,9 +211,9 @@ def stream_config(options: dict[str, Any]) -> StreamConfig:
 def build_runner(options: dict[str, Any]) -> StreamRunner:
     """Open the source (so a bad device fails before the model loads), load the model, build the runner.
 
-    The runner opens the sinks when it starts.
+    The runner opens the sinks and the stream when it starts.
     """
-    from ..pipeline import StreamPipeline
+    from ..engine import SINGLE_STREAM, StreamEngine
 
     config = stream_config(options)
     output_size = options["output_size"]
@@ -230,24 +230,26 @@ def build_runner(options: dict[str, Any]) -> StreamRunner:
         realtime=options["realtime"], queue_size=int(options["queue_size"]), max_frames=options["frames"],
         output_size=output_size, fps=options["fps"],
     )
+    prompt = PromptConfig(
+        str(options["prompt"]), str(options["negative_prompt"]), float(options["guidance_scale"]),
+        float(options["delta"]), int(options["seed"]),
+    )
     try:
-        pipe = StreamPipeline.from_pretrained(
-            options["model"], config, vae=options["vae"], loras=lora_specs(options["lora"]),
-            dtype=options["dtype"], device=options["device"], backend=options["backend"],
+        engine = StreamEngine.from_pretrained(
+            options["model"], max_streams=SINGLE_STREAM.max_streams, max_batch_rows=SINGLE_STREAM.max_batch_rows,
+            vae=options["vae"], loras=lora_specs(options["lora"]), dtype=options["dtype"], device=options["device"],
+            backend=options["backend"],
             engine_options=EngineOptions(
                 engine_dir=options["engine_dir"], compile=bool(options["compile"]),
                 channels_last=bool(options["channels_last"]),
             ),
         )
-        pipe.prepare(
-            prompt=str(options["prompt"]), negative_prompt=str(options["negative_prompt"]),
-            guidance_scale=float(options["guidance_scale"]), delta=float(options["delta"]),
-            seed=int(options["seed"]),
-        )
+        engine.check_settings(config, prompt)
+        engine.prepare_backends(config)
     except BaseException:
         source.close()
         raise
-    return StreamRunner(pipe, source, sinks, runtime)
+    return StreamRunner(engine, source, sinks, runtime, stream_config=config, prompt=prompt)
 
 
 def _write_stats(summary: Any, target: str | None) -> None:

@@ -19,12 +19,13 @@ Modules: ``engine`` (StreamEngine: the worker that owns the model), ``stream`` (
 
 from __future__ import annotations
 
-from .engine import EngineConfig, EngineStats, StreamEngine
+from .engine import SINGLE_STREAM, EngineConfig, EngineStats, StreamEngine
 from .scheduler import Call, Demand, Scheduler, TickPlan
 from .state import StreamStats
 from .stream import Stream, StreamOutput
 
 __all__ = [
+    "SINGLE_STREAM",
     "Call",
     "Demand",
     "EngineConfig",

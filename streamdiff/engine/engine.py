@@ -49,6 +49,8 @@ from .stream import InputFrame, Stream, StreamOutput
 
 logger = logging.getLogger(__name__)
 
+# The frame id of padding frames (a group completed with copies of the last frame at end of input): not output.
+PADDING = type("Padding", (), {"__repr__": lambda self: "PADDING"})()
 _SHAPE_FIELDS = ("width", "height", "frame_buffer_size", "cfg_type", "use_denoising_batch", "mode")
 
 
@@ -74,6 +76,11 @@ class EngineConfig:
                 raise ConfigError(f"{name}={value!r} must be an integer >= 1")
         if self.batch_vae is not None and not isinstance(self.batch_vae, bool):
             raise ConfigError(f"batch_vae={self.batch_vae!r} must be True, False or None (auto)")
+
+
+# The engine of one stream (StreamPipeline, ``streamdiff run``): every configuration the stream may switch to fits in
+# one call, and compiled backends are built for exactly that stream's shapes.
+SINGLE_STREAM = EngineConfig(max_streams=1, max_batch_rows=4096)
 
 
 @dataclass
@@ -185,7 +192,7 @@ class StreamEngine:
         settings = PromptConfig(prompt, negative_prompt, guidance_scale, delta, seed)
         self.check_settings(config, settings)
         with self._cond:
-            if len(self._streams) >= self.config.max_streams:
+            if sum(not s.closed for s in self._streams.values()) >= self.config.max_streams:
                 raise EngineFull(
                     f"the engine already serves max_streams={self.config.max_streams} streams; close one or try later"
                 )
@@ -351,9 +358,7 @@ class StreamEngine:
         state = stream.state
         if state is None or stream.finished or not stream._has_output_room():
             return False
-        if len(stream._inputs) >= state.config.frame_buffer_size:
-            return True
-        return stream._drain_requested and not stream._inputs
+        return len(stream._inputs) >= state.config.frame_buffer_size or stream._drain_requested
 
     # -- one tick: schedule → execute → update ---------------------------------------------------------------------
 
@@ -399,8 +404,9 @@ class StreamEngine:
                 if not group:  # draining: pad with the newest latents, no output of its own
                     tasks[stream] = state.task(state.last_latents, None)
                     continue
-                ids = tuple(item.frame_id for item in group)
                 stream.stats.frames_in += len(group)
+                ids = tuple(item.frame_id for item in group) + (PADDING,) * (f - len(group))
+                group += [group[-1]] * (f - len(group))  # end of input inside a group: pad with the last frame
                 if state.config.mode is StreamMode.TXT2IMG:
                     tasks[stream] = state.task(state.entry_latents(None), ids)
                     continue
@@ -408,7 +414,7 @@ class StreamEngine:
                 model_input = to_model_range(images.to(self.model.device, self.model.dtype))
                 if state.filter.decide(model_input).skip:
                     stream.stats.filter_skips += len(group)
-                    outputs[stream] = StreamOutput(state.last_output, True, ids, state.version)
+                    outputs[stream] = _output(state.last_output, ids, state.version, skipped=True)
                     continue
                 to_encode.append((stream, model_input, ids))
             except Exception as error:  # noqa: BLE001 - this stream's work failed: it ends, the others go on
@@ -474,8 +480,9 @@ class StreamEngine:
             images = from_model_range(images).float().cpu()
             state = stream.state
             state.last_output = images
-            stream.stats.frames_out += images.shape[0]
-            outputs[stream] = StreamOutput(images, False, ids, state.version)
+            output = _output(images, ids, state.version)
+            stream.stats.frames_out += len(output.frame_ids)
+            outputs[stream] = output
 
     def _vae_calls(self, method: str, inputs: list[torch.Tensor], streams: list[Stream]) -> list[torch.Tensor | None]:
         """``vae.encode``/``decode`` of every input: one call per shape when batching, else one per stream.
@@ -646,6 +653,14 @@ class StreamEngine:
     def _vae(self) -> VaeEngine:
         assert self.vae is not None, "no stream has opened yet"
         return self.vae
+
+
+def _output(images: torch.Tensor | None, ids: tuple[Any, ...], version: int, skipped: bool = False) -> StreamOutput:
+    """A stream's output, without the frames that only padded a group at end of input."""
+    if images is not None and PADDING in ids:
+        real = [i for i, frame_id in enumerate(ids) if frame_id is not PADDING]
+        images, ids = images[real], tuple(ids[i] for i in real)
+    return StreamOutput(images, skipped, ids if images is not None or skipped else (), version)
 
 
 def _fit(image: torch.Tensor, config: StreamConfig) -> torch.Tensor:

@@ -1,25 +1,22 @@
 """Streaming runtime: bounded latest-wins slots, worker threads, metrics and the runner.
 
-``StreamRunner(engine, source, sinks, RuntimeConfig(...)).run()`` streams until the end of input, a stop or Ctrl-C.
+``StreamRunner(engine, source, sinks, RuntimeConfig(...), stream_config=...).run()`` streams until the end of input, a stop or Ctrl-C.
 """
 
 from __future__ import annotations
 
 from .controls import Controls
-from .engine_stage import Engine, EngineStage
 from .metrics import DropReason, RunMetrics, RunSummary
-from .runner import RuntimeConfig, Sink, Source, StreamRunner
+from .runner import CaptureId, RuntimeConfig, Sink, Source, StreamEngineLike, StreamRunner
 from .slots import Closed, FrameSlot, SlotPolicy
-from .stages import END, CapturedFrame, OutputFrame
+from .stages import END, OutputFrame
 
 __all__ = [
     "END",
-    "CapturedFrame",
+    "CaptureId",
     "Closed",
     "Controls",
     "DropReason",
-    "Engine",
-    "EngineStage",
     "FrameSlot",
     "OutputFrame",
     "RunMetrics",
@@ -28,5 +25,6 @@ __all__ = [
     "Sink",
     "SlotPolicy",
     "Source",
+    "StreamEngineLike",
     "StreamRunner",
 ]

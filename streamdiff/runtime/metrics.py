@@ -140,9 +140,16 @@ class RunMetrics:
         queue_max_depth: dict[str, int] | None = None,
         error: str | None = None,
         interrupted: bool = False,
+        extra_drops: dict[DropReason, int] | None = None,
     ) -> RunSummary:
+        """The run so far; ``extra_drops`` adds drops counted elsewhere (by the engine: superseded inputs,
+        frames inside the Stream Batch at a change of shape)."""
         with self._lock:
             samples = [lat for _, lat in self.latencies]
+            drops = Counter(self.drops)
+            for reason, count in (extra_drops or {}).items():
+                if count:
+                    drops[reason.value] += count
             counts = dict(self._sink_counts)
             # The output rate and count of the sink that wrote the least (all of them in lossless mode).
             slowest = min(counts, key=lambda k: counts[k]) if counts else None
@@ -153,8 +160,8 @@ class RunMetrics:
                 frames_out=frames_out,
                 fps_in=rate(self.frames_in, self._first_in, self._last_in),
                 fps_out=rate(frames_out, first_out, last_out),
-                drops=dict(self.drops),
-                filter_skips=self.drops.get(DropReason.FILTER_SKIP.value, 0),
+                drops=dict(drops),
+                filter_skips=drops.get(DropReason.FILTER_SKIP.value, 0),
                 latency_p50_ms=percentile_ms(samples, 50),
                 latency_p95_ms=percentile_ms(samples, 95),
                 latency_max_ms=None if self._max_latency is None else self._max_latency * 1000.0,

@@ -1,15 +1,21 @@
-"""Run a stream: source → capture thread → slot → engine thread → slots → sink threads.
+"""Run one stream: source → capture thread → engine (its own worker) → output thread → slots → sink threads.
 
 Typical use::
 
-    runner = StreamRunner(pipe, open_source("testpattern"), [open_sink("file:out.mp4")])
+    engine = StreamEngine.from_pretrained("tiny")
+    runner = StreamRunner(engine, open_source("testpattern"), [open_sink("file:out.mp4")],
+                          stream_config=StreamConfig(width=256, height=256), prompt=PromptConfig("a watercolor"))
     summary = runner.run(status_interval=2.0, on_status=print)   # returns at end of input, on stop() or Ctrl-C
 
-Every stage runs in its own thread (a sink that must live on the main thread, such as a window on macOS, is served
-by :meth:`StreamRunner.run` itself), so throughput is that of the slowest stage, not the sum. With a real-time
-source the slots are latest-wins (the engine always takes the newest frame, drops are counted); otherwise they are
-lossless with back-pressure and nothing is dropped. Shutdown — end of input, :meth:`stop`, a control's quit,
-Ctrl-C or an error in any stage — sets one event that every wait watches, then all threads are joined.
+The runner opens its stream on ``engine`` — a :class:`~streamdiff.engine.StreamEngine` (started if it is not
+running) or anything with the same ``open_stream`` (the WebSocket client's remote engine) — and every stage runs in
+its own thread (a sink that must live on the main thread, such as a window, is served by :meth:`StreamRunner.run`
+itself), so throughput is that of the slowest stage, not the sum. With a real-time source the stream and the sink
+queues are latest-wins (the engine always takes the newest frame; drops are counted); otherwise they are lossless
+with back-pressure and nothing is dropped. The stream resizes frames to its current size, so a live change of size
+or frame_buffer_size (through :class:`~.controls.Controls`) just works; sinks get frames at the size they opened
+with. Shutdown — end of input, :meth:`stop`, a control's quit, Ctrl-C or an error in any stage — sets one event
+that every wait watches, then all threads are joined.
 """
 
 from __future__ import annotations
@@ -18,21 +24,22 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, NamedTuple, Protocol, Sequence
 
 import numpy as np
 
-from ..errors import ConfigError, StreamDiffError
+from ..config import PromptConfig, StreamConfig, check_bool
+from ..errors import ConfigError, SinkError, StreamClosed, StreamDiffError
 from ..io.resize import fit_frame
 from .controls import Controls
-from .engine_stage import Engine, EngineStage
 from .metrics import DropReason, RunMetrics, RunSummary
 from .slots import Closed, FrameSlot, SlotPolicy
-from .stages import END, CapturedFrame, OutputFrame, Stage
+from .stages import END, OutputFrame, Stage
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_FPS = 30.0
+OUTPUT_POLL = 0.05  # seconds the output thread waits for the engine before looking at the stop event again
 
 
 class Source(Protocol):
@@ -61,22 +68,34 @@ class Sink(Protocol):
     def close(self) -> None: ...
 
 
+class StreamEngineLike(Protocol):
+    """What the runner opens its stream on: a StreamEngine, or the client's remote engine."""
+
+    def open_stream(self, config: StreamConfig, prompt: str = "", *args: Any, **kwargs: Any) -> Any: ...
+
+
+class CaptureId(NamedTuple):
+    """The frame id the runner gives the engine: the running index and the capture time (``perf_counter``)."""
+
+    index: int
+    captured: float
+
+
 @dataclass(frozen=True)
 class RuntimeConfig:
     """How frames move between the stages.
 
-    ``realtime``: latest-wins slots (None: follow ``source.realtime``). ``queue_size``: capacity of latest-wins
-    slots; ``lossless_queue_size`` of lossless ones. ``max_frames``: stop reading after that many. ``frame_size``:
-    the engine's (width, height), taken from ``engine.config`` when None. ``output_size``: what sinks receive
-    (default the engine size; ``"source"``: the source's native size, scaling the output back). ``fps``: the
-    sinks' frame rate (default the source's, else 30).
+    ``realtime``: latest-wins queues (None: follow ``source.realtime``). ``queue_size``: capacity of latest-wins
+    slots; ``lossless_queue_size`` of lossless ones. ``max_frames``: stop reading after that many. ``output_size``:
+    what sinks receive (default the stream's size at start; ``"source"``: the source's native size, scaling the output
+    back). ``fps``: the sinks' frame rate (default the source's, else 30). ``flush``: at end of input, run the frames
+    still inside the Stream Batch out.
     """
 
     realtime: bool | None = None
     queue_size: int = 1
     lossless_queue_size: int = 4
     max_frames: int | None = None
-    frame_size: tuple[int, int] | None = None
     output_size: tuple[int, int] | str | None = None
     fps: float | None = None
     flush: bool = True
@@ -87,8 +106,13 @@ class RuntimeConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name}={value!r} must be an integer >= 1")
-        if self.max_frames is not None and self.max_frames < 0:
-            raise ConfigError(f"max_frames={self.max_frames} must be >= 0")
+        if self.realtime is not None:
+            check_bool("realtime", self.realtime)
+        check_bool("flush", self.flush)
+        if self.max_frames is not None and (
+            isinstance(self.max_frames, bool) or not isinstance(self.max_frames, int) or self.max_frames < 0
+        ):
+            raise ConfigError(f"max_frames={self.max_frames!r} must be an integer >= 0")
         if isinstance(self.output_size, str) and self.output_size != "source":
             raise ConfigError(f"output_size={self.output_size!r} must be (width, height), 'source' or None")
         if self.fps is not None and not 0 < self.fps <= 1000:
@@ -96,13 +120,13 @@ class RuntimeConfig:
 
 
 class SinkStage:
-    """Moves output frames from one slot into one sink, recording end-to-end latency."""
+    """Moves output frames from one slot into one sink (at the size it opened with), recording latency."""
 
-    def __init__(self, sink: Sink, slot: FrameSlot, metrics: RunMetrics, output_size: tuple[int, int] | None):
+    def __init__(self, sink: Sink, slot: FrameSlot, metrics: RunMetrics) -> None:
         self.sink = sink
         self.slot = slot
         self.metrics = metrics
-        self.output_size = output_size
+        self.size: tuple[int, int] | None = None
         self.done = False
 
     def step(self, stop: threading.Event, timeout: float | None = None) -> None:
@@ -114,11 +138,8 @@ class SinkStage:
         if item is END:
             self.done = True
             return
-        assert isinstance(item, OutputFrame)
-        image = item.image
-        if self.output_size is not None:
-            image = fit_frame(image, *self.output_size)
-        self.sink.write(image)
+        assert isinstance(item, OutputFrame) and self.size is not None
+        self.sink.write(fit_frame(item.image, *self.size))
         self.metrics.record_output(self.sink.name, item.captured, time.perf_counter())
 
     def __call__(self, stop: threading.Event) -> None:
@@ -131,10 +152,13 @@ class StreamRunner:
 
     def __init__(
         self,
-        engine: Engine,
+        engine: StreamEngineLike,
         source: Source,
         sinks: Sequence[Sink],
         config: RuntimeConfig | None = None,
+        *,
+        stream_config: StreamConfig,
+        prompt: PromptConfig | None = None,
         controls: Controls | None = None,
     ) -> None:
         if not sinks:
@@ -143,61 +167,52 @@ class StreamRunner:
         self.source = source
         self.sinks = list(sinks)
         self.config = config or RuntimeConfig()
-        engine_config = getattr(engine, "config", None)
-        self.controls = controls or Controls(engine_config if hasattr(engine_config, "t_index_list") else None)
+        self.stream_config = stream_config
+        self.prompt = prompt or PromptConfig()
+        self.controls = controls or Controls()
         self.metrics = RunMetrics()
-        size = self.config.frame_size
-        if size is None and engine_config is not None:
-            size = (int(engine_config.width), int(engine_config.height))
-        if size is None:
-            raise ConfigError("frame_size is unknown: the engine has no config; pass RuntimeConfig(frame_size=(w, h))")
-        self.frame_size = size
         realtime = self.config.realtime
         self.realtime = bool(getattr(source, "realtime", False)) if realtime is None else realtime
         policy = SlotPolicy.LATEST_WINS if self.realtime else SlotPolicy.LOSSLESS
         capacity = self.config.queue_size if self.realtime else self.config.lossless_queue_size
-        self.source_slot: FrameSlot = FrameSlot(capacity, policy, "source")
         self.sink_slots = [FrameSlot(capacity, policy, f"sink:{s.name}") for s in self.sinks]
+        self.stream: Any = None
         self._stop = threading.Event()
         self._threads: list[Stage] = []
-        self._sink_stages = [
-            SinkStage(sink, slot, self.metrics, None) for sink, slot in zip(self.sinks, self.sink_slots)
-        ]
+        self._sink_stages = [SinkStage(sink, slot, self.metrics) for sink, slot in zip(self.sinks, self.sink_slots)]
         self.output_size: tuple[int, int] | None = None
         self._main_stage: SinkStage | None = None
         self._opened: list[Any] = []
+        self._started_engine = False
         self.summary: RunSummary | None = None
         self.error: BaseException | None = None
 
     # -- life cycle -------------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Open the source and sinks (errors raise here, before any thread starts) and start the threads."""
+        """Open the source, the sinks and the stream (errors raise here, before any thread starts); start threads."""
         try:
             self.source.open()
             self._opened.append(self.source)
             fps = self.config.fps or getattr(self.source, "fps", None) or DEFAULT_FPS
-            self.output_size = self._resolve_output_size()
+            self.output_size = self._resolve_output_size() or (self.stream_config.width, self.stream_config.height)
             for stage in self._sink_stages:
-                stage.output_size = self.output_size
-            width, height = self.output_size or self.frame_size
+                stage.size = self.output_size
             for sink in self.sinks:
-                sink.open(width, height, fps)
+                sink.open(*self.output_size, fps)
                 self._opened.append(sink)
                 self.metrics.add_sink(sink.name)
                 if hasattr(sink, "bind"):
                     sink.bind(self.controls, self.metrics)
+            self._open_stream()
         except BaseException:
             self._close_all()
             raise
         logger.info(
             "streaming %s -> %s at %dx%d, %s queues", self.source.name, ", ".join(s.name for s in self.sinks),
-            *self.frame_size, "latest-wins" if self.realtime else "lossless",
+            self.stream_config.width, self.stream_config.height, "latest-wins" if self.realtime else "lossless",
         )
-        engine_stage = EngineStage(
-            self.engine, self.source_slot, self.sink_slots, self.metrics, self.controls, flush=self.config.flush
-        )
-        self._threads = [Stage("capture", self._capture, self._stop), Stage("engine", engine_stage, self._stop)]
+        self._threads = [Stage("capture", self._capture, self._stop), Stage("output", self._output, self._stop)]
         for stage in self._sink_stages:
             if getattr(stage.sink, "main_thread", False) and self._main_stage is None:
                 self._main_stage = stage
@@ -205,6 +220,18 @@ class StreamRunner:
                 self._threads.append(Stage(f"sink-{stage.sink.name}", stage, self._stop))
         for thread in self._threads:
             thread.start()
+
+    def _open_stream(self) -> None:
+        p = self.prompt
+        self.stream = self.engine.open_stream(
+            self.stream_config, p.prompt, p.negative_prompt, p.guidance_scale, p.delta, p.seed,
+            lossless=not self.realtime, name="run",
+        )
+        self._opened.append(self.stream)
+        self.controls.bind(self.stream)
+        if hasattr(self.engine, "start") and not getattr(self.engine, "running", True):
+            self.engine.start()
+            self._started_engine = True
 
     def _resolve_output_size(self) -> tuple[int, int] | None:
         size = self.config.output_size
@@ -229,8 +256,9 @@ class StreamRunner:
     ) -> RunSummary:
         """Serve a main-thread sink, report status every ``status_interval`` s, and return the final summary.
 
-        Ctrl-C ends the run cleanly (``summary.interrupted``). An error in any stage is raised after shutdown
-        (as a :class:`StreamDiffError`) unless ``raise_on_error=False``; the summary is on :attr:`summary`.
+        Ctrl-C ends the run cleanly (``summary.interrupted``). An error in any stage — or in the stream's engine
+        work — is raised after shutdown (as a :class:`StreamDiffError`) unless ``raise_on_error=False``; the summary
+        is on :attr:`summary`.
         """
         interrupted = False
         next_status = time.monotonic() + status_interval if status_interval else None
@@ -244,7 +272,8 @@ class StreamRunner:
                     try:
                         main.step(self._stop, timeout=0.02)
                     except Exception as error:  # noqa: BLE001 - reported like a thread's error
-                        main_error = error
+                        main_error = SinkError(f"{main.sink.name}: {type(error).__name__}: {error}")
+                        main_error.__cause__ = error
                         self._stop.set()
                 else:
                     alive = [t for t in self._threads if t.is_alive()]
@@ -253,21 +282,22 @@ class StreamRunner:
                     alive[0].join(0.05)
                 if next_status is not None and on_status is not None and time.monotonic() >= next_status:
                     next_status += status_interval
-                    on_status(self.metrics.summary())
+                    on_status(self._summary())
         except KeyboardInterrupt:
             interrupted = True
             logger.warning("interrupted: stopping")
         finally:
             self._stop.set()
             self._shutdown()
-        error = main_error or next((t.error for t in self._threads if t.error is not None), None)
+        stream_error = getattr(self.stream, "error", None)
+        error = main_error or next((t.error for t in self._threads if t.error is not None), None) or stream_error
         self.error = error
-        depths = {slot.name: slot.max_depth for slot in [self.source_slot, *self.sink_slots]}
-        self.summary = self.metrics.summary(depths, _describe(error, self._threads), interrupted)
+        description = _describe(error, self._threads, "engine" if error is stream_error else "main")
+        self.summary = self._summary(description, interrupted)
         if error is not None and raise_on_error:
             if isinstance(error, StreamDiffError):
-                raise error
-            raise StreamDiffError(_describe(error, self._threads)) from error
+                raise type(error)(description) from error
+            raise StreamDiffError(description) from error
         return self.summary
 
     def run(
@@ -281,32 +311,94 @@ class StreamRunner:
     def threads(self) -> list[threading.Thread]:
         return list(self._threads)
 
+    def _summary(self, error: str | None = None, interrupted: bool = False) -> RunSummary:
+        stats = getattr(self.stream, "stats", None)
+        engine_drops = {}
+        if stats is not None:
+            engine_drops = {
+                DropReason.SUPERSEDED: stats.dropped_inputs + getattr(self.stream, "dropped_outputs", 0),
+                DropReason.RECONFIGURE: stats.dropped_on_reconfigure,
+            }
+        depths = {slot.name: slot.max_depth for slot in self.sink_slots}
+        return self.metrics.summary(depths, error, interrupted, extra_drops=engine_drops)
+
     # -- stages -----------------------------------------------------------------------------------------------
 
     def _capture(self, stop: threading.Event) -> None:
-        width, height = self.frame_size
         limit = self.config.max_frames
-        frame_id = 0
-        while not stop.is_set() and (limit is None or frame_id < limit):
+        index = 0
+        while not stop.is_set() and (limit is None or index < limit):
+            if self.controls.paused:
+                self.controls.wait_unpaused(OUTPUT_POLL)
+                continue
             image = self.source.read()
             captured = time.perf_counter()
             if image is None:
                 break
-            frame = CapturedFrame(frame_id, captured, fit_frame(image, width, height))
             self.metrics.record_capture(captured)
-            dropped = self.source_slot.put(frame, stop)
-            self.metrics.record_drop(DropReason.SUPERSEDED, len(dropped))
-            frame_id += 1
-        self.source_slot.put(END, stop, force=True)
+            self._submit(image, CaptureId(index, captured), stop)
+            index += 1
+        if stop.is_set():
+            return
+        if self.config.flush:
+            self.stream.end_input()
+        else:
+            self.stream.close()
+
+    def _submit(self, image: np.ndarray, frame_id: CaptureId, stop: threading.Event) -> None:
+        """Hand one frame to the stream; a lossless stream's wait for room watches ``stop``."""
+        while not stop.is_set():
+            try:
+                self.stream.submit(image, frame_id, timeout=OUTPUT_POLL if not self.realtime else None)
+                return
+            except TimeoutError:
+                continue
+            except StreamClosed:
+                if stop.is_set():  # closed by the shutdown itself
+                    return
+                if getattr(self.stream, "error", None) is None:
+                    raise
+                stop.set()  # the engine ended the stream with an error: wait() reports it
+                return
+
+    def _output(self, stop: threading.Event) -> None:
+        """Engine outputs → every sink's slot; the end of the stream → the end marker."""
+        while not stop.is_set():
+            try:
+                out = self.stream.get(timeout=OUTPUT_POLL)
+            except TimeoutError:
+                continue
+            if out is None:
+                break
+            if out.skipped:  # not denoised; leaves as the previous output, held (none before the first output)
+                self.metrics.record_drop(DropReason.FILTER_SKIP, len(out.frame_ids))
+            if out.images is None:
+                continue
+            for frame_id, image in zip(out.frame_ids, out.frames()):
+                message = OutputFrame(frame_id.index, frame_id.captured, image)
+                for slot in self.sink_slots:
+                    dropped = slot.put(message, stop)
+                    self.metrics.record_drop(DropReason.SUPERSEDED, len(dropped))
+        if stop.is_set():
+            return
+        if getattr(self.stream, "error", None) is not None:
+            stop.set()  # the engine ended the stream with an error: wait() reports it
+            return
+        for slot in self.sink_slots:
+            slot.put(END, stop, force=True)
 
     def _shutdown(self) -> None:
-        for slot in [self.source_slot, *self.sink_slots]:
+        if self.stream is not None and not getattr(self.stream, "finished", True):
+            self.stream.close()
+        for slot in self.sink_slots:
             slot.wake()
         deadline = time.monotonic() + self.config.join_timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
             if thread.is_alive():
                 logger.error("thread %s did not stop within %.1f s", thread.name, self.config.join_timeout)
+        if self._started_engine:
+            self.engine.stop()
         self._close_all()
 
     def _close_all(self) -> None:
@@ -318,10 +410,10 @@ class StreamRunner:
         self._opened.clear()
 
 
-def _describe(error: BaseException | None, threads: Sequence[Stage]) -> str | None:
+def _describe(error: BaseException | None, threads: Sequence[Stage], default: str) -> str | None:
     if error is None:
         return None
-    stage = next((t.stage_name for t in threads if t.error is error), "main")
+    stage = next((t.stage_name for t in threads if t.error is error), default)
     text = str(error) or type(error).__name__
     if isinstance(error, StreamDiffError):
         return f"{stage} stage: {text}"

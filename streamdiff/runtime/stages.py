@@ -18,15 +18,6 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class CapturedFrame:
-    """One input frame: running id, capture time (``perf_counter``) and uint8 RGB ``[H, W, 3]`` at engine size."""
-
-    frame_id: int
-    captured: float
-    image: np.ndarray
-
-
-@dataclass(frozen=True)
 class OutputFrame:
     """One output frame, carrying the id and capture time of the input it was made from."""
 

@@ -131,3 +131,54 @@ def test_matches_streamdiffusion_formulation(mode: CfgMode, t_index_list: tuple[
     reference = _streamdiffusion_formulation(AnalyticUNet(), inputs, coeffs, noise, cond, uncond, mode, 1.4, 0.7)
     for a, b in zip(ours, reference):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
+def test_x0_follows_the_models_prediction_type_like_lcm_scheduler(kind: str) -> None:
+    """One LCM step (cfg none) equals diffusers' LCMScheduler.step(...).denoised for every prediction type."""
+    from diffusers import LCMScheduler
+
+    from streamdiff.core.schedule import PredictionType
+    from streamdiff.models.tiny import SD_SCHEDULER
+
+    scheduler = LCMScheduler(**{**SD_SCHEDULER, "prediction_type": kind})
+    scheduler.set_timesteps(50)
+    schedule = NoiseSchedule(tuple(float(a) for a in scheduler.alphas_cumprod))
+    for index in (0, 20, 45):
+        coeffs = slot_coefficients(schedule, (index,), 50, 1).to("cpu", torch.float64)
+        x = torch.randn((1, *SHAPE), dtype=torch.float64, generator=torch.Generator().manual_seed(index))
+        embeddings = Embeddings(*(expand_embeddings(CfgMode.NONE, torch.ones(1, 5, 6, dtype=torch.float64), None,
+                                                    1, 1, first) for first in (True, True, False)))
+        unet = AnalyticUNet()
+        ours = sequential_step(unet, x, torch.zeros_like(x), coeffs, embeddings, Guidance(CfgMode.NONE, 1.0, 1.0),
+                               prediction_type=PredictionType(kind))
+        output = AnalyticUNet()(x, coeffs.timesteps, embeddings.first)
+        scheduler._step_index = index
+        t = int(coeffs.timesteps[0])
+        theirs = scheduler.step(output.float(), t, x.float()).denoised.double()
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+
+
+def test_guidance_is_exact_in_epsilon_space_for_v_prediction() -> None:
+    """Full CFG on v equals full CFG on the equivalent ε: the conversion is affine with the same x_t for both rows."""
+    from streamdiff.core.schedule import PredictionType
+    from streamdiff.core.step import to_epsilon
+
+    coeffs, _, embeddings = _setup((25,), 1, CfgMode.FULL)
+    x = torch.randn((1, *SHAPE), dtype=torch.float64)
+    v = sequential_step(AnalyticUNet(), x, torch.zeros_like(x), coeffs, embeddings, Guidance(CfgMode.FULL, 3.0, 1.0),
+                        prediction_type=PredictionType.V_PREDICTION)
+    both = AnalyticUNet()(torch.cat([x, x]), coeffs.timesteps.repeat(2), embeddings.first)
+    v_guided = both[:1] + 3.0 * (both[1:] - both[:1])
+    eps = to_epsilon(v_guided, x, coeffs, PredictionType.V_PREDICTION)
+    expected = coeffs.c_out * (x - coeffs.beta_sqrt * eps) / coeffs.alpha_sqrt + coeffs.c_skip * x
+    torch.testing.assert_close(v, expected)
+
+
+def test_a_zero_snr_timestep_is_refused() -> None:
+    from streamdiff import ConfigError
+
+    alphas = list(NoiseSchedule.from_betas().alphas_cumprod)
+    alphas[-1] = 0.0  # zero terminal SNR (rescaled betas)
+    with pytest.raises(ConfigError, match=r"t_index_list entry 0 \(timestep 999\) has alphas_cumprod=0.0"):
+        slot_coefficients(NoiseSchedule(tuple(alphas)), (0, 30), 50, 1)

@@ -127,9 +127,22 @@ class FakeDisplay:
         self.closed = True
 
 
+class SettingsOnly:
+    """Stands for a running stream: keeps the settings the controls change (validated like the engine's)."""
+
+    def __init__(self, config: StreamConfig) -> None:
+        self.config = config
+
+    def update(self, **changes) -> int:
+        self.config = self.config.with_changes(**changes)
+        return 1
+
+
 def test_window_overlay_and_keys() -> None:
     config = StreamConfig(width=128, height=96, t_index_list=(25, 40))
-    controls, metrics = Controls(config), RunMetrics()
+    controls, metrics = Controls(), RunMetrics()
+    stream = SettingsOnly(config)
+    controls.bind(stream)
     for i in range(5):
         metrics.record_output("window", 10.0 + i / 20, 10.08 + i / 20)
     keys = [ord("+"), ord("f"), ord(" "), None, ord("x"), ord("q")]
@@ -149,9 +162,9 @@ def test_window_overlay_and_keys() -> None:
     assert (shown[:20, :60] != 200).any() and np.array_equal(shown[60:], frame[60:])  # overlay in the corner only
     lines = lines_after[2]  # after '+', 'f' and space
     assert lines[0].startswith("20.0 fps  80 ms  drops 0"), lines
-    assert "strength 0.55" in lines[1] and "filter on" in lines[1] and "PAUSED" in lines[1]
+    assert "strength 0.56" in lines[1]  # 0.55 asked; t_index_list (22, 36) is 0.56 and "filter on" in lines[1] and "PAUSED" in lines[1]
     assert "PAUSED" not in lines_after[-1][1]  # quitting also releases a pause
-    assert controls.stop_requested and controls.take_updates()["t_index_list"] == (22, 36)
+    assert controls.stop_requested and stream.config.t_index_list == (22, 36) and stream.config.filter.enabled
     assert sink.handle_key(WINDOW_CLOSED) is WindowKey.QUIT
 
 

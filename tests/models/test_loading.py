@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -266,3 +268,32 @@ def test_tiny_first_use_from_two_processes_at_once(tmp_path) -> None:
     assert Path(outs[1][0].strip()) == folder and (folder / "model_index.json").is_file()
     assert [p.name for p in folder.parent.iterdir()] == [folder.name]
     load_model(str(folder))
+
+
+# -- prediction types -------------------------------------------------------------------------------------------------
+
+
+def _with_prediction_type(folder: Path, target: Path, kind: str) -> Path:
+    shutil.copytree(folder, target)
+    config_file = target / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_file.read_text())
+    config["prediction_type"] = kind
+    config_file.write_text(json.dumps(config))
+    return target
+
+
+def test_v_prediction_models_load_and_use_their_formula(tmp_path, tiny_folder, frames_module, base_frames) -> None:
+    """A v-prediction model (SD 2.x at 768, many fine-tunes) gets v's x̂0: other frames than the same weights as ε."""
+    from streamdiff.core.schedule import PredictionType
+
+    model = load_model(str(_with_prediction_type(tiny_folder, tmp_path / "v", "v_prediction")))
+    assert model.schedule.prediction_type is PredictionType.V_PREDICTION
+    frames = stream_frames(model, frames_module[:4])
+    assert frames.shape == base_frames.shape and torch.isfinite(frames).all()
+    assert (frames - base_frames).abs().max() > 0.05
+
+
+def test_unknown_prediction_type_is_refused_at_load(tmp_path, tiny_folder) -> None:
+    with pytest.raises(ModelLoadError, match=r"prediction_type='flow'; streamdiff supports 'epsilon', 'v_prediction', "
+                                             r"'sample'"):
+        load_model(str(_with_prediction_type(tiny_folder, tmp_path / "flow", "flow")))

@@ -1,6 +1,7 @@
-"""Fakes for runtime tests: an engine with a configurable per-step cost, and recording sources and sinks.
+"""Runtime test helpers: the real tiny model through the real engine, plus recording sources and sinks.
 
-The cost is a sleep *in the fake*, standing for model work; the runtime under test never sleeps in its engine stage.
+Where a test needs a slower or failing model, the real U-Net is wrapped (:class:`SlowUNet` sleeps a fixed cost per
+call, standing for a bigger model; :class:`FailingUNet` raises at one call). The runtime under test never sleeps.
 """
 
 from __future__ import annotations
@@ -11,64 +12,38 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 
-from streamdiff import StreamConfig, StreamOutput
+from streamdiff import StreamConfig, StreamEngine
+from streamdiff.backends.torch_backend import TorchUNet
+from streamdiff.engine import EngineConfig
 from streamdiff.io import pattern_frame
 
+SIZE = 64
 
-class FakeEngine:
-    """``step``/``flush`` like StreamPipeline: a Stream Batch of ``n`` (frame k leaves after frame k+n−1 went in).
 
-    Output = 1 − input. ``cost`` seconds per step; ``fail_at`` raises on that step; ``skip`` is a set of step
-    numbers reported as filter skips (returning the last output, as StreamPipeline does).
-    """
+class SlowUNet:
+    """The real U-Net plus ``cost`` seconds per call (a bigger model's time); counts calls and their threads."""
 
-    def __init__(self, size: int = 32, n: int = 1, cost: float = 0.0, frame_buffer_size: int = 1,
-                 fail_at: int | None = None, skip: set[int] | None = None) -> None:
-        t_index_list = tuple(range(20, 20 + 10 * n, 10))
-        self.config = StreamConfig(width=size, height=size, t_index_list=t_index_list,
-                                   frame_buffer_size=frame_buffer_size)
-        self.n = n
-        self.cost = cost
-        self.fail_at = fail_at
-        self.skip = skip or set()
-        self.steps = 0
-        self.updates: list[tuple[str, dict[str, Any]]] = []
-        self.step_threads: set[str] = set()
-        self._inside: list[tuple[Any, torch.Tensor]] = []
-        self._last: torch.Tensor | None = None
+    def __init__(self, unet: Any, cost: float = 0.0, fail_at: int | None = None) -> None:
+        self.unet, self.cost, self.fail_at = unet, cost, fail_at
+        self.calls = 0
+        self.threads: set[str] = set()
 
-    def step(self, images: torch.Tensor, frame_id: Any = None) -> StreamOutput:
-        self.step_threads.add(threading.current_thread().name)
-        step = self.steps
-        self.steps += 1
+    def __call__(self, sample, timestep, encoder_hidden_states):
+        self.threads.add(threading.current_thread().name)
+        call = self.calls
+        self.calls += 1
+        if self.fail_at is not None and call == self.fail_at:
+            raise RuntimeError(f"U-Net failure at call {call}")
         if self.cost:
             time.sleep(self.cost)
-        if self.fail_at is not None and step == self.fail_at:
-            raise RuntimeError(f"fake engine failure at step {step}")
-        if step in self.skip:
-            return StreamOutput(self._last, skipped=True)
-        self._inside.append((frame_id, 1.0 - images))
-        if len(self._inside) < self.n:
-            return StreamOutput(None)
-        leaving, out = self._inside.pop(0)
-        self._last = out
-        return StreamOutput(out, frame_ids=(leaving,))
-
-    def flush(self) -> list[StreamOutput]:
-        outs = [StreamOutput(img, frame_ids=(fid,)) for fid, img in self._inside]
-        self._inside.clear()
-        return outs
-
-    def update(self, **changes: Any) -> None:
-        self.updates.append((threading.current_thread().name, changes))
+        return self.unet(sample, timestep, encoder_hidden_states)
 
 
 class PatternSource:
     """The moving test pattern with an optional per-read cost (sleep) or a failure; ``frames=None`` is endless."""
 
-    def __init__(self, size: int = 32, frames: int | None = 20, cost: float = 0.0, realtime: bool = False,
+    def __init__(self, size: int = SIZE, frames: int | None = 20, cost: float = 0.0, realtime: bool = False,
                  fail_at: int | None = None) -> None:
         self.size, self.frames, self.cost, self.realtime, self.fail_at = size, frames, cost, realtime, fail_at
         self.name = "pattern"
@@ -123,15 +98,27 @@ def streamdiff_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith("streamdiff-") and t.is_alive()]
 
 
-@pytest.fixture()
-def fakes():
-    """The fake classes, as a namespace."""
+def config(n: int = 2, f: int = 1, **changes: Any) -> StreamConfig:
+    """A small stream: ``n`` steps, F = ``f``."""
+    t_index_list = tuple(range(20, 20 + 10 * n, 10))
+    return StreamConfig(width=SIZE, height=SIZE, t_index_list=t_index_list, frame_buffer_size=f, **changes)
 
-    class Fakes:
-        Engine = FakeEngine
+
+@pytest.fixture()
+def kit(tiny_model):
+    """Engines on the real tiny model (optionally with a slow or failing U-Net), sources, sinks; checks threads."""
+
+    class Kit:
         Source = PatternSource
         Sink = RecordingSink
         threads = staticmethod(streamdiff_threads)
+        stream_config = staticmethod(config)
+        model = tiny_model
 
-    yield Fakes
-    assert streamdiff_threads() == [], "a runtime thread was left running"
+        @staticmethod
+        def engine(cost: float = 0.0, fail_at: int | None = None) -> StreamEngine:
+            unet = SlowUNet(TorchUNet(tiny_model.unet), cost, fail_at)
+            return StreamEngine(tiny_model, EngineConfig(max_streams=1, max_batch_rows=64), unet=unet)
+
+    yield Kit
+    assert streamdiff_threads() == [], "a runtime or engine thread was left running"

@@ -7,7 +7,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from streamdiff import StreamConfig, StreamPipeline
+from streamdiff import PromptConfig, StreamConfig, StreamEngine
 from streamdiff.io import VideoFileSink, VideoFileSource
 from streamdiff.runtime import RuntimeConfig, StreamRunner
 from streamdiff.testing import write_pattern_video
@@ -23,10 +23,10 @@ def probe(path: Path) -> tuple[int, int, int, float, list[np.ndarray]]:
 def test_video_file_through_tiny_model_keeps_count_size_and_fps(tiny_model, tmp_path: Path) -> None:
     source_path, out_path = tmp_path / "in.mp4", tmp_path / "out" / "styled.mp4"
     write_pattern_video(source_path, frames=11, width=96, height=72, fps=24)
-    pipe = StreamPipeline(tiny_model, StreamConfig(width=64, height=64, t_index_list=(32, 45)))
-    pipe.prepare(prompt="a watercolor", seed=3)
+    engine = StreamEngine(tiny_model)
     runner = StreamRunner(
-        pipe, VideoFileSource(source_path), [VideoFileSink(out_path)], RuntimeConfig(output_size="source")
+        engine, VideoFileSource(source_path), [VideoFileSink(out_path)], RuntimeConfig(output_size="source"),
+        stream_config=StreamConfig(width=64, height=64, t_index_list=(32, 45)), prompt=PromptConfig("a watercolor"),
     )
     summary = runner.run()
     assert summary.frames_in == summary.frames_out == 11 and summary.drops == {}
