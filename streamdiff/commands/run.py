@@ -26,6 +26,7 @@ from ..io.sinks import open_sink
 from ..io.sources import list_webcams, open_source
 from ..models import LoraSpec
 from ..runtime import RuntimeConfig, StreamRunner
+from ..runtime.controls import COMMAND_HELP
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ DEFAULTS: dict[str, Any] = {
     "virtualcam_backend": None,
     "status_interval": 2.0,
     "stats_json": None,
+    "control_stdin": False,
 }
 
 
@@ -122,6 +124,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--queue-size", type=int, help="capacity of the latest-wins queues (default 1)")
     run.add_argument("--status-interval", type=float, help="seconds between status lines, 0 for none (default 2)")
     run.add_argument("--stats-json", metavar="FILE", help="write the final summary as JSON ('-' for stdout)")
+    run.add_argument("--control-stdin", action=argparse.BooleanOptionalAction,
+                     help=f"read live changes from standard input, {COMMAND_HELP}")
 
 
 def load_config_file(path: str) -> dict[str, Any]:
@@ -252,6 +256,18 @@ def build_runner(options: dict[str, Any]) -> StreamRunner:
     return StreamRunner(engine, source, sinks, runtime, stream_config=config, prompt=prompt)
 
 
+def _read_commands(runner: StreamRunner) -> None:
+    """Live changes typed (or piped) on standard input, one per line; an invalid one is reported and ignored."""
+    for line in sys.stdin:
+        try:
+            done = runner.controls.command(line)
+        except StreamDiffError as error:
+            logger.error("ignored %r: %s", line.strip(), error)
+            continue
+        if done:
+            logger.info("%s", done)
+
+
 def _write_stats(summary: Any, target: str | None) -> None:
     if not target:
         return
@@ -288,6 +304,8 @@ def run(args: argparse.Namespace) -> int:
     interval = float(options["status_interval"] or 0) or None
     try:
         runner.start()
+        if options["control_stdin"]:
+            threading.Thread(target=_read_commands, args=(runner,), name="stdin-commands", daemon=True).start()
         summary = runner.wait(interval, lambda s: logger.info("%s", s.status_line()))
     except StreamDiffError:
         if runner.summary is not None:

@@ -98,3 +98,82 @@ class Controls:
     @property
     def stop_requested(self) -> bool:
         return self._stop.is_set()
+
+    def command(self, text: str) -> str:
+        """Carry out one text command (see :func:`parse_command`); returns what was done. ConfigError if invalid."""
+        if self.stream is None:
+            raise RuntimeError("the controls are not bound to a running stream yet")
+        kind, changes = parse_command(text, self.stream.config)
+        if kind == "quit":
+            self.request_stop()
+            return "stopping"
+        if kind == "pause":
+            return "paused" if self.toggle_pause() else "resumed"
+        if kind == "update":
+            version = self.update(**changes)
+            return f"settings v{version}: " + ", ".join(f"{k}={v!r}" for k, v in changes.items())
+        return ""
+
+
+# -- text commands (a terminal, ``streamdiff run --control-stdin``) ----------------------------------------------------
+
+_TRUE, _FALSE = {"1", "true", "on", "yes"}, {"0", "false", "off", "no"}
+_TEXT_FIELDS = {"prompt", "negative_prompt", "cfg_type", "mode"}
+_FLOAT_FIELDS = {"guidance_scale", "delta", "strength"}
+_INT_FIELDS = {"seed", "num_inference_steps", "frame_buffer_size", "width", "height"}
+_BOOL_FIELDS = {"use_denoising_batch", "add_noise", "filter"}
+COMMAND_HELP = (
+    "one per line: KEY=VALUE (prompt=..., negative_prompt=..., guidance_scale=1.4, delta=0.8, seed=7, "
+    "strength=0.6, t_index_list=20,40, size=320x320, frame_buffer_size=2, cfg_type=full, filter=on), pause, quit"
+)
+
+
+def parse_command(text: str, config: StreamConfig) -> tuple[str, dict[str, Any]]:
+    """One line of text → ``("update", changes)``, ``("pause", {})``, ``("quit", {})`` or ``("none", {})``.
+
+    ``strength`` keeps the current number of steps; ``size=WxH`` sets width and height. Raises ConfigError with the
+    key, the value and what is allowed.
+    """
+    from ..errors import ConfigError
+    from ..io.resize import parse_size
+
+    line = text.strip()
+    if not line:
+        return "none", {}
+    if line.lower() in ("q", "quit", "exit", "stop"):
+        return "quit", {}
+    if line.lower() == "pause":
+        return "pause", {}
+    key, sep, value = line.partition("=")
+    key, value = key.strip().replace("-", "_"), value.strip()
+    if not sep:
+        raise ConfigError(f"{line!r} is not a command; {COMMAND_HELP}")
+    try:
+        if key in _TEXT_FIELDS:
+            return "update", {key: value}
+        if key == "size":
+            width, height = parse_size(value, "size")
+            return "update", {"width": width, "height": height}
+        if key == "t_index_list":
+            return "update", {key: tuple(int(v) for v in value.replace(" ", "").split(",") if v)}
+        if key in _INT_FIELDS:
+            return "update", {key: int(value)}
+        if key in _FLOAT_FIELDS:
+            number = float(value)
+            if key == "strength":
+                steps = t_index_list_for_strength(number, config.denoising_steps, config.num_inference_steps)
+                return "update", {"t_index_list": steps}
+            return "update", {key: number}
+        if key in _BOOL_FIELDS:
+            flag = value.lower()
+            if flag not in _TRUE | _FALSE:
+                raise ConfigError(f"{key}={value!r} must be one of on, off, true, false")
+            if key == "filter":
+                current = config.filter
+                return "update", {"filter": FilterConfig(flag in _TRUE, current.threshold, current.max_skip_frames)}
+            return "update", {key: flag in _TRUE}
+    except ValueError as error:
+        if isinstance(error, ConfigError):
+            raise
+        raise ConfigError(f"{key}={value!r} is not a valid value for {key}") from None
+    raise ConfigError(f"unknown setting {key!r}; {COMMAND_HELP}")

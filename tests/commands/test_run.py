@@ -193,3 +193,54 @@ def test_lora_flags_parse_path_and_scale() -> None:
 
     with pytest.raises(ConfigError, match="nan"):
         lora_specs(["x:nan"])
+
+
+def test_live_changes_on_stdin_change_size_and_frame_buffer_without_ending_the_run(tiny_model, tmp_path: Path) -> None:
+    """Shape changes typed into a running ``streamdiff run`` (F, size, cfg mode, steps) keep it alive; an invalid
+    change is reported and ignored; ``quit`` ends it cleanly with the file finalised."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "streamdiff.cli", "run", "--source", "testpattern", "--size", "64x64", "--realtime",
+         "--sink", f"file:{tmp_path / 'live.mp4'}", "--status-interval", "0.2", "--control-stdin"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    assert process.stdin is not None and process.stderr is not None
+    log = ""
+
+    def wait_for(pattern: str) -> str:
+        nonlocal log
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            line = process.stderr.readline()
+            log += line
+            if re.search(pattern, line) or not line:
+                return line
+        return ""
+
+    def out_count() -> int:
+        match = re.search(r" \| out (\d+)", wait_for(r" \| out \d+"))
+        return int(match.group(1)) if match else -1
+
+    def frames_keep_coming(more: int = 3) -> bool:
+        before = out_count()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if out_count() >= before + more:
+                return True
+        return False
+
+    assert frames_keep_coming()
+    for command in ("frame_buffer_size=2", "size=96x96", "guidance_scale=99", "cfg_type=full", "t_index_list=10,25,40"):
+        process.stdin.write(command + "\n")
+        process.stdin.flush()
+        assert frames_keep_coming(), (command, log)
+    process.stdin.write("quit\n")
+    process.stdin.flush()
+    stdout, stderr = process.communicate(timeout=60)
+    log += stderr
+    assert process.returncode == 0, log
+    assert "settings v1: frame_buffer_size=2" in log and "settings v2: width=96, height=96" in log
+    assert "ignored 'guidance_scale=99': guidance_scale=99.0 is outside [0, 50]" in log
+    assert "Traceback" not in log and "frames   in" in stdout
+    count, width, height, _ = frame_count(tmp_path / "live.mp4")
+    assert count >= 10 and (width, height) == (64, 64)
