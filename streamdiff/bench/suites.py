@@ -368,6 +368,7 @@ def compare_diffusers(
     return comparison
 
 
-COMPARISONS = ("stream-batch", "rcfg", "filter", "dtype", "diffusers", "rcfg-compiled")
-# rcfg-compiled compiles one U-Net graph per guidance mode (~1 min each at SD-2.1 size): only on request.
-DEFAULT_COMPARISONS = COMPARISONS[:-1]
+COMPARISONS = ("stream-batch", "rcfg", "filter", "dtype", "diffusers", "rcfg-compiled", "streams")
+# Only on request: rcfg-compiled compiles one U-Net graph per guidance mode (~1 min each at SD-2.1 size); streams
+# runs 1, 2, 4 and 8 streams twice each (minutes at SD-2.1 size).
+DEFAULT_COMPARISONS = COMPARISONS[:-2]

@@ -4,7 +4,8 @@ Comparisons (``--only`` picks some): ``stream-batch`` (Stream Batch vs sequentia
 initialize vs full CFG), ``filter`` (U-Net calls per frame with the similarity filter on a static and a moving input),
 ``dtype`` (float32 vs bfloat16, with PSNR against float32), ``diffusers`` (diffusers' img2img pipeline per frame vs
 streamdiff on the same U-Net), and on request ``rcfg-compiled`` (the RCFG comparison on the in-process compiled U-Net
-and VAE, one U-Net compile per guidance mode). Models: the built-in ``tiny`` one and ``sd21``, an SD-2.1-size model with random
+and VAE, one U-Net compile per guidance mode) and ``streams`` (1, 2, 4 and 8 streams on one model: the engine's
+cross-stream batching against the streams taking turns, aggregate frames/s and per-stream latency). Models: the built-in ``tiny`` one and ``sd21``, an SD-2.1-size model with random
 weights built in memory. Configurations are interleaved; figures are medians over rounds. Example::
 
     streamdiff bench --model sd21 --threads 1 --json > bench.json
@@ -97,6 +98,11 @@ def _run_model(name: str, args: argparse.Namespace, settings: Any, only: list[st
         if comparison_name == "diffusers":
             compiled = None if args.no_compile else _compiled_unet(bench_model.bf16)
             comparison = suites.compare_diffusers(bench_model, args.size, settings, compiled)
+        elif comparison_name == "streams":
+            from ..bench.streams import compare_streams
+
+            comparison = compare_streams(bench_model.model(dtype), suites.base_config(args.size),
+                                         suites.moving_frames(8, args.size), settings.rounds, settings.warmup)
         elif comparison_name == "rcfg-compiled":
             from ..backends.torch_backend import compiled_vae
 
