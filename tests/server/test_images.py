@@ -275,7 +275,7 @@ def test_decode_is_safe_from_worker_threads() -> None:
     with ThreadPoolExecutor(4) as pool:
         for _ in range(5):
             results = list(pool.map(lambda b: decode(b, LIMITS), bodies))
-            assert all(np.array_equal(r, e) for r, e in zip(results, expected))
+            assert all(np.array_equal(r, e) for r, e in zip(results, expected, strict=True))
 
 
 # -- encode --------------------------------------------------------------------------------------------------------------
