@@ -16,7 +16,7 @@ from ..config import PromptConfig, StreamConfig, t_index_list_for_strength, to_e
 from ..errors import ConfigError, ProtocolError
 from .images import ImageFormat
 from .limits import ServerLimits
-from .wire import ErrorCode
+from .wire import ErrorCode, is_valid_unicode
 
 __all__ = ["SETTING_FIELDS", "OutputConfig", "StreamSettings", "apply_settings", "check_caps", "engine_changes"]
 
@@ -177,13 +177,7 @@ def _is_type(value: Any, kind: str) -> bool:
         except OverflowError:  # an integer beyond the float range
             return False
     if kind == "string":
-        if not isinstance(value, str):
-            return False
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:  # a lone surrogate escaped in the JSON
-            return False
-        return True
+        return isinstance(value, str) and is_valid_unicode(value)
     if kind == "bool":
         return isinstance(value, bool)
     return isinstance(value, list) and all(_is_type(v, "int") for v in value)

@@ -55,6 +55,7 @@ __all__ = [
     "close_reason",
     "dump_json",
     "error_message",
+    "is_valid_unicode",
     "load_json",
     "pack_input_header",
     "pack_output_frame",
@@ -344,7 +345,7 @@ def _echo(value: Any) -> Any:
     if isinstance(value, float):
         return value if math.isfinite(value) else repr(value)
     if isinstance(value, str):
-        return shorten(value, 64) if _utf8(value) else "<invalid unicode>"
+        return shorten(value, 64) if is_valid_unicode(value) else "<invalid unicode>"
     if isinstance(value, (list, tuple)):
         return [_echo(v) for v in value[:8]] + (["..."] if len(value) > 8 else []) if _flat(value) else \
             f"<list of {len(value)} items>"
@@ -357,7 +358,8 @@ def _flat(values: Any) -> bool:
     return all(v is None or isinstance(v, (bool, int, float, str)) for v in values[:8])
 
 
-def _utf8(text: str) -> bool:
+def is_valid_unicode(text: str) -> bool:
+    """False for strings that cannot be UTF-8 encoded (lone surrogates, as JSON escapes can make)."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
