@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 import struct
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -675,3 +678,60 @@ def test_frame_header_unpack_is_total() -> None:
     """Every 20-byte prefix either parses or raises the documented error."""
     for data in [struct.pack(">4sB3sId", b"SDFI", 1, b"\0\0\0", 2**32 - 1, -0.0), b"SDFI" + b"\x01" + b"\0" * 15]:
         assert isinstance(streaming().receive_bytes(data + save(pattern(8, 8), "JPEG"))[0], Frame)
+
+
+# -- docs/protocol.md tells the truth -----------------------------------------------------------------------------
+
+DOC = (Path(__file__).parents[2] / "docs" / "protocol.md").read_text(encoding="utf-8")
+
+
+def _section(title: str) -> str:
+    start = DOC.index(f"\n## {title}")
+    return DOC[start:DOC.index("\n## ", start + 1)]
+
+
+def test_doc_error_code_table_matches_the_code() -> None:
+    rows = re.findall(r"^\| `(\w+)` \| .* \| (always|before ready|no) \| (\d+|–) \|$", _section("Error codes"), re.M)
+    assert {code for code, _, _ in rows} == {c.value for c in ErrorCode}
+    for code, ends, close in rows:
+        error = ErrorCode(code)
+        assert (ends == "always") == error.always_fatal, code
+        assert close == ("–" if ends == "no" else str(error.close_code.value)), code
+
+
+def test_doc_limits_table_names_every_limit() -> None:
+    names = set(re.findall(r"^\| `(\w+)`(?:, `(\w+)`)? \|", _section("Limits"), re.M))
+    documented = {n for pair in names for n in pair if n}
+    assert documented == {f.name for f in dataclasses.fields(ServerLimits)}
+
+
+def test_doc_settings_table_names_every_setting() -> None:
+    names = set(re.findall(r"^\| `([\w.]+)`", _section("Settings"), re.M))
+    names |= {"height"}  # shares the width row
+    expected = set(SETTING_FIELDS) | {f"filter.{k}" for k in SETTING_FIELDS["filter"]} | {
+        f"output.{k}" for k in SETTING_FIELDS["output"]}
+    assert names == expected
+
+
+def test_doc_worked_example_is_what_the_code_sends() -> None:
+    example = _section("Worked example")
+    replay = example[: example.index("A frame with a PNG body")]
+    conn = ServerConnection(token="s3cret")
+    sent, expected = [], []
+    for line in replay.splitlines():
+        if line.startswith("C> {"):
+            for event in conn.receive_text(line[3:]):
+                if isinstance(event, Hello):
+                    sent += [json.loads(e.data) for e in conn.accept("st-7f3a", event.view_token)]
+                elif isinstance(event, Send):
+                    sent.append(json.loads(event.data))
+        elif line.startswith("S> {"):
+            expected.append(json.loads(line[3:]))
+    assert sent == expected and len(expected) == 4
+    png = example[example.index("A frame with a PNG body"):]
+    events = streaming().receive_bytes(frame_message(save(pattern(), "PNG"), frame_id=41))
+    assert json.loads(events[0].data) == json.loads(re.search(r"^S> (\{.*\})$", png, re.M).group(1))
+    wrong = example[example.index("With a wrong token"):]
+    events = ServerConnection(token="s3cret").receive_text(re.search(r"^C> (\{.*\})$", wrong, re.M).group(1))
+    assert json.loads(events[0].data) == json.loads(re.search(r"^S> (\{.*\})$", wrong, re.M).group(1))
+    assert f'S> close {events[1].code.value} "{events[1].reason}"' in wrong
