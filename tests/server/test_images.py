@@ -327,7 +327,7 @@ def mutated_images(draw: st.DrawFn) -> bytes:
     return bytes(body)
 
 
-@settings(max_examples=3000, deadline=None, derandomize=True, database=None,
+@settings(max_examples=2000, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow])
 @given(st.one_of(st.binary(max_size=300), mutated_images()))
 def test_fuzz_probe_and_decode_raise_only_image_errors(body: bytes) -> None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
+import math
+import random
 import re
 import struct
 from pathlib import Path
@@ -548,8 +551,122 @@ def _binary(draw: st.DrawFn) -> bytes:
     return bytes(data)
 
 
-_FUZZ = settings(max_examples=800, deadline=None, derandomize=True, database=None,
+# Volume comes cheap: each example is a few Hypothesis-made messages plus mutations of them and of seed messages,
+# made by a random.Random seeded by Hypothesis (so runs are reproducible and a failure replays).
+_BATCH = 16
+_FUZZ = settings(max_examples=700, deadline=None, derandomize=True, database=None,
                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+_SEED_TEXTS = [json.dumps(m) for m in [
+    HELLO,
+    {**HELLO, "token": "tok", "settings": {"width": 256, "height": 256, "prompt": "a cat", "strength": 0.5}},
+    {**HELLO, "client": "fuzz/1", "view_token": "A" * 16,
+     "settings": {"filter": {"enabled": True}, "output": {"format": "webp", "quality": 50}}},
+    {"type": "update", "request_id": 1, "settings": {"prompt": "ink", "guidance_scale": 1.5, "seed": 3}},
+    {"type": "update", "settings": {"t_index_list": [10, 20, 30], "num_inference_steps": 50}},
+    {"type": "update", "request_id": "r", "settings": {"steps": 3, "delta": 0.5, "negative_prompt": "blur"}},
+    {"type": "update", "settings": {"cfg_type": "self", "frame_buffer_size": 1, "width": 512, "steps": 2}},
+    {"type": "update", "request_id": 9, "settings": {"width": 2048}},  # valid for streamdiff, over the caps
+    {"type": "update", "settings": {"cfg_type": "full", "steps": 6}},
+    {"type": "update", "settings": {"width": 384, "cfg_type": "initialize",
+                                    "filter": {"threshold": 0.9, "max_skip_frames": 3}}},
+]]
+_POOL: list[Any] = [None, True, False, 0, -1, 1, 2, 7, 2048, 2**31, 2**64, 10**30, 0.5, -0.0, 1e308, 1e-300, "", "x", "self",
+                    "full", "jpeg", "\ud800", "A" * 300, [], [1, 2], [[]], [0, 49], {}, {"a": 1}, {"enabled": 1}]
+_KEYS = ["type", "version", "token", "settings", "request_id", "client", "view_token", "junk", *SETTING_FIELDS,
+         "enabled", "threshold", "format", "quality"]
+_CHARS = '{}[]",:\\ -.0123456789eEtrufalsn\x00\x7f\u00e9\u20ac\U0001f600'
+
+
+def _mutate_text(rng: random.Random, text: str) -> str:
+    if rng.random() < 0.35:  # character level
+        chars = list(text)
+        for _ in range(rng.randint(1, 3)):
+            pos = rng.randint(0, len(chars))
+            op = rng.randrange(3)
+            if op == 0 or not chars:
+                chars.insert(pos, rng.choice(_CHARS))
+            elif op == 1:
+                del chars[min(pos, len(chars) - 1)]
+            else:
+                chars[min(pos, len(chars) - 1)] = rng.choice(_CHARS)
+        return "".join(chars)
+    try:
+        root = json.loads(text)
+    except ValueError:
+        return text[::-1]
+    for _ in range(rng.randint(1, 3)):  # structure level: replace, delete or add somewhere inside
+        node = root
+        while isinstance(node, dict) and node and rng.random() < 0.5:
+            child = node[rng.choice(list(node))]
+            if not isinstance(child, dict):
+                break
+            node = child
+        if not isinstance(node, dict):
+            continue
+        op = rng.randrange(3)
+        if op == 0 and node:
+            node[rng.choice(list(node))] = copy.deepcopy(rng.choice(_POOL))
+        elif op == 1 and node:
+            del node[rng.choice(list(node))]
+        else:
+            node[rng.choice(_KEYS)] = copy.deepcopy(rng.choice(_POOL))
+    out = json.dumps(root, ensure_ascii=rng.random() < 0.5)
+    return out.replace("1e+308", "Infinity") if rng.random() < 0.1 else out
+
+
+def _mutate_bytes(rng: random.Random, data: bytes) -> bytes:
+    out = bytearray(data)
+    for _ in range(rng.randint(1, 3)):
+        if not out:
+            break
+        op = rng.randrange(6)
+        pos = rng.randrange(len(out))
+        if op == 0:
+            out[pos] ^= rng.randint(1, 255)
+        elif op == 1:
+            del out[pos:]
+        elif op == 2:
+            out[pos:pos] = rng.randbytes(rng.randint(1, 8))
+        elif op == 3:  # rewrite a header field
+            at = rng.choice([0, 4, 5, 8, 12, 20, 22, 24, 26, 28])
+            out[at:at + 2] = rng.randbytes(2)
+        elif op == 4:
+            out[12:20] = struct.pack(">d", rng.choice([math.nan, math.inf, -1.0, 1e300]))
+        else:
+            out += rng.randbytes(rng.randint(1, 32))
+    return bytes(out)
+
+
+_VALID_FRAMES = [ClientConnection().frame(body, frame_id=i, client_ts=10.0 * i) for i, body in enumerate(_SEED_BODIES)]
+
+
+@st.composite
+def _text_batches(draw: st.DrawFn) -> list[str]:
+    made = draw(st.lists(_texts, min_size=1, max_size=3))
+    rng = random.Random(draw(st.integers(0, 2**32 - 1)))
+    batch = list(made)
+    while len(batch) < _BATCH:
+        batch.append(_mutate_text(rng, rng.choice(made + _SEED_TEXTS)) if rng.random() < 0.85
+                     else rng.choice(_SEED_TEXTS))
+    return batch
+
+
+@st.composite
+def _binary_batches(draw: st.DrawFn) -> list[bytes]:
+    made = draw(st.lists(_binary(), min_size=1, max_size=3))
+    rng = random.Random(draw(st.integers(0, 2**32 - 1)))
+    batch = list(made)
+    while len(batch) < _BATCH:
+        pick = rng.random()
+        if pick < 0.15:
+            batch.append(rng.choice(_VALID_FRAMES))
+        elif pick < 0.25:
+            batch.append(rng.randbytes(rng.randint(0, 48)))
+        else:
+            batch.append(_mutate_bytes(rng, rng.choice(made + _VALID_FRAMES)))
+    return batch
+
+
 _SERVER_MESSAGES = {"error", "ready", "ack"}
 
 
@@ -615,7 +732,7 @@ def test_fuzz_text_messages() -> None:
     count = 0
 
     @_FUZZ
-    @given(st.booleans(), st.booleans(), st.lists(_texts, min_size=13, max_size=20))
+    @given(st.booleans(), st.booleans(), _text_batches())
     def run(start_streaming: bool, token: bool, messages: list[str]) -> None:
         nonlocal count
         count += len(messages)
@@ -629,7 +746,7 @@ def test_fuzz_binary_messages() -> None:
     count = 0
 
     @_FUZZ
-    @given(st.booleans(), st.lists(_binary(), min_size=13, max_size=20))
+    @given(st.booleans(), _binary_batches())
     def run(start_streaming: bool, messages: list[bytes]) -> None:
         nonlocal count
         count += len(messages)
@@ -639,10 +756,10 @@ def test_fuzz_binary_messages() -> None:
     assert count >= 10_000
 
 
-@settings(max_examples=300, deadline=None, derandomize=True, database=None,
+@settings(max_examples=200, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(st.lists(st.one_of(_texts, _binary(), st.just(json.dumps(HELLO))), min_size=5, max_size=25),
-       st.lists(st.floats(0, 30), min_size=25, max_size=25))
+@given(st.lists(st.one_of(_texts, _binary(), st.just(json.dumps(HELLO))), min_size=5, max_size=20),
+       st.lists(st.floats(0, 30), min_size=20, max_size=20))
 def test_fuzz_mixed_messages_with_time(messages: list[str | bytes], gaps: list[float]) -> None:
     clock = FakeClock()
     conn = ServerConnection(clock=clock)
@@ -657,21 +774,21 @@ def test_fuzz_generates_the_interesting_cases() -> None:
     """The generators reach deep paths: valid hellos, valid updates and valid frames, not only garbage."""
     seen: set[str] = set()
 
-    @settings(max_examples=300, deadline=None, derandomize=True, database=None,
+    @settings(max_examples=150, deadline=None, derandomize=True, database=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-    @given(st.lists(st.one_of(_texts, _binary()), min_size=12, max_size=12))
-    def run(messages: list[str | bytes]) -> None:
-        conn = streaming()
-        for message in messages:
-            events = conn.receive_text(message) if isinstance(message, str) else conn.receive_bytes(message)
-            seen.update(type(e).__name__ for e in events)
-            seen.update(json.loads(e.data).get("code", "") for e in events if isinstance(e, Send))
-            if conn.state is ConnectionState.CLOSED:
-                return
+    @given(_text_batches(), _binary_batches())
+    def run(texts: list[str], binaries: list[bytes]) -> None:
+        for messages in (texts, binaries):
+            conn = streaming()
+            for message in messages:
+                events = conn.receive_text(message) if isinstance(message, str) else conn.receive_bytes(message)
+                seen.update(type(e).__name__ for e in events)
+                seen.update(json.loads(e.data).get("code", "") for e in events if isinstance(e, Send))
 
     run()
     assert {"Frame", "Update", "Send", "Close", "invalid_value", "unknown_field", "bad_json", "bad_frame_header",
-            "unsupported_format", "bad_image", "image_too_large", "not_allowed"} <= seen
+            "unsupported_format", "bad_image", "image_too_large", "not_allowed", "unexpected_hello",
+            "missing_field", "unknown_type", "error_budget_exhausted"} <= seen
 
 
 def test_frame_header_unpack_is_total() -> None:
