@@ -8,6 +8,9 @@
     ├── BackendUnavailable          an optional backend / extra is not installed or has no device
     ├── EngineBuildError            exporting or building a compiled engine failed
     ├── FrameError                  an input frame has the wrong shape, dtype or value range
+    │   └── ImageError              an encoded image from a client is corrupt (also a ProtocolError)
+    │       ├── UnsupportedImageFormat  not an allowed format (PNG, GIF, animated WebP, unknown bytes…)
+    │       └── ImageTooLarge           declares more pixels than allowed (found before decoding)
     ├── SourceError                 a frame source (webcam, file, folder) cannot be opened or read
     ├── SinkError                   a frame sink (window, file, virtual camera) cannot be opened or written
     ├── ProtocolError               a network client sent something the protocol does not allow
@@ -15,9 +18,15 @@
     └── StreamClosed                the stream was closed or failed; it takes no more frames or changes
 
 ``ConfigError`` is also a ``ValueError`` and ``FrameError`` a ``ValueError`` so that generic callers keep working.
+Every ``ProtocolError`` carries a stable ``code`` (the error codes of docs/protocol.md) and, when one part of a
+message was wrong, its ``field``, ``value`` and what is ``allowed``.
 """
 
 from __future__ import annotations
+
+from typing import Any
+
+_UNSET: Any = object()
 
 
 class StreamDiffError(Exception):
@@ -53,7 +62,49 @@ class SinkError(StreamDiffError):
 
 
 class ProtocolError(StreamDiffError):
-    """A network peer broke the wire protocol."""
+    """A network peer broke the wire protocol.
+
+    ``code`` is the stable machine-readable code sent to the peer; ``field`` names the offending part of a message
+    (``"settings.width"``), ``value`` the value received (check ``has_value``: ``None`` is a JSON value too) and
+    ``allowed`` a short description of what is allowed, when known. ``str(error)`` is the human-readable message.
+    """
+
+    code: str = "protocol_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        field: str | None = None,
+        value: Any = _UNSET,
+        allowed: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+        self.field = field
+        self.has_value = value is not _UNSET
+        self.value = None if value is _UNSET else value
+        self.allowed = allowed
+
+
+class ImageError(FrameError, ProtocolError):
+    """An encoded image sent by a client is truncated, corrupt or inconsistent (code ``bad_image``)."""
+
+    code = "bad_image"
+
+
+class UnsupportedImageFormat(ImageError):
+    """An encoded image is not in an allowed format: the message names what it is (code ``unsupported_format``)."""
+
+    code = "unsupported_format"
+
+
+class ImageTooLarge(ImageError):
+    """An encoded image declares more pixels than allowed; found from its header, before any decoding."""
+
+    code = "image_too_large"
 
 
 def missing_extra(module: str, extra: str) -> BackendUnavailable:

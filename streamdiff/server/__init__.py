@@ -1,0 +1,71 @@
+"""``streamdiff serve``: a WebSocket endpoint streaming video through the engine (docs/protocol.md).
+
+The protocol is sans I/O, in layers that need neither sockets nor the engine:
+
+- :mod:`.wire`: error and close codes, binary frame headers, strict JSON;
+- :mod:`.images`: probe / decode / encode of the JPEG and WebP frames, with limits checked before decoding;
+- :mod:`.limits`: :class:`ServerLimits`, every per-client bound with a safe default;
+- :mod:`.settings`: JSON settings <-> StreamConfig / PromptConfig / OutputConfig, validated by streamdiff itself;
+- :mod:`.policy`: the input rate limiter and the error budget (injected clock), origins, tokens;
+- :mod:`.protocol`: :class:`ServerConnection`, bytes/str in, events out;
+- :mod:`.viewer`: :class:`ViewerConnection`, the view-only socket;
+- :mod:`.client_protocol`: :class:`ClientConnection`, the client's side;
+- ``web/``: the browser page (``index.html``) and the view-only page for OBS (``view.html``), static files.
+
+Importing this package needs neither ``websockets`` nor a model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .client_protocol import Ack, ClientConnection, OutputFrame, Ready, ServerError
+from .images import ImageFormat, ImageInfo, decode, encode, probe
+from .limits import ServerLimits
+from .protocol import (
+    Close,
+    ConnectionState,
+    Event,
+    Frame,
+    Hello,
+    Send,
+    ServerConnection,
+    Update,
+)
+from .settings import OutputConfig, StreamSettings, apply_settings
+from .viewer import ViewerConnection
+from .wire import PROTOCOL_VERSION, CloseCode, ErrorCode, ServerTimings
+
+#: The static files of the browser page and the viewer.
+WEB_DIR = Path(__file__).with_name("web")
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "WEB_DIR",
+    "Ack",
+    "ClientConnection",
+    "Close",
+    "CloseCode",
+    "ConnectionState",
+    "ErrorCode",
+    "Event",
+    "Frame",
+    "Hello",
+    "ImageFormat",
+    "ImageInfo",
+    "OutputConfig",
+    "OutputFrame",
+    "Ready",
+    "Send",
+    "ServerConnection",
+    "ServerError",
+    "ServerLimits",
+    "ServerTimings",
+    "StreamSettings",
+    "Update",
+    "ViewerConnection",
+    "apply_settings",
+    "decode",
+    "encode",
+    "probe",
+]

@@ -1,0 +1,98 @@
+"""The server's limits: one frozen, validated dataclass with a safe default for each.
+
+Every per-client resource is bounded here: message size, frame rate, pixels, what a client may ask the engine for,
+how many mistakes it may make, and how long it may stay silent. ``ServerLimits()`` is safe for a public service;
+loosen with ``dataclasses.replace(limits, max_width=2048)`` (validated again).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any
+
+from ..config import CfgMode, to_enum
+from ..errors import ConfigError
+from .images import ImageFormat
+
+__all__ = ["ServerLimits"]
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """Limits of ``streamdiff serve``; every field has a safe default. Sizes in bytes, times in seconds.
+
+    Connections: ``max_streams`` streaming clients at once (more are closed with 1013), ``max_viewers_per_stream``
+    view-only pages per stream. Messages: ``max_message_bytes`` for any WebSocket message (1009 above it),
+    ``max_text_bytes`` for a JSON message. Frames: at most ``max_input_fps`` per stream with bursts of
+    ``input_burst_frames`` (more are dropped and counted), ``max_frame_pixels`` declared pixels per input image,
+    formats ``allowed_input_formats``. What a client may request: ``max_width``/``max_height`` (multiples of
+    ``size_multiple``), ``max_steps`` denoising steps, ``max_frame_buffer_size``, ``allowed_cfg_types``,
+    ``max_prompt_chars`` per prompt. Misbehaviour: more than ``max_errors`` errors within ``error_window_s`` closes
+    the connection (1008). Time: ``hello_timeout_s`` to send hello, ``idle_timeout_s`` without any message,
+    WebSocket pings every ``ping_interval_s`` answered within ``ping_timeout_s``.
+    """
+
+    max_streams: int = 4
+    max_viewers_per_stream: int = 4
+    max_message_bytes: int = 1 << 20
+    max_text_bytes: int = 16 << 10
+    max_input_fps: float = 30.0
+    input_burst_frames: int = 4
+    max_frame_pixels: int = 1920 * 1080
+    allowed_input_formats: tuple[ImageFormat, ...] = (ImageFormat.JPEG, ImageFormat.WEBP)
+    max_width: int = 1024
+    max_height: int = 1024
+    size_multiple: int = 8
+    max_steps: int = 4
+    max_frame_buffer_size: int = 1
+    allowed_cfg_types: tuple[CfgMode, ...] = (CfgMode.NONE, CfgMode.SELF, CfgMode.INITIALIZE)
+    max_prompt_chars: int = 1000
+    max_errors: int = 10
+    error_window_s: float = 10.0
+    hello_timeout_s: float = 10.0
+    idle_timeout_s: float = 60.0
+    ping_interval_s: float = 20.0
+    ping_timeout_s: float = 20.0
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type == "int":
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    raise ConfigError(f"ServerLimits.{f.name}={value!r} must be an integer >= 1")
+            elif f.type == "float":
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                        or value <= 0:
+                    raise ConfigError(f"ServerLimits.{f.name}={value!r} must be a finite number > 0")
+                object.__setattr__(self, f.name, float(value))
+        object.__setattr__(self, "allowed_input_formats",
+                           _enum_tuple(ImageFormat, self.allowed_input_formats, "allowed_input_formats"))
+        object.__setattr__(self, "allowed_cfg_types", _enum_tuple(CfgMode, self.allowed_cfg_types, "allowed_cfg_types"))
+        if self.max_text_bytes > self.max_message_bytes:
+            raise ConfigError(f"ServerLimits.max_text_bytes={self.max_text_bytes} is more than "
+                              f"max_message_bytes={self.max_message_bytes}")
+        for name in ("max_width", "max_height"):
+            if getattr(self, name) < self.size_multiple:
+                raise ConfigError(f"ServerLimits.{name}={getattr(self, name)} is less than "
+                                  f"size_multiple={self.size_multiple}")
+
+    def to_json(self) -> dict[str, Any]:
+        """The limits a client needs to know, as sent in ``ready`` (docs/protocol.md, "Limits")."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            if f.name in ("max_streams", "max_viewers_per_stream"):
+                continue
+            value = getattr(self, f.name)
+            out[f.name] = [v.value for v in value] if isinstance(value, tuple) else value
+        return out
+
+
+def _enum_tuple(enum_cls: Any, values: Any, name: str) -> tuple[Any, ...]:
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise ConfigError(f"ServerLimits.{name}={values!r} must be a list of values")
+    out = tuple(dict.fromkeys(to_enum(enum_cls, v, name) for v in values))
+    if not out:
+        allowed = ", ".join(repr(m.value) for m in enum_cls)
+        raise ConfigError(f"ServerLimits.{name} is empty; give at least one of {allowed}")
+    return out

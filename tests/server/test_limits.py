@@ -1,0 +1,67 @@
+"""streamdiff.server.limits: safe defaults, validation with precise messages, the client-facing JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from streamdiff.config import CfgMode
+from streamdiff.errors import ConfigError
+from streamdiff.server.images import ImageFormat
+from streamdiff.server.limits import ServerLimits
+
+
+def test_defaults_are_safe() -> None:
+    limits = ServerLimits()
+    assert limits.max_message_bytes == 1 << 20 and limits.max_text_bytes == 16 << 10
+    assert limits.max_frame_pixels == 1920 * 1080
+    assert limits.allowed_input_formats == (ImageFormat.JPEG, ImageFormat.WEBP)
+    assert CfgMode.FULL not in limits.allowed_cfg_types
+    assert limits.max_frame_buffer_size == 1 and limits.max_steps == 4
+    assert 0 < limits.hello_timeout_s <= limits.idle_timeout_s
+
+
+def test_limits_are_frozen_and_replace_validates_again() -> None:
+    limits = ServerLimits()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        limits.max_streams = 100  # type: ignore[misc]
+    assert dataclasses.replace(limits, max_width=2048).max_width == 2048
+    with pytest.raises(ConfigError, match=r"^ServerLimits.max_width=0 must be an integer >= 1$"):
+        dataclasses.replace(limits, max_width=0)
+
+
+@pytest.mark.parametrize("name,value,message", [
+    ("max_streams", 0, "ServerLimits.max_streams=0 must be an integer >= 1"),
+    ("max_streams", True, "ServerLimits.max_streams=True must be an integer >= 1"),
+    ("max_frame_pixels", 1.5, "ServerLimits.max_frame_pixels=1.5 must be an integer >= 1"),
+    ("max_input_fps", 0, "ServerLimits.max_input_fps=0 must be a finite number > 0"),
+    ("idle_timeout_s", float("inf"), "ServerLimits.idle_timeout_s=inf must be a finite number > 0"),
+    ("error_window_s", "10", "ServerLimits.error_window_s='10' must be a finite number > 0"),
+    ("allowed_cfg_types", (), "ServerLimits.allowed_cfg_types is empty; give at least one of 'none', 'full'"),
+    ("allowed_cfg_types", "self", "ServerLimits.allowed_cfg_types='self' must be a list of values"),
+    ("allowed_input_formats", ("png",), "allowed_input_formats='png' is not one of 'jpeg', 'webp'"),
+    ("max_text_bytes", 2 << 20, "ServerLimits.max_text_bytes=2097152 is more than max_message_bytes=1048576"),
+    ("max_height", 4, "ServerLimits.max_height=4 is less than size_multiple=8"),
+])
+def test_invalid_limits_name_value_and_allowed(name: str, value, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        ServerLimits(**{name: value})
+    assert str(info.value).startswith(message)
+
+
+def test_enum_fields_accept_strings_and_deduplicate() -> None:
+    limits = ServerLimits(allowed_cfg_types=["SELF", "none", CfgMode.SELF], allowed_input_formats=["jpeg"])
+    assert limits.allowed_cfg_types == (CfgMode.SELF, CfgMode.NONE)
+    assert limits.allowed_input_formats == (ImageFormat.JPEG,)
+    assert ServerLimits(max_input_fps=15).max_input_fps == 15.0
+
+
+def test_to_json_is_what_a_client_needs() -> None:
+    data = ServerLimits().to_json()
+    json.dumps(data, allow_nan=False)
+    assert "max_streams" not in data and "max_viewers_per_stream" not in data
+    assert data["allowed_cfg_types"] == ["none", "self", "initialize"]
+    assert data["allowed_input_formats"] == ["jpeg", "webp"]
+    assert data["max_input_fps"] == 30.0 and data["max_frame_pixels"] == 2073600

@@ -1,0 +1,854 @@
+"""streamdiff.server.protocol: the ServerConnection state machine, every path, then fuzzed with Hypothesis."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import random
+import re
+import struct
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from server_helpers import FakeClock, closed_with, frame_message, pattern, save, streaming
+
+from streamdiff.errors import ImageError, StreamDiffError
+from streamdiff.server import protocol
+from streamdiff.server.client_protocol import ClientConnection
+from streamdiff.server.images import ImageFormat, decode
+from streamdiff.server.limits import ServerLimits
+from streamdiff.server.protocol import (
+    Close,
+    ConnectionState,
+    Frame,
+    Hello,
+    Send,
+    ServerConnection,
+    Update,
+)
+from streamdiff.server.settings import SETTING_FIELDS, StreamSettings, check_caps
+from streamdiff.server.wire import CloseCode, ErrorCode, ServerTimings, unpack_output_frame
+
+HELLO = {"type": "hello", "version": 1}
+
+
+def _hello(conn: ServerConnection, **fields: Any) -> list:
+    return conn.receive_text(json.dumps({**HELLO, **fields}))
+
+
+def _error(events: list, code: ErrorCode) -> dict[str, Any]:
+    """Assert ``events`` are one non-fatal error message with ``code``; returns it."""
+    assert len(events) == 1 and isinstance(events[0], Send), events
+    message = json.loads(events[0].data)
+    assert (message["type"], message["code"], message["fatal"]) == ("error", code.value, False)
+    return message
+
+
+# -- hello -----------------------------------------------------------------------------------------------------------
+
+
+def test_hello_then_accept_sends_ready(clock: FakeClock) -> None:
+    conn = ServerConnection(clock=clock)
+    assert conn.state is ConnectionState.AWAIT_HELLO
+    events = _hello(conn, client="test/1", settings={"width": 256, "height": 256, "prompt": "a cat", "strength": 0.6})
+    assert len(events) == 1 and isinstance(events[0], Hello)
+    hello = events[0]
+    assert hello.client == "test/1" and hello.view_token is None
+    assert (hello.settings.stream.width, hello.settings.prompt.prompt) == (256, "a cat")
+    assert conn.state is ConnectionState.HELLO_RECEIVED and conn.settings == hello.settings
+    [send] = conn.accept("s-1", "v" * 22)
+    ready = json.loads(send.data)
+    assert ready == {"type": "ready", "version": 1, "stream_id": "s-1", "settings": hello.settings.to_json(),
+                     "limits": ServerLimits().to_json(),
+                     "view": {"token": "v" * 22, "url": "/view.html?view=" + "v" * 22, "socket": "/ws/view/" + "v" * 22}}
+    assert conn.state is ConnectionState.STREAMING and conn.stream_id == "s-1"
+
+
+def test_hello_without_settings_uses_the_servers_defaults() -> None:
+    defaults = StreamSettings().__class__(prompt=StreamSettings().prompt.__class__(prompt="house style"))
+    conn = ServerConnection(defaults=defaults)
+    [hello] = _hello(conn)
+    assert hello.settings == defaults
+
+
+def test_defaults_must_pass_the_limits() -> None:
+    with pytest.raises(StreamDiffError, match="defaults.width=512 is not allowed by this server"):
+        ServerConnection(ServerLimits(max_width=256))
+
+
+def test_hello_may_ask_for_a_view_token() -> None:
+    [hello] = _hello(ServerConnection(), view_token="A" * 16)
+    assert hello.view_token == "A" * 16
+    for bad in ("short", "x" * 65, "has space in it!!", 12345678901234567):
+        message = closed_with(_hello(ServerConnection(), view_token=bad), ErrorCode.INVALID_VALUE, 1008)
+        assert message["field"] == "view_token"
+
+
+@pytest.mark.parametrize("text,code,close,message", [
+    ("not json", ErrorCode.BAD_JSON, 1007, "message is not valid JSON: Expecting value"),
+    ("[]", ErrorCode.BAD_JSON, 1007, "message is a JSON array, not an object"),
+    ('{"version": 1}', ErrorCode.MISSING_FIELD, 1002, "message has no 'type'"),
+    ('{"type": "hello"}', ErrorCode.MISSING_FIELD, 1002, "hello has no 'version'"),
+    ('{"type": "hello", "version": "1"}', ErrorCode.INVALID_VALUE, 1008, "hello 'version' must be an integer"),
+    ('{"type": "hello", "version": true}', ErrorCode.INVALID_VALUE, 1008, "hello 'version' must be an integer"),
+    ('{"type": "hello", "version": 2}', ErrorCode.UNSUPPORTED_VERSION, 1002,
+     "protocol version 2 is not supported; this server speaks version 1"),
+    ('{"type": "update", "settings": {}}', ErrorCode.HELLO_EXPECTED, 1002,
+     "the first message must be a hello, got 'update'"),
+    ('{"type": "subscribe"}', ErrorCode.UNKNOWN_TYPE, 1002,
+     "message type 'subscribe' is unknown; allowed: hello, update"),
+    ('{"type": 7}', ErrorCode.UNKNOWN_TYPE, 1002, "message type '7' is unknown; allowed: hello, update"),
+    ('{"type": "hello", "version": 1, "tokn": "x"}', ErrorCode.UNKNOWN_FIELD, 1008,
+     "hello message has unknown field 'tokn'; allowed: type, version, token, settings, client, view_token"),
+    ('{"type": "hello", "version": 1, "client": 5}', ErrorCode.INVALID_VALUE, 1008,
+     "hello 'client' must be a string of at most 100 characters"),
+    ('{"type": "hello", "version": 1, "settings": {"width": "big"}}', ErrorCode.INVALID_VALUE, 1008,
+     "settings.width must be an integer, got string 'big'"),
+    ('{"type": "hello", "version": 1, "settings": {"cfg_type": "full"}}', ErrorCode.NOT_ALLOWED, 1008,
+     "settings.cfg_type='full' is not allowed by this server; allowed: none, self, initialize"),
+    ('{"type": "hello", "version": 1, "settings": {"colour": 1}}', ErrorCode.UNKNOWN_FIELD, 1008,
+     "settings.colour is not a known setting; allowed: width, height"),
+])
+def test_bad_hello_is_answered_by_an_error_then_close(text: str, code: ErrorCode, close: int, message: str) -> None:
+    conn = ServerConnection()
+    error = closed_with(conn.receive_text(text), code, close)
+    assert error["message"].startswith(message)
+    assert conn.state is ConnectionState.CLOSED
+    assert conn.receive_text(json.dumps(HELLO)) == [] and conn.receive_bytes(b"x") == []
+
+
+def test_bad_hello_error_names_field_value_and_allowed() -> None:
+    error = closed_with(_hello(ServerConnection(), settings={"width": 2000}), ErrorCode.NOT_ALLOWED, 1008)
+    assert (error["field"], error["value"], error["allowed"]) == ("settings.width", 2000, "a multiple of 8 in [8, 1024]")
+
+
+def test_binary_before_hello_is_fatal() -> None:
+    conn = ServerConnection()
+    error = closed_with(conn.receive_bytes(frame_message(b"x")), ErrorCode.HELLO_EXPECTED, 1002)
+    assert error["message"] == "binary frame before hello: send a hello text message first"
+
+
+def test_hello_timeout(clock: FakeClock) -> None:
+    conn = ServerConnection(clock=clock)
+    assert conn.next_deadline() == clock.now + 10.0
+    clock.advance(9.99)
+    assert conn.check_timeouts() == []
+    clock.advance(0.01)
+    error = closed_with(conn.check_timeouts(), ErrorCode.HELLO_TIMEOUT, 1008)
+    assert error["message"] == "no hello within 10 s"
+    assert conn.next_deadline() is None and conn.check_timeouts() == []
+
+
+def test_late_hello_after_hello_received_has_no_timer(clock: FakeClock) -> None:
+    conn = ServerConnection(clock=clock)
+    _hello(conn)
+    assert conn.next_deadline() is None
+    clock.advance(100)
+    assert conn.check_timeouts() == []
+
+
+# -- token -----------------------------------------------------------------------------------------------------------
+
+
+def test_token_missing_wrong_or_not_a_string_is_unauthorized() -> None:
+    for fields, text in [({}, "this server needs a token: put it in the hello's 'token' field"),
+                         ({"token": "guess"}, "the token is wrong"),
+                         ({"token": ["s3cret-token"]}, "this server needs a token: put it in the hello's 'token' field")]:
+        conn = ServerConnection(token="s3cret-token")
+        events = _hello(conn, **fields)
+        error = closed_with(events, ErrorCode.UNAUTHORIZED, 1008)
+        assert error["message"] == text and error["field"] == "token" and "value" not in error
+        assert "s3cret" not in repr(events)
+
+
+def test_right_token_is_accepted_and_never_echoed_or_shown() -> None:
+    conn = ServerConnection(token="s3cret-token")
+    events = _hello(conn, token="s3cret-token")
+    assert isinstance(events[0], Hello)
+    events += conn.accept("s", None)
+    assert "s3cret" not in repr(events) + repr(conn) + repr(vars(conn.stats))
+    assert "s3cret" not in repr(conn.__dict__.get("settings"))
+
+
+def test_token_is_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    real = protocol.hmac.compare_digest
+
+    def spy(a, b):
+        calls.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(protocol.hmac, "compare_digest", spy)
+    _hello(ServerConnection(token="tok\u00e9n"), token="tok\u00e9n")
+    _hello(ServerConnection(token="tok\u00e9n"), token="\ud800")
+    assert calls == [("tok\u00e9n".encode(), "tok\u00e9n".encode()), (b"\xed\xa0\x80", "tok\u00e9n".encode())]
+
+
+def test_server_without_token_ignores_one() -> None:
+    assert isinstance(_hello(ServerConnection(), token="anything")[0], Hello)
+
+
+# -- states ----------------------------------------------------------------------------------------------------------
+
+
+def test_messages_before_ready_are_not_ready_errors(jpeg: bytes) -> None:
+    conn = ServerConnection()
+    _hello(conn)
+    error = _error(conn.receive_text('{"type": "update", "request_id": 3, "settings": {}}'), ErrorCode.NOT_READY)
+    assert error["message"] == "update before ready: wait for the ready message" and error["request_id"] == 3
+    error = _error(conn.receive_bytes(frame_message(jpeg, frame_id=9)), ErrorCode.NOT_READY)
+    assert error["frame_id"] == 9
+    assert conn.state is ConnectionState.HELLO_RECEIVED
+
+
+def test_second_hello_is_an_error_not_a_reset() -> None:
+    conn = streaming()
+    error = _error(_hello(conn, settings={"width": 64}), ErrorCode.UNEXPECTED_HELLO)
+    assert error["message"] == "hello was already received; send update to change settings"
+    assert conn.settings.stream.width == 512 and conn.state is ConnectionState.STREAMING
+
+
+def test_accept_in_the_wrong_state_is_a_programming_error() -> None:
+    with pytest.raises(StreamDiffError, match="accept\\(\\) needs a connection in state hello_received, not await"):
+        ServerConnection().accept("s")
+    with pytest.raises(StreamDiffError, match="not streaming"):
+        streaming().accept("s")
+
+
+@pytest.mark.parametrize("code,close", [(ErrorCode.SERVER_FULL, 1013), (ErrorCode.SHUTTING_DOWN, 1001),
+                                        (ErrorCode.INTERNAL_ERROR, 1011), (ErrorCode.FORBIDDEN_ORIGIN, 1008)])
+def test_server_side_close(code: ErrorCode, close: int) -> None:
+    conn = ServerConnection()
+    _hello(conn)
+    error = closed_with(conn.close(code, "4 streams are running; try again later"), code, close)
+    assert error["message"] == "4 streams are running; try again later"
+    assert conn.state is ConnectionState.CLOSED and conn.close(code, "again") == []
+
+
+def test_close_reason_is_cut_to_fit_a_close_frame() -> None:
+    [_, close] = streaming().close(ErrorCode.INTERNAL_ERROR, "x" * 500)
+    assert len(close.reason.encode()) <= 123 and close.reason.endswith("...")
+
+
+def test_connection_lost() -> None:
+    conn = streaming()
+    conn.connection_lost()
+    assert conn.state is ConnectionState.CLOSED and conn.receive_text("{}") == [] and conn.close(
+        ErrorCode.SHUTTING_DOWN, "bye") == []
+
+
+def test_idle_timeout_and_activity(clock: FakeClock, jpeg: bytes) -> None:
+    conn = streaming(clock)
+    clock.advance(59)
+    conn.receive_bytes(frame_message(jpeg))  # activity moves the deadline
+    assert conn.next_deadline() == clock.now + 60
+    clock.advance(59.9)
+    assert conn.check_timeouts() == []
+    clock.advance(0.1)
+    error = closed_with(conn.check_timeouts(), ErrorCode.IDLE_TIMEOUT, 1001)
+    assert error["message"] == "nothing received for 60 s"
+
+
+# -- update -------------------------------------------------------------------------------------------------------------
+
+
+def test_update_yields_engine_changes_and_an_ack() -> None:
+    conn = streaming()
+    before = conn.settings
+    events = conn.receive_text(json.dumps({"type": "update", "request_id": 4,
+                                           "settings": {"prompt": "ink", "guidance_scale": 1.5, "seed": 3}}))
+    update, send = events
+    assert isinstance(update, Update) and update.request_id == 4 and update.previous == before
+    assert dict(update.changes) == {"prompt": "ink", "guidance_scale": 1.5, "seed": 3}
+    assert conn.settings == update.settings and conn.stats.updates == 1
+    assert json.loads(send.data) == {"type": "ack", "settings": update.settings.to_json(), "request_id": 4}
+
+
+def test_update_request_id_may_be_a_string_or_absent() -> None:
+    conn = streaming()
+    assert json.loads(conn.receive_text('{"type": "update", "request_id": "a-1", "settings": {}}')[1].data)[
+        "request_id"] == "a-1"
+    update, ack = conn.receive_text('{"type": "update", "settings": {"delta": 0.5}}')
+    assert update.request_id is None and "request_id" not in json.loads(ack.data)
+
+
+@pytest.mark.parametrize("request_id", [True, -1, 2**53, 1.5, "x" * 65, None, {"a": 1}])
+def test_bad_request_ids(request_id) -> None:
+    error = _error(streaming().receive_text(json.dumps({"type": "update", "request_id": request_id,
+                                                        "settings": {}})), ErrorCode.INVALID_VALUE)
+    assert error["field"] == "request_id" and "request_id" not in error
+
+
+@pytest.mark.parametrize("settings_json,code,field,value", [
+    ({"width": 12}, ErrorCode.NOT_ALLOWED, "settings.width", 12),
+    ({"width": 4}, ErrorCode.INVALID_VALUE, "settings.width", 4),
+    ({"guidance_scale": "high"}, ErrorCode.INVALID_VALUE, "settings.guidance_scale", "high"),
+    ({"seed": 1.5}, ErrorCode.INVALID_VALUE, "settings.seed", 1.5),
+    ({"t_index_list": [1, [2]]}, ErrorCode.INVALID_VALUE, "settings.t_index_list", "<list of 2 items>"),
+    ({"prompt": {"text": "x"}}, ErrorCode.INVALID_VALUE, "settings.prompt", "<object with 1 keys>"),
+    ({"prompt": "y" * 5000}, ErrorCode.NOT_ALLOWED, "settings.prompt", "y" * 61 + "..."),
+    ({"seed": 10**30}, ErrorCode.INVALID_VALUE, "settings.seed", "<integer of 100 bits>"),
+    ({"sharpness": 1}, ErrorCode.UNKNOWN_FIELD, "settings.sharpness", None),
+])
+def test_invalid_update_names_field_and_value_and_keeps_settings(settings_json, code, field, value) -> None:
+    conn = streaming()
+    before = conn.settings
+    error = _error(conn.receive_text(json.dumps({"type": "update", "request_id": 8, "settings": settings_json})), code)
+    assert (error["field"], error["request_id"]) == (field, 8)
+    assert error.get("value") == value
+    assert conn.settings == before and conn.state is ConnectionState.STREAMING
+    assert conn.receive_text('{"type": "update", "settings": {"seed": 5}}')[0].settings.prompt.seed == 5
+
+
+def test_update_message_fields() -> None:
+    conn = streaming()
+    error = _error(conn.receive_text('{"type": "update", "request_id": 1}'), ErrorCode.MISSING_FIELD)
+    assert (error["message"], error["field"], error["request_id"]) == ("update has no 'settings'", "settings", 1)
+    error = _error(conn.receive_text('{"type": "update", "settings": {}, "force": true}'), ErrorCode.UNKNOWN_FIELD)
+    assert error["message"] == "update message has unknown field 'force'; allowed: type, request_id, settings"
+    error = _error(conn.receive_text('{"type": "update", "settings": 3}'), ErrorCode.INVALID_VALUE)
+    assert (error["field"], error["value"]) == ("settings", 3)
+
+
+def test_bad_json_while_streaming_is_not_fatal() -> None:
+    conn = streaming()
+    _error(conn.receive_text('{"type": "update", "settings": {"seed": NaN}}'), ErrorCode.BAD_JSON)
+    _error(conn.receive_text("\x00\x01"), ErrorCode.BAD_JSON)
+    assert conn.state is ConnectionState.STREAMING
+
+
+def test_oversized_messages_close_with_1009(jpeg: bytes) -> None:
+    limits = ServerLimits(max_message_bytes=4096, max_text_bytes=1024)
+    error = closed_with(streaming(limits=limits).receive_text(" " * 1025), ErrorCode.MESSAGE_TOO_BIG, 1009)
+    assert (error["message"], error["value"]) == ("text message of 1025 bytes is over the limit of 1024 bytes", 1025)
+    assert streaming(limits=limits).receive_text("\u00e9" * 512 + "{}")[0].data  # 1026 bytes in UTF-8
+    error = closed_with(streaming(limits=limits).receive_bytes(b"\0" * 4097), ErrorCode.MESSAGE_TOO_BIG, 1009)
+    assert error["message"] == "binary message of 4097 bytes is over the limit of 4096 bytes"
+    closed_with(ServerConnection(limits).receive_text(" " * 2000), ErrorCode.MESSAGE_TOO_BIG, 1009)
+
+
+# -- frames -----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "WEBP"])
+def test_good_frame_becomes_a_frame_event(clock: FakeClock, fmt: str) -> None:
+    conn = streaming(clock)
+    body = save(pattern(48, 32), fmt)  # not the stream's 512x512: accepted, the engine resizes
+    [frame] = conn.receive_bytes(frame_message(body, frame_id=77, client_ts=1234.25))
+    assert isinstance(frame, Frame)
+    assert (frame.frame_id, frame.client_ts, frame.body, frame.received_at) == (77, 1234.25, body, clock.now)
+    assert (frame.image.format, frame.image.width, frame.image.height) == (ImageFormat(fmt.lower()), 48, 32)
+    assert decode(frame.body, conn.limits).shape == (32, 48, 3)
+    assert "body" not in repr(frame)
+    assert conn.stats.frames_received == conn.stats.frames_accepted == 1
+
+
+@pytest.mark.parametrize("data,message", [
+    (b"", "binary message of 0 bytes is shorter than the 20-byte frame header"),
+    (b"\xff\xd8\xff\xe0" + b"\0" * 40, "frame header magic b'\\xff\\xd8\\xff\\xe0' is not b'SDFI'"),
+    (b"SDFI\x09\0\0\0" + b"\0" * 40, "frame header version 9 is not 1"),
+])
+def test_bad_frame_headers_are_errors(data: bytes, message: str) -> None:
+    conn = streaming()
+    error = _error(conn.receive_bytes(data), ErrorCode.BAD_FRAME_HEADER)
+    assert error["message"] == message and "frame_id" not in error
+    assert conn.stats.frames_rejected == 1 and conn.stats.frames_received == 0
+
+
+@pytest.mark.parametrize("body,code,message", [
+    (save(pattern(), "PNG"), ErrorCode.UNSUPPORTED_FORMAT, "PNG images are not accepted; send JPEG or WebP"),
+    (save(pattern(), "GIF"), ErrorCode.UNSUPPORTED_FORMAT, "GIF images are not accepted; send JPEG or WebP"),
+    (b"", ErrorCode.BAD_IMAGE, "the image body is empty; send JPEG or WebP"),
+    (b"\xff\xd8\xff\xe0\x00\x10JFIF", ErrorCode.BAD_IMAGE, "jpeg is truncated before its frame header (SOF) (10 bytes)"),
+    (b"\xff\xd8\xff\xc0\x00\x11\x08\xea\x60\xea\x60\x03" + b"\0" * 40, ErrorCode.IMAGE_TOO_LARGE,
+     "image declares 60000x60000 = 3600000000 pixels, more than the limit of 2073600"),
+])
+def test_bad_frame_bodies_are_errors_with_the_frame_id(body: bytes, code: ErrorCode, message: str) -> None:
+    conn = streaming()
+    error = _error(conn.receive_bytes(frame_message(body, frame_id=5)), code)
+    assert (error["message"], error["frame_id"]) == (message, 5)
+    assert conn.stats.frames_rejected == 1 and conn.stats.errors_by_code == {code.value: 1}
+
+
+def test_format_allowlist_is_checked_on_arrival(webp: bytes) -> None:
+    conn = streaming(limits=ServerLimits(allowed_input_formats=["jpeg"]))
+    error = _error(conn.receive_bytes(frame_message(webp)), ErrorCode.UNSUPPORTED_FORMAT)
+    assert error["message"] == "webp images are not accepted here; allowed: jpeg"
+
+
+def test_frame_rejected_after_a_failed_decode(jpeg: bytes) -> None:
+    conn = streaming()
+    [frame] = conn.receive_bytes(frame_message(jpeg[: len(jpeg) // 2], frame_id=3))
+    with pytest.raises(ImageError) as info:
+        decode(frame.body, conn.limits)
+    error = _error(conn.frame_rejected(frame, info.value), ErrorCode.BAD_IMAGE)
+    assert error["frame_id"] == 3 and error["message"].startswith("jpeg image could not be decoded")
+    assert (conn.stats.frames_accepted, conn.stats.frames_rejected) == (1, 1)
+
+
+def test_output_frame_echoes_id_and_timestamp() -> None:
+    conn = streaming()
+    data = conn.output_frame(12, 99.5, b"JPEGBYTES", ImageFormat.JPEG, ServerTimings(1, 2, 3, 4, 10))
+    header, body = unpack_output_frame(data)
+    assert (header.frame_id, header.client_ts, header.format, body) == (12, 99.5, ImageFormat.JPEG, b"JPEGBYTES")
+    assert header.timings == ServerTimings(1, 2, 3, 4, 10) and conn.stats.frames_out == 1
+    stats = json.loads(conn.stats_message(frames_dropped=2))
+    assert stats["type"] == "stats" and stats["frames_out"] == 1 and stats["frames_dropped"] == 2
+
+
+# -- rate limit and error budget ----------------------------------------------------------------------------------
+
+
+def test_frames_over_the_rate_are_dropped_and_counted(clock: FakeClock, jpeg: bytes) -> None:
+    conn = streaming(clock, ServerLimits(max_input_fps=10, input_burst_frames=2))
+    events = [conn.receive_bytes(frame_message(jpeg, frame_id=i)) for i in range(5)]
+    assert [len(e) for e in events] == [1, 1, 0, 0, 0]  # dropped silently: no error, no budget spent
+    assert (conn.stats.frames_received, conn.stats.frames_accepted, conn.stats.frames_rate_limited) == (5, 2, 3)
+    accepted = 0
+    for i in range(100):  # a client at 20 fps gets 10 fps through
+        clock.advance(0.05)
+        accepted += len(conn.receive_bytes(frame_message(jpeg, frame_id=i)))
+    assert 49 <= accepted <= 51 and conn.state is ConnectionState.STREAMING and conn.stats.errors == 0
+
+
+def test_a_steady_client_at_the_limit_is_never_dropped(clock: FakeClock, jpeg: bytes) -> None:
+    conn = streaming(clock)
+    for i in range(300):
+        clock.advance(1 / 30 + (0.01 if i % 2 else -0.01))  # 30 fps with jitter
+        assert len(conn.receive_bytes(frame_message(jpeg, frame_id=i))) == 1
+
+
+def test_error_budget_closes_a_misbehaving_client(clock: FakeClock) -> None:
+    conn = streaming(clock)
+    for _ in range(10):
+        clock.advance(0.1)
+        _error(conn.receive_bytes(b"garbage" * 3), ErrorCode.BAD_FRAME_HEADER)
+    events = conn.receive_text('{"type": "update", "settings": {"nope": 1}}')
+    assert json.loads(events[0].data)["code"] == "unknown_field"
+    error = closed_with(events[1:], ErrorCode.ERROR_BUDGET_EXHAUSTED, 1008)
+    assert error["message"] == "more than 10 errors within 10 s; closing the connection"
+    assert conn.state is ConnectionState.CLOSED and conn.stats.errors == 12
+
+
+def test_errors_spread_out_stay_within_budget(clock: FakeClock) -> None:
+    conn = streaming(clock)
+    for _ in range(50):
+        clock.advance(1.1)
+        _error(conn.receive_bytes(b"x"), ErrorCode.BAD_FRAME_HEADER)
+    assert conn.state is ConnectionState.STREAMING
+
+
+# -- client and server together -----------------------------------------------------------------------------------------------
+
+
+def test_client_and_server_round_trip(jpeg: bytes) -> None:
+    client = ClientConnection({"prompt": "a fox", "strength": 0.4}, token="t" * 10, view_token="V" * 16,
+                              clock=lambda: 2.0)
+    server = ServerConnection(token="t" * 10)
+    [hello] = server.receive_text(client.hello())
+    assert hello.view_token == "V" * 16
+    ready = client.receive_text(server.accept("s-9", hello.view_token)[0].data)
+    assert ready.stream_id == "s-9" and ready.settings == server.settings and ready.view_url.endswith("V" * 16)
+    [frame] = server.receive_bytes(client.frame(jpeg))
+    assert (frame.frame_id, frame.client_ts) == (0, 2000.0)
+    request_id, text = client.update(prompt="a wolf")
+    update, ack = server.receive_text(text)
+    assert client.receive_text(ack.data).settings.prompt.prompt == "a wolf" and update.request_id == request_id
+
+
+# -- fuzz --------------------------------------------------------------------------------------------------------------
+
+_json_scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.integers(-5, 2000),
+                          st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=20))
+_json = st.recursive(_json_scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
+                                                             st.dictionaries(st.text(max_size=8), inner, max_size=4)),
+                     max_leaves=6)
+_setting_values = {
+    "width": st.sampled_from([8, 64, 256, 512, 520, 1024, 2048]), "height": st.sampled_from([64, 100, 512]),
+    "t_index_list": st.lists(st.integers(-1, 60), max_size=6), "num_inference_steps": st.integers(0, 120),
+    "strength": st.floats(-0.5, 1.5), "steps": st.integers(-1, 8), "frame_buffer_size": st.integers(0, 3),
+    "cfg_type": st.sampled_from(["none", "self", "full", "initialize", "SELF", "bogus"]),
+    "prompt": st.text(max_size=30), "negative_prompt": st.text(max_size=10), "guidance_scale": st.floats(-1, 60),
+    "delta": st.floats(-1, 12), "seed": st.integers(-1, 2**64),
+    "filter": st.fixed_dictionaries({}, optional={"enabled": st.booleans(), "threshold": st.floats(-0.5, 1.5),
+                                                  "max_skip_frames": st.integers(-2, 20)}),
+    "output": st.fixed_dictionaries({}, optional={"format": st.sampled_from(["jpeg", "webp", "png"]),
+                                                  "quality": st.integers(-1, 101)}),
+}
+_settings_objects = st.dictionaries(st.sampled_from(sorted(SETTING_FIELDS) + ["junk"]), _json, max_size=4) | \
+    st.fixed_dictionaries({}, optional=_setting_values)
+
+
+@st.composite
+def _structured(draw: st.DrawFn) -> str:
+    """Messages that are nearly right: mostly the right fields, sometimes one wrong or extra."""
+    kind = draw(st.sampled_from(["update"] * 6 + ["hello"] * 2 + ["ready", "", 1, None]))
+    message: dict[str, Any] = {"type": kind}
+    if kind == "hello" or draw(st.integers(0, 5)) == 0:
+        message["version"] = draw(st.sampled_from([1, 1, 1, 2, "1", None]))
+    if draw(st.integers(0, 9)) > 0:
+        message["settings"] = draw(st.fixed_dictionaries({}, optional=_setting_values)) if draw(
+            st.integers(0, 3)) else draw(_settings_objects | _json)
+    if draw(st.booleans()):
+        message["request_id"] = draw(st.integers(0, 100) | _json_scalars)
+    if draw(st.integers(0, 9)) == 0:
+        message[draw(st.text(max_size=6))] = draw(_json)
+    if draw(st.integers(0, 9)) == 0:
+        message["token"] = draw(st.sampled_from(["tok", "wrong", 1]))
+    return json.dumps(message)
+
+
+@st.composite
+def _mutated_text(draw: st.DrawFn) -> str:
+    text = list(draw(_structured()))
+    for _ in range(draw(st.integers(1, 3))):
+        pos = draw(st.integers(0, len(text)))
+        op = draw(st.sampled_from(["insert", "delete", "replace"]))
+        char = draw(st.characters(codec="utf-8"))
+        if op == "insert":
+            text.insert(pos, char)
+        elif text and op == "delete":
+            del text[min(pos, len(text) - 1)]
+        elif text:
+            text[min(pos, len(text) - 1)] = char
+    return "".join(text)
+
+
+_texts = st.one_of(st.text(max_size=60), _json.map(json.dumps), _structured(), _mutated_text())
+
+_SEED_BODIES = [save(pattern(24, 16, 1), "JPEG"), save(pattern(24, 16, 2), "WEBP"),
+                save(pattern(24, 16, 3), "WEBP", lossless=True), save(pattern(24, 16, 4), "PNG"),
+                b"\xff\xd8\xff\xc0\x00\x11\x08\xea\x60\xea\x60\x03" + b"\0" * 30]
+
+
+@st.composite
+def _binary(draw: st.DrawFn) -> bytes:
+    kind = draw(st.sampled_from(["random", "header+random", "frame", "mutated", "mutated"]))
+    if kind == "random":
+        return draw(st.binary(max_size=64))
+    header = ClientConnection().frame(b"", frame_id=draw(st.integers(0, 2**32 - 1)),
+                                      client_ts=draw(st.floats(allow_nan=False, allow_infinity=False)))
+    if kind == "header+random":
+        return header + draw(st.binary(max_size=64))
+    data = bytearray(header + draw(st.sampled_from(_SEED_BODIES)))
+    if kind == "mutated":
+        for _ in range(draw(st.integers(1, 3))):
+            pos = draw(st.integers(0, len(data) - 1))
+            op = draw(st.sampled_from(["flip", "cut", "insert"]))
+            if op == "flip":
+                data[pos] ^= draw(st.integers(1, 255))
+            elif op == "cut":
+                del data[pos:]
+            else:
+                data[pos:pos] = draw(st.binary(min_size=1, max_size=4))
+            if not data:
+                break
+    return bytes(data)
+
+
+# Volume comes cheap: each example is a few Hypothesis-made messages plus mutations of them and of seed messages,
+# made by a random.Random seeded by Hypothesis (so runs are reproducible and a failure replays).
+_BATCH = 16
+_FUZZ = settings(max_examples=700, deadline=None, derandomize=True, database=None,
+                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+_SEED_TEXTS = [json.dumps(m) for m in [
+    HELLO,
+    {**HELLO, "token": "tok", "settings": {"width": 256, "height": 256, "prompt": "a cat", "strength": 0.5}},
+    {**HELLO, "client": "fuzz/1", "view_token": "A" * 16,
+     "settings": {"filter": {"enabled": True}, "output": {"format": "webp", "quality": 50}}},
+    {"type": "update", "request_id": 1, "settings": {"prompt": "ink", "guidance_scale": 1.5, "seed": 3}},
+    {"type": "update", "settings": {"t_index_list": [10, 20, 30], "num_inference_steps": 50}},
+    {"type": "update", "request_id": "r", "settings": {"steps": 3, "delta": 0.5, "negative_prompt": "blur"}},
+    {"type": "update", "settings": {"cfg_type": "self", "frame_buffer_size": 1, "width": 512, "steps": 2}},
+    {"type": "update", "request_id": 9, "settings": {"width": 2048}},  # valid for streamdiff, over the caps
+    {"type": "update", "settings": {"cfg_type": "full", "steps": 6}},
+    {"type": "update", "settings": {"width": 384, "cfg_type": "initialize",
+                                    "filter": {"threshold": 0.9, "max_skip_frames": 3}}},
+]]
+_POOL: list[Any] = [None, True, False, 0, -1, 1, 2, 7, 2048, 2**31, 2**64, 10**30, 0.5, -0.0, 1e308, 1e-300, "", "x", "self",
+                    "full", "jpeg", "\ud800", "A" * 300, [], [1, 2], [[]], [0, 49], {}, {"a": 1}, {"enabled": 1}]
+_KEYS = ["type", "version", "token", "settings", "request_id", "client", "view_token", "junk", *SETTING_FIELDS,
+         "enabled", "threshold", "format", "quality"]
+_CHARS = '{}[]",:\\ -.0123456789eEtrufalsn\x00\x7f\u00e9\u20ac\U0001f600'
+
+
+def _mutate_text(rng: random.Random, text: str) -> str:
+    if rng.random() < 0.35:  # character level
+        chars = list(text)
+        for _ in range(rng.randint(1, 3)):
+            pos = rng.randint(0, len(chars))
+            op = rng.randrange(3)
+            if op == 0 or not chars:
+                chars.insert(pos, rng.choice(_CHARS))
+            elif op == 1:
+                del chars[min(pos, len(chars) - 1)]
+            else:
+                chars[min(pos, len(chars) - 1)] = rng.choice(_CHARS)
+        return "".join(chars)
+    try:
+        root = json.loads(text)
+    except ValueError:
+        return text[::-1]
+    for _ in range(rng.randint(1, 3)):  # structure level: replace, delete or add somewhere inside
+        node = root
+        while isinstance(node, dict) and node and rng.random() < 0.5:
+            child = node[rng.choice(list(node))]
+            if not isinstance(child, dict):
+                break
+            node = child
+        if not isinstance(node, dict):
+            continue
+        op = rng.randrange(3)
+        if op == 0 and node:
+            node[rng.choice(list(node))] = copy.deepcopy(rng.choice(_POOL))
+        elif op == 1 and node:
+            del node[rng.choice(list(node))]
+        else:
+            node[rng.choice(_KEYS)] = copy.deepcopy(rng.choice(_POOL))
+    out = json.dumps(root, ensure_ascii=rng.random() < 0.5)
+    return out.replace("1e+308", "Infinity") if rng.random() < 0.1 else out
+
+
+def _mutate_bytes(rng: random.Random, data: bytes) -> bytes:
+    out = bytearray(data)
+    for _ in range(rng.randint(1, 3)):
+        if not out:
+            break
+        op = rng.randrange(6)
+        pos = rng.randrange(len(out))
+        if op == 0:
+            out[pos] ^= rng.randint(1, 255)
+        elif op == 1:
+            del out[pos:]
+        elif op == 2:
+            out[pos:pos] = rng.randbytes(rng.randint(1, 8))
+        elif op == 3:  # rewrite a header field
+            at = rng.choice([0, 4, 5, 8, 12, 20, 22, 24, 26, 28])
+            out[at:at + 2] = rng.randbytes(2)
+        elif op == 4:
+            out[12:20] = struct.pack(">d", rng.choice([math.nan, math.inf, -1.0, 1e300]))
+        else:
+            out += rng.randbytes(rng.randint(1, 32))
+    return bytes(out)
+
+
+_VALID_FRAMES = [ClientConnection().frame(body, frame_id=i, client_ts=10.0 * i) for i, body in enumerate(_SEED_BODIES)]
+
+
+@st.composite
+def _text_batches(draw: st.DrawFn) -> list[str]:
+    made = draw(st.lists(_texts, min_size=1, max_size=3))
+    rng = random.Random(draw(st.integers(0, 2**32 - 1)))
+    batch = list(made)
+    while len(batch) < _BATCH:
+        batch.append(_mutate_text(rng, rng.choice(made + _SEED_TEXTS)) if rng.random() < 0.85
+                     else rng.choice(_SEED_TEXTS))
+    return batch
+
+
+@st.composite
+def _binary_batches(draw: st.DrawFn) -> list[bytes]:
+    made = draw(st.lists(_binary(), min_size=1, max_size=3))
+    rng = random.Random(draw(st.integers(0, 2**32 - 1)))
+    batch = list(made)
+    while len(batch) < _BATCH:
+        pick = rng.random()
+        if pick < 0.15:
+            batch.append(rng.choice(_VALID_FRAMES))
+        elif pick < 0.25:
+            batch.append(rng.randbytes(rng.randint(0, 48)))
+        else:
+            batch.append(_mutate_bytes(rng, rng.choice(made + _VALID_FRAMES)))
+    return batch
+
+
+_SERVER_MESSAGES = {"error", "ready", "ack"}
+
+
+def _check(conn: ServerConnection, before: ConnectionState, events: list) -> None:
+    """The invariants every input must keep, whatever it was."""
+    assert isinstance(events, list)
+    if before is ConnectionState.CLOSED:
+        assert events == []
+    closes = [e for e in events if isinstance(e, Close)]
+    assert len(closes) <= 1 and (not closes or events[-1] is closes[0])
+    if closes:
+        assert conn.state is ConnectionState.CLOSED and closes[0].code in set(CloseCode)
+        assert len(closes[0].reason.encode("utf-8")) <= 123
+    errors = []
+    for event in events:
+        assert isinstance(event, (Hello, Frame, Update, Send, Close))
+        if isinstance(event, Send):
+            assert isinstance(event.data, str) and event.data.isascii()
+            message = json.loads(event.data)
+            assert message["type"] in _SERVER_MESSAGES
+            if message["type"] == "error":
+                assert ErrorCode(message["code"]) and isinstance(message["message"], str)
+                errors.append(message)
+        elif isinstance(event, Frame):
+            assert conn.state is ConnectionState.STREAMING and before is ConnectionState.STREAMING
+            assert event.image.pixels <= conn.limits.max_frame_pixels
+        elif isinstance(event, Update):
+            assert event.settings == conn.settings
+            check_caps(event.settings, conn.limits)
+        elif isinstance(event, Hello):
+            assert before is ConnectionState.AWAIT_HELLO and conn.state is ConnectionState.HELLO_RECEIVED
+    if closes:  # a close always comes right after a fatal error message saying why
+        assert errors and errors[-1]["fatal"] and isinstance(events[-2], Send)
+    else:
+        assert not any(m["fatal"] for m in errors)
+    if conn.state in (ConnectionState.HELLO_RECEIVED, ConnectionState.STREAMING):
+        check_caps(conn.settings, conn.limits)
+    assert sum(conn.stats.errors_by_code.values()) == conn.stats.errors
+
+
+def _feed(conn: ServerConnection, messages: list[str | bytes]) -> None:
+    for message in messages:
+        before = conn.state
+        events = conn.receive_text(message) if isinstance(message, str) else conn.receive_bytes(message)
+        _check(conn, before, events)
+        if any(isinstance(e, Hello) for e in events):
+            conn.accept("fuzz")
+        for event in events:
+            if isinstance(event, Frame):
+                try:
+                    decode(event.body, conn.limits)
+                except ImageError as exc:
+                    _check(conn, conn.state, conn.frame_rejected(event, exc))
+
+
+def _connection(start_streaming: bool, token: bool) -> ServerConnection:
+    if start_streaming:
+        return streaming(token="tok" if token else None)
+    return ServerConnection(token="tok" if token else None)
+
+
+def test_fuzz_text_messages() -> None:
+    count = 0
+
+    @_FUZZ
+    @given(st.booleans(), st.booleans(), _text_batches())
+    def run(start_streaming: bool, token: bool, messages: list[str]) -> None:
+        nonlocal count
+        count += len(messages)
+        _feed(_connection(start_streaming, token), messages)
+
+    run()
+    assert count >= 10_000
+
+
+def test_fuzz_binary_messages() -> None:
+    count = 0
+
+    @_FUZZ
+    @given(st.booleans(), _binary_batches())
+    def run(start_streaming: bool, messages: list[bytes]) -> None:
+        nonlocal count
+        count += len(messages)
+        _feed(_connection(start_streaming, False), messages)
+
+    run()
+    assert count >= 10_000
+
+
+@settings(max_examples=200, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(st.lists(st.one_of(_texts, _binary(), st.just(json.dumps(HELLO))), min_size=5, max_size=20),
+       st.lists(st.floats(0, 30), min_size=20, max_size=20))
+def test_fuzz_mixed_messages_with_time(messages: list[str | bytes], gaps: list[float]) -> None:
+    clock = FakeClock()
+    conn = ServerConnection(clock=clock)
+    for message, gap in zip(messages, gaps[: len(messages)], strict=True):
+        clock.advance(gap)
+        before = conn.state
+        _check(conn, before, conn.check_timeouts())
+        _feed(conn, [message])
+
+
+def test_fuzz_generates_the_interesting_cases() -> None:
+    """The generators reach deep paths: valid hellos, valid updates and valid frames, not only garbage."""
+    seen: set[str] = set()
+
+    @settings(max_examples=150, deadline=None, derandomize=True, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(_text_batches(), _binary_batches())
+    def run(texts: list[str], binaries: list[bytes]) -> None:
+        for messages in (texts, binaries):
+            conn = streaming()
+            for message in messages:
+                events = conn.receive_text(message) if isinstance(message, str) else conn.receive_bytes(message)
+                seen.update(type(e).__name__ for e in events)
+                seen.update(json.loads(e.data).get("code", "") for e in events if isinstance(e, Send))
+
+    run()
+    assert {"Frame", "Update", "Send", "Close", "invalid_value", "unknown_field", "bad_json", "bad_frame_header",
+            "unsupported_format", "bad_image", "image_too_large", "not_allowed", "unexpected_hello",
+            "missing_field", "unknown_type", "error_budget_exhausted"} <= seen
+
+
+def test_frame_header_unpack_is_total() -> None:
+    """Every 20-byte prefix either parses or raises the documented error."""
+    for data in [struct.pack(">4sB3sId", b"SDFI", 1, b"\0\0\0", 2**32 - 1, -0.0), b"SDFI" + b"\x01" + b"\0" * 15]:
+        assert isinstance(streaming().receive_bytes(data + save(pattern(8, 8), "JPEG"))[0], Frame)
+
+
+# -- docs/protocol.md tells the truth -----------------------------------------------------------------------------
+
+DOC = (Path(__file__).parents[2] / "docs" / "protocol.md").read_text(encoding="utf-8")
+
+
+def _section(title: str) -> str:
+    start = DOC.index(f"\n## {title}")
+    return DOC[start:DOC.index("\n## ", start + 1)]
+
+
+def test_doc_error_code_table_matches_the_code() -> None:
+    rows = re.findall(r"^\| `(\w+)` \| .* \| (always|before ready|no) \| (\d+|–) \|$", _section("Error codes"), re.M)
+    assert {code for code, _, _ in rows} == {c.value for c in ErrorCode}
+    for code, ends, close in rows:
+        error = ErrorCode(code)
+        assert (ends == "always") == error.always_fatal, code
+        assert close == ("–" if ends == "no" else str(error.close_code.value)), code
+
+
+def test_doc_limits_table_names_every_limit() -> None:
+    names = set(re.findall(r"^\| `(\w+)`(?:, `(\w+)`)? \|", _section("Limits"), re.M))
+    documented = {n for pair in names for n in pair if n}
+    assert documented == {f.name for f in dataclasses.fields(ServerLimits)}
+
+
+def test_doc_settings_table_names_every_setting() -> None:
+    names = set(re.findall(r"^\| `([\w.]+)`", _section("Settings"), re.M))
+    names |= {"height"}  # shares the width row
+    expected = set(SETTING_FIELDS) | {f"filter.{k}" for k in SETTING_FIELDS["filter"]} | {
+        f"output.{k}" for k in SETTING_FIELDS["output"]}
+    assert names == expected
+
+
+def test_doc_worked_example_is_what_the_code_sends() -> None:
+    example = _section("Worked example")
+    replay = example[: example.index("A frame with a PNG body")]
+    conn = ServerConnection(token="s3cret")
+    sent, expected = [], []
+    for line in replay.splitlines():
+        if line.startswith("C> {"):
+            for event in conn.receive_text(line[3:]):
+                if isinstance(event, Hello):
+                    sent += [json.loads(e.data) for e in conn.accept("st-7f3a", event.view_token)]
+                elif isinstance(event, Send):
+                    sent.append(json.loads(event.data))
+        elif line.startswith("S> {"):
+            expected.append(json.loads(line[3:]))
+    assert sent == expected and len(expected) == 4
+    png = example[example.index("A frame with a PNG body"):]
+    events = streaming().receive_bytes(frame_message(save(pattern(), "PNG"), frame_id=41))
+    assert json.loads(events[0].data) == json.loads(re.search(r"^S> (\{.*\})$", png, re.M).group(1))
+    wrong = example[example.index("With a wrong token"):]
+    events = ServerConnection(token="s3cret").receive_text(re.search(r"^C> (\{.*\})$", wrong, re.M).group(1))
+    assert json.loads(events[0].data) == json.loads(re.search(r"^S> (\{.*\})$", wrong, re.M).group(1))
+    assert f'S> close {events[1].code.value} "{events[1].reason}"' in wrong
