@@ -140,7 +140,7 @@ def test_vae_choice_by_config_class(tmp_path, tiny_folder, frames_module, base_f
     kl_frames, same_frames, other_frames = (stream_frames(m, frames_module[:4]) for m in (kl, same, other))
     assert kl_frames.shape == same_frames.shape == base_frames.shape == (3, 3, SIZE, SIZE)
     assert torch.equal(same_frames, base_frames)
-    assert (kl_frames - base_frames).abs().max() > 0.05 and (other_frames - base_frames).abs().max() > 0.05
+    assert (kl_frames - base_frames).abs().max() > 0.05 and (other_frames - base_frames).abs().max() > 0.02
     assert len({kl.fingerprint, same.fingerprint, other.fingerprint}) == 3
 
 
