@@ -34,6 +34,7 @@ export HF_HUB_OFFLINE=1 HF_HOME="$venv/hf-home" HF_HUB_DISABLE_PROGRESS_BARS=1
 export PYTHONWARNINGS=ignore TRANSFORMERS_VERBOSITY=error DIFFUSERS_VERBOSITY=error
 
 echo "== building the fixture model with streamdiff ($STREAMDIFF_PYTHON)"
+trap 'rm -rf "$fixture.tmp"' EXIT  # a failed run leaves the committed fixture as it was
 rm -rf "$fixture.tmp"
 mkdir -p "$fixture.tmp"
 PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" "$STREAMDIFF_PYTHON" "$here/build_model.py" "$fixture.tmp"
