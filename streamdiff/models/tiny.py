@@ -76,26 +76,35 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "streamdiff"
 
 
-def build_tiny_components(seed: int = TINY_SEED) -> dict[str, object]:
-    """The tiny model's components with deterministic random weights (each part seeded on its own)."""
+def build_tiny_components(
+    seed: int = TINY_SEED,
+    unet_config: dict[str, object] | None = None,
+    vae_config: dict[str, object] | None = None,
+    text_config: dict[str, object] | None = None,
+) -> dict[str, object]:
+    """The tiny model's components with deterministic random weights (each part seeded on its own).
+
+    The ``*_config`` arguments replace ``TINY_UNET`` / ``TINY_VAE`` / ``TINY_TEXT`` (e.g. an even smaller model for
+    a test fixture); the recipe (seeds, pass-through VAE, vocabulary) stays the same.
+    """
     from diffusers import AutoencoderTiny, LCMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     vocab, _ = build_vocab()
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**TINY_UNET)
+    unet = UNet2DConditionModel(**(unet_config or TINY_UNET))
     torch.manual_seed(seed + 1)
-    vae = AutoencoderTiny(**TINY_VAE)
+    vae = AutoencoderTiny(**(vae_config or TINY_VAE))
     _make_passthrough_vae(vae)
     torch.manual_seed(seed + 2)
-    text_config = CLIPTextConfig(
+    clip_config = CLIPTextConfig(
         vocab_size=len(vocab),
         bos_token_id=vocab["<|startoftext|>"],
         eos_token_id=vocab["<|endoftext|>"],
         pad_token_id=vocab["<|endoftext|>"],
-        **TINY_TEXT,
+        **(text_config or TINY_TEXT),
     )
-    text_encoder = CLIPTextModel(text_config)
+    text_encoder = CLIPTextModel(clip_config)
     scheduler = LCMScheduler(**SD_SCHEDULER)
     return {"unet": unet.eval(), "vae": vae.eval(), "text_encoder": text_encoder.eval(), "scheduler": scheduler}
 
