@@ -21,5 +21,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return
     skip = pytest.mark.skip(reason="needs an NVIDIA GPU with TensorRT 10")
     for item in items:
-        if "gpu" in item.keywords and "tests/backends" in str(item.fspath).replace("\\", "/"):
+        if item.get_closest_marker("gpu") is not None:
             item.add_marker(skip)
+
+
+@pytest.fixture(params=["10.8.0", "11.4.0"], ids=["trt10", "trt11"])
+def fake_trt(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
+    """A fake ``tensorrt`` of each tested major version (fake_tensorrt.py) installed as ``sys.modules['tensorrt']``."""
+    import sys
+
+    from fake_tensorrt import make_fake_tensorrt
+
+    module = make_fake_tensorrt(request.param)
+    monkeypatch.setitem(sys.modules, "tensorrt", module)
+    return module
