@@ -19,7 +19,7 @@ def _gpu_ready() -> bool:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if _gpu_ready():
         return
-    skip = pytest.mark.skip(reason="needs an NVIDIA GPU with TensorRT 10")
+    skip = pytest.mark.skip(reason="needs an NVIDIA GPU with TensorRT 10.1+ or 11")
     for item in items:
         if item.get_closest_marker("gpu") is not None:
             item.add_marker(skip)
