@@ -137,32 +137,56 @@ def aoti_steps(
     return steps
 
 
+def onnxruntime_dtype(model: LoadedModel) -> torch.dtype:
+    """The type of the graphs ONNX Runtime runs: float16 for a float16 model (its CUDA path), else float32."""
+    return torch.float16 if model.dtype == torch.float16 else torch.float32
+
+
+def tensorrt_dtype(model: LoadedModel) -> torch.dtype:
+    """The type of the graph a TensorRT engine is built from: bfloat16 for a bfloat16 model, else float16.
+
+    TensorRT networks are strongly typed (the only kind TensorRT 11 builds): this type is the engine's precision.
+    """
+    return torch.bfloat16 if model.dtype == torch.bfloat16 else torch.float16
+
+
+def tensorrt_plan(model: LoadedModel, component: Component, shapes: ShapeRange, onnx_path: Path):  # noqa: ANN201
+    """The :class:`~streamdiff.backends.tensorrt_build.TrtBuildPlan` of ``component`` (pure; no TensorRT needed)."""
+    from .keys import precision_name
+    from .tensorrt_build import build_plan
+
+    return build_plan(
+        component, onnx_path, shapes, latent_channels=model.latent_channels,
+        vae_scale_factor=model.vae_scale_factor,
+        text_length=int(getattr(model.text_encoder.config, "max_position_embeddings", 77)),
+        text_dim=int(model.unet.config.cross_attention_dim), precision=precision_name(tensorrt_dtype(model)),
+    )
+
+
 def tensorrt_step(
     model: LoadedModel, shapes: EngineShapes | StreamConfig, options: EngineOptions, cache: EngineCache, component: Component,
     onnx: BuildStep,
 ) -> BuildStep:
-    """Build a TensorRT fp16 plan of ``component`` from its ONNX entry (``onnx`` runs first)."""
-    from .tensorrt_build import build_engine, build_plan, tensorrt_version
+    """Build a strongly typed TensorRT engine of ``component`` from its fp16/bf16 ONNX entry (``onnx`` runs first)."""
+    from .tensorrt_build import build_engine, tensorrt_version
 
     shapes = shape_range(component, shapes, options, spatial_multiple(model, component))
+    dtype = tensorrt_dtype(model)
     key = engine_key(
-        model, component, shapes, backend="tensorrt", backend_version=tensorrt_version(), dtype=torch.float16,
+        model, component, shapes, backend="tensorrt", backend_version=tensorrt_version(), dtype=dtype,
         opset=options.opset,
     )
+    info = tensorrt_plan(model, component, shapes, Path(ONNX_FILE)).describe()
 
     def build(folder: Path) -> str:
         onnx_entry = onnx.run()
-        plan = build_plan(
-            component, onnx_entry.artifact, shapes, latent_channels=model.latent_channels,
-            vae_scale_factor=model.vae_scale_factor,
-            text_length=int(getattr(model.text_encoder.config, "max_position_embeddings", 77)),
-            text_dim=int(model.unet.config.cross_attention_dim),
-        )
-        build_engine(plan, folder / PLAN_FILE)
+        build_engine(tensorrt_plan(model, component, shapes, onnx_entry.artifact), folder / PLAN_FILE)
         return PLAN_FILE
 
-    description = f"build TensorRT {component.value} engine (fp16)"
-    return BuildStep(description, key, lambda: cache.get_or_build(key, build, description=description), component)
+    description = f"build TensorRT {component.value} engine ({key.precision}, strongly typed)"
+    return BuildStep(
+        description, key, lambda: cache.get_or_build(key, build, description=description, info=info), component
+    )
 
 
 def plan_builds(
@@ -170,11 +194,11 @@ def plan_builds(
 ) -> list[BuildStep]:
     """The entries backend ``kind`` needs (none for eager torch), in build order."""
     if kind is BackendKind.ONNXRUNTIME:
-        return [onnx_step(model, shapes, options, cache, c) for c in COMPONENTS]
+        return [onnx_step(model, shapes, options, cache, c, dtype=onnxruntime_dtype(model)) for c in COMPONENTS]
     if kind is BackendKind.TENSORRT:
         steps = []
         for component in COMPONENTS:
-            onnx = onnx_step(model, shapes, options, cache, component, dtype=torch.float16)
+            onnx = onnx_step(model, shapes, options, cache, component, dtype=tensorrt_dtype(model))
             steps.append(tensorrt_step(model, shapes, options, cache, component, onnx))
         return steps
     if kind is BackendKind.TORCH and options.compile:

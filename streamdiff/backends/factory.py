@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -115,14 +116,54 @@ def create_engines(
             return CompiledUNet(packages), vae
         return TorchUNet(model.unet, channels_last=options.channels_last), vae
     paths = {c: by_component[c][0][1].artifact for c in COMPONENTS}
+    keys = {c: by_component[c][0][0] for c in COMPONENTS}
     if kind is BackendKind.ONNXRUNTIME:
         from .onnxruntime_backend import OrtUNet, OrtVae
 
-        return OrtUNet(paths[Component.UNET], model.device), OrtVae(
-            paths[Component.VAE_ENCODER], paths[Component.VAE_DECODER], model.device
+        session = onnxruntime_session_options(model, options, keys)
+        engines = OrtUNet(paths[Component.UNET], model.device, **session[Component.UNET]), OrtVae(
+            paths[Component.VAE_ENCODER], paths[Component.VAE_DECODER], model.device,
+            encoder=session[Component.VAE_ENCODER], decoder=session[Component.VAE_DECODER],
         )
-    from .tensorrt_runtime import TrtUNet, TrtVae
+    else:
+        from .tensorrt_runtime import TrtUNet, TrtVae
 
-    return TrtUNet(paths[Component.UNET], model.device, options.cuda_graph), TrtVae(
-        paths[Component.VAE_ENCODER], paths[Component.VAE_DECODER], model.device, options.cuda_graph
-    )
+        engines = TrtUNet(paths[Component.UNET], model.device, options.cuda_graph), TrtVae(
+            paths[Component.VAE_ENCODER], paths[Component.VAE_DECODER], model.device, options.cuda_graph
+        )
+    if model.device.type == "cuda":
+        offload_torch_modules(model)
+    return engines
+
+
+ORT_TENSORRT_CACHE = ".onnxruntime-tensorrt"
+
+
+def onnxruntime_session_options(model: LoadedModel, options: EngineOptions, keys: dict) -> dict:
+    """Per component: the ONNX Runtime session options (providers, TensorRT provider cache and profile, dtype)."""
+    from .builders import tensorrt_plan
+
+    out = {}
+    for component, key in keys.items():
+        dtype = getattr(torch, key.precision)
+        out[component] = dict(
+            providers=options.onnx_providers, graph_dtype=dtype,
+            tensorrt_cache=options.directory / ORT_TENSORRT_CACHE if model.device.type == "cuda" else None,
+            profile=tensorrt_plan(model, component, key.shapes, Path(key.name)).profile,
+        )
+    return out
+
+
+def offload_torch_modules(model: LoadedModel, cuda: Any = None) -> None:
+    """Move the U-Net and the VAE to the CPU once compiled GPU engines exist: the engines hold their own weights.
+
+    Kept on the CPU (not deleted) because a later rebuild — a new frame size outside the engine's range, a new
+    batch range — exports them again (a temporary GPU copy while exporting). The text encoder stays on the GPU.
+    After this the model serves only the compiled backend that moved it; load it again for a torch backend.
+    """
+    from .cuda_ops import DEFAULT_CUDA
+
+    for name in ("unet", "vae"):
+        getattr(model, name).to("cpu")
+    (cuda or DEFAULT_CUDA).empty_cache()
+    logger.info("moved the torch U-Net and VAE to the CPU: the compiled engines run on %s", model.device)

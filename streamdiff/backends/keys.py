@@ -55,7 +55,9 @@ class EngineOptions:
     widened in steps (64, 8 below; 2048, 4096 above) to include the configured size, so a size change inside the
     range needs no rebuild. ``batch_sizes`` adds U-Net
     batch sizes to the profile beyond what the configuration needs. ``compile`` asks the torch backend for an
-    AOTInductor-compiled U-Net (cached); ``channels_last`` applies to the eager torch backend.
+    AOTInductor-compiled U-Net (cached); ``channels_last`` applies to the eager torch backend. ``cuda_graph``:
+    TensorRT engines replay a CUDA graph per input shape. ``onnx_providers``: ONNX Runtime's execution providers on
+    a GPU, in order of preference (``("CUDAExecutionProvider",)``); empty means TensorRT's, then CUDA's.
     """
 
     engine_dir: Path | str | None = None
@@ -68,8 +70,10 @@ class EngineOptions:
     opset: int = DEFAULT_OPSET
     verify: bool = True
     cuda_graph: bool = False
+    onnx_providers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "onnx_providers", tuple(self.onnx_providers))
         if self.opset < 17:
             raise ConfigError(f"opset={self.opset} is below 17, the lowest opset streamdiff exports")
         for name in ("min_resolution", "max_resolution"):
@@ -240,10 +244,15 @@ def cpu_isa() -> str:
 
 
 def target_id(device: torch.device) -> str:
-    """``sm_86`` style GPU compute capability for CUDA devices, else :func:`cpu_isa`."""
+    """``sm_90:NVIDIA-H100-80GB-HBM3`` for CUDA devices (compute capability and exact GPU name), else :func:`cpu_isa`.
+
+    TensorRT engines are tuned for one GPU model (tactics timed on it), not only for its architecture: two GPUs of
+    one compute capability (an L4 and an RTX 4090) must not share an engine.
+    """
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
-        return f"sm_{major}{minor}"
+        name = "-".join(torch.cuda.get_device_name(device).split())
+        return f"sm_{major}{minor}:{name}"
     return f"cpu:{cpu_isa()}"
 
 

@@ -1,20 +1,45 @@
-"""The ONNX Runtime backend: runs the exported graphs with the CPU provider (CUDA/TensorRT providers when present).
+"""The ONNX Runtime backend: the exported graphs on the CPU provider, or on CUDA through IO binding.
 
-On the CPU, inputs are handed over as zero-copy numpy views of contiguous float32 tensors. On CUDA, tensors stay on
-the GPU through IO binding (written to ONNX Runtime's documented API; never run here, see docs/engines.md).
+On the CPU, inputs are handed over as numpy views of contiguous tensors in the graph's input types. On a CUDA
+device (``pip install 'streamdiff[onnx-gpu]'``, the ``onnxruntime-gpu`` build) the providers are, in order of
+preference, ONNX Runtime's TensorRT execution provider (fp16 for fp16 graphs, an explicit profile over the engine's
+shape range, its engine and timing caches in the engine folder), the CUDA provider, then the CPU; see
+:func:`provider_options`. Tensors stay on the GPU through IO binding: inputs are bound where torch put them, the
+output is allocated by ONNX Runtime on the device and handed to torch with ``torch.from_dlpack(ortvalue)`` (the
+``OrtValue`` implements ``__dlpack__``; it has no ``to_dlpack()`` in onnxruntime 1.31), no copy. Ordering: the
+session runs on its own CUDA stream (the providers' ``user_compute_stream``), which waits for torch's current
+stream before the run; torch's stream waits for it after. The IO-binding path is tested on the CPU (a CPU
+``OrtValue`` implements ``__dlpack__`` too); the CUDA half has never run (see docs/engines.md).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from ..errors import EngineBuildError, missing_extra
+from ..errors import ConfigError, EngineBuildError, missing_extra
+from .cuda_ops import DEFAULT_CUDA, TorchCuda
 
 logger = logging.getLogger(__name__)
+
+TENSORRT_EP = "TensorrtExecutionProvider"
+CUDA_EP = "CUDAExecutionProvider"
+CPU_EP = "CPUExecutionProvider"
+GPU_PROVIDERS = (TENSORRT_EP, CUDA_EP)
+TENSORRT_EP_WORKSPACE = 4 << 30
+
+# ONNX Runtime's input type strings → (torch dtype, numpy dtype) of the tensors handed over.
+_TYPES = {
+    "tensor(float)": (torch.float32, np.float32),
+    "tensor(float16)": (torch.float16, np.float16),
+    "tensor(int64)": (torch.int64, np.int64),
+    "tensor(int32)": (torch.int32, np.int32),
+}
 
 
 def import_onnxruntime():  # noqa: ANN201 - the module
@@ -29,21 +54,87 @@ def onnxruntime_version() -> str:
     return str(import_onnxruntime().__version__)
 
 
-def choose_providers(device: torch.device) -> list[str]:
-    """CPU by default; on a CUDA device the TensorRT and CUDA providers first when this build has them."""
-    available = import_onnxruntime().get_available_providers()
-    chosen = []
-    if device.type == "cuda":
-        chosen = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in available]
-        if not chosen:
-            logger.warning("onnxruntime has no CUDA provider (available: %s); running on the CPU", available)
-    return chosen + ["CPUExecutionProvider"]
+def shape_string(shapes: dict[str, Sequence[int]]) -> str:
+    """``sample:1x4x32x32,timestep:1`` — the TensorRT provider's profile format."""
+    return ",".join(f"{name}:{'x'.join(str(int(d)) for d in shape)}" for name, shape in shapes.items())
+
+
+def provider_options(
+    device: torch.device,
+    available: Sequence[str],
+    *,
+    graph_dtype: torch.dtype = torch.float32,
+    preference: Sequence[str] = (),
+    tensorrt_cache: Path | None = None,
+    profile: Sequence[Any] = (),
+    stream_handle: int | None = None,
+) -> list[tuple[str, dict[str, Any]]]:
+    """The providers (with options) a session on ``device`` gets, given the ``available`` ones. Pure.
+
+    CPU devices get the CPU provider. On CUDA: ``preference`` (names, in order) or by default the TensorRT provider
+    then the CUDA provider, those of them that this onnxruntime build has, then the CPU provider. ``profile`` is
+    the engine's :class:`~streamdiff.backends.tensorrt_build.TensorProfile` tuple (min/opt/max per input) and
+    ``tensorrt_cache`` the folder for the TensorRT provider's engine and timing caches. ``stream_handle`` is the
+    CUDA stream the GPU providers compute on.
+    """
+    unknown = [p for p in preference if p not in (*GPU_PROVIDERS, CPU_EP)]
+    if unknown:
+        raise ConfigError(f"onnx_providers {unknown} are not among {', '.join((*GPU_PROVIDERS, CPU_EP))}")
+    if device.type != "cuda":
+        return [(CPU_EP, {})]
+    wanted = [p for p in (preference or GPU_PROVIDERS) if p != CPU_EP]
+    chosen: list[tuple[str, dict[str, Any]]] = []
+    common: dict[str, Any] = {"device_id": device.index or 0}
+    if stream_handle is not None:
+        common["user_compute_stream"] = str(stream_handle)
+    for name in wanted:
+        if name not in available:
+            continue
+        if name == TENSORRT_EP:
+            options = dict(common)
+            options.update(
+                trt_fp16_enable=graph_dtype == torch.float16,
+                trt_engine_cache_enable=tensorrt_cache is not None,
+                trt_timing_cache_enable=tensorrt_cache is not None,
+                trt_builder_optimization_level=3,
+                trt_max_workspace_size=TENSORRT_EP_WORKSPACE,
+            )
+            if tensorrt_cache is not None:
+                options["trt_engine_cache_path"] = str(tensorrt_cache)
+            if profile:
+                options["trt_profile_min_shapes"] = shape_string({p.name: p.min for p in profile})
+                options["trt_profile_opt_shapes"] = shape_string({p.name: p.opt for p in profile})
+                options["trt_profile_max_shapes"] = shape_string({p.name: p.max for p in profile})
+            chosen.append((name, options))
+        else:
+            chosen.append((name, dict(common)))
+    if not chosen:
+        logger.warning("onnxruntime has none of %s (available: %s): running on the CPU; for CUDA install "
+                       "pip install 'streamdiff[onnx-gpu]'", ", ".join(wanted), ", ".join(available))
+    return chosen + [(CPU_EP, {})]
 
 
 class OrtSession:
-    """One ``InferenceSession`` with a single output: ``run({name: tensor}) -> tensor``."""
+    """One ``InferenceSession`` with a single output: ``run({name: tensor}) -> tensor`` (in the graph's type).
 
-    def __init__(self, path: Path | str, device: torch.device, threads: int | None = None) -> None:
+    ``io_binding``: run through IO binding (always on CUDA; on the CPU when True, which tests use). ``providers``:
+    provider names in order of preference (CUDA devices). ``tensorrt_cache``/``profile``/``graph_dtype`` (the type
+    the graph was exported in): for the TensorRT provider.
+    """
+
+    def __init__(
+        self,
+        path: Path | str,
+        device: torch.device,
+        threads: int | None = None,
+        *,
+        io_binding: bool | None = None,
+        providers: Sequence[str] = (),
+        tensorrt_cache: Path | None = None,
+        profile: Sequence[Any] = (),
+        graph_dtype: torch.dtype = torch.float32,
+        cuda: TorchCuda | None = None,
+    ) -> None:
         ort = import_onnxruntime()
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -51,42 +142,70 @@ class OrtSession:
         options.inter_op_num_threads = 1
         options.log_severity_level = 3  # errors only: the optimiser's notes are not the user's business
         self.device = device
-        self.providers = choose_providers(device)
+        self.cuda = cuda or DEFAULT_CUDA
+        self.stream = self.cuda.new_stream(device) if device.type == "cuda" else None
+        if tensorrt_cache is not None:
+            tensorrt_cache.mkdir(parents=True, exist_ok=True)
+        self.provider_options = provider_options(
+            device, ort.get_available_providers(), graph_dtype=graph_dtype, preference=providers,
+            tensorrt_cache=tensorrt_cache, profile=profile,
+            stream_handle=self.cuda.handle(self.stream) if self.stream is not None else None,
+        )
         try:
-            self.session = ort.InferenceSession(str(path), sess_options=options, providers=self.providers)
+            self.session = ort.InferenceSession(str(path), sess_options=options, providers=self.provider_options)
         except Exception as error:  # noqa: BLE001 - reported with the file that failed
             raise EngineBuildError(f"ONNX Runtime cannot load {path}: {type(error).__name__}: {error}") from error
+        self.providers = self.session.get_providers()
         self.input_names = [i.name for i in self.session.get_inputs()]
+        self.input_types = {}
+        for i in self.session.get_inputs():
+            if i.type not in _TYPES:
+                raise EngineBuildError(f"{path}: input {i.name!r} has type {i.type}, which streamdiff does not feed")
+            self.input_types[i.name] = _TYPES[i.type]
         self.output_name = self.session.get_outputs()[0].name
-        self.on_gpu = self.session.get_providers()[0] != "CPUExecutionProvider"
+        self.on_gpu = self.providers[0] != CPU_EP
+        if device.type == "cuda":
+            logger.info("ONNX Runtime runs %s with %s", Path(path).parent.name, ", ".join(self.providers))
+        self.io_binding = self.on_gpu if io_binding is None else bool(io_binding or self.on_gpu)
 
     def run(self, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Float32 inputs → the float32 output (on the CPU, or on the feeds' GPU with a CUDA provider)."""
-        if self.on_gpu:
+        """Inputs (any float type; cast to the graph's) → the output, on the session's device."""
+        if self.io_binding:
             return self._run_bound(feeds)
-        arrays = {name: feeds[name].detach().to("cpu", torch.float32).contiguous().numpy() for name in self.input_names}
+        arrays = {name: feeds[name].detach().to("cpu", self.input_types[name][0]).contiguous().numpy()
+                  for name in self.input_names}
         out = self.session.run([self.output_name], arrays)[0]
         return torch.from_numpy(np.ascontiguousarray(out))
 
     def _run_bound(self, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
+        """IO binding: inputs bound in place, the output allocated by ONNX Runtime and taken over by torch (DLPack)."""
+        target = self.device if self.on_gpu else torch.device("cpu")
+        device_type, device_id = target.type, target.index or 0
         binding = self.session.io_binding()
         kept = []
         for name in self.input_names:
-            tensor = feeds[name].detach().to(torch.float32).contiguous()
+            dtype, np_dtype = self.input_types[name]
+            tensor = feeds[name].detach().to(target, dtype).contiguous()
             kept.append(tensor)
-            binding.bind_input(
-                name, tensor.device.type, tensor.device.index or 0, np.float32, tuple(tensor.shape), tensor.data_ptr()
-            )
-        binding.bind_output(self.output_name, self.device.type, self.device.index or 0)
+            binding.bind_input(name, device_type, device_id, np_dtype, tuple(tensor.shape), tensor.data_ptr())
+        binding.bind_output(self.output_name, device_type, device_id)
+        if self.stream is None or not self.on_gpu:
+            self.session.run_with_iobinding(binding)
+            return torch.from_dlpack(binding.get_outputs()[0])
+        current = self.cuda.current_stream(self.device)
+        self.cuda.wait(self.stream, current)  # the inputs, made on torch's stream, are complete before the run
         self.session.run_with_iobinding(binding)
-        return torch.from_dlpack(binding.get_outputs()[0].to_dlpack())
+        out = torch.from_dlpack(binding.get_outputs()[0])
+        self.cuda.wait(current, self.stream)  # torch's later work on the output comes after the run
+        del kept  # run_with_iobinding returned: the session no longer reads the inputs
+        return out
 
 
 class OrtUNet:
     """A :class:`~streamdiff.backends.base.UNetEngine` on an exported U-Net graph."""
 
-    def __init__(self, path: Path | str, device: torch.device) -> None:
-        self.session = OrtSession(path, device)
+    def __init__(self, path: Path | str, device: torch.device, **session: Any) -> None:
+        self.session = OrtSession(path, device, **session)
 
     def __call__(
         self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
@@ -98,11 +217,16 @@ class OrtUNet:
 
 
 class OrtVae:
-    """A :class:`~streamdiff.backends.base.VaeEngine` on exported encoder and decoder graphs."""
+    """A :class:`~streamdiff.backends.base.VaeEngine` on exported encoder and decoder graphs.
 
-    def __init__(self, encoder_path: Path | str, decoder_path: Path | str, device: torch.device) -> None:
-        self.encoder = OrtSession(encoder_path, device)
-        self.decoder = OrtSession(decoder_path, device)
+    ``session`` options apply to both; ``encoder``/``decoder`` options to one (e.g. their TensorRT profiles).
+    """
+
+    def __init__(self, encoder_path: Path | str, decoder_path: Path | str, device: torch.device,
+                 encoder: dict[str, Any] | None = None, decoder: dict[str, Any] | None = None,
+                 **session: Any) -> None:
+        self.encoder = OrtSession(encoder_path, device, **{**session, **(encoder or {})})
+        self.decoder = OrtSession(decoder_path, device, **{**session, **(decoder or {})})
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         return self.encoder.run({"images": images}).to(images.device, images.dtype)

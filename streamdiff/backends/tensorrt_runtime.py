@@ -1,25 +1,43 @@
-"""TensorRT 10 runtime on the tensor-address API, with I/O buffers allocated once per shape and optional CUDA graphs.
+"""TensorRT runtime (10.1+ and 11): one execution context per input shape, shared scratch memory, CUDA graphs.
 
-Written to TensorRT 10's documented Python API (``set_input_shape``, ``set_tensor_address``, ``execute_async_v3``)
-and never run on these GPU-less machines (see docs/engines.md). Buffers are torch CUDA tensors: for each new set of
-input shapes the engine allocates its inputs and outputs once, binds their addresses, and reuses them for every later
-call of that shape; with ``cuda_graph=True`` the enqueue of each shape is captured once and replayed.
+A :class:`TrtEngine` serves every input shape inside its engine's optimization profile. For each shape combination
+it meets it keeps a :class:`ShapeSlot`: its own execution context (so a CUDA graph captured for one shape is never
+invalidated by another shape's ``set_input_shape``), its input and output buffers (torch CUDA tensors, allocated
+once and bound with ``set_tensor_address``) and, with ``cuda_graph=True``, the graph captured on the slot's second
+call and replayed from then on. Slots live in an LRU of ``max_shapes``: the least recently used one is freed —
+graph, context and buffers — when a new shape would exceed it. All contexts are created with the
+``USER_MANAGED`` allocation strategy and share one scratch allocation of ``device_memory_size_v2`` bytes, which is
+safe because they all run one after another on the engine's stream.
+
+Every ``set_input_shape``, ``set_tensor_address`` and ``execute_async_v3`` return value is checked; a shape outside
+the profile raises :class:`~streamdiff.errors.ConfigError` naming the tensor, the shape and the profile's range.
+Device calls go through :class:`~streamdiff.backends.cuda_ops.TorchCuda`, which tests replace with a CPU fake
+together with a fake ``tensorrt``; the code has never run against the real library or a GPU (docs/engines.md).
 """
 
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .tensorrt_build import import_tensorrt
+from ..errors import ConfigError, EngineBuildError, StreamDiffError
+from .cuda_ops import DEFAULT_CUDA, TorchCuda
+from .tensorrt_build import check_version, import_tensorrt
 
 logger = logging.getLogger(__name__)
 
+UNET_MAX_SHAPES = 16  # a multi-stream engine calls the U-Net with 1 … max_batch_rows rows
+VAE_MAX_SHAPES = 8
 
-def _torch_dtype(trt: Any, dtype: Any) -> torch.dtype:
+Shapes = tuple[tuple[int, ...], ...]
+
+
+def torch_dtype(trt: Any, dtype: Any) -> torch.dtype:
+    """The torch dtype of a TensorRT ``DataType``; ConfigError for types streamdiff's graphs never have."""
     table = {
         trt.DataType.FLOAT: torch.float32,
         trt.DataType.HALF: torch.float16,
@@ -28,97 +46,165 @@ def _torch_dtype(trt: Any, dtype: Any) -> torch.dtype:
         trt.DataType.INT64: torch.int64,
         trt.DataType.BOOL: torch.bool,
     }
+    if dtype not in table:
+        raise ConfigError(f"TensorRT tensor type {dtype} has no torch equivalent here")
     return table[dtype]
 
 
-class _ShapeBuffers:
-    """The bound I/O tensors (and optional CUDA graph) of one input-shape combination."""
+class ShapeSlot:
+    """One input-shape combination: its execution context, bound buffers, call count and optional CUDA graph."""
 
-    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+    def __init__(self, shapes: Shapes, context: Any, tensors: dict[str, torch.Tensor]) -> None:
+        self.shapes = shapes
+        self.context = context
         self.tensors = tensors
-        self.graph: torch.cuda.CUDAGraph | None = None
+        self.calls = 0
+        self.graph: Any = None
 
 
 class TrtEngine:
-    """A deserialised engine and its execution context. ``infer(feeds)`` returns the output tensors (reused!)."""
+    """A deserialised engine: ``infer({input: tensor}) -> {output: tensor}`` (the outputs are reused buffers).
 
-    def __init__(self, path: Path | str, device: torch.device, cuda_graph: bool = False) -> None:
-        trt = import_tensorrt()
-        self.trt = trt
+    ``max_shapes`` bounds the shape slots kept (each with a context, buffers and perhaps a graph). ``cuda`` is the
+    device seam (tests pass a CPU fake); ``trt`` the module (tests pass a fake).
+    """
+
+    def __init__(
+        self,
+        path: Path | str,
+        device: torch.device,
+        cuda_graph: bool = False,
+        *,
+        max_shapes: int = VAE_MAX_SHAPES,
+        cuda: TorchCuda | None = None,
+        trt: Any = None,
+    ) -> None:
+        if max_shapes < 1:
+            raise ConfigError(f"max_shapes={max_shapes} must be >= 1")
+        self.trt = trt or import_tensorrt()
+        check_version(self.trt)
+        self.cuda = cuda or DEFAULT_CUDA
         self.device = device
         self.cuda_graph = cuda_graph
-        self.logger = trt.Logger(trt.Logger.WARNING)
-        self.runtime = trt.Runtime(self.logger)
-        self.engine = self.runtime.deserialize_cuda_engine(Path(path).read_bytes())
+        self.max_shapes = max_shapes
+        self.path = Path(path)
+        self.logger = self.trt.Logger(self.trt.Logger.WARNING)
+        self.runtime = self.trt.Runtime(self.logger)
+        self.engine = self.runtime.deserialize_cuda_engine(self.path.read_bytes())
         if self.engine is None:
-            raise RuntimeError(f"TensorRT could not deserialise {path}")
-        self.context = self.engine.create_execution_context()
+            raise EngineBuildError(f"TensorRT could not deserialise {path} (built by another TensorRT version or GPU?)")
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == self.trt.TensorIOMode.INPUT]
         self.outputs = [n for n in names if n not in self.inputs]
-        self.dtypes = {n: _torch_dtype(trt, self.engine.get_tensor_dtype(n)) for n in names}
-        self.stream = torch.cuda.Stream(device=device)
-        self._buffers: dict[tuple[tuple[int, ...], ...], _ShapeBuffers] = {}
+        self.dtypes = {n: torch_dtype(self.trt, self.engine.get_tensor_dtype(n)) for n in names}
+        self.profile = {n: tuple(tuple(s) for s in self.engine.get_tensor_profile_shape(n, 0)) for n in self.inputs}
+        self.stream = self.cuda.new_stream(device)
+        scratch_bytes = int(self.engine.device_memory_size_v2)
+        with self.cuda.use(self.stream):
+            self.scratch = self.cuda.empty((scratch_bytes,), torch.uint8, device)
+        self.slots: OrderedDict[Shapes, ShapeSlot] = OrderedDict()
+        self.evictions = 0
 
-    def _bind(self, shapes: tuple[tuple[int, ...], ...]) -> _ShapeBuffers:
-        """Allocate and bind the buffers of one shape combination (once per shape)."""
-        tensors: dict[str, torch.Tensor] = {}
+    # -- shape slots ------------------------------------------------------------------------------------------------
+
+    def _check_shape(self, context: Any, name: str, shape: tuple[int, ...]) -> None:
+        if context.set_input_shape(name, shape):
+            return
+        low, opt, high = self.profile[name]
+        raise ConfigError(
+            f"TensorRT engine {self.path.parent.name}: input {name!r} shape {shape} is outside its optimization "
+            f"profile (min {low}, opt {opt}, max {high}); build engines for this size (EngineOptions "
+            f"min_resolution/max_resolution, or a larger max_batch_rows)"
+        )
+
+    def _new_slot(self, shapes: Shapes) -> ShapeSlot:
+        """A context for ``shapes`` on the shared scratch memory, with its buffers allocated and bound."""
+        trt = self.trt
+        context = self.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        if context is None:
+            raise EngineBuildError(f"TensorRT could not create an execution context for {self.path}")
+        context.set_device_memory(self.scratch.data_ptr(), self.scratch.numel())
         for name, shape in zip(self.inputs, shapes):
-            self.context.set_input_shape(name, shape)
-            tensors[name] = torch.empty(shape, dtype=self.dtypes[name], device=self.device)
-        for name in self.outputs:
-            shape = tuple(self.context.get_tensor_shape(name))
-            tensors[name] = torch.empty(shape, dtype=self.dtypes[name], device=self.device)
-        logger.debug("TensorRT buffers for shapes %s allocated", shapes)
-        return _ShapeBuffers(tensors)
+            self._check_shape(context, name, shape)
+        tensors: dict[str, torch.Tensor] = {}
+        for name in self.inputs + self.outputs:
+            shape = tuple(int(d) for d in context.get_tensor_shape(name))
+            if any(d < 0 for d in shape):
+                raise EngineBuildError(f"TensorRT left {name!r} with an unresolved shape {shape} for inputs {shapes}")
+            tensors[name] = self.cuda.empty(shape, self.dtypes[name], self.device)
+            if not context.set_tensor_address(name, tensors[name].data_ptr()):
+                raise EngineBuildError(f"TensorRT refused the buffer of {name!r} ({shape}, {self.dtypes[name]})")
+        logger.debug("TensorRT %s: new shape slot %s (%d kept)", self.path.parent.name, shapes, len(self.slots) + 1)
+        return ShapeSlot(shapes, context, tensors)
+
+    def _slot(self, shapes: Shapes) -> ShapeSlot:
+        """The slot of ``shapes`` (most recently used now), made on first use; the LRU one is freed beyond the bound."""
+        slot = self.slots.get(shapes)
+        if slot is not None:
+            self.slots.move_to_end(shapes)
+            return slot
+        slot = self._new_slot(shapes)
+        self.slots[shapes] = slot
+        while len(self.slots) > self.max_shapes:
+            _, old = self.slots.popitem(last=False)
+            self._free(old)
+        return slot
+
+    def _free(self, slot: ShapeSlot) -> None:
+        """Drop a slot: its graph now, its context and buffers with the last reference (stream-ordered frees)."""
+        if slot.graph is not None:
+            self.cuda.release(slot.graph)
+            slot.graph = None
+        slot.context = None
+        slot.tensors = {}
+        self.evictions += 1
+        logger.debug("TensorRT %s: freed shape slot %s", self.path.parent.name, slot.shapes)
+
+    # -- running ----------------------------------------------------------------------------------------------------
+
+    def _enqueue(self, slot: ShapeSlot) -> None:
+        if not slot.context.execute_async_v3(self.cuda.handle(self.stream)):
+            raise StreamDiffError(f"TensorRT execute_async_v3 failed for inputs {slot.shapes} ({self.path})")
+
+    def _capture(self, slot: ShapeSlot) -> None:
+        """Capture the slot's enqueue into a CUDA graph (after a warm-up call); on failure run without graphs."""
+        try:
+            slot.graph = self.cuda.capture(self.stream, lambda: self._enqueue(slot))
+        except RuntimeError as error:
+            logger.warning("CUDA graph capture of TensorRT engine %s failed (%s); running it without graphs",
+                           self.path.parent.name, error)
+            self.cuda_graph = False
 
     def infer(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Copy ``feeds`` into the bound inputs, run, and return the bound outputs (valid until the next call)."""
-        shapes = tuple(tuple(feeds[name].shape) for name in self.inputs)
-        buffers = self._buffers.get(shapes)
-        fresh = buffers is None
-        if buffers is None:
-            buffers = self._buffers[shapes] = self._bind(shapes)
-        for name in self.inputs:
-            buffers.tensors[name].copy_(feeds[name])
-        current = torch.cuda.current_stream(self.device)
-        self.stream.wait_stream(current)
-        with torch.cuda.stream(self.stream):
-            if buffers.graph is not None:
-                buffers.graph.replay()
+        """Copy ``feeds`` into the slot of their shapes, run, return the outputs (valid until the next call).
+
+        Ordering without host syncs: the engine stream waits for the caller's stream (the feeds are ready), the
+        copies, the run and the graph replay go on the engine stream, and the caller's stream waits for it.
+        """
+        shapes = tuple(tuple(int(d) for d in feeds[name].shape) for name in self.inputs)
+        current = self.cuda.current_stream(self.device)
+        self.cuda.wait(self.stream, current)
+        with self.cuda.use(self.stream):
+            slot = self._slot(shapes)
+            for name in self.inputs:
+                slot.tensors[name].copy_(feeds[name])
+            if slot.graph is not None:
+                self.cuda.replay(slot.graph)
             else:
-                self._enqueue(buffers)
-                if self.cuda_graph and not fresh:
-                    buffers.graph = self._capture(buffers)
-        current.wait_stream(self.stream)
-        return {name: buffers.tensors[name] for name in self.outputs}
-
-    def _enqueue(self, buffers: _ShapeBuffers) -> None:
-        for name, tensor in buffers.tensors.items():
-            if name in self.inputs:
-                self.context.set_input_shape(name, tuple(tensor.shape))
-            self.context.set_tensor_address(name, tensor.data_ptr())
-        if not self.context.execute_async_v3(self.stream.cuda_stream):
-            raise RuntimeError("TensorRT execute_async_v3 failed")
-
-    def _capture(self, buffers: _ShapeBuffers) -> torch.cuda.CUDAGraph | None:
-        """Capture one enqueue (after a warm-up call of the same shape) for replay; None if capture fails."""
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph, stream=self.stream):
-                self._enqueue(buffers)
-        except RuntimeError as error:
-            logger.warning("CUDA graph capture of the TensorRT engine failed (%s); running without it", error)
-            self.cuda_graph = False
-            return None
-        return graph
+                self._enqueue(slot)
+                slot.calls += 1
+                if self.cuda_graph and slot.calls >= 2:
+                    self._capture(slot)
+        self.cuda.wait(current, self.stream)
+        return {name: slot.tensors[name] for name in self.outputs}
 
 
 class TrtUNet:
     """A :class:`~streamdiff.backends.base.UNetEngine` on a TensorRT U-Net engine."""
 
-    def __init__(self, path: Path | str, device: torch.device, cuda_graph: bool = False) -> None:
-        self.engine = TrtEngine(path, device, cuda_graph)
+    def __init__(self, path: Path | str, device: torch.device, cuda_graph: bool = False, **kwargs: Any) -> None:
+        kwargs.setdefault("max_shapes", UNET_MAX_SHAPES)
+        self.engine = TrtEngine(path, device, cuda_graph, **kwargs)
 
     def __call__(
         self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
@@ -138,9 +224,9 @@ class TrtVae:
     """A :class:`~streamdiff.backends.base.VaeEngine` on TensorRT encoder and decoder engines."""
 
     def __init__(self, encoder_path: Path | str, decoder_path: Path | str, device: torch.device,
-                 cuda_graph: bool = False) -> None:
-        self.encoder = TrtEngine(encoder_path, device, cuda_graph)
-        self.decoder = TrtEngine(decoder_path, device, cuda_graph)
+                 cuda_graph: bool = False, **kwargs: Any) -> None:
+        self.encoder = TrtEngine(encoder_path, device, cuda_graph, **kwargs)
+        self.decoder = TrtEngine(decoder_path, device, cuda_graph, **kwargs)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         out = self.encoder.infer({"images": images.to(self.encoder.dtypes["images"])})

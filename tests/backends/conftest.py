@@ -19,7 +19,19 @@ def _gpu_ready() -> bool:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if _gpu_ready():
         return
-    skip = pytest.mark.skip(reason="needs an NVIDIA GPU with TensorRT 10")
+    skip = pytest.mark.skip(reason="needs an NVIDIA GPU with TensorRT 10.1+ or 11")
     for item in items:
-        if "gpu" in item.keywords and "tests/backends" in str(item.fspath).replace("\\", "/"):
+        if item.get_closest_marker("gpu") is not None:
             item.add_marker(skip)
+
+
+@pytest.fixture(params=["10.8.0", "11.4.0"], ids=["trt10", "trt11"])
+def fake_trt(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
+    """A fake ``tensorrt`` of each tested major version (fake_tensorrt.py) installed as ``sys.modules['tensorrt']``."""
+    import sys
+
+    from fake_tensorrt import make_fake_tensorrt
+
+    module = make_fake_tensorrt(request.param)
+    monkeypatch.setitem(sys.modules, "tensorrt", module)
+    return module

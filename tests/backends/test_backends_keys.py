@@ -99,3 +99,14 @@ def test_model_derived_key_changes_with_what_changes_the_result(tiny_model) -> N
     weights = dataclasses.replace(tiny_model, fingerprint="another-weights")
     assert key(model=weights).digest() != base.digest()
     assert key(component=Component.VAE_ENCODER).name.startswith("vae_encoder-onnx-")
+
+
+def test_gpu_target_names_the_exact_gpu_and_its_compute_capability(monkeypatch: pytest.MonkeyPatch) -> None:
+    from streamdiff.backends.keys import target_id
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA L4")
+    l4 = target_id(torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA GeForce RTX 4090")
+    rtx = target_id(torch.device("cuda:0"))
+    assert (l4, rtx) == ("sm_89:NVIDIA-L4", "sm_89:NVIDIA-GeForce-RTX-4090")  # one architecture, two engines

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from streamdiff import BackendUnavailable, StreamConfig
+from streamdiff.errors import EngineBuildError
 from streamdiff.backends.builders import spatial_multiple
 from streamdiff.backends.keys import Component, EngineOptions, shape_range
 from streamdiff.backends.tensorrt_build import TensorProfile, build_engine, build_plan, trt_profile
@@ -56,7 +57,8 @@ def test_build_plan_of_the_tiny_model(tiny_model, tmp_path: Path) -> None:
     plan = build_plan(Component.UNET, tmp_path / "model.onnx", shapes, latent_channels=tiny_model.latent_channels,
                       vae_scale_factor=tiny_model.vae_scale_factor, text_dim=64)
     described = plan.describe()
-    assert described["fp16"] is True and described["onnx"] == "model.onnx"
+    assert described["precision"] == "float16" and described["strongly_typed"] is True
+    assert described["onnx"] == "model.onnx"
     assert described["profile"]["sample"] == {"min": [2, 4, 32, 32], "opt": [2, 4, 64, 64], "max": [2, 4, 128, 128]}
     assert described["profile"]["encoder_hidden_states"]["max"] == [2, 77, 64]
 
@@ -86,3 +88,107 @@ def test_tensorrt_pipeline_matches_torch_on_the_gpu(tmp_path: Path) -> None:
         outputs[backend] = [pipe.step(frame.cuda()).images for frame in frames][1:]
     for expected, actual in zip(outputs["torch"], outputs["tensorrt"]):
         assert float((actual - expected).abs().max()) <= 2e-2
+
+
+# -- the build against a fake tensorrt of each major version (10.x and 11.x) ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_graphs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The tiny model's U-Net and VAE decoder exported in float16, and the decoder in float32 (not folded: fast)."""
+    from streamdiff.backends.onnx_export import UNetExport, VaeDecoder, component_spec, export_module
+    from streamdiff.testing import tiny_components
+
+    folder = tmp_path_factory.mktemp("graphs")
+    parts = tiny_components()
+    shapes = shape_range(Component.UNET, StreamConfig(width=64, height=64), EngineOptions(min_resolution=64,
+                         max_resolution=128, opt_resolution=64), 32)
+    out = {}
+    for name, module, component, dtype in (
+        ("unet16", UNetExport(parts["unet"]), Component.UNET, torch.float16),
+        ("decoder16", VaeDecoder(parts["vae"]), Component.VAE_DECODER, torch.float16),
+        ("decoder32", VaeDecoder(parts["vae"]), Component.VAE_DECODER, torch.float32),
+    ):
+        import copy
+
+        spec = component_spec(component, latent_channels=4, vae_scale_factor=8, text_dim=64, dtype=dtype)
+        out[name] = export_module(copy.deepcopy(module).to(dtype), spec, shapes, folder / name / "model.onnx", 17,
+                                  fold=False)
+    return out
+
+
+def _engine_plan(component: Component, onnx_path: Path, max_batch_rows: int = 8):
+    """The plan a multi-stream engine of ``max_batch_rows`` rows (and 4 streams) would build, sizes 256 and 512."""
+    from streamdiff.backends.keys import EngineShapes
+
+    shapes = EngineShapes.for_engine(max_batch_rows, 4, ((256, 256), (512, 384)))
+    multiple = 32 if component is Component.UNET else 8
+    return build_plan(component, onnx_path, shape_range(component, shapes, EngineOptions(), multiple),
+                      latent_channels=4, vae_scale_factor=8, text_dim=64)
+
+
+def test_build_is_strongly_typed_with_one_profile_over_the_engine_batch_range(
+    fake_trt, tiny_graphs: dict[str, Path], tmp_path: Path
+) -> None:
+    from streamdiff.backends.tensorrt_build import build_engine
+
+    plan = _engine_plan(Component.UNET, tiny_graphs["unet16"], max_batch_rows=8)
+    seconds = build_engine(plan, tmp_path / "model.plan", trt=fake_trt)
+    assert seconds >= 0 and (tmp_path / "model.plan").stat().st_size > 0
+
+    builder = fake_trt.builders[-1]
+    strongly_typed = 1 << fake_trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED
+    assert builder.network.flags == strongly_typed  # and nothing else: no EXPLICIT_BATCH
+    assert builder.config.flags == []  # no precision flag: the graph's float16 types decide
+    assert builder.config.pool_limits == {fake_trt.MemoryPoolType.WORKSPACE: plan.workspace_bytes}
+    assert builder.config.builder_optimization_level == 3
+    (profile,) = builder.config.profiles
+    # The multi-stream engine's whole batch range 1 … max_batch_rows, tuned for 4 rows; sides 256 … 1024 px.
+    assert profile.shapes["sample"] == ((1, 4, 32, 32), (4, 4, 64, 64), (8, 4, 128, 128))
+    assert profile.shapes["timestep"] == ((1,), (4,), (8,))
+    assert profile.shapes["encoder_hidden_states"] == ((1, 77, 64), (4, 77, 64), (8, 77, 64))
+    assert fake_trt.touched_removed == []  # no API that TensorRT 11 removed was touched (recorded on 10.x)
+
+    engine = fake_trt.Runtime(fake_trt.Logger()).deserialize_cuda_engine((tmp_path / "model.plan").read_bytes())
+    assert engine.get_tensor_dtype("sample") == fake_trt.DataType.HALF  # the graph's own type
+    assert engine.get_tensor_dtype("timestep") == fake_trt.DataType.FLOAT
+
+
+def test_vae_profile_spans_one_to_max_streams(fake_trt, tiny_graphs: dict[str, Path], tmp_path: Path) -> None:
+    from streamdiff.backends.tensorrt_build import build_engine
+
+    build_engine(_engine_plan(Component.VAE_DECODER, tiny_graphs["decoder16"]), tmp_path / "model.plan",
+                 trt=fake_trt)
+    (profile,) = fake_trt.builders[-1].config.profiles
+    assert profile.shapes == {"latents": ((1, 4, 32, 32), (1, 4, 64, 64), (4, 4, 128, 128))}
+
+
+def test_a_float32_graph_is_refused_before_building(fake_trt, tiny_graphs: dict[str, Path], tmp_path: Path) -> None:
+    from streamdiff.backends.tensorrt_build import build_engine
+
+    with pytest.raises(EngineBuildError, match=r"is not a float16 graph \(float32: \d+"):
+        build_engine(_engine_plan(Component.VAE_DECODER, tiny_graphs["decoder32"]), tmp_path / "model.plan",
+                     trt=fake_trt)
+    assert fake_trt.builders == [] and not (tmp_path / "model.plan").exists()
+
+
+def test_a_profile_that_does_not_match_the_graph_is_an_error(fake_trt, tiny_graphs: dict[str, Path],
+                                                             tmp_path: Path) -> None:
+    from streamdiff.backends.tensorrt_build import build_engine
+
+    wrong = _engine_plan(Component.VAE_DECODER, tiny_graphs["unet16"])  # a VAE profile for the U-Net's graph
+    with pytest.raises(EngineBuildError, match=r"has inputs \{'sample': 4, 'timestep': 1, 'encoder_hidden_states'"):
+        build_engine(wrong, tmp_path / "model.plan", trt=fake_trt)
+
+
+@pytest.mark.parametrize("version", ["10.0.1", "9.3.0"])
+def test_tensorrt_older_than_10_1_is_refused(version: str, monkeypatch: pytest.MonkeyPatch,
+                                             tiny_graphs: dict[str, Path], tmp_path: Path) -> None:
+    import sys
+
+    from fake_tensorrt import make_fake_tensorrt
+    from streamdiff.backends.tensorrt_build import build_engine
+
+    monkeypatch.setitem(sys.modules, "tensorrt", make_fake_tensorrt(version))
+    with pytest.raises(BackendUnavailable, match=rf"TensorRT {version} is too old: streamdiff needs TensorRT >= 10.1"):
+        build_engine(_engine_plan(Component.UNET, tiny_graphs["unet16"]), tmp_path / "model.plan")
