@@ -240,7 +240,7 @@ def analytic(inputs: dict[str, torch.Tensor], latent_channels: int = 4) -> dict[
 
 
 class ExecutionContext:
-    def __init__(self, engine: "CudaEngine", strategy: Any) -> None:
+    def __init__(self, engine: Any, strategy: Any) -> None:
         self.engine = engine
         self.strategy = strategy
         self.shapes: dict[str, tuple[int, ...]] = {}
