@@ -22,6 +22,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
+from ..config import check_bool, check_int, check_number
 from ..errors import ConfigError, StreamDiffError
 from ..io.resize import fit_frame
 from .controls import Controls
@@ -83,16 +84,28 @@ class RuntimeConfig:
     join_timeout: float = 10.0
 
     def __post_init__(self) -> None:
-        for name in ("queue_size", "lossless_queue_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name}={value!r} must be an integer >= 1")
-        if self.max_frames is not None and self.max_frames < 0:
-            raise ConfigError(f"max_frames={self.max_frames} must be >= 0")
+        if self.realtime is not None:
+            check_bool("realtime", self.realtime)
+        check_int("queue_size", self.queue_size, 1)
+        check_int("lossless_queue_size", self.lossless_queue_size, 1)
+        if self.max_frames is not None:
+            check_int("max_frames", self.max_frames, 0)
+        if self.frame_size is not None:
+            object.__setattr__(self, "frame_size", _size_pair("frame_size", self.frame_size))
         if isinstance(self.output_size, str) and self.output_size != "source":
             raise ConfigError(f"output_size={self.output_size!r} must be (width, height), 'source' or None")
-        if self.fps is not None and not 0 < self.fps <= 1000:
-            raise ConfigError(f"fps={self.fps} is outside (0, 1000]")
+        if self.output_size is not None and self.output_size != "source":
+            object.__setattr__(self, "output_size", _size_pair("output_size", self.output_size))
+        if self.fps is not None:
+            check_number("fps", self.fps, 0, 1000, min_open=True)
+        check_bool("flush", self.flush)
+        check_number("join_timeout", self.join_timeout, 0, min_open=True)
+
+
+def _size_pair(name: str, value: Any) -> tuple[int, int]:
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise ConfigError(f"{name}={value!r} must be a (width, height) pair of integers")
+    return (check_int(f"{name} width", value[0], 1), check_int(f"{name} height", value[1], 1))
 
 
 class SinkStage:
