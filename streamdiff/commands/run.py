@@ -287,11 +287,14 @@ def run(args: argparse.Namespace) -> int:
     try:
         runner.start()
         summary = runner.wait(interval, lambda s: logger.info("%s", s.status_line()))
-    except StreamDiffError:
-        if runner.summary is not None:
-            print(runner.summary.format())
-            _write_stats(runner.summary, options["stats_json"])
-        raise
+    except StreamDiffError as error:
+        if runner.summary is None:
+            raise
+        # A stage, or a sink at open or close, failed: the summary says which and why; exit 1.
+        print(runner.summary.format())
+        _write_stats(runner.summary, options["stats_json"])
+        logger.error("%s", runner.summary.error or error)
+        return 1
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

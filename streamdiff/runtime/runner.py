@@ -185,7 +185,11 @@ class StreamRunner:
     # -- life cycle -------------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Open the source and sinks (errors raise here, before any thread starts) and start the threads."""
+        """Open the source and sinks (errors raise here, before any thread starts) and start the threads.
+
+        An error also sets :attr:`error` and a :attr:`summary` saying what failed to open.
+        """
+        where = f"opening source {self.source.name}"
         try:
             self.source.open()
             self._opened.append(self.source)
@@ -195,13 +199,18 @@ class StreamRunner:
                 stage.output_size = self.output_size
             width, height = self.output_size or self.frame_size
             for sink in self.sinks:
+                where = f"opening sink {sink.name}"
                 sink.open(width, height, fps)
                 self._opened.append(sink)
                 self.metrics.add_sink(sink.name)
                 if hasattr(sink, "bind"):
                     sink.bind(self.controls, self.metrics)
-        except BaseException:
-            self._close_all()
+        except BaseException as error:
+            for name, close_error in self._close_all():
+                logger.error("closing sink %s failed: %s", name, close_error)
+            if isinstance(error, Exception):
+                self.error = error
+                self.summary = self.metrics.summary({}, _describe(error, where), False)
             raise
         logger.info(
             "streaming %s -> %s at %dx%d, %s queues", self.source.name, ", ".join(s.name for s in self.sinks),
@@ -242,8 +251,9 @@ class StreamRunner:
     ) -> RunSummary:
         """Serve a main-thread sink, report status every ``status_interval`` s, and return the final summary.
 
-        Ctrl-C ends the run cleanly (``summary.interrupted``). An error in any stage is raised after shutdown
-        (as a :class:`StreamDiffError`) unless ``raise_on_error=False``; the summary is on :attr:`summary`.
+        Ctrl-C ends the run cleanly (``summary.interrupted``). An error in any stage, or a sink failing to close
+        (a video file is finalised there), is raised after shutdown (as a :class:`StreamDiffError`) unless
+        ``raise_on_error=False``; the summary, with that error, is on :attr:`summary`.
         """
         interrupted = False
         next_status = time.monotonic() + status_interval if status_interval else None
@@ -272,15 +282,24 @@ class StreamRunner:
             logger.warning("interrupted: stopping")
         finally:
             self._stop.set()
-            self._shutdown()
-        error = main_error or next((t.error for t in self._threads if t.error is not None), None)
+            close_errors = self._shutdown()
+        # The first failure is the run's error: the main-thread sink's, a stage's, else a sink's at close
+        # (a video file is finalised there); later ones are only logged.
+        failures: list[tuple[str, BaseException]] = []
+        if main_error is not None and self._main_stage is not None:
+            failures.append((f"sink-{self._main_stage.sink.name} stage", main_error))
+        failures += [(f"{t.stage_name} stage", t.error) for t in self._threads if t.error is not None]
+        failures += [(f"closing sink {name}", close_error) for name, close_error in close_errors]
+        for where, later in failures[1:]:
+            logger.error("%s", _describe(later, where))
+        where, error = failures[0] if failures else ("", None)
         self.error = error
         depths = {slot.name: slot.max_depth for slot in [self.source_slot, *self.sink_slots]}
-        self.summary = self.metrics.summary(depths, _describe(error, self._threads), interrupted)
+        self.summary = self.metrics.summary(depths, _describe(error, where), interrupted)
         if error is not None and raise_on_error:
             if isinstance(error, StreamDiffError):
                 raise error
-            raise StreamDiffError(_describe(error, self._threads)) from error
+            raise StreamDiffError(_describe(error, where)) from error
         return self.summary
 
     def run(
@@ -312,7 +331,7 @@ class StreamRunner:
             frame_id += 1
         self.source_slot.put(END, stop, force=True)
 
-    def _shutdown(self) -> None:
+    def _shutdown(self) -> list[tuple[str, Exception]]:
         for slot in [self.source_slot, *self.sink_slots]:
             slot.wake()
         deadline = time.monotonic() + self.config.join_timeout
@@ -320,22 +339,28 @@ class StreamRunner:
             thread.join(max(0.0, deadline - time.monotonic()))
             if thread.is_alive():
                 logger.error("thread %s did not stop within %.1f s", thread.name, self.config.join_timeout)
-        self._close_all()
+        return self._close_all()
 
-    def _close_all(self) -> None:
+    def _close_all(self) -> list[tuple[str, Exception]]:
+        """Close everything opened; returns the sinks whose close failed (a source's failure is only logged)."""
+        failed = []
         for item in reversed(self._opened):
             try:
                 item.close()
-            except Exception as error:  # noqa: BLE001 - closing must reach every sink; reported, not raised
-                logger.error("closing %s failed: %s", getattr(item, "name", item), error)
+            except Exception as error:  # noqa: BLE001 - closing must reach every sink; sinks' failures are returned
+                if item is self.source:
+                    logger.error("closing %s failed: %s", getattr(item, "name", item), error)
+                else:
+                    failed.append((str(getattr(item, "name", item)), error))
         self._opened.clear()
+        return failed
 
 
-def _describe(error: BaseException | None, threads: Sequence[Stage]) -> str | None:
+def _describe(error: BaseException | None, where: str) -> str | None:
+    """``where: message`` for streamdiff's own errors, ``where failed: Type: message`` for others."""
     if error is None:
         return None
-    stage = next((t.stage_name for t in threads if t.error is error), "main")
     text = str(error) or type(error).__name__
     if isinstance(error, StreamDiffError):
-        return f"{stage} stage: {text}"
-    return f"{stage} stage failed: {type(error).__name__}: {text}"
+        return f"{where}: {text}"
+    return f"{where} failed: {type(error).__name__}: {text}"

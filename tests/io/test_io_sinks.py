@@ -177,3 +177,16 @@ def test_folder_and_video_sinks(tmp_path: Path) -> None:
     assert isinstance(open_sink("null"), NullSink)
     with pytest.raises(ConfigError, match="needs a path"):
         open_sink("file")
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (a device whose writes fail: disk full)")
+def test_video_sink_reports_a_failure_to_finalise_the_file(tmp_path: Path) -> None:
+    full = tmp_path / "full.mp4"
+    full.symlink_to("/dev/full")
+    sink = VideoFileSink(full)
+    sink.open(64, 48, 30.0)
+    for i in range(3):  # a few small frames stay buffered: the disk-full error comes when the file is finalised
+        sink.write(pattern_frame(i, 64, 48))
+    with pytest.raises(SinkError, match=r"finalising video file '.*full.mp4' failed: .*No space left on device"):
+        sink.close()
+    sink.close()  # closed once; a second close does nothing

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from streamdiff import StreamDiffError
+from streamdiff import SinkError, StreamDiffError
 from streamdiff.io import TestPatternSource, pattern_frame
 from streamdiff.runtime import RuntimeConfig, StreamRunner
 
@@ -134,6 +134,29 @@ def test_an_error_in_any_stage_stops_everything_and_is_raised(fakes, where: str)
         runner.run()
     assert runner.summary is not None and runner.summary.error.startswith(stage)
     assert fakes.threads() == [] and source.closed and sink.closed
+
+
+def test_a_sink_failing_at_close_fails_the_run_and_every_sink_is_still_closed(fakes) -> None:
+    failing, other = fakes.Sink("bad", fail_close=True), fakes.Sink("good")
+    runner = StreamRunner(fakes.Engine(size=32, n=2), fakes.Source(size=32, frames=5), [failing, other])
+    with pytest.raises(StreamDiffError, match="closing sink bad failed: OSError: fake sink failure at close"):
+        runner.run()
+    assert runner.summary is not None and runner.summary.frames_out == 5
+    assert runner.summary.error == "closing sink bad failed: OSError: fake sink failure at close"
+    assert failing.closed and other.closed and len(other.frames) == 5
+    # Without raising, the summary carries it.
+    runner = StreamRunner(fakes.Engine(size=32), fakes.Source(size=32, frames=3), [fakes.Sink("bad", fail_close=True)])
+    runner.start()
+    assert runner.wait(raise_on_error=False).error.startswith("closing sink bad failed")
+
+
+def test_a_sink_failing_at_open_leaves_a_summary_naming_it(fakes) -> None:
+    source, first = fakes.Source(size=32), fakes.Sink("first")
+    runner = StreamRunner(fakes.Engine(size=32), source, [first, fakes.Sink("bad", fail_open=True)])
+    with pytest.raises(SinkError, match="fake sink bad cannot open"):
+        runner.start()
+    assert runner.summary is not None and runner.summary.error == "opening sink bad: fake sink bad cannot open"
+    assert source.closed and first.closed and fakes.threads() == []
 
 
 def test_stop_from_another_thread_ends_an_endless_run(fakes) -> None:
