@@ -1,8 +1,8 @@
 """Frame sinks: on-screen window, video file, image folder, virtual camera and null.
 
 Every sink has ``open(width, height, fps)``, ``write(frame uint8 RGB [H, W, 3])`` and ``close()`` and a ``name``.
-The window also has ``bind(controls, metrics)`` (overlay and keys) and ``main_thread = True`` (GUI toolkits want
-the main thread). Build one from a spec with :func:`open_sink`: ``window``, ``file:out.mp4``, ``folder:out/``,
+The window also has ``bind(controls, metrics)`` (overlay and keys), ``idle()`` (keys and redraw while no frame
+arrives, e.g. paused) and ``main_thread = True`` (GUI toolkits want the main thread). Build one from a spec with :func:`open_sink`: ``window``, ``file:out.mp4``, ``folder:out/``,
 ``virtualcam[:DEVICE]``, ``null``.
 """
 
@@ -351,6 +351,7 @@ class WindowSink:
         self.name = "window"
         self.controls: Any = None
         self.metrics: Any = None
+        self._last: np.ndarray | None = None  # the last frame shown, redrawn by idle()
 
     def bind(self, controls: Any, metrics: Any) -> None:
         """Connect the keys to the run's :class:`~streamdiff.runtime.Controls` and the overlay to its metrics."""
@@ -380,8 +381,20 @@ class WindowSink:
         return lines
 
     def write(self, frame: np.ndarray) -> None:
-        self.display.show(draw_overlay(frame, self.overlay_lines()) if self.overlay else frame)
+        self._last = frame
+        self._show(frame)
         self.handle_key(self.display.poll_key())
+
+    def idle(self) -> None:
+        """No new frame (paused, waiting for the first, or a slow engine): redraw the last frame with a fresh overlay
+        (``PAUSED``) and act on keys, so the window stays responsive and a pause can be undone. The runner calls this
+        every few tens of milliseconds while no frame arrives."""
+        if self._last is not None:
+            self._show(self._last)
+        self.handle_key(self.display.poll_key())
+
+    def _show(self, frame: np.ndarray) -> None:
+        self.display.show(draw_overlay(frame, self.overlay_lines()) if self.overlay else frame)
 
     def handle_key(self, key: int | None) -> WindowKey | None:
         """Act on ``key`` (a code from the display); returns what it did, None for unbound keys."""

@@ -34,6 +34,7 @@ from .stages import END, CapturedFrame, OutputFrame, Stage
 logger = logging.getLogger(__name__)
 
 DEFAULT_FPS = 30.0
+IDLE_INTERVAL = 0.02  # s without a frame after which a sink's idle() runs (the window polls its keys)
 
 
 class Source(Protocol):
@@ -51,7 +52,11 @@ class Source(Protocol):
 
 
 class Sink(Protocol):
-    """A frame sink (see :mod:`streamdiff.io.sinks`). Optional: ``bind(controls, metrics)``, ``main_thread``."""
+    """A frame sink (see :mod:`streamdiff.io.sinks`).
+
+    Optional: ``bind(controls, metrics)``, ``main_thread``, and ``idle()``, called every ``IDLE_INTERVAL`` s while
+    no frame arrives (a window keeps polling its keys and redrawing, so a pause can be undone).
+    """
 
     name: str
 
@@ -119,10 +124,19 @@ class SinkStage:
         self.done = False
 
     def step(self, stop: threading.Event, timeout: float | None = None) -> None:
-        """Write at most one frame (waiting up to ``timeout`` s); sets :attr:`done` at the end marker."""
+        """Write at most one frame (waiting up to ``timeout`` s); sets :attr:`done` at the end marker.
+
+        When no frame came in time (paused, or the engine is slower), a sink with an ``idle()`` method (the window:
+        keys, redraw) gets that call instead.
+        """
         try:
             item = self.slot.get(stop, timeout=timeout)
-        except (Closed, TimeoutError):
+        except Closed:
+            return
+        except TimeoutError:
+            idle = getattr(self.sink, "idle", None)
+            if idle is not None:
+                idle()
             return
         if item is END:
             self.done = True
@@ -135,8 +149,9 @@ class SinkStage:
         self.metrics.record_output(self.sink.name, item.captured, time.perf_counter())
 
     def __call__(self, stop: threading.Event) -> None:
+        timeout = IDLE_INTERVAL if hasattr(self.sink, "idle") else None
         while not self.done and not stop.is_set():
-            self.step(stop)
+            self.step(stop, timeout)
 
 
 class StreamRunner:
@@ -265,7 +280,7 @@ class StreamRunner:
                 main = self._main_stage
                 if main is not None and not main.done and not self._stop.is_set():
                     try:
-                        main.step(self._stop, timeout=0.02)
+                        main.step(self._stop, timeout=IDLE_INTERVAL)
                     except Exception as error:  # noqa: BLE001 - reported like a thread's error
                         main_error = error
                         self._stop.set()

@@ -190,3 +190,20 @@ def test_video_sink_reports_a_failure_to_finalise_the_file(tmp_path: Path) -> No
     with pytest.raises(SinkError, match=r"finalising video file '.*full.mp4' failed: .*No space left on device"):
         sink.close()
     sink.close()  # closed once; a second close does nothing
+
+
+def test_window_idle_polls_keys_and_redraws_the_last_frame() -> None:
+    controls = Controls(StreamConfig(width=128, height=96, t_index_list=(25, 40)))
+    display = FakeDisplay([ord(" "), None, None, ord(" ")])
+    sink = WindowSink(display=display)
+    sink.bind(controls, RunMetrics())
+    sink.open(128, 96, 30.0)
+    sink.idle()  # before the first frame: keys only (space pauses), nothing to redraw yet
+    assert controls.paused and display.shown == [] and "PAUSED" in sink.overlay_lines()[-1]
+    frame = pattern_frame(0, 128, 96)
+    sink.write(frame)
+    sink.idle()  # no new frame: the last one again, with its overlay
+    assert len(display.shown) == 2 and np.array_equal(display.shown[1], display.shown[0])
+    assert np.array_equal(display.shown[1][60:], frame[60:])
+    sink.idle()  # space again: resumed
+    assert len(display.shown) == 3 and not controls.paused

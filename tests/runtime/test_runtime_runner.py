@@ -183,3 +183,84 @@ def test_main_thread_sink_is_served_by_run(fakes) -> None:
     summary = StreamRunner(fakes.Engine(size=32, n=2), fakes.Source(size=32, frames=9), [sink]).run()
     assert summary.frames_out == 9
     assert len(sink.frames) == 9
+
+
+class PauseScriptDisplay:
+    """The window's display seam, pressing keys like a person: pause after 3 engine steps, resume after 15 key polls
+    while paused, quit 3 steps after resuming. Records what it saw."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+        self.phase = "running"
+        self.polls = 0
+        self.shown = 0
+        self.sink = None
+        self.seen: dict[str, object] = {}
+
+    def open(self, title: str, width: int, height: int) -> None:
+        pass
+
+    def show(self, frame: np.ndarray) -> None:
+        self.shown += 1
+
+    def poll_key(self) -> int | None:
+        self.polls += 1
+        if self.phase == "running" and self.engine.steps >= 3:
+            self.phase, self.seen["pause"] = "paused", (self.polls, self.engine.steps, self.shown)
+            return ord(" ")
+        if self.phase == "paused" and self.polls >= self.seen["pause"][0] + 15:
+            self.phase, self.seen["resume"] = "resumed", (self.polls, self.engine.steps, self.shown)
+            self.seen["overlay"] = self.sink.overlay_lines()
+            return ord(" ")
+        if self.phase == "resumed" and self.engine.steps >= self.seen["resume"][1] + 3:
+            self.phase = "quit"
+            return ord("q")
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+def test_the_window_keeps_polling_keys_while_paused_so_pause_can_be_undone(fakes) -> None:
+    from streamdiff.io import WindowSink
+
+    engine = fakes.Engine(size=32, n=1, cost=0.002)
+    display = PauseScriptDisplay(engine)
+    window = WindowSink(display=display)
+    display.sink = window
+    source = TestPatternSource(32, 32, fps=60.0, realtime=True)
+    runner = StreamRunner(engine, source, [window])
+    safety = threading.Timer(10.0, runner.stop)  # without idle polling the pause would never end
+    safety.start()
+    try:
+        summary = runner.run()
+    finally:
+        safety.cancel()
+    assert display.phase == "quit", display.seen  # paused, resumed by a second key press, then quit by key
+    assert runner.controls.stop_requested and summary.error is None
+    _, steps_at_pause, shown_at_pause = display.seen["pause"]
+    _, steps_at_resume, shown_at_resume = display.seen["resume"]
+    assert steps_at_resume - steps_at_pause <= 1  # the engine took no frame while paused (one may have been inside)
+    assert shown_at_resume - shown_at_pause >= 10  # the last frame was redrawn while paused
+    assert "PAUSED" in display.seen["overlay"][-1]
+    assert engine.steps >= steps_at_resume + 3
+
+
+def test_a_sink_in_its_own_thread_is_idled_while_paused(fakes) -> None:
+    class IdleSink(fakes.Sink):
+        idles = 0
+
+        def idle(self) -> None:
+            self.idles += 1
+
+    sink = IdleSink()
+    runner = StreamRunner(fakes.Engine(size=32), fakes.Source(size=32, frames=None), [sink])
+    runner.start()
+    time.sleep(0.05)
+    runner.controls.toggle_pause()
+    time.sleep(0.05)
+    before = sink.idles
+    time.sleep(0.3)
+    runner.stop()
+    runner.wait()
+    assert sink.idles - before >= 5  # every ~20 ms without a frame
