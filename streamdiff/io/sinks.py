@@ -132,7 +132,10 @@ class VideoFileSink:
                 failure = failure or error
         if failure is not None:
             raise SinkError(f"finalising video file {str(self.path)!r} failed: {failure}") from failure
-        if not self._failed:
+        if self.frames == 0 and self.path.is_file() and self.path.stat().st_size == 0:
+            self.path.unlink()  # no frame came: leave no empty file created by open()
+            logger.warning("no frames were written: %s not created", self.path)
+        elif not self._failed:
             logger.info("wrote %d frames to %s", self.frames, self.path)
 
 

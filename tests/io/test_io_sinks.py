@@ -174,6 +174,11 @@ def test_folder_and_video_sinks(tmp_path: Path) -> None:
         VideoFileSink(tmp_path / "odd.mp4").open(41, 30, 30.0)
     with pytest.raises(ConfigError, match="must end in one of"):
         VideoFileSink(tmp_path / "x.gif")
+    empty = VideoFileSink(tmp_path / "empty.mp4")
+    empty.open(40, 30, 30.0)  # creates the file, so that an unwritable place fails here
+    assert (tmp_path / "empty.mp4").is_file()
+    empty.close()
+    assert not (tmp_path / "empty.mp4").exists()  # no frame came: no empty file is left behind
     assert isinstance(open_sink("null"), NullSink)
     with pytest.raises(ConfigError, match="needs a path"):
         open_sink("file")
