@@ -30,7 +30,8 @@ from ..runtime import RuntimeConfig, StreamRunner
 logger = logging.getLogger(__name__)
 
 NAME = "run"
-HELP = "stream a webcam, video, folder or test pattern through the engine into windows, files or a virtual camera"
+HELP = ("stream a webcam, video, folder, screen or test pattern through the engine into windows, files or a "
+        "virtual camera")
 
 DEFAULTS: dict[str, Any] = {
     "source": "testpattern",
@@ -76,7 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--config", metavar="FILE", help="TOML file with any of these options (flags override it)")
     io = parser.add_argument_group("input and output")
     io.add_argument("--source",
-                    help="testpattern[:WxH] | webcam[:INDEX|PATH] | file:VIDEO | folder:DIR (default testpattern)")
+                    help="testpattern[:WxH] | webcam[:INDEX|PATH] | file:VIDEO | folder:DIR | screen[:MONITOR] "
+                         "(default testpattern)")
     io.add_argument("--sink", action="append", metavar="SPEC",
                     help="window | file:OUT.mp4 | folder:DIR | virtualcam[:DEVICE] | null; repeatable (default null)")
     io.add_argument("--frames", type=int, help="stop after reading this many frames (default: the whole input)")
