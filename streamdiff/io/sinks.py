@@ -2,8 +2,8 @@
 
 Every sink has ``open(width, height, fps)``, ``write(frame uint8 RGB [H, W, 3])`` and ``close()`` and a ``name``.
 The window also has ``bind(controls, metrics)`` (overlay and keys), ``idle()`` (keys and redraw while no frame
-arrives, e.g. paused) and ``main_thread = True`` (GUI toolkits want the main thread). Build one from a spec with :func:`open_sink`: ``window``, ``file:out.mp4``, ``folder:out/``,
-``virtualcam[:DEVICE]``, ``null``.
+arrives, e.g. paused) and ``main_thread = True`` (GUI toolkits want the main thread). Build one from a spec with
+:func:`open_sink`: ``window``, ``file:out.mp4``, ``folder:out/``, ``virtualcam[:DEVICE]``, ``null``.
 """
 
 from __future__ import annotations
