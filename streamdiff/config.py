@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import math
 import numbers
+import re
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, TypeVar
 
@@ -123,6 +124,31 @@ def check_number(
         raise ConfigError(f"{name}={value!r} must be a finite number")
     _check_range(name, value, minimum, maximum, min_open, max_open)
     return float(value)
+
+
+def parse_size(value: Any, what: str = "size") -> tuple[int, int]:
+    """A frame size as (width, height): ``"640x480"`` (also ``640X480``, ``640*480``), a bare ``"512"`` or ``512``
+    meaning a square 512x512, or a ``(width, height)`` pair. Both sides must be positive integers.
+
+    The one parser of sizes: every command option (``--size``, ``--output-size``, ``--camera-size``), the TOML
+    config file and source specs (``testpattern:WxH``) go through it.
+    """
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2:
+            raise ConfigError(f"{what}={value!r} must be [width, height]")
+        width, height = (check_int(f"{what} {side}", v, 1) for side, v in zip(("width", "height"), value))
+        return width, height
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        side = check_int(what, value, 1)
+        return side, side
+    match = re.fullmatch(r"\s*([0-9]+)\s*(?:[xX*]\s*([0-9]+)\s*)?", value) if isinstance(value, str) else None
+    if match is None:
+        raise ConfigError(f"{what}={value!r} is not WIDTHxHEIGHT or a single N for NxN (e.g. 512x512 or 512)")
+    width = int(match.group(1))
+    height = int(match.group(2)) if match.group(2) is not None else width
+    if min(width, height) < 1:
+        raise ConfigError(f"{what}={value!r} must have positive sides (e.g. 512x512)")
+    return width, height
 
 
 @dataclass(frozen=True)

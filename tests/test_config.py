@@ -84,7 +84,7 @@ import numpy as np  # noqa: E402
 
 from streamdiff import LoraSpec  # noqa: E402
 from streamdiff.backends.keys import EngineOptions  # noqa: E402
-from streamdiff.config import check_bool, check_int, check_number  # noqa: E402
+from streamdiff.config import check_bool, check_int, check_number, parse_size  # noqa: E402
 from streamdiff.runtime import RuntimeConfig  # noqa: E402
 
 CONFIG_CLASSES = {
@@ -179,3 +179,26 @@ def test_filter_given_as_text_no_longer_switches_it_on() -> None:
         FilterConfig(enabled="no")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="use_denoising_batch='no'"):
         StreamConfig(use_denoising_batch="no")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "value, size",
+    [("640x480", (640, 480)), ("640X480", (640, 480)), (" 640 x 480 ", (640, 480)), ("640*480", (640, 480)),
+     ("512", (512, 512)), (512, (512, 512)), ([96, 64], (96, 64)), ((96, 64), (96, 64))],
+)
+def test_parse_size(value: object, size: tuple[int, int]) -> None:
+    assert parse_size(value) == size
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [("big", "size='big' is not WIDTHxHEIGHT or a single N for NxN"), ("64by64", "is not WIDTHxHEIGHT"),
+     ("0x64", "size='0x64' must have positive sides"), ("-64", "is not WIDTHxHEIGHT"), ("64x", "is not WIDTHxHEIGHT"),
+     ("64x64x3", "is not WIDTHxHEIGHT"), ("６４", "is not WIDTHxHEIGHT"), (64.0, "is not WIDTHxHEIGHT"),
+     (True, "is not WIDTHxHEIGHT"), (0, "size=0 must be >= 1"), ([64], "must be [width, height]"),
+     ([64, 6.5], "size height=6.5 must be an integer >= 1")],
+)
+def test_parse_size_errors(value: object, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_size(value)
+    assert message in str(info.value)

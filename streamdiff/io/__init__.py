@@ -6,7 +6,8 @@
 
 from __future__ import annotations
 
-from .resize import fit_frame, parse_size
+from ..config import parse_size
+from .resize import fit_frame
 from .screen import ScreenSource
 from .sinks import (
     FolderSink,

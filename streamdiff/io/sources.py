@@ -350,7 +350,7 @@ def open_source(
     ``width``/``height`` size the test pattern (``testpattern:WxH`` overrides); ``fps`` is the pace of the pattern,
     folder and screen sources and the requested webcam rate; ``camera_size`` the requested webcam resolution.
     """
-    from .resize import parse_size
+    from ..config import parse_size
 
     kind, target = parse_spec(spec, SOURCE_KINDS)
     if kind == "testpattern":
