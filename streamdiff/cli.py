@@ -1,7 +1,8 @@
 """The ``streamdiff`` command: the only place that configures logging.
 
 Subcommands live in :mod:`streamdiff.commands`, one module each, exposing ``NAME``, ``HELP``,
-``add_arguments(parser)`` and ``run(args) -> int``. They are found automatically.
+``add_arguments(parser)`` and ``run(args) -> int``. They are found automatically (modules without ``NAME``, such
+as the shared :mod:`streamdiff.commands.options`, are helpers).
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
         module = importlib.import_module(f"{commands.__name__}.{info.name}")
+        if not hasattr(module, "NAME"):  # a helper module (options.py), not a command
+            continue
         command = sub.add_parser(module.NAME, help=module.HELP, description=module.HELP)
         module.add_arguments(command)
         command.set_defaults(handler=module.run)

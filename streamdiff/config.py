@@ -8,6 +8,9 @@ and what is allowed.
 from __future__ import annotations
 
 import enum
+import math
+import numbers
+import re
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, TypeVar
 
@@ -66,10 +69,100 @@ def to_enum(enum_cls: type[E], value: Any, name: str) -> E:
 
 
 def check_bool(name: str, value: Any) -> bool:
-    """``value`` if it is a bool; otherwise ConfigError naming the field (``'no'`` or ``1`` is not a bool)."""
+    """``value`` if it is a bool, else a ConfigError: no truthiness, so ``'no'``, ``0`` and ``None`` are refused."""
     if not isinstance(value, bool):
-        raise ConfigError(f"{name}={value!r} must be true or false")
+        raise ConfigError(f"{name}={value!r} must be True or False, not {type(value).__name__}")
     return value
+
+
+def _interval(minimum: Any, maximum: Any, min_open: bool = False, max_open: bool = False) -> str:
+    if minimum is not None and maximum is not None:
+        return f"{'(' if min_open else '['}{minimum}, {maximum}{')' if max_open else ']'}"
+    if minimum is not None:
+        return f"{'>' if min_open else '>='} {minimum}"
+    return f"{'<' if max_open else '<='} {maximum}"
+
+
+def _check_range(name: str, value: Any, minimum: Any, maximum: Any, min_open: bool, max_open: bool) -> None:
+    low_ok = minimum is None or (value > minimum if min_open else value >= minimum)
+    high_ok = maximum is None or (value < maximum if max_open else value <= maximum)
+    if low_ok and high_ok:
+        return
+    interval = _interval(minimum, maximum, min_open, max_open)
+    if minimum is not None and maximum is not None:
+        raise ConfigError(f"{name}={value!r} is outside {interval}")
+    raise ConfigError(f"{name}={value!r} must be {interval}")
+
+
+def check_int(name: str, value: Any, minimum: int | None = None, maximum: int | None = None) -> int:
+    """``value`` as an int if it is an integer (not a bool, not a float) in [minimum, maximum], else a ConfigError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        wanted = "an integer"
+        if minimum is not None or maximum is not None:
+            interval = _interval(minimum, maximum)
+            wanted += f" in {interval}" if minimum is not None and maximum is not None else f" {interval}"
+        raise ConfigError(f"{name}={value!r} must be {wanted}, not {type(value).__name__}")
+    value = int(value)
+    _check_range(name, value, minimum, maximum, False, False)
+    return value
+
+
+def check_number(
+    name: str,
+    value: Any,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    *,
+    min_open: bool = False,
+    max_open: bool = False,
+) -> float:
+    """``value`` as a float if it is a finite real number (not a bool, not NaN or ±inf) inside the interval, else a
+    ConfigError. ``min_open``/``max_open`` exclude the bound itself."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ConfigError(f"{name}={value!r} must be a number, not {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ConfigError(f"{name}={value!r} must be a finite number")
+    _check_range(name, value, minimum, maximum, min_open, max_open)
+    return float(value)
+
+
+def parse_size(value: Any, what: str = "size") -> tuple[int, int]:
+    """A frame size as (width, height): ``"640x480"`` (also ``640X480``, ``640*480``), a bare ``"512"`` or ``512``
+    meaning a square 512x512, or a ``(width, height)`` pair. Both sides must be positive integers.
+
+    The one parser of sizes: every command option (``--size``, ``--output-size``, ``--camera-size``), the TOML
+    config file and source specs (``testpattern:WxH``) go through it.
+    """
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2:
+            raise ConfigError(f"{what}={value!r} must be [width, height]")
+        width, height = (check_int(f"{what} {side}", v, 1) for side, v in zip(("width", "height"), value))
+        return width, height
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        side = check_int(what, value, 1)
+        return side, side
+    match = re.fullmatch(r"\s*([0-9]+)\s*(?:[xX*]\s*([0-9]+)\s*)?", value) if isinstance(value, str) else None
+    if match is None:
+        raise ConfigError(f"{what}={value!r} is not WIDTHxHEIGHT or a single N for NxN (e.g. 512x512 or 512)")
+    width = int(match.group(1))
+    height = int(match.group(2)) if match.group(2) is not None else width
+    if min(width, height) < 1:
+        raise ConfigError(f"{what}={value!r} must have positive sides (e.g. 512x512)")
+    return width, height
+
+
+def parse_int_list(value: Any, what: str = "t_index_list") -> tuple[int, ...]:
+    """``"32,45"``, ``32`` or ``[32, 45]`` → ``(32, 45)``; anything else is a ConfigError naming ``what``."""
+    if isinstance(value, str):
+        parts = [part.strip() for part in value.split(",")]
+        if not all(re.fullmatch(r"[+-]?[0-9]+", part) for part in parts):
+            raise ConfigError(f"{what}={value!r} is not a comma-separated list of integers (e.g. 32,45)")
+        return tuple(int(part) for part in parts)
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return (int(value),)
+    if isinstance(value, (list, tuple)):
+        return tuple(check_int(f"{what} entry", entry) for entry in value)
+    raise ConfigError(f"{what}={value!r} is not a list of integers (e.g. 32,45)")
 
 
 @dataclass(frozen=True)
@@ -85,12 +178,9 @@ class FilterConfig:
     max_skip_frames: int = 10
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.threshold < 1.0:
-            raise ConfigError(f"filter threshold={self.threshold!r} is outside [0, 1)")
-        if isinstance(self.max_skip_frames, bool) or not isinstance(self.max_skip_frames, int):
-            raise ConfigError(f"max_skip_frames={self.max_skip_frames!r} must be an integer >= 0")
-        if self.max_skip_frames < 0:
-            raise ConfigError(f"max_skip_frames={self.max_skip_frames} must be >= 0")
+        check_bool("enabled", self.enabled)
+        object.__setattr__(self, "threshold", check_number("threshold", self.threshold, 0, 1, max_open=True))
+        object.__setattr__(self, "max_skip_frames", check_int("max_skip_frames", self.max_skip_frames, 0))
 
 
 @dataclass(frozen=True)
@@ -121,18 +211,12 @@ class StreamConfig:
             object.__setattr__(self, "filter", FilterConfig(**self.filter))
         if not isinstance(self.filter, FilterConfig):
             raise ConfigError(f"filter={self.filter!r} must be a FilterConfig")
-        for name in ("width", "height", "num_inference_steps", "frame_buffer_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ConfigError(f"{name}={value!r} must be an integer")
-        for name in ("width", "height"):
-            value = getattr(self, name)
-            if not 8 <= value <= 4096:
-                raise ConfigError(f"{name}={value} is outside [8, 4096]")
-        if self.frame_buffer_size < 1:
-            raise ConfigError(f"frame_buffer_size={self.frame_buffer_size} must be >= 1")
-        if not 1 <= self.num_inference_steps <= 1000:
-            raise ConfigError(f"num_inference_steps={self.num_inference_steps} is outside [1, 1000]")
+        for name, minimum, maximum in (
+            ("width", 8, 4096), ("height", 8, 4096), ("num_inference_steps", 1, 1000), ("frame_buffer_size", 1, None)
+        ):
+            object.__setattr__(self, name, check_int(name, getattr(self, name), minimum, maximum))
+        check_bool("use_denoising_batch", self.use_denoising_batch)
+        check_bool("add_noise", self.add_noise)
         try:
             t_list = tuple(self.t_index_list)
         except TypeError:
@@ -180,10 +264,8 @@ def t_index_list_for_strength(strength: float, steps: int, num_inference_steps: 
     ``strength=0.5, steps=2`` gives ``(25, 37)``-like lists: the first index is ``round((1 - strength) * N)`` and the
     rest are spaced evenly towards ``N``.
     """
-    if not 0.0 < strength <= 1.0:
-        raise ConfigError(f"strength={strength!r} is outside (0, 1]")
-    if not 1 <= steps <= num_inference_steps:
-        raise ConfigError(f"steps={steps} is outside [1, {num_inference_steps}]")
+    strength = check_number("strength", strength, 0, 1, min_open=True)
+    steps = check_int("steps", steps, 1, num_inference_steps)
     start = min(int(round((1.0 - strength) * num_inference_steps)), num_inference_steps - steps)
     span = num_inference_steps - start
     out = tuple(start + (span * i) // steps for i in range(steps))
@@ -206,9 +288,6 @@ class PromptConfig:
             raise ConfigError(f"prompt={self.prompt!r} must be a string")
         if not isinstance(self.negative_prompt, str):
             raise ConfigError(f"negative_prompt={self.negative_prompt!r} must be a string")
-        if not 0.0 <= float(self.guidance_scale) <= 50.0:
-            raise ConfigError(f"guidance_scale={self.guidance_scale!r} is outside [0, 50]")
-        if not 0.0 <= float(self.delta) <= 10.0:
-            raise ConfigError(f"delta={self.delta!r} is outside [0, 10]")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
-            raise ConfigError(f"seed={self.seed!r} must be an integer in [0, 2**63)")
+        object.__setattr__(self, "guidance_scale", check_number("guidance_scale", self.guidance_scale, 0, 50))
+        object.__setattr__(self, "delta", check_number("delta", self.delta, 0, 10))
+        object.__setattr__(self, "seed", check_int("seed", self.seed, 0, 2**63 - 1))

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..config import StreamConfig
+from ..config import StreamConfig, check_bool, check_int
 from ..errors import ConfigError
 from ..core.guidance import call_rows
 
@@ -74,17 +74,22 @@ class EngineOptions:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "onnx_providers", tuple(self.onnx_providers))
-        if self.opset < 17:
+        for name in ("compile", "channels_last", "verify", "cuda_graph"):
+            check_bool(name, getattr(self, name))
+        if check_int("opset", self.opset) < 17:
             raise ConfigError(f"opset={self.opset} is below 17, the lowest opset streamdiff exports")
         for name in ("min_resolution", "max_resolution"):
             value = getattr(self, name)
-            if value is not None and not 8 <= value <= 4096:
-                raise ConfigError(f"{name}={value} is outside [8, 4096]")
+            if value is not None:
+                check_int(name, value, 8, 4096)
+        check_int("opt_resolution", self.opt_resolution, 8, 4096)
         if self.min_resolution and self.max_resolution and self.min_resolution > self.max_resolution:
             raise ConfigError(f"min_resolution={self.min_resolution} > max_resolution={self.max_resolution}")
-        object.__setattr__(self, "batch_sizes", tuple(int(b) for b in self.batch_sizes))
-        if any(b < 1 for b in self.batch_sizes):
-            raise ConfigError(f"batch_sizes={self.batch_sizes} must all be >= 1")
+        if isinstance(self.batch_sizes, (str, bytes)) or not hasattr(self.batch_sizes, "__iter__"):
+            raise ConfigError(f"batch_sizes={self.batch_sizes!r} must be a sequence of integers >= 1")
+        object.__setattr__(
+            self, "batch_sizes", tuple(check_int("batch_sizes entry", b, 1) for b in self.batch_sizes)
+        )
 
     @property
     def directory(self) -> Path:

@@ -27,6 +27,7 @@ import torch
 from ..bench.harness import Comparison, format_table, report_dict
 from ..config import Precision, to_enum
 from ..errors import ConfigError
+from .options import DTYPES, size_arg, square_size
 
 NAME = "bench"
 HELP = "benchmark Stream Batch, RCFG, the similarity filter, bfloat16 and diffusers' img2img side by side"
@@ -40,14 +41,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..bench.suites import COMPARISONS
 
     parser.add_argument("--model", choices=("tiny", "sd21", "both"), default="tiny", help="model(s) to measure")
-    parser.add_argument("--size", type=int, default=256, help="frame width and height in pixels (default 256)")
+    parser.add_argument("--size", type=size_arg, default=(256, 256), metavar="N|NxN",
+                        help="square frame size in pixels, N or NxN (default 256)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (1 = steady single-thread timings)")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds per comparison (default 5)")
     parser.add_argument("--slow-rounds", type=int, default=None, help="rounds of the diffusers comparison (default 3)")
     parser.add_argument("--calls", type=int, default=None, help="frames per configuration and round (default 3)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed warm-up calls per configuration (default 2)")
     parser.add_argument(
-        "--dtype", choices=[p.value for p in Precision if p is not Precision.FLOAT16], default=None,
+        "--dtype", choices=[d for d in DTYPES if d != Precision.FLOAT16.value], default=None,
         help="precision of the stream-batch, rcfg and filter comparisons (default: float32 tiny, bfloat16 sd21)",
     )
     parser.add_argument(
@@ -84,7 +86,7 @@ def _compiled_unet(model: Any) -> Any:
     return factory(model.unet, channels_last=True) if factory is not None else None
 
 
-def _run_model(name: str, args: argparse.Namespace, settings: Any, only: list[str]) -> list[Comparison]:
+def _run_model(name: str, size: int, args: argparse.Namespace, settings: Any, only: list[str]) -> list[Comparison]:
     from ..bench import suites
 
     started = time.perf_counter()
@@ -97,12 +99,12 @@ def _run_model(name: str, args: argparse.Namespace, settings: Any, only: list[st
         started = time.perf_counter()
         if comparison_name == "diffusers":
             compiled = None if args.no_compile else _compiled_unet(bench_model.bf16)
-            comparison = suites.compare_diffusers(bench_model, args.size, settings, compiled)
+            comparison = suites.compare_diffusers(bench_model, size, settings, compiled)
         elif comparison_name == "streams":
             from ..bench.streams import compare_streams
 
-            comparison = compare_streams(bench_model.model(dtype), suites.base_config(args.size),
-                                         suites.moving_frames(8, args.size), settings.rounds, settings.warmup)
+            comparison = compare_streams(bench_model.model(dtype), suites.base_config(size),
+                                         suites.moving_frames(8, size), settings.rounds, settings.warmup)
         elif comparison_name == "rcfg-compiled":
             from ..backends.torch_backend import compiled_vae
 
@@ -111,7 +113,7 @@ def _run_model(name: str, args: argparse.Namespace, settings: Any, only: list[st
             if compiled is None:
                 raise ConfigError("rcfg-compiled needs the torch backend's compiled U-Net, not in this build")
             vae = compiled_vae(model.vae, channels_last=dtype == torch.bfloat16)
-            comparison = suites.compare_rcfg(bench_model, args.size, dtype, settings, compiled, vae)
+            comparison = suites.compare_rcfg(bench_model, size, dtype, settings, compiled, vae)
         else:
             runner = {
                 "stream-batch": suites.compare_stream_batch,
@@ -119,7 +121,7 @@ def _run_model(name: str, args: argparse.Namespace, settings: Any, only: list[st
                 "filter": suites.compare_filter,
                 "dtype": suites.compare_dtype,
             }[comparison_name]
-            comparison = runner(bench_model, args.size, dtype, settings)
+            comparison = runner(bench_model, size, dtype, settings)
         comparison.name = f"{name}/{comparison_name}"
         logger.info("%s took %.0f s", comparison.name, time.perf_counter() - started)
         comparisons.append(comparison)
@@ -129,8 +131,9 @@ def _run_model(name: str, args: argparse.Namespace, settings: Any, only: list[st
 def run(args: argparse.Namespace) -> int:
     from ..bench.suites import COMPARISONS, DEFAULT_COMPARISONS
 
-    if args.size < 64 or args.size % 8:
-        raise ConfigError(f"--size={args.size} must be a multiple of 8 and at least 64")
+    size = square_size(args.size)
+    if size < 64 or size % 8:
+        raise ConfigError(f"--size={size} must be a multiple of 8 and at least 64")
     if args.threads is not None:
         if args.threads < 1:
             raise ConfigError(f"--threads={args.threads} must be >= 1")
@@ -143,17 +146,17 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     comparisons: list[Comparison] = []
     for name in models:
-        comparisons.extend(_run_model(name, args, settings, only))
+        comparisons.extend(_run_model(name, size, args, settings, only))
     meta = {
         "command": "streamdiff " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "streamdiff bench",
-        "size": args.size,
+        "size": size,
         "threads": torch.get_num_threads(),
         "settings": vars(settings),
         "torch": torch.__version__,
         "machine": platform.machine(),
         "seconds": round(time.perf_counter() - started, 1),
     }
-    table = format_table(comparisons, title=f"{meta['command']}  ({meta['threads']} threads, {args.size} px)")
+    table = format_table(comparisons, title=f"{meta['command']}  ({meta['threads']} threads, {size} px)")
     if args.json:
         print(table, file=sys.stderr)  # for the person watching; stdout stays machine-readable
         print(json.dumps(report_dict(comparisons, **meta), indent=2))

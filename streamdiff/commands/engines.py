@@ -8,7 +8,9 @@ Examples::
     streamdiff engines clear --backend onnx
 
 ``streamdiff run`` and :class:`~streamdiff.pipeline.StreamPipeline` build missing engines on first use; this command
-builds them ahead of time (with a progress bar) so the first frame is not delayed.
+builds them ahead of time (with a progress bar) so the first frame is not delayed. ``build`` takes the model, engine
+and stream flags of ``streamdiff run`` (:mod:`.options`) with the same defaults except ``--backend`` (onnxruntime
+here: eager torch needs no engine), so ``run`` with the same flags uses exactly the engines built here.
 """
 
 from __future__ import annotations
@@ -17,86 +19,53 @@ import argparse
 import json
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
-from ..config import BackendKind, CfgMode, StreamConfig
-from ..errors import ConfigError
+from ..config import BackendKind, StreamConfig
+from . import options as shared
 
 logger = logging.getLogger(__name__)
 
 NAME = "engines"
 HELP = "build, list or clear compiled engines (ONNX, ONNX Runtime, TensorRT, AOTInductor) in the engine cache"
 
+# The options and defaults of `streamdiff run`, but ONNX Runtime engines unless --backend says otherwise.
+BUILD_DEFAULTS: dict[str, Any] = {
+    **shared.MODEL_DEFAULTS, **shared.ENGINE_DEFAULTS, **shared.STREAM_DEFAULTS,
+    "backend": BackendKind.ONNXRUNTIME.value,
+}
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     actions = parser.add_subparsers(dest="engines_action", metavar="ACTION")
     actions.required = True
-    build = actions.add_parser("build", help="build the engines a configuration needs")
-    build.add_argument("--model", default="tiny", help="'tiny', a diffusers folder, a checkpoint file or a hub id")
-    build.add_argument("--vae", help="replace the model's VAE (folder or hub id)")
-    build.add_argument("--lora", action="append", default=[], metavar="SOURCE[:SCALE]", help="fuse a LoRA (repeatable)")
-    build.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="model precision")
-    build.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    build.add_argument("--backend", default="onnxruntime", choices=[b.value for b in BackendKind])
-    build.add_argument("--compile", action="store_true", help="torch backend: build an AOTInductor-compiled U-Net")
-    build.add_argument("--size", default="512x512", metavar="WxH", help="frame size (default 512x512)")
-    build.add_argument("--t-index-list", type=int, nargs="+", default=[32, 45], metavar="T")
-    build.add_argument("--frame-buffer-size", type=int, default=1)
-    build.add_argument("--cfg-type", default="self", choices=[m.value for m in CfgMode])
-    build.add_argument("--min-resolution", type=int, help="smallest side the engines accept (default 256)")
-    build.add_argument("--max-resolution", type=int, help="largest side the engines accept (default 1024)")
-    build.add_argument("--batch-sizes", type=int, nargs="*", default=[], help="extra U-Net batch sizes to cover")
-    build.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime vs PyTorch check")
-    _engine_dir(build)
+    build = actions.add_parser("build", help="build the engines a configuration needs (flags as in `run`)")
+    shared.add_model_options(build, backend_default=BUILD_DEFAULTS["backend"])
+    shared.add_engine_options(build)
+    shared.add_stream_options(build)
     listing = actions.add_parser("list", help="show the cached engines")
     listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
     listing.add_argument("--verify", action="store_true", help="also check every file's size and hash")
-    _engine_dir(listing)
+    shared.add_engine_dir_option(listing)
     clear = actions.add_parser("clear", help="delete cached engines (all, or those matching the filters)")
     clear.add_argument("--model", help="only engines of this model id")
     clear.add_argument("--backend", help="only engines of this backend (onnx, tensorrt, torch-aoti)")
-    _engine_dir(clear)
+    shared.add_engine_dir_option(clear)
 
 
-def _engine_dir(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--engine-dir", type=Path, help="engine cache folder (default $STREAMDIFF_ENGINE_DIR or engines/)")
-
-
-def _size(text: str) -> tuple[int, int]:
-    try:
-        width, height = (int(part) for part in text.lower().split("x"))
-    except ValueError:
-        raise ConfigError(f"--size={text!r} is not WIDTHxHEIGHT, e.g. 512x512") from None
-    return width, height
-
-
-def _lora(text: str) -> tuple[str, float]:
-    source, _, scale = text.rpartition(":")
-    if source and scale.replace(".", "", 1).isdigit():
-        return source, float(scale)
-    return text, 1.0
+def build_request(args: argparse.Namespace) -> tuple[shared.ModelOptions, StreamConfig]:
+    """What ``engines build`` builds for: the model options and the StreamConfig its flags describe."""
+    options = shared.resolve(args, BUILD_DEFAULTS)
+    return shared.model_options(options), shared.stream_config(options)
 
 
 def _build(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from ..backends.device import resolve_device, resolve_dtype
-    from ..backends.factory import engine_steps
-    from ..backends.keys import EngineOptions
-    from ..models import load_model
-
-    width, height = _size(args.size)
-    config = StreamConfig(width=width, height=height, t_index_list=tuple(args.t_index_list),
-                          frame_buffer_size=args.frame_buffer_size, cfg_type=args.cfg_type)
-    options = EngineOptions(
-        engine_dir=args.engine_dir, compile=args.compile, min_resolution=args.min_resolution,
-        max_resolution=args.max_resolution, batch_sizes=tuple(args.batch_sizes), verify=not args.no_verify,
-    )
-    device = resolve_device(args.device)
-    model = load_model(args.model, vae=args.vae, loras=[_lora(x) for x in args.lora],
-                       dtype=resolve_dtype(args.dtype, device), device=device)
-    kind, steps = engine_steps(args.backend, model, config, options)
+    request, config = build_request(args)
+    options = request.engine
+    model = request.load()
+    kind, steps = request.plan(model, config)
     if not steps:
         print(f"backend {kind.value} runs eagerly: nothing to build (add --compile for a compiled torch U-Net)")
         return 0
@@ -144,9 +113,8 @@ def _shapes(key: dict[str, Any]) -> str:
 
 def _list(args: argparse.Namespace) -> int:
     from ..backends.cache import EngineCache
-    from ..backends.keys import default_engine_dir
 
-    cache = EngineCache(args.engine_dir or default_engine_dir())
+    cache = EngineCache(args.engine_dir)
     rows = []
     for path, manifest in cache.entries():
         status = "unreadable" if manifest is None else "ok"
@@ -177,9 +145,8 @@ def _list(args: argparse.Namespace) -> int:
 
 def _clear(args: argparse.Namespace) -> int:
     from ..backends.cache import EngineCache
-    from ..backends.keys import default_engine_dir
 
-    cache = EngineCache(args.engine_dir or default_engine_dir())
+    cache = EngineCache(args.engine_dir)
     if args.model is None and args.backend is None:
         removed = cache.clear()
     else:

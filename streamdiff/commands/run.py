@@ -18,20 +18,32 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from ..config import BackendKind, CfgMode, FilterConfig, PromptConfig, StreamConfig, t_index_list_for_strength
-from ..backends.keys import EngineOptions
+from ..config import StreamConfig, parse_size
 from ..errors import ConfigError, StreamDiffError
-from ..io.resize import parse_size
 from ..io.sinks import open_sink
 from ..io.sources import list_webcams, open_source
-from ..models import LoraSpec
+from ..config import PromptConfig
 from ..runtime import RuntimeConfig, StreamRunner
 from ..runtime.controls import COMMAND_HELP
+from . import options as shared
+from .options import (
+    ModelOptions,
+    lora_specs,
+    model_options,
+    output_size_arg,
+    output_size_value,
+    size_arg,
+    stream_config,
+)
+
+__all__ = ["DEFAULTS", "add_arguments", "build_request", "build_runner", "lora_specs", "resolve_options", "run",
+           "stream_config"]
 
 logger = logging.getLogger(__name__)
 
 NAME = "run"
-HELP = "stream a webcam, video, folder or test pattern through the engine into windows, files or a virtual camera"
+HELP = ("stream a webcam, video, folder, screen or test pattern through the engine into windows, files or a "
+        "virtual camera")
 
 DEFAULTS: dict[str, Any] = {
     "source": "testpattern",
@@ -40,27 +52,14 @@ DEFAULTS: dict[str, Any] = {
     "realtime": None,
     "fps": None,
     "camera_size": None,
-    "model": "tiny",
-    "vae": None,
-    "lora": [],
-    "dtype": None,
-    "device": "auto",
-    "backend": "torch",
-    "engine_dir": None,
-    "compile": False,
-    "channels_last": False,
+    **shared.MODEL_DEFAULTS,
+    **shared.ENGINE_DEFAULTS,
+    **shared.STREAM_DEFAULTS,
     "prompt": "",
     "negative_prompt": "",
-    "t_index_list": None,
-    "strength": None,
-    "steps": 2,
-    "num_inference_steps": 50,
-    "cfg_type": "self",
     "guidance_scale": 1.2,
     "delta": 1.0,
     "seed": 2,
-    "size": "256x256",
-    "frame_buffer_size": 1,
     "filter": False,
     "filter_threshold": 0.98,
     "filter_max_skip": 10,
@@ -78,7 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--config", metavar="FILE", help="TOML file with any of these options (flags override it)")
     io = parser.add_argument_group("input and output")
     io.add_argument("--source",
-                    help="testpattern[:WxH] | webcam[:INDEX|PATH] | file:VIDEO | folder:DIR (default testpattern)")
+                    help="testpattern[:WxH] | webcam[:INDEX|PATH] | file:VIDEO | folder:DIR | screen[:MONITOR] "
+                         "(default testpattern)")
     io.add_argument("--sink", action="append", metavar="SPEC",
                     help="window | file:OUT.mp4 | folder:DIR | virtualcam[:DEVICE] | null; repeatable (default null)")
     io.add_argument("--frames", type=int, help="stop after reading this many frames (default: the whole input)")
@@ -86,37 +86,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help="pace file/folder/pattern sources at their fps and drop late frames (latest wins); "
                          "default: on for webcams only")
     io.add_argument("--fps", type=float, help="pattern/folder frame rate, requested webcam rate and output fps")
-    io.add_argument("--camera-size", metavar="WxH", help="requested webcam resolution, e.g. 1280x720")
-    io.add_argument("--output-size", metavar="WxH|source",
+    io.add_argument("--camera-size", type=size_arg, metavar="WxH", help="requested webcam resolution, e.g. 1280x720")
+    io.add_argument("--output-size", type=output_size_arg, metavar="WxH|source",
                     help="scale output frames to this size ('source': the input's size)")
     io.add_argument("--list-devices", action="store_true", help="list webcams and exit")
     io.add_argument("--virtualcam-backend", help="pyvirtualcam backend name (default: the first that works)")
-    model = parser.add_argument_group("model")
-    model.add_argument("--model", help="'tiny' (built-in, offline), a diffusers folder, a checkpoint file or a hub id")
-    model.add_argument("--vae", help="replacement VAE folder or hub id, e.g. madebyollin/taesd")
-    model.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: per device")
-    model.add_argument("--device", help="auto | cpu | cuda | mps (default auto)")
-    model.add_argument("--lora", action="append", metavar="PATH[:SCALE]",
-                       help="LoRA file, folder or hub id fused at load, with an optional scale (default 1); repeatable")
-    model.add_argument("--backend", choices=[b.value for b in BackendKind], help="engine backend (default torch)")
-    model.add_argument("--engine-dir", help="engine cache folder (default $STREAMDIFF_ENGINE_DIR or ./engines)")
-    model.add_argument("--compile", action=argparse.BooleanOptionalAction,
-                       help="torch backend: AOTInductor-compiled U-Net, built once and cached")
-    model.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
-                       help="torch backend: channels-last memory format (faster on CPUs)")
-    stream = parser.add_argument_group("stream")
+    shared.add_model_options(parser)
+    shared.add_engine_options(parser)
+    stream = shared.add_stream_options(parser)
     stream.add_argument("--prompt", help="what to turn the frames into")
     stream.add_argument("--negative-prompt", help="what to steer away from (cfg full/initialize)")
-    stream.add_argument("--t-index-list", metavar="I,J,..", help="timestep indices, e.g. 32,45")
-    stream.add_argument("--strength", type=float, help="denoising strength in (0, 1] instead of --t-index-list")
-    stream.add_argument("--steps", type=int, help="denoising steps used with --strength (default 2)")
-    stream.add_argument("--num-inference-steps", type=int, help="LCM schedule length (default 50)")
-    stream.add_argument("--cfg-type", choices=[m.value for m in CfgMode], help="guidance mode (default self)")
     stream.add_argument("--guidance-scale", type=float, help="guidance scale (default 1.2)")
     stream.add_argument("--delta", type=float, help="RCFG delta (default 1.0)")
     stream.add_argument("--seed", type=int, help="noise seed (default 2)")
-    stream.add_argument("--size", metavar="WxH", help="engine frame size (default 256x256)")
-    stream.add_argument("--frame-buffer-size", type=int, help="frames per engine step (default 1)")
     stream.add_argument("--filter", action=argparse.BooleanOptionalAction, help="stochastic similarity filter")
     stream.add_argument("--filter-threshold", type=float, help="similarity threshold (default 0.98)")
     stream.add_argument("--filter-max-skip", type=int, help="most frames skipped in a row (default 10)")
@@ -153,101 +135,46 @@ def load_config_file(path: str) -> dict[str, Any]:
 
 def resolve_options(args: argparse.Namespace) -> dict[str, Any]:
     """Defaults, then the config file, then the flags given on the command line."""
-    options = dict(DEFAULTS)
-    if getattr(args, "config", None):
-        options.update(load_config_file(args.config))
-    options.update({k: v for k, v in vars(args).items() if k in DEFAULTS and v is not None})
+    file_options = load_config_file(args.config) if getattr(args, "config", None) else {}
+    options = shared.resolve(args, DEFAULTS, file_options)
     for key in ("sink", "lora"):
         if isinstance(options[key], str):
             options[key] = [options[key]]
     return options
 
 
-def lora_specs(values: list[str]) -> list[LoraSpec]:
-    """``PATH[:SCALE]`` entries → LoRA specs (a trailing ``:number`` is the scale)."""
-    specs = []
-    for value in values:
-        source, _, scale_text = str(value).rpartition(":")
-        try:
-            scale = float(scale_text) if source else None
-        except ValueError:  # a colon inside the path (C:\\...), no scale given
-            scale = None
-        specs.append(LoraSpec(source, scale) if scale is not None else LoraSpec(str(value)))
-    return specs
-
-
-def _int_list(value: Any, name: str) -> tuple[int, ...]:
-    if isinstance(value, str):
-        try:
-            return tuple(int(v) for v in value.replace(" ", "").split(",") if v)
-        except ValueError:
-            raise ConfigError(f"{name}={value!r} is not a comma-separated list of integers (e.g. 32,45)") from None
-    return tuple(value)
-
-
-def _size(value: Any, name: str) -> tuple[int, int]:
-    if isinstance(value, (list, tuple)):
-        if len(value) != 2:
-            raise ConfigError(f"{name}={value!r} must be [width, height]")
-        return int(value[0]), int(value[1])
-    return parse_size(str(value), name)
-
-
-def stream_config(options: dict[str, Any]) -> StreamConfig:
-    """The :class:`StreamConfig` the options describe (strength → t_index_list)."""
-    width, height = _size(options["size"], "size")
-    steps = int(options["num_inference_steps"])
-    if options["strength"] is not None and options["t_index_list"] is not None:
-        raise ConfigError("give either t_index_list or strength, not both")
-    if options["strength"] is not None:
-        t_index_list = t_index_list_for_strength(float(options["strength"]), int(options["steps"]), steps)
-    else:
-        t_index_list = _int_list(options["t_index_list"] or (32, 45), "t_index_list")
-    filter_config = FilterConfig(
-        bool(options["filter"]), float(options["filter_threshold"]), int(options["filter_max_skip"])
-    )
-    return StreamConfig(
-        width=width, height=height, t_index_list=t_index_list, num_inference_steps=steps,
-        frame_buffer_size=int(options["frame_buffer_size"]), cfg_type=options["cfg_type"], filter=filter_config,
-    )
+def build_request(options: dict[str, Any]) -> tuple[ModelOptions, StreamConfig]:
+    """What the run loads and streams with: the model options and the StreamConfig (as ``engines build`` derives
+    them, from the same shared options)."""
+    return model_options(options), stream_config(options)
 
 
 def build_runner(options: dict[str, Any]) -> StreamRunner:
-    """Open the source (so a bad device fails before the model loads), load the model, build the runner.
-
-    The runner opens the sinks and the stream when it starts.
+    """Check every setting, open the source (so a bad device fails before the model loads), load the model, build
+    the runner. The runner opens the sinks and the stream when it starts.
     """
     from ..engine import SINGLE_STREAM, StreamEngine
 
-    config = stream_config(options)
+    request, config = build_request(options)
     output_size = options["output_size"]
-    if output_size is not None and output_size != "source":
-        output_size = _size(output_size, "output_size")
-    camera_size = _size(options["camera_size"], "camera_size") if options["camera_size"] else None
+    if output_size is not None:
+        output_size = output_size_value(output_size)
+    camera_size = parse_size(options["camera_size"], "camera_size") if options["camera_size"] is not None else None
+    runtime = RuntimeConfig(
+        realtime=options["realtime"], queue_size=options["queue_size"], max_frames=options["frames"],
+        output_size=output_size, fps=options["fps"],
+    )
     source = open_source(
         str(options["source"]), width=config.width, height=config.height, fps=options["fps"],
         realtime=bool(options["realtime"]), frames=None, camera_size=camera_size,
     )
     sinks = [open_sink(str(spec), virtualcam_backend=options["virtualcam_backend"]) for spec in options["sink"]]
     source.open()  # fail fast, before a possibly long model load; the runner's open() is then a no-op
-    runtime = RuntimeConfig(
-        realtime=options["realtime"], queue_size=int(options["queue_size"]), max_frames=options["frames"],
-        output_size=output_size, fps=options["fps"],
-    )
     prompt = PromptConfig(
-        str(options["prompt"]), str(options["negative_prompt"]), float(options["guidance_scale"]),
-        float(options["delta"]), int(options["seed"]),
+        options["prompt"], options["negative_prompt"], options["guidance_scale"], options["delta"], options["seed"]
     )
     try:
-        engine = StreamEngine.from_pretrained(
-            options["model"], max_streams=SINGLE_STREAM.max_streams, max_batch_rows=SINGLE_STREAM.max_batch_rows,
-            vae=options["vae"], loras=lora_specs(options["lora"]), dtype=options["dtype"], device=options["device"],
-            backend=options["backend"],
-            engine_options=EngineOptions(
-                engine_dir=options["engine_dir"], compile=bool(options["compile"]),
-                channels_last=bool(options["channels_last"]),
-            ),
-        )
+        engine = StreamEngine(request.load(), SINGLE_STREAM, backend=request.backend, engine_options=request.engine)
         engine.check_settings(config, prompt)
         engine.prepare_backends(config)
     except BaseException:
@@ -307,11 +234,14 @@ def run(args: argparse.Namespace) -> int:
         if options["control_stdin"]:
             threading.Thread(target=_read_commands, args=(runner,), name="stdin-commands", daemon=True).start()
         summary = runner.wait(interval, lambda s: logger.info("%s", s.status_line()))
-    except StreamDiffError:
-        if runner.summary is not None:
-            print(runner.summary.format())
-            _write_stats(runner.summary, options["stats_json"])
-        raise
+    except StreamDiffError as error:
+        if runner.summary is None:
+            raise
+        # A stage, or a sink at open or close, failed: the summary says which and why; exit 1.
+        print(runner.summary.format())
+        _write_stats(runner.summary, options["stats_json"])
+        logger.error("%s", runner.summary.error or error)
+        return 1
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

@@ -1,12 +1,14 @@
 """Frame sources and sinks, and fitting frames to a size.
 
-``open_source("testpattern" | "webcam:0" | "file:clip.mp4" | "folder:frames/")`` and
+``open_source("testpattern" | "webcam:0" | "file:clip.mp4" | "folder:frames/" | "screen:1")`` and
 ``open_sink("window" | "file:out.mp4" | "folder:out/" | "virtualcam" | "null")``.
 """
 
 from __future__ import annotations
 
-from .resize import fit_frame, parse_size
+from ..config import parse_size
+from .resize import fit_frame
+from .screen import ScreenSource
 from .sinks import (
     FolderSink,
     NullSink,
@@ -36,6 +38,7 @@ __all__ = [
     "FolderSource",
     "NullSink",
     "Pacer",
+    "ScreenSource",
     "TestPatternSource",
     "VideoFileSink",
     "VideoFileSource",

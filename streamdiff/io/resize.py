@@ -40,18 +40,3 @@ def fit_frame(frame: np.ndarray, width: int, height: int) -> np.ndarray:
     out = F.interpolate(tensor, size=(height, width), mode=mode, **kwargs)
     return out[0].permute(1, 2, 0).round_().clamp_(0, 255).to(torch.uint8).numpy()
 
-
-def parse_size(text: str, what: str = "size") -> tuple[int, int]:
-    """``"640x480"`` → (640, 480); a single number means a square."""
-    from ..errors import ConfigError
-
-    parts = str(text).lower().replace("*", "x").split("x")
-    try:
-        values = [int(p) for p in parts]
-    except ValueError:
-        raise ConfigError(f"{what}={text!r} is not WIDTHxHEIGHT (e.g. 512x512)") from None
-    if len(values) == 1:
-        values = values * 2
-    if len(values) != 2 or min(values) < 1:
-        raise ConfigError(f"{what}={text!r} is not WIDTHxHEIGHT with positive numbers (e.g. 512x512)")
-    return values[0], values[1]

@@ -1,15 +1,16 @@
 """Frame sinks: on-screen window, video file, image folder, virtual camera and null.
 
 Every sink has ``open(width, height, fps)``, ``write(frame uint8 RGB [H, W, 3])`` and ``close()`` and a ``name``.
-The window also has ``bind(controls, metrics)`` (overlay and keys) and ``main_thread = True`` (GUI toolkits want
-the main thread). Build one from a spec with :func:`open_sink`: ``window``, ``file:out.mp4``, ``folder:out/``,
-``virtualcam[:DEVICE]``, ``null``.
+The window also has ``bind(controls, metrics)`` (overlay and keys), ``idle()`` (keys and redraw while no frame
+arrives, e.g. paused) and ``main_thread = True`` (GUI toolkits want the main thread). Build one from a spec with
+:func:`open_sink`: ``window``, ``file:out.mp4``, ``folder:out/``, ``virtualcam[:DEVICE]``, ``null``.
 """
 
 from __future__ import annotations
 
 import enum
 import logging
+import os
 import sys
 from fractions import Fraction
 from pathlib import Path
@@ -62,6 +63,7 @@ class VideoFileSink:
         self.frames = 0
         self._container: Any = None
         self._stream: Any = None
+        self._failed = False
 
     def open(self, width: int, height: int, fps: float) -> None:
         try:
@@ -70,7 +72,14 @@ class VideoFileSink:
             raise missing_extra("av", "cam") from None
         if width % 2 or height % 2:
             raise SinkError(f"video file {str(self.path)!r}: size {width}x{height} must be even for yuv420p")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:  # PyAV opens the file only when the first packet is written: create it now to fail before the run
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.open("wb").close()
+        except OSError as error:
+            cause = error.strerror or str(error)
+            if isinstance(error, FileExistsError):  # mkdir met a file where a folder belongs
+                cause = f"{str(error.filename)!r} is not a folder"
+            raise SinkError(f"cannot create video file {str(self.path)!r}: {cause}") from error
         codec = VIDEO_CODECS[self.path.suffix.lower()]
         try:
             self._container = av.open(str(self.path), mode="w")
@@ -82,6 +91,7 @@ class VideoFileSink:
             stream.options = {"crf": str(self.crf), "preset": self.preset}
         self._stream = stream
         self._size = (width, height)
+        self._failed = False
         self.frames = 0
 
     def write(self, frame: np.ndarray) -> None:
@@ -89,22 +99,43 @@ class VideoFileSink:
 
         if self._stream is None:
             raise SinkError(f"video file {str(self.path)!r} is not open")
+        if self._failed:
+            raise SinkError(f"video file {str(self.path)!r} failed earlier and takes no more frames")
         _check_frame(frame, *self._size, self.name)
         video_frame = av.VideoFrame.from_ndarray(frame, format="rgb24")
-        for packet in self._stream.encode(video_frame):
-            self._container.mux(packet)
+        try:
+            for packet in self._stream.encode(video_frame):
+                self._container.mux(packet)
+        except (av.error.FFmpegError, OSError) as error:
+            self._failed = True
+            raise SinkError(f"writing video file {str(self.path)!r} failed at frame {self.frames}: {error}") from error
         self.frames += 1
 
     def close(self) -> None:
+        """Flush the encoder and finalise the file; a failure (disk full, file gone) raises SinkError."""
+        import av
+
         if self._container is None:
             return
+        container, stream, self._container, self._stream = self._container, self._stream, None, None
+        failure: BaseException | None = None
         try:
-            for packet in self._stream.encode(None):
-                self._container.mux(packet)
+            if not self._failed:  # muxing again after a failed mux crashes PyAV (segfault): only close then
+                for packet in stream.encode(None):
+                    container.mux(packet)
+        except (av.error.FFmpegError, OSError) as error:
+            failure = error
         finally:
-            self._container.close()
-            self._container = None
-            self._stream = None
+            try:
+                container.close()
+            except (av.error.FFmpegError, OSError) as error:
+                failure = failure or error
+        if failure is not None:
+            raise SinkError(f"finalising video file {str(self.path)!r} failed: {failure}") from failure
+        if self.frames == 0 and self.path.is_file() and self.path.stat().st_size == 0:
+            self.path.unlink()  # no frame came: leave no empty file created by open()
+            logger.warning("no frames were written: %s not created", self.path)
+        elif not self._failed:
             logger.info("wrote %d frames to %s", self.frames, self.path)
 
 
@@ -121,7 +152,9 @@ class FolderSink:
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as error:
-            raise SinkError(f"cannot create output folder {str(self.path)!r}: {error}") from error
+            raise SinkError(f"cannot create output folder {str(self.path)!r}: {error.strerror or error}") from error
+        if not os.access(self.path, os.W_OK | os.X_OK):
+            raise SinkError(f"output folder {str(self.path)!r} is not writable")
         self._size = (width, height)
         self.frames = 0
 
@@ -129,7 +162,11 @@ class FolderSink:
         from PIL import Image
 
         _check_frame(frame, *self._size, self.name)
-        Image.fromarray(frame).save(self.path / f"{self.prefix}{self.frames:06d}.png", compress_level=1)
+        path = self.path / f"{self.prefix}{self.frames:06d}.png"
+        try:
+            Image.fromarray(frame).save(path, compress_level=1)
+        except OSError as error:
+            raise SinkError(f"cannot write {str(path)!r}: {error.strerror or error}") from error
         self.frames += 1
 
     def close(self) -> None:
@@ -317,6 +354,7 @@ class WindowSink:
         self.name = "window"
         self.controls: Any = None
         self.metrics: Any = None
+        self._last: np.ndarray | None = None  # the last frame shown, redrawn by idle()
 
     def bind(self, controls: Any, metrics: Any) -> None:
         """Connect the keys to the run's :class:`~streamdiff.runtime.Controls` and the overlay to its metrics."""
@@ -346,8 +384,20 @@ class WindowSink:
         return lines
 
     def write(self, frame: np.ndarray) -> None:
-        self.display.show(draw_overlay(frame, self.overlay_lines()) if self.overlay else frame)
+        self._last = frame
+        self._show(frame)
         self.handle_key(self.display.poll_key())
+
+    def idle(self) -> None:
+        """No new frame (paused, waiting for the first, or a slow engine): redraw the last frame with a fresh overlay
+        (``PAUSED``) and act on keys, so the window stays responsive and a pause can be undone. The runner calls this
+        every few tens of milliseconds while no frame arrives."""
+        if self._last is not None:
+            self._show(self._last)
+        self.handle_key(self.display.poll_key())
+
+    def _show(self, frame: np.ndarray) -> None:
+        self.display.show(draw_overlay(frame, self.overlay_lines()) if self.overlay else frame)
 
     def handle_key(self, key: int | None) -> WindowKey | None:
         """Act on ``key`` (a code from the display); returns what it did, None for unbound keys."""

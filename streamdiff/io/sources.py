@@ -1,10 +1,10 @@
-"""Frame sources: webcam, video file, image folder and a deterministic moving test pattern.
+"""Frame sources: webcam, video file, image folder, screen (in :mod:`.screen`) and a deterministic test pattern.
 
 Every source has ``open()`` (idempotent while open), ``read() -> uint8 RGB [H, W, 3] | None`` (None at the end)
 and ``close()``, a ``name``, its ``fps`` (None when unknown) and ``realtime`` (True when frames arrive at their own
 pace: a camera, or a file paced on request). Sources deliver frames at their native size; the runtime fits them to the engine size.
 Build one from a spec with :func:`open_source`: ``testpattern``, ``webcam[:INDEX|PATH]``, ``file:clip.mp4``,
-``folder:frames/`` (a bare existing path also works).
+``folder:frames/``, ``screen[:MONITOR]`` (a bare existing path also works).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from ..errors import ConfigError, SourceError, missing_extra
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
-SOURCE_KINDS = ("testpattern", "webcam", "file", "folder")
+SOURCE_KINDS = ("testpattern", "webcam", "file", "folder", "screen")
 
 
 class Pacer:
@@ -344,13 +344,13 @@ def open_source(
     realtime: bool = False,
     frames: int | None = None,
     camera_size: tuple[int, int] | None = None,
-) -> TestPatternSource | VideoFileSource | FolderSource | WebcamSource:
+) -> Any:
     """A source from ``spec`` (see the module docstring). ``realtime`` paces file, folder and pattern sources.
 
-    ``width``/``height`` size the test pattern (``testpattern:WxH`` overrides); ``fps`` is the pace of the pattern
-    and folder sources and the requested webcam rate; ``camera_size`` the requested webcam resolution.
+    ``width``/``height`` size the test pattern (``testpattern:WxH`` overrides); ``fps`` is the pace of the pattern,
+    folder and screen sources and the requested webcam rate; ``camera_size`` the requested webcam resolution.
     """
-    from .resize import parse_size
+    from ..config import parse_size
 
     kind, target = parse_spec(spec, SOURCE_KINDS)
     if kind == "testpattern":
@@ -358,6 +358,10 @@ def open_source(
         return TestPatternSource(w, h, fps or 30.0, frames, realtime)
     if kind == "webcam":
         return WebcamSource(target if target is not None else 0, camera_size, fps)
+    if kind == "screen":
+        from .screen import ScreenSource, parse_monitor
+
+        return ScreenSource(parse_monitor(target), fps)
     if target is None:
         raise ConfigError(f"source {kind!r} needs a path: {kind}:PATH")
     if kind == "file":

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -27,6 +26,7 @@ from typing import Any, Sequence
 import torch
 
 from .checkpoints import CHECKPOINT_SUFFIXES, load_single_file
+from ..config import check_number
 from ..errors import ConfigError, ModelLoadError
 from .hub import hub_snapshot, is_hub_id
 from ..core.schedule import NoiseSchedule, PredictionType
@@ -59,8 +59,7 @@ class LoraSpec:
     def __post_init__(self) -> None:
         if not isinstance(self.source, str) or not self.source:
             raise ConfigError(f"LoRA source {self.source!r} must be a non-empty path or hub id")
-        if not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale):
-            raise ConfigError(f"LoRA scale {self.scale!r} for {self.source!r} must be a finite number")
+        object.__setattr__(self, "scale", check_number(f"LoRA {self.source!r} scale", self.scale))
 
 
 @dataclass

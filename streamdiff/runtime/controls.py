@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from ..config import FilterConfig, StreamConfig, t_index_list_for_strength
+from ..config import FilterConfig, StreamConfig, parse_int_list, parse_size, t_index_list_for_strength
 
 STRENGTH_STEP = 0.05
 MIN_STRENGTH = 0.05
@@ -135,7 +135,6 @@ def parse_command(text: str, config: StreamConfig) -> tuple[str, dict[str, Any]]
     key, the value and what is allowed.
     """
     from ..errors import ConfigError
-    from ..io.resize import parse_size
 
     line = text.strip()
     if not line:
@@ -155,7 +154,7 @@ def parse_command(text: str, config: StreamConfig) -> tuple[str, dict[str, Any]]
             width, height = parse_size(value, "size")
             return "update", {"width": width, "height": height}
         if key == "t_index_list":
-            return "update", {key: tuple(int(v) for v in value.replace(" ", "").split(",") if v)}
+            return "update", {key: parse_int_list(value, key)}
         if key in _INT_FIELDS:
             return "update", {key: int(value)}
         if key in _FLOAT_FIELDS:

@@ -28,8 +28,8 @@ from typing import Any, Callable, NamedTuple, Protocol, Sequence
 
 import numpy as np
 
-from ..config import PromptConfig, StreamConfig, check_bool
-from ..errors import ConfigError, SinkError, StreamClosed, StreamDiffError
+from ..config import PromptConfig, StreamConfig, check_bool, check_int, check_number
+from ..errors import ConfigError, StreamClosed, StreamDiffError
 from ..io.resize import fit_frame
 from .controls import Controls
 from .metrics import DropReason, RunMetrics, RunSummary
@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_FPS = 30.0
 OUTPUT_POLL = 0.05  # seconds the output thread waits for the engine before looking at the stop event again
+IDLE_INTERVAL = 0.02  # s without a frame after which a sink's idle() runs (the window polls its keys)
 
 
 class Source(Protocol):
@@ -102,21 +103,26 @@ class RuntimeConfig:
     join_timeout: float = 10.0
 
     def __post_init__(self) -> None:
-        for name in ("queue_size", "lossless_queue_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name}={value!r} must be an integer >= 1")
         if self.realtime is not None:
             check_bool("realtime", self.realtime)
-        check_bool("flush", self.flush)
-        if self.max_frames is not None and (
-            isinstance(self.max_frames, bool) or not isinstance(self.max_frames, int) or self.max_frames < 0
-        ):
-            raise ConfigError(f"max_frames={self.max_frames!r} must be an integer >= 0")
+        check_int("queue_size", self.queue_size, 1)
+        check_int("lossless_queue_size", self.lossless_queue_size, 1)
+        if self.max_frames is not None:
+            check_int("max_frames", self.max_frames, 0)
         if isinstance(self.output_size, str) and self.output_size != "source":
             raise ConfigError(f"output_size={self.output_size!r} must be (width, height), 'source' or None")
-        if self.fps is not None and not 0 < self.fps <= 1000:
-            raise ConfigError(f"fps={self.fps} is outside (0, 1000]")
+        if self.output_size is not None and self.output_size != "source":
+            object.__setattr__(self, "output_size", _size_pair("output_size", self.output_size))
+        if self.fps is not None:
+            check_number("fps", self.fps, 0, 1000, min_open=True)
+        check_bool("flush", self.flush)
+        check_number("join_timeout", self.join_timeout, 0, min_open=True)
+
+
+def _size_pair(name: str, value: Any) -> tuple[int, int]:
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise ConfigError(f"{name}={value!r} must be a (width, height) pair of integers")
+    return (check_int(f"{name} width", value[0], 1), check_int(f"{name} height", value[1], 1))
 
 
 class SinkStage:
@@ -130,10 +136,19 @@ class SinkStage:
         self.done = False
 
     def step(self, stop: threading.Event, timeout: float | None = None) -> None:
-        """Write at most one frame (waiting up to ``timeout`` s); sets :attr:`done` at the end marker."""
+        """Write at most one frame (waiting up to ``timeout`` s); sets :attr:`done` at the end marker.
+
+        When no frame came in time (paused, or the engine is slower), a sink with an ``idle()`` method (the window:
+        keys, redraw) gets that call instead.
+        """
         try:
             item = self.slot.get(stop, timeout=timeout)
-        except (Closed, TimeoutError):
+        except Closed:
+            return
+        except TimeoutError:
+            idle = getattr(self.sink, "idle", None)
+            if idle is not None:
+                idle()
             return
         if item is END:
             self.done = True
@@ -143,8 +158,9 @@ class SinkStage:
         self.metrics.record_output(self.sink.name, item.captured, time.perf_counter())
 
     def __call__(self, stop: threading.Event) -> None:
+        timeout = IDLE_INTERVAL if hasattr(self.sink, "idle") else None
         while not self.done and not stop.is_set():
-            self.step(stop)
+            self.step(stop, timeout)
 
 
 class StreamRunner:
@@ -190,7 +206,11 @@ class StreamRunner:
     # -- life cycle -------------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Open the source, the sinks and the stream (errors raise here, before any thread starts); start threads."""
+        """Open the source, the sinks and the stream (errors raise here, before any thread starts); start threads.
+
+        An error also sets :attr:`error` and a :attr:`summary` saying what failed to open.
+        """
+        where = f"opening source {self.source.name}"
         try:
             self.source.open()
             self._opened.append(self.source)
@@ -199,14 +219,20 @@ class StreamRunner:
             for stage in self._sink_stages:
                 stage.size = self.output_size
             for sink in self.sinks:
+                where = f"opening sink {sink.name}"
                 sink.open(*self.output_size, fps)
                 self._opened.append(sink)
                 self.metrics.add_sink(sink.name)
                 if hasattr(sink, "bind"):
                     sink.bind(self.controls, self.metrics)
+            where = "opening the stream"
             self._open_stream()
-        except BaseException:
-            self._close_all()
+        except BaseException as error:
+            for name, close_error in self._close_all():
+                logger.error("closing sink %s failed: %s", name, close_error)
+            if isinstance(error, Exception):
+                self.error = error
+                self.summary = self.metrics.summary({}, _describe(error, where), False)
             raise
         logger.info(
             "streaming %s -> %s at %dx%d, %s queues", self.source.name, ", ".join(s.name for s in self.sinks),
@@ -256,9 +282,9 @@ class StreamRunner:
     ) -> RunSummary:
         """Serve a main-thread sink, report status every ``status_interval`` s, and return the final summary.
 
-        Ctrl-C ends the run cleanly (``summary.interrupted``). An error in any stage — or in the stream's engine
-        work — is raised after shutdown (as a :class:`StreamDiffError`) unless ``raise_on_error=False``; the summary
-        is on :attr:`summary`.
+        Ctrl-C ends the run cleanly (``summary.interrupted``). An error in any stage, in the stream's engine work, or
+        a sink failing to close (a video file is finalised there) is raised after shutdown (as a
+        :class:`StreamDiffError`) unless ``raise_on_error=False``; the summary, with that error, is on :attr:`summary`.
         """
         interrupted = False
         next_status = time.monotonic() + status_interval if status_interval else None
@@ -270,10 +296,9 @@ class StreamRunner:
                 main = self._main_stage
                 if main is not None and not main.done and not self._stop.is_set():
                     try:
-                        main.step(self._stop, timeout=0.02)
+                        main.step(self._stop, timeout=IDLE_INTERVAL)
                     except Exception as error:  # noqa: BLE001 - reported like a thread's error
-                        main_error = SinkError(f"{main.sink.name}: {type(error).__name__}: {error}")
-                        main_error.__cause__ = error
+                        main_error = error
                         self._stop.set()
                 else:
                     alive = [t for t in self._threads if t.is_alive()]
@@ -288,16 +313,26 @@ class StreamRunner:
             logger.warning("interrupted: stopping")
         finally:
             self._stop.set()
-            self._shutdown()
+            close_errors = self._shutdown()
+        # The first failure is the run's error: the main-thread sink's, a stage's, the stream's engine work, else a
+        # sink's at close (a video file is finalised there); later ones are only logged.
+        failures: list[tuple[str, BaseException]] = []
+        if main_error is not None and self._main_stage is not None:
+            failures.append((f"sink-{self._main_stage.sink.name} stage", main_error))
+        failures += [(f"{t.stage_name} stage", t.error) for t in self._threads if t.error is not None]
         stream_error = getattr(self.stream, "error", None)
-        error = main_error or next((t.error for t in self._threads if t.error is not None), None) or stream_error
+        if stream_error is not None:
+            failures.append(("engine stage", stream_error))
+        failures += [(f"closing sink {name}", close_error) for name, close_error in close_errors]
+        for where, later in failures[1:]:
+            logger.error("%s", _describe(later, where))
+        where, error = failures[0] if failures else ("", None)
         self.error = error
-        description = _describe(error, self._threads, "engine" if error is stream_error else "main")
-        self.summary = self._summary(description, interrupted)
+        self.summary = self._summary(_describe(error, where), interrupted)
         if error is not None and raise_on_error:
             if isinstance(error, StreamDiffError):
-                raise type(error)(description) from error
-            raise StreamDiffError(description) from error
+                raise type(error)(_describe(error, where)) from error
+            raise StreamDiffError(_describe(error, where)) from error
         return self.summary
 
     def run(
@@ -387,7 +422,7 @@ class StreamRunner:
         for slot in self.sink_slots:
             slot.put(END, stop, force=True)
 
-    def _shutdown(self) -> None:
+    def _shutdown(self) -> list[tuple[str, Exception]]:
         if self.stream is not None and not getattr(self.stream, "finished", True):
             self.stream.close()
         for slot in self.sink_slots:
@@ -399,22 +434,28 @@ class StreamRunner:
                 logger.error("thread %s did not stop within %.1f s", thread.name, self.config.join_timeout)
         if self._started_engine:
             self.engine.stop()
-        self._close_all()
+        return self._close_all()
 
-    def _close_all(self) -> None:
+    def _close_all(self) -> list[tuple[str, Exception]]:
+        """Close everything opened; returns the sinks whose close failed (a source's failure is only logged)."""
+        failed = []
         for item in reversed(self._opened):
             try:
                 item.close()
-            except Exception as error:  # noqa: BLE001 - closing must reach every sink; reported, not raised
-                logger.error("closing %s failed: %s", getattr(item, "name", item), error)
+            except Exception as error:  # noqa: BLE001 - closing must reach every sink; sinks' failures are returned
+                if item in self.sinks:
+                    failed.append((str(getattr(item, "name", item)), error))
+                else:
+                    logger.error("closing %s failed: %s", getattr(item, "name", item), error)
         self._opened.clear()
+        return failed
 
 
-def _describe(error: BaseException | None, threads: Sequence[Stage], default: str) -> str | None:
+def _describe(error: BaseException | None, where: str) -> str | None:
+    """``where: message`` for streamdiff's own errors, ``where failed: Type: message`` for others."""
     if error is None:
         return None
-    stage = next((t.stage_name for t in threads if t.error is error), default)
     text = str(error) or type(error).__name__
     if isinstance(error, StreamDiffError):
-        return f"{stage} stage: {text}"
-    return f"{stage} stage failed: {type(error).__name__}: {text}"
+        return f"{where}: {text}"
+    return f"{where} failed: {type(error).__name__}: {text}"

@@ -45,6 +45,8 @@ def test_build_list_clear(tmp_path: Path, capsys: pytest.CaptureFixture[str], ca
     assert "no engines" in capsys.readouterr().out
 
 
-def test_bad_size_is_a_clear_error(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    assert main(["engines", "build", "--size", "64by64", "--engine-dir", str(tmp_path)]) == 1
-    assert "--size='64by64' is not WIDTHxHEIGHT" in caplog.text
+def test_bad_size_is_a_clear_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["engines", "build", "--size", "64by64", "--engine-dir", str(tmp_path)])
+    assert info.value.code == 2
+    assert "argument --size: size='64by64' is not WIDTHxHEIGHT or a single N for NxN" in capsys.readouterr().err

@@ -244,3 +244,68 @@ def test_live_changes_on_stdin_change_size_and_frame_buffer_without_ending_the_r
     assert "Traceback" not in log and "frames   in" in stdout
     count, width, height, _ = frame_count(tmp_path / "live.mp4")
     assert count >= 10 and (width, height) == (64, 64)
+
+
+# -- a failed output is a failed run -------------------------------------------------------------------------------
+
+
+def _run_to_stats(tmp_path: Path, sink: str, frames: int = 4) -> tuple[int, dict]:
+    stats = tmp_path / "stats.json"
+    code = main(["run", "--model", "tiny", "--size", "64x64", "--frames", str(frames), "--sink", sink,
+                 "--status-interval", "0", "--stats-json", str(stats)])
+    return code, json.loads(stats.read_text())
+
+
+@pytest.mark.parametrize("kind", ["file", "folder", "proc"])
+def test_a_sink_that_cannot_open_exits_1_naming_the_sink_and_the_cause(
+    tiny_model, tmp_path: Path, caplog, kind: str
+) -> None:
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where a folder should be")
+    if kind == "proc" and not Path("/proc/self").is_dir():
+        pytest.skip("no /proc here")
+    sink, cause = {
+        "file": (f"file:{blocker / 'out.mp4'}", f"{str(blocker)!r} is not a folder"),
+        "folder": (f"folder:{blocker / 'frames'}", "Not a directory"),
+        "proc": ("file:/proc/streamdiff-out.mp4", "No such file or directory"),
+    }[kind]
+    with caplog.at_level(logging.ERROR, logger="streamdiff"):
+        code, stats = _run_to_stats(tmp_path, sink)
+    assert code == 1
+    assert stats["error"].startswith(f"opening sink {sink}: cannot create") and cause in stats["error"], stats
+    assert stats["frames_out"] == 0
+    assert any(record.getMessage() == stats["error"] for record in caplog.records), caplog.text
+
+
+def test_a_write_error_mid_run_exits_1(tiny_model, tmp_path: Path, caplog) -> None:
+    out = tmp_path / "frames"
+    (out / "frame_000002.png").mkdir(parents=True)  # the third frame cannot be written: a folder is in the way
+    with caplog.at_level(logging.ERROR, logger="streamdiff"):
+        code, stats = _run_to_stats(tmp_path, f"folder:{out}", frames=6)
+    assert code == 1
+    assert stats["error"] == (
+        f"sink-folder:{out} stage: cannot write '{out / 'frame_000002.png'}': Is a directory"
+    ), stats
+    assert stats["sinks"] == {f"folder:{out}": 2}
+    assert any(stats["error"] in record.getMessage() for record in caplog.records)
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (a device whose writes fail: disk full)")
+@pytest.mark.parametrize("frames, where", [(3, "closing sink {sink}: finalising video file"),
+                                           (150, "sink-{sink} stage: writing video file")])
+def test_a_video_file_that_fails_at_write_or_close_exits_1(tiny_model, tmp_path: Path, frames: int, where: str) -> None:
+    """An mp4 on a full disk: 3 small frames stay in the muxer's buffer until the file is finalised at close; 150
+    overflow it mid-run. A separate process, as PyAV used to crash when muxing after a failed write."""
+    full = tmp_path / "full.mp4"
+    full.symlink_to("/dev/full")
+    stats = tmp_path / "stats.json"
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "streamdiff.cli", "run", "--model", "tiny", "--size", "64x64", "--frames", str(frames),
+         "--sink", f"file:{full}", "--status-interval", "0", "--stats-json", str(stats)],
+        capture_output=True, text=True, env=env, timeout=180,
+    )
+    assert result.returncode == 1, result.stderr
+    error = json.loads(stats.read_text())["error"]
+    assert error.startswith(where.format(sink=f"file:{full}")) and "No space left on device" in error, error
+    assert error in result.stderr and "Traceback" not in result.stderr

@@ -142,7 +142,7 @@ def test_invalid_update_raises_in_the_caller_and_the_stream_keeps_producing(tiny
         (dict(t_index_list=(40, 20)), r"must be strictly increasing"),
         (dict(width=60), r"width=60 is not a multiple of the VAE factor 8"),
         (dict(colour="red"), r"unknown setting\(s\) \['colour'\]"),
-        (dict(seed=-1), r"seed=-1 must be an integer"),
+        (dict(seed=-1), r"seed=-1 is outside \[0, "),
     ]:
         with pytest.raises(ConfigError, match=message):
             stream.update(**bad)

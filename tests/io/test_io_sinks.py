@@ -187,6 +187,42 @@ def test_folder_and_video_sinks(tmp_path: Path) -> None:
         VideoFileSink(tmp_path / "odd.mp4").open(41, 30, 30.0)
     with pytest.raises(ConfigError, match="must end in one of"):
         VideoFileSink(tmp_path / "x.gif")
+    empty = VideoFileSink(tmp_path / "empty.mp4")
+    empty.open(40, 30, 30.0)  # creates the file, so that an unwritable place fails here
+    assert (tmp_path / "empty.mp4").is_file()
+    empty.close()
+    assert not (tmp_path / "empty.mp4").exists()  # no frame came: no empty file is left behind
     assert isinstance(open_sink("null"), NullSink)
     with pytest.raises(ConfigError, match="needs a path"):
         open_sink("file")
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (a device whose writes fail: disk full)")
+def test_video_sink_reports_a_failure_to_finalise_the_file(tmp_path: Path) -> None:
+    full = tmp_path / "full.mp4"
+    full.symlink_to("/dev/full")
+    sink = VideoFileSink(full)
+    sink.open(64, 48, 30.0)
+    for i in range(3):  # a few small frames stay buffered: the disk-full error comes when the file is finalised
+        sink.write(pattern_frame(i, 64, 48))
+    with pytest.raises(SinkError, match=r"finalising video file '.*full.mp4' failed: .*No space left on device"):
+        sink.close()
+    sink.close()  # closed once; a second close does nothing
+
+
+def test_window_idle_polls_keys_and_redraws_the_last_frame() -> None:
+    controls = Controls()
+    controls.bind(SettingsOnly(StreamConfig(width=128, height=96, t_index_list=(25, 40))))
+    display = FakeDisplay([ord(" "), None, None, ord(" ")])
+    sink = WindowSink(display=display)
+    sink.bind(controls, RunMetrics())
+    sink.open(128, 96, 30.0)
+    sink.idle()  # before the first frame: keys only (space pauses), nothing to redraw yet
+    assert controls.paused and display.shown == [] and "PAUSED" in sink.overlay_lines()[-1]
+    frame = pattern_frame(0, 128, 96)
+    sink.write(frame)
+    sink.idle()  # no new frame: the last one again, with its overlay
+    assert len(display.shown) == 2 and np.array_equal(display.shown[1], display.shown[0])
+    assert np.array_equal(display.shown[1][60:], frame[60:])
+    sink.idle()  # space again: resumed
+    assert len(display.shown) == 3 and not controls.paused

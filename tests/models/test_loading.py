@@ -122,7 +122,7 @@ def test_each_invalid_setting_raises_the_clear_error(tmp_path, tiny_folder, hub_
     (tmp_path / "emptyvae").mkdir()
     with pytest.raises(ModelLoadError, match=r"emptyvae has no config.json"):
         load_model(str(tiny_folder), vae=str(tmp_path / "emptyvae"))
-    with pytest.raises(ConfigError, match=r"LoRA scale nan for 'x' must be a finite number"):
+    with pytest.raises(ConfigError, match=r"LoRA 'x' scale=nan must be a finite number"):
         LoraSpec("x", float("nan"))
     with pytest.raises(ConfigError, match=r"LoRA \('a', 1, 2\) must be a LoraSpec"):
         load_model(str(tiny_folder), loras=[("a", 1, 2)])

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from streamdiff import StreamConfig, StreamEngine
+from streamdiff import SinkError, StreamConfig, StreamEngine
 from streamdiff.backends.torch_backend import TorchUNet
 from streamdiff.engine import EngineConfig
 from streamdiff.io import pattern_frame
@@ -70,16 +70,20 @@ class PatternSource:
 
 
 class RecordingSink:
-    """Keeps every frame written (and when); optional per-write cost or failure."""
+    """Keeps every frame written (and when); optional per-write cost or failure, or a failure at open or close."""
 
-    def __init__(self, name: str = "rec", cost: float = 0.0, fail_at: int | None = None) -> None:
+    def __init__(self, name: str = "rec", cost: float = 0.0, fail_at: int | None = None, fail_open: bool = False,
+                 fail_close: bool = False) -> None:
         self.name, self.cost, self.fail_at = name, cost, fail_at
+        self.fail_open, self.fail_close = fail_open, fail_close
         self.frames: list[np.ndarray] = []
         self.times: list[float] = []
         self.opened: tuple[int, int, float] | None = None
         self.closed = False
 
     def open(self, width: int, height: int, fps: float) -> None:
+        if self.fail_open:
+            raise SinkError(f"fake sink {self.name} cannot open")
         self.opened = (width, height, fps)
 
     def write(self, frame: np.ndarray) -> None:
@@ -92,6 +96,8 @@ class RecordingSink:
 
     def close(self) -> None:
         self.closed = True
+        if self.fail_close:
+            raise OSError("fake sink failure at close")
 
 
 def streamdiff_threads() -> list[threading.Thread]:

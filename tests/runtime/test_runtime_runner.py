@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from streamdiff import ConfigError, PromptConfig, StreamDiffError, StreamPipeline
+from streamdiff import ConfigError, PromptConfig, SinkError, StreamDiffError, StreamPipeline
 from streamdiff.io import TestPatternSource, fit_frame, pattern_frame
 from streamdiff.runtime import RuntimeConfig, StreamRunner
 
@@ -225,3 +225,113 @@ def test_a_runner_opens_its_stream_beside_others_on_a_shared_engine(kit, tiny_mo
         engine.stop()
     assert [s.frames_out for s in summaries] == [12, 12]
     assert not np.array_equal(sinks[0].frames[5], sinks[1].frames[5])
+
+
+def test_a_sink_failing_at_close_fails_the_run_and_every_sink_is_still_closed(kit) -> None:
+    failing, other = kit.Sink("bad", fail_close=True), kit.Sink("good")
+    runner = runner_for(kit, kit.engine(), kit.Source(frames=5), [failing, other])
+    with pytest.raises(StreamDiffError, match="closing sink bad failed: OSError: fake sink failure at close"):
+        runner.run()
+    assert runner.summary is not None and runner.summary.frames_out == 5
+    assert runner.summary.error == "closing sink bad failed: OSError: fake sink failure at close"
+    assert failing.closed and other.closed and len(other.frames) == 5
+    # Without raising, the summary carries it.
+    runner = runner_for(kit, kit.engine(), kit.Source(frames=3), [kit.Sink("bad", fail_close=True)])
+    runner.start()
+    assert runner.wait(raise_on_error=False).error.startswith("closing sink bad failed")
+
+
+def test_a_sink_failing_at_open_leaves_a_summary_naming_it(kit) -> None:
+    source, first = kit.Source(), kit.Sink("first")
+    runner = runner_for(kit, kit.engine(), source, [first, kit.Sink("bad", fail_open=True)])
+    with pytest.raises(SinkError, match="fake sink bad cannot open"):
+        runner.start()
+    assert runner.summary is not None and runner.summary.error == "opening sink bad: fake sink bad cannot open"
+    assert source.closed and first.closed and kit.threads() == []
+
+
+class PauseScriptDisplay:
+    """The window's display seam, pressing keys like a person: pause after 3 frames in, resume after 15 key polls
+    while paused, quit 3 frames after resuming. Records what it saw."""
+
+    def __init__(self, runner_box: list) -> None:
+        self.runner_box = runner_box
+        self.phase = "running"
+        self.polls = 0
+        self.shown = 0
+        self.sink = None
+        self.seen: dict[str, object] = {}
+
+    def frames_in(self) -> int:
+        runner = self.runner_box[0]
+        return 0 if runner.stream is None else runner.stream.stats.frames_in
+
+    def open(self, title: str, width: int, height: int) -> None:
+        pass
+
+    def show(self, frame: np.ndarray) -> None:
+        self.shown += 1
+
+    def poll_key(self) -> int | None:
+        self.polls += 1
+        frames = self.frames_in()
+        if self.phase == "running" and frames >= 3:
+            self.phase, self.seen["pause"] = "paused", (self.polls, frames, self.shown)
+            return ord(" ")
+        if self.phase == "paused" and self.polls >= self.seen["pause"][0] + 15:
+            self.phase, self.seen["resume"] = "resumed", (self.polls, frames, self.shown)
+            self.seen["overlay"] = self.sink.overlay_lines()
+            return ord(" ")
+        if self.phase == "resumed" and frames >= self.seen["resume"][1] + 3:
+            self.phase = "quit"
+            return ord("q")
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+def test_the_window_keeps_polling_keys_while_paused_so_pause_can_be_undone(kit) -> None:
+    from streamdiff.io import WindowSink
+
+    box: list = []
+    display = PauseScriptDisplay(box)
+    window = WindowSink(display=display)
+    display.sink = window
+    source = TestPatternSource(64, 64, fps=60.0, realtime=True)
+    runner = runner_for(kit, kit.engine(cost=0.002), source, [window])
+    box.append(runner)
+    safety = threading.Timer(20.0, runner.stop)  # without idle polling the pause would never end
+    safety.start()
+    try:
+        summary = runner.run()
+    finally:
+        safety.cancel()
+    assert display.phase == "quit", display.seen  # paused, resumed by a second key press, then quit by key
+    assert runner.controls.stop_requested and summary.error is None
+    _, frames_at_pause, shown_at_pause = display.seen["pause"]
+    _, frames_at_resume, shown_at_resume = display.seen["resume"]
+    # The engine took no new frame while paused: at most the one queued and the one being captured at the key press.
+    assert frames_at_resume - frames_at_pause <= 2
+    assert shown_at_resume - shown_at_pause >= 10  # the last frame was redrawn while paused
+    assert "PAUSED" in display.seen["overlay"][-1]
+
+
+def test_a_sink_in_its_own_thread_is_idled_while_paused(kit) -> None:
+    class IdleSink(kit.Sink):
+        idles = 0
+
+        def idle(self) -> None:
+            self.idles += 1
+
+    sink = IdleSink()
+    runner = runner_for(kit, kit.engine(), kit.Source(frames=None), [sink])
+    runner.start()
+    time.sleep(0.1)
+    runner.controls.toggle_pause()
+    time.sleep(0.1)
+    before = sink.idles
+    time.sleep(0.3)
+    runner.stop()
+    runner.wait()
+    assert sink.idles - before >= 5  # every ~20 ms without a frame

@@ -71,7 +71,7 @@ def test_reads_ready_ack_error_stats_viewing_and_unknown() -> None:
     error = client.receive_text(server.receive_text(text)[0].data)
     assert isinstance(error, ServerError) and not error.fatal and client.state is ClientState.STREAMING
     assert (error.code, error.field, error.value, error.request_id) == ("invalid_value", "settings.seed", -1, 2)
-    assert str(error) == "invalid_value: seed=-1 must be an integer in [0, 2**63)"
+    assert str(error) == "invalid_value: seed=-1 is outside [0, 9223372036854775807]"
     assert isinstance(client.receive_text(server.stats_message()), Stats)
     assert client.receive_text('{"type": "viewing", "stream_id": "s-1"}') == Viewing("s-1")
     assert isinstance(client.receive_text('{"type": "future", "x": 1}'), UnknownMessage)
