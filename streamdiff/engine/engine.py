@@ -36,10 +36,9 @@ from ..backends.base import UNetEngine, VaeEngine
 from ..backends.device import resolve_device, resolve_dtype
 from ..backends.keys import EngineOptions, EngineShapes
 from ..config import BackendKind, CfgMode, PromptConfig, StreamConfig, StreamMode
-from ..core.image import frame_to_tensor, from_model_range, tensor_to_frame, to_model_range
+from ..core.image import fit_frame, frame_to_tensor, from_model_range, tensor_to_frame, to_model_range
 from ..core.schedule import slot_coefficients
 from ..errors import ConfigError, EngineFull, FrameError, StreamDiffError
-from ..io.resize import fit_frame
 from ..models import LoadedModel, LoraSpec, load_model
 from ..models.prompts import PromptEncoder
 from .batch import assemble

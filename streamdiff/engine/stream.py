@@ -28,7 +28,7 @@ import torch
 from ..config import PromptConfig, StreamConfig, StreamMode
 from ..core.image import frame_to_tensor
 from ..errors import ConfigError, FrameError, StreamClosed
-from ..io.resize import fit_frame
+from ..core.image import fit_frame
 from .state import StreamState, StreamStats
 
 if TYPE_CHECKING:

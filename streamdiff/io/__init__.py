@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 from ..config import parse_size
-from .resize import fit_frame
+from ..core.image import fit_frame
 from .screen import ScreenSource
 from .sinks import (
     FolderSink,

@@ -30,7 +30,7 @@ import numpy as np
 
 from ..config import PromptConfig, StreamConfig, check_bool, check_int, check_number
 from ..errors import ConfigError, StreamClosed, StreamDiffError
-from ..io.resize import fit_frame
+from ..core.image import fit_frame
 from .controls import Controls
 from .metrics import DropReason, RunMetrics, RunSummary
 from .slots import Closed, FrameSlot, SlotPolicy

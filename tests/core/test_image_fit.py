@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from streamdiff import FrameError
-from streamdiff.io import fit_frame
-from streamdiff.io.resize import crop_box
+from streamdiff.core.image import fit_frame
+from streamdiff.core.image import crop_box
 
 
 def banded(width: int, height: int) -> np.ndarray:
