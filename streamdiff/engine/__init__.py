@@ -14,12 +14,14 @@
     a.close(); engine.stop()
 
 Modules: ``engine`` (StreamEngine: the worker that owns the model), ``stream`` (Stream handles and outputs),
-``scheduler`` (pure batching policy), ``batch`` (assembling and splitting a call), ``state`` (per-stream numerics).
+``scheduler`` (pure batching policy), ``batch`` (assembling and splitting a call), ``state`` (per-stream numerics), ``execute`` (the execute phase of a tick), ``changes`` (applying settings to states),
+``limits`` (EngineConfig, EngineStats).
 """
 
 from __future__ import annotations
 
-from .engine import SINGLE_STREAM, EngineConfig, EngineStats, StreamEngine
+from .engine import StreamEngine
+from .limits import SINGLE_STREAM, EngineConfig, EngineStats
 from .scheduler import Call, Demand, Scheduler, TickPlan
 from .state import StreamStats
 from .stream import Stream, StreamOutput

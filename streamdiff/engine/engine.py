@@ -26,7 +26,6 @@ import logging
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -35,70 +34,20 @@ import torch
 from ..backends.base import UNetEngine, VaeEngine
 from ..backends.device import resolve_device, resolve_dtype
 from ..backends.keys import EngineOptions, EngineShapes
-from ..config import BackendKind, CfgMode, PromptConfig, StreamConfig, StreamMode
-from ..core.image import fit_frame, frame_to_tensor, from_model_range, tensor_to_frame, to_model_range
+from ..config import BackendKind, PromptConfig, StreamConfig
 from ..core.schedule import slot_coefficients
 from ..errors import ConfigError, EngineFull, FrameError, StreamDiffError
 from ..models import LoadedModel, LoraSpec, load_model
 from ..models.prompts import PromptEncoder
-from .batch import assemble
 from .scheduler import Demand, Scheduler
-from .state import StreamState, StreamTask, stream_rows
+from .changes import StateBuilder, reshapes
+from .limits import EngineConfig, EngineStats
+from .execute import Executor
+from .state import stream_rows
 from .stream import InputFrame, Stream, StreamOutput
 
 logger = logging.getLogger(__name__)
 
-# The frame id of padding frames (a group completed with copies of the last frame at end of input): not output.
-PADDING = type("Padding", (), {"__repr__": lambda self: "PADDING"})()
-_SHAPE_FIELDS = ("width", "height", "frame_buffer_size", "cfg_type", "use_denoising_batch", "mode")
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """Limits and batching policy of a :class:`StreamEngine`.
-
-    ``max_streams``: open streams at most (one more raises :class:`~streamdiff.errors.EngineFull`).
-    ``max_batch_rows``: U-Net rows per call at most (compiled backends are built for 1 … this). ``batch_vae``: encode
-    and decode all streams of a size in one VAE call; None batches on GPUs only (on the CPU a batch of frames cost
-    no less per frame than single frames, measured). ``prompt_cache``: prompt embeddings kept.
-    """
-
-    max_streams: int = 8
-    max_batch_rows: int = 16
-    batch_vae: bool | None = None
-    prompt_cache: int = 64
-
-    def __post_init__(self) -> None:
-        for name in ("max_streams", "max_batch_rows", "prompt_cache"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name}={value!r} must be an integer >= 1")
-        if self.batch_vae is not None and not isinstance(self.batch_vae, bool):
-            raise ConfigError(f"batch_vae={self.batch_vae!r} must be True, False or None (auto)")
-
-
-# The engine of one stream (StreamPipeline, ``streamdiff run``): every configuration the stream may switch to fits in
-# one call, and compiled backends are built for exactly that stream's shapes.
-SINGLE_STREAM = EngineConfig(max_streams=1, max_batch_rows=4096)
-
-
-@dataclass
-class EngineStats:
-    """Counters of an engine: ticks, U-Net calls, rows per call (recent), padding, failed streams."""
-
-    ticks: int = 0
-    unet_calls: int = 0
-    unet_rows: int = 0
-    padded_rows: int = 0
-    streams_failed: int = 0
-    recent_rows: list[int] = field(default_factory=list)  # rows of the last calls (newest last, ≤ 1000)
-
-    def record_call(self, rows: int, padding: int) -> None:
-        self.unet_calls += 1
-        self.unet_rows += rows
-        self.padded_rows += padding
-        self.recent_rows.append(rows)
-        del self.recent_rows[:-1000]
 
 
 class StreamEngine:
@@ -133,7 +82,9 @@ class StreamEngine:
         self.scheduler = Scheduler(self.config.max_batch_rows)
         self.batch_vae = self.config.batch_vae if self.config.batch_vae is not None else model.device.type == "cuda"
         self.stats = EngineStats()
+        self.states = StateBuilder(model, self.prompts, self.prepare_backends)
         self._cond = threading.Condition()
+        self.executor = Executor(model, self._backends, self.stats.record_call, self.batch_vae, self._cond, self._fail)
         self._streams: dict[int, Stream] = {}  # open (not finished) streams, by id
         self._next_id = 1
         self._thread: threading.Thread | None = None
@@ -362,156 +313,27 @@ class StreamEngine:
     # -- one tick: schedule → execute → update ---------------------------------------------------------------------
 
     def _tick(self, only: Stream | None = None) -> dict[Stream, StreamOutput]:
+        started = time.perf_counter()
         self._apply_changes()
         with self._cond:
             candidates = [only] if only is not None else list(self._streams.values())
             ready = [s for s in candidates if s.id in self._streams and self._ready(s)]
-        outputs: dict[Stream, StreamOutput] = {}
-        finished_drains = [s for s in ready if s._drain_requested and not s._inputs and not s.state.frames_inside]
-        for stream in finished_drains:
+        for stream in [s for s in ready if s._drain_requested and not s._inputs and not s.state.frames_inside]:
             self._end_drain(stream)
-        ready = [s for s in ready if s not in finished_drains]
+            ready.remove(stream)
         if not ready:
-            return outputs
+            return {}
         by_id = {s.id: s for s in ready}
         plan = self.scheduler.schedule([Demand(s.id, s.state.latent_shape, s.state.rows) for s in ready])
-        tasks: dict[Stream, StreamTask] = {}
-        self._prepare([by_id[sid] for sid in plan.stream_ids], tasks, outputs)
-        for call in plan.calls:
-            members = [(by_id[sid], tasks[by_id[sid]]) for sid in call.stream_ids if by_id[sid] in tasks]
-            for round_index in range(max((t.rounds for _, t in members), default=0)):
-                self._run_unet([(s, t) for s, t in members if s in tasks and round_index < t.rounds], round_index)
-        self._finish(tasks, outputs)
-        self.scheduler.served([s.id for s in ready if s.id in plan.stream_ids])
+        outputs = self.executor.run([[by_id[sid] for sid in call.stream_ids] for call in plan.calls])
+        self.scheduler.served(plan.stream_ids)
         self.stats.ticks += 1
         for stream, output in outputs.items():
-            self._deliver(stream, output)
+            self._deliver(stream, output, started)
         return outputs
 
-    def _prepare(self, streams: list[Stream], tasks: dict[Stream, StreamTask], outputs: dict[Stream, StreamOutput]
-                 ) -> None:
-        """Take each stream's frame group, run its filter and the VAE encoder, and make its task."""
-        to_encode: list[tuple[Stream, torch.Tensor, tuple[Any, ...]]] = []
-        for stream in streams:
-            try:
-                state = stream.state
-                assert state is not None
-                f = state.config.frame_buffer_size
-                with self._cond:
-                    group = [stream._inputs.popleft() for _ in range(min(f, len(stream._inputs)))]
-                    self._cond.notify_all()  # lossless submitters waiting for room
-                if not group:  # draining: pad with the newest latents, no output of its own
-                    tasks[stream] = state.task(state.last_latents, None)
-                    continue
-                stream.stats.frames_in += len(group)
-                ids = tuple(item.frame_id for item in group) + (PADDING,) * (f - len(group))
-                group += [group[-1]] * (f - len(group))  # end of input inside a group: pad with the last frame
-                if state.config.mode is StreamMode.TXT2IMG:
-                    tasks[stream] = state.task(state.entry_latents(None), ids)
-                    continue
-                images = torch.stack([_fit(item.image, state.config) for item in group])
-                model_input = to_model_range(images.to(self.model.device, self.model.dtype))
-                if state.filter.decide(model_input).skip:
-                    stream.stats.filter_skips += len(group)
-                    outputs[stream] = _output(state.last_output, ids, state.version, skipped=True)
-                    continue
-                to_encode.append((stream, model_input, ids))
-            except Exception as error:  # noqa: BLE001 - this stream's work failed: it ends, the others go on
-                self._fail(stream, error)
-        for (stream, _, ids), latents in zip(to_encode, self._vae_calls("encode", [x for _, x, _ in to_encode],
-                                                                       [s for s, _, _ in to_encode])):
-            if latents is not None:
-                tasks[stream] = stream.state.task(stream.state.entry_latents(latents), ids)
-        for stream in [s for s in tasks if s.finished]:
-            tasks.pop(stream)
-
-    def _run_unet(self, members: list[tuple[Stream, StreamTask]], round_index: int) -> None:
-        """ONE U-Net call over the members' rows; on failure, each member alone (to find whose work fails)."""
-        planned = []
-        for stream, task in members:
-            try:
-                planned.append((stream, task, task.plan(round_index)))
-            except Exception as error:  # noqa: BLE001
-                self._fail(stream, error)
-        if not planned:
-            return
-        unet = self._unet()
-        batch_sizes = getattr(unet, "batch_sizes", None)
-        try:
-            assembled = assemble([rows for _, _, rows in planned], batch_sizes)
-            prediction = unet(assembled.rows.sample, assembled.rows.timesteps, assembled.rows.embeddings)
-            self.stats.record_call(assembled.rows.rows - assembled.padding, assembled.padding)
-            slices = assembled.split(prediction)
-        except Exception as error:  # noqa: BLE001
-            if len(planned) == 1:
-                self._fail(planned[0][0], error)
-                return
-            logger.warning("a batched U-Net call of %d streams failed (%s); retrying each alone", len(planned), error)
-            for stream, task in [(s, t) for s, t, _ in planned]:
-                self._run_unet([(stream, task)], round_index)
-            return
-        for (stream, task, _), prediction in zip(planned, slices):
-            try:
-                task.apply(round_index, prediction)
-                stream.stats.unet_calls += 1
-            except Exception as error:  # noqa: BLE001
-                self._fail(stream, error)
-
-    def _finish(self, tasks: dict[Stream, StreamTask], outputs: dict[Stream, StreamOutput]) -> None:
-        """Decode what leaves each Stream Batch this tick."""
-        leaving: list[tuple[Stream, torch.Tensor, tuple[Any, ...]]] = []
-        for stream, task in tasks.items():
-            if stream.finished:
-                continue
-            try:
-                x0, ids = task.finish()
-            except Exception as error:  # noqa: BLE001
-                self._fail(stream, error)
-                continue
-            if x0 is None:
-                outputs[stream] = StreamOutput(None, False, (), stream.state.version)
-            else:
-                leaving.append((stream, x0, ids))
-        decoded = self._vae_calls("decode", [x0 for _, x0, _ in leaving], [s for s, _, _ in leaving])
-        for (stream, _, ids), images in zip(leaving, decoded):
-            if images is None:
-                continue
-            images = from_model_range(images).float().cpu()
-            state = stream.state
-            state.last_output = images
-            output = _output(images, ids, state.version)
-            stream.stats.frames_out += len(output.frame_ids)
-            outputs[stream] = output
-
-    def _vae_calls(self, method: str, inputs: list[torch.Tensor], streams: list[Stream]) -> list[torch.Tensor | None]:
-        """``vae.encode``/``decode`` of every input: one call per shape when batching, else one per stream.
-
-        A failing batched call is retried per stream; a stream whose own call fails ends (its slot is None).
-        """
-        vae = self._vae()
-        results: list[torch.Tensor | None] = [None] * len(inputs)
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for i, tensor in enumerate(inputs):
-            groups.setdefault(tuple(tensor.shape[1:]), []).append(i)
-        for members in groups.values():
-            if self.batch_vae and len(members) > 1:
-                try:
-                    out = getattr(vae, method)(torch.cat([inputs[i] for i in members]))
-                    sizes = [inputs[i].shape[0] for i in members]
-                    for i, part in zip(members, torch.split(out, sizes)):
-                        results[i] = part
-                    continue
-                except Exception as error:  # noqa: BLE001
-                    logger.warning("a batched VAE %s failed (%s); retrying each stream alone", method, error)
-            for i in members:
-                try:
-                    results[i] = getattr(vae, method)(inputs[i])
-                except Exception as error:  # noqa: BLE001
-                    self._fail(streams[i], error)
-        return results
-
-    def _deliver(self, stream: Stream, output: StreamOutput) -> None:
-        output.finished = time.perf_counter()
+    def _deliver(self, stream: Stream, output: StreamOutput, started: float) -> None:
+        output.started, output.finished = started, time.perf_counter()
         try:
             stream._deliver(output)
         except Exception as error:  # noqa: BLE001 - the stream's own callback failed
@@ -528,64 +350,25 @@ class StreamEngine:
                 self._remove(stream, None)
                 continue
             try:
-                if stream.state is None:
-                    pending = stream._take_pending()
-                    config, prompt = (pending[0], pending[1]) if pending else stream._requested
-                    stream.state = self._new_state(config, prompt)
-                    stream.state.version = pending[2] if pending else stream.version
-                    continue
                 pending = stream._take_pending()
-                if pending is not None:
+                if stream.state is None:
+                    config, prompt, version = pending or (*stream._requested, stream.version)
+                    stream.state = self.states.create(config, prompt, version)
+                elif pending is not None:
                     self._change(stream, *pending)
             except Exception as error:  # noqa: BLE001 - e.g. a compiled backend that cannot be built for it
                 self._fail(stream, error)
 
-    def _new_state(self, config: StreamConfig, prompt: PromptConfig) -> StreamState:
-        self.prepare_backends(config)
-        cond, uncond = self._encode(config, prompt)
-        factor = self.model.vae_scale_factor
-        latent_shape = (self.model.latent_channels, config.height // factor, config.width // factor)
-        return StreamState.create(config, prompt, self.model.schedule, latent_shape, cond, uncond,
-                                  self.model.device, self.model.dtype)
-
     def _change(self, stream: Stream, config: StreamConfig, prompt: PromptConfig, version: int) -> None:
-        """Apply one validated settings change, atomically (the state is replaced or edited before the next use)."""
-        state = stream.state
-        assert state is not None
-        old = state.config
-        reshape = any(getattr(config, k) != getattr(old, k) for k in _SHAPE_FIELDS) or (
-            config.denoising_steps != old.denoising_steps
-        )
-        if reshape:
-            dropped = state.frames_inside
+        """Apply one validated change to ``stream``, atomically (before the next tick uses its state)."""
+        old = stream.state
+        assert old is not None
+        changed = reshapes(old.config, config)
+        stream.state = self.states.change(old, config, prompt, version)
+        if changed:
+            dropped = old.frames_inside
             stream.stats.dropped_on_reconfigure += dropped
-            new_state = self._new_state(config, prompt)
-            if (config.width, config.height) == (old.width, old.height) and config.frame_buffer_size == (
-                old.frame_buffer_size
-            ):
-                new_state.last_output = state.last_output
-            new_state.version = version
-            stream.state = new_state
-            logger.info("%s reconfigured (%s); %d frame(s) inside dropped", stream.name,
-                        ", ".join(k for k in _SHAPE_FIELDS if getattr(config, k) != getattr(old, k)) or "steps",
-                        dropped)
-            return
-        if config != old:
-            state.set_schedule(config, self.model.schedule)
-            state.filter.config = config.filter
-        if prompt.prompt != state.prompt.prompt or prompt.negative_prompt != state.prompt.negative_prompt:
-            state.set_conditioning(*self._encode(config, prompt))
-        if prompt.seed != state.prompt.seed:
-            state.set_seed(prompt.seed)
-        state.guidance.scale = float(prompt.guidance_scale)
-        state.guidance.delta = float(prompt.delta)
-        state.prompt = prompt
-        state.version = version
-
-    def _encode(self, config: StreamConfig, prompt: PromptConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
-        cond = self.prompts.encode(prompt.prompt)
-        needs_negative = config.cfg_type in (CfgMode.FULL, CfgMode.INITIALIZE)
-        return cond, self.prompts.encode(prompt.negative_prompt) if needs_negative else None
+            logger.info("%s reconfigured (%s); %d frame(s) inside dropped", stream.name, ", ".join(changed), dropped)
 
     def _end_drain(self, stream: Stream) -> None:
         stream._drain_requested = False
@@ -645,28 +428,9 @@ class StreamEngine:
         self.vae = given_vae or vae
         self._backend_shapes = shapes
 
-    def _unet(self) -> UNetEngine:
-        assert self.unet is not None, "no stream has opened yet"
-        return self.unet
-
-    def _vae(self) -> VaeEngine:
-        assert self.vae is not None, "no stream has opened yet"
-        return self.vae
-
-
-def _output(images: torch.Tensor | None, ids: tuple[Any, ...], version: int, skipped: bool = False) -> StreamOutput:
-    """A stream's output, without the frames that only padded a group at end of input."""
-    if images is not None and PADDING in ids:
-        real = [i for i, frame_id in enumerate(ids) if frame_id is not PADDING]
-        images, ids = images[real], tuple(ids[i] for i in real)
-    return StreamOutput(images, skipped, ids if images is not None or skipped else (), version)
-
-
-def _fit(image: torch.Tensor, config: StreamConfig) -> torch.Tensor:
-    """A queued frame at the stream's current size (frames queued before a size change are resized here)."""
-    if tuple(image.shape[1:]) == (config.height, config.width):
-        return image
-    return frame_to_tensor(fit_frame(tensor_to_frame(image[None])[0], config.width, config.height))[0]
+    def _backends(self) -> tuple[UNetEngine, VaeEngine]:
+        assert self.unet is not None and self.vae is not None, "no stream has opened yet"
+        return self.unet, self.vae
 
 
 def _split_group(frame: Any, frames: int) -> list[Any]:

@@ -1,0 +1,78 @@
+"""Applying validated settings to per-stream states: a new state for a change of shape, edits in place otherwise.
+
+:class:`StateBuilder` runs on the engine's worker between ticks. It encodes prompts (through the shared, cached
+:class:`~streamdiff.models.prompts.PromptEncoder`), makes sure the backends serve a new frame size, and builds or
+edits a :class:`~.state.StreamState` so that every change takes effect all at once, before the next tick uses it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..config import CfgMode, PromptConfig, StreamConfig
+from ..models import LoadedModel
+from ..models.prompts import PromptEncoder
+from .state import StreamState
+
+# Fields whose change needs new buffers (a new Stream Batch); a change in the number of steps does too.
+SHAPE_FIELDS = ("width", "height", "frame_buffer_size", "cfg_type", "use_denoising_batch", "mode")
+
+
+def reshapes(old: StreamConfig, new: StreamConfig) -> list[str]:
+    """The fields of a change from ``old`` to ``new`` that need a new Stream Batch (empty: an edit in place)."""
+    changed = [k for k in SHAPE_FIELDS if getattr(new, k) != getattr(old, k)]
+    if new.denoising_steps != old.denoising_steps:
+        changed.append("steps")
+    return changed
+
+
+class StateBuilder:
+    """Builds and changes stream states on ``model``; ``prepare_backends(config)`` readies the engines for it."""
+
+    def __init__(
+        self, model: LoadedModel, prompts: PromptEncoder, prepare_backends: Callable[[StreamConfig], None]
+    ) -> None:
+        self.model = model
+        self.prompts = prompts
+        self.prepare_backends = prepare_backends
+
+    def create(self, config: StreamConfig, prompt: PromptConfig, version: int) -> StreamState:
+        """A fresh state (an empty Stream Batch) for ``config`` and ``prompt``."""
+        self.prepare_backends(config)
+        cond, uncond = self._encode(config, prompt)
+        factor = self.model.vae_scale_factor
+        latent_shape = (self.model.latent_channels, config.height // factor, config.width // factor)
+        state = StreamState.create(config, prompt, self.model.schedule, latent_shape, cond, uncond,
+                                   self.model.device, self.model.dtype)
+        state.version = version
+        return state
+
+    def change(self, state: StreamState, config: StreamConfig, prompt: PromptConfig, version: int) -> StreamState:
+        """``state`` with one validated change applied: a new state when the shape changes (the frames inside are
+        then lost: ``state.frames_inside``), else ``state`` itself, edited."""
+        old = state.config
+        if reshapes(old, config):
+            new_state = self.create(config, prompt, version)
+            if (config.width, config.height, config.frame_buffer_size) == (old.width, old.height,
+                                                                             old.frame_buffer_size):
+                new_state.last_output = state.last_output
+            return new_state
+        if config != old:
+            state.set_schedule(config, self.model.schedule)
+            state.filter.config = config.filter
+        if prompt.prompt != state.prompt.prompt or prompt.negative_prompt != state.prompt.negative_prompt:
+            state.set_conditioning(*self._encode(config, prompt))
+        if prompt.seed != state.prompt.seed:
+            state.set_seed(prompt.seed)
+        state.guidance.scale = float(prompt.guidance_scale)
+        state.guidance.delta = float(prompt.delta)
+        state.prompt = prompt
+        state.version = version
+        return state
+
+    def _encode(self, config: StreamConfig, prompt: PromptConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+        cond = self.prompts.encode(prompt.prompt)
+        needs_negative = config.cfg_type in (CfgMode.FULL, CfgMode.INITIALIZE)
+        return cond, self.prompts.encode(prompt.negative_prompt) if needs_negative else None

@@ -1,0 +1,201 @@
+"""The execute phase of a tick: frames → similarity filter → VAE encode → ONE U-Net call per bucket → apply → decode.
+
+:class:`Executor` runs on the engine's worker (the thread that owns the model) and touches only the streams the
+scheduler picked. Everything that can fail because of one stream's work is caught per stream and reported through
+``fail(stream, error)``: that stream ends, the others go on. A batched call (U-Net, or VAE when batched) that fails is
+retried stream by stream to find whose work broke it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, Callable
+
+import torch
+
+from ..backends.base import UNetEngine, VaeEngine
+from ..config import StreamConfig, StreamMode
+from ..core.image import fit_frame, frame_to_tensor, from_model_range, tensor_to_frame, to_model_range
+from ..models import LoadedModel
+from .batch import assemble
+from .state import StreamTask
+from .stream import Stream, StreamOutput
+
+logger = logging.getLogger(__name__)
+
+# The frame id of padding frames (a group completed with copies of the last frame at end of input): not output.
+PADDING = type("Padding", (), {"__repr__": lambda self: "PADDING"})()
+
+
+class Executor:
+    """Runs one tick's work for the chosen streams on the model's engines; see the module docstring.
+
+    ``backends()`` gives the current (U-Net, VAE) engines; ``record_call(rows, padding)`` counts U-Net calls;
+    ``inputs_lock`` guards the streams' input queues; ``fail(stream, error)`` ends one stream.
+    """
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        backends: Callable[[], tuple[UNetEngine, VaeEngine]],
+        record_call: Callable[[int, int], None],
+        batch_vae: bool,
+        inputs_lock: threading.Condition,
+        fail: Callable[[Stream, BaseException], None],
+    ) -> None:
+        self.model = model
+        self.backends = backends
+        self.record_call = record_call
+        self.batch_vae = batch_vae
+        self._cond = inputs_lock
+        self._fail = fail
+
+    def run(self, calls: list[list[Stream]]) -> dict[Stream, StreamOutput]:
+        """Execute a tick: ``calls`` lists the streams of each U-Net call (one per bucket). Their outputs."""
+        tasks: dict[Stream, StreamTask] = {}
+        outputs: dict[Stream, StreamOutput] = {}
+        self._prepare([s for call in calls for s in call], tasks, outputs)
+        for call in calls:
+            members = [(s, tasks[s]) for s in call if s in tasks]
+            for round_index in range(max((t.rounds for _, t in members), default=0)):
+                self._run_unet([(s, t) for s, t in members if s in tasks and round_index < t.rounds], round_index)
+        self._finish(tasks, outputs)
+        return outputs
+
+    def _prepare(self, streams: list[Stream], tasks: dict[Stream, StreamTask], outputs: dict[Stream, StreamOutput]
+                 ) -> None:
+        """Take each stream's frame group, run its filter and the VAE encoder, and make its task."""
+        to_encode: list[tuple[Stream, torch.Tensor, tuple[Any, ...]]] = []
+        for stream in streams:
+            try:
+                state = stream.state
+                assert state is not None
+                f = state.config.frame_buffer_size
+                with self._cond:
+                    group = [stream._inputs.popleft() for _ in range(min(f, len(stream._inputs)))]
+                    self._cond.notify_all()  # lossless submitters waiting for room
+                if not group:  # draining: pad with the newest latents, no output of its own
+                    tasks[stream] = state.task(state.last_latents, None)
+                    continue
+                stream.stats.frames_in += len(group)
+                ids = tuple(item.frame_id for item in group) + (PADDING,) * (f - len(group))
+                group += [group[-1]] * (f - len(group))  # end of input inside a group: pad with the last frame
+                if state.config.mode is StreamMode.TXT2IMG:
+                    tasks[stream] = state.task(state.entry_latents(None), ids)
+                    continue
+                images = torch.stack([_fit(item.image, state.config) for item in group])
+                model_input = to_model_range(images.to(self.model.device, self.model.dtype))
+                if state.filter.decide(model_input).skip:
+                    stream.stats.filter_skips += len(group)
+                    outputs[stream] = _output(state.last_output, ids, state.version, skipped=True)
+                    continue
+                to_encode.append((stream, model_input, ids))
+            except Exception as error:  # noqa: BLE001 - this stream's work failed: it ends, the others go on
+                self._fail(stream, error)
+        for (stream, _, ids), latents in zip(to_encode, self._vae_calls("encode", [x for _, x, _ in to_encode],
+                                                                       [s for s, _, _ in to_encode])):
+            if latents is not None:
+                tasks[stream] = stream.state.task(stream.state.entry_latents(latents), ids)
+        for stream in [s for s in tasks if s.finished]:
+            tasks.pop(stream)
+
+    def _run_unet(self, members: list[tuple[Stream, StreamTask]], round_index: int) -> None:
+        """ONE U-Net call over the members' rows; on failure, each member alone (to find whose work fails)."""
+        planned = []
+        for stream, task in members:
+            try:
+                planned.append((stream, task, task.plan(round_index)))
+            except Exception as error:  # noqa: BLE001
+                self._fail(stream, error)
+        if not planned:
+            return
+        unet = self.backends()[0]
+        batch_sizes = getattr(unet, "batch_sizes", None)
+        try:
+            assembled = assemble([rows for _, _, rows in planned], batch_sizes)
+            prediction = unet(assembled.rows.sample, assembled.rows.timesteps, assembled.rows.embeddings)
+            self.record_call(assembled.rows.rows - assembled.padding, assembled.padding)
+            slices = assembled.split(prediction)
+        except Exception as error:  # noqa: BLE001
+            if len(planned) == 1:
+                self._fail(planned[0][0], error)
+                return
+            logger.warning("a batched U-Net call of %d streams failed (%s); retrying each alone", len(planned), error)
+            for stream, task in [(s, t) for s, t, _ in planned]:
+                self._run_unet([(stream, task)], round_index)
+            return
+        for (stream, task, _), prediction in zip(planned, slices):
+            try:
+                task.apply(round_index, prediction)
+                stream.stats.unet_calls += 1
+            except Exception as error:  # noqa: BLE001
+                self._fail(stream, error)
+
+    def _finish(self, tasks: dict[Stream, StreamTask], outputs: dict[Stream, StreamOutput]) -> None:
+        """Decode what leaves each Stream Batch this tick."""
+        leaving: list[tuple[Stream, torch.Tensor, tuple[Any, ...]]] = []
+        for stream, task in tasks.items():
+            if stream.finished:
+                continue
+            try:
+                x0, ids = task.finish()
+            except Exception as error:  # noqa: BLE001
+                self._fail(stream, error)
+                continue
+            if x0 is None:
+                outputs[stream] = StreamOutput(None, False, (), stream.state.version)
+            else:
+                leaving.append((stream, x0, ids))
+        decoded = self._vae_calls("decode", [x0 for _, x0, _ in leaving], [s for s, _, _ in leaving])
+        for (stream, _, ids), images in zip(leaving, decoded):
+            if images is None:
+                continue
+            images = from_model_range(images).float().cpu()
+            state = stream.state
+            state.last_output = images
+            output = _output(images, ids, state.version)
+            stream.stats.frames_out += len(output.frame_ids)
+            outputs[stream] = output
+
+    def _vae_calls(self, method: str, inputs: list[torch.Tensor], streams: list[Stream]) -> list[torch.Tensor | None]:
+        """``vae.encode``/``decode`` of every input: one call per shape when batching, else one per stream.
+
+        A failing batched call is retried per stream; a stream whose own call fails ends (its slot is None).
+        """
+        vae = self.backends()[1]
+        results: list[torch.Tensor | None] = [None] * len(inputs)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, tensor in enumerate(inputs):
+            groups.setdefault(tuple(tensor.shape[1:]), []).append(i)
+        for members in groups.values():
+            if self.batch_vae and len(members) > 1:
+                try:
+                    out = getattr(vae, method)(torch.cat([inputs[i] for i in members]))
+                    sizes = [inputs[i].shape[0] for i in members]
+                    for i, part in zip(members, torch.split(out, sizes)):
+                        results[i] = part
+                    continue
+                except Exception as error:  # noqa: BLE001
+                    logger.warning("a batched VAE %s failed (%s); retrying each stream alone", method, error)
+            for i in members:
+                try:
+                    results[i] = getattr(vae, method)(inputs[i])
+                except Exception as error:  # noqa: BLE001
+                    self._fail(streams[i], error)
+        return results
+
+
+def _output(images: torch.Tensor | None, ids: tuple[Any, ...], version: int, skipped: bool = False) -> StreamOutput:
+    """A stream's output, without the frames that only padded a group at end of input."""
+    if images is not None and PADDING in ids:
+        real = [i for i, frame_id in enumerate(ids) if frame_id is not PADDING]
+        images, ids = images[real], tuple(ids[i] for i in real)
+    return StreamOutput(images, skipped, ids if images is not None or skipped else (), version)
+
+
+def _fit(image: torch.Tensor, config: StreamConfig) -> torch.Tensor:
+    """A queued frame at the stream's current size (frames queued before a size change are resized here)."""
+    if tuple(image.shape[1:]) == (config.height, config.width):
+        return image
+    return frame_to_tensor(fit_frame(tensor_to_frame(image[None])[0], config.width, config.height))[0]

@@ -1,0 +1,53 @@
+"""What bounds an engine (:class:`EngineConfig`) and what it counts (:class:`EngineStats`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..config import check_bool, check_int
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Limits and batching policy of a :class:`~streamdiff.engine.StreamEngine`.
+
+    ``max_streams``: open streams at most (one more raises :class:`~streamdiff.errors.EngineFull`).
+    ``max_batch_rows``: U-Net rows per call at most (compiled backends are built for 1 … this). ``batch_vae``: encode
+    and decode all streams of a size in one VAE call; None batches on GPUs only (on the CPU a batch of frames cost
+    no less per frame than single frames, measured). ``prompt_cache``: prompt embeddings kept.
+    """
+
+    max_streams: int = 8
+    max_batch_rows: int = 16
+    batch_vae: bool | None = None
+    prompt_cache: int = 64
+
+    def __post_init__(self) -> None:
+        for name in ("max_streams", "max_batch_rows", "prompt_cache"):
+            object.__setattr__(self, name, check_int(name, getattr(self, name), 1))
+        if self.batch_vae is not None:
+            check_bool("batch_vae", self.batch_vae)
+
+
+# The engine of one stream (StreamPipeline, ``streamdiff run``): every configuration the stream may switch to fits in
+# one call, and compiled backends are built for exactly that stream's shapes.
+SINGLE_STREAM = EngineConfig(max_streams=1, max_batch_rows=4096)
+
+
+@dataclass
+class EngineStats:
+    """Counters of an engine: ticks, U-Net calls, rows per call (recent), padding, failed streams."""
+
+    ticks: int = 0
+    unet_calls: int = 0
+    unet_rows: int = 0
+    padded_rows: int = 0
+    streams_failed: int = 0
+    recent_rows: list[int] = field(default_factory=list)  # rows of the last calls (newest last, ≤ 1000)
+
+    def record_call(self, rows: int, padding: int) -> None:
+        self.unet_calls += 1
+        self.unet_rows += rows
+        self.padded_rows += padding
+        self.recent_rows.append(rows)
+        del self.recent_rows[:-1000]
