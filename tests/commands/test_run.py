@@ -96,18 +96,32 @@ def test_unopenable_webcam_and_missing_virtualcam_exit_1_with_a_message(
     assert any(message in record.getMessage() for record in caplog.records), caplog.text
 
 
-def _spawn(tmp_path: Path, *extra: str) -> subprocess.Popen:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    return subprocess.Popen(
-        [sys.executable, "-m", "streamdiff.cli", "run", "--source", "testpattern", "--size", "64x64",
-         "--sink", f"file:{tmp_path / 'live.mp4'}", "--status-interval", "0.2", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-    )
+@pytest.fixture()
+def spawn(tmp_path: Path):
+    """Start endless ``streamdiff run`` processes (test pattern → ``live.mp4``); any still running are killed at the
+    end of the test, whatever its outcome."""
+    processes: list[subprocess.Popen] = []
+
+    def start(*extra: str, stdin: int | None = None) -> subprocess.Popen:
+        env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "streamdiff.cli", "run", "--source", "testpattern", "--size", "64x64",
+             "--sink", f"file:{tmp_path / 'live.mp4'}", "--status-interval", "0.2", *extra],
+            stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        )
+        processes.append(process)
+        return process
+
+    yield start
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+            process.communicate(timeout=30)
 
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_signals_stop_an_endless_run_cleanly(tiny_model, tmp_path: Path, sig: int, code: int) -> None:
-    process = _spawn(tmp_path, "--realtime")
+def test_signals_stop_an_endless_run_cleanly(tiny_model, spawn, tmp_path: Path, sig: int, code: int) -> None:
+    process = spawn("--realtime")
     # Wait for a status line with frames out: the stream is running and the file has frames.
     deadline = time.monotonic() + 60
     assert process.stderr is not None
@@ -195,15 +209,12 @@ def test_lora_flags_parse_path_and_scale() -> None:
         lora_specs(["x:nan"])
 
 
-def test_live_changes_on_stdin_change_size_and_frame_buffer_without_ending_the_run(tiny_model, tmp_path: Path) -> None:
+def test_live_changes_on_stdin_change_size_and_frame_buffer_without_ending_the_run(
+    tiny_model, spawn, tmp_path: Path
+) -> None:
     """Shape changes typed into a running ``streamdiff run`` (F, size, cfg mode, steps) keep it alive; an invalid
     change is reported and ignored; ``quit`` ends it cleanly with the file finalised."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "streamdiff.cli", "run", "--source", "testpattern", "--size", "64x64", "--realtime",
-         "--sink", f"file:{tmp_path / 'live.mp4'}", "--status-interval", "0.2", "--control-stdin"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-    )
+    process = spawn("--realtime", "--control-stdin", stdin=subprocess.PIPE)
     assert process.stdin is not None and process.stderr is not None
     log = ""
 
