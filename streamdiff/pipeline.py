@@ -20,7 +20,6 @@ import numpy as np
 import torch
 
 from .backends.base import UNetEngine, VaeEngine
-from .backends.device import resolve_device, resolve_dtype
 from .backends.keys import EngineOptions
 from .config import BackendKind, PromptConfig, StreamConfig
 from .core.image import check_image_tensor, frame_to_tensor, tensor_to_frame
@@ -75,10 +74,7 @@ class StreamPipeline:
         ``engine_options`` (engine folder, compile, channels-last, resolution range) configure the backend;
         compiled engines missing from the cache are built on first use.
         """
-        resolved = resolve_device(device)
-        loaded = load_model(
-            model, vae=vae, loras=loras, dtype=resolve_dtype(dtype, resolved), device=resolved, **load_kwargs
-        )
+        loaded = load_model(model, vae=vae, loras=loras, dtype=dtype, device=device, **load_kwargs)
         return cls(loaded, config or StreamConfig(), backend=backend, engine_options=engine_options)
 
     # -- what it runs on ------------------------------------------------------------------------------------------

@@ -240,12 +240,9 @@ class ModelOptions:
     engine: EngineOptions
 
     def load(self) -> LoadedModel:
-        from ..backends.device import resolve_device, resolve_dtype
         from ..models import load_model
 
-        device = resolve_device(self.device)
-        return load_model(self.model, vae=self.vae, loras=self.loras, dtype=resolve_dtype(self.dtype, device),
-                          device=device)
+        return load_model(self.model, vae=self.vae, loras=self.loras, dtype=self.dtype, device=self.device)
 
     def plan(self, model: LoadedModel, config: StreamConfig) -> tuple[BackendKind, list[BuildStep]]:
         """The resolved backend and the engine cache entries it needs for ``config`` (keys without building)."""

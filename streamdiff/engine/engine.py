@@ -32,7 +32,6 @@ import numpy as np
 import torch
 
 from ..backends.base import UNetEngine, VaeEngine
-from ..backends.device import resolve_device, resolve_dtype
 from ..backends.keys import EngineOptions, EngineShapes
 from ..config import BackendKind, PromptConfig, StreamConfig
 from ..core.schedule import slot_coefficients
@@ -109,10 +108,7 @@ class StreamEngine:
     ) -> StreamEngine:
         """Load ``model`` (``"tiny"``, a folder, a checkpoint file or a hub id) once. Next: :meth:`open_stream`."""
         config = EngineConfig(max_streams=max_streams, max_batch_rows=max_batch_rows, batch_vae=batch_vae)
-        resolved = resolve_device(device)
-        loaded = load_model(
-            model, vae=vae, loras=loras, dtype=resolve_dtype(dtype, resolved), device=resolved, **load_kwargs
-        )
+        loaded = load_model(model, vae=vae, loras=loras, dtype=dtype, device=device, **load_kwargs)
         return cls(loaded, config, backend=backend, engine_options=engine_options)
 
     # -- streams --------------------------------------------------------------------------------------------------

@@ -291,7 +291,7 @@ def load_model(
     *,
     vae: str | None = None,
     loras: Sequence[LoraSpec | tuple[str, float] | str] = (),
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str | None = torch.float32,
     device: torch.device | str = "cpu",
     revision: str | None = None,
     model_config: str | None = None,
@@ -303,9 +303,15 @@ def load_model(
     (``model_config`` names a diffusers folder or cached hub id of the same architecture; needed offline), or a hub
     id such as ``"stabilityai/sd-turbo"``. ``vae``: replace the model's VAE, e.g. ``"madebyollin/taesd"``.
     ``loras``: fused at load, each ``(source, scale)``, e.g. ``("latent-consistency/lcm-lora-sdv1-5", 1.0)``.
-    ``dtype``/``device``: as resolved by :func:`streamdiff.backends.device.resolve_dtype` / ``resolve_device``.
-    Next: build a :class:`~streamdiff.pipeline.StreamPipeline` on it.
+    ``device``: ``"cpu"``, ``"cuda"``, ``"auto"`` … (:func:`streamdiff.backends.device.resolve_device`); ``dtype``: a
+    torch dtype, a precision name, or None for the device's default (:func:`~streamdiff.backends.device.resolve_dtype`).
+    Next: open streams on a :class:`~streamdiff.engine.StreamEngine` (or a :class:`~streamdiff.pipeline.StreamPipeline`).
     """
+    from ..backends.device import resolve_device, resolve_dtype
+
+    device = resolve_device(device)
+    if not isinstance(dtype, torch.dtype):
+        dtype = resolve_dtype(dtype, device)
     lora_specs = _lora_specs(loras)
     load_dtype = torch.float32 if lora_specs else dtype  # LoRAs are fused in float32, then cast once
     path = resolve_model_path(model, revision, cache_dir)
