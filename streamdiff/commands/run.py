@@ -44,7 +44,7 @@ DEFAULTS: dict[str, Any] = {
     "lora": [],
     "dtype": None,
     "device": "auto",
-    "backend": "torch",
+    "backend": "auto",
     "engine_dir": None,
     "compile": False,
     "channels_last": False,
@@ -96,7 +96,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--device", help="auto | cpu | cuda | mps (default auto)")
     model.add_argument("--lora", action="append", metavar="PATH[:SCALE]",
                        help="LoRA file, folder or hub id fused at load, with an optional scale (default 1); repeatable")
-    model.add_argument("--backend", choices=[b.value for b in BackendKind], help="engine backend (default torch)")
+    model.add_argument("--backend", choices=[b.value for b in BackendKind], help="engine backend (default auto: the fastest measured on this machine, logged)")
     model.add_argument("--engine-dir", help="engine cache folder (default $STREAMDIFF_ENGINE_DIR or ./engines)")
     model.add_argument("--compile", action=argparse.BooleanOptionalAction,
                        help="torch backend: AOTInductor-compiled U-Net, built once and cached")
