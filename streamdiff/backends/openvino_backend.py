@@ -197,3 +197,20 @@ class OvVae:
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.decoder.run(latents).to(latents.device, latents.dtype)
+
+
+@torch.inference_mode()
+def warm_up(unet: OvUNet, vae: OvVae, model: Any, shapes: Any) -> None:
+    """One call of each engine per frame size, at the tuned U-Net batch.
+
+    OpenVINO prepares its kernels for an input shape on the first call with that shape (seconds for an SD-2.1-size
+    U-Net); doing it here keeps that out of the first frames. ``model``: the LoadedModel; ``shapes``: EngineShapes.
+    """
+    batch = min(max(shapes.opt_batch, shapes.unet_batch[0]), shapes.unet_batch[1])
+    text = (int(getattr(model.text_encoder.config, "max_position_embeddings", 77)),
+            int(model.unet.config.cross_attention_dim))
+    for width, height in shapes.sizes:
+        latents = vae.encode(torch.zeros(shapes.vae_batch[0], 3, height, width, dtype=model.dtype))
+        unet(latents[:1].expand(batch, *latents.shape[1:]).contiguous(), torch.full((batch,), 500),
+             torch.zeros(batch, *text, dtype=model.dtype))
+        vae.decode(latents)
