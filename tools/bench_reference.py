@@ -274,6 +274,7 @@ def main() -> int:
     models: dict[str, Any] = {}
     metrics: dict[str, dict[str, float]] = {}
     for name in args.configs:
+        torch.set_num_threads(args.threads)
         started = time.perf_counter()
         pipe = build_pipeline(name, folder, config, options, models)
         setup = time.perf_counter() - started
@@ -282,10 +283,14 @@ def main() -> int:
         backend = pipe.engine.backend.value
         metrics[name] = {"setup_s": round(setup, 1)}
         logger.info("%s: backend %s, %s, ready in %.1f s", name, backend, pipe.model.dtype, setup)
-        cases.append(Case(name, case.step))
+        # OpenVINO takes the cores and leaves torch one thread (hand_cores_to_openvino); the torch backends run on
+        # all of them: each configuration gets its own setting before its rounds.
+        torch_threads = 1 if backend == "openvino" else args.threads
+        cases.append(Case(name, case.step, setup=lambda n=torch_threads: torch.set_num_threads(n)))
         gc.collect()
     peak_case, peak_flops = matmul_case()
-    cases.append(peak_case)
+    cases.append(Case(peak_case.name, peak_case.step, setup=lambda: torch.set_num_threads(args.threads)))
+    torch.set_num_threads(args.threads)
     flops = frame_flops(next(iter(models.values())), config)
     logger.info("one frame is %.3f TFLOP (U-Net %d rows + TAESD encode and decode)", flops / 1e12,
                 len(T_INDEX_LIST))
@@ -306,6 +311,12 @@ def main() -> int:
     if "reference" in medians:
         metrics["reference"] = {"tflops": flops / medians["reference"] / 1e12}
         metrics["reference"]["of_peak"] = metrics["reference"]["tflops"] / peak
+        # The host is shared: besides the ratio of medians, the median of per-round ratios (each round runs every
+        # configuration within seconds, so a burst of load elsewhere hits one round, not one configuration).
+        by_name = {r.name: r.seconds for r in results}
+        for name in args.configs:
+            ratios = [ref / mine for ref, mine in zip(by_name["reference"], by_name[name])]
+            metrics[name]["x_ref_per_round"] = float(np.median(ratios))
     baseline = "reference" if "reference" in medians else args.configs[0]
     comparison = Comparison(f"sd21-{args.size}px-2steps-self", results, baseline, metrics,
                             note=f"matmul-peak row: s per 4 bf16 2048² matmuls ({peak:.3f} TFLOP/s)")

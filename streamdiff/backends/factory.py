@@ -138,10 +138,11 @@ def create_engines(
         return TorchUNet(model.unet, channels_last=options.channels_last), vae
     paths = {c: by_component[c][0][1].artifact for c in COMPONENTS}
     if kind is BackendKind.OPENVINO:
-        from .openvino_backend import OvUNet, OvVae, warm_up
+        from .openvino_backend import OvUNet, OvVae, hand_cores_to_openvino, warm_up
 
         ov_unet = OvUNet(paths[Component.UNET], model.unet.time_proj, model.dtype)
         ov_vae = OvVae(paths[Component.VAE_ENCODER], paths[Component.VAE_DECODER], model.dtype)
+        hand_cores_to_openvino()
         warm_up(ov_unet, ov_vae, model, shapes)
         return ov_unet, ov_vae
     if kind is BackendKind.ONNXRUNTIME:

@@ -50,12 +50,37 @@ def precision_hint(dtype: torch.dtype) -> str:
     return _PRECISION_HINTS[dtype]
 
 
+_threads: int | None = None  # OpenVINO's thread count in this process, fixed by the first engine loaded
+
+
+def openvino_threads() -> int:
+    """The threads OpenVINO runs on: torch's intra-op thread count when the first OpenVINO engine was made."""
+    return _threads or torch.get_num_threads()
+
+
+def hand_cores_to_openvino() -> None:
+    """Give the cores to OpenVINO: torch's own intra-op threads drop to 1 (logged once).
+
+    Beside OpenVINO's thread pool, torch's element-wise work between the calls (image range, noising, guidance) is
+    faster on one thread: measured here, a 256² image op after an OpenVINO call took 1.7–36 ms with 2 torch
+    threads (each pool waiting for the other's spinning workers) and 0.1 ms with 1 (docs/PERF.md, "The tiny model").
+    """
+    global _threads
+    if _threads is None:
+        _threads = torch.get_num_threads()
+    if torch.get_num_threads() > 1:
+        logger.info("openvino backend: OpenVINO runs on %d threads; torch's intra-op threads set to 1 (its "
+                    "remaining element-wise work is faster single-threaded beside OpenVINO's pool)", _threads)
+        torch.set_num_threads(1)
+
+
 def compile_config(dtype: torch.dtype, threads: int | None = None) -> dict[str, Any]:
-    """Properties of a compiled model: the precision of ``dtype``, latency mode, ``threads`` (torch's by default)."""
+    """Properties of a compiled model: the precision of ``dtype``, latency mode, ``threads``
+    (:func:`openvino_threads` by default)."""
     return {
         "INFERENCE_PRECISION_HINT": precision_hint(dtype),
         "PERFORMANCE_HINT": "LATENCY",
-        "INFERENCE_NUM_THREADS": int(threads or torch.get_num_threads()),
+        "INFERENCE_NUM_THREADS": int(threads or openvino_threads()),
     }
 
 

@@ -4,6 +4,7 @@ Examples::
 
     streamdiff engines build --model tiny --backend onnxruntime --size 256x256
     streamdiff engines build --model ./sd-turbo --dtype bfloat16 --backend torch --compile
+    streamdiff engines build --model tiny --backend openvino --size 256x256
     streamdiff engines list
     streamdiff engines clear --backend onnx
 
@@ -55,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _engine_dir(listing)
     clear = actions.add_parser("clear", help="delete cached engines (all, or those matching the filters)")
     clear.add_argument("--model", help="only engines of this model id")
-    clear.add_argument("--backend", help="only engines of this backend (onnx, tensorrt, torch-aoti)")
+    clear.add_argument("--backend", help="only engines of this backend (onnx, tensorrt, torch-aoti, openvino)")
     _engine_dir(clear)
 
 
