@@ -1,7 +1,8 @@
 """The OpenVINO backend (CPU): the U-Net, the VAE encoder and the VAE decoder compiled by OpenVINO, cached.
 
 Build (once per cache key): the component's engine-contract module is converted with ``ov.convert_model`` (traced
-from the torch module, dynamic batch and spatial axes), compiled for the CPU with ``INFERENCE_PRECISION_HINT`` set
+from the torch module; static shapes when the component serves exactly one shape, as for one stream, else dynamic
+batch and spatial axes), compiled for the CPU with ``INFERENCE_PRECISION_HINT`` set
 from the model's dtype (bfloat16 → ``bf16``), and the compiled model is exported (``export_model``) into the entry
 as ``model.blob``. Load: ``import_model`` of that blob — no conversion, no compilation — so a warm start takes about
 as long as reading the file.
@@ -24,7 +25,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from ..errors import EngineBuildError, missing_extra
+from ..errors import ConfigError, EngineBuildError, missing_extra
 from .keys import Component, ShapeRange
 
 logger = logging.getLogger(__name__)
@@ -133,15 +134,19 @@ def build_blob(
     dtype: torch.dtype,
     folder: Path,
     unet: torch.nn.Module | None = None,
+    static: bool = False,
 ) -> str:
     """Convert ``module`` (the engine-contract wrapper), compile it for the CPU and export it to ``folder``.
 
-    ``example`` are float32 example inputs (the U-Net's second input is the time projection). Dynamic batch and
-    spatial axes. Returns the artifact's file name.
+    ``example`` are float32 example inputs (the U-Net's second input is the time projection). ``static``: compiled
+    for exactly their shapes; otherwise dynamic batch and spatial axes. Returns the artifact's file name.
     """
     ov = import_openvino()
-    shapes = [ov.PartialShape([-1, t.shape[1], -1, -1]) if t.ndim == 4 else ov.PartialShape([-1, *t.shape[1:]])
-              for t in example]
+    if static:
+        shapes = [ov.PartialShape(list(t.shape)) for t in example]
+    else:
+        shapes = [ov.PartialShape([-1, t.shape[1], -1, -1]) if t.ndim == 4 else ov.PartialShape([-1, *t.shape[1:]])
+                  for t in example]
     graph = OvUNetGraph(unet) if component is Component.UNET else Float32Graph(module)
     guard = _time_projection_input(unet) if component is Component.UNET else contextlib.nullcontext()
     try:
@@ -179,6 +184,8 @@ class OvModel:
             raise EngineBuildError(f"OpenVINO cannot load {path}: {type(error).__name__}: {error}") from error
         self.compiled = compiled
         self.request = compiled.create_infer_request()
+        partial = [i.get_partial_shape() for i in compiled.inputs]
+        self.static_shapes = [tuple(p.to_shape()) for p in partial] if all(p.is_static for p in partial) else None
 
     @property
     def precision(self) -> str:
@@ -187,6 +194,11 @@ class OvModel:
         return str(value.to_string() if hasattr(value, "to_string") else value)
 
     def run(self, *tensors: torch.Tensor) -> torch.Tensor:
+        if self.static_shapes is not None and [tuple(t.shape) for t in tensors] != self.static_shapes:
+            raise ConfigError(
+                f"the OpenVINO engine was compiled for inputs {self.static_shapes}, got "
+                f"{[tuple(t.shape) for t in tensors]}. Rebuild the pipeline for the new configuration."
+            )
         arrays = [t.detach().to("cpu", torch.float32).contiguous().numpy() for t in tensors]
         self.request.infer(arrays, share_inputs=True, share_outputs=True)
         out = self.request.get_output_tensor(0).data  # the request's own buffer, reused by the next call

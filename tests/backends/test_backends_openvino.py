@@ -103,3 +103,15 @@ def test_bfloat16_pipeline_frames_stay_close_to_float32(tiny_model, bf16_engines
     for want, got in zip(expected, actual):
         mse = float(((got.float() - want) ** 2).mean())
         assert 10 * torch.log10(torch.tensor(1.0 / max(mse, 1e-12))) >= 35.0  # PSNR >= 35 dB against float32
+
+
+def test_one_stream_gets_static_engines_and_a_wrong_shape_is_a_config_error(tiny_model, tmp_path: Path) -> None:
+    from streamdiff import ConfigError
+
+    pipe = StreamPipeline(tiny_model, CONFIG, backend="openvino", engine_options=EngineOptions(engine_dir=tmp_path))
+    assert pipe.unet.model.static_shapes == [(2, 4, 8, 8), (2, 32), (2, 77, 64)]
+    assert pipe.vae.encoder.static_shapes == [(1, 3, 64, 64)]
+    names = sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("."))
+    assert len(names) == 3 and all("openvino" in name for name in names)
+    with pytest.raises(ConfigError, match="compiled for inputs"):
+        pipe.unet(torch.zeros(3, 4, 8, 8), torch.zeros(3, dtype=torch.int64), torch.zeros(3, 77, 64))
