@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from streamdiff import StreamConfig, StreamPipeline
+from streamdiff import ConfigError, StreamConfig, StreamPipeline
 from streamdiff.backends.factory import create_engines
 from streamdiff.backends.keys import EngineOptions, EngineShapes
 from streamdiff.backends.openvino_backend import OvUNet, OvVae
@@ -37,7 +37,7 @@ def _bf16(model):  # noqa: ANN001, ANN202 - a LoadedModel copy in bfloat16 (the 
     return clone
 
 
-def test_float32_frames_equal_torch_and_the_engines_are_reused(
+def test_float32_frames_equal_torch_static_shapes_and_the_engines_are_reused(
     tiny_model, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     options = EngineOptions(engine_dir=tmp_path)
@@ -46,6 +46,11 @@ def test_float32_frames_equal_torch_and_the_engines_are_reused(
     assert isinstance(ov_pipe.unet, OvUNet) and isinstance(ov_pipe.vae, OvVae)
     assert caplog.text.count("not built yet") == 3
     assert ov_pipe.unet.model.precision == "f32"
+    # One stream: static shapes (faster than dynamic axes); another shape is a clear error.
+    assert ov_pipe.unet.model.static_shapes == [(2, 4, 8, 8), (2, 32), (2, 77, 64)]
+    assert ov_pipe.vae.encoder.static_shapes == [(1, 3, 64, 64)]
+    with pytest.raises(ConfigError, match="compiled for inputs"):
+        ov_pipe.unet(torch.zeros(3, 4, 8, 8), torch.zeros(3, dtype=torch.int64), torch.zeros(3, 77, 64))
     expected, actual = _run(StreamPipeline(tiny_model, CONFIG, backend="torch")), _run(ov_pipe)
     for want, got in zip(expected, actual):
         # Stated tolerance: float32 OpenVINO equals torch to 1e-4 of the image range (measured ~1e-6).
@@ -72,6 +77,7 @@ def bf16_engines(tiny_model, tmp_path_factory: pytest.TempPathFactory):  # noqa:
 def test_bfloat16_serves_every_batch_and_keeps_the_time_embedding_float32(bf16_engines) -> None:
     model, unet, vae = bf16_engines
     assert unet.model.precision == "bf16" and vae.decoder.precision == "bf16"
+    assert unet.model.static_shapes is None  # a multi-stream engine: dynamic batch, no padding
     import openvino as ov
 
     assert unet.model.compiled.inputs[1].get_element_type() == ov.Type.f32  # the time projection comes in float32
@@ -104,14 +110,3 @@ def test_bfloat16_pipeline_frames_stay_close_to_float32(tiny_model, bf16_engines
         mse = float(((got.float() - want) ** 2).mean())
         assert 10 * torch.log10(torch.tensor(1.0 / max(mse, 1e-12))) >= 35.0  # PSNR >= 35 dB against float32
 
-
-def test_one_stream_gets_static_engines_and_a_wrong_shape_is_a_config_error(tiny_model, tmp_path: Path) -> None:
-    from streamdiff import ConfigError
-
-    pipe = StreamPipeline(tiny_model, CONFIG, backend="openvino", engine_options=EngineOptions(engine_dir=tmp_path))
-    assert pipe.unet.model.static_shapes == [(2, 4, 8, 8), (2, 32), (2, 77, 64)]
-    assert pipe.vae.encoder.static_shapes == [(1, 3, 64, 64)]
-    names = sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("."))
-    assert len(names) == 3 and all("openvino" in name for name in names)
-    with pytest.raises(ConfigError, match="compiled for inputs"):
-        pipe.unet(torch.zeros(3, 4, 8, 8), torch.zeros(3, dtype=torch.int64), torch.zeros(3, 77, 64))
