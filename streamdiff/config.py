@@ -54,6 +54,7 @@ class BackendKind(str, enum.Enum):
     TORCH = "torch"
     ONNXRUNTIME = "onnxruntime"
     TENSORRT = "tensorrt"
+    OPENVINO = "openvino"
     AUTO = "auto"
 
 

@@ -131,6 +131,7 @@ class StreamPipeline:
         config = self.config
         if self.stream is not None:
             self.stream.close()
+            self.engine._apply_changes()  # the old stream leaves now: this engine serves one stream at a time
         self.stream = self.engine.open_stream(config, prompt, negative_prompt, guidance_scale, delta, seed,
                                               name="pipeline")
         self.engine._apply_changes()  # make the state now, so that its buffers can be inspected

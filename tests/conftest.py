@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 torch.set_num_threads(int(os.environ.get("STREAMDIFF_TEST_THREADS", "1")))
+if "STREAMDIFF_ENGINE_DIR" not in os.environ:  # engines built by default runs (backend auto) stay out of the repo
+    os.environ["STREAMDIFF_ENGINE_DIR"] = tempfile.mkdtemp(prefix="streamdiff-test-engines-")
+    atexit.register(shutil.rmtree, os.environ["STREAMDIFF_ENGINE_DIR"], True)
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""Compare the CPU backends on one U-Net step: torch eager fp32/bf16, AOTInductor fp32/bf16, torch.compile, ORT.
+"""Compare the CPU backends on one U-Net step: torch eager fp32/bf16, AOTInductor fp32/bf16, torch.compile, ORT,
+OpenVINO bf16 (dynamic shapes, as the backend builds it, and static shapes).
 
 Usage::
 
@@ -35,7 +36,8 @@ from streamdiff.backends.torch_backend import TorchUNet, compiled_unet
 from streamdiff.bench.harness import Case, Check, Comparison, format_table, report_dict, run_interleaved
 
 logger = logging.getLogger("bench_backends")
-CONFIGS = ("eager-fp32", "eager-bf16", "compiled-fp32", "compiled-bf16", "jit-bf16", "onnxruntime-fp32")
+CONFIGS = ("eager-fp32", "eager-bf16", "compiled-fp32", "compiled-bf16", "jit-bf16", "onnxruntime-fp32",
+           "openvino-bf16", "openvino-bf16-static", "matmul-peak")
 
 
 def build_unet(name: str) -> torch.nn.Module:
@@ -126,6 +128,14 @@ def measure(args: argparse.Namespace, model_name: str) -> Comparison | None:
             jit(*inputs16)
         build_seconds["jit-bf16"] = round(time.perf_counter() - started, 1)
         steps["jit-bf16"] = lambda: jit(*inputs16)
+    for name in ("openvino-bf16", "openvino-bf16-static"):
+        if name in wanted:
+            steps[name] = openvino_step(unet32, inputs32, static=name.endswith("static"), build_seconds=build_seconds,
+                                        name=name)
+            gc.collect()
+    if "matmul-peak" in wanted:  # bf16 2048² matmul: the machine's peak, same rounds (its TFLOP/s in the metrics)
+        a = torch.randn(2048, 2048).to(torch.bfloat16)
+        steps["matmul-peak"] = lambda: torch.matmul(a, a)
     if "onnxruntime-fp32" in artifacts:
         session = OrtSession(artifacts["onnxruntime-fp32"], torch.device("cpu"), threads=torch.get_num_threads())
         feeds = dict(zip(spec.inputs, inputs32))
@@ -136,6 +146,9 @@ def measure(args: argparse.Namespace, model_name: str) -> Comparison | None:
         metrics: dict[str, dict[str, float]] = {}
         span = float(reference.max() - reference.min())
         for name, step in steps.items():
+            if name == "matmul-peak":
+                metrics[name] = {"psnr_db": math.nan, "rel_err": math.nan}
+                continue
             out = step().float()
             mse = float(((out - reference) ** 2).mean())
             metrics[name] = {
@@ -148,6 +161,13 @@ def measure(args: argparse.Namespace, model_name: str) -> Comparison | None:
         results = run_interleaved(cases, rounds=args.rounds, calls=args.calls, warmup=args.warmup)
     comparison = Comparison(f"{model_name}/unet-{size}px-b{batch}", results, "eager-fp32", metrics)
     medians = {r.name: r.median for r in results}
+    flops = unet_flops(unet32, inputs32)
+    for name, median in medians.items():
+        metrics[name]["tflops"] = (2.0 * 2048**3 if name == "matmul-peak" else flops) / median / 1e12
+    if "matmul-peak" in medians:
+        for name in medians:
+            metrics[name]["of_peak"] = metrics[name]["tflops"] / metrics["matmul-peak"]["tflops"]
+        medians.pop("matmul-peak")
     base = medians["eager-fp32"]
     fp32_best = min(v for k, v in medians.items() if k.endswith("fp32"))
     comparison.checks.append(Check("best fp32 speed-up over eager fp32", base / fp32_best, 2.0))
@@ -155,9 +175,53 @@ def measure(args: argparse.Namespace, model_name: str) -> Comparison | None:
         bf16_best = min(v for k, v in medians.items() if k.endswith("bf16"))
         comparison.checks.append(Check("best bf16 speed-up over eager bf16", medians["eager-bf16"] / bf16_best, 2.0))
     good = {k: v for k, v in medians.items() if metrics[k]["psnr_db"] >= 30.0}
+    if "matmul-peak" in metrics:
+        best = min(good, key=good.get)
+        comparison.checks.append(Check(f"{best} TFLOP/s / matmul peak", metrics[best]["of_peak"], 0.85))
     best = min(good, key=good.get)
     comparison.checks.append(Check(f"best overall ({best}, PSNR >= 30 dB) over eager fp32", base / good[best], 5.0))
     return comparison
+
+
+def unet_flops(unet: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> float:
+    """FLOPs of one U-Net call (MATH attention, which FlopCounterMode counts; fused CPU attention counts 0)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH), counter:
+        UNetExport(unet)(*inputs)
+    return float(counter.get_total_flops())
+
+
+def openvino_step(unet32: torch.nn.Module, inputs32: tuple[torch.Tensor, ...], static: bool,
+                  build_seconds: dict[str, float], name: str) -> Callable[[], torch.Tensor]:
+    """The U-Net converted by OpenVINO (bf16 hint, float32 time embedding), dynamic or static shapes."""
+    import openvino as ov
+
+    from streamdiff.backends.openvino_backend import (
+        OvUNetGraph, _time_projection_input, compile_config, unet_time_projection,
+    )
+
+    started = time.perf_counter()
+    sample, timestep, hidden = inputs32
+    projection = unet_time_projection(unet32, timestep)
+    example = (sample, projection, hidden)
+    shapes = [ov.PartialShape(list(t.shape)) if static else
+              ov.PartialShape([-1, t.shape[1], -1, -1] if t.ndim == 4 else [-1, *t.shape[1:]]) for t in example]
+    with _time_projection_input(unet32), torch.no_grad():
+        converted = ov.convert_model(OvUNetGraph(unet32), example_input=example, input=shapes)
+    compiled = ov.Core().compile_model(converted, "CPU", compile_config(torch.bfloat16))
+    del converted
+    build_seconds[name] = round(time.perf_counter() - started, 1)
+    request = compiled.create_infer_request()
+    arrays = [t.numpy() for t in example]
+
+    def step() -> torch.Tensor:
+        request.infer(arrays, share_inputs=True, share_outputs=True)
+        return torch.from_numpy(request.get_output_tensor(0).data.copy())
+
+    return step
 
 
 def main() -> int:

@@ -42,19 +42,36 @@ def tensorrt_usable() -> bool:
 
 
 def choose_auto(model: LoadedModel, options: EngineOptions) -> tuple[BackendKind, str]:
-    """The backend ``auto`` picks for ``model`` and why (the reason goes into the log)."""
+    """The backend ``auto`` picks for ``model`` and why (the reason goes into the log).
+
+    On the CPU the order follows what was measured (docs/PERF.md, "OpenVINO" and "Backends"): OpenVINO compiles
+    the U-Net and both VAE halves in seconds and ran the SD-2.1-size U-Net ~1.5× faster than torch eager bfloat16
+    and the tiny model several times faster; then torch (AOTInductor with ``compile=True``) for bfloat16, ONNX
+    Runtime for float32.
+    """
     if model.device.type == "cuda":
         if tensorrt_usable():
             return BackendKind.TENSORRT, "a CUDA GPU and TensorRT are available"
         return BackendKind.TORCH, "CUDA GPU without TensorRT (pip install 'streamdiff[tensorrt]' for engines)"
+    if model.device.type != "cpu":
+        return BackendKind.TORCH, f"the model is on {model.device}, which only torch runs"
+    precision = str(model.dtype).removeprefix("torch.")
+    if options.compile:
+        return BackendKind.TORCH, f"compile=True asks for AOTInductor-compiled torch ({precision} on the CPU)"
+    if _has_module("openvino"):
+        return BackendKind.OPENVINO, (
+            f"{precision} on the CPU runs fastest in OpenVINO (U-Net, VAE encoder and decoder compiled, cached)"
+        )
     if model.dtype != torch.float32:
-        how = "compiled (AOTInductor)" if options.compile else "eager; EngineOptions(compile=True) compiles it"
-        return BackendKind.TORCH, f"{model.dtype} on the CPU runs fastest in torch ({how}); ONNX Runtime is float32"
+        return BackendKind.TORCH, (
+            f"{precision} on the CPU without openvino runs fastest in torch (eager; EngineOptions(compile=True) "
+            "compiles it; pip install 'streamdiff[openvino]' is faster)"
+        )
     if not _has_module("onnxruntime"):
-        return BackendKind.TORCH, "onnxruntime is not installed (pip install 'streamdiff[onnx]')"
+        return BackendKind.TORCH, "neither openvino nor onnxruntime is installed (pip install 'streamdiff[openvino]')"
     # Measured here (docs/PERF.md, "Backends"): ONNX Runtime beats torch eager in float32 on the tiny and the
     # SD-2.1-size U-Net alike.
-    return BackendKind.ONNXRUNTIME, "float32 on the CPU: ONNX Runtime is faster than torch eager"
+    return BackendKind.ONNXRUNTIME, "float32 on the CPU without openvino: ONNX Runtime is faster than torch eager"
 
 
 def resolve_backend(kind: BackendKind | str, model: LoadedModel, options: EngineOptions) -> BackendKind:
@@ -65,6 +82,11 @@ def resolve_backend(kind: BackendKind | str, model: LoadedModel, options: Engine
         logger.info("backend auto: picked %s because %s", kind.value, reason)
     if kind is BackendKind.ONNXRUNTIME and not _has_module("onnxruntime"):
         raise missing_extra("onnxruntime", "onnx")
+    if kind is BackendKind.OPENVINO:
+        if not _has_module("openvino"):
+            raise missing_extra("openvino", "openvino")
+        if model.device.type != "cpu":
+            raise BackendUnavailable(f"backend 'openvino' runs on the CPU; the model is on {model.device}")
     if kind is BackendKind.TENSORRT:
         from .tensorrt_build import import_tensorrt
 
@@ -116,6 +138,14 @@ def create_engines(
             return CompiledUNet(packages), vae
         return TorchUNet(model.unet, channels_last=options.channels_last), vae
     paths = {c: by_component[c][0][1].artifact for c in COMPONENTS}
+    if kind is BackendKind.OPENVINO:
+        from .openvino_backend import OvUNet, OvVae, hand_cores_to_openvino, warm_up
+
+        ov_unet = OvUNet(paths[Component.UNET], model.unet.time_proj, model.dtype)
+        ov_vae = OvVae(paths[Component.VAE_ENCODER], paths[Component.VAE_DECODER], model.dtype)
+        hand_cores_to_openvino()
+        warm_up(ov_unet, ov_vae, model, shapes)
+        return ov_unet, ov_vae
     keys = {c: by_component[c][0][0] for c in COMPONENTS}
     if kind is BackendKind.ONNXRUNTIME:
         from .onnxruntime_backend import OrtUNet, OrtVae

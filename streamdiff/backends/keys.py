@@ -232,18 +232,32 @@ def exact_ranges(component: Component, shapes: EngineShapes | StreamConfig, opti
     ]
 
 
+CPU_FLAGS_FILE = Path("/proc/cpuinfo")
+# CPU flags of native bfloat16 arithmetic: AVX512-BF16 dot products or AMX tiles.
+BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_flags(source: Path = CPU_FLAGS_FILE) -> frozenset[str]:
+    """The CPU's feature flags as the kernel lists them (``/proc/cpuinfo``); empty where that cannot be read."""
+    try:
+        for line in source.read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_has_native_bf16(flags: frozenset[str] | None = None) -> bool:
+    """True when the CPU computes bfloat16 natively (AVX512-BF16 or AMX); ``flags`` defaults to :func:`cpu_flags`."""
+    return bool((cpu_flags() if flags is None else flags) & BF16_FLAGS)
+
+
 @functools.lru_cache(maxsize=None)
 def cpu_isa() -> str:
     """The CPU an artifact is compiled for: architecture, torch's vector ISA level and AMX/bf16 support."""
-    flags: set[str] = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
-    extra = sorted(flags & {"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8", "amx_tile"})
+    extra = sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8", "amx_tile"})
     capability = torch.backends.cpu.get_cpu_capability()
     return "+".join([platform.machine() or "cpu", capability.lower(), *extra])
 

@@ -4,13 +4,14 @@ Examples::
 
     streamdiff engines build --model tiny --backend onnxruntime --size 256x256
     streamdiff engines build --model ./sd-turbo --dtype bfloat16 --backend torch --compile
+    streamdiff engines build --model tiny --backend openvino --size 256x256
     streamdiff engines list
     streamdiff engines clear --backend onnx
 
 ``streamdiff run`` and :class:`~streamdiff.pipeline.StreamPipeline` build missing engines on first use; this command
 builds them ahead of time (with a progress bar) so the first frame is not delayed. ``build`` takes the model, engine
-and stream flags of ``streamdiff run`` (:mod:`.options`) with the same defaults except ``--backend`` (onnxruntime
-here: eager torch needs no engine), so ``run`` with the same flags uses exactly the engines built here.
+and stream flags of ``streamdiff run`` (:mod:`.options`) with the same defaults (``--backend auto``: what ``run``
+picks on this machine), so ``run`` with the same flags uses exactly the engines built here.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import logging
 import time
 from typing import Any
 
-from ..config import BackendKind, StreamConfig
+from ..config import StreamConfig
 from . import options as shared
 
 logger = logging.getLogger(__name__)
@@ -29,11 +30,8 @@ logger = logging.getLogger(__name__)
 NAME = "engines"
 HELP = "build, list or clear compiled engines (ONNX, ONNX Runtime, TensorRT, AOTInductor) in the engine cache"
 
-# The options and defaults of `streamdiff run`, but ONNX Runtime engines unless --backend says otherwise.
-BUILD_DEFAULTS: dict[str, Any] = {
-    **shared.MODEL_DEFAULTS, **shared.ENGINE_DEFAULTS, **shared.STREAM_DEFAULTS,
-    "backend": BackendKind.ONNXRUNTIME.value,
-}
+# The options and defaults of `streamdiff run` (backend auto: what `run` would pick here).
+BUILD_DEFAULTS: dict[str, Any] = {**shared.MODEL_DEFAULTS, **shared.ENGINE_DEFAULTS, **shared.STREAM_DEFAULTS}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     shared.add_engine_dir_option(listing)
     clear = actions.add_parser("clear", help="delete cached engines (all, or those matching the filters)")
     clear.add_argument("--model", help="only engines of this model id")
-    clear.add_argument("--backend", help="only engines of this backend (onnx, tensorrt, torch-aoti)")
+    clear.add_argument("--backend", help="only engines of this backend (onnx, tensorrt, torch-aoti, openvino)")
     shared.add_engine_dir_option(clear)
 
 

@@ -55,7 +55,7 @@ DEFAULT_T_INDEX_LIST = (32, 45)
 # Defaults of the shared options. A command may override some (``engines build`` defaults to onnxruntime); all
 # commands share the ones that shape an engine, so that defaults, too, lead to the same cache entries.
 MODEL_DEFAULTS: dict[str, Any] = {
-    "model": "tiny", "vae": None, "lora": (), "dtype": None, "device": "auto", "backend": BackendKind.TORCH.value,
+    "model": "tiny", "vae": None, "lora": (), "dtype": None, "device": "auto", "backend": BackendKind.AUTO.value,
 }
 ENGINE_DEFAULTS: dict[str, Any] = {
     "engine_dir": None, "compile": False, "channels_last": False, "min_resolution": None, "max_resolution": None,

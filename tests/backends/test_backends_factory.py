@@ -97,25 +97,37 @@ def test_missing_backends_name_their_extra(tiny_model, monkeypatch: pytest.Monke
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if onnxruntime were not installed
     with pytest.raises(BackendUnavailable, match=r"pip install 'streamdiff\[onnx\]'"):
         StreamPipeline(tiny_model, CONFIG, backend="onnxruntime", engine_options=_options(tmp_path))
-    with pytest.raises(ConfigError, match="backend='openvino' is not one of 'torch', 'onnxruntime'"):
-        StreamPipeline(tiny_model, CONFIG, backend="openvino")
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    with pytest.raises(BackendUnavailable, match=r"pip install 'streamdiff\[openvino\]'"):
+        StreamPipeline(tiny_model, CONFIG, backend="openvino", engine_options=_options(tmp_path))
+    with pytest.raises(ConfigError, match="backend='onnx' is not one of 'torch', 'onnxruntime', 'tensorrt', 'openvino'"):
+        StreamPipeline(tiny_model, CONFIG, backend="onnx")
 
 
 def test_auto_says_what_it_picked_and_why(
     tiny_model, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    options = EngineOptions()
-    with caplog.at_level(logging.INFO, logger="streamdiff.backends.factory"):
-        assert factory.resolve_backend("auto", tiny_model, options) is BackendKind.ONNXRUNTIME
-    assert "backend auto: picked onnxruntime because float32 on the CPU" in caplog.text
     import dataclasses
 
+    options = EngineOptions()
     bf16 = dataclasses.replace(tiny_model, dtype=torch.bfloat16)
+    with caplog.at_level(logging.INFO, logger="streamdiff.backends.factory"):
+        assert factory.resolve_backend("auto", bf16, options) is BackendKind.OPENVINO
+    assert "backend auto: picked openvino because bfloat16 on the CPU runs fastest in OpenVINO" in caplog.text
+    kind, reason = factory.choose_auto(tiny_model, options)
+    assert kind is BackendKind.OPENVINO and reason.startswith("float32 on the CPU")
     kind, reason = factory.choose_auto(bf16, EngineOptions(compile=True))
-    assert kind is BackendKind.TORCH and "compiled (AOTInductor)" in reason
+    assert kind is BackendKind.TORCH and "AOTInductor" in reason
+    monkeypatch.setitem(sys.modules, "openvino", None)  # as if openvino were not installed
+    kind, reason = factory.choose_auto(bf16, options)
+    assert kind is BackendKind.TORCH and "streamdiff[openvino]" in reason
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="streamdiff.backends.factory"):
+        assert factory.resolve_backend("auto", tiny_model, options) is BackendKind.ONNXRUNTIME
+    assert "backend auto: picked onnxruntime because float32 on the CPU without openvino" in caplog.text
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     kind, reason = factory.choose_auto(tiny_model, options)
-    assert kind is BackendKind.TORCH and "streamdiff[onnx]" in reason
+    assert kind is BackendKind.TORCH and "streamdiff[openvino]" in reason
 
 
 def test_torch_backend_channels_last_gives_the_same_frames(tiny_model) -> None:

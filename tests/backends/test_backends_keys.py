@@ -110,3 +110,28 @@ def test_gpu_target_names_the_exact_gpu_and_its_compute_capability(monkeypatch: 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA GeForce RTX 4090")
     rtx = target_id(torch.device("cuda:0"))
     assert (l4, rtx) == ("sm_89:NVIDIA-L4", "sm_89:NVIDIA-GeForce-RTX-4090")  # one architecture, two engines
+
+
+def test_cpu_flags_are_read_from_cpuinfo(tmp_path) -> None:
+    from streamdiff.backends.keys import cpu_flags, cpu_has_native_bf16
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16\n\nprocessor\t: 1\nflags\t\t: fpu\n")
+    flags = cpu_flags(cpuinfo)
+    assert flags == frozenset({"fpu", "avx2", "avx512f", "avx512_bf16"})
+    assert cpu_has_native_bf16(flags)
+    assert cpu_has_native_bf16(frozenset({"amx_bf16", "amx_tile"}))
+    assert not cpu_has_native_bf16(frozenset({"avx2", "avx512f", "avx512_vnni"}))
+    assert cpu_flags(tmp_path / "missing") == frozenset()
+
+
+def test_bfloat16_is_the_cpu_default_only_where_it_is_native() -> None:
+    from streamdiff.backends.device import resolve_dtype
+
+    cpu = torch.device("cpu")
+    assert resolve_dtype(None, cpu, cpu_flags=frozenset({"avx512f", "avx512_bf16"})) is torch.bfloat16
+    assert resolve_dtype(None, cpu, cpu_flags=frozenset({"amx_bf16"})) is torch.bfloat16
+    assert resolve_dtype(None, cpu, cpu_flags=frozenset({"avx2", "avx512f"})) is torch.float32
+    assert resolve_dtype(None, cpu, cpu_flags=frozenset()) is torch.float32
+    assert resolve_dtype("float32", cpu, cpu_flags=frozenset({"avx512_bf16"})) is torch.float32
+    assert resolve_dtype(None, torch.device("cuda"), cpu_flags=frozenset({"avx512_bf16"})) is torch.float16

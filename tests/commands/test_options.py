@@ -198,7 +198,7 @@ def test_engines_built_by_engines_build_are_the_ones_run_uses(lora_in_cwd: Path,
     assert "3 built, 0 reused" in capsys.readouterr().out
     manifests = {p: p.stat().st_mtime_ns for p in engines.glob("*/manifest.json")}
     assert len(manifests) == 3
-    assert main(["run", *shared, "--backend", "onnxruntime", "--size", "64x64", "--t-index-list", "20,40",
+    assert main(["run", *shared, "--size", "64x64", "--t-index-list", "20,40",
                  "--frames", "3", "--status-interval", "0"]) == 0
     assert {p: p.stat().st_mtime_ns for p in engines.glob("*/manifest.json")} == manifests  # reused, none added
 

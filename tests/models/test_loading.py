@@ -27,7 +27,7 @@ from streamdiff.testing import (
 from streamdiff.models.tiny import tiny_model_path
 
 SIZE = 64
-Q = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+Q = "down_blocks.2.attentions.0.transformer_blocks.0.attn1.to_q"
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +172,7 @@ def test_loras_fuse_to_the_hand_computed_weights(tiny_folder, loras) -> None:
     (path1, state1), (path2, state2) = loras["first"], loras["second"]
     model = load_model(str(tiny_folder), loras=[(str(path1), 0.7), LoraSpec(str(path2), -0.4)])
     fused = model.unet.state_dict()
-    for name in (Q, "mid_block.attentions.0.transformer_blocks.0.attn2.to_out.0", "up_blocks.1.attentions.1."
+    for name in (Q, "mid_block.attentions.0.transformer_blocks.0.attn2.to_out.0", "up_blocks.0.attentions.1."
                  "transformer_blocks.0.attn2.to_k"):
         expected = loras["base"][f"{name}.weight"] + _delta(state1, name, 0.7) + _delta(state2, name, -0.4)
         assert (fused[f"{name}.weight"] - expected).abs().max() < 1e-6

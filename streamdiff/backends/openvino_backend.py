@@ -1,0 +1,253 @@
+"""The OpenVINO backend (CPU): the U-Net, the VAE encoder and the VAE decoder compiled by OpenVINO, cached.
+
+Build (once per cache key): the component's engine-contract module is converted with ``ov.convert_model`` (traced
+from the torch module; static shapes when the component serves exactly one shape, as for one stream, else dynamic
+batch and spatial axes), compiled for the CPU with ``INFERENCE_PRECISION_HINT`` set
+from the model's dtype (bfloat16 → ``bf16``), and the compiled model is exported (``export_model``) into the entry
+as ``model.blob``. Load: ``import_model`` of that blob — no conversion, no compilation — so a warm start takes about
+as long as reading the file.
+
+The U-Net's time embedding stays float32: OpenVINO's bf16 mode would round the timestep to bfloat16 before the
+sinusoidal projection (999 → 1000; PSNR 45 dB against float32 at t = 999). The graph therefore takes the projection
+``unet.time_proj(timestep)`` as its input, computed here in float32 by torch, exactly as diffusers computes it
+before casting to the model's dtype. Graph inputs and outputs are float32; the graph casts to the model's dtype
+inside. Measured speeds: docs/PERF.md ("OpenVINO").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError, EngineBuildError, missing_extra
+from .keys import Component, ShapeRange
+
+logger = logging.getLogger(__name__)
+
+BLOB_FILE = "model.blob"
+_PRECISION_HINTS = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+
+
+def import_openvino():  # noqa: ANN201 - the module
+    try:
+        import openvino
+    except ImportError:
+        raise missing_extra("openvino", "openvino") from None
+    return openvino
+
+
+def openvino_version() -> str:
+    return str(import_openvino().__version__)
+
+
+def precision_hint(dtype: torch.dtype) -> str:
+    """OpenVINO's ``INFERENCE_PRECISION_HINT`` for a model loaded in ``dtype``."""
+    return _PRECISION_HINTS[dtype]
+
+
+_threads: int | None = None  # OpenVINO's thread count in this process, fixed by the first engine loaded
+
+
+def openvino_threads() -> int:
+    """The threads OpenVINO runs on: torch's intra-op thread count when the first OpenVINO engine was made."""
+    return _threads or torch.get_num_threads()
+
+
+def hand_cores_to_openvino() -> None:
+    """Give the cores to OpenVINO: torch's own intra-op threads drop to 1 (logged once).
+
+    Beside OpenVINO's thread pool, torch's element-wise work between the calls (image range, noising, guidance) is
+    faster on one thread: measured here, a 256² image op after an OpenVINO call took 1.7–36 ms with 2 torch
+    threads (each pool waiting for the other's spinning workers) and 0.1 ms with 1 (docs/PERF.md, "The tiny model").
+    """
+    global _threads
+    if _threads is None:
+        _threads = torch.get_num_threads()
+    if torch.get_num_threads() > 1:
+        logger.info("openvino backend: OpenVINO runs on %d threads; torch's intra-op threads set to 1 (its "
+                    "remaining element-wise work is faster single-threaded beside OpenVINO's pool)", _threads)
+        torch.set_num_threads(1)
+
+
+def compile_config(dtype: torch.dtype, threads: int | None = None) -> dict[str, Any]:
+    """Properties of a compiled model: the precision of ``dtype``, latency mode, ``threads``
+    (:func:`openvino_threads` by default)."""
+    return {
+        "INFERENCE_PRECISION_HINT": precision_hint(dtype),
+        "PERFORMANCE_HINT": "LATENCY",
+        "INFERENCE_NUM_THREADS": int(threads or openvino_threads()),
+    }
+
+
+@contextlib.contextmanager
+def _time_projection_input(unet: torch.nn.Module) -> Iterator[None]:
+    """While converting, the U-Net takes its time projection ``[B, P]`` (float32) in place of the timestep."""
+    unet.get_time_embed = lambda sample, timestep: timestep.to(sample.dtype)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del unet.get_time_embed
+
+
+class OvUNetGraph(torch.nn.Module):
+    """ε = U-Net(sample ``[B, C, h, w]``, time projection ``[B, P]``, hidden states ``[B, L, D]``), float32 I/O."""
+
+    def __init__(self, unet: torch.nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample: torch.Tensor, time_projection: torch.Tensor, encoder_hidden_states: torch.Tensor
+                ) -> torch.Tensor:
+        dtype = self.unet.dtype
+        out = self.unet(sample.to(dtype), time_projection, encoder_hidden_states=encoder_hidden_states.to(dtype),
+                        return_dict=False)[0]
+        return out.float()
+
+
+class Float32Graph(torch.nn.Module):
+    """``module`` (a VAE encoder or decoder wrapper) with float32 input and output around its own dtype."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = next(self.module.parameters()).dtype
+        return self.module(x.to(dtype)).float()
+
+
+def unet_time_projection(unet: torch.nn.Module, timestep: torch.Tensor) -> torch.Tensor:
+    """diffusers' sinusoidal projection of ``timestep`` ``[B]``, in float32 ``[B, P]``."""
+    return unet.time_proj(timestep.to(torch.float32)).to(torch.float32)
+
+
+def build_blob(
+    component: Component,
+    module: torch.nn.Module,
+    example: tuple[torch.Tensor, ...],
+    dtype: torch.dtype,
+    folder: Path,
+    unet: torch.nn.Module | None = None,
+    static: bool = False,
+) -> str:
+    """Convert ``module`` (the engine-contract wrapper), compile it for the CPU and export it to ``folder``.
+
+    ``example`` are float32 example inputs (the U-Net's second input is the time projection). ``static``: compiled
+    for exactly their shapes; otherwise dynamic batch and spatial axes. Returns the artifact's file name.
+    """
+    ov = import_openvino()
+    if static:
+        shapes = [ov.PartialShape(list(t.shape)) for t in example]
+    else:
+        shapes = [ov.PartialShape([-1, t.shape[1], -1, -1]) if t.ndim == 4 else ov.PartialShape([-1, *t.shape[1:]])
+                  for t in example]
+    graph = OvUNetGraph(unet) if component is Component.UNET else Float32Graph(module)
+    guard = _time_projection_input(unet) if component is Component.UNET else contextlib.nullcontext()
+    try:
+        with guard, torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            converted = ov.convert_model(graph.eval(), example_input=example, input=shapes)
+        compiled = ov.Core().compile_model(converted, "CPU", compile_config(dtype))
+        blob = compiled.export_model()
+    except Exception as error:  # noqa: BLE001 - reported as a build failure with its cause
+        raise EngineBuildError(f"OpenVINO conversion of {component.value} failed: {type(error).__name__}: {error}"
+                               ) from error
+    (folder / BLOB_FILE).write_bytes(blob.getvalue() if hasattr(blob, "getvalue") else bytes(blob))
+    return BLOB_FILE
+
+
+def example_inputs(component: Component, spec: Any, shapes: ShapeRange, unet: torch.nn.Module | None
+                   ) -> tuple[torch.Tensor, ...]:
+    """Float32 example inputs at the tuned shape; the U-Net's timestep replaced by its time projection."""
+    inputs = tuple(t.float() for t in spec.make_inputs(shapes.opt_batch, shapes.opt_height, shapes.opt_width))
+    if component is Component.UNET:
+        assert unet is not None
+        sample, timestep, hidden = inputs
+        return sample, unet_time_projection(unet, timestep), hidden
+    return inputs
+
+
+class OvModel:
+    """One imported compiled model with a single output: ``run(*tensors) -> tensor`` (float32, CPU)."""
+
+    def __init__(self, path: Path | str, dtype: torch.dtype, threads: int | None = None) -> None:
+        ov = import_openvino()
+        try:
+            compiled = ov.Core().import_model(Path(path).read_bytes(), "CPU", compile_config(dtype, threads))
+        except Exception as error:  # noqa: BLE001 - reported with the file that failed
+            raise EngineBuildError(f"OpenVINO cannot load {path}: {type(error).__name__}: {error}") from error
+        self.compiled = compiled
+        self.request = compiled.create_infer_request()
+        partial = [i.get_partial_shape() for i in compiled.inputs]
+        self.static_shapes = [tuple(p.to_shape()) for p in partial] if all(p.is_static for p in partial) else None
+
+    @property
+    def precision(self) -> str:
+        """The inference precision the compiled model runs at (``bf16``, ``f32``)."""
+        value = self.compiled.get_property("INFERENCE_PRECISION_HINT")
+        return str(value.to_string() if hasattr(value, "to_string") else value)
+
+    def run(self, *tensors: torch.Tensor) -> torch.Tensor:
+        if self.static_shapes is not None and [tuple(t.shape) for t in tensors] != self.static_shapes:
+            raise ConfigError(
+                f"the OpenVINO engine was compiled for inputs {self.static_shapes}, got "
+                f"{[tuple(t.shape) for t in tensors]}. Rebuild the pipeline for the new configuration."
+            )
+        arrays = [t.detach().to("cpu", torch.float32).contiguous().numpy() for t in tensors]
+        self.request.infer(arrays, share_inputs=True, share_outputs=True)
+        out = self.request.get_output_tensor(0).data  # the request's own buffer, reused by the next call
+        return torch.from_numpy(np.array(out, copy=True))
+
+
+class OvUNet:
+    """A :class:`~streamdiff.backends.base.UNetEngine` on a compiled OpenVINO U-Net (float32 time embedding)."""
+
+    def __init__(self, path: Path | str, time_proj: torch.nn.Module, dtype: torch.dtype) -> None:
+        self.model = OvModel(path, dtype)
+        self.time_proj = time_proj
+
+    @torch.inference_mode()
+    def __call__(
+        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+    ) -> torch.Tensor:
+        projection = self.time_proj(timestep.to(torch.float32)).to(torch.float32)  # [B, P], never bfloat16
+        return self.model.run(sample, projection, encoder_hidden_states).to(sample.device, sample.dtype)
+
+
+class OvVae:
+    """A :class:`~streamdiff.backends.base.VaeEngine` on compiled OpenVINO encoder and decoder."""
+
+    def __init__(self, encoder_path: Path | str, decoder_path: Path | str, dtype: torch.dtype) -> None:
+        self.encoder = OvModel(encoder_path, dtype)
+        self.decoder = OvModel(decoder_path, dtype)
+
+    @torch.inference_mode()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return self.encoder.run(images).to(images.device, images.dtype)
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.decoder.run(latents).to(latents.device, latents.dtype)
+
+
+@torch.inference_mode()
+def warm_up(unet: OvUNet, vae: OvVae, model: Any, shapes: Any) -> None:
+    """One call of each engine per frame size, at the tuned U-Net batch.
+
+    OpenVINO prepares its kernels for an input shape on the first call with that shape (seconds for an SD-2.1-size
+    U-Net); doing it here keeps that out of the first frames. ``model``: the LoadedModel; ``shapes``: EngineShapes.
+    """
+    batch = min(max(shapes.opt_batch, shapes.unet_batch[0]), shapes.unet_batch[1])
+    text = (int(getattr(model.text_encoder.config, "max_position_embeddings", 77)),
+            int(model.unet.config.cross_attention_dim))
+    for width, height in shapes.sizes:
+        latents = vae.encode(torch.zeros(shapes.vae_batch[0], 3, height, width, dtype=model.dtype))
+        unet(latents[:1].expand(batch, *latents.shape[1:]).contiguous(), torch.full((batch,), 500),
+             torch.zeros(batch, *text, dtype=model.dtype))
+        vae.decode(latents)
