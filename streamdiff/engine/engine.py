@@ -77,6 +77,7 @@ class StreamEngine:
         self.unet: UNetEngine | None = unet
         self.vae: VaeEngine | None = vae
         self._backend_shapes: EngineShapes | None = None
+        self._backend_artifacts: frozenset[str] = frozenset()  # cache entries the current engines were made from
         self.prompts = PromptEncoder(model.tokenizer, model.text_encoder, capacity=self.config.prompt_cache)
         self.scheduler = Scheduler(self.config.max_batch_rows)
         self.batch_vae = self.config.batch_vae if self.config.batch_vae is not None else model.device.type == "cuda"
@@ -402,27 +403,29 @@ class StreamEngine:
 
         Otherwise this happens when the first stream of a new frame size joins. A single-stream engine (the
         pipeline's) builds for exactly that stream's shapes; a multi-stream one for 1 … ``max_batch_rows`` U-Net
-        rows and every frame size its streams use.
+        rows and every frame size its streams use. Engines are made again only when the artifacts they need change
+        (a size outside a compiled range, a new fixed shape): a new size inside the range keeps them.
         """
+        from ..backends.factory import create_engines, engine_steps
+
         given_unet, given_vae = self._given
         if given_unet is not None and given_vae is not None:
             return
-        compiled = self.backend is not BackendKind.TORCH or self.options.compile
         if self.config.max_streams == 1:
             shapes = EngineShapes.for_config(config, self.options)
         else:
             sizes = tuple(sorted(set(self._backend_shapes.sizes if self._backend_shapes else ()) |
                                  {(config.width, config.height)}))
             shapes = EngineShapes.for_engine(self.config.max_batch_rows, self.config.max_streams, sizes)
-        if self.unet is not None and self.vae is not None and (not compiled or shapes == self._backend_shapes):
+        artifacts = frozenset(step.key.name for step in engine_steps(self.backend, self.model, shapes, self.options)[1])
+        if self.unet is not None and self.vae is not None and artifacts == self._backend_artifacts:
+            self._backend_shapes = shapes
             return
-        from ..backends.factory import create_engines
-
         logger.info("preparing %s engines for %s", self.backend.value, shapes)
         unet, vae = create_engines(self.backend, self.model, shapes, self.options)
         self.unet = given_unet or unet
         self.vae = given_vae or vae
-        self._backend_shapes = shapes
+        self._backend_shapes, self._backend_artifacts = shapes, artifacts
 
     def _backends(self) -> tuple[UNetEngine, VaeEngine]:
         assert self.unet is not None and self.vae is not None, "no stream has opened yet"

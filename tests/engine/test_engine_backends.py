@@ -73,3 +73,17 @@ def test_fixed_shape_backends_get_padded_calls_with_unchanged_frames(tiny_model)
     fixed.seen.clear()
     _run(StreamEngine(tiny_model, EngineConfig(max_streams=3, max_batch_rows=8), unet=fixed), three)
     assert fixed.seen == [8] * 4  # 6 rows padded to 8
+
+
+def test_a_new_size_inside_the_compiled_range_keeps_the_engines(tiny_model, tmp_path: Path) -> None:
+    engine = StreamEngine(tiny_model, EngineConfig(max_streams=3, max_batch_rows=8), backend="onnxruntime",
+                          engine_options=EngineOptions(engine_dir=tmp_path))
+    first = engine.open_stream(StreamConfig(width=SIZE, height=SIZE, t_index_list=(20, 40)))
+    engine.step({first: torch.rand(1, 3, SIZE, SIZE)})
+    unet = engine.unet
+    inside = engine.open_stream(StreamConfig(width=96, height=96, t_index_list=(20, 40)))
+    outputs = engine.step({first: torch.rand(1, 3, SIZE, SIZE), inside: torch.rand(1, 3, 96, 96)})
+    assert engine.unet is unet and set(outputs) == {first, inside}  # 96 px is inside the same range: no rebuild
+    below = engine.open_stream(StreamConfig(width=32, height=32, t_index_list=(20, 40)))
+    engine.step({below: torch.rand(1, 3, 32, 32)})
+    assert engine.unet is not unet  # 32 px is below the range [64, 1024]: engines for a wider range
