@@ -256,3 +256,15 @@ def test_txt2img_streams_generate_on_request(tiny_model) -> None:
     outs = [engine.step({a: None, b: None}) for _ in range(3)]
     assert outs[0][a].images is None and outs[1][a].images is not None
     assert torch.equal(outs[2][a].images, outs[2][b].images)  # same seed, same frames
+
+
+def test_prompt_embeddings_are_shared_by_streams_with_the_same_prompt(tiny_model, frames) -> None:
+    engine = StreamEngine(tiny_model, EngineConfig(max_streams=4))
+    config = StreamConfig(width=SIZE, height=SIZE, t_index_list=(20, 40), cfg_type="full")
+    streams = [engine.open_stream(config, prompt="a shared prompt", negative_prompt="blur", seed=i) for i in range(3)]
+    engine.step({s: frames[0] for s in streams})
+    assert engine.prompts.encoder_calls == 2  # the prompt and the negative prompt, once for all three streams
+    streams[0].update(prompt="another prompt")
+    streams[1].update(prompt="another prompt")
+    engine.step({s: frames[1] for s in streams})
+    assert engine.prompts.encoder_calls == 3
