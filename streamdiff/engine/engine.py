@@ -363,6 +363,7 @@ class StreamEngine:
     # -- one tick: schedule → execute → update ---------------------------------------------------------------------
 
     def _tick(self, only: Stream | None = None) -> dict[Stream, StreamOutput]:
+        started = time.perf_counter()
         self._apply_changes()
         with self._cond:
             candidates = [only] if only is not None else list(self._streams.values())
@@ -386,7 +387,7 @@ class StreamEngine:
         self.scheduler.served([s.id for s in ready if s.id in plan.stream_ids])
         self.stats.ticks += 1
         for stream, output in outputs.items():
-            self._deliver(stream, output)
+            self._deliver(stream, output, started)
         return outputs
 
     def _prepare(self, streams: list[Stream], tasks: dict[Stream, StreamTask], outputs: dict[Stream, StreamOutput]
@@ -511,8 +512,8 @@ class StreamEngine:
                     self._fail(streams[i], error)
         return results
 
-    def _deliver(self, stream: Stream, output: StreamOutput) -> None:
-        output.finished = time.perf_counter()
+    def _deliver(self, stream: Stream, output: StreamOutput, started: float) -> None:
+        output.started, output.finished = started, time.perf_counter()
         try:
             stream._deliver(output)
         except Exception as error:  # noqa: BLE001 - the stream's own callback failed

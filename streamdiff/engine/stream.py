@@ -45,7 +45,8 @@ class StreamOutput:
     ``images``: ``[F, 3, H, W]`` float32 in [0, 1] on the CPU, or None while the Stream Batch fills. ``skipped``:
     the similarity filter skipped the group and ``images`` is the previous output, held. ``frame_ids``: the ids of
     the input frames these images were made from (one per frame). ``version``: the settings version (see
-    :meth:`Stream.update`) in force when they were finished. ``finished``: ``time.perf_counter()`` at delivery.
+    :meth:`Stream.update`) in force when they were finished. ``started`` and ``finished``: ``time.perf_counter()``
+    when the tick that made them began and at delivery (the tick's time is shared by every stream in its batch).
     """
 
     images: torch.Tensor | None
@@ -53,6 +54,7 @@ class StreamOutput:
     frame_ids: tuple[Any, ...] = ()
     version: int = 0
     finished: float = 0.0
+    started: float = 0.0
 
     def frames(self) -> np.ndarray | None:
         """``images`` as uint8 RGB ``[F, H, W, 3]`` (None while filling)."""

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from server_helpers import FakeClock, closed_with, frame_message, pattern, save, streaming
 
-from streamdiff.errors import ImageError, StreamDiffError
+from streamdiff.errors import ConfigError, ImageError, StreamDiffError
 from streamdiff.server import protocol
 from streamdiff.server.client_protocol import ClientConnection
 from streamdiff.server.images import ImageFormat, decode
@@ -262,19 +262,43 @@ def test_update_yields_engine_changes_and_an_ack() -> None:
     before = conn.settings
     events = conn.receive_text(json.dumps({"type": "update", "request_id": 4,
                                            "settings": {"prompt": "ink", "guidance_scale": 1.5, "seed": 3}}))
-    update, send = events
+    (update,) = events
     assert isinstance(update, Update) and update.request_id == 4 and update.previous == before
     assert dict(update.changes) == {"prompt": "ink", "guidance_scale": 1.5, "seed": 3}
     assert conn.settings == update.settings and conn.stats.updates == 1
-    assert json.loads(send.data) == {"type": "ack", "settings": update.settings.to_json(), "request_id": 4}
+    assert json.loads(update.ack) == {"type": "ack", "settings": update.settings.to_json(), "request_id": 4}
 
 
 def test_update_request_id_may_be_a_string_or_absent() -> None:
     conn = streaming()
-    assert json.loads(conn.receive_text('{"type": "update", "request_id": "a-1", "settings": {}}')[1].data)[
+    assert json.loads(conn.receive_text('{"type": "update", "request_id": "a-1", "settings": {}}')[0].ack)[
         "request_id"] == "a-1"
-    update, ack = conn.receive_text('{"type": "update", "settings": {"delta": 0.5}}')
-    assert update.request_id is None and "request_id" not in json.loads(ack.data)
+    (update,) = conn.receive_text('{"type": "update", "settings": {"delta": 0.5}}')
+    assert update.request_id is None and "request_id" not in json.loads(update.ack)
+
+
+def test_update_refused_by_the_engine_is_undone_and_answered_with_the_field() -> None:
+    conn = streaming()
+    before = conn.settings
+    (update,) = conn.receive_text(json.dumps({"type": "update", "request_id": 9, "settings": {"width": 520}}))
+    assert conn.settings.stream.width == 520
+    events = conn.update_refused(update, ConfigError("width=520 is not a multiple of the VAE factor 16"))
+    error = _error(events, ErrorCode.NOT_ALLOWED)
+    assert (error["field"], error["request_id"], error["fatal"]) == ("settings.width", 9, False)
+    assert "width=520 is not a multiple of the VAE factor 16" in error["message"]
+    assert conn.settings == before and conn.state is ConnectionState.STREAMING
+
+
+def test_hello_refused_by_the_engine_closes_with_1008_naming_the_field() -> None:
+    conn = ServerConnection()
+    (hello,) = conn.receive_text(json.dumps({"type": "hello", "version": 1, "settings": {"t_index_list": [1, 2, 3]}}))
+    assert isinstance(hello, Hello)
+    error = closed_with(conn.refuse(ConfigError("the stream needs 3 U-Net rows per call, more than the engine's "
+                                                "max_batch_rows=2; use fewer steps, a smaller frame_buffer_size or "
+                                                "another cfg_type")), ErrorCode.NOT_ALLOWED, 1008)
+    assert error["field"] == "settings" and "max_batch_rows=2" in error["message"]
+    with pytest.raises(StreamDiffError, match="hello_received"):
+        conn.refuse(ConfigError("again"))
 
 
 @pytest.mark.parametrize("request_id", [True, -1, 2**53, 1.5, "x" * 65, None, {"a": 1}])
@@ -457,8 +481,8 @@ def test_client_and_server_round_trip(jpeg: bytes) -> None:
     [frame] = server.receive_bytes(client.frame(jpeg))
     assert (frame.frame_id, frame.client_ts) == (0, 2000.0)
     request_id, text = client.update(prompt="a wolf")
-    update, ack = server.receive_text(text)
-    assert client.receive_text(ack.data).settings.prompt.prompt == "a wolf" and update.request_id == request_id
+    (update,) = server.receive_text(text)
+    assert client.receive_text(update.ack).settings.prompt.prompt == "a wolf" and update.request_id == request_id
 
 
 # -- fuzz --------------------------------------------------------------------------------------------------------------
@@ -840,6 +864,8 @@ def test_doc_worked_example_is_what_the_code_sends() -> None:
             for event in conn.receive_text(line[3:]):
                 if isinstance(event, Hello):
                     sent += [json.loads(e.data) for e in conn.accept("st-7f3a", event.view_token)]
+                elif isinstance(event, Update):
+                    sent.append(json.loads(event.ack))
                 elif isinstance(event, Send):
                     sent.append(json.loads(event.data))
         elif line.startswith("S> {"):
