@@ -28,6 +28,8 @@ from ..models import LoraSpec
 from ..runtime import RuntimeConfig, StreamRunner
 from ..runtime.controls import COMMAND_HELP
 
+TOKEN_ENV = "STREAMDIFF_TOKEN"
+
 logger = logging.getLogger(__name__)
 
 NAME = "run"
@@ -70,7 +72,17 @@ DEFAULTS: dict[str, Any] = {
     "status_interval": 2.0,
     "stats_json": None,
     "control_stdin": False,
+    "engine": None,
+    "token": None,
+    "remote_format": "jpeg",
+    "remote_quality": 90,
 }
+# The options that load a model (shared with `streamdiff serve`, which takes them from here).
+MODEL_KEYS = ("model", "vae", "lora", "dtype", "device", "backend", "engine_dir", "compile", "channels_last")
+# The options that describe a stream (`streamdiff serve`: its streams' default settings).
+STREAM_KEYS = ("prompt", "negative_prompt", "t_index_list", "strength", "steps", "num_inference_steps", "cfg_type",
+               "guidance_scale", "delta", "seed", "size", "frame_buffer_size", "filter", "filter_threshold",
+               "filter_max_skip")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -91,6 +103,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help="scale output frames to this size ('source': the input's size)")
     io.add_argument("--list-devices", action="store_true", help="list webcams and exit")
     io.add_argument("--virtualcam-backend", help="pyvirtualcam backend name (default: the first that works)")
+    add_model_arguments(parser)
+    add_stream_arguments(parser)
+    run = parser.add_argument_group("run")
+    run.add_argument("--queue-size", type=int, help="capacity of the latest-wins queues (default 1)")
+    run.add_argument("--status-interval", type=float, help="seconds between status lines, 0 for none (default 2)")
+    run.add_argument("--stats-json", metavar="FILE", help="write the final summary as JSON ('-' for stdout)")
+    run.add_argument("--control-stdin", action=argparse.BooleanOptionalAction,
+                     help=f"read live changes from standard input, {COMMAND_HELP}")
+    remote = parser.add_argument_group("remote engine (a streamdiff serve server)")
+    remote.add_argument("--engine", metavar="ws://HOST:PORT",
+                        help="stylise on this server instead of loading a model here (the model flags are ignored)")
+    remote.add_argument("--token", help=f"the server's token (default ${TOKEN_ENV})")
+    remote.add_argument("--remote-format", choices=["jpeg", "webp"],
+                        help="how frames travel to and from the server (default jpeg)")
+    remote.add_argument("--remote-quality", type=int,
+                        help="their quality in [1, 100] (default 90; webp at 100 is lossless)")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--model --vae --dtype --device --lora --backend --engine-dir --compile --channels-last``."""
     model = parser.add_argument_group("model")
     model.add_argument("--model", help="'tiny' (built-in, offline), a diffusers folder, a checkpoint file or a hub id")
     model.add_argument("--vae", help="replacement VAE folder or hub id, e.g. madebyollin/taesd")
@@ -104,6 +136,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="torch backend: AOTInductor-compiled U-Net, built once and cached")
     model.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
                        help="torch backend: channels-last memory format (faster on CPUs)")
+
+
+def add_stream_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--prompt … --filter-max-skip``: one stream's settings."""
     stream = parser.add_argument_group("stream")
     stream.add_argument("--prompt", help="what to turn the frames into")
     stream.add_argument("--negative-prompt", help="what to steer away from (cfg full/initialize)")
@@ -120,16 +156,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     stream.add_argument("--filter", action=argparse.BooleanOptionalAction, help="stochastic similarity filter")
     stream.add_argument("--filter-threshold", type=float, help="similarity threshold (default 0.98)")
     stream.add_argument("--filter-max-skip", type=int, help="most frames skipped in a row (default 10)")
-    run = parser.add_argument_group("run")
-    run.add_argument("--queue-size", type=int, help="capacity of the latest-wins queues (default 1)")
-    run.add_argument("--status-interval", type=float, help="seconds between status lines, 0 for none (default 2)")
-    run.add_argument("--stats-json", metavar="FILE", help="write the final summary as JSON ('-' for stdout)")
-    run.add_argument("--control-stdin", action=argparse.BooleanOptionalAction,
-                     help=f"read live changes from standard input, {COMMAND_HELP}")
 
 
-def load_config_file(path: str) -> dict[str, Any]:
-    """The options in a TOML file, keys normalised to flag names with underscores; unknown keys are an error."""
+def load_config_file(path: str, defaults: dict[str, Any] = DEFAULTS) -> dict[str, Any]:
+    """The options in a TOML file, keys normalised to flag names with underscores; keys not in ``defaults`` are an
+    error."""
     try:
         import tomllib
     except ImportError:  # Python 3.10
@@ -145,9 +176,9 @@ def load_config_file(path: str) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"config file {str(file)!r} is not valid TOML: {error}") from None
     options = {key.replace("-", "_"): value for key, value in data.items()}
-    unknown = sorted(set(options) - set(DEFAULTS))
+    unknown = sorted(set(options) - set(defaults))
     if unknown:
-        raise ConfigError(f"config file {str(file)!r} has unknown key(s) {unknown}; allowed: {sorted(DEFAULTS)}")
+        raise ConfigError(f"config file {str(file)!r} has unknown key(s) {unknown}; allowed: {sorted(defaults)}")
     return options
 
 
@@ -217,7 +248,8 @@ def build_runner(options: dict[str, Any]) -> StreamRunner:
 
     The runner opens the sinks and the stream when it starts.
     """
-    from ..engine import SINGLE_STREAM, StreamEngine
+    from ..engine import SINGLE_STREAM
+    from ..remote import RemoteEngine
 
     config = stream_config(options)
     output_size = options["output_size"]
@@ -234,26 +266,42 @@ def build_runner(options: dict[str, Any]) -> StreamRunner:
         realtime=options["realtime"], queue_size=int(options["queue_size"]), max_frames=options["frames"],
         output_size=output_size, fps=options["fps"],
     )
-    prompt = PromptConfig(
-        str(options["prompt"]), str(options["negative_prompt"]), float(options["guidance_scale"]),
-        float(options["delta"]), int(options["seed"]),
-    )
+    prompt = prompt_config(options)
     try:
-        engine = StreamEngine.from_pretrained(
-            options["model"], max_streams=SINGLE_STREAM.max_streams, max_batch_rows=SINGLE_STREAM.max_batch_rows,
-            vae=options["vae"], loras=lora_specs(options["lora"]), dtype=options["dtype"], device=options["device"],
-            backend=options["backend"],
-            engine_options=EngineOptions(
-                engine_dir=options["engine_dir"], compile=bool(options["compile"]),
-                channels_last=bool(options["channels_last"]),
-            ),
-        )
-        engine.check_settings(config, prompt)
-        engine.prepare_backends(config)
+        if options["engine"]:
+            engine: Any = RemoteEngine(str(options["engine"]), token=options["token"],
+                                       image_format=options["remote_format"], quality=int(options["remote_quality"]))
+        else:
+            engine = load_engine(options, SINGLE_STREAM.max_streams, SINGLE_STREAM.max_batch_rows)
+            engine.check_settings(config, prompt)
+            engine.prepare_backends(config)
     except BaseException:
         source.close()
         raise
     return StreamRunner(engine, source, sinks, runtime, stream_config=config, prompt=prompt)
+
+
+def prompt_config(options: dict[str, Any]) -> PromptConfig:
+    """The :class:`PromptConfig` the options describe."""
+    return PromptConfig(
+        str(options["prompt"]), str(options["negative_prompt"]), float(options["guidance_scale"]),
+        float(options["delta"]), int(options["seed"]),
+    )
+
+
+def load_engine(options: dict[str, Any], max_streams: int, max_batch_rows: int) -> Any:
+    """Load the model the options name into a :class:`StreamEngine` (not started)."""
+    from ..engine import StreamEngine
+
+    return StreamEngine.from_pretrained(
+        options["model"], max_streams=max_streams, max_batch_rows=max_batch_rows,
+        vae=options["vae"], loras=lora_specs(options["lora"]), dtype=options["dtype"], device=options["device"],
+        backend=options["backend"],
+        engine_options=EngineOptions(
+            engine_dir=options["engine_dir"], compile=bool(options["compile"]),
+            channels_last=bool(options["channels_last"]),
+        ),
+    )
 
 
 def _read_commands(runner: StreamRunner) -> None:
@@ -315,6 +363,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        if options["engine"]:
+            runner.engine.stop()  # the remote engine's event loop thread
     print(summary.format())
     _write_stats(summary, options["stats_json"])
     if summary.interrupted:
