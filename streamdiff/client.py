@@ -28,8 +28,7 @@ from .server.limits import ServerLimits
 from .server.settings import StreamSettings
 from .server.wire import STREAM_PATH, SUBPROTOCOL
 
-__all__ = ["RemoteEngine", "RemoteStream", "RequestFailed", "ServerRefused", "StreamClient", "decode_output",
-           "stream_url"]
+__all__ = ["RequestFailed", "ServerRefused", "StreamClient", "decode_output", "stream_url"]
 
 _DECODE_LIMITS = ServerLimits(max_frame_pixels=4096 * 4096, max_width=4096, max_height=4096)
 

@@ -8,11 +8,12 @@ therefore bounded by construction, whatever the client does.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
-__all__ = ["LatestSlot", "SendTimeout", "send_within"]
+__all__ = ["LatestSlot", "SendTimeout", "send_within", "within"]
 
 
 class LatestSlot(Generic[T]):
@@ -50,9 +51,23 @@ class SendTimeout(Exception):
     """A message did not leave within the write timeout: the peer stopped reading."""
 
 
+async def within(awaitable: Awaitable[T], timeout: float | None) -> T:
+    """``await awaitable`` for at most ``timeout`` seconds (``asyncio.TimeoutError`` after), None: no limit.
+
+    ``asyncio.timeout`` where it exists (3.11+): ``asyncio.wait_for`` of 3.10/3.11 can swallow a cancellation
+    that arrives as the awaited operation finishes, and a session's loop must always stop when cancelled.
+    """
+    if timeout is None:
+        return await awaitable
+    if hasattr(asyncio, "timeout"):
+        async with asyncio.timeout(timeout):
+            return await awaitable
+    return await asyncio.wait_for(awaitable, timeout)  # pragma: no cover - Python 3.10
+
+
 async def send_within(transport: object, data: str | bytes, timeout: float) -> None:
     """``transport.send(data)`` or :class:`SendTimeout` after ``timeout`` seconds (then abort the connection)."""
     try:
-        await asyncio.wait_for(transport.send(data), timeout)  # type: ignore[attr-defined]
+        await within(transport.send(data), timeout)  # type: ignore[attr-defined]
     except asyncio.TimeoutError:
         raise SendTimeout(f"a message did not leave within {timeout:g} s") from None

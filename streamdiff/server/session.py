@@ -36,7 +36,7 @@ import numpy as np
 from ..errors import ConfigError, EngineFull, ImageError, StreamClosed
 from .images import ImageFormat, decode, encode
 from .metrics import SyncState
-from .pacing import LatestSlot, SendTimeout, send_within
+from .pacing import LatestSlot, SendTimeout, send_within, within
 from .protocol import Close, ConnectionState, Frame, Hello, Send, ServerConnection, Update
 from .transport import Transport, TransportClosed
 from .wire import ErrorCode, ServerTimings, shorten
@@ -53,6 +53,7 @@ logger = logging.getLogger(__name__)
 CONGESTED_S = 0.25  # a send stuck this long means the client does not keep up: drop its new frames
 HOUSEKEEPING_S = 0.25  # how often a session looks at its engine stream (ended? stats due?)
 STATS_SPACING_S = 0.05  # at most 20 stats messages a second per client
+CLEANUP_S = 5.0  # a closed session's loops must have stopped by then
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,7 @@ class StreamSession:
         self._sending_since: float | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._sync = SyncState()
+        self._finished = False  # the session is over: every loop stops
         self._opened = time.monotonic()
         self._client: str | None = None
 
@@ -131,7 +133,7 @@ class StreamSession:
             deadline = conn.next_deadline()
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                message = await asyncio.wait_for(self.transport.receive(), timeout)
+                message = await within(self.transport.receive(), timeout)
             except asyncio.TimeoutError:
                 await self._execute(conn.check_timeouts())
                 continue
@@ -143,15 +145,17 @@ class StreamSession:
             await self._execute(events, received)
 
     async def _cleanup(self) -> None:
+        self._finished = True
         for task in self._tasks:
             task.cancel()
         if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            _, pending = await asyncio.wait(self._tasks, timeout=CLEANUP_S)
+            if pending:  # never seen: each loop also checks _finished; logged so that it would be
+                logger.warning("%s: %d task(s) still running %.0f s after the close", self.stream_id, len(pending),
+                               CLEANUP_S)
         if self.conn.state is not ConnectionState.CLOSED:
             self.conn.connection_lost()
-        if self.stream is not None:
-            self.stream.close()
-        self.hub.unregister(self)
+        self._release()
         code = ErrorCode.SHUTTING_DOWN if self.hub.shutting_down else ErrorCode.STREAM_ENDED
         for viewer in list(self.viewers):
             await viewer.end(code, "the stream being watched ended")
@@ -168,11 +172,18 @@ class StreamSession:
                         time.monotonic() - self._opened)
         self.hub.connections.discard(self)  # last: the session is finished
 
+    def _release(self) -> None:
+        """Leave the engine and free the stream slot (idempotent)."""
+        if self.stream is not None:
+            self.stream.close()
+        self.hub.unregister(self)
+
     def _closed_by_peer(self, closed: TransportClosed) -> None:
         self.conn.connection_lost()
         if self.close_code is None:
             self.close_code = closed.code or 1006
-            self.close_reason = f"(by the client{': ' + repr(shorten(closed.reason, 60)) if closed.reason else ''})"
+            who = "the server's WebSocket layer" if closed.by_server else "the client"
+            self.close_reason = f"(by {who}{': ' + repr(shorten(closed.reason, 60)) if closed.reason else ''})"
 
     # -- events -------------------------------------------------------------------------------------------------
 
@@ -189,6 +200,7 @@ class StreamSession:
             elif isinstance(event, Close):
                 if self.close_code is None:
                     self.close_code, self.close_reason = event.code, f"({event.reason})"
+                self._release()  # the slot is free now, whatever the closing handshake takes
                 await self.transport.close(event.code, event.reason)
         self._sync_metrics()
         self._report_losses()
@@ -298,7 +310,7 @@ class StreamSession:
         """
         stream = self.stream
         assert stream is not None
-        while True:
+        while not self._finished:
             job = await self._inbox.get()
             try:
                 image, decode_ms = await self._loop.run_in_executor(self.hub.pool, _decode, job.frame.body,
@@ -347,7 +359,7 @@ class StreamSession:
             self.drops["output_superseded"] += len(replaced.frame_ids)
 
     async def _send_loop(self) -> None:
-        while True:
+        while not self._finished:
             output = await self._outbox.get()
             out = self.conn.settings.output if self.conn.settings is not None else None
             fmt, quality = (out.format, out.quality) if out is not None else (ImageFormat.JPEG, 80)
@@ -379,9 +391,9 @@ class StreamSession:
     async def _housekeeping(self) -> None:
         interval = self.hub.config.stats_interval_s
         next_stats = time.monotonic() + interval if interval else None
-        while self.conn.state is not ConnectionState.CLOSED:
+        while self.conn.state is not ConnectionState.CLOSED and not self._finished:
             try:
-                await asyncio.wait_for(self._stats_due.wait(), HOUSEKEEPING_S)
+                await within(self._stats_due.wait(), HOUSEKEEPING_S)
             except asyncio.TimeoutError:
                 pass
             stream = self.stream

@@ -24,11 +24,12 @@ logger = logging.getLogger(__name__)
 
 
 class TransportClosed(Exception):
-    """The connection is gone: ``code`` is the close code the peer sent (None: no close frame, e.g. a dead peer)."""
+    """The connection is gone: ``code`` is the close code (None: no close frame, e.g. a dead peer); ``by_server``
+    when the WebSocket layer closed it itself (a message over ``max_size``, invalid UTF-8, no pong)."""
 
-    def __init__(self, code: int | None = None, reason: str = "") -> None:
+    def __init__(self, code: int | None = None, reason: str = "", by_server: bool = False) -> None:
         super().__init__(f"connection closed ({code if code is not None else 'no close frame'})")
-        self.code, self.reason = code, reason
+        self.code, self.reason, self.by_server = code, reason, by_server
 
 
 class Transport(Protocol):
@@ -100,6 +101,8 @@ class WebsocketsTransport:
 
 
 def _closed(closed: BaseException) -> TransportClosed:
-    received = getattr(closed, "rcvd", None)
+    received, sent = getattr(closed, "rcvd", None), getattr(closed, "sent", None)
+    if sent is not None and (received is None or getattr(closed, "rcvd_then_sent", None) is False):
+        return TransportClosed(sent.code, sent.reason, by_server=True)  # the library closed it (1009, 1007, 1011)
     return TransportClosed(received.code if received is not None else None,
                            received.reason if received is not None else "")

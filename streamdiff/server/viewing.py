@@ -70,7 +70,7 @@ class ViewerSession:
         finally:
             if sender is not None:
                 sender.cancel()
-                await asyncio.gather(sender, return_exceptions=True)
+                await asyncio.wait([sender], timeout=5.0)
             if self.stream is not None:
                 self.stream.viewers.discard(self)
                 hub.viewers.discard(self)
@@ -99,7 +99,7 @@ class ViewerSession:
             await self._execute(events)
 
     async def _send_loop(self) -> None:
-        while True:
+        while self.conn.state is not ConnectionState.CLOSED:
             data = await self._slot.get()
             await self._send(data)
             self.frames_sent += 1

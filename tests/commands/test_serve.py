@@ -5,15 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
-import os
-import queue
-import re
 import signal
-import subprocess
-import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +14,7 @@ from streamdiff import ConfigError
 from streamdiff.cli import build_parser
 from streamdiff.commands import serve as serve_command
 from streamdiff.server.limits import ServerLimits
+from streamdiff.testing.serve import ServeProcess
 
 
 def _options(argv: list[str]) -> dict:
@@ -66,42 +59,12 @@ def test_toml_config_environment_token_and_clear_errors(tmp_path: Path, monkeypa
         serve_command.server_config(_options(["--size", "2048x2048"]))
 
 
-class Served:
-    """``streamdiff serve`` in a real process; its log lines are read in a thread."""
-
-    def __init__(self, *args: str) -> None:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.process = subprocess.Popen([sys.executable, "-m", "streamdiff.cli", "serve", "--port", "0", *args],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.log: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-        line = self.wait_for(r"open http://127\.0\.0\.1:(\d+)/", 120)
-        self.port = int(re.search(r":(\d+)/", line).group(1))
-
-    def _read(self) -> None:
-        for line in self.process.stderr:
-            self.log.append(line)
-            self.lines.put(line)
-
-    def wait_for(self, pattern: str, timeout: float) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
-            except queue.Empty:
-                break
-            if re.search(pattern, line):
-                return line
-        raise AssertionError(f"no log line matching {pattern!r}; log:\n{''.join(self.log)}")
-
-
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_real_server_streams_then_shuts_down_gracefully(tiny_model, sig: int) -> None:
     from streamdiff.client import StreamClient
     from streamdiff.io.sources import pattern_frame
 
-    served = Served("--size", "64x64", "--stats-interval", "0")
+    served = ServeProcess("--size", "64x64", "--stats-interval", "0")
 
     async def main() -> tuple:
         url = f"ws://127.0.0.1:{served.port}/ws"
