@@ -46,7 +46,8 @@ def write_y4m(path: Path, width: int = 320, height: int = 240, frames: int = 10)
     y = 16 + 0.257 * r + 0.504 * g + 0.098 * b
     u = 128 - 0.148 * r - 0.291 * g + 0.439 * b
     v = 128 + 0.439 * r - 0.368 * g - 0.071 * b
-    planes = [y, u.reshape(height // 2, 2, width // 2, 2).mean((1, 3)), v.reshape(height // 2, 2, width // 2, 2).mean((1, 3))]
+    half = (height // 2, 2, width // 2, 2)
+    planes = [y, u.reshape(half).mean((1, 3)), v.reshape(half).mean((1, 3))]
     frame = b"FRAME\n" + b"".join(np.clip(p.round(), 0, 255).astype(np.uint8).tobytes() for p in planes)
     path.write_bytes(f"YUV4MPEG2 W{width} H{height} F30:1 Ip A1:1 C420jpeg\n".encode() + frame * frames)
 
