@@ -51,6 +51,7 @@ logger = logging.getLogger(__name__)
 
 TOKEN_ENV = "STREAMDIFF_TOKEN"
 STALE_S = 3.0  # a frame without an answer after this long was dropped by the server
+MAX_TRACKED = 256  # frames remembered for their outputs at most
 _PROMPT_FIELDS = ("prompt", "negative_prompt", "guidance_scale", "delta", "seed")
 
 
@@ -135,6 +136,7 @@ class _Sent:
     user_id: Any
     sent_at: float
     padding: bool = False
+    stale: bool = False  # no answer for STALE_S: no longer counted in flight (a late output is still delivered)
 
 
 class RemoteStream:
@@ -160,6 +162,7 @@ class RemoteStream:
         self._next_pid = 0
         self._position = 0
         self._answered = -1
+        self._lost_accounted = 0  # frames the server reported lost that a later output already answered
         self._pending: tuple[bytes, Any] | None = None
         self._last_body: bytes | None = None
         self._wake = asyncio.Event()
@@ -301,13 +304,17 @@ class RemoteStream:
         return self._position - self._resolved() < self.config.frame_buffer_size and unanswered_out
 
     def _room_realtime(self) -> bool:
+        """Fewer than n·F + 1 frames may still get an output (docs/protocol.md, "Pipelining and latest-wins")."""
         now = time.monotonic()
-        for pid, sent in list(self._sent.items()):
-            if now - sent.sent_at > STALE_S:
-                del self._sent[pid]
-                self.stats.dropped_inputs += not sent.padding
+        for sent in self._sent.values():
+            sent.stale = sent.stale or now - sent.sent_at > STALE_S
+        while len(self._sent) > MAX_TRACKED:
+            self._sent.popitem(last=False)
+        s = self.client.stats
+        lost = s.get("frames_dropped", 0) + s.get("frames_rate_limited", 0) + s.get("frames_rejected", 0)
+        awaiting = sum(not sent.stale for sent in self._sent.values()) - max(0, lost - self._lost_accounted)
         config = self.config
-        return len(self._sent) < config.denoising_steps * config.frame_buffer_size + 1
+        return awaiting < config.denoising_steps * config.frame_buffer_size + 1
 
     def _rate_delay(self) -> float:
         """Seconds until the server's rate limit allows one more frame (0: now, and the token is taken)."""
@@ -386,6 +393,7 @@ class RemoteStream:
             if older.position < sent.position:  # answered later: the server dropped it (latest-wins)
                 del self._sent[pid]
                 self.stats.dropped_inputs += not older.padding
+                self._lost_accounted += 1
         self._answered = max(self._answered, sent.position)
         if sent.padding:
             return
