@@ -12,7 +12,15 @@ The protocol is sans I/O, in layers that need neither sockets nor the engine:
 - :mod:`.client_protocol`: :class:`ClientConnection`, the client's side;
 - ``web/``: the browser page (``index.html``) and the view-only page for OBS (``view.html``), static files.
 
-Importing this package needs neither ``websockets`` nor a model.
+On top of it, the server (``streamdiff serve``):
+
+- :mod:`.hub`: :class:`ServerConfig` and :class:`Hub` (the engine, the codec threads, metrics, who is streaming);
+- :mod:`.session` and :mod:`.viewing`: :class:`StreamSession` and :class:`ViewerSession`, one per socket, written
+  against the :class:`~.transport.Transport` seam (:mod:`.transport`), so any WebSocket library can drive them;
+- :mod:`.pacing`: latest-wins slots and time limits; :mod:`.metrics`: Prometheus; :mod:`.routes`: the HTTP side;
+- :mod:`.app`: :class:`StreamServer` on ``websockets`` (and :class:`BackgroundServer`, the same in a thread).
+
+Importing this package needs neither ``websockets`` nor a model (they load when a server starts).
 """
 
 from __future__ import annotations
@@ -35,6 +43,12 @@ from .protocol import (
 from .settings import OutputConfig, StreamSettings, apply_settings
 from .viewer import ViewerConnection
 from .wire import PROTOCOL_VERSION, CloseCode, ErrorCode, ServerTimings
+from .hub import Hub, ServerConfig  # noqa: E402 - the server, built on the protocol above
+from .policy import OriginPolicy  # noqa: E402
+from .session import StreamSession  # noqa: E402
+from .transport import Transport, TransportClosed  # noqa: E402
+from .viewing import ViewerSession  # noqa: E402
+from .app import BackgroundServer, StreamServer  # noqa: E402
 
 #: The static files of the browser page and the viewer.
 WEB_DIR = Path(__file__).with_name("web")
@@ -43,6 +57,15 @@ __all__ = [
     "PROTOCOL_VERSION",
     "WEB_DIR",
     "Ack",
+    "BackgroundServer",
+    "Hub",
+    "OriginPolicy",
+    "ServerConfig",
+    "StreamServer",
+    "StreamSession",
+    "Transport",
+    "TransportClosed",
+    "ViewerSession",
     "ClientConnection",
     "Close",
     "CloseCode",
