@@ -27,9 +27,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .app import BackgroundServer, StreamServer
 from .client_protocol import Ack, ClientConnection, OutputFrame, Ready, ServerError
+from .hub import Hub, ServerConfig
 from .images import ImageFormat, ImageInfo, decode, encode, probe
 from .limits import ServerLimits
+from .policy import OriginPolicy
 from .protocol import (
     Close,
     ConnectionState,
@@ -40,15 +43,12 @@ from .protocol import (
     ServerConnection,
     Update,
 )
+from .session import StreamSession
 from .settings import OutputConfig, StreamSettings, apply_settings
+from .transport import Transport, TransportClosed
 from .viewer import ViewerConnection
+from .viewing import ViewerSession
 from .wire import PROTOCOL_VERSION, CloseCode, ErrorCode, ServerTimings
-from .hub import Hub, ServerConfig  # noqa: E402 - the server, built on the protocol above
-from .policy import OriginPolicy  # noqa: E402
-from .session import StreamSession  # noqa: E402
-from .transport import Transport, TransportClosed  # noqa: E402
-from .viewing import ViewerSession  # noqa: E402
-from .app import BackgroundServer, StreamServer  # noqa: E402
 
 #: The static files of the browser page and the viewer.
 WEB_DIR = Path(__file__).with_name("web")
