@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, TypeVar
 
 from ..config import (
@@ -31,6 +32,7 @@ from ..config import (
     CfgMode,
     FilterConfig,
     Precision,
+    PromptConfig,
     StreamConfig,
     check_int,
     parse_int_list,
@@ -44,6 +46,7 @@ from ..models.loading import LoraSpec
 if TYPE_CHECKING:
     from ..backends.builders import BuildStep
     from ..backends.keys import EngineOptions
+    from ..engine import StreamEngine
     from ..models import LoadedModel
 
 T = TypeVar("T")
@@ -65,6 +68,15 @@ STREAM_DEFAULTS: dict[str, Any] = {
     "size": "256x256", "t_index_list": None, "strength": None, "steps": 2, "num_inference_steps": 50,
     "frame_buffer_size": 1, "cfg_type": CfgMode.SELF.value,
 }
+# A stream's prompt and filter (``run``: its stream; ``serve``: the default settings of its streams).
+PROMPT_DEFAULTS: dict[str, Any] = {
+    "prompt": "", "negative_prompt": "", "guidance_scale": 1.2, "delta": 1.0, "seed": 2,
+    "filter": False, "filter_threshold": 0.98, "filter_max_skip": 10,
+}
+
+# The environment variable that carries a server's token (``serve`` and ``run --engine``): flags show in process
+# lists, the environment does not.
+TOKEN_ENV = "STREAMDIFF_TOKEN"
 
 _NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?|[+-]?(?:nan|inf|infinity)", re.IGNORECASE)
 _DRIVE = re.compile(r"[A-Za-z]:[\\/]")
@@ -194,6 +206,44 @@ def add_stream_options(parser: argparse.ArgumentParser) -> Any:
     return group
 
 
+def add_prompt_options(group: Any) -> None:
+    """``--prompt --negative-prompt --guidance-scale --delta --seed --filter*`` into a stream option ``group``."""
+    add = group.add_argument
+    add("--prompt", help="what to turn the frames into")
+    add("--negative-prompt", help="what to steer away from (cfg full/initialize)")
+    add("--guidance-scale", type=float, help=f"guidance scale (default {PROMPT_DEFAULTS['guidance_scale']})")
+    add("--delta", type=float, help=f"RCFG delta (default {PROMPT_DEFAULTS['delta']})")
+    add("--seed", type=int, help=f"noise seed (default {PROMPT_DEFAULTS['seed']})")
+    add("--filter", action=argparse.BooleanOptionalAction, help="stochastic similarity filter")
+    add("--filter-threshold", type=float, help=f"similarity threshold (default {PROMPT_DEFAULTS['filter_threshold']})")
+    add("--filter-max-skip", type=int,
+        help=f"most frames skipped in a row (default {PROMPT_DEFAULTS['filter_max_skip']})")
+
+
+def load_config_file(path: str, defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """The options in a TOML file, keys normalised to flag names with underscores; keys not in ``defaults`` are an
+    error naming the allowed ones."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        try:
+            import tomli as tomllib  # type: ignore[no-redef]
+        except ImportError:
+            raise ConfigError("--config needs Python 3.11+ (tomllib) or `pip install tomli`") from None
+    file = Path(path).expanduser()
+    try:
+        data = tomllib.loads(file.read_text())
+    except OSError as error:
+        raise ConfigError(f"cannot read config file {str(file)!r}: {error}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"config file {str(file)!r} is not valid TOML: {error}") from None
+    options = {key.replace("-", "_"): value for key, value in data.items()}
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        raise ConfigError(f"config file {str(file)!r} has unknown key(s) {unknown}; allowed: {sorted(defaults)}")
+    return options
+
+
 def resolve(args: argparse.Namespace, defaults: Mapping[str, Any], *layers: Mapping[str, Any]) -> dict[str, Any]:
     """``defaults``, then each of ``layers`` (e.g. a config file), then the flags given on the command line."""
     options = dict(defaults)
@@ -226,6 +276,13 @@ def stream_config(options: Mapping[str, Any]) -> StreamConfig:
     )
 
 
+def prompt_config(options: Mapping[str, Any]) -> PromptConfig:
+    """The :class:`PromptConfig` the options describe."""
+    return PromptConfig(
+        options["prompt"], options["negative_prompt"], options["guidance_scale"], options["delta"], options["seed"]
+    )
+
+
 @dataclass(frozen=True)
 class ModelOptions:
     """What to load and which engines run it: the same from every command. Next: :meth:`load`, then build a
@@ -249,6 +306,13 @@ class ModelOptions:
         from ..backends.factory import engine_steps
 
         return engine_steps(self.backend, model, config, self.engine)
+
+    def stream_engine(self, max_streams: int, max_batch_rows: int) -> StreamEngine:
+        """Load the model into a :class:`~streamdiff.engine.StreamEngine` (not started) for this many streams."""
+        from ..engine import EngineConfig, StreamEngine
+
+        return StreamEngine(self.load(), EngineConfig(max_streams=max_streams, max_batch_rows=max_batch_rows),
+                            backend=self.backend, engine_options=self.engine)
 
 
 def _text(options: Mapping[str, Any], name: str, optional: bool = True) -> str | None:

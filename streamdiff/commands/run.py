@@ -19,10 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from ..config import StreamConfig, parse_size
-from ..errors import ConfigError, StreamDiffError
+from ..errors import StreamDiffError
 from ..io.sinks import open_sink
 from ..io.sources import list_webcams, open_source
-from ..config import PromptConfig
 from ..runtime import RuntimeConfig, StreamRunner
 from ..runtime.controls import COMMAND_HELP
 from . import options as shared
@@ -55,20 +54,17 @@ DEFAULTS: dict[str, Any] = {
     **shared.MODEL_DEFAULTS,
     **shared.ENGINE_DEFAULTS,
     **shared.STREAM_DEFAULTS,
-    "prompt": "",
-    "negative_prompt": "",
-    "guidance_scale": 1.2,
-    "delta": 1.0,
-    "seed": 2,
-    "filter": False,
-    "filter_threshold": 0.98,
-    "filter_max_skip": 10,
+    **shared.PROMPT_DEFAULTS,
     "output_size": None,
     "queue_size": 1,
     "virtualcam_backend": None,
     "status_interval": 2.0,
     "stats_json": None,
     "control_stdin": False,
+    "engine": None,
+    "token": None,
+    "remote_format": "jpeg",
+    "remote_quality": 90,
 }
 
 
@@ -93,49 +89,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     io.add_argument("--virtualcam-backend", help="pyvirtualcam backend name (default: the first that works)")
     shared.add_model_options(parser)
     shared.add_engine_options(parser)
-    stream = shared.add_stream_options(parser)
-    stream.add_argument("--prompt", help="what to turn the frames into")
-    stream.add_argument("--negative-prompt", help="what to steer away from (cfg full/initialize)")
-    stream.add_argument("--guidance-scale", type=float, help="guidance scale (default 1.2)")
-    stream.add_argument("--delta", type=float, help="RCFG delta (default 1.0)")
-    stream.add_argument("--seed", type=int, help="noise seed (default 2)")
-    stream.add_argument("--filter", action=argparse.BooleanOptionalAction, help="stochastic similarity filter")
-    stream.add_argument("--filter-threshold", type=float, help="similarity threshold (default 0.98)")
-    stream.add_argument("--filter-max-skip", type=int, help="most frames skipped in a row (default 10)")
+    shared.add_prompt_options(shared.add_stream_options(parser))
     run = parser.add_argument_group("run")
     run.add_argument("--queue-size", type=int, help="capacity of the latest-wins queues (default 1)")
     run.add_argument("--status-interval", type=float, help="seconds between status lines, 0 for none (default 2)")
     run.add_argument("--stats-json", metavar="FILE", help="write the final summary as JSON ('-' for stdout)")
     run.add_argument("--control-stdin", action=argparse.BooleanOptionalAction,
                      help=f"read live changes from standard input, {COMMAND_HELP}")
-
-
-def load_config_file(path: str) -> dict[str, Any]:
-    """The options in a TOML file, keys normalised to flag names with underscores; unknown keys are an error."""
-    try:
-        import tomllib
-    except ImportError:  # Python 3.10
-        try:
-            import tomli as tomllib  # type: ignore[no-redef]
-        except ImportError:
-            raise ConfigError("--config needs Python 3.11+ (tomllib) or `pip install tomli`") from None
-    file = Path(path).expanduser()
-    try:
-        data = tomllib.loads(file.read_text())
-    except OSError as error:
-        raise ConfigError(f"cannot read config file {str(file)!r}: {error}") from None
-    except tomllib.TOMLDecodeError as error:
-        raise ConfigError(f"config file {str(file)!r} is not valid TOML: {error}") from None
-    options = {key.replace("-", "_"): value for key, value in data.items()}
-    unknown = sorted(set(options) - set(DEFAULTS))
-    if unknown:
-        raise ConfigError(f"config file {str(file)!r} has unknown key(s) {unknown}; allowed: {sorted(DEFAULTS)}")
-    return options
+    remote = parser.add_argument_group("remote engine (a streamdiff serve server)")
+    remote.add_argument("--engine", metavar="ws://HOST:PORT",
+                        help="stylise on this server instead of loading a model here (the model flags are ignored)")
+    remote.add_argument("--token", help=f"the server's token (default ${shared.TOKEN_ENV})")
+    remote.add_argument("--remote-format", choices=["jpeg", "webp"],
+                        help="how frames travel to and from the server (default jpeg)")
+    remote.add_argument("--remote-quality", type=int,
+                        help="their quality in [1, 100] (default 90; webp at 100 is lossless)")
 
 
 def resolve_options(args: argparse.Namespace) -> dict[str, Any]:
     """Defaults, then the config file, then the flags given on the command line."""
-    file_options = load_config_file(args.config) if getattr(args, "config", None) else {}
+    file_options = shared.load_config_file(args.config, DEFAULTS) if getattr(args, "config", None) else {}
     options = shared.resolve(args, DEFAULTS, file_options)
     for key in ("sink", "lora"):
         if isinstance(options[key], str):
@@ -153,7 +126,8 @@ def build_runner(options: dict[str, Any]) -> StreamRunner:
     """Check every setting, open the source (so a bad device fails before the model loads), load the model, build
     the runner. The runner opens the sinks and the stream when it starts.
     """
-    from ..engine import SINGLE_STREAM, StreamEngine
+    from ..engine import SINGLE_STREAM
+    from ..remote import RemoteEngine
 
     request, config = build_request(options)
     output_size = options["output_size"]
@@ -170,13 +144,15 @@ def build_runner(options: dict[str, Any]) -> StreamRunner:
     )
     sinks = [open_sink(str(spec), virtualcam_backend=options["virtualcam_backend"]) for spec in options["sink"]]
     source.open()  # fail fast, before a possibly long model load; the runner's open() is then a no-op
-    prompt = PromptConfig(
-        options["prompt"], options["negative_prompt"], options["guidance_scale"], options["delta"], options["seed"]
-    )
+    prompt = shared.prompt_config(options)
     try:
-        engine = StreamEngine(request.load(), SINGLE_STREAM, backend=request.backend, engine_options=request.engine)
-        engine.check_settings(config, prompt)
-        engine.prepare_backends(config)
+        if options["engine"]:
+            engine: Any = RemoteEngine(str(options["engine"]), token=options["token"],
+                                       image_format=options["remote_format"], quality=int(options["remote_quality"]))
+        else:
+            engine = request.stream_engine(SINGLE_STREAM.max_streams, SINGLE_STREAM.max_batch_rows)
+            engine.check_settings(config, prompt)
+            engine.prepare_backends(config)
     except BaseException:
         source.close()
         raise
@@ -245,6 +221,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        if options["engine"]:
+            runner.engine.stop()  # the remote engine's event loop thread
     print(summary.format())
     _write_stats(summary, options["stats_json"])
     if summary.interrupted:

@@ -12,16 +12,27 @@ The protocol is sans I/O, in layers that need neither sockets nor the engine:
 - :mod:`.client_protocol`: :class:`ClientConnection`, the client's side;
 - ``web/``: the browser page (``index.html``) and the view-only page for OBS (``view.html``), static files.
 
-Importing this package needs neither ``websockets`` nor a model.
+On top of it, the server (``streamdiff serve``):
+
+- :mod:`.hub`: :class:`ServerConfig` and :class:`Hub` (the engine, the codec threads, metrics, who is streaming);
+- :mod:`.session` and :mod:`.viewing`: :class:`StreamSession` and :class:`ViewerSession`, one per socket, written
+  against the :class:`~.transport.Transport` seam (:mod:`.transport`), so any WebSocket library can drive them;
+- :mod:`.pacing`: latest-wins slots and time limits; :mod:`.metrics`: Prometheus; :mod:`.routes`: the HTTP side;
+- :mod:`.app`: :class:`StreamServer` on ``websockets`` (and :class:`BackgroundServer`, the same in a thread).
+
+Importing this package needs neither ``websockets`` nor a model (they load when a server starts).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from .app import BackgroundServer, StreamServer
 from .client_protocol import Ack, ClientConnection, OutputFrame, Ready, ServerError
+from .hub import Hub, ServerConfig
 from .images import ImageFormat, ImageInfo, decode, encode, probe
 from .limits import ServerLimits
+from .policy import OriginPolicy
 from .protocol import (
     Close,
     ConnectionState,
@@ -32,8 +43,11 @@ from .protocol import (
     ServerConnection,
     Update,
 )
+from .session import StreamSession
 from .settings import OutputConfig, StreamSettings, apply_settings
+from .transport import Transport, TransportClosed
 from .viewer import ViewerConnection
+from .viewing import ViewerSession
 from .wire import PROTOCOL_VERSION, CloseCode, ErrorCode, ServerTimings
 
 #: The static files of the browser page and the viewer.
@@ -43,6 +57,15 @@ __all__ = [
     "PROTOCOL_VERSION",
     "WEB_DIR",
     "Ack",
+    "BackgroundServer",
+    "Hub",
+    "OriginPolicy",
+    "ServerConfig",
+    "StreamServer",
+    "StreamSession",
+    "Transport",
+    "TransportClosed",
+    "ViewerSession",
     "ClientConnection",
     "Close",
     "CloseCode",

@@ -139,14 +139,17 @@ def decode(body: bytes | bytearray | memoryview, limits: ServerLimits) -> np.nda
         raise
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError, struct.error) as exc:
         raise ImageError(f"{info.format.value} image could not be decoded: {_first_line(exc)}") from None
-    frame = np.asarray(rgb, dtype=np.uint8)
+    frame = np.array(rgb, dtype=np.uint8)  # writable (torch.from_numpy warns on read-only arrays)
     if frame.shape != (info.height, info.width, 3):
         raise ImageError(f"decoded image has shape {frame.shape}, expected ({info.height}, {info.width}, 3)")
     return frame
 
 
 def encode(frame: np.ndarray, format: ImageFormat | str = ImageFormat.JPEG, quality: int = 80) -> bytes:
-    """Encode a uint8 RGB ``[H, W, 3]`` frame as JPEG or WebP (``quality`` in [1, 100]); tuned for speed."""
+    """Encode a uint8 RGB ``[H, W, 3]`` frame as JPEG or WebP (``quality`` in [1, 100]); tuned for speed.
+
+    WebP at quality 100 is **lossless** (``VP8L``): it decodes to exactly ``frame`` (a bit-exact path end to end).
+    """
     from PIL import Image
 
     from ..config import to_enum
@@ -162,6 +165,8 @@ def encode(frame: np.ndarray, format: ImageFormat | str = ImageFormat.JPEG, qual
     image = Image.fromarray(np.ascontiguousarray(frame))
     if fmt is ImageFormat.JPEG:
         image.save(out, "JPEG", quality=quality)
+    elif quality == 100:
+        image.save(out, "WEBP", lossless=True, quality=100, method=0)
     else:
         image.save(out, "WEBP", quality=quality, method=0)
     return out.getvalue()

@@ -15,7 +15,11 @@ from ..config import CfgMode, to_enum
 from ..errors import ConfigError
 from .images import ImageFormat
 
-__all__ = ["ServerLimits"]
+__all__ = ["SERVER_ONLY", "ServerLimits"]
+
+#: Limits a client does not need to know (left out of ``ready.limits``).
+SERVER_ONLY = frozenset({"max_streams", "max_viewers_per_stream", "handshake_timeout_s", "write_timeout_s",
+                         "close_timeout_s", "send_buffer_bytes", "max_queued_messages"})
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,11 @@ class ServerLimits:
     ``max_prompt_chars`` per prompt. Misbehaviour: more than ``max_errors`` errors within ``error_window_s`` closes
     the connection (1008). Time: ``hello_timeout_s`` to send hello, ``idle_timeout_s`` without any message,
     WebSocket pings every ``ping_interval_s`` answered within ``ping_timeout_s``.
+
+    Server-side only (not sent to clients): ``handshake_timeout_s`` for the HTTP/WebSocket opening handshake (a
+    slowloris client is cut off), ``write_timeout_s`` for one message to leave (a client that stops reading is
+    dropped), ``close_timeout_s`` for the closing handshake, ``send_buffer_bytes`` of kernel send buffer per socket
+    and ``max_queued_messages`` received but not yet handled (reading pauses beyond it).
     """
 
     max_streams: int = 4
@@ -54,6 +63,11 @@ class ServerLimits:
     idle_timeout_s: float = 60.0
     ping_interval_s: float = 20.0
     ping_timeout_s: float = 20.0
+    handshake_timeout_s: float = 10.0
+    write_timeout_s: float = 10.0
+    close_timeout_s: float = 5.0
+    send_buffer_bytes: int = 512 << 10
+    max_queued_messages: int = 4
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -81,7 +95,7 @@ class ServerLimits:
         """The limits a client needs to know, as sent in ``ready`` (docs/protocol.md, "Limits")."""
         out: dict[str, Any] = {}
         for f in fields(self):
-            if f.name in ("max_streams", "max_viewers_per_stream"):
+            if f.name in SERVER_ONLY:
                 continue
             value = getattr(self, f.name)
             out[f.name] = [v.value for v in value] if isinstance(value, tuple) else value

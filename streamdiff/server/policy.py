@@ -6,11 +6,14 @@ Nothing here sleeps or reads the wall clock on its own: pass ``clock`` (monotoni
 from __future__ import annotations
 
 import collections
+import ipaddress
 import secrets
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass
+from urllib.parse import urlsplit
 
-__all__ = ["ErrorBudget", "RateLimiter", "new_token", "origin_allowed"]
+__all__ = ["ErrorBudget", "OriginPolicy", "RateLimiter", "is_loopback_origin", "new_token", "origin_allowed"]
 
 
 class RateLimiter:
@@ -58,3 +61,45 @@ def origin_allowed(origin: str | None, allowed: Collection[str] | None) -> bool:
     if allowed is None or origin is None:
         return True
     return origin.lower().rstrip("/") in {a.lower().rstrip("/") for a in allowed}
+
+
+def is_loopback_origin(origin: str) -> bool:
+    """True for an ``http(s)`` origin on this machine: ``localhost``, ``127.0.0.0/8`` or ``[::1]``, any port."""
+    try:
+        parts = urlsplit(origin)
+        host = parts.hostname
+        parts.port  # noqa: B018 - raises ValueError on a malformed port
+    except ValueError:
+        return False
+    if parts.scheme not in ("http", "https") or not host:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class OriginPolicy:
+    """Which browser ``Origin`` headers may open a stream (Cross-Site WebSocket Hijacking defence).
+
+    A request without an ``Origin`` header (a non-browser client) passes. Otherwise the origin must be one of
+    ``allowed`` (exact match, case-insensitive, e.g. ``https://studio.example.com``; ``"*"`` allows every origin), or a
+    loopback page when ``allow_loopback`` (the default: pages served by this machine).
+    """
+
+    allowed: frozenset[str] = frozenset()
+    allow_loopback: bool = True
+
+    @classmethod
+    def of(cls, allowed: Iterable[str] = (), allow_loopback: bool = True) -> OriginPolicy:
+        return cls(frozenset(a.lower().rstrip("/") for a in allowed), allow_loopback)
+
+    def allows(self, origin: str | None) -> bool:
+        if origin is None or "*" in self.allowed:
+            return True
+        if self.allow_loopback and is_loopback_origin(origin):
+            return True
+        return origin_allowed(origin, self.allowed)

@@ -5,9 +5,11 @@ A :class:`ServerConnection` is a state machine fed with the messages of one WebS
     AWAIT_HELLO --hello--> HELLO_RECEIVED --accept()--> STREAMING --error/close()/timeout--> CLOSED
 
 ``receive_text(str)`` and ``receive_bytes(bytes)`` return events: :class:`Hello` (admit the stream, then call
-:meth:`ServerConnection.accept`), :class:`Frame` (decode ``body`` in a worker with :func:`.images.decode`; put it in
-the stream's latest-wins input slot), :class:`Update` (pass ``changes`` to the stream), :class:`Send` (send the
-text or bytes as is) and :class:`Close` (close the WebSocket with that code and reason, then stop reading).
+:meth:`ServerConnection.accept`, or :meth:`ServerConnection.refuse` when the engine cannot run its settings),
+:class:`Frame` (decode ``body`` in a worker with :func:`.images.decode`; put it in the stream's latest-wins input
+slot), :class:`Update` (pass ``changes`` to the stream, then send ``ack``, or call
+:meth:`ServerConnection.update_refused` when the engine refuses them), :class:`Send` (send the text or bytes as
+is) and :class:`Close` (close the WebSocket with that code and reason, then stop reading).
 Nothing here touches a socket, a thread, the clock (an injected ``clock`` is read), a device or a logger.
 
 The I/O layer's loop, in short::
@@ -30,11 +32,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import ImageError, ProtocolError, StreamDiffError
+from ..errors import ConfigError, ImageError, ProtocolError, StreamDiffError
 from .images import ImageFormat, ImageInfo, check, probe
 from .limits import ServerLimits
 from .policy import ErrorBudget, RateLimiter
-from .settings import StreamSettings, apply_settings, check_caps, engine_changes
+from .settings import SETTING_FIELDS, StreamSettings, apply_settings, check_caps, engine_changes
 from .wire import (
     PROTOCOL_VERSION,
     VIEW_PAGE_PATH,
@@ -100,12 +102,18 @@ class Frame:
 
 @dataclass(frozen=True)
 class Update:
-    """A validated live update, already acknowledged: ``changes`` are ``StreamPipeline.update`` keyword arguments."""
+    """A live update the protocol accepted: ``changes`` are ``Stream.update`` keyword arguments.
+
+    The engine has the last word: send ``ack`` (the text of the ``ack`` message) once ``stream.update(**changes)``
+    succeeded, or call :meth:`ServerConnection.update_refused` with its ConfigError (the settings go back to
+    ``previous`` and the client gets an error naming the field).
+    """
 
     request_id: RequestId | None
     changes: Mapping[str, Any]
     settings: StreamSettings
     previous: StreamSettings
+    ack: str = field(default="", repr=False)
 
 
 @dataclass(frozen=True)
@@ -273,6 +281,21 @@ class ServerConnection:
             return []
         return self._error(ProtocolError(message, code=code), fatal=True)
 
+    def refuse(self, error: ConfigError) -> list[Event]:
+        """The engine cannot run the hello's settings (``engine.check_settings`` raised): ``[Send(error), Close]``."""
+        if self.state is not ConnectionState.HELLO_RECEIVED or self.settings is None:
+            raise StreamDiffError(f"refuse() needs a connection in state hello_received, not {self.state.value}")
+        return self._error(_engine_refusal(error, SETTING_FIELDS), fatal=True)
+
+    def update_refused(self, update: Update, error: ConfigError) -> list[Event]:
+        """The engine refused ``update`` (``stream.update`` raised): its settings are undone; returns the error
+        (naming the field) that answers the update, which costs one unit of the error budget."""
+        if self.state is ConnectionState.CLOSED:
+            return []
+        self.settings = update.previous
+        return self._error(_engine_refusal(error, tuple(update.changes) or SETTING_FIELDS),
+                           request_id=update.request_id)
+
     def frame_rejected(self, frame: Frame, error: ImageError | ProtocolError) -> list[Event]:
         """Report that ``frame`` failed to decode in the worker (counts against the error budget)."""
         if self.state is ConnectionState.CLOSED:
@@ -356,7 +379,7 @@ class ServerConnection:
         if request_id is not None:
             ack["request_id"] = request_id
         changes = engine_changes(previous, self.settings)
-        return [Update(request_id, changes, self.settings, previous), Send(dump_json(ack))]
+        return [Update(request_id, changes, self.settings, previous, dump_json(ack))]
 
     def _error(self, exc: ProtocolError, *, fatal: bool = False, request_id: RequestId | None = None,
                frame_id: int | None = None) -> list[Event]:
@@ -398,6 +421,15 @@ def _request_id(value: Any) -> RequestId | None:
     if isinstance(value, str) and len(value) <= MAX_REQUEST_ID_CHARS and is_valid_unicode(value):
         return value
     return None
+
+
+def _engine_refusal(error: ConfigError, names: Any) -> ProtocolError:
+    """A ProtocolError(``not_allowed``) for settings the engine refused, naming the field its message names."""
+    text = str(error)
+    found = [(m.start(), name) for name in names if (m := re.search(rf"\b{re.escape(name)}\b(=| entry)", text))]
+    name = min(found)[1] if found else (next(iter(names)) if len(names) == 1 else None)
+    return ProtocolError(f"this server's engine cannot run these settings: {text}", code=ErrorCode.NOT_ALLOWED,
+                         field="settings" if name is None else f"settings.{name}", allowed="settings this engine runs")
 
 
 def _error_code(exc: ProtocolError) -> ErrorCode:

@@ -321,3 +321,51 @@ def test_a_video_file_that_fails_at_write_or_close_exits_1(tiny_model, tmp_path:
     error = json.loads(stats.read_text())["error"]
     assert error.startswith(where.format(sink=f"file:{full}")) and "No space left on device" in error, error
     assert error in result.stderr and "Traceback" not in result.stderr
+def _png_frames(folder: Path) -> list:
+    import numpy as np
+    from PIL import Image
+
+    return [np.asarray(Image.open(path)) for path in sorted(folder.iterdir())]
+
+
+def test_engine_url_gives_the_same_frames_and_stats_as_the_in_process_engine(tiny_model, tmp_path: Path) -> None:
+    """`run --engine ws://…` through a local server: lossless frames both ways (WebP at quality 100), the same
+    PNGs and the same run statistics as the engine in this process."""
+    from streamdiff.engine import EngineConfig, StreamEngine
+    from streamdiff.server.app import BackgroundServer
+    from streamdiff.server.hub import ServerConfig
+
+    # The local engine as the server's: torch float32 (run's default backend would pick OpenVINO bfloat16 here).
+    common = ["run", "--source", "testpattern", "--frames", "12", "--size", "64x64", "--prompt", "ink drawing",
+              "--seed", "7", "--status-interval", "0", "--backend", "torch", "--dtype", "float32"]
+    assert main(common + ["--sink", f"folder:{tmp_path / 'local'}", "--stats-json", str(tmp_path / "local.json")]) == 0
+    engine = StreamEngine(tiny_model, EngineConfig(max_streams=2))
+    with BackgroundServer(engine, ServerConfig(port=0)) as server:
+        url = f"ws://127.0.0.1:{server.port}"
+        assert main(common + ["--sink", f"folder:{tmp_path / 'remote'}", "--stats-json", str(tmp_path / "remote.json"),
+                              "--engine", url, "--remote-format", "webp", "--remote-quality", "100"]) == 0
+    local, remote = _png_frames(tmp_path / "local"), _png_frames(tmp_path / "remote")
+    assert len(local) == len(remote) == 12
+    assert max(int(abs(a.astype(int) - b.astype(int)).max()) for a, b in zip(local, remote)) <= 1
+    stats = [json.loads((tmp_path / f"{name}.json").read_text()) for name in ("local", "remote")]
+    for key in ("frames_in", "frames_out", "drops", "error"):
+        assert stats[0][key] == stats[1][key], key
+    assert list(stats[0]["sinks"].values()) == list(stats[1]["sinks"].values()) == [12]
+    assert stats[1]["frames_out"] == 12 and stats[1]["drops"] == {} and stats[1]["latency_p50_ms"] > 0
+
+
+def test_engine_url_reports_a_refusal_and_the_token_comes_from_the_environment(tiny_model, tmp_path: Path, caplog,
+                                                                             monkeypatch) -> None:
+    from streamdiff.engine import EngineConfig, StreamEngine
+    from streamdiff.server.app import BackgroundServer
+    from streamdiff.server.hub import ServerConfig
+
+    engine = StreamEngine(tiny_model, EngineConfig(max_streams=1))
+    argv = ["run", "--source", "testpattern", "--frames", "3", "--size", "64x64", "--status-interval", "0"]
+    with BackgroundServer(engine, ServerConfig(port=0, token="t0ken-from-env")) as server:
+        url = f"ws://127.0.0.1:{server.port}"
+        assert main(argv + ["--engine", url]) == 1
+        assert "unauthorized: the token is wrong" in caplog.text or "needs a token" in caplog.text
+        monkeypatch.setenv("STREAMDIFF_TOKEN", "t0ken-from-env")
+        assert main(argv + ["--engine", url, "--sink", f"folder:{tmp_path / 'out'}"]) == 0
+    assert len(list((tmp_path / "out").iterdir())) == 3

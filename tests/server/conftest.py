@@ -19,3 +19,4 @@ def jpeg() -> bytes:
 @pytest.fixture(scope="session")
 def webp() -> bytes:
     return save(pattern(), "WEBP", quality=80)
+

@@ -65,7 +65,7 @@ def test_reads_ready_ack_error_stats_viewing_and_unknown() -> None:
     assert ready.settings.prompt.seed == 9 and ready.limits["max_input_fps"] == 30.0
     assert (ready.view_token, ready.view_url) == ("W" * 16, "/view.html?view=" + "W" * 16)
     _, text = client.update(seed=10)
-    ack = client.receive_text(server.receive_text(text)[1].data)
+    ack = client.receive_text(server.receive_text(text)[0].ack)
     assert isinstance(ack, Ack) and ack.request_id == 1 and client.settings.prompt.seed == 10
     _, text = client.update(seed=-1)
     error = client.receive_text(server.receive_text(text)[0].data)

@@ -288,6 +288,12 @@ def test_encode_round_trips(fmt) -> None:
     assert np.abs(decode(body, LIMITS).astype(int) - FRAME).mean() < 10
 
 
+def test_webp_at_quality_100_is_lossless() -> None:
+    body = encode(FRAME, "webp", 100)
+    assert body[12:16] == b"VP8L" and np.array_equal(decode(body, LIMITS), FRAME)
+    assert encode(FRAME, "webp", 99)[12:16] != b"VP8L"
+
+
 def test_encode_rejects_bad_frames_and_options() -> None:
     with pytest.raises(FrameError, match=r"^frame ndarray of shape \(32, 48\) and dtype uint8 is not a uint8 RGB "
                                          r"\[H, W, 3\] array$"):

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import pytest
 from server_helpers import FakeClock
 
-from streamdiff.server.policy import ErrorBudget, RateLimiter, new_token, origin_allowed
+from streamdiff.server.policy import (
+    ErrorBudget,
+    OriginPolicy,
+    RateLimiter,
+    is_loopback_origin,
+    new_token,
+    origin_allowed,
+)
 
 
 def test_rate_limiter_token_bucket(clock: FakeClock) -> None:
@@ -34,3 +42,22 @@ def test_origin_allowed_and_tokens() -> None:
     assert not origin_allowed("https://evil.example", ["https://a.example"])
     tokens = {new_token() for _ in range(100)}
     assert len(tokens) == 100 and all(len(t) == 22 and t.replace("-", "").replace("_", "").isalnum() for t in tokens)
+
+
+@pytest.mark.parametrize("origin,loopback", [
+    ("http://127.0.0.1:8765", True), ("http://localhost", True), ("https://[::1]:9000", True),
+    ("http://127.9.9.9", True), ("http://localhost.evil.example", False), ("http://128.0.0.1", False),
+    ("null", False), ("file://", False), ("ws://127.0.0.1", False), ("http://127.0.0.1:99999", False), ("", False),
+])
+def test_loopback_origins(origin: str, loopback: bool) -> None:
+    assert is_loopback_origin(origin) is loopback
+
+
+def test_origin_policy_exact_match_loopback_and_any() -> None:
+    default = OriginPolicy.of()
+    assert default.allows(None) and default.allows("http://localhost:8765")
+    assert not default.allows("https://evil.example") and not default.allows("null")
+    listed = OriginPolicy.of(["https://Studio.example/"], allow_loopback=False)
+    assert listed.allows("https://studio.example") and not listed.allows("https://studio.example:444")
+    assert not listed.allows("http://127.0.0.1:8765") and not listed.allows("https://studio.example.evil")
+    assert OriginPolicy.of(["*"], allow_loopback=False).allows("https://anything.example")

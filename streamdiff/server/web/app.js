@@ -69,6 +69,8 @@ let maxInFlight = 2;
 let minIntervalMs = 0;
 let lastSentAt = -Infinity;
 const inFlight = new Map(); // frame id -> capture time (performance.now())
+let lostReported = 0; // frames the server said will get no output (stats: dropped + rate-limited + rejected)
+let lostAccounted = 0; // of those, frames already forgotten because a later output answered them
 const arrivals = []; // the last output arrival times (at most FPS_WINDOW, at most 5 s old), for fps
 let latestOutput = null;
 let drawing = false;
@@ -174,6 +176,8 @@ function settingsFromControls(size) {
 
 function connect(size) {
   setState("connecting", "connecting");
+  lostReported = 0;
+  lostAccounted = 0;
   const socket = new WebSocket(socketUrl("/ws"));
   socket.binaryType = "arraybuffer";
   ws = socket;
@@ -223,6 +227,8 @@ function onText(text) {
     captureLoop();
   } else if (message.type === "ack") {
     applyServerSettings(message.settings);
+  } else if (message.type === "stats") {
+    lostReported = (message.frames_dropped || 0) + (message.frames_rate_limited || 0) + (message.frames_rejected || 0);
   } else if (message.type === "error") {
     const where = message.field ? ` [${message.field}]` : "";
     showError(`${message.message}${where}`, message.code);
@@ -245,6 +251,11 @@ function nextVideoFrame() {
   });
 }
 
+// Frames that may still get an output: lost frames the server reported do not count (docs/protocol.md).
+function awaiting() {
+  return inFlight.size - Math.max(0, lostReported - lostAccounted);
+}
+
 function dropStale(now) {
   for (const [id, capturedAt] of inFlight) if (now - capturedAt > STALE_MS) inFlight.delete(id);
   state.inFlight = inFlight.size;
@@ -256,7 +267,7 @@ async function captureLoop() {
     if (!running || !ws || ws.readyState !== WebSocket.OPEN) break;
     const now = performance.now();
     dropStale(now);
-    if (inFlight.size >= maxInFlight || ws.bufferedAmount > MAX_BUFFERED_BYTES) continue;
+    if (awaiting() >= maxInFlight || ws.bufferedAmount > MAX_BUFFERED_BYTES) continue;
     if (now - lastSentAt < minIntervalMs) continue;
     const video = els.input;
     if (!video.videoWidth || !video.videoHeight) continue;
@@ -297,7 +308,14 @@ function onOutput(buffer) {
   }
   const now = performance.now();
   // Latest-wins on the server: every frame captured up to this one is answered or was dropped.
-  for (const [id, capturedAt] of inFlight) if (capturedAt <= frame.clientTs) inFlight.delete(id);
+  let answered = 0;
+  for (const [id, capturedAt] of inFlight) {
+    if (capturedAt <= frame.clientTs) {
+      inFlight.delete(id);
+      answered += 1;
+    }
+  }
+  lostAccounted += Math.max(0, answered - 1);
   state.inFlight = inFlight.size;
   state.lastLatencyMs = now - frame.clientTs;
   state.lastServerMs = frame.timings.serverMs;

@@ -1,0 +1,175 @@
+"""``streamdiff serve``: the WebSocket video endpoint (docs/protocol.md) for many clients on one engine.
+
+Example (offline, built-in tiny model; open http://127.0.0.1:8765/ in a browser)::
+
+    streamdiff serve --model tiny --max-streams 4
+    STREAMDIFF_TOKEN=s3cret streamdiff serve --host 0.0.0.0 --allowed-origin https://studio.example.com
+
+Every stream gets its own settings; all of them share one model and one U-Net call per tick. The model options
+and the TOML ``--config`` file are ``streamdiff run``'s (the stream options set the streams' default settings);
+every server limit is a flag with its safe default. SIGINT/SIGTERM shut down gracefully: every client gets an
+error and close code 1001, the engine is drained, the exit status is 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+from dataclasses import fields
+from typing import Any
+
+from ..errors import ConfigError
+from . import options as shared
+
+logger = logging.getLogger(__name__)
+
+NAME = "serve"
+HELP = "serve the WebSocket video endpoint, the browser page and metrics for many clients on one engine"
+
+SERVER_DEFAULTS: dict[str, Any] = {
+    "host": "127.0.0.1",
+    "port": 8765,
+    "token": None,
+    "allowed_origin": [],
+    "loopback_origins": True,
+    "stats_interval": 2.0,
+    "workers": 0,
+    "max_batch_rows": 16,
+}
+_LIMIT_HELP = {
+    "max_streams": "streams at once; more are refused with 1013",
+    "max_viewers_per_stream": "view-only sockets per stream",
+    "max_message_bytes": "largest WebSocket message (1009 above; refused before it is read)",
+    "max_text_bytes": "largest JSON message",
+    "max_input_fps": "frames per second per stream; more are dropped and counted",
+    "input_burst_frames": "burst allowed above the rate",
+    "max_frame_pixels": "declared pixels of an input image, checked before decoding",
+    "allowed_input_formats": "input image formats, comma-separated (jpeg, webp)",
+    "max_width": "largest stream width",
+    "max_height": "largest stream height",
+    "size_multiple": "stream sizes must be multiples of this",
+    "max_steps": "most denoising steps per stream",
+    "max_frame_buffer_size": "most frames per engine call per stream",
+    "allowed_cfg_types": "guidance modes clients may use, comma-separated (none, full, self, initialize)",
+    "max_prompt_chars": "characters per prompt",
+    "max_errors": "errors tolerated within --error-window-s before the connection is closed (1008)",
+    "error_window_s": "seconds of the error budget's window",
+    "hello_timeout_s": "seconds to send the hello after connecting",
+    "idle_timeout_s": "seconds without any message before closing (1001)",
+    "ping_interval_s": "seconds between WebSocket pings",
+    "ping_timeout_s": "seconds to answer a ping before the connection is dropped",
+    "handshake_timeout_s": "seconds to finish the opening handshake (slowloris)",
+    "write_timeout_s": "seconds for one message to leave; a client that stops reading is then dropped",
+    "close_timeout_s": "seconds for the closing handshake",
+    "send_buffer_bytes": "kernel send buffer per socket",
+    "max_queued_messages": "received messages queued before the server stops reading a socket",
+}
+
+
+def _limits_defaults() -> dict[str, Any]:
+    from ..server.limits import ServerLimits
+
+    defaults = ServerLimits()
+    return {f.name: getattr(defaults, f.name) for f in fields(ServerLimits)}
+
+
+def _defaults() -> dict[str, Any]:
+    return {**shared.MODEL_DEFAULTS, **shared.ENGINE_DEFAULTS, **shared.STREAM_DEFAULTS, **shared.PROMPT_DEFAULTS,
+            **SERVER_DEFAULTS, **_limits_defaults()}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="TOML file with any of these options (flags override it)")
+    server = parser.add_argument_group("server")
+    server.add_argument("--host", help="interface to listen on (default 127.0.0.1: this machine only)")
+    server.add_argument("--port", type=int, help="port (default 8765; 0 picks a free one)")
+    server.add_argument("--token", help="secret every client must send in its hello (default $STREAMDIFF_TOKEN; "
+                                        "prefer the variable: flags show in process lists)")
+    server.add_argument("--allowed-origin", action="append", metavar="ORIGIN",
+                        help="a browser origin allowed to connect, exact match (e.g. https://studio.example.com; "
+                             "'*' for any); repeatable")
+    server.add_argument("--loopback-origins", action=argparse.BooleanOptionalAction,
+                        help="allow pages served from this machine (localhost, 127.0.0.1, [::1]) (default on)")
+    server.add_argument("--stats-interval", type=float, help="seconds between stats messages, 0 for none (default 2)")
+    server.add_argument("--workers", type=int, help="image decode/encode threads (default 0: per core, at most 4)")
+    server.add_argument("--max-batch-rows", type=int, help="U-Net rows per call at most (default 16)")
+    limits = parser.add_argument_group("limits (per client unless said otherwise; the defaults are safe)")
+    for name, default in _limits_defaults().items():
+        shown = ",".join(v.value for v in default) if isinstance(default, tuple) else f"{default:g}" \
+            if isinstance(default, float) else default
+        kind = str if isinstance(default, tuple) else type(default)
+        limits.add_argument(f"--{name.replace('_', '-')}", type=kind, metavar="N" if kind is not str else "LIST",
+                            help=f"{_LIMIT_HELP[name]} (default {shown})")
+    shared.add_model_options(parser)
+    shared.add_engine_options(parser)
+    shared.add_prompt_options(shared.add_stream_options(parser))
+
+
+def resolve_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Defaults, then the config file, then the environment's token, then the flags given."""
+    defaults = _defaults()
+    file_options = shared.load_config_file(args.config, defaults) if getattr(args, "config", None) else {}
+    environment = {}
+    if file_options.get("token") is None and os.environ.get(shared.TOKEN_ENV):
+        environment["token"] = os.environ[shared.TOKEN_ENV]
+    options = shared.resolve(args, defaults, file_options, environment)
+    for key in ("lora", "allowed_origin"):
+        if isinstance(options[key], str):
+            options[key] = [options[key]]
+    for key in ("allowed_input_formats", "allowed_cfg_types"):
+        if isinstance(options[key], str):
+            options[key] = tuple(v.strip() for v in options[key].split(",") if v.strip())
+    return options
+
+
+def server_config(options: dict[str, Any]) -> Any:
+    """The :class:`~streamdiff.server.hub.ServerConfig` the options describe."""
+    from ..server.hub import ServerConfig
+    from ..server.limits import ServerLimits
+    from ..server.policy import OriginPolicy
+    from ..server.settings import OutputConfig, StreamSettings
+
+    limits = ServerLimits(**{name: options[name] for name in _limits_defaults()})
+    defaults = StreamSettings(shared.stream_config(options), shared.prompt_config(options), OutputConfig())
+    return ServerConfig(
+        host=str(options["host"]), port=int(options["port"]), limits=limits, token=options["token"] or None,
+        origins=OriginPolicy.of(options["allowed_origin"], bool(options["loopback_origins"])), defaults=defaults,
+        stats_interval_s=float(options["stats_interval"]), workers=int(options["workers"]),
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    options = resolve_options(args)
+    config = server_config(options)
+    if config.host not in ("127.0.0.1", "localhost", "::1") and config.token is None:
+        logger.warning("listening on %s without a token: anyone who reaches this port can use the engine; set "
+                       "STREAMDIFF_TOKEN", config.host)
+    batch_rows = options["max_batch_rows"]
+    if isinstance(batch_rows, bool) or not isinstance(batch_rows, int) or batch_rows < 1:
+        raise ConfigError(f"max_batch_rows={batch_rows!r} must be an integer >= 1")
+    engine = shared.model_options(options).stream_engine(config.limits.max_streams, batch_rows)
+    defaults = config.defaults
+    engine.check_settings(defaults.stream, defaults.prompt)
+    engine.prepare_backends(defaults.stream)
+    asyncio.run(_serve(engine, config))
+    return 0
+
+
+async def _serve(engine: Any, config: Any) -> None:
+    from ..server.app import StreamServer
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        async with StreamServer(engine, config) as server:
+            logger.info("open http://%s:%d/ (stream socket %s)", config.host, server.port, server.url)
+            await stop.wait()
+            logger.info("shutting down")
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)

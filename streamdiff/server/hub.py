@@ -1,0 +1,149 @@
+"""What the sessions of one server share: configuration, the engine, the worker pool, metrics, and who is streaming.
+
+:class:`ServerConfig` is the server's configuration (limits, token, origins, the streams' default settings).
+:class:`Hub` holds the running parts every session needs — the :class:`~streamdiff.engine.StreamEngine`, one
+bounded thread pool for image decoding and encoding, the :class:`~.metrics.ServerMetrics` — and the registry of
+live streams: admission (``max_streams``), stream ids, view tokens and their viewers, shutdown. No I/O here and no
+``websockets``: the asyncio server (:mod:`.app`) or another front end (a Starlette/FastAPI app, Ray Serve) builds
+one Hub and runs a :class:`~.session.StreamSession` per WebSocket on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import math
+import os
+import secrets
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ConfigError, ProtocolError
+from .limits import ServerLimits
+from .policy import OriginPolicy, new_token
+from .settings import StreamSettings, check_caps
+
+if TYPE_CHECKING:
+    from .metrics import ServerMetrics
+    from .session import StreamSession
+
+__all__ = ["Hub", "ServerConfig"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Configuration of ``streamdiff serve``; every field has a safe default.
+
+    ``host``/``port``: where to listen (``127.0.0.1``: this machine only; port 0 picks a free one). ``token``: the
+    secret a hello must carry (None: no token). ``origins``: which browser pages may connect (loopback pages by
+    default). ``defaults``: the settings a stream starts from (they must pass ``limits``). ``stats_interval_s``:
+    seconds between ``stats`` messages to each client (0: only those the protocol needs). ``workers``: threads that
+    decode and encode images (0: one per CPU core, at most 4).
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8765
+    limits: ServerLimits = field(default_factory=ServerLimits)
+    token: str | None = field(default=None, repr=False)
+    origins: OriginPolicy = field(default_factory=OriginPolicy)
+    defaults: StreamSettings = field(default_factory=StreamSettings)
+    stats_interval_s: float = 2.0
+    workers: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise ConfigError(f"port={self.port!r} is outside [0, 65535]")
+        if self.token is not None and (not isinstance(self.token, str) or not self.token):
+            raise ConfigError("token must be a non-empty string (or None for no token)")
+        if not isinstance(self.stats_interval_s, (int, float)) or not math.isfinite(self.stats_interval_s) \
+                or self.stats_interval_s < 0:
+            raise ConfigError(f"stats_interval_s={self.stats_interval_s!r} must be a finite number >= 0")
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0:
+            raise ConfigError(f"workers={self.workers!r} must be an integer >= 0 (0: one per core, at most 4)")
+        try:
+            check_caps(self.defaults, self.limits, path="defaults")
+        except ProtocolError as error:  # names the default that breaks a cap
+            raise ConfigError(f"the default stream settings break the server's limits: {error}") from None
+
+
+class Hub:
+    """The shared state of one server (see the module docstring). Build it inside the event loop."""
+
+    def __init__(self, engine: Any, config: ServerConfig | None = None, metrics: ServerMetrics | None = None) -> None:
+        from .metrics import ServerMetrics
+
+        self.engine = engine
+        self.config = config or ServerConfig()
+        self.limits = self.config.limits
+        self.metrics = metrics or ServerMetrics(engine)
+        workers = self.config.workers or min(4, os.cpu_count() or 1)
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="streamdiff-codec")
+        self.connections: set[StreamSession] = set()  # every stream socket, admitted or not
+        self.sessions: dict[str, StreamSession] = {}  # admitted streams by stream id
+        self.view_tokens: dict[str, StreamSession] = {}
+        self.viewers: set[Any] = set()
+        self.shutting_down = False
+
+    # -- admission ----------------------------------------------------------------------------------------------
+
+    @property
+    def full(self) -> bool:
+        return len(self.sessions) >= self.limits.max_streams
+
+    @property
+    def ready(self) -> bool:
+        """The engine runs and new streams are admitted (``/readyz``)."""
+        return not self.shutting_down and bool(getattr(self.engine, "running", False))
+
+    def register(self, session: StreamSession, requested_view_token: str | None) -> tuple[str, str]:
+        """Admit ``session``: returns its new stream id and view token (the requested one unless in use)."""
+        stream_id = f"st-{secrets.token_hex(4)}"
+        while stream_id in self.sessions:
+            stream_id = f"st-{secrets.token_hex(4)}"
+        view_token = requested_view_token
+        if view_token is None or self.find_view(view_token) is not None:
+            view_token = new_token()
+        self.sessions[stream_id] = session
+        self.view_tokens[view_token] = session
+        self.metrics.streams.set(len(self.sessions))
+        return stream_id, view_token
+
+    def unregister(self, session: StreamSession) -> None:
+        if session.stream_id is not None and self.sessions.get(session.stream_id) is session:
+            del self.sessions[session.stream_id]
+        for token in [t for t, s in self.view_tokens.items() if s is session]:
+            del self.view_tokens[token]
+        self.metrics.streams.set(len(self.sessions))
+
+    def find_view(self, token: str) -> StreamSession | None:
+        """The session whose view token is ``token`` (compared in constant time with every token)."""
+        found = None
+        given = token.encode("utf-8", "surrogatepass")
+        for known, session in list(self.view_tokens.items()):
+            if hmac.compare_digest(known.encode("utf-8"), given):
+                found = session
+        return found
+
+    # -- shutdown -------------------------------------------------------------------------------------------------
+
+    async def shutdown(self, timeout: float = 10.0) -> None:
+        """Tell every client the server is going away (1001) and wait for their sessions to end."""
+        from .wire import ErrorCode
+
+        self.shutting_down = True
+        sessions = list(self.connections)
+        viewers = list(self.viewers)
+        ends = [s.end(ErrorCode.SHUTTING_DOWN, "the server is shutting down") for s in sessions]
+        ends += [v.end(ErrorCode.SHUTTING_DOWN, "the server is shutting down") for v in viewers]
+        if ends:
+            await asyncio.wait([asyncio.ensure_future(e) for e in ends], timeout=timeout)
+        logger.info("told %d stream(s) and %d viewer(s) that the server is shutting down", len(sessions),
+                    len(viewers))
+
+    def close(self) -> None:
+        """Release the worker pool (after every session ended)."""
+        self.pool.shutdown(wait=True, cancel_futures=True)

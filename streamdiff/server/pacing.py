@@ -1,0 +1,73 @@
+"""Asyncio building blocks of the sessions: a latest-wins slot and a time-limited send.
+
+Every per-client queue in the server is a :class:`LatestSlot`: it holds one item, a newer one replaces it (the
+replaced one is returned so that the caller counts the drop), and one consumer waits for it. Memory per client is
+therefore bounded by construction, whatever the client does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+__all__ = ["LatestSlot", "SendTimeout", "send_within", "within"]
+
+
+class LatestSlot(Generic[T]):
+    """One item, newest wins; :meth:`get` waits for one. Single consumer. Use inside the event loop only."""
+
+    def __init__(self) -> None:
+        self._item: T | None = None
+        self._ready = asyncio.Event()
+
+    def put(self, item: T) -> T | None:
+        """Store ``item``; returns the item it replaced (dropped, never delivered) or None."""
+        replaced, self._item = self._item, item
+        self._ready.set()
+        return replaced
+
+    async def get(self) -> T:
+        """Wait for an item and take it."""
+        while self._item is None:
+            self._ready.clear()
+            await self._ready.wait()
+        item, self._item = self._item, None
+        return item
+
+    def take(self) -> T | None:
+        """The item, if any, without waiting."""
+        item, self._item = self._item, None
+        return item
+
+    @property
+    def occupied(self) -> bool:
+        return self._item is not None
+
+
+class SendTimeout(Exception):
+    """A message did not leave within the write timeout: the peer stopped reading."""
+
+
+async def within(awaitable: Awaitable[T], timeout: float | None) -> T:
+    """``await awaitable`` for at most ``timeout`` seconds (``asyncio.TimeoutError`` after), None: no limit.
+
+    ``asyncio.timeout`` where it exists (3.11+): ``asyncio.wait_for`` of 3.10/3.11 can swallow a cancellation
+    that arrives as the awaited operation finishes, and a session's loop must always stop when cancelled.
+    """
+    if timeout is None:
+        return await awaitable
+    if hasattr(asyncio, "timeout"):
+        async with asyncio.timeout(timeout):
+            return await awaitable
+    return await asyncio.wait_for(awaitable, timeout)  # pragma: no cover - Python 3.10
+
+
+async def send_within(transport: object, data: str | bytes, timeout: float) -> None:
+    """``transport.send(data)`` or :class:`SendTimeout` after ``timeout`` seconds (then abort the connection)."""
+    try:
+        await within(transport.send(data), timeout)  # type: ignore[attr-defined]
+    except asyncio.TimeoutError:
+        raise SendTimeout(f"a message did not leave within {timeout:g} s") from None

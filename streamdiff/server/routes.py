@@ -1,0 +1,73 @@
+"""The plain-HTTP side of ``streamdiff serve``: static pages, health, readiness and metrics (no I/O here).
+
+:func:`route` maps a request path to an :class:`HttpReply`, or to None when the request is for a WebSocket
+(``/ws``, ``/ws/view/<token>``). The asyncio server turns replies into ``websockets`` responses in its
+``process_request``; another front end can serve the same replies.
+
+==================  =========================================================================================
+``/``               the stream page (``index.html``)
+``/view.html`` …    the view-only page and the pages' scripts and style (``web/``, loaded once at start)
+``/healthz``        200 while the process serves HTTP (liveness)
+``/readyz``         200 when the model is loaded and the engine runs, 503 otherwise (readiness)
+``/metrics``        Prometheus text exposition
+==================  =========================================================================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from .wire import STREAM_PATH, VIEW_SOCKET_PREFIX
+
+__all__ = ["HttpReply", "StaticFiles", "route"]
+
+_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+          ".css": "text/css; charset=utf-8"}
+# Pages may load only their own scripts, draw decoded frames (blob:) and open WebSockets to this server.
+_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
+        "media-src 'self' blob: mediastream:; connect-src 'self' ws: wss:; base-uri 'none'; form-action 'none'")
+_SECURITY_HEADERS = (("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "no-referrer"),
+                     ("Cache-Control", "no-cache"))
+
+
+@dataclass(frozen=True)
+class HttpReply:
+    status: int
+    body: bytes
+    content_type: str = "text/plain; charset=utf-8"
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+class StaticFiles:
+    """The web pages, read once (a handful of small files; no path from a request ever reaches the file system)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.files: dict[str, HttpReply] = {}
+        for path in sorted(folder.iterdir()):
+            if path.is_file() and path.suffix in _TYPES:
+                headers = _SECURITY_HEADERS + ((("Content-Security-Policy", _CSP),) if path.suffix == ".html" else ())
+                self.files[f"/{path.name}"] = HttpReply(200, path.read_bytes(), _TYPES[path.suffix], headers)
+        if "/index.html" in self.files:
+            self.files["/"] = self.files["/index.html"]
+
+    def get(self, path: str) -> HttpReply | None:
+        return self.files.get(path)
+
+
+def route(target: str, static: StaticFiles, hub: Any) -> HttpReply | None:
+    """The reply to a GET of ``target`` (path and query); None: a WebSocket route, go on with the handshake."""
+    path = urlsplit(target).path
+    if path == STREAM_PATH or path.startswith(VIEW_SOCKET_PREFIX):
+        return None
+    if path == "/healthz":
+        return HttpReply(200, b"ok\n")
+    if path == "/readyz":
+        return HttpReply(200, b"ready\n") if hub.ready else HttpReply(503, b"not ready\n")
+    if path == "/metrics":
+        body, content_type = hub.metrics.render()
+        return HttpReply(200, body, content_type)
+    reply = static.get(path)
+    return reply if reply is not None else HttpReply(404, b"not found\n")

@@ -1,0 +1,84 @@
+"""``streamdiff serve``: every limit is a flag with its safe default, run's model options and TOML config, and a real
+process that serves clients and shuts down gracefully on SIGTERM/SIGINT (1001 to every client, exit status 0)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import signal
+from pathlib import Path
+
+import pytest
+
+from streamdiff import ConfigError
+from streamdiff.cli import build_parser
+from streamdiff.commands import serve as serve_command
+from streamdiff.server.limits import ServerLimits
+from streamdiff.testing.serve import ServeProcess
+
+
+def _options(argv: list[str]) -> dict:
+    return serve_command.resolve_options(build_parser().parse_args(["serve", *argv]))
+
+
+def test_every_limit_is_a_flag_with_its_safe_default(monkeypatch) -> None:
+    monkeypatch.delenv("STREAMDIFF_TOKEN", raising=False)
+    help_text = build_parser()._subparsers._group_actions[0].choices["serve"].format_help()  # noqa: SLF001
+    for f in dataclasses.fields(ServerLimits):
+        assert f"--{f.name.replace('_', '-')}" in help_text, f.name
+    config = serve_command.server_config(_options([]))
+    assert config.limits == ServerLimits() and config.host == "127.0.0.1" and config.token is None
+    assert config.origins.allow_loopback and not config.origins.allowed
+    config = serve_command.server_config(_options([
+        "--max-streams", "2", "--max-input-fps", "12.5", "--allowed-cfg-types", "self,none", "--hello-timeout-s", "3",
+        "--allowed-origin", "https://a.example", "--no-loopback-origins", "--port", "0", "--prompt", "house style",
+        "--size", "128x128"]))
+    assert (config.limits.max_streams, config.limits.max_input_fps, config.limits.hello_timeout_s) == (2, 12.5, 3.0)
+    assert [c.value for c in config.limits.allowed_cfg_types] == ["self", "none"]
+    assert config.origins.allowed == {"https://a.example"} and not config.origins.allow_loopback
+    assert config.defaults.prompt.prompt == "house style" and config.defaults.stream.width == 128
+
+
+def test_toml_config_environment_token_and_clear_errors(tmp_path: Path, monkeypatch) -> None:
+    file = tmp_path / "serve.toml"
+    file.write_text('model = "tiny"\nmax-streams = 3\nmax_input_fps = 20\nprompt = "ink"\nstrength = 0.5\n'
+                    'allowed_origin = ["https://studio.example"]\n')
+    monkeypatch.setenv("STREAMDIFF_TOKEN", "from-env")
+    options = _options(["--config", str(file), "--max-streams", "5"])
+    config = serve_command.server_config(options)
+    assert config.limits.max_streams == 5 and config.limits.max_input_fps == 20 and config.token == "from-env"
+    assert config.defaults.stream.t_index_list == (25, 37) and config.origins.allowed == {"https://studio.example"}
+    assert "from-env" not in repr(config)
+    bad = tmp_path / "bad.toml"
+    bad.write_text("max_streems = 3\n")
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['max_streems'\]"):
+        _options(["--config", str(bad)])
+    with pytest.raises(ConfigError, match="max_streams=0 must be an integer >= 1"):
+        serve_command.server_config(_options(["--max-streams", "0"]))
+    with pytest.raises(ConfigError, match="break the server's limits"):
+        serve_command.server_config(_options(["--size", "2048x2048"]))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_real_server_streams_then_shuts_down_gracefully(tiny_model, sig: int) -> None:
+    from streamdiff.client import StreamClient
+    from streamdiff.io.sources import pattern_frame
+
+    served = ServeProcess("--size", "64x64", "--stats-interval", "0")
+
+    async def main() -> tuple:
+        url = f"ws://127.0.0.1:{served.port}/ws"
+        async with await StreamClient.connect(url, {"prompt": "a cat"}) as client:
+            assert client.settings.stream.width == 64  # the server's default size
+            for i in range(6):
+                await client.send_frame(pattern_frame(i, 64, 64), frame_id=i)
+                await asyncio.sleep(0.05)
+            await client.wait_for(lambda: len(client.outputs) >= 2, timeout=30)
+            served.process.send_signal(sig)
+            await asyncio.wait_for(client.closed.wait(), 30)
+            return client.close_code, client.error.code if client.error else None
+
+    assert asyncio.run(main()) == (1001, "shutting_down")
+    assert served.process.wait(30) == 0
+    log = "".join(served.log)
+    assert "closed: 1001 (shutting_down: the server is shutting down)" in log and "engine worker stopped" in log

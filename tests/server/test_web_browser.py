@@ -1,0 +1,127 @@
+"""The stream page and the view page in real headless Chromium, driven by Playwright, against a live server.
+
+Chromium's fake camera plays a Y4M clip of one still picture, so the stream's output is still too (cfg "none":
+every output is a pure function of its input frame) and a prompt change is seen as a new, again still, output.
+Chromium is Debian's (``/usr/bin/chromium``; Playwright's own browsers are never downloaded). Without it the tests
+skip, unless ``STREAMDIFF_REQUIRE_BROWSER=1`` (CI) makes that a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from streamdiff import StreamConfig
+from streamdiff.io.sources import pattern_frame
+from streamdiff.server.settings import StreamSettings
+
+CHROMIUM = os.environ.get("STREAMDIFF_CHROMIUM", "/usr/bin/chromium")
+REQUIRED = os.environ.get("STREAMDIFF_REQUIRE_BROWSER") == "1"
+
+
+def _browser_or_skip() -> None:
+    reason = None
+    if not (Path(CHROMIUM).is_file() or shutil.which(CHROMIUM)):
+        reason = f"no Chromium at {CHROMIUM} (apt-get install chromium)"
+    else:
+        try:
+            import playwright.sync_api  # noqa: F401
+        except ImportError:
+            reason = "playwright is not installed (pip install playwright; never `playwright install`)"
+    if reason is not None:
+        if REQUIRED:
+            pytest.fail(f"STREAMDIFF_REQUIRE_BROWSER=1 but {reason}")
+        pytest.skip(reason)
+
+
+def write_y4m(path: Path, width: int = 320, height: int = 240, frames: int = 10) -> None:
+    """A Y4M clip (4:2:0) of one still test picture: Chromium's fake camera plays it in a loop."""
+    rgb = pattern_frame(7, width, height).astype(np.float32)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    y = 16 + 0.257 * r + 0.504 * g + 0.098 * b
+    u = 128 - 0.148 * r - 0.291 * g + 0.439 * b
+    v = 128 + 0.439 * r - 0.368 * g - 0.071 * b
+    half = (height // 2, 2, width // 2, 2)
+    planes = [y, u.reshape(half).mean((1, 3)), v.reshape(half).mean((1, 3))]
+    frame = b"FRAME\n" + b"".join(np.clip(p.round(), 0, 255).astype(np.uint8).tobytes() for p in planes)
+    path.write_bytes(f"YUV4MPEG2 W{width} H{height} F30:1 Ip A1:1 C420jpeg\n".encode() + frame * frames)
+
+
+@pytest.fixture()
+def chromium(tmp_path: Path):
+    _browser_or_skip()
+    from playwright.sync_api import sync_playwright
+
+    clip = tmp_path / "clip.y4m"
+    write_y4m(clip)
+    args = ["--no-sandbox", "--disable-gpu", "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
+            f"--use-file-for-fake-video-capture={clip}", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run",
+            "--autoplay-policy=no-user-gesture-required"]
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=args)
+        context = browser.new_context(permissions=["camera"])
+        yield context
+        context.close()
+        browser.close()
+
+
+_CANVAS_DIGEST = """() => {
+  const c = document.getElementById("output");
+  const d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
+  let h = 0, sum = 0;
+  for (let i = 0; i < d.length; i += 1) { h = (h * 31 + d[i]) >>> 0; sum += d[i]; }
+  return [c.width, c.height, h, sum];
+}"""
+
+
+def _digest_when_still(page, different_from=None, timeout: float = 30.0) -> list:
+    """The output canvas's digest once three readings 0.2 s apart agree (and differ from ``different_from``)."""
+    deadline = time.monotonic() + timeout
+    readings: list = []
+    while time.monotonic() < deadline:
+        readings = (readings + [page.evaluate(_CANVAS_DIGEST)])[-3:]
+        if len(readings) == 3 and readings[0] == readings[1] == readings[2] and readings[0][3] > 0 \
+                and readings[0] != different_from:
+            return readings[0]
+        page.wait_for_timeout(200)  # sampling a canvas that only the page's own frames change
+    raise AssertionError(f"the output did not settle: {readings}")
+
+
+def test_the_stream_page_and_the_view_page_in_headless_chromium(live, chromium) -> None:
+    defaults = StreamSettings(StreamConfig(width=256, height=256, cfg_type="none"))
+    server = live(defaults=defaults)
+    page = chromium.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(server.http_url + "/")
+    page.select_option("#size", "256")
+    page.click("#start-camera")
+    page.wait_for_function("() => window.streamdiff.state === 'streaming'", timeout=30_000)
+    page.wait_for_function("() => window.streamdiff.framesReceived >= 5", timeout=60_000)
+
+    state = page.evaluate("() => ({...window.streamdiff})")
+    assert state["framesSent"] >= state["framesReceived"] >= 5 and state["lastError"] is None
+    assert 0 < state["lastLatencyMs"] < 10_000 and page.text_content("#latency").strip().isdigit()
+    assert float(page.text_content("#fps")) > 0 and page.text_content("#frames-received").strip() != "0"
+    first = _digest_when_still(page)
+    assert first[:2] == [256, 256]  # stylised frames are drawn, at the stream's size
+
+    page.fill("#prompt", "an oil painting of a lighthouse")  # the page sends an update; the output changes
+    changed = _digest_when_still(page, different_from=first)
+    assert changed != first
+
+    view = chromium.new_page()
+    view.goto(state["viewUrl"])
+    view.wait_for_function("() => window.streamdiff.framesReceived >= 3", timeout=30_000)
+    assert view.evaluate("() => window.streamdiff.streamId") == state["streamId"]
+    assert _digest_when_still(view) == _digest_when_still(page)  # the same stream, the same picture
+    assert errors == []
+    hub = server.hub
+    session = next(iter(hub.sessions.values()))
+    assert session.conn.settings.prompt.prompt == "an oil painting of a lighthouse" and len(session.viewers) == 1
