@@ -26,7 +26,7 @@ from .server.client_protocol import Ack, ClientConnection, OutputFrame, Ready, S
 from .server.images import ImageFormat, decode, encode
 from .server.limits import ServerLimits
 from .server.settings import StreamSettings
-from .server.wire import STREAM_PATH, SUBPROTOCOL
+from .server.wire import SESSION_HEADER, STREAM_PATH, SUBPROTOCOL
 
 __all__ = ["RequestFailed", "ServerRefused", "StreamClient", "decode_output", "stream_url"]
 
@@ -80,14 +80,18 @@ class StreamClient:
     async def connect(cls, url: str, settings: dict[str, Any] | None = None, *, token: str | None = None,
                       view_token: str | None = None, origin: str | None = None, open_timeout: float = 10.0,
                       max_size: int = 16 << 20, client: str = "streamdiff-python/1",
-                      compression: str | None = None) -> StreamClient:
-        """Open the socket, send the hello, wait for ``ready``; :class:`ServerRefused` if the server says no."""
+                      compression: str | None = None, session: str | None = None) -> StreamClient:
+        """Open the socket, send the hello, wait for ``ready``; :class:`ServerRefused` if the server says no.
+
+        ``session``: the stream id of this client's previous stream, sent as the ``X-Session-Id`` header so that a
+        fleet (docs/scaling.md) routes the new stream to the same replica; a single server ignores it."""
         try:
             from websockets.asyncio.client import connect
             from websockets.exceptions import ConnectionClosed
         except ImportError:
             raise missing_extra("websockets", "server") from None
-        ws = await connect(url, origin=origin, compression=compression, max_size=max_size,
+        headers = {SESSION_HEADER: session} if session else None
+        ws = await connect(url, origin=origin, compression=compression, max_size=max_size, additional_headers=headers,
                            subprotocols=[SUBPROTOCOL], open_timeout=open_timeout, ping_interval=None)
         conn = ClientConnection(settings, token=token, client=client, view_token=view_token)
         try:

@@ -8,7 +8,8 @@ Example (offline, built-in tiny model; open http://127.0.0.1:8765/ in a browser)
 Every stream gets its own settings; all of them share one model and one U-Net call per tick. The model options
 and the TOML ``--config`` file are ``streamdiff run``'s (the stream options set the streams' default settings);
 every server limit is a flag with its safe default. SIGINT/SIGTERM shut down gracefully: every client gets an
-error and close code 1001, the engine is drained, the exit status is 0.
+error and close code 1001, the engine is drained, the exit status is 0. ``--ray`` serves the same endpoint from a
+fleet of engines on Ray Serve (:mod:`streamdiff.deploy`, docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dataclasses import fields
 from typing import Any
 
 from ..errors import ConfigError
+from ..deploy import cli as deploy_cli
 from . import options as shared
 
 logger = logging.getLogger(__name__)
@@ -106,6 +108,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     shared.add_model_options(parser)
     shared.add_engine_options(parser)
     shared.add_prompt_options(shared.add_stream_options(parser))
+    deploy_cli.add_arguments(parser)
 
 
 def resolve_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -150,6 +153,8 @@ def run(args: argparse.Namespace) -> int:
     batch_rows = options["max_batch_rows"]
     if isinstance(batch_rows, bool) or not isinstance(batch_rows, int) or batch_rows < 1:
         raise ConfigError(f"max_batch_rows={batch_rows!r} must be an integer >= 1")
+    if getattr(args, "ray", False):  # a fleet of engines on Ray Serve (docs/scaling.md)
+        return deploy_cli.run(options, args)
     engine = shared.model_options(options).stream_engine(config.limits.max_streams, batch_rows)
     defaults = config.defaults
     engine.check_settings(defaults.stream, defaults.prompt)

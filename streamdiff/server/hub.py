@@ -73,7 +73,9 @@ class ServerConfig:
 class Hub:
     """The shared state of one server (see the module docstring). Build it inside the event loop."""
 
-    def __init__(self, engine: Any, config: ServerConfig | None = None, metrics: ServerMetrics | None = None) -> None:
+    def __init__(self, engine: Any, config: ServerConfig | None = None, metrics: ServerMetrics | None = None,
+                 id_prefix: str = "st-") -> None:
+        """``id_prefix`` begins every stream id this hub issues (a fleet's replica puts its name in it)."""
         from .metrics import ServerMetrics
 
         self.engine = engine
@@ -87,6 +89,7 @@ class Hub:
         self.view_tokens: dict[str, StreamSession] = {}
         self.viewers: set[Any] = set()
         self.shutting_down = False
+        self.id_prefix = id_prefix
 
     # -- admission ----------------------------------------------------------------------------------------------
 
@@ -101,9 +104,9 @@ class Hub:
 
     def register(self, session: StreamSession, requested_view_token: str | None) -> tuple[str, str]:
         """Admit ``session``: returns its new stream id and view token (the requested one unless in use)."""
-        stream_id = f"st-{secrets.token_hex(4)}"
+        stream_id = f"{self.id_prefix}{secrets.token_hex(4)}"
         while stream_id in self.sessions:
-            stream_id = f"st-{secrets.token_hex(4)}"
+            stream_id = f"{self.id_prefix}{secrets.token_hex(4)}"
         view_token = requested_view_token
         if view_token is None or self.find_view(view_token) is not None:
             view_token = new_token()

@@ -72,6 +72,9 @@ VIEW_PAGE_PATH = "/view.html"
 MAX_ERROR_MESSAGE_CHARS = 300
 #: WebSocket subprotocol offered by clients (``Sec-WebSocket-Protocol``); optional, the server accepts it if given.
 SUBPROTOCOL = "streamdiff.v1"
+# A reconnecting client's previous stream id, as an HTTP header of the opening handshake (a fleet's router routes
+# it back to that stream's replica; docs/protocol.md, "Reconnecting"). Header names are case-insensitive.
+SESSION_HEADER = "x-session-id"
 INPUT_MAGIC = b"SDFI"
 OUTPUT_MAGIC = b"SDFO"
 _INPUT = struct.Struct(">4sB3sId")

@@ -30,6 +30,7 @@ class ServeProcess:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "streamdiff.cli", "serve", "--port", "0", *args],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=full_env,
+            start_new_session=True,  # its own process group: whatever it starts (Ray's processes) ends with it
         )
         self.log: list[str] = []
         self._lines: queue.Queue[str] = queue.Queue()
@@ -86,6 +87,10 @@ class ServeProcess:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.returncode = self.process.wait()
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)  # anything of its group left behind
+        except (ProcessLookupError, PermissionError):
+            pass
         return self.returncode
 
     def __enter__(self) -> ServeProcess:
