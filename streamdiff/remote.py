@@ -38,7 +38,7 @@ from .client import StreamClient, decode_output, stream_url
 from .config import PromptConfig, StreamConfig
 from .commands.options import TOKEN_ENV
 from .engine.state import StreamStats
-from .engine.stream import StreamOutput
+from .engine.stream import StreamOutput, wait_popleft
 from .errors import ConfigError, FrameError, StreamClosed, StreamDiffError
 from .core.image import fit_frame, frame_to_tensor, tensor_to_frame
 from .server.client_protocol import OutputFrame
@@ -109,6 +109,12 @@ class RemoteEngine:
         if loop is not None and thread is not None:
             loop.call_soon_threadsafe(loop.stop)
             thread.join(timeout)
+
+    def __enter__(self) -> RemoteEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
     def _ensure_loop(self) -> asyncio.AbstractEventLoop:
         with self._lock:
@@ -214,16 +220,10 @@ class RemoteStream:
 
     def get(self, timeout: float | None = None) -> StreamOutput | None:
         """The oldest output (TimeoutError after ``timeout`` s); None once the stream has ended (see ``error``)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._out_cond:
-            while not self._outputs:
-                if self.finished:
-                    return None
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    raise TimeoutError(f"{self.name}: no output within {timeout} s")
-                self._out_cond.wait(left)
-            frame, user_id = self._outputs.popleft()
+        item = wait_popleft(self._out_cond, self._outputs, lambda: self.finished, timeout, self.name)
+        if item is None:
+            return None
+        frame, user_id = item
         self.loop.call_soon_threadsafe(self._poke)  # room again for a lossless stream
         return self._output(frame, user_id)
 

@@ -93,8 +93,9 @@ def test_realtime_streams_drop_the_oldest_and_report_a_server_side_end(live) -> 
 
 def test_refusals_raise_in_open_stream(live, monkeypatch) -> None:
     server = live(token="s3cret")
-    with pytest.raises(ServerRefused, match="unauthorized"):
-        RemoteEngine(server.url).open_stream(CONFIG)
+    with RemoteEngine(server.url) as refused, pytest.raises(ServerRefused, match="unauthorized"):
+        refused.open_stream(CONFIG)
+    assert not any(t.name == "streamdiff-remote" for t in threading.enumerate())  # leaving stopped its loop
     monkeypatch.setenv("STREAMDIFF_TOKEN", "s3cret")
     engine = RemoteEngine(server.url)
     assert "s3cret" not in repr(engine)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import platform
@@ -27,6 +26,7 @@ import time
 from typing import Any
 
 from streamdiff.bench.clients import client_round, format_table, summarise
+from streamdiff.bench.harness import write_json
 from streamdiff.io.sources import pattern_frame
 from streamdiff.server.images import encode
 from streamdiff.testing.serve import ServeProcess
@@ -108,12 +108,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{os.cpu_count()} CPU(s), {args.rounds} interleaved rounds of {args.seconds:g} s")
     print(format_table(rows, "configuration"))
     if args.json:
-        text = json.dumps(report, indent=2)
-        if args.json == "-":
-            print(text)
-        else:
-            with open(args.json, "w") as out:
-                out.write(text + "\n")
+        write_json(report, args.json)
     return 0
 
 

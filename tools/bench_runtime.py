@@ -83,7 +83,7 @@ def main() -> int:
         torch.set_num_threads(args.threads)
 
     from streamdiff import StreamConfig, StreamPipeline
-    from streamdiff.bench.harness import Case, run_interleaved
+    from streamdiff.bench.harness import Case, run_interleaved, write_json
 
     t_index_list = tuple(int(v) for v in args.t_index_list.split(","))
     config = StreamConfig(width=args.size, height=args.size, t_index_list=t_index_list)
@@ -124,11 +124,7 @@ def main() -> int:
         print(f"{p['fps']:8.0f} fps   {p['fps_in'] or 0:7.1f} {p['fps_out'] or 0:8.1f} {p['latency_p50_ms']:7.1f} "
               f"{p['latency_p95_ms']:7.1f} {p['latency_max_ms']:7.1f} {sum(p['drops'].values()):6d}")
     if args.json:
-        text = json.dumps(results, indent=2)
-        if args.json == "-":
-            print(text)
-        else:
-            Path(args.json).write_text(text + "\n")
+        write_json(results, args.json)
     return 0
 
 

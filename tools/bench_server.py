@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import platform
 import sys
 import time
 from typing import Any
 
 from streamdiff.bench.clients import client_round, format_table, summarise
+from streamdiff.bench.harness import write_json
 from streamdiff.io.sources import pattern_frame
 from streamdiff.server.images import encode
 from streamdiff.testing.serve import ServeProcess
@@ -60,12 +60,7 @@ def main(argv: list[str] | None = None) -> int:
               "elapsed_s": time.monotonic() - started, "results": rows, "rounds": rounds}
     print(format_table(rows))
     if args.json:
-        text = json.dumps(report, indent=2)
-        if args.json == "-":
-            print(text)
-        else:
-            with open(args.json, "w") as out:
-                out.write(text + "\n")
+        write_json(report, args.json)
     return 0
 
 

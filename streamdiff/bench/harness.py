@@ -16,11 +16,13 @@ Speed is measured here, never asserted: callers compare the figures with targets
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import statistics
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..errors import ConfigError
@@ -233,3 +235,12 @@ def report_dict(comparisons: Sequence[Comparison], **meta: Any) -> dict[str, Any
     Non-finite numbers (an identical image's PSNR, a failed measurement) become None.
     """
     return _strict({**meta, "comparisons": {c.name: c.to_dict() for c in comparisons}})
+
+
+def write_json(report: Any, target: str) -> None:
+    """Write ``report`` as indented JSON to the file ``target`` (``"-"``: standard output)."""
+    text = json.dumps(report, indent=2)
+    if target == "-":
+        print(text)
+    else:
+        Path(target).write_text(text + "\n")

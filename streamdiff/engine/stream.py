@@ -26,9 +26,8 @@ import numpy as np
 import torch
 
 from ..config import PromptConfig, StreamConfig, StreamMode
-from ..core.image import frame_to_tensor
 from ..errors import ConfigError, FrameError, StreamClosed
-from ..core.image import fit_frame
+from ..core.image import fit_frame, frame_to_tensor
 from .state import StreamState, StreamStats
 
 if TYPE_CHECKING:
@@ -221,16 +220,9 @@ class Stream:
 
         After None, :attr:`error` tells whether the stream failed.
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._output_cond:
-            while not self._outputs:
-                if self.finished:
-                    return None
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    raise TimeoutError(f"{self.name}: no output within {timeout} s")
-                self._output_cond.wait(left)
-            out = self._outputs.popleft()
+        out = wait_popleft(self._output_cond, self._outputs, lambda: self.finished, timeout, self.name)
+        if out is None:
+            return None
         if self.lossless:
             self.engine._wake()  # room again: the engine may take this stream's next frame
         return out
@@ -291,3 +283,18 @@ class Stream:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+
+def wait_popleft(cond: threading.Condition, items: deque[Any], finished: Callable[[], bool], timeout: float | None,
+                 name: str) -> Any:
+    """Under ``cond``: wait for ``items`` and take the oldest; None once ``finished()`` with nothing left;
+    TimeoutError (naming ``name``) after ``timeout`` s. The wait of every stream handle's ``get``."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    with cond:
+        while not items:
+            if finished():
+                return None
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise TimeoutError(f"{name}: no output within {timeout} s")
+            cond.wait(left)
+        return items.popleft()
