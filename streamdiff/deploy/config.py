@@ -8,25 +8,15 @@ server and a fleet.
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..config import check_int, check_number
 from ..errors import ConfigError
 
 __all__ = ["FleetConfig", "ReplicaSpec"]
-
-
-def _positive_int(name: str, value: Any, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name}={value!r} must be an integer >= {minimum}")
-
-
-def _non_negative(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ConfigError(f"{name}={value!r} must be a finite number >= 0")
 
 
 @dataclass(frozen=True)
@@ -41,8 +31,8 @@ class ReplicaSpec:
     shutdown_timeout_s: float = 5.0
 
     def __post_init__(self) -> None:
-        _positive_int("torch_threads", self.torch_threads, 0)
-        _non_negative("shutdown_timeout_s", self.shutdown_timeout_s)
+        check_int("torch_threads", self.torch_threads, 0)
+        check_number("shutdown_timeout_s", self.shutdown_timeout_s, 0)
         try:
             bytes.fromhex(self.view_secret)
         except ValueError:
@@ -101,20 +91,17 @@ class FleetConfig:
     extra_actor_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _positive_int("num_replicas", self.num_replicas)
-        _positive_int("min_replicas", self.min_replicas, 0)
-        _positive_int("max_replicas", self.max_replicas)
+        check_int("num_replicas", self.num_replicas, 1)
+        check_int("min_replicas", self.min_replicas, 0)
+        check_int("max_replicas", self.max_replicas, 1)
         if self.max_replicas < self.min_replicas:
             raise ConfigError(f"max_replicas={self.max_replicas} is below min_replicas={self.min_replicas}")
         for name in ("num_gpus", "num_cpus", "health_check_period_s", "health_check_timeout_s",
                      "graceful_shutdown_timeout_s", "upscale_delay_s", "downscale_delay_s"):
-            _non_negative(name, getattr(self, name))
-        if not self.routing_stats_period_s > 0:
-            raise ConfigError(f"routing_stats_period_s={self.routing_stats_period_s!r} must be > 0")
+            check_number(name, getattr(self, name), 0)
+        check_number("routing_stats_period_s", self.routing_stats_period_s, 0, min_open=True)
         if self.target_streams_per_replica is not None:
-            _non_negative("target_streams_per_replica", self.target_streams_per_replica)
-            if not self.target_streams_per_replica > 0:
-                raise ConfigError("target_streams_per_replica must be > 0")
+            check_number("target_streams_per_replica", self.target_streams_per_replica, 0, min_open=True)
         if not self.route_prefix.startswith("/"):
             raise ConfigError(f"route_prefix={self.route_prefix!r} must start with '/'")
 

@@ -34,10 +34,20 @@ def test_the_policy_sums_every_replicas_streams_and_waits_for_reports() -> None:
 
 def test_fleet_config_checks() -> None:
     assert not FleetConfig().autoscaling and FleetConfig(min_replicas=1, max_replicas=4).autoscaling
-    for bad in ({"num_replicas": 0}, {"max_replicas": 1, "min_replicas": 2}, {"num_gpus": -1},
-                {"routing_stats_period_s": 0}, {"target_streams_per_replica": 0}, {"route_prefix": "ws"},
-                {"num_replicas": True}):
-        with pytest.raises(ConfigError):
+    for bad, message in (
+        ({"num_replicas": 0}, "num_replicas=0 must be >= 1"),
+        ({"max_replicas": 1, "min_replicas": 2}, "max_replicas=1 is below min_replicas=2"),
+        ({"num_gpus": -1}, "num_gpus=-1 must be >= 0"),
+        ({"routing_stats_period_s": 0}, "routing_stats_period_s=0 must be > 0"),
+        ({"target_streams_per_replica": 0}, "target_streams_per_replica=0 must be > 0"),
+        ({"route_prefix": "ws"}, "route_prefix='ws' must start with '/'"),
+        ({"num_replicas": True}, "num_replicas=True must be an integer >= 1, not bool"),
+        ({"graceful_shutdown_timeout_s": float("nan")}, "graceful_shutdown_timeout_s=nan must be a finite number"),
+    ):
+        with pytest.raises(ConfigError) as raised:
             FleetConfig(**bad)
+        assert str(raised.value) == message
+    with pytest.raises(ConfigError, match=r"^torch_threads=-1 must be >= 0$"):
+        ReplicaSpec({}, torch_threads=-1)
     with pytest.raises(ConfigError, match="hexadecimal"):
         ReplicaSpec({}, view_secret="not hex")
