@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("ray.serve")
 
-from streamdiff.client import StreamClient  # noqa: E402
+from streamdiff.client import ServerRefused, StreamClient  # noqa: E402
 from streamdiff.deploy.routing import replica_of_stream  # noqa: E402
 from streamdiff.io.sources import pattern_frame  # noqa: E402
 from streamdiff.testing.serve import ServeProcess  # noqa: E402
@@ -42,3 +42,82 @@ def test_serve_ray_streams_through_a_replica_then_shuts_down_gracefully(tiny_mod
         assert served.process.wait(90) == 0, "".join(served.log)
     finally:
         served.stop()  # already exited: only what its process group left behind is killed
+
+
+def test_serve_run_with_a_config_file_serves_the_same_protocol(tiny_model, tmp_path) -> None:
+    """Ray's own launcher: ``serve run CONFIG.yaml`` with ``import_path: streamdiff.deploy:app`` and string
+    arguments (as Serve passes them), a real client through Serve's proxy, SIGINT ends it."""
+    import os
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    port = _free_port()
+    config = tmp_path / "fleet.yaml"
+    config.write_text(f"""\
+proxy_location: EveryNode
+http_options:
+  host: 127.0.0.1
+  port: {port}
+applications:
+  - name: streamdiff
+    route_prefix: /
+    import_path: streamdiff.deploy:app
+    args:
+      model: tiny
+      backend: torch
+      size: "64"
+      max_streams: "1"
+      replicas: "1"
+      num_cpus: "0.5"
+      torch_threads: "1"
+      prompt: fleet default
+""")
+    serve_cli = os.path.join(os.path.dirname(sys.executable), "serve")
+    process = subprocess.Popen([serve_cli, "run", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert process.poll() is None, process.stderr.read()[-3000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as reply:
+                    if reply.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "serve run never became ready"
+            time.sleep(1)
+
+        async def main() -> None:
+            async with await StreamClient.connect(f"ws://127.0.0.1:{port}/ws") as client:
+                assert client.settings.prompt.prompt == "fleet default" and client.settings.stream.width == 64
+                for i in range(6):
+                    await client.send_frame(pattern_frame(i, 64, 64), frame_id=i)
+                    await asyncio.sleep(0.05)
+                await client.wait_for(lambda: len(client.outputs) >= 2, timeout=60)
+            with pytest.raises(ServerRefused) as refused:  # max_streams=1 and one replica: the fleet is full
+                async with await StreamClient.connect(f"ws://127.0.0.1:{port}/ws"), \
+                        await StreamClient.connect(f"ws://127.0.0.1:{port}/ws"):
+                    pass
+            assert refused.value.code == 1013
+
+        asyncio.run(main())
+        process.send_signal(signal.SIGINT)
+        assert process.wait(120) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
