@@ -63,15 +63,27 @@ def run(options: dict[str, Any], args: argparse.Namespace) -> int:
                 f"{fleet.min_replicas}-{fleet.max_replicas} replicas" if fleet.autoscaling
                 else f"{fleet.num_replicas} replica(s)")
     stop = threading.Event()
-    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        stop.wait()
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        logger.info("shutting down the fleet")
-        shutdown(fleet.name)
-        from ray import serve  # deploy() has imported it (or said which extra is missing)
 
-        serve.shutdown()
+    def on_signal(signum: int, frame: Any) -> None:
+        if stop.is_set():
+            logger.warning("%s again: the fleet is already shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        # Wake now and then: Ray's native threads do not block signals, so the kernel may deliver SIGTERM to one of
+        # them, and Python runs the handler only when this (main) thread executes again: a wait without a timeout
+        # would never return.
+        while not stop.wait(0.5):
+            pass
+    finally:
+        try:
+            logger.info("shutting down the fleet")
+            shutdown(fleet.name)
+            from ray import serve  # deploy() has imported it (or said which extra is missing)
+
+            serve.shutdown()
+        finally:  # a second signal during the shutdown is logged, not fatal
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
     return 0

@@ -1,5 +1,6 @@
 """``streamdiff serve --ray``: the serve command's options on a fleet of one replica, in a real child process with its
-own local Ray cluster; a real client streams, then SIGTERM drains the fleet (1001) and the process exits 0."""
+own local Ray cluster; a real client streams, then SIGTERM drains the fleet (1001; a second SIGTERM meanwhile is
+only logged) and the process exits 0. And Ray's own ``serve run`` with a config file."""
 
 from __future__ import annotations
 
@@ -36,10 +37,13 @@ def test_serve_ray_streams_through_a_replica_then_shuts_down_gracefully(tiny_mod
                 assert all(0 <= out.frame_id < 6 for out in client.outputs)
                 served.process.send_signal(signal.SIGTERM)
                 await asyncio.wait_for(client.closed.wait(), 60)
+                served.process.send_signal(signal.SIGTERM)  # impatient: again while the fleet shuts down
                 return client.close_code, client.error.code if client.error else None
 
         assert asyncio.run(main()) == (1001, "shutting_down")
         assert served.process.wait(90) == 0, "".join(served.log)
+        log = "".join(served.log)
+        assert "shutting down the fleet" in log and "SIGTERM again: the fleet is already shutting down" in log
     finally:
         served.stop()  # already exited: only what its process group left behind is killed
 
