@@ -129,6 +129,13 @@ class StreamClient:
         assert self.conn.settings is not None
         return self.conn.settings
 
+    @property
+    def frames_lost(self) -> int:
+        """Frames the server reported it will never answer (dropped, rate-limited, rejected), from the last
+        ``stats`` message: a pipelining client stops counting them as awaiting their output."""
+        s = self.stats
+        return s.get("frames_dropped", 0) + s.get("frames_rate_limited", 0) + s.get("frames_rejected", 0)
+
     async def send_frame(self, image: np.ndarray | bytes, *, frame_id: int | None = None,
                          client_ts: float | None = None, format: ImageFormat | str = ImageFormat.JPEG,
                          quality: int = 90) -> int:

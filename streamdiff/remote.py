@@ -292,9 +292,7 @@ class RemoteStream:
 
     def _resolved(self) -> int:
         """Frames (by send position) the engine has taken or the server dropped: known from outputs and stats."""
-        s = self.client.stats
-        from_stats = (s.get("frames_taken", 0) + s.get("frames_rate_limited", 0) + s.get("frames_rejected", 0)
-                      + s.get("frames_dropped", 0))
+        from_stats = self.client.stats.get("frames_taken", 0) + self.client.frames_lost
         from_outputs = self._answered + 1 + self._offset() if self._answered >= 0 else 0
         return max(from_stats, from_outputs)
 
@@ -309,8 +307,7 @@ class RemoteStream:
             sent.stale = sent.stale or now - sent.sent_at > STALE_S
         while len(self._sent) > MAX_TRACKED:
             self._sent.popitem(last=False)
-        s = self.client.stats
-        lost = s.get("frames_dropped", 0) + s.get("frames_rate_limited", 0) + s.get("frames_rejected", 0)
+        lost = self.client.frames_lost
         awaiting = sum(not sent.stale for sent in self._sent.values()) - max(0, lost - self._lost_accounted)
         config = self.config
         return awaiting < config.denoising_steps * config.frame_buffer_size + 1

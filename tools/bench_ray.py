@@ -20,24 +20,19 @@ import asyncio
 import logging
 import os
 import platform
-import socket
 import sys
 import time
 from typing import Any
 
 from streamdiff.bench.clients import client_round, format_table, summarise
 from streamdiff.bench.harness import write_json
+from streamdiff.deploy.launch import free_port
 from streamdiff.io.sources import pattern_frame
 from streamdiff.server.images import encode
 from streamdiff.testing.serve import ServeProcess
 
 CONFIGS = ("serve-1", "ray1-1", "ray1-4", "ray2-4")
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _fleets(port: int, args: argparse.Namespace) -> dict[str, str]:
@@ -82,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     ray.init(num_cpus=4, object_store_memory=300 * 1024 * 1024, include_dashboard=False, log_to_driver=False,
              logging_level=logging.WARNING)
     try:
-        urls = _fleets(_free_port(), args)
+        urls = _fleets(free_port(), args)
         with ServeProcess(*serve_args, env={"OMP_NUM_THREADS": str(args.threads)}) as server:
             urls["serve"] = server.url
             for r in range(args.rounds):

@@ -20,11 +20,6 @@ from ..client import StreamClient
 __all__ = ["client_round", "format_table", "quantile", "summarise"]
 
 
-def _lost(client: StreamClient) -> int:
-    s = client.stats
-    return s.get("frames_dropped", 0) + s.get("frames_rate_limited", 0) + s.get("frames_rejected", 0)
-
-
 async def _stream(client: StreamClient, bodies: list[bytes], start: float, end: float) -> dict[str, Any]:
     """Stream until ``end``; keep what arrived in [start, end)."""
     limits, settings = client.ready.limits, client.settings.stream
@@ -39,7 +34,7 @@ async def _stream(client: StreamClient, bodies: list[bytes], start: float, end: 
         if now >= end or client.closed.is_set():
             break
         if lost_at_start is None and now >= start:
-            lost_at_start = _lost(client)
+            lost_at_start = client.frames_lost
         while client.outputs:
             out = client.outputs.popleft()
             answered = [f for f in waiting if f <= out.frame_id]
@@ -52,7 +47,7 @@ async def _stream(client: StreamClient, bodies: list[bytes], start: float, end: 
                 server.append(out.timings.server_ms)
         for frame_id in [f for f, t in waiting.items() if now - t > 3.0]:
             del waiting[frame_id]
-        awaiting = len(waiting) - max(0, _lost(client) - accounted)
+        awaiting = len(waiting) - max(0, client.frames_lost - accounted)
         if awaiting >= window or now - last_sent < min_interval:
             client.changed.clear()
             try:
@@ -65,7 +60,7 @@ async def _stream(client: StreamClient, bodies: list[bytes], start: float, end: 
         sent_in += start <= last_sent < end
         index += 1
     return {"outputs": outputs, "sent": sent_in, "e2e_ms": e2e, "server_ms": server,
-            "dropped": _lost(client) - (lost_at_start or 0)}
+            "dropped": client.frames_lost - (lost_at_start or 0)}
 
 
 async def client_round(url: str, count: int, size: int, bodies: list[bytes], warmup: float, seconds: float

@@ -268,7 +268,7 @@ def stream_config(options: Mapping[str, Any]) -> StreamConfig:
     else:
         t_index_list = parse_int_list(DEFAULT_T_INDEX_LIST if t_index_list is None else t_index_list)
     filter_config = FilterConfig(
-        options.get("filter", False), options.get("filter_threshold", 0.98), options.get("filter_max_skip", 10)
+        *(options.get(key, PROMPT_DEFAULTS[key]) for key in ("filter", "filter_threshold", "filter_max_skip"))
     )
     return StreamConfig(
         width=width, height=height, t_index_list=t_index_list, num_inference_steps=schedule,

@@ -22,7 +22,7 @@ import signal
 from dataclasses import fields
 from typing import Any
 
-from ..errors import ConfigError
+from ..config import check_int
 from ..deploy import cli as deploy_cli
 from . import options as shared
 
@@ -150,9 +150,7 @@ def run(args: argparse.Namespace) -> int:
     if config.host not in ("127.0.0.1", "localhost", "::1") and config.token is None:
         logger.warning("listening on %s without a token: anyone who reaches this port can use the engine; set "
                        "STREAMDIFF_TOKEN", config.host)
-    batch_rows = options["max_batch_rows"]
-    if isinstance(batch_rows, bool) or not isinstance(batch_rows, int) or batch_rows < 1:
-        raise ConfigError(f"max_batch_rows={batch_rows!r} must be an integer >= 1")
+    batch_rows = check_int("max_batch_rows", options["max_batch_rows"], 1)  # before a fleet loads anything
     if getattr(args, "ray", False):  # a fleet of engines on Ray Serve (docs/scaling.md)
         return deploy_cli.run(options, args)
     engine = shared.model_options(options).stream_engine(config.limits.max_streams, batch_rows)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
-import socket
 import threading
 from typing import Any
 
@@ -44,22 +43,16 @@ def fleet_config(args: argparse.Namespace) -> FleetConfig:
                        num_cpus=args.cpus_per_replica)
 
 
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
 def run(options: dict[str, Any], args: argparse.Namespace) -> int:
     """Deploy, serve until SIGINT/SIGTERM, drain, delete. ``options``: the serve command's resolved options."""
-    from .launch import deploy, shutdown
+    from .launch import deploy, free_port, shutdown
 
     fleet = fleet_config(args)
     spec = ReplicaSpec(options, torch_threads=args.torch_threads)
-    port = int(options["port"]) or _free_port(str(options["host"]))  # Serve's proxies need the port itself
-    options = {**options, "port": port}
-    deploy(fleet, spec, host=str(options["host"]), port=port, address=args.ray_address)
-    logger.info("open http://%s:%s/ (fleet %r on Ray Serve, %s)", options["host"], options["port"], fleet.name,
+    host = str(options["host"])
+    port = int(options["port"]) or free_port(host)
+    deploy(fleet, spec, host=host, port=port, address=args.ray_address)
+    logger.info("open http://%s:%s/ (fleet %r on Ray Serve, %s)", host, port, fleet.name,
                 f"{fleet.min_replicas}-{fleet.max_replicas} replicas" if fleet.autoscaling
                 else f"{fleet.num_replicas} replica(s)")
     stop = threading.Event()

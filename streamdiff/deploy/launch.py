@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from typing import Any
 
@@ -22,9 +23,16 @@ from .app import build_app
 from .config import FleetConfig, ReplicaSpec, new_view_secret
 from .control import drained_count, set_draining
 
-__all__ = ["deploy", "drain", "shutdown"]
+__all__ = ["deploy", "drain", "free_port", "shutdown"]
 
 logger = logging.getLogger(__name__)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free on ``host`` now: Serve's proxies need the number itself (they cannot be asked for port 0)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
 
 
 def deploy(fleet: FleetConfig, spec: ReplicaSpec, *, host: str = "127.0.0.1", port: int = 8765,

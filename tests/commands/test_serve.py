@@ -55,6 +55,8 @@ def test_toml_config_environment_token_and_clear_errors(tmp_path: Path, monkeypa
         _options(["--config", str(bad)])
     with pytest.raises(ConfigError, match="max_streams=0 must be an integer >= 1"):
         serve_command.server_config(_options(["--max-streams", "0"]))
+    with pytest.raises(ConfigError, match=r"^max_batch_rows=0 must be >= 1$"):  # refused before any model loads
+        serve_command.run(build_parser().parse_args(["serve", "--max-batch-rows", "0"]))
     with pytest.raises(ConfigError, match="break the server's limits"):
         serve_command.server_config(_options(["--size", "2048x2048"]))
 

@@ -12,6 +12,7 @@ import pytest
 pytest.importorskip("ray.serve")
 
 from streamdiff.client import ServerRefused, StreamClient  # noqa: E402
+from streamdiff.deploy.launch import free_port  # noqa: E402
 from streamdiff.deploy.routing import replica_of_stream  # noqa: E402
 from streamdiff.io.sources import pattern_frame  # noqa: E402
 from streamdiff.testing.serve import ServeProcess  # noqa: E402
@@ -57,7 +58,7 @@ def test_serve_run_with_a_config_file_serves_the_same_protocol(tiny_model, tmp_p
     import time
     import urllib.request
 
-    port = _free_port()
+    port = free_port()
     config = tmp_path / "fleet.yaml"
     config.write_text(f"""\
 proxy_location: EveryNode
@@ -118,10 +119,3 @@ applications:
         except (ProcessLookupError, PermissionError):
             pass
 
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 import urllib.request
 from typing import Any
@@ -20,6 +19,7 @@ pytest.importorskip("ray.serve")
 from streamdiff.client import ServerRefused, StreamClient  # noqa: E402
 from streamdiff.deploy.app import serve_options  # noqa: E402
 from streamdiff.deploy.config import FleetConfig, ReplicaSpec  # noqa: E402
+from streamdiff.deploy.launch import free_port  # noqa: E402
 from streamdiff.deploy.routing import replica_of_stream  # noqa: E402
 from streamdiff.reconnect import ReconnectingClient  # noqa: E402
 
@@ -30,11 +30,6 @@ MAX_STREAMS = 2
 APP = "streamdiff-test"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def fleet(cache_dir: Any) -> Any:
@@ -43,7 +38,7 @@ def fleet(cache_dir: Any) -> Any:
 
     from streamdiff.deploy.launch import deploy
 
-    port = _free_port()
+    port = free_port()
     ray.init(num_cpus=4, object_store_memory=300 * 1024 * 1024, include_dashboard=False, log_to_driver=False,
              configure_logging=False)
     try:
