@@ -66,13 +66,15 @@ def to_enum(enum_cls: type[E], value: Any, name: str) -> E:
         return enum_cls(str(value).lower())
     except ValueError:
         allowed = ", ".join(repr(m.value) for m in enum_cls)
-        raise ConfigError(f"{name}={value!r} is not one of {allowed}") from None
+        raise ConfigError(f"{name}={value!r} is not one of {allowed}", field=name, value=value,
+                          allowed=", ".join(str(m.value) for m in enum_cls)) from None
 
 
 def check_bool(name: str, value: Any) -> bool:
     """``value`` if it is a bool, else a ConfigError: no truthiness, so ``'no'``, ``0`` and ``None`` are refused."""
     if not isinstance(value, bool):
-        raise ConfigError(f"{name}={value!r} must be True or False, not {type(value).__name__}")
+        raise ConfigError(f"{name}={value!r} must be True or False, not {type(value).__name__}", field=name,
+                          value=value, allowed="true or false")
     return value
 
 
@@ -91,8 +93,8 @@ def _check_range(name: str, value: Any, minimum: Any, maximum: Any, min_open: bo
         return
     interval = _interval(minimum, maximum, min_open, max_open)
     if minimum is not None and maximum is not None:
-        raise ConfigError(f"{name}={value!r} is outside {interval}")
-    raise ConfigError(f"{name}={value!r} must be {interval}")
+        raise ConfigError(f"{name}={value!r} is outside {interval}", field=name, value=value, allowed=interval)
+    raise ConfigError(f"{name}={value!r} must be {interval}", field=name, value=value, allowed=interval)
 
 
 def check_int(name: str, value: Any, minimum: int | None = None, maximum: int | None = None) -> int:
@@ -102,7 +104,8 @@ def check_int(name: str, value: Any, minimum: int | None = None, maximum: int | 
         if minimum is not None or maximum is not None:
             interval = _interval(minimum, maximum)
             wanted += f" in {interval}" if minimum is not None and maximum is not None else f" {interval}"
-        raise ConfigError(f"{name}={value!r} must be {wanted}, not {type(value).__name__}")
+        raise ConfigError(f"{name}={value!r} must be {wanted}, not {type(value).__name__}", field=name, value=value,
+                          allowed=wanted)
     value = int(value)
     _check_range(name, value, minimum, maximum, False, False)
     return value
@@ -120,9 +123,11 @@ def check_number(
     """``value`` as a float if it is a finite real number (not a bool, not NaN or ±inf) inside the interval, else a
     ConfigError. ``min_open``/``max_open`` exclude the bound itself."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ConfigError(f"{name}={value!r} must be a number, not {type(value).__name__}")
+        raise ConfigError(f"{name}={value!r} must be a number, not {type(value).__name__}", field=name, value=value,
+                          allowed="a number")
     if not math.isfinite(value):
-        raise ConfigError(f"{name}={value!r} must be a finite number")
+        raise ConfigError(f"{name}={value!r} must be a finite number", field=name, value=value,
+                          allowed="a finite number")
     _check_range(name, value, minimum, maximum, min_open, max_open)
     return float(value)
 

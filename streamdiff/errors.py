@@ -34,7 +34,20 @@ class StreamDiffError(Exception):
 
 
 class ConfigError(StreamDiffError, ValueError):
-    """An invalid setting. The message names the offending value and what is allowed."""
+    """An invalid setting. The message names the offending value and what is allowed.
+
+    ``field`` names the setting (``"width"``, ``"t_index_list entry"``), ``value`` the value refused (check
+    ``has_value``: ``None`` can be a value too) and ``allowed`` a short description of what is allowed, when the
+    raiser knows them; callers that report errors to clients (the server) use these, never the message text.
+    """
+
+    def __init__(self, message: str, *, field: str | None = None, value: Any = _UNSET,
+                 allowed: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+        self.has_value = value is not _UNSET
+        self.value = None if value is _UNSET else value
+        self.allowed = allowed
 
 
 class ModelLoadError(StreamDiffError):

@@ -202,3 +202,24 @@ def test_parse_size_errors(value: object, message: str) -> None:
     with pytest.raises(ConfigError) as info:
         parse_size(value)
     assert message in str(info.value)
+
+
+def test_config_errors_carry_the_field_the_value_and_what_is_allowed():
+    from streamdiff.config import check_bool, check_int, check_number, to_enum, CfgMode
+
+    cases = [
+        (lambda: check_int("width", 5000, 8, 4096), "width", 5000, "[8, 4096]"),
+        (lambda: check_int("steps", 1.5, 1), "steps", 1.5, "an integer >= 1"),
+        (lambda: check_number("delta", float("nan")), "delta", None, "a finite number"),
+        (lambda: check_bool("filter", "no"), "filter", "no", "true or false"),
+        (lambda: to_enum(CfgMode, "half", "cfg_type"), "cfg_type", "half", "none, full, self, initialize"),
+    ]
+    for call, field, value, allowed in cases:
+        with pytest.raises(ConfigError) as caught:
+            call()
+        error = caught.value
+        assert (error.field, error.allowed, error.has_value) == (field, allowed, True)
+        if value is not None:
+            assert error.value == value
+    bare = ConfigError("a message alone")
+    assert (bare.field, bare.has_value, bare.allowed) == (None, False, None)
