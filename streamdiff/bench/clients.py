@@ -13,38 +13,35 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
-from typing import Any
+from typing import Any, Callable
 
 from ..client import StreamClient
+from ..server.client_protocol import OutputFrame
 
-__all__ = ["client_round", "format_table", "quantile", "summarise"]
+__all__ = ["client_round", "format_table", "quantile", "stream_until", "summarise"]
 
 
-async def _stream(client: StreamClient, bodies: list[bytes], start: float, end: float) -> dict[str, Any]:
-    """Stream until ``end``; keep what arrived in [start, end)."""
+async def stream_until(client: StreamClient, bodies: list[bytes], end: float,
+                       on_output: Callable[[OutputFrame], None], on_sent: Callable[[float], None] | None = None
+                       ) -> int:
+    """Stream ``bodies`` (round robin) as a good client until ``end`` (perf_counter) or the close; every output
+    goes to ``on_output`` as it arrives, every send's time to ``on_sent``. Returns the frames sent."""
     limits, settings = client.ready.limits, client.settings.stream
     window = settings.denoising_steps * settings.frame_buffer_size + 1
     min_interval = 1.0 / float(limits["max_input_fps"])
     waiting: dict[int, float] = {}
     accounted, index, last_sent = 0, 0, 0.0
-    e2e, server, outputs = [], [], 0
-    sent_in, lost_at_start = 0, None
     while True:
         now = time.perf_counter()
         if now >= end or client.closed.is_set():
             break
-        if lost_at_start is None and now >= start:
-            lost_at_start = client.frames_lost
         while client.outputs:
             out = client.outputs.popleft()
             answered = [f for f in waiting if f <= out.frame_id]
             for frame_id in answered:
                 del waiting[frame_id]
             accounted += max(0, len(answered) - 1)
-            if start <= time.perf_counter() < end:
-                outputs += 1
-                e2e.append(out.latency_ms)
-                server.append(out.timings.server_ms)
+            on_output(out)
         for frame_id in [f for f, t in waiting.items() if now - t > 3.0]:
             del waiting[frame_id]
         awaiting = len(waiting) - max(0, client.frames_lost - accounted)
@@ -57,10 +54,29 @@ async def _stream(client: StreamClient, bodies: list[bytes], start: float, end: 
             continue
         await client.send_frame(bodies[index % len(bodies)], frame_id=index % 2**32)
         waiting[index % 2**32] = last_sent = time.perf_counter()
-        sent_in += start <= last_sent < end
+        if on_sent is not None:
+            on_sent(last_sent)
         index += 1
-    return {"outputs": outputs, "sent": sent_in, "e2e_ms": e2e, "server_ms": server,
-            "dropped": client.frames_lost - (lost_at_start or 0)}
+    return index
+
+
+async def _stream(client: StreamClient, bodies: list[bytes], start: float, end: float) -> dict[str, Any]:
+    """Stream until ``end``; keep what arrived in [start, end)."""
+    e2e: list[float] = []
+    server: list[float] = []
+    lost_at_start: list[int] = []
+
+    def on_output(out: OutputFrame) -> None:
+        now = time.perf_counter()
+        if now >= start and not lost_at_start:
+            lost_at_start.append(client.frames_lost)
+        if start <= now < end:
+            e2e.append(out.latency_ms)
+            server.append(out.timings.server_ms)
+
+    sent: list[float] = []
+    await stream_until(client, bodies, end, on_output, lambda at: sent.append(at) if start <= at < end else None)
+    return {"outputs": len(e2e), "sent": len(sent), "e2e_ms": e2e, "server_ms": server, "dropped": client.frames_lost - (lost_at_start or [0])[0]}
 
 
 async def client_round(url: str, count: int, size: int, bodies: list[bytes], warmup: float, seconds: float
