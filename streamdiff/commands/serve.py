@@ -68,6 +68,12 @@ _LIMIT_HELP = {
     "close_timeout_s": "seconds for the closing handshake",
     "send_buffer_bytes": "kernel send buffer per socket",
     "max_queued_messages": "received messages queued before the server stops reading a socket",
+    "max_control_per_s": "text messages (hello, update) per second; more are answered rate_limited",
+    "control_burst": "text messages allowed at once above that rate",
+    "max_reshape_per_s": "updates per second that rebuild a stream (size, frame buffer, steps, cfg type)",
+    "reshape_burst": "such updates allowed at once above that rate",
+    "max_awaiting_hello": "stream sockets without a hello yet, in total; more get HTTP 503 (server-wide)",
+    "max_awaiting_hello_per_address": "stream sockets without a hello yet from one IP address; more get HTTP 503",
 }
 
 
