@@ -37,6 +37,8 @@ SERVER_DEFAULTS: dict[str, Any] = {
     "token": None,
     "allowed_origin": [],
     "loopback_origins": True,
+    "allowed_hosts": [],
+    "metrics_token_required": False,
     "stats_interval": 2.0,
     "workers": 0,
     "max_batch_rows": 16,
@@ -101,6 +103,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "'*' for any); repeatable")
     server.add_argument("--loopback-origins", action=argparse.BooleanOptionalAction,
                         help="allow pages served from this machine (localhost, 127.0.0.1, [::1]) (default on)")
+    server.add_argument("--allowed-hosts", metavar="LIST",
+                        help="Host header names the server answers, comma-separated (e.g. studio.example.com,"
+                             "127.0.0.1); others get 421 (DNS rebinding). Default: any host")
+    server.add_argument("--metrics-token-required", action=argparse.BooleanOptionalAction,
+                        help="/metrics wants 'Authorization: Bearer TOKEN' (the server's token) (default off)")
     server.add_argument("--stats-interval", type=float, help="seconds between stats messages, 0 for none (default 2)")
     server.add_argument("--workers", type=int, help="image decode/encode threads (default 0: per core, at most 4)")
     server.add_argument("--max-batch-rows", type=int, help="U-Net rows per call at most (default 16)")
@@ -128,7 +135,7 @@ def resolve_options(args: argparse.Namespace) -> dict[str, Any]:
     for key in ("lora", "allowed_origin"):
         if isinstance(options[key], str):
             options[key] = [options[key]]
-    for key in ("allowed_input_formats", "allowed_cfg_types"):
+    for key in ("allowed_input_formats", "allowed_cfg_types", "allowed_hosts"):
         if isinstance(options[key], str):
             options[key] = tuple(v.strip() for v in options[key].split(",") if v.strip())
     return options
@@ -138,7 +145,7 @@ def server_config(options: dict[str, Any]) -> Any:
     """The :class:`~streamdiff.server.hub.ServerConfig` the options describe."""
     from ..server.hub import ServerConfig
     from ..server.limits import ServerLimits
-    from ..server.policy import OriginPolicy
+    from ..server.policy import HostPolicy, OriginPolicy
     from ..server.settings import OutputConfig, StreamSettings
 
     limits = ServerLimits(**{name: options[name] for name in _limits_defaults()})
@@ -147,6 +154,7 @@ def server_config(options: dict[str, Any]) -> Any:
         host=str(options["host"]), port=int(options["port"]), limits=limits, token=options["token"] or None,
         origins=OriginPolicy.of(options["allowed_origin"], bool(options["loopback_origins"])), defaults=defaults,
         stats_interval_s=float(options["stats_interval"]), workers=int(options["workers"]),
+        hosts=HostPolicy.of(options["allowed_hosts"]), metrics_token_required=bool(options["metrics_token_required"]),
     )
 
 

@@ -37,6 +37,7 @@ from ..errors import ConfigError, EngineFull, ImageError, StreamClosed
 from .images import ImageFormat, decode, encode
 from .metrics import SyncState
 from .pacing import LatestSlot, SendTimeout, send_within, within
+from .policy import client_address
 from .protocol import Close, ConnectionState, Frame, Hello, Send, ServerConnection, Update
 from .transport import Transport, TransportClosed
 from .wire import ErrorCode, ServerTimings, shorten
@@ -100,9 +101,15 @@ class StreamSession:
         self._finished = False  # the session is over: every loop stops
         self._opened = time.monotonic()
         self._client: str | None = None
+        self.address = client_address(transport.remote)
 
     def __repr__(self) -> str:
         return f"<StreamSession {self.stream_id or 'pending'} {self.conn.state.value}>"
+
+    @property
+    def awaiting_hello(self) -> bool:
+        """The socket is open and its hello has not come yet (counted against ``max_awaiting_hello``)."""
+        return self.conn.state is ConnectionState.AWAIT_HELLO
 
     # -- life cycle ---------------------------------------------------------------------------------------------
 
@@ -143,6 +150,7 @@ class StreamSession:
             received = time.perf_counter()
             events = conn.receive_text(message) if isinstance(message, str) else conn.receive_bytes(message)
             await self._execute(events, received)
+            await asyncio.sleep(0)  # one message per turn: the socket's backlog never holds the loop for long
 
     async def _cleanup(self) -> None:
         self._finished = True
@@ -396,6 +404,8 @@ class StreamSession:
                 await within(self._stats_due.wait(), HOUSEKEEPING_S)
             except asyncio.TimeoutError:
                 pass
+            if self._finished or self.conn.state is ConnectionState.CLOSED:
+                return  # the session closed it (the close is logged once, by _cleanup)
             stream = self.stream
             if stream is not None and stream.finished:
                 if not self.hub.shutting_down:
