@@ -102,6 +102,7 @@ class StreamSession:
         self._opened = time.monotonic()
         self._client: str | None = None
         self.address = client_address(transport.remote)
+        self._closing: asyncio.Future[None] | None = None  # the closing handshake, once the server started it
 
     def __repr__(self) -> str:
         return f"<StreamSession {self.stream_id or 'pending'} {self.conn.state.value}>"
@@ -133,6 +134,8 @@ class StreamSession:
         """End the session for a server-side reason (shutting_down, internal_error…): error message, then close."""
         if self.conn.state is not ConnectionState.CLOSED:
             await self._execute(self.conn.close(code, message))
+        if self._closing is not None:
+            await asyncio.wait([self._closing])
 
     async def _receive_loop(self) -> None:
         conn = self.conn
@@ -151,9 +154,22 @@ class StreamSession:
             events = conn.receive_text(message) if isinstance(message, str) else conn.receive_bytes(message)
             await self._execute(events, received)
             await asyncio.sleep(0)  # one message per turn: the socket's backlog never holds the loop for long
+        await self._drain()
+
+    async def _drain(self) -> None:
+        """Read and drop what the client still sends until the closing handshake ends: a flooding client's backlog
+        (reading pauses once ``max_queued_messages`` wait) must not hold its close frame back for ``close_timeout_s``."""
+        while self._closing is not None and not self._closing.done():
+            try:
+                await within(self.transport.receive(), self.limits.close_timeout_s)
+            except (TransportClosed, asyncio.TimeoutError):
+                return
+            await asyncio.sleep(0)  # as in the receive loop: one message per turn
 
     async def _cleanup(self) -> None:
         self._finished = True
+        if self._closing is not None:  # bounded by close_timeout_s in the transport
+            await asyncio.wait([self._closing])
         for task in self._tasks:
             task.cancel()
         if self._tasks:
@@ -209,7 +225,7 @@ class StreamSession:
                 if self.close_code is None:
                     self.close_code, self.close_reason = event.code, f"({event.reason})"
                 self._release()  # the slot is free now, whatever the closing handshake takes
-                await self.transport.close(event.code, event.reason)
+                self._closing = asyncio.ensure_future(self.transport.close(event.code, event.reason))
         self._sync_metrics()
         self._report_losses()
 
