@@ -37,6 +37,8 @@ SERVER_DEFAULTS: dict[str, Any] = {
     "token": None,
     "allowed_origin": [],
     "loopback_origins": True,
+    "allowed_hosts": [],
+    "metrics_token_required": False,
     "stats_interval": 2.0,
     "workers": 0,
     "max_batch_rows": 16,
@@ -68,6 +70,12 @@ _LIMIT_HELP = {
     "close_timeout_s": "seconds for the closing handshake",
     "send_buffer_bytes": "kernel send buffer per socket",
     "max_queued_messages": "received messages queued before the server stops reading a socket",
+    "max_control_per_s": "text messages (hello, update) per second; more are answered rate_limited",
+    "control_burst": "text messages allowed at once above that rate",
+    "max_reshape_per_s": "updates per second that rebuild a stream (size, frame buffer, steps, cfg type)",
+    "reshape_burst": "such updates allowed at once above that rate",
+    "max_awaiting_hello": "stream sockets without a hello yet, in total; more get HTTP 503 (server-wide)",
+    "max_awaiting_hello_per_address": "stream sockets without a hello yet from one IP address; more get HTTP 503",
 }
 
 
@@ -95,6 +103,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "'*' for any); repeatable")
     server.add_argument("--loopback-origins", action=argparse.BooleanOptionalAction,
                         help="allow pages served from this machine (localhost, 127.0.0.1, [::1]) (default on)")
+    server.add_argument("--allowed-hosts", metavar="LIST",
+                        help="Host header names the server answers, comma-separated (e.g. studio.example.com,"
+                             "127.0.0.1); others get 421 (DNS rebinding). Default: any host")
+    server.add_argument("--metrics-token-required", action=argparse.BooleanOptionalAction,
+                        help="/metrics wants 'Authorization: Bearer TOKEN' (the server's token) (default off)")
     server.add_argument("--stats-interval", type=float, help="seconds between stats messages, 0 for none (default 2)")
     server.add_argument("--workers", type=int, help="image decode/encode threads (default 0: per core, at most 4)")
     server.add_argument("--max-batch-rows", type=int, help="U-Net rows per call at most (default 16)")
@@ -122,7 +135,7 @@ def resolve_options(args: argparse.Namespace) -> dict[str, Any]:
     for key in ("lora", "allowed_origin"):
         if isinstance(options[key], str):
             options[key] = [options[key]]
-    for key in ("allowed_input_formats", "allowed_cfg_types"):
+    for key in ("allowed_input_formats", "allowed_cfg_types", "allowed_hosts"):
         if isinstance(options[key], str):
             options[key] = tuple(v.strip() for v in options[key].split(",") if v.strip())
     return options
@@ -132,7 +145,7 @@ def server_config(options: dict[str, Any]) -> Any:
     """The :class:`~streamdiff.server.hub.ServerConfig` the options describe."""
     from ..server.hub import ServerConfig
     from ..server.limits import ServerLimits
-    from ..server.policy import OriginPolicy
+    from ..server.policy import HostPolicy, OriginPolicy
     from ..server.settings import OutputConfig, StreamSettings
 
     limits = ServerLimits(**{name: options[name] for name in _limits_defaults()})
@@ -141,6 +154,7 @@ def server_config(options: dict[str, Any]) -> Any:
         host=str(options["host"]), port=int(options["port"]), limits=limits, token=options["token"] or None,
         origins=OriginPolicy.of(options["allowed_origin"], bool(options["loopback_origins"])), defaults=defaults,
         stats_interval_s=float(options["stats_interval"]), workers=int(options["workers"]),
+        hosts=HostPolicy.of(options["allowed_hosts"]), metrics_token_required=bool(options["metrics_token_required"]),
     )
 
 

@@ -83,7 +83,7 @@ class StreamReplica:
     @ingress.get("/{path:path}")
     async def http(self, request: Request, path: str) -> Response:
         target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-        reply = route(target, self.static, self.hub)
+        reply = route(target, self.static, self.hub, request.headers)
         if reply is None:  # a WebSocket path asked for over plain HTTP
             return Response(b"this is a WebSocket endpoint\n", status_code=426, media_type="text/plain")
         headers = dict(reply.headers)

@@ -113,7 +113,17 @@ class StreamServer:
     # -- websockets glue ------------------------------------------------------------------------------------------
 
     def _process_request(self, connection: Any, request: Any) -> Any:
-        reply = route(request.path, self.static, self.hub)
+        assert self.hub is not None
+        reply = route(request.path, self.static, self.hub, request.headers)
+        if reply is None and urlsplit(request.path).path == STREAM_PATH:  # admission before the upgrade
+            from websockets.protocol import State
+
+            remote = connection.remote_address
+            address = str(remote[0]) if isinstance(remote, tuple) and remote else "?"
+            refused = self.hub.admit_connection(connection, address, lambda: connection.state is not State.CLOSED)
+            if refused is not None:
+                logger.info("stream socket from %s refused (503): %s", address, refused)
+                reply = HttpReply(503, f"{refused}; try again later\n".encode(), headers=(("Retry-After", "1"),))
         return None if reply is None else _response(reply)
 
     async def _handler(self, connection: Any) -> None:
@@ -123,7 +133,9 @@ class StreamServer:
         if path.startswith(VIEW_SOCKET_PREFIX):
             await ViewerSession(self.hub, transport, unquote(path[len(VIEW_SOCKET_PREFIX):])).run()
         else:
-            await StreamSession(self.hub, transport).run()
+            session = StreamSession(self.hub, transport)
+            self.hub.connection_started(connection)  # the session counts itself from here on
+            await session.run()
 
 
 class BackgroundServer:
@@ -218,7 +230,8 @@ def _response(reply: HttpReply) -> Any:
 
     headers = Headers([("Content-Type", reply.content_type), ("Content-Length", str(len(reply.body))),
                        ("Connection", "close"), *reply.headers])
-    phrases = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}
+    phrases = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 421: "Misdirected Request",
+               503: "Service Unavailable"}
     return Response(reply.status, phrases.get(reply.status, "OK"), headers, reply.body)
 
 

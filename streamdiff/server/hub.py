@@ -18,11 +18,12 @@ import os
 import secrets
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, ProtocolError
 from .limits import ServerLimits
-from .policy import OriginPolicy, new_token
+from .policy import HostPolicy, OriginPolicy, new_token
 from .settings import StreamSettings, check_caps
 
 if TYPE_CHECKING:
@@ -42,7 +43,9 @@ class ServerConfig:
     secret a hello must carry (None: no token). ``origins``: which browser pages may connect (loopback pages by
     default). ``defaults``: the settings a stream starts from (they must pass ``limits``). ``stats_interval_s``:
     seconds between ``stats`` messages to each client (0: only those the protocol needs). ``workers``: threads that
-    decode and encode images (0: one per CPU core, at most 4).
+    decode and encode images (0: one per CPU core, at most 4). ``hosts``: which ``Host`` headers the HTTP routes
+    and the WebSocket upgrade answer (every host by default; others get 421). ``metrics_token_required``:
+    ``/metrics`` wants ``Authorization: Bearer <token>`` (401 without it; needs a ``token``).
     """
 
     host: str = "127.0.0.1"
@@ -53,6 +56,8 @@ class ServerConfig:
     defaults: StreamSettings = field(default_factory=StreamSettings)
     stats_interval_s: float = 2.0
     workers: int = 0
+    hosts: HostPolicy = field(default_factory=HostPolicy)
+    metrics_token_required: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
@@ -64,6 +69,10 @@ class ServerConfig:
             raise ConfigError(f"stats_interval_s={self.stats_interval_s!r} must be a finite number >= 0")
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0:
             raise ConfigError(f"workers={self.workers!r} must be an integer >= 0 (0: one per core, at most 4)")
+        if not isinstance(self.metrics_token_required, bool):
+            raise ConfigError(f"metrics_token_required={self.metrics_token_required!r} must be True or False")
+        if self.metrics_token_required and self.token is None:
+            raise ConfigError("metrics_token_required=True needs a token (the one clients send in their hello)")
         try:
             check_caps(self.defaults, self.limits, path="defaults")
         except ProtocolError as error:  # names the default that breaks a cap
@@ -90,6 +99,7 @@ class Hub:
         self.viewers: set[Any] = set()
         self.shutting_down = False
         self.id_prefix = id_prefix
+        self._opening: dict[object, tuple[str, Callable[[], bool]]] = {}  # upgraded, session not started yet
 
     # -- admission ----------------------------------------------------------------------------------------------
 
@@ -101,6 +111,26 @@ class Hub:
     def ready(self) -> bool:
         """The engine runs and new streams are admitted (``/readyz``)."""
         return not self.shutting_down and bool(getattr(self.engine, "running", False))
+
+    def admit_connection(self, key: object, address: str, alive: Callable[[], bool]) -> str | None:
+        """Before a stream socket's upgrade: hold a place for it among the sockets awaiting hello until its session
+        starts (:meth:`connection_started`; ``alive()`` False gives the place back too). Returns None, or why it is
+        refused (``max_awaiting_hello``, ``max_awaiting_hello_per_address``)."""
+        self._opening = {k: v for k, v in self._opening.items() if v[1]()}
+        waiting = [s.address for s in self.connections if s.awaiting_hello]
+        waiting += [a for a, _ in self._opening.values()]
+        limits = self.limits
+        if len(waiting) >= limits.max_awaiting_hello:
+            return f"{len(waiting)} stream sockets are waiting for their hello, the most this server allows"
+        if waiting.count(address) >= limits.max_awaiting_hello_per_address:
+            return (f"{limits.max_awaiting_hello_per_address} stream sockets from this address are waiting for their "
+                    "hello, the most this server allows")
+        self._opening[key] = (address, alive)
+        return None
+
+    def connection_started(self, key: object) -> None:
+        """The socket held by :meth:`admit_connection` has its session now (which counts itself until its hello)."""
+        self._opening.pop(key, None)
 
     def register(self, session: StreamSession, requested_view_token: str | None) -> tuple[str, str]:
         """Admit ``session``: returns its new stream id and view token (the requested one unless in use)."""

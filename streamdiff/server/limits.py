@@ -19,7 +19,8 @@ __all__ = ["SERVER_ONLY", "ServerLimits"]
 
 #: Limits a client does not need to know (left out of ``ready.limits``).
 SERVER_ONLY = frozenset({"max_streams", "max_viewers_per_stream", "handshake_timeout_s", "write_timeout_s",
-                         "close_timeout_s", "send_buffer_bytes", "max_queued_messages"})
+                         "close_timeout_s", "send_buffer_bytes", "max_queued_messages", "max_awaiting_hello",
+                         "max_awaiting_hello_per_address"})
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,13 @@ class ServerLimits:
     slowloris client is cut off), ``write_timeout_s`` for one message to leave (a client that stops reading is
     dropped), ``close_timeout_s`` for the closing handshake, ``send_buffer_bytes`` of kernel send buffer per socket
     and ``max_queued_messages`` received but not yet handled (reading pauses beyond it).
+
+    Control and admission: at most ``max_control_per_s`` text messages (hello, update) per second per connection
+    with bursts of ``control_burst`` (more are answered ``rate_limited``, which costs the error budget); of those,
+    updates that rebuild the stream's state on the engine (size, frame_buffer_size, number of steps, cfg_type) at
+    most ``max_reshape_per_s`` with bursts of ``reshape_burst``. Server-side only: at most ``max_awaiting_hello``
+    stream sockets that have not sent their hello yet, ``max_awaiting_hello_per_address`` of them from one client
+    address (more are refused with HTTP 503 before the WebSocket upgrade).
     """
 
     max_streams: int = 4
@@ -68,6 +76,13 @@ class ServerLimits:
     close_timeout_s: float = 5.0
     send_buffer_bytes: int = 512 << 10
     max_queued_messages: int = 4
+    # control and admission
+    max_control_per_s: float = 10.0
+    control_burst: int = 30
+    max_reshape_per_s: float = 0.5
+    reshape_burst: int = 4
+    max_awaiting_hello: int = 64
+    max_awaiting_hello_per_address: int = 8
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -86,6 +101,9 @@ class ServerLimits:
         if self.max_text_bytes > self.max_message_bytes:
             raise ConfigError(f"ServerLimits.max_text_bytes={self.max_text_bytes} is more than "
                               f"max_message_bytes={self.max_message_bytes}")
+        if self.max_awaiting_hello_per_address > self.max_awaiting_hello:
+            raise ConfigError(f"ServerLimits.max_awaiting_hello_per_address={self.max_awaiting_hello_per_address} is "
+                              f"more than max_awaiting_hello={self.max_awaiting_hello}")
         for name in ("max_width", "max_height"):
             if getattr(self, name) < self.size_multiple:
                 raise ConfigError(f"ServerLimits.{name}={getattr(self, name)} is less than "

@@ -13,7 +13,8 @@ from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-__all__ = ["ErrorBudget", "OriginPolicy", "RateLimiter", "is_loopback_origin", "new_token", "origin_allowed"]
+__all__ = ["ErrorBudget", "HostPolicy", "OriginPolicy", "RateLimiter", "client_address", "is_loopback_origin",
+           "new_token", "origin_allowed"]
 
 
 class RateLimiter:
@@ -103,3 +104,39 @@ class OriginPolicy:
         if self.allow_loopback and is_loopback_origin(origin):
             return True
         return origin_allowed(origin, self.allowed)
+
+
+def client_address(remote: str) -> str:
+    """The client's IP address of a transport's ``remote`` (``"host:port"``; IPv6 hosts unbracketed or bracketed)."""
+    host, colon, port = remote.rpartition(":")
+    return (host if colon and port.isdigit() else remote).strip("[]") or remote
+
+
+def host_name(header: str) -> str | None:
+    """The host name of an HTTP ``Host`` header (lower case, without port or IPv6 brackets); None when malformed."""
+    try:
+        parts = urlsplit(f"//{header}")
+        parts.port  # noqa: B018 - raises ValueError on a malformed port
+    except ValueError:
+        return None
+    return parts.hostname or None
+
+
+@dataclass(frozen=True)
+class HostPolicy:
+    """Which HTTP ``Host`` headers the server answers (DNS rebinding defence). Empty ``allowed``: every host.
+
+    Entries are host names or IP addresses (``studio.example.com``, ``127.0.0.1``, ``::1``), any port, case-insensitive;
+    a request without a ``Host`` header is refused once the list is set.
+    """
+
+    allowed: frozenset[str] = frozenset()
+
+    @classmethod
+    def of(cls, allowed: Iterable[str] = ()) -> HostPolicy:
+        return cls(frozenset(a.strip().lower().strip("[]") for a in allowed if a.strip()))
+
+    def allows(self, header: str | None) -> bool:
+        if not self.allowed:
+            return True
+        return header is not None and host_name(header) in self.allowed

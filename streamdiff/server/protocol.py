@@ -170,6 +170,8 @@ class ServerConnection:
         self._opened_at = self._last_activity = clock()
         self._rate = RateLimiter(self.limits.max_input_fps, self.limits.input_burst_frames, clock)
         self._budget = ErrorBudget(self.limits.max_errors, self.limits.error_window_s, clock)
+        self._control = RateLimiter(self.limits.max_control_per_s, self.limits.control_burst, clock)
+        self._reshape = RateLimiter(self.limits.max_reshape_per_s, self.limits.reshape_burst, clock)
 
     def __repr__(self) -> str:  # never shows the token
         return f"<ServerConnection {self.state.value} stream_id={self.stream_id!r}>"
@@ -190,6 +192,11 @@ class ServerConnection:
         try:
             message = load_json(text)
             request_id = _request_id(message.get("request_id"))
+            if not self._control.allow():  # before any other work: a flood costs a parse and an error each
+                raise ProtocolError(
+                    f"more than {self.limits.max_control_per_s:g} text messages per second (bursts of "
+                    f"{self.limits.control_burst}); this one was ignored", code=ErrorCode.RATE_LIMITED,
+                    allowed=f"at most {self.limits.max_control_per_s:g} per second")
             kind = message.get("type")
             if kind is None:
                 raise ProtocolError("message has no 'type'", code=ErrorCode.MISSING_FIELD, field="type",
@@ -285,7 +292,7 @@ class ServerConnection:
         """The engine cannot run the hello's settings (``engine.check_settings`` raised): ``[Send(error), Close]``."""
         if self.state is not ConnectionState.HELLO_RECEIVED or self.settings is None:
             raise StreamDiffError(f"refuse() needs a connection in state hello_received, not {self.state.value}")
-        return self._error(_engine_refusal(error, SETTING_FIELDS), fatal=True)
+        return self._error(_engine_refusal(error, SETTING_FIELDS, self.settings), fatal=True)
 
     def update_refused(self, update: Update, error: ConfigError) -> list[Event]:
         """The engine refused ``update`` (``stream.update`` raised): its settings are undone; returns the error
@@ -293,7 +300,7 @@ class ServerConnection:
         if self.state is ConnectionState.CLOSED:
             return []
         self.settings = update.previous
-        return self._error(_engine_refusal(error, tuple(update.changes) or SETTING_FIELDS),
+        return self._error(_engine_refusal(error, tuple(update.changes) or SETTING_FIELDS, update.settings),
                            request_id=update.request_id)
 
     def frame_rejected(self, frame: Frame, error: ImageError | ProtocolError) -> list[Event]:
@@ -373,7 +380,15 @@ class ServerConnection:
             raise ProtocolError("update has no 'settings'", code=ErrorCode.MISSING_FIELD, field="settings")
         assert self.settings is not None
         previous = self.settings
-        self.settings = apply_settings(previous, message["settings"], self.limits)
+        settings = apply_settings(previous, message["settings"], self.limits)
+        reshaped = _reshaped(previous, settings)
+        if reshaped and not self._reshape.allow():
+            raise ProtocolError(
+                f"more than {self.limits.max_reshape_per_s:g} updates per second rebuild the stream (bursts of "
+                f"{self.limits.reshape_burst}); this one changed {reshaped} and was ignored",
+                code=ErrorCode.RATE_LIMITED, field=f"settings.{reshaped}",
+                allowed=f"at most {self.limits.max_reshape_per_s:g} per second")
+        self.settings = settings
         self.stats.updates += 1
         ack: dict[str, Any] = {"type": "ack", "settings": self.settings.to_json()}
         if request_id is not None:
@@ -423,13 +438,34 @@ def _request_id(value: Any) -> RequestId | None:
     return None
 
 
-def _engine_refusal(error: ConfigError, names: Any) -> ProtocolError:
-    """A ProtocolError(``not_allowed``) for settings the engine refused, naming the field its message names."""
+def _reshaped(previous: StreamSettings, new: StreamSettings) -> str | None:
+    """The first setting whose change rebuilds the stream's state on the engine, or None."""
+    old, s = previous.stream, new.stream
+    for name in ("width", "height", "frame_buffer_size", "cfg_type"):
+        if getattr(s, name) != getattr(old, name):
+            return name
+    return "t_index_list" if s.denoising_steps != old.denoising_steps else None
+
+
+def _engine_refusal(error: ConfigError, names: Any, settings: StreamSettings) -> ProtocolError:
+    """A ProtocolError(``not_allowed``) for ``settings`` the engine refused, naming the field, the value and what is
+    allowed from the ConfigError's own ``field``/``value``/``allowed``; the field is looked for in its message only
+    when the raiser did not set it, and the value is then the setting's own."""
     text = str(error)
-    found = [(m.start(), name) for name in names if (m := re.search(rf"\b{re.escape(name)}\b(=| entry)", text))]
-    name = min(found)[1] if found else (next(iter(names)) if len(names) == 1 else None)
+    name = error.field.split()[0] if error.field else None  # "t_index_list entry" names t_index_list
+    if name is None:
+        found = [(m.start(), n) for n in names if (m := re.search(rf"\b{re.escape(n)}\b(=| entry)", text))]
+        name = min(found)[1] if found else (next(iter(names)) if len(names) == 1 else None)
+    extra = {"value": error.value} if error.has_value else {}
+    if not extra and name is not None:
+        for part in (settings.stream, settings.prompt):
+            if hasattr(part, name):
+                value = getattr(part, name)
+                extra = {"value": list(value) if isinstance(value, tuple) else getattr(value, "value", value)}
+                break
     return ProtocolError(f"this server's engine cannot run these settings: {text}", code=ErrorCode.NOT_ALLOWED,
-                         field="settings" if name is None else f"settings.{name}", allowed="settings this engine runs")
+                         field="settings" if name is None else f"settings.{name}",
+                         allowed=error.allowed or "settings this engine runs", **extra)
 
 
 def _error_code(exc: ProtocolError) -> ErrorCode:

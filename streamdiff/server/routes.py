@@ -9,12 +9,18 @@
 ``/view.html`` …    the view-only page and the pages' scripts and style (``web/``, loaded once at start)
 ``/healthz``        200 while the process serves HTTP (liveness)
 ``/readyz``         200 when the model is loaded and the engine runs, 503 otherwise (readiness)
-``/metrics``        Prometheus text exposition
+``/metrics``        Prometheus text exposition (with ``metrics_token_required``: 401 without
+                    ``Authorization: Bearer <token>``)
 ==================  =========================================================================================
+
+Before any of these: a ``Host`` header the server's ``hosts`` policy does not allow gets 421 (every path, the
+WebSocket upgrades included: DNS rebinding), and the stream socket with a query string gets 400 (it takes none).
 """
 
 from __future__ import annotations
 
+import hmac
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,17 +63,34 @@ class StaticFiles:
         return self.files.get(path)
 
 
-def route(target: str, static: StaticFiles, hub: Any) -> HttpReply | None:
-    """The reply to a GET of ``target`` (path and query); None: a WebSocket route, go on with the handshake."""
+def route(target: str, static: StaticFiles, hub: Any, headers: Mapping[str, str] | None = None) -> HttpReply | None:
+    """The reply to a GET of ``target`` (path and query) with request ``headers`` (a case-insensitive mapping, as
+    ``websockets``' and Starlette's are; None: no headers); None: a WebSocket route, go on with the handshake."""
+    headers = headers or {}
+    config = hub.config
+    if not config.hosts.allows(headers.get("Host")):
+        return HttpReply(421, b"this server does not answer for this host name\n")
     path = urlsplit(target).path
-    if path == STREAM_PATH or path.startswith(VIEW_SOCKET_PREFIX):
+    if path == STREAM_PATH:
+        return HttpReply(400, b"the stream socket takes no query parameters\n") if "?" in target else None
+    if path.startswith(VIEW_SOCKET_PREFIX):
         return None
     if path == "/healthz":
         return HttpReply(200, b"ok\n")
     if path == "/readyz":
         return HttpReply(200, b"ready\n") if hub.ready else HttpReply(503, b"not ready\n")
     if path == "/metrics":
+        if config.metrics_token_required and not _bearer_is(headers.get("Authorization"), config.token):
+            return HttpReply(401, b"/metrics needs the header Authorization: Bearer <token>\n",
+                             headers=(("WWW-Authenticate", 'Bearer realm="streamdiff"'),))
         body, content_type = hub.metrics.render()
         return HttpReply(200, body, content_type)
     reply = static.get(path)
     return reply if reply is not None else HttpReply(404, b"not found\n")
+
+
+def _bearer_is(header: str | None, token: str) -> bool:
+    """True when ``header`` is ``Bearer <token>`` (compared in constant time)."""
+    scheme, _, given = (header or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode("utf-8", "surrogatepass"),
+                                                              token.encode("utf-8"))

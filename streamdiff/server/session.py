@@ -37,6 +37,7 @@ from ..errors import ConfigError, EngineFull, ImageError, StreamClosed
 from .images import ImageFormat, decode, encode
 from .metrics import SyncState
 from .pacing import LatestSlot, SendTimeout, send_within, within
+from .policy import client_address
 from .protocol import Close, ConnectionState, Frame, Hello, Send, ServerConnection, Update
 from .transport import Transport, TransportClosed
 from .wire import ErrorCode, ServerTimings, shorten
@@ -100,9 +101,16 @@ class StreamSession:
         self._finished = False  # the session is over: every loop stops
         self._opened = time.monotonic()
         self._client: str | None = None
+        self.address = client_address(transport.remote)
+        self._closing: asyncio.Future[None] | None = None  # the closing handshake, once the server started it
 
     def __repr__(self) -> str:
         return f"<StreamSession {self.stream_id or 'pending'} {self.conn.state.value}>"
+
+    @property
+    def awaiting_hello(self) -> bool:
+        """The socket is open and its hello has not come yet (counted against ``max_awaiting_hello``)."""
+        return self.conn.state is ConnectionState.AWAIT_HELLO
 
     # -- life cycle ---------------------------------------------------------------------------------------------
 
@@ -126,6 +134,8 @@ class StreamSession:
         """End the session for a server-side reason (shutting_down, internal_error…): error message, then close."""
         if self.conn.state is not ConnectionState.CLOSED:
             await self._execute(self.conn.close(code, message))
+        if self._closing is not None:
+            await asyncio.wait([self._closing])
 
     async def _receive_loop(self) -> None:
         conn = self.conn
@@ -143,9 +153,23 @@ class StreamSession:
             received = time.perf_counter()
             events = conn.receive_text(message) if isinstance(message, str) else conn.receive_bytes(message)
             await self._execute(events, received)
+            await asyncio.sleep(0)  # one message per turn: the socket's backlog never holds the loop for long
+        await self._drain()
+
+    async def _drain(self) -> None:
+        """Read and drop what the client still sends until the closing handshake ends: a flooding client's backlog
+        (reading pauses once ``max_queued_messages`` wait) must not hold its close frame back for ``close_timeout_s``."""
+        while self._closing is not None and not self._closing.done():
+            try:
+                await within(self.transport.receive(), self.limits.close_timeout_s)
+            except (TransportClosed, asyncio.TimeoutError):
+                return
+            await asyncio.sleep(0)  # as in the receive loop: one message per turn
 
     async def _cleanup(self) -> None:
         self._finished = True
+        if self._closing is not None:  # bounded by close_timeout_s in the transport
+            await asyncio.wait([self._closing])
         for task in self._tasks:
             task.cancel()
         if self._tasks:
@@ -201,7 +225,7 @@ class StreamSession:
                 if self.close_code is None:
                     self.close_code, self.close_reason = event.code, f"({event.reason})"
                 self._release()  # the slot is free now, whatever the closing handshake takes
-                await self.transport.close(event.code, event.reason)
+                self._closing = asyncio.ensure_future(self.transport.close(event.code, event.reason))
         self._sync_metrics()
         self._report_losses()
 
@@ -396,6 +420,8 @@ class StreamSession:
                 await within(self._stats_due.wait(), HOUSEKEEPING_S)
             except asyncio.TimeoutError:
                 pass
+            if self._finished or self.conn.state is ConnectionState.CLOSED:
+                return  # the session closed it (the close is logged once, by _cleanup)
             stream = self.stream
             if stream is not None and stream.finished:
                 if not self.hub.shutting_down:

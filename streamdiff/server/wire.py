@@ -129,6 +129,7 @@ class ErrorCode(str, enum.Enum):
     UNKNOWN_VIEW_TOKEN = "unknown_view_token"
     STREAM_ENDED = "stream_ended"
     INTERNAL_ERROR = "internal_error"
+    RATE_LIMITED = "rate_limited"
 
     @property
     def close_code(self) -> CloseCode:
@@ -322,7 +323,7 @@ def error_message(code: ErrorCode, message: str, *, fatal: bool, field: str | No
     out: dict[str, Any] = {"type": "error", "code": code.value, "message": shorten(message, MAX_ERROR_MESSAGE_CHARS),
                            "fatal": fatal}
     if field is not None:
-        out["field"] = shorten(field, 100)
+        out["field"] = _printable(shorten(field, 100))
     if has_value:
         out["value"] = _echo(value)
     if allowed is not None:
@@ -337,6 +338,14 @@ def error_message(code: ErrorCode, message: str, *, fatal: bool, field: str | No
 def shorten(text: str, limit: int) -> str:
     """``text`` cut to ``limit`` characters, ending in "..." when cut."""
     return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _printable(text: str) -> str:
+    """``text`` with what a strict client cannot print or decode (lone surrogates, control characters) escaped."""
+    if text.isprintable() and is_valid_unicode(text):
+        return text
+    return "".join(c if c.isprintable() and is_valid_unicode(c) else c.encode("unicode_escape", "backslashreplace")
+                   .decode("ascii") for c in text)
 
 
 def _echo(value: Any) -> Any:

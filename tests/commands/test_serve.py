@@ -39,6 +39,17 @@ def test_every_limit_is_a_flag_with_its_safe_default(monkeypatch) -> None:
     assert config.defaults.prompt.prompt == "house style" and config.defaults.stream.width == 128
 
 
+
+def test_host_allowlist_and_metrics_token_flags(monkeypatch) -> None:
+    monkeypatch.delenv("STREAMDIFF_TOKEN", raising=False)
+    config = serve_command.server_config(_options([]))
+    assert not config.hosts.allowed and not config.metrics_token_required
+    config = serve_command.server_config(_options(["--allowed-hosts", "Studio.example.com, 127.0.0.1,[::1]",
+                                                   "--token", "s3cret", "--metrics-token-required"]))
+    assert config.hosts.allowed == {"studio.example.com", "127.0.0.1", "::1"} and config.metrics_token_required
+    with pytest.raises(ConfigError, match="metrics_token_required=True needs a token"):
+        serve_command.server_config(_options(["--metrics-token-required"]))
+
 def test_toml_config_environment_token_and_clear_errors(tmp_path: Path, monkeypatch) -> None:
     file = tmp_path / "serve.toml"
     file.write_text('model = "tiny"\nmax-streams = 3\nmax_input_fps = 20\nprompt = "ink"\nstrength = 0.5\n'

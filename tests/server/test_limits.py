@@ -65,3 +65,18 @@ def test_to_json_is_what_a_client_needs() -> None:
     assert data["allowed_cfg_types"] == ["none", "self", "initialize"]
     assert data["allowed_input_formats"] == ["jpeg", "webp"]
     assert data["max_input_fps"] == 30.0 and data["max_frame_pixels"] == 2073600
+
+
+def test_control_and_admission_limits() -> None:
+    limits = ServerLimits()
+    assert limits.max_reshape_per_s < limits.max_control_per_s and limits.reshape_burst <= limits.control_burst
+    assert limits.max_awaiting_hello_per_address <= limits.max_awaiting_hello
+    data = limits.to_json()
+    assert (data["max_control_per_s"], data["control_burst"]) == (10.0, 30)
+    assert (data["max_reshape_per_s"], data["reshape_burst"]) == (0.5, 4)
+    assert "max_awaiting_hello" not in data and "max_awaiting_hello_per_address" not in data
+    with pytest.raises(ConfigError, match=r"^ServerLimits.max_awaiting_hello_per_address=9 is more than "
+                                          r"max_awaiting_hello=8$"):
+        ServerLimits(max_awaiting_hello=8, max_awaiting_hello_per_address=9)
+    with pytest.raises(ConfigError, match=r"^ServerLimits.max_control_per_s=0 must be a finite number > 0$"):
+        ServerLimits(max_control_per_s=0)

@@ -36,6 +36,7 @@ from fuzz_messages import (  # noqa: F401 - the generators live there (shared wi
     _texts,
 )
 
+from streamdiff.config import CfgMode
 from streamdiff.errors import ConfigError, ImageError, StreamDiffError
 from streamdiff.server import protocol
 from streamdiff.server.client_protocol import ClientConnection
@@ -484,6 +485,114 @@ def test_errors_spread_out_stay_within_budget(clock: FakeClock) -> None:
         clock.advance(1.1)
         _error(conn.receive_bytes(b"x"), ErrorCode.BAD_FRAME_HEADER)
     assert conn.state is ConnectionState.STREAMING
+
+
+# -- control messages: rate limits ----------------------------------------------------------------------------------
+
+
+def _update(conn: ServerConnection, request_id: Any = None, **settings: Any) -> list:
+    message: dict[str, Any] = {"type": "update", "settings": settings}
+    if request_id is not None:
+        message["request_id"] = request_id
+    return conn.receive_text(json.dumps(message))
+
+
+def test_control_messages_over_the_rate_are_rate_limited_then_closed(clock: FakeClock) -> None:
+    limits = ServerLimits(max_control_per_s=5, control_burst=8)
+    conn = streaming(clock, limits)  # the hello took one token
+    acks = [_update(conn, i) for i in range(7)]
+    assert all(isinstance(events[0], Update) for events in acks)
+    error = _error(_update(conn, "r-7", prompt="x"), ErrorCode.RATE_LIMITED)
+    assert (error["request_id"], error["allowed"]) == ("r-7", "at most 5 per second")
+    assert "field" not in error and conn.settings.prompt.prompt != "x"  # ignored, not applied
+    assert conn.stats.updates == 7 and conn.stats.errors_by_code == {"rate_limited": 1}
+    for i in range(9):  # the error budget (10) runs out: a flood of valid messages is closed quickly
+        _error(_update(conn, i), ErrorCode.RATE_LIMITED)
+    closed_with(_update(conn, 99)[1:], ErrorCode.ERROR_BUDGET_EXHAUSTED, 1008)
+    assert conn.state is ConnectionState.CLOSED and _update(conn, 100) == []
+
+
+def test_control_bucket_refills_at_the_rate(clock: FakeClock) -> None:
+    conn = streaming(clock, ServerLimits(max_control_per_s=4, control_burst=2))
+    _update(conn)
+    _error(_update(conn), ErrorCode.RATE_LIMITED)
+    clock.advance(0.2)  # 0.8 of a token: still nothing
+    _error(_update(conn), ErrorCode.RATE_LIMITED)
+    clock.advance(0.05)
+    assert isinstance(_update(conn)[0], Update)
+    for _ in range(200):  # a steady client at the rate is never limited
+        clock.advance(0.25)
+        assert isinstance(_update(conn)[0], Update)
+    assert conn.stats.errors == 2
+
+
+def test_every_text_message_counts_even_invalid_ones(clock: FakeClock) -> None:
+    conn = streaming(clock, ServerLimits(max_control_per_s=1, control_burst=2))
+    _error(conn.receive_text('{"type": "update", "nope": 1}'), ErrorCode.UNKNOWN_FIELD)
+    _error(conn.receive_text('{"type": "update", "settings": {}}'), ErrorCode.RATE_LIMITED)
+
+
+def test_default_rates_fit_the_browser_page(clock: FakeClock) -> None:
+    """The page debounces updates by 250 ms (web/app.js UPDATE_DELAY_MS): 4 a second, with bursts of clicks."""
+    conn = streaming(clock)
+    for i in range(25):  # a burst: the seed button clicked 25 times at once
+        assert isinstance(_update(conn, i, seed=i)[0], Update)
+    for i in range(600):  # then a minute of typing
+        clock.advance(0.25)
+        assert isinstance(_update(conn, i, prompt=f"p{i}")[0], Update)
+    assert conn.stats.errors == 0
+
+
+def test_updates_that_rebuild_the_stream_have_their_own_budget(clock: FakeClock) -> None:
+    limits = ServerLimits(max_reshape_per_s=0.5, reshape_burst=2, max_steps=4, max_frame_buffer_size=2)
+    conn = streaming(clock, limits, width=64, height=64)
+    assert isinstance(_update(conn, 1, width=128)[0], Update)
+    assert isinstance(_update(conn, 2, t_index_list=[10, 20, 30])[0], Update)
+    before = conn.settings
+    error = _error(_update(conn, 3, frame_buffer_size=2), ErrorCode.RATE_LIMITED)
+    assert (error["field"], error["request_id"]) == ("settings.frame_buffer_size", 3)
+    assert conn.settings == before  # all or nothing
+    for changes in ({"prompt": "free"}, {"t_index_list": [11, 21, 31]}, {"seed": 3}, {"width": 128}):
+        assert isinstance(_update(conn, **changes)[0], Update), changes  # no reshape: not counted
+    clock.advance(2.0)
+    (update,) = _update(conn, 4, cfg_type="none")
+    assert update.changes == {"cfg_type": CfgMode.NONE}
+    _error(_update(conn, 5, height=128), ErrorCode.RATE_LIMITED)
+
+
+# -- errors name the field, safely ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key,shown", [(r"\udfff", r"\udfff"), (r"a\u0000b", r"a\x00b"),
+                                       (r"\u00e9t\u00e9", "été")])
+def test_unknown_keys_are_echoed_printable(key: str, shown: str) -> None:
+    """``key`` as a JSON escape in the message; ``shown`` is the field's text, escaped where it cannot be printed."""
+    for text in (f'{{"type": "update", "settings": {{}}, "{key}": 1}}',
+                 f'{{"type": "update", "settings": {{"{key}": 1}}}}'):
+        error = _error(streaming().receive_text(text), ErrorCode.UNKNOWN_FIELD)
+        assert error["field"].endswith(shown) and error["field"].isprintable()
+        error["field"].encode("utf-8")  # a strict client can print it
+
+
+def test_engine_refusal_uses_the_errors_field_value_and_allowed() -> None:
+    conn = streaming(width=64, height=64)
+    (update,) = _update(conn, 1, width=72)
+    error = _error(conn.update_refused(update, ConfigError("width=72 cannot run", field="width", value=72,
+                                                           allowed="a multiple of 16")), ErrorCode.NOT_ALLOWED)
+    assert (error["field"], error["value"], error["allowed"]) == ("settings.width", 72, "a multiple of 16")
+    (update,) = _update(conn, 2, t_index_list=[1, 2])
+    error = _error(conn.update_refused(update, ConfigError("t_index_list entry 1 is bad", field="t_index_list entry",
+                                                           value=1)), ErrorCode.NOT_ALLOWED)
+    assert (error["field"], error["value"], error["allowed"]) == ("settings.t_index_list", 1,
+                                                                  "settings this engine runs")
+
+
+def test_engine_refusal_without_field_falls_back_to_the_message_and_the_settings_value() -> None:
+    conn = streaming(width=64, height=64)
+    (update,) = _update(conn, 9, width=72)
+    error = _error(conn.update_refused(update, ConfigError("width=72 is not a multiple of the VAE factor 16")),
+                   ErrorCode.NOT_ALLOWED)
+    assert (error["field"], error["value"]) == ("settings.width", 72)
 
 
 # -- client and server together -----------------------------------------------------------------------------------------------
