@@ -40,6 +40,11 @@ class ServerLimits:
     slowloris client is cut off), ``write_timeout_s`` for one message to leave (a client that stops reading is
     dropped), ``close_timeout_s`` for the closing handshake, ``send_buffer_bytes`` of kernel send buffer per socket
     and ``max_queued_messages`` received but not yet handled (reading pauses beyond it).
+
+    Images (docs/protocol.md, "Image limits"): decoding one frame may use ``max_decode_ms`` of CPU time (stopped
+    there: ``decode_too_slow``; a 1920x1080 JPEG takes 15-25 ms), and one client's decodes at most
+    ``max_decode_share`` of one core over the last ``decode_window_s`` seconds (frames beyond it are refused
+    undecoded: ``decode_too_slow``; 30 progressive 1920x1080 frames a second use about 0.65).
     """
 
     max_streams: int = 4
@@ -68,6 +73,10 @@ class ServerLimits:
     close_timeout_s: float = 5.0
     send_buffer_bytes: int = 512 << 10
     max_queued_messages: int = 4
+    # images
+    max_decode_ms: float = 200.0
+    max_decode_share: float = 0.75
+    decode_window_s: float = 10.0
 
     def __post_init__(self) -> None:
         for f in fields(self):

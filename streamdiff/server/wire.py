@@ -129,6 +129,8 @@ class ErrorCode(str, enum.Enum):
     UNKNOWN_VIEW_TOKEN = "unknown_view_token"
     STREAM_ENDED = "stream_ended"
     INTERNAL_ERROR = "internal_error"
+    HOSTILE_IMAGE = "hostile_image"
+    DECODE_TOO_SLOW = "decode_too_slow"
 
     @property
     def close_code(self) -> CloseCode:
