@@ -43,7 +43,7 @@ _STANDALONE = set(range(0xD0, 0xD8)) | {0x01}  # RSTn and TEM carry no length
 
 # -- JPEG ------------------------------------------------------------------------------------------------------
 
-_FILL = re.compile(rb"\xff+")
+_FILL = re.compile(rb"\xff{1,%d}" % (MAX_JPEG_FILL_BYTES + 2))  # a longer run is over the limit anyway
 # In entropy-coded data a real marker is 0xFF followed by anything but a stuffed zero or a restart marker RSTn.
 _NEXT_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7]")
 

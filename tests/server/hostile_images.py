@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import io
 import struct
 
 import numpy as np
+from PIL import Image
 from server_helpers import pattern, save
 
 
-def progressive(width: int = 64, height: int = 64, quality: int = 90) -> bytes:
-    """A progressive JPEG from Pillow (libjpeg's default script: about 10 scans)."""
-    return save(pattern(width, height), "JPEG", quality=quality, progressive=True)
+def progressive(width: int = 64, height: int = 64, quality: int = 90, flat: bool = False) -> bytes:
+    """A progressive JPEG from Pillow (libjpeg's default script: about 10 scans); ``flat``: one grey, so every AC
+    scan is a few bytes (an end-of-band run over all blocks) that still costs a pass over every block."""
+    image = np.full((height, width, 3), 128, np.uint8) if flat else pattern(width, height)
+    return save(image, "JPEG", quality=quality, progressive=True)
 
 
-def repeated_last_scan(times: int, width: int = 64, height: int = 64) -> bytes:
+def repeated_last_scan(times: int, width: int = 64, height: int = 64, flat: bool = False) -> bytes:
     """A progressive JPEG whose last scan (an AC refinement scan: legal to repeat) is there ``times`` times more."""
-    data = progressive(width, height)
+    data = progressive(width, height, flat=flat)
     start, end = data.rindex(b"\xff\xda"), data.rindex(b"\xff\xd9")
     return data[:end] + data[start:end] * times + data[end:]
 
@@ -54,10 +58,6 @@ def app_segments(count: int) -> bytes:
 def webp_with_chunks(webp: bytes, count: int) -> bytes:
     """``webp`` (a simple-format file) turned into an extended one (VP8X) followed by ``count`` unknown chunks."""
     assert webp[12:16] in (b"VP8 ", b"VP8L"), webp[12:16]
-    width = height = 0
-    from PIL import Image
-    import io
-
     with Image.open(io.BytesIO(webp)) as image:
         width, height = image.size
     vp8x = b"VP8X" + struct.pack("<I", 10) + b"\0\0\0\0" + (width - 1).to_bytes(3, "little") + \
@@ -69,3 +69,10 @@ def webp_with_chunks(webp: bytes, count: int) -> bytes:
 
 def random_bytes(count: int, seed: int = 0) -> bytes:
     return np.random.default_rng(seed).integers(0, 256, count, dtype=np.uint8).tobytes()
+
+
+def scans_to_fill(size: int, width: int, height: int) -> bytes:
+    """A flat progressive JPEG of ``width`` x ``height`` grown to about ``size`` bytes by repeating its last scan."""
+    data = progressive(width, height, flat=True)
+    scan = data.rindex(b"\xff\xd9") - data.rindex(b"\xff\xda")
+    return repeated_last_scan((size - len(data)) // scan, width, height, flat=True)
