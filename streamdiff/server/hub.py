@@ -1,8 +1,8 @@
 """What the sessions of one server share: configuration, the engine, the worker pool, metrics, and who is streaming.
 
 :class:`ServerConfig` is the server's configuration (limits, token, origins, the streams' default settings).
-:class:`Hub` holds the running parts every session needs — the :class:`~streamdiff.engine.StreamEngine`, one
-thread pool for decoding clients' images and another for encoding outputs, the :class:`~.metrics.ServerMetrics` — and the registry of
+:class:`Hub` holds the running parts every session needs — the :class:`~streamdiff.engine.StreamEngine`, a thread
+pool decoding clients' images and another encoding outputs, the :class:`~.metrics.ServerMetrics` — and the registry of
 live streams: admission (``max_streams``), stream ids, view tokens and their viewers, shutdown. No I/O here and no
 ``websockets``: the asyncio server (:mod:`.app`) or another front end (a Starlette/FastAPI app, Ray Serve) builds
 one Hub and runs a :class:`~.session.StreamSession` per WebSocket on it.

@@ -79,6 +79,8 @@ async def _health(url: str, until: float, latencies: list[float]) -> None:
 
 def test_hostile_images_are_refused_and_victims_keep_streaming(live) -> None:
     server = live(limits=ServerLimits(max_streams=4, max_decode_ms=20.0))
+    hub = server.hub  # decodes have their own pool, a thread per stream: none waits behind another's or an encode
+    assert hub.decode_pool is not hub.encode_pool and hub.decode_pool._max_workers == 4
     attacks = _attacks()
     victim_bodies = [bodies(frames(30, offset=100 * v)) for v in range(2)]
 

@@ -414,7 +414,8 @@ def _rejected(conn: ServerConnection, body: bytes, frame_id: int = 5) -> list:
     (save(pattern(), "PNG"), ErrorCode.UNSUPPORTED_FORMAT, "PNG images are not accepted; send JPEG or WebP"),
     (save(pattern(), "GIF"), ErrorCode.UNSUPPORTED_FORMAT, "GIF images are not accepted; send JPEG or WebP"),
     (b"", ErrorCode.BAD_IMAGE, "the image body is empty; send JPEG or WebP"),
-    (b"\xff\xd8\xff\xe0\x00\x10JFIF", ErrorCode.BAD_IMAGE, "jpeg is truncated inside segment 0xe0 at byte 2 (10 bytes)"),
+    (b"\xff\xd8\xff\xe0\x00\x10JFIF", ErrorCode.BAD_IMAGE,
+     "jpeg is truncated inside segment 0xe0 at byte 2 (10 bytes)"),
     (b"\xff\xd8\xff\xc0\x00\x11\x08\xea\x60\xea\x60\x03" + b"\x01\x11\x00" * 3 + b"\xff\xda\x00\x02\x00\xff\xd9",
      ErrorCode.IMAGE_TOO_LARGE, "image declares 60000x60000 = 3600000000 pixels, more than the limit of 2073600"),
 ])
