@@ -7,8 +7,9 @@ width and height. It refuses what no real encoder writes but a decoder would pay
 than :data:`MAX_JPEG_SCANS` scans, :data:`MAX_JPEG_SEGMENTS` segments, :data:`MAX_JPEG_METADATA_SEGMENTS`
 APPn/COM segments, :data:`MAX_JPEG_FILL_BYTES` fill bytes or :data:`MAX_WEBP_CHUNKS` chunks. :func:`decode`
 probes, refuses disallowed formats and images declaring too many pixels, then lets Pillow decode only that format,
-feeding it :data:`DECODE_CHUNK_BYTES` at a time and stopping once the thread's CPU time passes
-``limits.max_decode_ms`` (``decode_too_slow``); the decoded size must equal the declared one.
+feeding a JPEG decoder :data:`DECODE_CHUNK_BYTES` at a time and stopping once the thread's CPU time passes
+``limits.max_decode_ms`` (``decode_too_slow``; libwebp decodes in one call, bounded by its pixels, and is checked
+after it); the decoded size must equal the declared one.
 :class:`DecodeBudget` is one client's decode CPU time over a sliding window. Every failure is an
 :class:`~streamdiff.errors.ImageError` with a stable ``code`` (``bad_image``, ``unsupported_format``,
 ``image_too_large``, ``hostile_image``, ``decode_too_slow``). The functions are pure and safe in worker threads.
