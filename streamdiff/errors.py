@@ -10,7 +10,9 @@
     ├── FrameError                  an input frame has the wrong shape, dtype or value range
     │   └── ImageError              an encoded image from a client is corrupt (also a ProtocolError)
     │       ├── UnsupportedImageFormat  not an allowed format (PNG, GIF, animated WebP, unknown bytes…)
-    │       └── ImageTooLarge           declares more pixels than allowed (found before decoding)
+    │       ├── ImageTooLarge           declares more pixels than allowed (found before decoding)
+    │       ├── HostileImage            legal but built to be slow to decode (too many scans, segments…)
+    │       └── DecodeTooSlow           its decode used more CPU time than a client's frame may
     ├── SourceError                 a frame source (webcam, file, folder) cannot be opened or read
     ├── SinkError                   a frame sink (window, file, virtual camera) cannot be opened or written
     ├── ProtocolError               a network client sent something the protocol does not allow
@@ -118,6 +120,20 @@ class ImageTooLarge(ImageError):
     """An encoded image declares more pixels than allowed; found from its header, before any decoding."""
 
     code = "image_too_large"
+
+
+class HostileImage(ImageError):
+    """An encoded image is legal but built to cost the decoder far more than its pixels: more scans, segments,
+    fill bytes or chunks than any real encoder writes (code ``hostile_image``); found before decoding."""
+
+    code = "hostile_image"
+
+
+class DecodeTooSlow(ImageError):
+    """Decoding a client's image used more CPU time than one frame, or that client's share, may (code
+    ``decode_too_slow``); the decode is stopped there."""
+
+    code = "decode_too_slow"
 
 
 def missing_extra(module: str, extra: str) -> BackendUnavailable:

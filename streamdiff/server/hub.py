@@ -1,8 +1,8 @@
 """What the sessions of one server share: configuration, the engine, the worker pool, metrics, and who is streaming.
 
 :class:`ServerConfig` is the server's configuration (limits, token, origins, the streams' default settings).
-:class:`Hub` holds the running parts every session needs — the :class:`~streamdiff.engine.StreamEngine`, one
-bounded thread pool for image decoding and encoding, the :class:`~.metrics.ServerMetrics` — and the registry of
+:class:`Hub` holds the running parts every session needs — the :class:`~streamdiff.engine.StreamEngine`, a thread
+pool decoding clients' images and another encoding outputs, the :class:`~.metrics.ServerMetrics` — and the registry of
 live streams: admission (``max_streams``), stream ids, view tokens and their viewers, shutdown. No I/O here and no
 ``websockets``: the asyncio server (:mod:`.app`) or another front end (a Starlette/FastAPI app, Ray Serve) builds
 one Hub and runs a :class:`~.session.StreamSession` per WebSocket on it.
@@ -34,6 +34,8 @@ __all__ = ["Hub", "ServerConfig"]
 
 logger = logging.getLogger(__name__)
 
+MAX_DECODE_THREADS = 32  # the decode pool's default size is max_streams, at most this
+
 
 @dataclass(frozen=True)
 class ServerConfig:
@@ -42,10 +44,12 @@ class ServerConfig:
     ``host``/``port``: where to listen (``127.0.0.1``: this machine only; port 0 picks a free one). ``token``: the
     secret a hello must carry (None: no token). ``origins``: which browser pages may connect (loopback pages by
     default). ``defaults``: the settings a stream starts from (they must pass ``limits``). ``stats_interval_s``:
-    seconds between ``stats`` messages to each client (0: only those the protocol needs). ``workers``: threads that
-    decode and encode images (0: one per CPU core, at most 4). ``hosts``: which ``Host`` headers the HTTP routes
-    and the WebSocket upgrade answer (every host by default; others get 421). ``metrics_token_required``:
-    ``/metrics`` wants ``Authorization: Bearer <token>`` (401 without it; needs a ``token``).
+    seconds between ``stats`` messages to each client (0: only those the protocol needs). ``workers``: threads of
+    each of the two image pools (0: the decode pool has one per stream, ``max_streams``, at most 32 — a client has
+    at most one decode in flight, so none waits behind another's; the encode pool one per CPU core, at most 4).
+    ``hosts``: which ``Host`` headers the HTTP routes and the WebSocket upgrade answer (every host by default; others
+    get 421). ``metrics_token_required``: ``/metrics`` wants ``Authorization: Bearer <token>`` (401 without it;
+    needs a ``token``).
     """
 
     host: str = "127.0.0.1"
@@ -91,8 +95,11 @@ class Hub:
         self.config = config or ServerConfig()
         self.limits = self.config.limits
         self.metrics = metrics or ServerMetrics(engine)
-        workers = self.config.workers or min(4, os.cpu_count() or 1)
-        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="streamdiff-codec")
+        decoders = self.config.workers or min(MAX_DECODE_THREADS, self.limits.max_streams)
+        encoders = self.config.workers or min(4, os.cpu_count() or 1)
+        # Clients' decodes (bounded by the image limits) never delay the encoding of outputs, nor each other.
+        self.decode_pool = ThreadPoolExecutor(max_workers=decoders, thread_name_prefix="streamdiff-decode")
+        self.encode_pool = ThreadPoolExecutor(max_workers=encoders, thread_name_prefix="streamdiff-encode")
         self.connections: set[StreamSession] = set()  # every stream socket, admitted or not
         self.sessions: dict[str, StreamSession] = {}  # admitted streams by stream id
         self.view_tokens: dict[str, StreamSession] = {}
@@ -178,5 +185,6 @@ class Hub:
                     len(viewers))
 
     def close(self) -> None:
-        """Release the worker pool (after every session ended)."""
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        """Release the worker pools (after every session ended)."""
+        for pool in (self.decode_pool, self.encode_pool):
+            pool.shutdown(wait=True, cancel_futures=True)

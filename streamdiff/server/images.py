@@ -1,36 +1,56 @@
-"""Safe handling of the encoded images clients send: probe the header, check limits, then decode.
+"""Safe handling of the encoded images clients send: walk the structure, check limits, then decode within a budget.
 
-No client byte reaches a decoder unchecked. :func:`probe` reads the format from the magic bytes and the declared
-width and height from the header (JPEG SOF segment; WebP ``VP8 ``/``VP8L``/``VP8X`` chunk) without decoding;
-:func:`decode` probes, refuses disallowed formats and images declaring too many pixels, then lets Pillow decode only
-that format and checks the decoded size equals the declared one. Every failure is an
+No client byte reaches a decoder unchecked. :func:`probe` walks the whole file without decoding — every JPEG marker
+segment up to EOI (the entropy-coded data between them is skipped with C-speed regular-expression scans, so the
+walk is O(n) with Python work only per segment), every WebP RIFF chunk — and returns the format and the declared
+width and height. It refuses what no real encoder writes but a decoder would pay for (``hostile_image``): more
+than :data:`MAX_JPEG_SCANS` scans, :data:`MAX_JPEG_SEGMENTS` segments, :data:`MAX_JPEG_METADATA_SEGMENTS`
+APPn/COM segments, :data:`MAX_JPEG_FILL_BYTES` fill bytes or :data:`MAX_WEBP_CHUNKS` chunks. :func:`decode`
+probes, refuses disallowed formats and images declaring too many pixels, then lets Pillow decode only that format,
+feeding a JPEG decoder :data:`DECODE_CHUNK_BYTES` at a time and stopping once the thread's CPU time passes
+``limits.max_decode_ms`` (``decode_too_slow``; libwebp decodes in one call, bounded by its pixels, and is checked
+after it); the decoded size must equal the declared one.
+:class:`DecodeBudget` is one client's decode CPU time over a sliding window. Every failure is an
 :class:`~streamdiff.errors.ImageError` with a stable ``code`` (``bad_image``, ``unsupported_format``,
-``image_too_large``). All functions are pure and safe to call from worker threads.
+``image_too_large``, ``hostile_image``, ``decode_too_slow``). The functions are pure and safe in worker threads.
 
-Next: the server calls :func:`probe` on each frame as it arrives (cheap), :func:`decode` in a worker thread, and
-:func:`encode` on the engine's output.
+Next: the server calls :func:`decode` on each frame in a worker thread (never on the event loop) and :func:`encode`
+on the engine's output, in another pool.
 """
 
 from __future__ import annotations
 
+import collections
 import enum
 import io
 import struct
-from collections.abc import Collection
+import time
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..errors import FrameError, ImageError, ImageTooLarge, UnsupportedImageFormat
+from ..errors import DecodeTooSlow, FrameError, ImageError, ImageTooLarge, UnsupportedImageFormat
+from .image_structure import (
+    MAX_JPEG_FILL_BYTES,
+    MAX_JPEG_METADATA_SEGMENTS,
+    MAX_JPEG_SCANS,
+    MAX_JPEG_SEGMENTS,
+    MAX_WEBP_CHUNKS,
+    jpeg_size,
+    webp_size,
+)
 
 if TYPE_CHECKING:
     from .limits import ServerLimits
 
-__all__ = ["MAX_JPEG_SEGMENTS", "ImageFormat", "ImageInfo", "check", "decode", "encode", "probe"]
+__all__ = ["DECODE_CHUNK_BYTES", "MAX_JPEG_FILL_BYTES", "MAX_JPEG_METADATA_SEGMENTS", "MAX_JPEG_SCANS",
+           "MAX_JPEG_SEGMENTS", "MAX_WEBP_CHUNKS", "DecodeBudget", "ImageFormat", "ImageInfo", "check", "decode",
+           "encode", "probe"]
 
-#: JPEG segments read before the frame header (SOF) at most; real files have fewer than ~20.
-MAX_JPEG_SEGMENTS = 64
+#: Bytes fed to the JPEG decoder at a time: the CPU-time limit is checked between chunks (a 1 MB frame: 256 checks).
+DECODE_CHUNK_BYTES = 4096
 
 
 class ImageFormat(str, enum.Enum):
@@ -74,13 +94,6 @@ _OTHER_FORMATS: tuple[tuple[bytes, int, str], ...] = (
     (b"\x00\x00\x01\x00", 0, "ICO"),
 )
 
-# JPEG start-of-frame markers Pillow/libjpeg decode: baseline, extended sequential, progressive (Huffman coding).
-_SOF_SUPPORTED = {0xC0: "baseline", 0xC1: "extended sequential", 0xC2: "progressive"}
-# Other SOF markers: lossless, hierarchical, arithmetic coding.
-_SOF_OTHER = {0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
-_STANDALONE = set(range(0xD0, 0xD8)) | {0x01}  # RSTn and TEM carry no length
-
-
 def probe(body: bytes | bytearray | memoryview) -> ImageInfo:
     """Format and declared size of an encoded image, from its magic bytes and header only.
 
@@ -89,9 +102,9 @@ def probe(body: bytes | bytearray | memoryview) -> ImageInfo:
     """
     data = body if isinstance(body, bytes) else bytes(body)
     if data.startswith(b"\xff\xd8\xff"):
-        return _probe_jpeg(data)
+        return ImageInfo(ImageFormat.JPEG, *jpeg_size(data))
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return _probe_webp(data)
+        return ImageInfo(ImageFormat.WEBP, *webp_size(data))
     if data.startswith(b"\xff\xd8") or (data[:4] == b"RIFF" and len(data) < 12) or len(data) < 4:
         raise ImageError(f"{_describe(data)}; send JPEG or WebP")
     name = _other_format(data)
@@ -114,18 +127,22 @@ def check(info: ImageInfo, max_pixels: int, formats: Collection[ImageFormat] = t
         )
 
 
-def decode(body: bytes | bytearray | memoryview, limits: ServerLimits) -> np.ndarray:
+def decode(body: bytes | bytearray | memoryview, limits: ServerLimits,
+           cancelled: Callable[[], bool] | None = None) -> np.ndarray:
     """Decode a client's JPEG or WebP into uint8 RGB ``[H, W, 3]`` after checking it against ``limits``.
 
-    Uses ``limits.allowed_input_formats`` and ``limits.max_frame_pixels``. Pillow is asked to open only the probed
-    format, and its declared size is compared with the probe's before any pixel is decoded.
+    Uses ``limits.allowed_input_formats``, ``limits.max_frame_pixels`` and ``limits.max_decode_ms`` (CPU time of
+    the calling thread, checked between chunks of input: a slow decode is stopped there with
+    :class:`DecodeTooSlow`). Pillow is asked to open only the probed format, and its declared size is compared with
+    the probe's before any pixel is decoded. ``cancelled()`` true (the client left) stops the decode likewise.
     """
     info = probe(body)
     check(info, limits.max_frame_pixels, limits.allowed_input_formats)
     from PIL import Image
 
+    reader = _MeteredReader(bytes(body), limits.max_decode_ms, cancelled)
     try:
-        with Image.open(io.BytesIO(bytes(body)), formats=[info.format.value.upper()]) as image:
+        with Image.open(reader, formats=[info.format.value.upper()]) as image:
             if image.size != (info.width, info.height):
                 raise ImageError(f"{info.format.value} header declares {info.width}x{info.height} but the decoder "
                                  f"reads {image.size[0]}x{image.size[1]}")
@@ -133,16 +150,78 @@ def decode(body: bytes | bytearray | memoryview, limits: ServerLimits) -> np.nda
             if frames != 1:
                 raise UnsupportedImageFormat(f"images with {frames} frames (animated or multi-picture) are not "
                                              "accepted; send one still frame", value=frames, allowed="1 frame")
+            image.decodermaxblock = DECODE_CHUNK_BYTES
             image.load()
             rgb = image.convert("RGB")
     except ImageError:
         raise
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError, struct.error) as exc:
         raise ImageError(f"{info.format.value} image could not be decoded: {_first_line(exc)}") from None
+    reader.check()  # the last chunk's work, and the conversion
     frame = np.array(rgb, dtype=np.uint8)  # writable (torch.from_numpy warns on read-only arrays)
     if frame.shape != (info.height, info.width, 3):
         raise ImageError(f"decoded image has shape {frame.shape}, expected ({info.height}, {info.width}, 3)")
     return frame
+
+
+class _MeteredReader(io.BytesIO):
+    """The body as a file whose every read first checks the decoding thread's CPU time and ``cancelled``."""
+
+    def __init__(self, data: bytes, max_ms: float, cancelled: Callable[[], bool] | None) -> None:
+        super().__init__(data)
+        self._start, self._max_ms, self._cancelled = time.thread_time(), max_ms, cancelled
+
+    def check(self) -> None:
+        used_ms = (time.thread_time() - self._start) * 1000
+        if used_ms > self._max_ms:
+            raise DecodeTooSlow(f"decoding this image used {used_ms:.0f} ms of CPU time, more than the limit of "
+                                f"{self._max_ms:g} ms per frame; it was stopped", value=round(used_ms),
+                                allowed=f"at most {self._max_ms:g} ms")
+        if self._cancelled is not None and self._cancelled():
+            raise ImageError("decoding was cancelled: the stream ended")
+
+    def read(self, size: int | None = -1) -> bytes:
+        self.check()
+        return super().read(size)
+
+
+class DecodeBudget:
+    """One client's decode CPU time over the last ``window_s`` seconds, at most ``share`` of one core.
+
+    Pure bookkeeping on an injected clock: :meth:`check` before a decode (raises :class:`DecodeTooSlow` while the
+    window's total is over ``share * window_s``), :meth:`spend` after it. Entries older than the window are
+    forgotten; the deque holds at most one entry per decoded frame of the window.
+    """
+
+    def __init__(self, share: float, window_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.share, self.window_s, self._clock = share, window_s, clock
+        self._spent: collections.deque[tuple[float, float]] = collections.deque()
+        self._total_ms = 0.0
+
+    @property
+    def allowed_ms(self) -> float:
+        return self.share * self.window_s * 1000
+
+    def used_ms(self) -> float:
+        """Decode CPU milliseconds spent within the window ending now."""
+        horizon = self._clock() - self.window_s
+        while self._spent and self._spent[0][0] <= horizon:
+            self._total_ms -= self._spent.popleft()[1]
+        if not self._spent:
+            self._total_ms = 0.0  # no drift from float sums
+        return self._total_ms
+
+    def check(self) -> None:
+        used = self.used_ms()
+        if used > self.allowed_ms:
+            raise DecodeTooSlow(
+                f"this client's decodes used {used:.0f} ms of CPU time in the last {self.window_s:g} s, more than "
+                f"its share of {self.share:g} core ({self.allowed_ms:.0f} ms); frames are refused until it drops",
+                value=round(used), allowed=f"at most {self.allowed_ms:.0f} ms per {self.window_s:g} s")
+
+    def spend(self, ms: float) -> None:
+        self._spent.append((self._clock(), ms))
+        self._total_ms += ms
 
 
 def encode(frame: np.ndarray, format: ImageFormat | str = ImageFormat.JPEG, quality: int = 80) -> bytes:
@@ -172,96 +251,6 @@ def encode(frame: np.ndarray, format: ImageFormat | str = ImageFormat.JPEG, qual
     return out.getvalue()
 
 
-# -- JPEG ------------------------------------------------------------------------------------------------------
-
-
-def _probe_jpeg(data: bytes) -> ImageInfo:
-    pos = 2  # after SOI
-    for _ in range(MAX_JPEG_SEGMENTS):
-        if pos >= len(data):
-            raise ImageError(_truncated("jpeg", data, "before its frame header (SOF)"))
-        if data[pos] != 0xFF:
-            raise ImageError(f"jpeg marker expected at byte {pos}, found 0x{data[pos]:02x}")
-        while pos < len(data) and data[pos] == 0xFF:  # fill bytes
-            pos += 1
-        if pos >= len(data):
-            raise ImageError(_truncated("jpeg", data, "inside a marker"))
-        marker = data[pos]
-        pos += 1
-        if marker in _STANDALONE:
-            continue
-        if marker in (0x00, 0xD8, 0xD9, 0xDA):
-            name = {0x00: "a stuffed zero", 0xD8: "a second SOI", 0xD9: "EOI", 0xDA: "SOS"}[marker]
-            raise ImageError(f"jpeg has {name} before its frame header (SOF)")
-        if pos + 2 > len(data):
-            raise ImageError(_truncated("jpeg", data, "inside a segment length"))
-        (length,) = struct.unpack_from(">H", data, pos)
-        if length < 2:
-            raise ImageError(f"jpeg segment 0x{marker:02x} at byte {pos - 2} has invalid length {length}")
-        if marker in _SOF_SUPPORTED or marker in _SOF_OTHER:
-            return _jpeg_frame_header(data, pos, marker, length)
-        pos += length
-    raise ImageError(f"jpeg has more than {MAX_JPEG_SEGMENTS} segments before its frame header (SOF)")
-
-
-def _jpeg_frame_header(data: bytes, pos: int, marker: int, length: int) -> ImageInfo:
-    if marker in _SOF_OTHER:
-        raise UnsupportedImageFormat(
-            f"jpeg with SOF marker 0x{marker:02x} (lossless, hierarchical or arithmetic-coded) is not supported; "
-            "send a baseline or progressive JPEG", value=f"SOF 0x{marker:02x}", allowed="baseline, progressive",
-        )
-    if length < 8 or pos + 8 > len(data):
-        raise ImageError(_truncated("jpeg", data, "inside its frame header (SOF)"))
-    precision, height, width, components = struct.unpack_from(">BHHB", data, pos + 2)
-    if precision != 8:
-        raise UnsupportedImageFormat(f"jpeg with {precision}-bit samples is not supported; send 8-bit JPEG",
-                                     value=precision, allowed="8")
-    if components not in (1, 3, 4):
-        raise ImageError(f"jpeg declares {components} colour components; expected 1, 3 or 4")
-    if width == 0 or height == 0:
-        raise ImageError(f"jpeg declares an empty or deferred (DNL) size {width}x{height}")
-    return ImageInfo(ImageFormat.JPEG, width, height)
-
-
-# -- WebP (RIFF container, https://developers.google.com/speed/webp/docs/riff_container) -----------------------
-
-
-def _probe_webp(data: bytes) -> ImageInfo:
-    (riff_size,) = struct.unpack_from("<I", data, 4)
-    if riff_size + 8 > len(data):
-        raise ImageError(f"webp is truncated: its RIFF header declares {riff_size + 8} bytes, got {len(data)}")
-    if len(data) < 30:
-        raise ImageError(_truncated("webp", data, "inside its first chunk"))
-    chunk = data[12:16]
-    (chunk_size,) = struct.unpack_from("<I", data, 16)
-    if chunk_size + 20 > len(data):
-        raise ImageError(f"webp chunk {chunk.decode('latin-1')!r} declares {chunk_size} bytes, more than the file")
-    if chunk == b"VP8 ":  # lossy: frame tag (3), start code 9d 01 2a, 14-bit width and height
-        if data[20] & 1:
-            raise ImageError("webp VP8 bitstream does not start with a key frame")
-        if data[23:26] != b"\x9d\x01\x2a":
-            raise ImageError("webp VP8 bitstream has no start code 9d 01 2a")
-        width, height = (v & 0x3FFF for v in struct.unpack_from("<HH", data, 26))
-    elif chunk == b"VP8L":  # lossless: signature 0x2f, then 14-bit width-1, 14-bit height-1, alpha, 3-bit version
-        if data[20] != 0x2F:
-            raise ImageError("webp VP8L bitstream has no signature byte 0x2f")
-        (bits,) = struct.unpack_from("<I", data, 21)
-        if bits >> 29:
-            raise ImageError(f"webp VP8L version {bits >> 29} is not 0")
-        width, height = (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
-    elif chunk == b"VP8X":  # extended: flags, 3 reserved bytes, 24-bit canvas width-1 and height-1
-        if data[20] & 0x02:
-            raise UnsupportedImageFormat("animated webp is not accepted; send one still frame",
-                                         value="animated webp", allowed="jpeg, webp (still)")
-        width = int.from_bytes(data[24:27], "little") + 1
-        height = int.from_bytes(data[27:30], "little") + 1
-    else:
-        raise ImageError(f"webp first chunk {chunk!r} is not 'VP8 ', 'VP8L' or 'VP8X'")
-    if width == 0 or height == 0:
-        raise ImageError(f"webp declares an empty size {width}x{height}")
-    return ImageInfo(ImageFormat.WEBP, width, height)
-
-
 # -- messages ---------------------------------------------------------------------------------------------------
 
 
@@ -282,10 +271,6 @@ def _describe(data: bytes) -> str:
     if len(data) < 4:
         return f"the image body is only {len(data)} bytes"
     return f"the body is not a known image format (starts with {data[:8].hex(' ')})"
-
-
-def _truncated(name: str, data: bytes, where: str) -> str:
-    return f"{name} is truncated {where} ({len(data)} bytes)"
 
 
 def _first_line(exc: BaseException) -> str:

@@ -48,6 +48,10 @@ class ServerLimits:
     most ``max_reshape_per_s`` with bursts of ``reshape_burst``. Server-side only: at most ``max_awaiting_hello``
     stream sockets that have not sent their hello yet, ``max_awaiting_hello_per_address`` of them from one client
     address (more are refused with HTTP 503 before the WebSocket upgrade).
+    Images (docs/protocol.md, "Image limits"): decoding one frame may use ``max_decode_ms`` of CPU time (stopped
+    there: ``decode_too_slow``; a 1920x1080 JPEG takes 15-25 ms), and one client's decodes at most
+    ``max_decode_share`` of one core over the last ``decode_window_s`` seconds (frames beyond it are refused
+    undecoded: ``decode_too_slow``; 30 progressive 1920x1080 frames a second use about 0.65).
     """
 
     max_streams: int = 4
@@ -83,6 +87,10 @@ class ServerLimits:
     reshape_burst: int = 4
     max_awaiting_hello: int = 64
     max_awaiting_hello_per_address: int = 8
+    # images
+    max_decode_ms: float = 200.0
+    max_decode_share: float = 0.75
+    decode_window_s: float = 10.0
 
     def __post_init__(self) -> None:
         for f in fields(self):

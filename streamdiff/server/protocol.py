@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ConfigError, ImageError, ProtocolError, StreamDiffError
-from .images import ImageFormat, ImageInfo, check, probe
+from .images import ImageFormat
 from .limits import ServerLimits
 from .policy import ErrorBudget, RateLimiter
 from .settings import SETTING_FIELDS, StreamSettings, apply_settings, check_caps, engine_changes
@@ -91,12 +91,11 @@ class Hello:
 
 @dataclass(frozen=True)
 class Frame:
-    """An input frame whose header passed the checks; ``image`` is what its header declares (not decoded yet)."""
+    """An input frame whose header passed the checks; ``body`` is checked and decoded later, in a worker thread."""
 
     frame_id: int
     client_ts: float
     body: bytes = field(repr=False)
-    image: ImageInfo
     received_at: float  # the connection's clock, seconds
 
 
@@ -241,13 +240,11 @@ class ServerConnection:
             if not self._rate.allow():
                 self.stats.frames_rate_limited += 1
                 return []
-            info = probe(body)
-            check(info, self.limits.max_frame_pixels, self.limits.allowed_input_formats)
-        except ProtocolError as exc:  # ImageError is a ProtocolError too
+        except ProtocolError as exc:
             self.stats.frames_rejected += 1
             return self._error(exc, frame_id=frame_id)
         self.stats.frames_accepted += 1
-        return [Frame(header.frame_id, header.client_ts, bytes(body), info, self._clock())]
+        return [Frame(header.frame_id, header.client_ts, bytes(body), self._clock())]
 
     def check_timeouts(self) -> list[Event]:
         """Close when the hello is late or the connection idle; call when :meth:`next_deadline` has passed."""

@@ -10,13 +10,14 @@ Starlette/FastAPI WebSocket, Ray Serve) run the same protocol implementation::
 Inside a session, five small loops share the event loop and never block it:
 
 - **receive**: messages → :class:`~.protocol.ServerConnection` → events; hello/idle timeouts from its deadlines;
-- **decode**: a latest-wins slot of frames → a worker thread decodes the newest, which is handed to the engine
-  stream once the engine took the frame before it (a newer frame replaces it meanwhile); at most one decode per
-  client is ever queued;
+- **decode**: a latest-wins slot of frames → a thread of the hub's decode pool checks and decodes the newest
+  (within the image limits and the client's :class:`~.images.DecodeBudget`), which is handed to the engine stream
+  once the engine took the frame before it (a newer frame replaces it meanwhile); at most one decode per client is
+  ever in flight, and it stops at its next chunk once the session ends;
 - the engine calls back on its own thread; the output hops to the loop (``call_soon_threadsafe``) into a
   latest-wins slot;
-- **send**: a worker thread encodes the newest output once; the same bytes go to the client (with a write
-  timeout: a client that stops reading is dropped) and to its viewers (latest-wins each);
+- **send**: a thread of the hub's encode pool encodes the newest output once; the same bytes go to the client
+  (with a write timeout: a client that stops reading is dropped) and to its viewers (latest-wins each);
 - **housekeeping**: ``stats`` messages, and closing with 1011 when the engine ended the stream with an error.
 
 While a send is stuck (the client reads slower than it sends), new input frames are dropped (``congested``)
@@ -34,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import ConfigError, EngineFull, ImageError, StreamClosed
-from .images import ImageFormat, decode, encode
+from .images import DecodeBudget, ImageFormat, decode, encode
 from .metrics import SyncState
 from .pacing import LatestSlot, SendTimeout, send_within, within
 from .policy import client_address
@@ -103,6 +104,7 @@ class StreamSession:
         self._client: str | None = None
         self.address = client_address(transport.remote)
         self._closing: asyncio.Future[None] | None = None  # the closing handshake, once the server started it
+        self._decode_budget = DecodeBudget(self.limits.max_decode_share, self.limits.decode_window_s)
 
     def __repr__(self) -> str:
         return f"<StreamSession {self.stream_id or 'pending'} {self.conn.state.value}>"
@@ -337,10 +339,15 @@ class StreamSession:
         while not self._finished:
             job = await self._inbox.get()
             try:
-                image, decode_ms = await self._loop.run_in_executor(self.hub.pool, _decode, job.frame.body,
-                                                                    self.limits)
-            except ImageError as error:
+                self._decode_budget.check()
+            except ImageError as error:  # over its share: refused undecoded
                 await self._execute(self.conn.frame_rejected(job.frame, error))
+                continue
+            image, decode_ms, cpu_ms = await self._loop.run_in_executor(
+                self.hub.decode_pool, _decode, job.frame.body, self.limits, self._is_finished)
+            self._decode_budget.spend(cpu_ms)
+            if isinstance(image, ImageError):
+                await self._execute(self.conn.frame_rejected(job.frame, image))
                 continue
             while self._untaken() >= stream.config.frame_buffer_size and not self._inbox.occupied:
                 self._room.clear()
@@ -352,9 +359,13 @@ class StreamSession:
             tag = FrameTag(job.frame.frame_id, job.frame.client_ts, job.received, decode_ms, time.perf_counter())
             self._submitted += 1
             try:
-                await self._loop.run_in_executor(self.hub.pool, stream.submit, image, tag)  # resizes there
+                await self._loop.run_in_executor(self.hub.decode_pool, stream.submit, image, tag)  # resizes there
             except StreamClosed:
                 return
+
+    def _is_finished(self) -> bool:
+        """Read by the decoding thread between chunks: a client that left stops costing CPU at once."""
+        return self._finished
 
     def _untaken(self) -> int:
         """Frames handed to the engine that it has not taken yet (nor replaced)."""
@@ -388,7 +399,7 @@ class StreamSession:
             out = self.conn.settings.output if self.conn.settings is not None else None
             fmt, quality = (out.format, out.quality) if out is not None else (ImageFormat.JPEG, 80)
             start = time.perf_counter()
-            bodies = await self._loop.run_in_executor(self.hub.pool, _encode_output, output, fmt, quality)
+            bodies = await self._loop.run_in_executor(self.hub.encode_pool, _encode_output, output, fmt, quality)
             encode_ms = (time.perf_counter() - start) * 1000 / max(1, len(bodies))
             for tag, body in zip(output.frame_ids, bodies):
                 if not isinstance(tag, FrameTag) or self.conn.state is ConnectionState.CLOSED:
@@ -460,11 +471,15 @@ class StreamSession:
         self.hub.metrics.sync(self._sync, self.conn, self.stream, self.drops)
 
 
-def _decode(body: bytes, limits: Any) -> tuple[np.ndarray, float]:
-    """Worker thread: the image (checked against the limits before any decoder sees it) and the time it took."""
-    start = time.perf_counter()
-    image = decode(body, limits)
-    return image, (time.perf_counter() - start) * 1000
+def _decode(body: bytes, limits: Any, cancelled: Any) -> tuple[np.ndarray | ImageError, float, float]:
+    """Worker thread: the image (checked against the limits before any decoder sees it) or why it was refused,
+    the wall time and the CPU time it took (ms; the CPU time counts against the client's budget either way)."""
+    start, cpu = time.perf_counter(), time.thread_time()
+    try:
+        image: np.ndarray | ImageError = decode(body, limits, cancelled)
+    except ImageError as error:
+        image = error
+    return image, (time.perf_counter() - start) * 1000, (time.thread_time() - cpu) * 1000
 
 
 def _encode_output(output: StreamOutput, fmt: ImageFormat, quality: int) -> list[bytes]:

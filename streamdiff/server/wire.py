@@ -130,6 +130,8 @@ class ErrorCode(str, enum.Enum):
     STREAM_ENDED = "stream_ended"
     INTERNAL_ERROR = "internal_error"
     RATE_LIMITED = "rate_limited"
+    HOSTILE_IMAGE = "hostile_image"
+    DECODE_TOO_SLOW = "decode_too_slow"
 
     @property
     def close_code(self) -> CloseCode:

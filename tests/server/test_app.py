@@ -27,12 +27,12 @@ from websockets.exceptions import ConnectionClosed
 from streamdiff.backends.torch_backend import TorchUNet
 from streamdiff.client import ServerRefused, StreamClient, decode_output
 from streamdiff.models.prompts import PromptEncoder
-from streamdiff.server import session as session_module
 from streamdiff.server.limits import ServerLimits
 from streamdiff.server.policy import OriginPolicy
 
 JPEG = bodies(frames(1))[0]
-BOMB = b"\xff\xd8\xff\xc0\x00\x11\x08\xea\x60\xea\x60\x03" + b"\0" * 40  # SOF declaring 60000 x 60000
+BOMB = (b"\xff\xd8\xff\xc0\x00\x11\x08\xea\x60\xea\x60\x03" + b"\x01\x11\x00" * 3  # SOF declaring 60000 x 60000
+        + b"\xff\xda\x00\x08\x01\x01\x00\x00\x3f\x00\xff\xd9")  # a scan, EOI: well-formed up to its size
 
 
 def get(server, path: str) -> tuple[int, dict[str, str], bytes]:
@@ -375,9 +375,11 @@ def test_graceful_shutdown_says_1001_to_everyone_and_drains_the_engine(live) -> 
 
 
 def test_a_decompression_bomb_is_rejected_before_any_decoder_sees_it(live, monkeypatch) -> None:
-    decoded: list[int] = []
-    real = session_module.decode
-    monkeypatch.setattr(session_module, "decode", lambda body, limits: decoded.append(len(body)) or real(body, limits))
+    from PIL import Image
+
+    decoded: list[int] = []  # the bodies Pillow was asked to open
+    real = Image.open
+    monkeypatch.setattr(Image, "open", lambda fp, *a, **k: decoded.append(len(fp.getvalue())) or real(fp, *a, **k))
     server = live()
 
     async def main() -> None:
@@ -558,8 +560,9 @@ def test_metrics_parse_and_count_what_the_client_sent(live) -> None:
     async def main() -> int:
         async with await StreamClient.connect(server.url, settings()) as client:
             got = await drive(client, lambda i: JPEG, until=time.perf_counter() + 30, stop_after=12, window=2)
-            for i, body in enumerate(bad):
+            for i, body in enumerate(bad):  # one by one: a bad frame is refused by the decode (latest-wins)
                 await client.send_frame(body, frame_id=1000 + i)
+                await client.wait_for(lambda i=i: len(client.errors) == i + 1, timeout=10)
             await client.ws.send(b"XXXX" + b"\0" * 30)  # bad header
             await client.wait_for(lambda: len(client.errors) == 4, timeout=10)
             live_metrics = metrics(server)
