@@ -76,6 +76,9 @@ _LIMIT_HELP = {
     "reshape_burst": "such updates allowed at once above that rate",
     "max_awaiting_hello": "stream sockets without a hello yet, in total; more get HTTP 503 (server-wide)",
     "max_awaiting_hello_per_address": "stream sockets without a hello yet from one IP address; more get HTTP 503",
+    "max_decode_ms": "CPU milliseconds decoding one input frame may take (decode_too_slow beyond)",
+    "max_decode_share": "share of one core a client's decodes may use over --decode-window-s",
+    "decode_window_s": "seconds of the decode share's window",
 }
 
 
@@ -109,7 +112,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     server.add_argument("--metrics-token-required", action=argparse.BooleanOptionalAction,
                         help="/metrics wants 'Authorization: Bearer TOKEN' (the server's token) (default off)")
     server.add_argument("--stats-interval", type=float, help="seconds between stats messages, 0 for none (default 2)")
-    server.add_argument("--workers", type=int, help="image decode/encode threads (default 0: per core, at most 4)")
+    server.add_argument("--workers", type=int, help="threads of each image pool (default 0: decode one per stream, at most 32; "
+                                              "encode one per core, at most 4)")
     server.add_argument("--max-batch-rows", type=int, help="U-Net rows per call at most (default 16)")
     limits = parser.add_argument_group("limits (per client unless said otherwise; the defaults are safe)")
     for name, default in _limits_defaults().items():

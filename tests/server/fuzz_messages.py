@@ -78,9 +78,17 @@ def _mutated_text(draw: st.DrawFn) -> str:
 
 _texts = st.one_of(st.text(max_size=60), _json.map(json.dumps), _structured(), _mutated_text())
 
+def _declaring(width: int, height: int) -> bytes:
+    """A well-formed baseline JPEG whose frame header declares ``width`` x ``height`` (too many pixels to decode)."""
+    body = bytearray(save(pattern(24, 16, 5), "JPEG"))
+    sof = body.index(b"\xff\xc0")
+    body[sof + 5:sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(body)
+
+
 _SEED_BODIES = [save(pattern(24, 16, 1), "JPEG"), save(pattern(24, 16, 2), "WEBP"),
                 save(pattern(24, 16, 3), "WEBP", lossless=True), save(pattern(24, 16, 4), "PNG"),
-                b"\xff\xd8\xff\xc0\x00\x11\x08\xea\x60\xea\x60\x03" + b"\0" * 30]
+                b"\xff\xd8\xff\xc0\x00\x11\x08\xea\x60\xea\x60\x03" + b"\0" * 30, _declaring(60000, 60000)]
 
 
 @st.composite
