@@ -112,6 +112,7 @@ class Inbox:
         self._cond = threading.Condition()
         self._messages: deque[Message] = deque()
         self._lanes: dict[int, _Lane] = {}
+        self._waiting = 0
 
     # -- callers (any thread) ---------------------------------------------------------------------------------------
 
@@ -134,7 +135,11 @@ class Inbox:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     raise TimeoutError(f"{lane.name}: no room in the input queue within {timeout} s")
-                self._cond.wait(left)
+                self._waiting += 1
+                try:
+                    self._cond.wait(left)
+                finally:
+                    self._waiting -= 1
                 lane = self._open_lane(message.stream_id)
             if lane is None:
                 return False
@@ -157,6 +162,11 @@ class Inbox:
                     lane.closed = True
             self._append(message)
             return True
+
+    @property
+    def waiting(self) -> int:
+        """Lossless submitters waiting for room now."""
+        return self._waiting
 
     def handles(self) -> list[Any]:
         """The handles of the streams not yet forgotten, oldest first."""
