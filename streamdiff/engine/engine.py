@@ -5,9 +5,9 @@ handles, each with its own size, steps, F, cfg mode, prompt, seed, guidance and 
 
 1. **schedule** — the messages clients queued in the engine's one :class:`~.inbox.Inbox` since the last tick are
    taken into the engine's own :class:`~.records.StreamRecord` s (streams join and leave, frames arrive, the
-   newest settings change of each stream applies, all at once); the streams with a new frame group (or frames to flush) are packed by the pure
-   :class:`~.scheduler.Scheduler` into ONE U-Net call per latent-size bucket, at most ``max_batch_rows`` rows each,
-   least recently served first;
+   newest settings change of each stream applies, all at once); the streams with a new frame group (or frames
+   to flush) are packed by the pure :class:`~.scheduler.Scheduler` into ONE U-Net call per latent-size bucket,
+   at most ``max_batch_rows`` rows each, least recently served first;
 2. **execute** — every chosen stream's frames pass its similarity filter and the VAE encoder; each stream *plans*
    its rows (:mod:`streamdiff.core.step`), the rows are concatenated (:mod:`.batch`), the U-Net runs once per
    bucket, and each stream *applies* its slice of the prediction; finished latents are decoded;
@@ -36,9 +36,8 @@ import torch
 
 from ..backends.base import UNetEngine, VaeEngine
 from ..backends.keys import EngineOptions, EngineShapes
-from ..config import BackendKind, PromptConfig, StreamConfig
+from ..config import BackendKind, PromptConfig, StreamConfig, check_int
 from ..core.schedule import slot_coefficients
-from ..config import check_int
 from ..errors import ConfigError, FrameError, StreamClosed, StreamDiffError
 from ..models import LoadedModel, LoraSpec, load_model
 from ..models.prompts import PromptEncoder
@@ -46,9 +45,9 @@ from .scheduler import Demand, Scheduler
 from .changes import StateBuilder, reshapes
 from .limits import EngineConfig, EngineStats
 from .execute import Executor
-from .inbox import ChangeSettings, CloseStream, EndInput, Inbox, InputFrame, OpenStream, StopEngine, SubmitFrame
+from .inbox import ChangeSettings, Inbox, InputFrame, OpenStream, StopEngine
 from .outputs import OutputQueue, StreamOutput
-from .records import StreamRecord
+from .records import StreamRecord, take_messages
 from .state import StreamStats, stream_rows
 from .stream import Stream
 
@@ -326,21 +325,8 @@ class StreamEngine:
     def _apply_messages(self) -> bool:
         """The schedule phase's first half (owner thread only): take the inbox's messages into the records, then
         closes, opens and each stream's newest pending change take effect. False once the stop sentinel came."""
-        for message in self._inbox.drain():
-            if isinstance(message, StopEngine):
-                self._stopping = True
-            elif isinstance(message, OpenStream):
-                self._records[message.stream_id] = message.record
-            elif (record := self._records.get(message.stream_id)) is None:
-                continue  # the stream has left already
-            elif isinstance(message, SubmitFrame):
-                self._inbox.release(record.id, record.add_input(message))
-            elif isinstance(message, ChangeSettings):
-                record.pending = message  # only the newest applies
-            elif isinstance(message, EndInput):
-                record.draining = record.close_after_drain = True
-            elif isinstance(message, CloseStream):
-                record.closing = True
+        if not take_messages(self._records, self._inbox.drain(), self._inbox.release):
+            self._stopping = True
         for record in list(self._records.values()):
             if record.closing:
                 self._remove(record, None)

@@ -9,11 +9,12 @@ worker, or the caller of :meth:`StreamEngine.step` in synchronous use). Clients 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 from ..config import PromptConfig, StreamConfig
-from .inbox import ChangeSettings, InputFrame, SubmitFrame
+from .inbox import ChangeSettings, CloseStream, EndInput, InputFrame, Message, OpenStream, StopEngine, SubmitFrame
 from .outputs import OutputQueue, StreamOutput
 from .state import StreamState, StreamStats
 
@@ -88,3 +89,28 @@ class StreamRecord:
     def drained(self) -> bool:
         """A drain with nothing left to run out."""
         return self.draining and not self.inputs and self.state is not None and not self.state.frames_inside
+
+
+def take_messages(records: dict[int, StreamRecord], messages: Iterable[Message],
+                  release: Callable[[int, int], None]) -> bool:
+    """Book ``messages`` (drained from the inbox, oldest first) into ``records``: new records join, frames queue
+    (``release(stream_id, frames)`` for those their bound drops), the newest change of each stream waits in
+    ``pending``, ends and closes set flags. Pure bookkeeping: nothing is built or run. False if the stop sentinel
+    came."""
+    go_on = True
+    for message in messages:
+        if isinstance(message, StopEngine):
+            go_on = False
+        elif isinstance(message, OpenStream):
+            records[message.stream_id] = message.record
+        elif (record := records.get(message.stream_id)) is None:
+            continue  # the stream has left already
+        elif isinstance(message, SubmitFrame):
+            release(record.id, record.add_input(message))
+        elif isinstance(message, ChangeSettings):
+            record.pending = message  # coalesced: only the newest applies
+        elif isinstance(message, EndInput):
+            record.draining = record.close_after_drain = True
+        elif isinstance(message, CloseStream):
+            record.closing = True
+    return go_on
