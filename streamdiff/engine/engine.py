@@ -373,13 +373,13 @@ class StreamEngine:
     def _remove(self, record: StreamRecord, error: BaseException | None) -> None:
         known = self._records.pop(record.id, None) is not None
         record.inputs.clear()
+        record.outputs.finish(error)  # first: a submitter refused below already sees the stream's error
         self._inbox.forget(record.id)
         if known:
             self.scheduler.forget(record.id)
             if error is None:
                 logger.info("closed %s (%d frames in, %d out)", record.name, record.stats.frames_in,
                             record.stats.frames_out)
-        record.outputs.finish(error)
 
     # -- backends ---------------------------------------------------------------------------------------------------
 

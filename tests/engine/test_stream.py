@@ -136,3 +136,24 @@ def test_a_stream_closed_before_its_first_tick_never_runs(tiny_model, frames) ->
     assert engine.streams == [] and stream.get(timeout=1) is None
     with pytest.raises(StreamClosed, match="stream-1 is closed"):
         stream.update(prompt="late")
+
+
+class BrokenUNet:
+    """A U-Net engine that always fails (standing for a stream whose work breaks the model call)."""
+
+    def __call__(self, sample, timestep, encoder_hidden_states):
+        raise RuntimeError("broken U-Net")
+
+
+def test_a_submit_refused_because_the_engine_failed_the_stream_sees_the_error(tiny_model, frames) -> None:
+    engine = StreamEngine(tiny_model, EngineConfig(max_streams=1), unet=BrokenUNet()).start()
+    stream = engine.open_stream(CONFIG, lossless=True, input_capacity=1, **A)
+    try:
+        with pytest.raises(StreamClosed) as refused:
+            for i in range(1000):  # the first frame fails the stream; a later submit is refused
+                stream.submit(frames[i % 8], timeout=30)
+        seen = stream.error
+    finally:
+        engine.stop()
+    assert isinstance(seen, RuntimeError) and "stream-1 is closed: broken U-Net" in str(refused.value)
+    assert stream.finished and engine.streams == [] and engine.stats.streams_failed == 1
