@@ -8,8 +8,10 @@ worker takes them all at the start of a tick (the schedule phase) and applies th
 
 The inbox also keeps, per stream, what a caller must know *before* queuing (one lock for all of it): whether the
 stream is still open, how many of its frames are on their way (a lossless ``submit`` waits for room), and the
-open streams' handles (admission, :attr:`StreamEngine.streams`). A latest-wins stream never waits: when the inbox
-already holds ``capacity`` of its frames, the oldest of them is dropped and the new message carries the count.
+open streams' handles (admission, :attr:`StreamEngine.streams`). The inbox is bounded whatever clients do: per
+stream at most ``capacity`` frames, one settings change (a newer one replaces it: only the newest would apply
+anyway), one end of input and one close. A latest-wins stream never waits: when the inbox already holds
+``capacity`` of its frames, the oldest of them is dropped and the new message carries the count.
 """
 
 from __future__ import annotations
@@ -102,6 +104,8 @@ class _Lane:
     queued: int = 0  # frames put and neither taken by the worker's execute phase nor discarded
     in_inbox: int = 0  # of those, still in the inbox
     closed: bool = False  # ended or closed: no more frames or changes
+    change_queued: bool = False  # a ChangeSettings waits in the inbox
+    close_queued: bool = False  # a CloseStream waits in the inbox (or was taken: closes are never repeated)
 
 
 class Inbox:
@@ -152,14 +156,26 @@ class Inbox:
 
     def put(self, message: ChangeSettings | EndInput | CloseStream | StopEngine) -> bool:
         """Queue a message. False (nothing queued) when its stream is closed; a close is refused only once the
-        worker has forgotten the stream. EndInput and CloseStream close the stream to further messages."""
+        worker has forgotten the stream (and queued once). EndInput and CloseStream close the stream to further
+        messages; a ChangeSettings replaces the stream's change still waiting here."""
         with self._cond:
-            if not isinstance(message, StopEngine):
-                lane = self._lanes.get(message.stream_id)
-                if lane is None or (lane.closed and not isinstance(message, CloseStream)):
-                    return False
-                if isinstance(message, (EndInput, CloseStream)):
-                    lane.closed = True
+            if isinstance(message, StopEngine):
+                self._append(message)
+                return True
+            lane = self._lanes.get(message.stream_id)
+            if lane is None or (lane.closed and not isinstance(message, CloseStream)):
+                return False
+            if isinstance(message, CloseStream):
+                lane.closed = True
+                if lane.close_queued:
+                    return True
+                lane.close_queued = True
+            elif isinstance(message, EndInput):
+                lane.closed = True
+            elif lane.change_queued:
+                self._remove_first(lambda m: isinstance(m, ChangeSettings) and m.stream_id == message.stream_id)
+            else:
+                lane.change_queued = True
             self._append(message)
             return True
 
@@ -197,8 +213,13 @@ class Inbox:
             messages = list(self._messages)
             self._messages.clear()
             for message in messages:
-                if isinstance(message, SubmitFrame) and (lane := self._lanes.get(message.stream_id)) is not None:
+                lane = None if isinstance(message, StopEngine) else self._lanes.get(message.stream_id)
+                if lane is None:
+                    continue
+                if isinstance(message, SubmitFrame):
                     lane.in_inbox -= 1
+                elif isinstance(message, ChangeSettings):
+                    lane.change_queued = False
             return messages
 
     def release(self, stream_id: int, frames: int) -> None:
@@ -227,10 +248,17 @@ class Inbox:
 
     def _supersede(self, lane: _Lane, message: SubmitFrame) -> SubmitFrame:
         """Drop the oldest of the stream's frames in the inbox; ``message`` carries the count on."""
+        dropped = self._remove_first(lambda m: isinstance(m, SubmitFrame) and m.stream_id == message.stream_id)
+        if not isinstance(dropped, SubmitFrame):
+            return message
+        lane.queued -= 1
+        lane.in_inbox -= 1
+        return replace(message, superseded=message.superseded + dropped.superseded + 1)
+
+    def _remove_first(self, matches: Callable[[Message], bool]) -> Message | None:
+        """Take the oldest queued message that ``matches`` out of the inbox."""
         for index, queued in enumerate(self._messages):
-            if isinstance(queued, SubmitFrame) and queued.stream_id == message.stream_id:
+            if matches(queued):
                 del self._messages[index]
-                lane.queued -= 1
-                lane.in_inbox -= 1
-                return replace(message, superseded=message.superseded + queued.superseded + 1)
-        return message
+                return queued
+        return None

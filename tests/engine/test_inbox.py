@@ -150,3 +150,20 @@ def test_the_worker_waits_for_a_message_or_for_work() -> None:
     assert woke.is_set()
     open_stream(inbox, 1)
     inbox.wait(lambda: False)  # a queued message: returns at once
+
+
+def test_the_inbox_stays_bounded_however_often_clients_change_or_close() -> None:
+    """Per stream at most one change (the newest) and one close wait, in their places among the frames."""
+    inbox = Inbox()
+    stream, _ = open_stream(inbox, 1)
+    inbox.drain()
+    for version in range(1, 100):
+        inbox.put(ChangeSettings(1, CONFIG, PromptConfig(seed=version), version))
+    stream.submit(FRAME, frame_id="f")
+    inbox.put(ChangeSettings(1, CONFIG, PromptConfig(seed=100), 100))
+    for _ in range(50):
+        stream.close()
+    messages = inbox.drain()
+    assert [type(m) for m in messages] == [SubmitFrame, ChangeSettings, CloseStream]
+    assert messages[1].version == 100
+    assert inbox.put(CloseStream(1)) and inbox.drain() == []  # once closed, a close is never queued again
