@@ -249,6 +249,7 @@ class Stream:
 
     @property
     def closed(self) -> bool:
+        """No more frames or changes are taken: closed, input ended, or finished by the engine."""
         return self._close_requested or self._ended or self.finished
 
     def _check_open(self) -> None:
