@@ -131,10 +131,10 @@ class StreamPipeline:
         config = self.config
         if self.stream is not None:
             self.stream.close()
-            self.engine._apply_changes()  # the old stream leaves now: this engine serves one stream at a time
+            self.engine.apply_messages()  # the old stream leaves now: this engine serves one stream at a time
         self.stream = self.engine.open_stream(config, prompt, negative_prompt, guidance_scale, delta, seed,
                                               name="pipeline")
-        self.engine._apply_changes()  # make the state now, so that its buffers can be inspected
+        self.engine.apply_messages()  # make the state now, so that its buffers can be inspected
 
     def update(self, **changes: Any) -> int:
         """Change prompt, negative_prompt, guidance_scale, delta, seed or any StreamConfig field, live.

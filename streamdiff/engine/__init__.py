@@ -13,9 +13,11 @@
     a.update(prompt="charcoal sketch")                 # validated now, applied between ticks
     a.close(); engine.stop()
 
-Modules: ``engine`` (StreamEngine: the worker that owns the model), ``stream`` (Stream handles and outputs),
-``scheduler`` (pure batching policy), ``batch`` (assembling and splitting a call), ``state`` (per-stream numerics), ``execute`` (the execute phase of a tick), ``changes`` (applying settings to states),
-``limits`` (EngineConfig, EngineStats).
+Modules: ``engine`` (StreamEngine: the worker that owns the model), ``stream`` (Stream handles), ``inbox`` (the
+one input queue: a handle's operations as typed messages), ``records`` (the engine's own per-stream records),
+``outputs`` (StreamOutput and the queue the engine writes them to), ``scheduler`` (pure batching policy),
+``batch`` (assembling and splitting a call), ``state`` (per-stream numerics), ``execute`` (the execute phase of a
+tick), ``changes`` (applying settings to states), ``limits`` (EngineConfig, EngineStats).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from .engine import StreamEngine
 from .limits import SINGLE_STREAM, EngineConfig, EngineStats
 from .scheduler import Call, Demand, Scheduler, TickPlan
 from .state import StreamStats
-from .stream import Stream, StreamOutput
+from .outputs import StreamOutput
+from .stream import Stream
 
 __all__ = [
     "SINGLE_STREAM",

@@ -3,14 +3,16 @@
 :class:`StreamEngine` owns the loaded model and its execution backends. Clients open :class:`~.stream.Stream`
 handles, each with its own size, steps, F, cfg mode, prompt, seed, guidance and filter. Each *tick*:
 
-1. **schedule** — changes queued since the last tick are applied (streams join and leave, settings change, all at
-   once per stream); the streams with a new frame group (or frames to flush) are packed by the pure
-   :class:`~.scheduler.Scheduler` into ONE U-Net call per latent-size bucket, at most ``max_batch_rows`` rows each,
-   least recently served first;
+1. **schedule** — the messages clients queued in the engine's one :class:`~.inbox.Inbox` since the last tick are
+   taken into the engine's own :class:`~.records.StreamRecord` s (streams join and leave, frames arrive, the
+   newest settings change of each stream applies, all at once); the streams with a new frame group (or frames
+   to flush) are packed by the pure :class:`~.scheduler.Scheduler` into ONE U-Net call per latent-size bucket,
+   at most ``max_batch_rows`` rows each, least recently served first;
 2. **execute** — every chosen stream's frames pass its similarity filter and the VAE encoder; each stream *plans*
    its rows (:mod:`streamdiff.core.step`), the rows are concatenated (:mod:`.batch`), the U-Net runs once per
    bucket, and each stream *applies* its slice of the prediction; finished latents are decoded;
-3. **update** — outputs go to each stream's queue and callback; the scheduler records who ran.
+3. **update** — outputs go to each stream's :class:`~.outputs.OutputQueue` and callback; the scheduler records
+   who ran.
 
 A stream's frames are exactly the frames it would get alone. An error in one stream's work ends that stream with
 its error and nothing else: a failing batched call is retried stream by stream to find the culprit.
@@ -22,6 +24,7 @@ and clients ``submit`` frames and ``get`` outputs. Either way exactly one thread
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -33,20 +36,22 @@ import torch
 
 from ..backends.base import UNetEngine, VaeEngine
 from ..backends.keys import EngineOptions, EngineShapes
-from ..config import BackendKind, PromptConfig, StreamConfig
+from ..config import BackendKind, PromptConfig, StreamConfig, check_int
 from ..core.schedule import slot_coefficients
-from ..errors import ConfigError, EngineFull, FrameError, StreamDiffError
+from ..errors import ConfigError, FrameError, StreamClosed, StreamDiffError
 from ..models import LoadedModel, LoraSpec, load_model
 from ..models.prompts import PromptEncoder
 from .scheduler import Demand, Scheduler
 from .changes import StateBuilder, reshapes
 from .limits import EngineConfig, EngineStats
 from .execute import Executor
-from .state import stream_rows
-from .stream import InputFrame, Stream, StreamOutput
+from .inbox import ChangeSettings, Inbox, InputFrame, OpenStream, StopEngine
+from .outputs import OutputQueue, StreamOutput
+from .records import StreamRecord, take_messages
+from .state import StreamStats, stream_rows
+from .stream import Stream
 
 logger = logging.getLogger(__name__)
-
 
 
 class StreamEngine:
@@ -83,13 +88,14 @@ class StreamEngine:
         self.batch_vae = self.config.batch_vae if self.config.batch_vae is not None else model.device.type == "cuda"
         self.stats = EngineStats()
         self.states = StateBuilder(model, self.prompts, self.prepare_backends)
-        self._cond = threading.Condition()
-        self.executor = Executor(model, self._backends, self.stats.record_call, self.batch_vae, self._cond, self._fail)
-        self._streams: dict[int, Stream] = {}  # open (not finished) streams, by id
-        self._next_id = 1
+        self._inbox = Inbox()  # the one way in: clients' messages
+        self.executor = Executor(model, self._backends, self.stats.record_call, self.batch_vae, self._take_inputs,
+                                 self._fail)
+        self._records: dict[int, StreamRecord] = {}  # open streams, by id: only the thread that runs ticks
+        self._ids = itertools.count(1)
+        self._life = threading.Lock()  # start/stop
         self._thread: threading.Thread | None = None
-        self._stop = False
-        self._owner: int | None = None  # the thread that runs ticks
+        self._stopping = False  # the worker took the stop sentinel
 
     @classmethod
     def from_pretrained(
@@ -138,27 +144,25 @@ class StreamEngine:
             raise ConfigError(f"config must be a StreamConfig, got {type(config).__name__}")
         settings = PromptConfig(prompt, negative_prompt, guidance_scale, delta, seed)
         self.check_settings(config, settings)
-        with self._cond:
-            if sum(not s.closed for s in self._streams.values()) >= self.config.max_streams:
-                raise EngineFull(
-                    f"the engine already serves max_streams={self.config.max_streams} streams; close one or try later"
-                )
-            stream = Stream(
-                self, self._next_id, config, settings, lossless=lossless, input_capacity=input_capacity,
-                output_capacity=output_capacity, on_output=on_output, name=name,
-            )
-            self._streams[stream.id] = stream
-            self._next_id += 1
-            self._cond.notify_all()
+        if input_capacity is not None:
+            input_capacity = check_int("input_capacity", input_capacity, 1)
+        output_capacity = check_int("output_capacity", output_capacity, 1)
+        stream_id = next(self._ids)
+        name = name or f"stream-{stream_id}"
+        outputs = OutputQueue(output_capacity, bool(lossless), name, on_room=self._inbox.notify)
+        stats = StreamStats()
+        stream = Stream(self, stream_id, config, settings, inbox=self._inbox, outputs=outputs, stats=stats,
+                        input_capacity=input_capacity, on_output=on_output, name=name)
+        record = StreamRecord(stream, outputs, stats, config, settings, on_output)
+        self._inbox.open(OpenStream(record), self.config.max_streams)
         logger.info("opened %s: %dx%d, steps %s, F=%d, cfg %s", stream.name, config.width, config.height,
                     list(config.t_index_list), config.frame_buffer_size, config.cfg_type.value)
         return stream
 
     @property
     def streams(self) -> list[Stream]:
-        """The open streams."""
-        with self._cond:
-            return list(self._streams.values())
+        """The open streams (opened and not yet finished), oldest first."""
+        return self._inbox.handles()
 
     def check_settings(self, config: StreamConfig, prompt: PromptConfig) -> None:
         """Raise ConfigError unless this engine can run a stream with ``config`` (any thread; touches no model)."""
@@ -190,21 +194,27 @@ class StreamEngine:
     def flush(self, stream: Stream) -> list[StreamOutput]:
         """Run the frames still inside ``stream``'s Stream Batch out (synchronous use). Their outputs, oldest first."""
         self._claim_sync()
-        self._apply_changes()
-        state = stream.state
+        self.apply_messages()
+        record = self._records.get(stream.id)
         outputs: list[StreamOutput] = []
-        if state is None or stream.finished:
+        if record is None or record.state is None or record.finished:
             return outputs
-        stream._drain_requested = True
-        while stream._drain_requested and not stream.finished:
-            produced = self._tick(only=stream)
+        record.draining = True
+        while record.draining and not record.finished:
+            produced = self._tick(only=record)
             out = produced.get(stream)
             if out is not None and out.images is not None:
                 outputs.append(out)
             if not produced:
                 break
-        stream._drain_requested = False
+        record.draining = False
         return outputs
+
+    def apply_messages(self) -> bool:
+        """Synchronous use: apply what clients queued (opens, frames, changes, ends, closes) now, as the next tick's
+        schedule phase would, without running a tick; afterwards a new stream has its :attr:`Stream.state`."""
+        self._claim_sync()
+        return self._apply_messages()
 
     def _claim_sync(self) -> None:
         if self._thread is not None:
@@ -214,34 +224,37 @@ class StreamEngine:
 
     def start(self) -> StreamEngine:
         """Run ticks in a worker thread whenever a stream has work. Idempotent. Next: ``stream.submit(...)``."""
-        with self._cond:
+        with self._life:
             if self._thread is not None:
                 return self
-            self._stop = False
+            self._stopping = False
             self._thread = threading.Thread(target=self._worker, name="streamdiff-engine", daemon=True)
             self._thread.start()
         return self
 
     def stop(self, drain: bool = False, timeout: float = 30.0) -> None:
         """Stop the worker. ``drain``: first end every stream's input and run its frames out. Streams are closed."""
-        if drain and self._thread is not None:
-            for stream in self.streams:
-                if not stream.closed:
-                    stream.end_input()
-            deadline = time.monotonic() + timeout
-            with self._cond:
-                while self._streams and time.monotonic() < deadline:
-                    self._cond.wait(0.1)
-        with self._cond:
-            self._stop = True
-            thread, self._thread = self._thread, None
-            self._cond.notify_all()
-        if thread is not None:
-            thread.join(timeout)
-            if thread.is_alive():
-                logger.error("the engine worker did not stop within %.1f s", timeout)
-        for stream in self.streams:
-            self._remove(stream, None)
+        with self._life:
+            thread = self._thread
+            if drain and thread is not None:
+                for stream in self.streams:
+                    try:
+                        stream.end_input()
+                    except StreamClosed:
+                        pass  # it was closed or ended already: it leaves by itself
+                if not self._inbox.wait_empty(timeout):
+                    logger.warning("streams still running after %.1f s of draining; closing them", timeout)
+            if thread is not None:
+                self._inbox.put(StopEngine())
+                thread.join(timeout)
+                if thread.is_alive():
+                    logger.error("the engine worker did not stop within %.1f s", timeout)
+                    return
+                self._thread = None
+            self._apply_messages()  # this thread owns the records now: take what came after the sentinel
+            for record in list(self._records.values()):
+                self._remove(record, None)
+            self._stopping = False
 
     @property
     def running(self) -> bool:
@@ -256,145 +269,117 @@ class StreamEngine:
     def _worker(self) -> None:
         logger.info("engine worker started (%s, %s, max_streams=%d, max_batch_rows=%d)", self.model.device,
                     str(self.model.dtype).removeprefix("torch."), self.config.max_streams, self.config.max_batch_rows)
-        while True:
-            with self._cond:
-                while not self._stop and not self._has_work():
-                    self._cond.wait()
-                if self._stop:
-                    break
+        while not self._stopping:
+            self._inbox.wait(self._has_work)
             try:
                 self._tick()
             except Exception:  # noqa: BLE001 - a bug outside any stream's work: log it, end the streams, stop
                 logger.exception("engine tick failed; closing every stream")
-                for stream in self.streams:
-                    self._remove(stream, StreamDiffError("the engine failed; see its log"))
+                for record in list(self._records.values()):
+                    self._remove(record, StreamDiffError("the engine failed; see its log"))
                 break
         logger.info("engine worker stopped")
 
-    def _wake(self) -> None:
-        with self._cond:
-            self._cond.notify_all()
-
-    def _queue_input(self, stream: Stream, item: InputFrame, timeout: float | None) -> None:
-        """A handle's submit: latest-wins drops the oldest frame; lossless waits for room."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
-            capacity = stream.input_capacity
-            if stream.lossless:
-                while len(stream._inputs) >= capacity and not stream.finished and not self._stop:
-                    left = None if deadline is None else deadline - time.monotonic()
-                    if left is not None and left <= 0:
-                        raise TimeoutError(f"{stream.name}: no room in the input queue within {timeout} s")
-                    self._cond.wait(left)
-                stream._check_open()
-            stream._inputs.append(item)
-            while len(stream._inputs) > capacity:
-                stream._inputs.popleft()
-                stream.stats.dropped_inputs += 1
-            self._cond.notify_all()
-
     def _has_work(self) -> bool:
-        for stream in self._streams.values():
-            if stream.state is None or stream._pending is not None or stream._close_requested:
-                return True
-            if self._ready(stream):
-                return True
-        return False
+        return any(record.ready() for record in self._records.values())
 
-    def _ready(self, stream: Stream) -> bool:
-        state = stream.state
-        if state is None or stream.finished or not stream._has_output_room():
-            return False
-        return len(stream._inputs) >= state.config.frame_buffer_size or stream._drain_requested
+    def _take_inputs(self, record: StreamRecord, frames: int) -> list[InputFrame]:
+        """The executor takes a stream's next group: room again for its lossless submitters."""
+        group = record.take_inputs(frames)
+        self._inbox.release(record.id, len(group))
+        return group
 
     # -- one tick: schedule → execute → update ---------------------------------------------------------------------
 
-    def _tick(self, only: Stream | None = None) -> dict[Stream, StreamOutput]:
+    def _tick(self, only: StreamRecord | None = None) -> dict[Stream, StreamOutput]:
         started = time.perf_counter()
-        self._apply_changes()
-        with self._cond:
-            candidates = [only] if only is not None else list(self._streams.values())
-            ready = [s for s in candidates if s.id in self._streams and self._ready(s)]
-        for stream in [s for s in ready if s._drain_requested and not s._inputs and not s.state.frames_inside]:
-            self._end_drain(stream)
-            ready.remove(stream)
+        if not self._apply_messages():
+            return {}
+        candidates = [only] if only is not None else list(self._records.values())
+        ready = [r for r in candidates if r.id in self._records and r.ready()]
+        for record in [r for r in ready if r.drained()]:
+            self._end_drain(record)
+            ready.remove(record)
         if not ready:
             return {}
-        by_id = {s.id: s for s in ready}
-        plan = self.scheduler.schedule([Demand(s.id, s.state.latent_shape, s.state.rows) for s in ready])
+        by_id = {r.id: r for r in ready}
+        plan = self.scheduler.schedule([Demand(r.id, r.state.latent_shape, r.state.rows) for r in ready])
         outputs = self.executor.run([[by_id[sid] for sid in call.stream_ids] for call in plan.calls])
         self.scheduler.served(plan.stream_ids)
         self.stats.ticks += 1
-        for stream, output in outputs.items():
-            self._deliver(stream, output, started)
-        return outputs
+        for record, output in outputs.items():
+            self._deliver(record, output, started)
+        return {record.stream: output for record, output in outputs.items()}
 
-    def _deliver(self, stream: Stream, output: StreamOutput, started: float) -> None:
+    def _deliver(self, record: StreamRecord, output: StreamOutput, started: float) -> None:
         output.started, output.finished = started, time.perf_counter()
-        try:
-            stream._deliver(output)
-        except Exception as error:  # noqa: BLE001 - the stream's own callback failed
-            self._fail(stream, error)
-
-    # -- changes between ticks -------------------------------------------------------------------------------------
-
-    def _apply_changes(self) -> None:
-        """Opens, settings changes and closes queued since the last tick (owner thread only)."""
-        with self._cond:
-            streams = list(self._streams.values())
-        for stream in streams:
-            if stream._close_requested:
-                self._remove(stream, None)
-                continue
+        record.outputs.put(output)
+        if record.on_output is not None:
             try:
-                pending = stream._take_pending()
-                if stream.state is None:
-                    config, prompt, version = pending or (*stream._requested, stream.version)
-                    stream.state = self.states.create(config, prompt, version)
-                elif pending is not None:
-                    self._change(stream, *pending)
-            except Exception as error:  # noqa: BLE001 - e.g. a compiled backend that cannot be built for it
-                self._fail(stream, error)
+                record.on_output(record.stream, output)
+            except Exception as error:  # noqa: BLE001 - the stream's own callback failed
+                self._fail(record, error)
 
-    def _change(self, stream: Stream, config: StreamConfig, prompt: PromptConfig, version: int) -> None:
-        """Apply one validated change to ``stream``, atomically (before the next tick uses its state)."""
-        old = stream.state
+    # -- messages and changes between ticks ------------------------------------------------------------------------
+
+    def _apply_messages(self) -> bool:
+        """The schedule phase's first half (owner thread only): take the inbox's messages into the records, then
+        closes, opens and each stream's newest pending change take effect. False once the stop sentinel came."""
+        if not take_messages(self._records, self._inbox.drain(), self._inbox.release):
+            self._stopping = True
+        for record in list(self._records.values()):
+            if record.closing:
+                self._remove(record, None)
+                continue
+            change, record.pending = record.pending, None
+            try:
+                if record.state is None:
+                    config, prompt, version = (change.config, change.prompt, change.version) if change else (
+                        record.config, record.prompt, 0)
+                    record.set_state(self.states.create(config, prompt, version))
+                elif change is not None:
+                    self._change(record, change)
+            except Exception as error:  # noqa: BLE001 - e.g. a compiled backend that cannot be built for it
+                self._fail(record, error)
+        return not self._stopping
+
+    def _change(self, record: StreamRecord, change: ChangeSettings) -> None:
+        """Apply one validated change to ``record``, atomically (before the next tick uses its state)."""
+        old = record.state
         assert old is not None
-        changed = reshapes(old.config, config)
-        stream.state = self.states.change(old, config, prompt, version)
+        changed = reshapes(old.config, change.config)
+        record.set_state(self.states.change(old, change.config, change.prompt, change.version))
         if changed:
             dropped = old.frames_inside
-            stream.stats.dropped_on_reconfigure += dropped
-            logger.info("%s reconfigured (%s); %d frame(s) inside dropped", stream.name, ", ".join(changed), dropped)
+            record.stats.dropped_on_reconfigure += dropped
+            logger.info("%s reconfigured (%s); %d frame(s) inside dropped", record.name, ", ".join(changed), dropped)
 
-    def _end_drain(self, stream: Stream) -> None:
-        stream._drain_requested = False
-        if stream._close_after_drain:
-            self._remove(stream, None)
-        elif stream.state is not None:
-            stream.state.reset()
+    def _end_drain(self, record: StreamRecord) -> None:
+        record.draining = False
+        if record.close_after_drain:
+            self._remove(record, None)
+        elif record.state is not None:
+            record.state.reset()
 
-    def _fail(self, stream: Stream, error: BaseException) -> None:
-        """End ``stream`` with ``error``; the engine and the other streams go on."""
-        if stream.finished:
+    def _fail(self, record: StreamRecord, error: BaseException) -> None:
+        """End ``record``'s stream with ``error``; the engine and the other streams go on."""
+        if record.finished:
             return
         self.stats.streams_failed += 1
-        logger.error("%s failed and was closed: %s: %s", stream.name, type(error).__name__, error,
+        logger.error("%s failed and was closed: %s: %s", record.name, type(error).__name__, error,
                      exc_info=not isinstance(error, StreamDiffError))
-        self._remove(stream, error)
+        self._remove(record, error)
 
-    def _remove(self, stream: Stream, error: BaseException | None) -> None:
-        with self._cond:
-            known = self._streams.pop(stream.id, None) is not None
-            stream._inputs.clear()
-            self._cond.notify_all()
+    def _remove(self, record: StreamRecord, error: BaseException | None) -> None:
+        known = self._records.pop(record.id, None) is not None
+        record.inputs.clear()
+        record.outputs.finish(error)  # first: a submitter refused below already sees the stream's error
+        self._inbox.forget(record.id)
         if known:
-            self.scheduler.forget(stream.id)
+            self.scheduler.forget(record.id)
             if error is None:
-                logger.info("closed %s (%d frames in, %d out)", stream.name, stream.stats.frames_in,
-                            stream.stats.frames_out)
-        stream._close_requested = True
-        stream._finish(error)
+                logger.info("closed %s (%d frames in, %d out)", record.name, record.stats.frames_in,
+                            record.stats.frames_out)
 
     # -- backends ---------------------------------------------------------------------------------------------------
 

@@ -9,7 +9,6 @@ retried stream by stream to find whose work broke it.
 from __future__ import annotations
 
 import logging
-import threading
 from typing import Any, Callable
 
 import torch
@@ -19,8 +18,10 @@ from ..config import StreamConfig, StreamMode
 from ..core.image import fit_frame, frame_to_tensor, from_model_range, tensor_to_frame, to_model_range
 from ..models import LoadedModel
 from .batch import assemble
+from .inbox import InputFrame
+from .outputs import StreamOutput
+from .records import StreamRecord
 from .state import StreamTask
-from .stream import Stream, StreamOutput
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +32,9 @@ PADDING = type("Padding", (), {"__repr__": lambda self: "PADDING"})()
 class Executor:
     """Runs one tick's work for the chosen streams on the model's engines; see the module docstring.
 
-    ``backends()`` gives the current (U-Net, VAE) engines; ``record_call(rows, padding)`` counts U-Net calls;
-    ``inputs_lock`` guards the streams' input queues; ``fail(stream, error)`` ends one stream.
+    The streams are the engine's :class:`~.records.StreamRecord` s. ``backends()`` gives the current (U-Net, VAE)
+    engines; ``record_call(rows, padding)`` counts U-Net calls; ``take_inputs(stream, n)`` takes a stream's oldest
+    ``n`` input frames (fewer at the end of input); ``fail(stream, error)`` ends one stream.
     """
 
     def __init__(
@@ -41,20 +43,20 @@ class Executor:
         backends: Callable[[], tuple[UNetEngine, VaeEngine]],
         record_call: Callable[[int, int], None],
         batch_vae: bool,
-        inputs_lock: threading.Condition,
-        fail: Callable[[Stream, BaseException], None],
+        take_inputs: Callable[[StreamRecord, int], list[InputFrame]],
+        fail: Callable[[StreamRecord, BaseException], None],
     ) -> None:
         self.model = model
         self.backends = backends
         self.record_call = record_call
         self.batch_vae = batch_vae
-        self._cond = inputs_lock
+        self._take_inputs = take_inputs
         self._fail = fail
 
-    def run(self, calls: list[list[Stream]]) -> dict[Stream, StreamOutput]:
+    def run(self, calls: list[list[StreamRecord]]) -> dict[StreamRecord, StreamOutput]:
         """Execute a tick: ``calls`` lists the streams of each U-Net call (one per bucket). Their outputs."""
-        tasks: dict[Stream, StreamTask] = {}
-        outputs: dict[Stream, StreamOutput] = {}
+        tasks: dict[StreamRecord, StreamTask] = {}
+        outputs: dict[StreamRecord, StreamOutput] = {}
         self._prepare([s for call in calls for s in call], tasks, outputs)
         for call in calls:
             members = [(s, tasks[s]) for s in call if s in tasks]
@@ -63,18 +65,16 @@ class Executor:
         self._finish(tasks, outputs)
         return outputs
 
-    def _prepare(self, streams: list[Stream], tasks: dict[Stream, StreamTask], outputs: dict[Stream, StreamOutput]
-                 ) -> None:
+    def _prepare(self, streams: list[StreamRecord], tasks: dict[StreamRecord, StreamTask],
+                 outputs: dict[StreamRecord, StreamOutput]) -> None:
         """Take each stream's frame group, run its filter and the VAE encoder, and make its task."""
-        to_encode: list[tuple[Stream, torch.Tensor, tuple[Any, ...]]] = []
+        to_encode: list[tuple[StreamRecord, torch.Tensor, tuple[Any, ...]]] = []
         for stream in streams:
             try:
                 state = stream.state
                 assert state is not None
                 f = state.config.frame_buffer_size
-                with self._cond:
-                    group = [stream._inputs.popleft() for _ in range(min(f, len(stream._inputs)))]
-                    self._cond.notify_all()  # lossless submitters waiting for room
+                group = self._take_inputs(stream, f)
                 if not group:  # draining: pad with the newest latents, no output of its own
                     tasks[stream] = state.task(state.last_latents, None)
                     continue
@@ -100,7 +100,7 @@ class Executor:
         for stream in [s for s in tasks if s.finished]:
             tasks.pop(stream)
 
-    def _run_unet(self, members: list[tuple[Stream, StreamTask]], round_index: int) -> None:
+    def _run_unet(self, members: list[tuple[StreamRecord, StreamTask]], round_index: int) -> None:
         """ONE U-Net call over the members' rows; on failure, each member alone (to find whose work fails)."""
         planned = []
         for stream, task in members:
@@ -132,9 +132,9 @@ class Executor:
             except Exception as error:  # noqa: BLE001
                 self._fail(stream, error)
 
-    def _finish(self, tasks: dict[Stream, StreamTask], outputs: dict[Stream, StreamOutput]) -> None:
+    def _finish(self, tasks: dict[StreamRecord, StreamTask], outputs: dict[StreamRecord, StreamOutput]) -> None:
         """Decode what leaves each Stream Batch this tick."""
-        leaving: list[tuple[Stream, torch.Tensor, tuple[Any, ...]]] = []
+        leaving: list[tuple[StreamRecord, torch.Tensor, tuple[Any, ...]]] = []
         for stream, task in tasks.items():
             if stream.finished:
                 continue
@@ -158,7 +158,8 @@ class Executor:
             stream.stats.frames_out += len(output.frame_ids)
             outputs[stream] = output
 
-    def _vae_calls(self, method: str, inputs: list[torch.Tensor], streams: list[Stream]) -> list[torch.Tensor | None]:
+    def _vae_calls(self, method: str, inputs: list[torch.Tensor], streams: list[StreamRecord]
+                   ) -> list[torch.Tensor | None]:
         """``vae.encode``/``decode`` of every input: one call per shape when batching, else one per stream.
 
         A failing batched call is retried per stream; a stream whose own call fails ends (its slot is None).
