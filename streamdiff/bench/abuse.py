@@ -139,13 +139,15 @@ async def _persist(url: str, until: float, settings: dict[str, Any], body: Calla
             outcome.count(outcome.refused, _code(refused))
             await asyncio.sleep(0.2)
             continue
-        except (OSError, asyncio.TimeoutError) as error:
-            outcome.count(outcome.refused, type(error).__name__)
+        except (OSError, asyncio.TimeoutError, WebSocketException) as error:
+            outcome.count(outcome.refused, _code(error))
             await asyncio.sleep(0.2)
             continue
         outcome.connections += 1
-        try:
-            await body(client, outcome)
+        try:  # a send the server no longer reads (TCP pushing back) must not outlast the attack
+            await asyncio.wait_for(body(client, outcome), max(0.01, until - time.perf_counter()))
+        except asyncio.TimeoutError:
+            pass
         except WebSocketException:  # the server closed us mid-send: counted below, then reconnect
             await asyncio.wait_for(client.closed.wait(), 5)
         finally:
@@ -154,7 +156,7 @@ async def _persist(url: str, until: float, settings: dict[str, Any], body: Calla
             outcome.outputs += len(client.outputs)
             if client.closed.is_set():
                 outcome.count(outcome.closes, client.close_code)
-            await client.close()
+            await _close(client)
 
 
 def _code(error: BaseException) -> str:
@@ -162,7 +164,18 @@ def _code(error: BaseException) -> str:
     server_error = getattr(error, "error", None)
     if server_error is not None and getattr(server_error, "code", None):
         return str(server_error.code)
+    response = getattr(error, "response", None)  # an HTTP refusal of the upgrade (503 when over a limit)
+    if response is not None:
+        return str(response.status_code)
     return str(getattr(error, "code", None) or type(error).__name__)
+
+
+async def _close(client: StreamClient) -> None:
+    """Close, or drop the connection when the closing handshake cannot get through a full socket within 1 s."""
+    try:
+        await asyncio.wait_for(client.close(), 1.0)
+    except (asyncio.TimeoutError, WebSocketException):
+        client.ws.transport.abort()
 
 
 def _until(until: float) -> Callable[[StreamClient], bool]:
@@ -240,7 +253,7 @@ async def odd_sizes(url: str, until: float) -> dict[str, Any]:
             served[f"{width}x{height}"] = served.get(f"{width}x{height}", 0) + got
         try:
             client = await StreamClient.connect(url, {"width": 128, "height": 128, "prompt": "odd update"})
-        except ServerRefused as refused:
+        except (ServerRefused, OSError, asyncio.TimeoutError, WebSocketException) as refused:
             outcome.count(outcome.refused, _code(refused))
             continue
         outcome.connections += 1
@@ -258,7 +271,7 @@ async def _one_frame(url: str, settings: dict[str, Any], body: bytes, outcome: O
     """Open a stream, send frames until one output arrives (1) or the stream ends or times out (0)."""
     try:
         client = await StreamClient.connect(url, settings)
-    except ServerRefused as refused:
+    except (ServerRefused, OSError, asyncio.TimeoutError, WebSocketException) as refused:
         outcome.count(outcome.refused, _code(refused))
         return 0
     outcome.connections += 1
@@ -291,11 +304,11 @@ def valid_sizes(count: int = 60, multiple: int = 32, smallest: int = 64, largest
     return sizes[:count]
 
 
-async def size_cycling(url: str, until: float, multiple: int = 32) -> dict[str, Any]:
-    """One stream per distinct valid size (60 of them), a frame each: memory must stay within the bound."""
+async def size_cycling(url: str, until: float, multiple: int = 32, count: int = 60) -> dict[str, Any]:
+    """One stream per distinct valid size (``count`` of them), a frame each: memory must stay within the bound."""
     outcome = Outcome()
     served = 0
-    for width, height in valid_sizes(multiple=multiple):
+    for width, height in valid_sizes(count, multiple=multiple):
         if time.perf_counter() >= until:
             break
         body = encode(pattern_frame(4, width, height), "jpeg", 80)
@@ -357,6 +370,8 @@ class VictimLog:
 
     def window(self, start: float, end: float, victims: int) -> dict[str, float]:
         """Per-victim mean output frames/s and the p95 end-to-end latency between ``start`` and ``end``."""
+        if end <= start:
+            return {"fps": float("nan"), "p95_ms": float("nan")}
         inside = [(t, ms) for t, ms, _ in self.outputs if start <= t < end]
         latencies = sorted(ms for _, ms in inside)
         p95 = latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))] if latencies else float("nan")

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, ProtocolError
 from .limits import ServerLimits
-from .policy import HostPolicy, OriginPolicy, new_token
+from .policy import AddressRates, HostPolicy, OriginPolicy, new_token
 from .settings import StreamSettings, check_caps
 
 if TYPE_CHECKING:
@@ -107,6 +107,8 @@ class Hub:
         self.shutting_down = False
         self.id_prefix = id_prefix
         self._opening: dict[object, tuple[str, Callable[[], bool]]] = {}  # upgraded, session not started yet
+        self._connects = AddressRates(self.limits.max_connects_per_address_per_s,
+                                      self.limits.connect_burst_per_address)
 
     # -- admission ----------------------------------------------------------------------------------------------
 
@@ -132,6 +134,9 @@ class Hub:
         if waiting.count(address) >= limits.max_awaiting_hello_per_address:
             return (f"{limits.max_awaiting_hello_per_address} stream sockets from this address are waiting for their "
                     "hello, the most this server allows")
+        if not self._connects.allow(address):
+            return (f"more than {limits.max_connects_per_address_per_s:g} new stream sockets a second from this "
+                    f"address (bursts of {limits.connect_burst_per_address})")
         self._opening[key] = (address, alive)
         return None
 

@@ -20,7 +20,8 @@ __all__ = ["SERVER_ONLY", "ServerLimits"]
 #: Limits a client does not need to know (left out of ``ready.limits``).
 SERVER_ONLY = frozenset({"max_streams", "max_viewers_per_stream", "handshake_timeout_s", "write_timeout_s",
                          "close_timeout_s", "send_buffer_bytes", "max_queued_messages", "max_awaiting_hello",
-                         "max_awaiting_hello_per_address"})
+                         "max_awaiting_hello_per_address", "max_connects_per_address_per_s",
+                         "connect_burst_per_address"})
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,12 @@ class ServerLimits:
     updates that rebuild the stream's state on the engine (size, frame_buffer_size, number of steps, cfg_type) at
     most ``max_reshape_per_s`` with bursts of ``reshape_burst``. Server-side only: at most ``max_awaiting_hello``
     stream sockets that have not sent their hello yet, ``max_awaiting_hello_per_address`` of them from one client
-    address (more are refused with HTTP 503 before the WebSocket upgrade).
+    address (more are refused with HTTP 503 before the WebSocket upgrade), and at most
+    ``max_connects_per_address_per_s`` new stream sockets a second from one address, with bursts of
+    ``connect_burst_per_address`` (a client that reconnects as fast as it is closed gets 503). Reading: at most
+    ``max_messages_per_s`` messages of any kind per second per connection are read, with bursts of
+    ``message_burst``; beyond that the server reads more slowly (TCP pushes back on the sender) rather than reading
+    and dropping at full speed.
     Images (docs/protocol.md, "Image limits"): decoding one frame may use ``max_decode_ms`` of CPU time (stopped
     there: ``decode_too_slow``; a 1920x1080 JPEG takes 15-25 ms), and one client's decodes at most
     ``max_decode_share`` of one core over the last ``decode_window_s`` seconds (frames beyond it are refused
@@ -87,6 +93,10 @@ class ServerLimits:
     reshape_burst: int = 4
     max_awaiting_hello: int = 64
     max_awaiting_hello_per_address: int = 8
+    max_messages_per_s: float = 120.0
+    message_burst: int = 64
+    max_connects_per_address_per_s: float = 2.0
+    connect_burst_per_address: int = 16
     # images
     max_decode_ms: float = 200.0
     max_decode_share: float = 0.75

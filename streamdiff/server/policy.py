@@ -13,8 +13,8 @@ from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-__all__ = ["ErrorBudget", "HostPolicy", "OriginPolicy", "RateLimiter", "client_address", "is_loopback_origin",
-           "new_token", "origin_allowed"]
+__all__ = ["AddressRates", "ErrorBudget", "HostPolicy", "OriginPolicy", "RateLimiter", "ReadPacer", "client_address",
+           "is_loopback_origin", "new_token", "origin_allowed"]
 
 
 class RateLimiter:
@@ -34,6 +34,42 @@ class RateLimiter:
             self._tokens -= 1.0
             return True
         return False
+
+
+class ReadPacer:
+    """Messages read from one connection: ``rate`` per second on average with bursts of ``burst``. Past that,
+    :meth:`read` says how long the I/O layer should wait before reading the next message, so that a flooding
+    client is slowed by TCP's own flow control instead of costing the server a parse per message at full speed."""
+
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate, self.burst, self._clock = rate, burst, clock
+        self._tokens = float(burst)
+        self._last = clock()
+
+    def read(self) -> float:
+        """Count one message read now; the seconds to wait before reading the next (0 within the budget)."""
+        now = self._clock()
+        self._tokens = min(self.burst, self._tokens + max(0.0, now - self._last) * self.rate) - 1.0
+        self._last = now
+        return 0.0 if self._tokens >= 0 else -self._tokens / self.rate
+
+
+class AddressRates:
+    """A :class:`RateLimiter` per client address, for at most ``capacity`` addresses (the least recently seen are
+    forgotten first: a forgotten address starts again with a full bucket, which only ever errs towards admitting)."""
+
+    def __init__(self, rate: float, burst: int, capacity: int = 4096,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate, self.burst, self.capacity, self._clock = rate, burst, capacity, clock
+        self._limiters: collections.OrderedDict[str, RateLimiter] = collections.OrderedDict()
+
+    def allow(self, address: str) -> bool:
+        """Take one token of ``address``'s bucket if there is one."""
+        limiter = self._limiters.pop(address, None) or RateLimiter(self.rate, self.burst, self._clock)
+        self._limiters[address] = limiter
+        while len(self._limiters) > self.capacity:
+            self._limiters.popitem(last=False)
+        return limiter.allow()
 
 
 class ErrorBudget:

@@ -35,7 +35,7 @@ from typing import Any
 from ..errors import ConfigError, ImageError, ProtocolError, StreamDiffError
 from .images import ImageFormat
 from .limits import ServerLimits
-from .policy import ErrorBudget, RateLimiter
+from .policy import ErrorBudget, RateLimiter, ReadPacer
 from .settings import SETTING_FIELDS, StreamSettings, apply_settings, check_caps, engine_changes
 from .wire import (
     PROTOCOL_VERSION,
@@ -171,16 +171,24 @@ class ServerConnection:
         self._budget = ErrorBudget(self.limits.max_errors, self.limits.error_window_s, clock)
         self._control = RateLimiter(self.limits.max_control_per_s, self.limits.control_burst, clock)
         self._reshape = RateLimiter(self.limits.max_reshape_per_s, self.limits.reshape_burst, clock)
+        self._reads = ReadPacer(self.limits.max_messages_per_s, self.limits.message_burst, clock)
+        self._read_delay = 0.0
 
     def __repr__(self) -> str:  # never shows the token
         return f"<ServerConnection {self.state.value} stream_id={self.stream_id!r}>"
 
     # -- input ------------------------------------------------------------------------------------------------
 
+    def read_delay(self) -> float:
+        """Seconds the I/O layer should wait before reading this connection's next message: 0 while the client
+        stays within ``max_messages_per_s``; beyond, reading slows to that rate (the sender is pushed back by TCP)."""
+        return self._read_delay
+
     def receive_text(self, text: str) -> list[Event]:
         """Handle one text message (hello or update); returns the events it causes."""
         if self.state is ConnectionState.CLOSED:
             return []
+        self._read_delay = self._reads.read()
         self._received()
         size = len(text.encode("utf-8", "surrogatepass"))
         if size > self.limits.max_text_bytes:
@@ -221,6 +229,7 @@ class ServerConnection:
         """Handle one binary message (an input frame); returns ``[Frame]``, ``[]`` (rate-limited) or errors."""
         if self.state is ConnectionState.CLOSED:
             return []
+        self._read_delay = self._reads.read()
         self._received()
         if len(data) > self.limits.max_message_bytes:
             return self._error(ProtocolError(

@@ -155,7 +155,9 @@ class StreamSession:
             received = time.perf_counter()
             events = conn.receive_text(message) if isinstance(message, str) else conn.receive_bytes(message)
             await self._execute(events, received)
-            await asyncio.sleep(0)  # one message per turn: the socket's backlog never holds the loop for long
+            # One message per turn, so the socket's backlog never holds the loop; past max_messages_per_s, wait
+            # before reading on (the library stops reading the socket once max_queued_messages wait: TCP pushes back).
+            await asyncio.sleep(conn.read_delay())
         await self._drain()
 
     async def _drain(self) -> None:

@@ -61,3 +61,18 @@ def test_origin_policy_exact_match_loopback_and_any() -> None:
     assert listed.allows("https://studio.example") and not listed.allows("https://studio.example:444")
     assert not listed.allows("http://127.0.0.1:8765") and not listed.allows("https://studio.example.evil")
     assert OriginPolicy.of(["*"], allow_loopback=False).allows("https://anything.example")
+
+
+def test_address_rates_limit_each_address_apart_and_forget_the_least_recent() -> None:
+    from server_helpers import FakeClock
+
+    from streamdiff.server.policy import AddressRates
+
+    clock = FakeClock()
+    rates = AddressRates(rate=2.0, burst=3, capacity=2, clock=clock)
+    assert [rates.allow("a") for _ in range(4)] == [True, True, True, False]  # the burst, then refused
+    assert rates.allow("b")  # another address has its own bucket
+    clock.advance(0.5)
+    assert rates.allow("a") and not rates.allow("a")  # refilled at 2 a second
+    rates.allow("c")  # a third address: the least recently seen ("b") is forgotten, "a" is kept
+    assert not rates.allow("a")

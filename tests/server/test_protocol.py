@@ -807,3 +807,20 @@ def test_doc_worked_example_is_what_the_code_sends() -> None:
     events = ServerConnection(token="s3cret").receive_text(re.search(r"^C> (\{.*\})$", wrong, re.M).group(1))
     assert json.loads(events[0].data) == json.loads(re.search(r"^S> (\{.*\})$", wrong, re.M).group(1))
     assert f'S> close {events[1].code.value} "{events[1].reason}"' in wrong
+
+
+def test_reading_slows_to_max_messages_per_s_after_a_burst() -> None:
+    clock = FakeClock()
+    conn = ServerConnection(ServerLimits(max_messages_per_s=100.0, message_burst=4), clock=clock)
+    _hello(conn)
+    delays = []
+    for _ in range(6):  # five more messages at the same instant: the burst (4 with the hello) is spent
+        conn.receive_bytes(b"\x00")
+        delays.append(conn.read_delay())
+    assert delays == pytest.approx([0.0, 0.0, 0.0, 0.01, 0.02, 0.03])
+    clock.advance(0.03)  # the client waited as told: reading is back within the budget
+    conn.receive_bytes(b"\x00")
+    assert conn.read_delay() == pytest.approx(0.01)
+    clock.advance(1.0)
+    conn.receive_bytes(b"\x00")
+    assert conn.read_delay() == 0.0
