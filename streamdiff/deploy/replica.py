@@ -67,8 +67,10 @@ class StreamReplica:
 
     @ingress.websocket(STREAM_PATH)
     async def stream(self, websocket: WebSocket) -> None:
-        await self._accept(websocket)
+        if not await self._accept(websocket):
+            return
         session = StreamSession(self.hub, StarletteTransport(websocket))
+        self.hub.connection_started(websocket)  # the session counts itself from here on
         self._requests[session] = serve_context._get_serve_request_context()._internal_request_id
         try:
             await session.run()
@@ -77,7 +79,8 @@ class StreamReplica:
 
     @ingress.websocket("/ws/view/{token}")
     async def view(self, websocket: WebSocket, token: str) -> None:
-        await self._accept(websocket)
+        if not await self._accept(websocket):
+            return
         await ViewerSession(self.hub, StarletteTransport(websocket), unquote(token)).run()
 
     @ingress.get("/{path:path}")
@@ -90,9 +93,21 @@ class StreamReplica:
         headers["X-Streamdiff-Replica"] = self.tag
         return Response(reply.body, status_code=reply.status, media_type=reply.content_type, headers=headers)
 
-    async def _accept(self, websocket: WebSocket) -> None:
+    async def _accept(self, websocket: WebSocket) -> bool:
+        """Upgrade, unless the server's one decision (:meth:`Hub.upgrade_reply`: Host, query string, admission
+        caps) refuses it: then the handshake is denied (HTTP 403 from the ASGI server; the reason is logged)."""
+        from starlette.websockets import WebSocketState
+
+        target = websocket.url.path + (f"?{websocket.url.query}" if websocket.url.query else "")
+        address = websocket.client.host if websocket.client else "?"
+        refused = self.hub.upgrade_reply(target, self.static, websocket.headers, websocket, address,
+                                         lambda: websocket.client_state is not WebSocketState.DISCONNECTED)
+        if refused is not None:
+            await websocket.close(code=1008 if refused.status != 503 else 1013)
+            return False
         offered = websocket.scope.get("subprotocols") or []
         await websocket.accept(subprotocol=SUBPROTOCOL if SUBPROTOCOL in offered else None)
+        return True
 
     # -- what Ray Serve asks --------------------------------------------------------------------------------------
 

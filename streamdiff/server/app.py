@@ -28,7 +28,7 @@ from urllib.parse import unquote, urlsplit
 
 from ..errors import missing_extra
 from .hub import Hub, ServerConfig
-from .routes import HttpReply, StaticFiles, route
+from .routes import HttpReply, StaticFiles
 from .session import StreamSession
 from .transport import WebsocketsTransport
 from .viewing import ViewerSession
@@ -113,17 +113,13 @@ class StreamServer:
     # -- websockets glue ------------------------------------------------------------------------------------------
 
     def _process_request(self, connection: Any, request: Any) -> Any:
-        assert self.hub is not None
-        reply = route(request.path, self.static, self.hub, request.headers)
-        if reply is None and urlsplit(request.path).path == STREAM_PATH:  # admission before the upgrade
-            from websockets.protocol import State
+        from websockets.protocol import State
 
-            remote = connection.remote_address
-            address = str(remote[0]) if isinstance(remote, tuple) and remote else "?"
-            refused = self.hub.admit_connection(connection, address, lambda: connection.state is not State.CLOSED)
-            if refused is not None:
-                logger.info("stream socket from %s refused (503): %s", address, refused)
-                reply = HttpReply(503, f"{refused}; try again later\n".encode(), headers=(("Retry-After", "1"),))
+        assert self.hub is not None
+        remote = connection.remote_address
+        address = str(remote[0]) if isinstance(remote, tuple) and remote else "?"
+        reply = self.hub.upgrade_reply(request.path, self.static, request.headers, connection, address,
+                                       lambda: connection.state is not State.CLOSED)
         return None if reply is None else _response(reply)
 
     async def _handler(self, connection: Any) -> None:

@@ -20,11 +20,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from ..errors import ConfigError, ProtocolError
 from .limits import ServerLimits
 from .policy import AddressRates, HostPolicy, OriginPolicy, new_token
+from .routes import HttpReply, route
 from .settings import StreamSettings, check_caps
+from .wire import STREAM_PATH
 
 if TYPE_CHECKING:
     from .metrics import ServerMetrics
@@ -139,6 +142,20 @@ class Hub:
                     f"address (bursts of {limits.connect_burst_per_address})")
         self._opening[key] = (address, alive)
         return None
+
+    def upgrade_reply(self, target: str, static: Any, headers: Any, key: object, address: str,
+                      alive: Callable[[], bool]) -> HttpReply | None:
+        """What to answer a request for ``target`` instead of upgrading it to a WebSocket (None: upgrade). The one
+        decision of every front end: :func:`~.routes.route` (pages, probes, Host, query strings), then, for a
+        stream socket, :meth:`admit_connection` (503 with ``Retry-After`` when over a limit)."""
+        reply = route(target, static, self, headers)
+        if reply is not None or urlsplit(target).path != STREAM_PATH:
+            return reply
+        refused = self.admit_connection(key, address, alive)
+        if refused is None:
+            return None
+        logger.info("stream socket from %s refused (503): %s", address, refused)
+        return HttpReply(503, f"{refused}; try again later\n".encode(), headers=(("Retry-After", "1"),))
 
     def connection_started(self, key: object) -> None:
         """The socket held by :meth:`admit_connection` has its session now (which counts itself until its hello)."""
