@@ -15,7 +15,7 @@
 
 Modules: ``engine`` (StreamEngine: the worker that owns the model), ``stream`` (Stream handles and outputs),
 ``scheduler`` (pure batching policy), ``batch`` (assembling and splitting a call), ``state`` (per-stream numerics), ``execute`` (the execute phase of a tick), ``changes`` (applying settings to states),
-``limits`` (EngineConfig, EngineStats).
+``limits`` (EngineConfig, EngineStats), ``shapes`` (the frame sizes an engine runs: SizeRule).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from __future__ import annotations
 from .engine import StreamEngine
 from .limits import SINGLE_STREAM, EngineConfig, EngineStats
 from .scheduler import Call, Demand, Scheduler, TickPlan
+from .shapes import SizeRule
 from .state import StreamStats
 from .stream import Stream, StreamOutput
 
@@ -33,6 +34,7 @@ __all__ = [
     "EngineConfig",
     "EngineStats",
     "Scheduler",
+    "SizeRule",
     "Stream",
     "StreamEngine",
     "StreamOutput",
