@@ -27,7 +27,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from ..errors import ConfigError, EngineBuildError, missing_extra
+from ..errors import ConfigError, EngineBuildError, StreamDiffError, missing_extra
 from .keys import Component, ShapeRange
 
 logger = logging.getLogger(__name__)
@@ -287,7 +287,14 @@ class OvUNet:
         self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
     ) -> torch.Tensor:
         projection = self.time_proj(timestep.to(torch.float32)).to(torch.float32)  # [B, P], never bfloat16
-        return self.model.run(sample, projection, encoder_hidden_states).to(sample.device, sample.dtype)
+        out = self.model.run(sample, projection, encoder_hidden_states)
+        if out.shape != sample.shape:
+            # Seen with one inference thread: a latent the traced graph cannot run (not a multiple of the U-Net's
+            # down factor) returned the previous call's output instead of raising.
+            self.model.failed = True
+            raise StreamDiffError(f"the OpenVINO U-Net returned {tuple(out.shape)} for a sample of "
+                                  f"{tuple(sample.shape)}: a latent size its graph cannot run")
+        return out.to(sample.device, sample.dtype)
 
 
 class OvVae:
