@@ -23,3 +23,20 @@ class VaeEngine(Protocol):
     def encode(self, images: torch.Tensor) -> torch.Tensor: ...
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class Recoverable(Protocol):
+    """An engine (U-Net or VAE) with per-shape state that a failed call can leave broken.
+
+    ``recover()`` restores it; the multi-stream engine calls it after any failed call, before the next call or
+    retry. A no-op when the last call succeeded. Engines without such state (eager torch) need not have it.
+    """
+
+    def recover(self) -> None: ...
+
+
+def recover(engine: object) -> None:
+    """``engine.recover()`` when the engine has one (see :class:`Recoverable`)."""
+    if isinstance(engine, Recoverable):
+        engine.recover()

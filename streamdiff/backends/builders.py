@@ -46,10 +46,10 @@ class BuildStep:
 
 
 def spatial_multiple(model: LoadedModel, component: Component) -> int:
-    """Image sides must be multiples of this: the VAE factor, times 2^(levels−1) for the U-Net."""
+    """Image sides must be multiples of this: the VAE factor, times the U-Net's down factor for the U-Net."""
     factor = model.vae_scale_factor
     if component is Component.UNET:
-        return factor * 2 ** (len(model.unet.config.block_out_channels) - 1)
+        return factor * model.unet_down_factor
     return factor
 
 

@@ -113,10 +113,13 @@ def create_engines(
     model: LoadedModel,
     shapes: EngineShapes | StreamConfig,
     options: EngineOptions | None = None,
+    *,
+    max_shapes: int | None = None,
 ) -> tuple[UNetEngine, VaeEngine]:
     """The U-Net and VAE engines of backend ``kind`` for ``model``, serving ``shapes`` (or one stream's config).
 
-    Compiled backends build their missing cache entries first (logged; once per configuration).
+    Compiled backends build their missing cache entries first (logged; once per configuration). ``max_shapes``:
+    frame sizes whose per-shape state an OpenVINO or ONNX Runtime engine keeps (None: their default).
     """
     options = options or EngineOptions()
     shapes = engine_shapes(shapes, options)
@@ -141,8 +144,9 @@ def create_engines(
     if kind is BackendKind.OPENVINO:
         from .openvino_backend import OvUNet, OvVae, hand_cores_to_openvino, warm_up
 
-        ov_unet = OvUNet(paths[Component.UNET], model.unet.time_proj, model.dtype)
-        ov_vae = OvVae(paths[Component.VAE_ENCODER], paths[Component.VAE_DECODER], model.dtype)
+        bound = {} if max_shapes is None else {"max_shapes": max_shapes}
+        ov_unet = OvUNet(paths[Component.UNET], model.unet.time_proj, model.dtype, **bound)
+        ov_vae = OvVae(paths[Component.VAE_ENCODER], paths[Component.VAE_DECODER], model.dtype, **bound)
         hand_cores_to_openvino()
         warm_up(ov_unet, ov_vae, model, shapes)
         return ov_unet, ov_vae
@@ -151,6 +155,9 @@ def create_engines(
         from .onnxruntime_backend import OrtUNet, OrtVae
 
         session = onnxruntime_session_options(model, options, keys)
+        if max_shapes is not None:
+            for component_options in session.values():
+                component_options["max_shapes"] = max_shapes
         engines = OrtUNet(paths[Component.UNET], model.device, **session[Component.UNET]), OrtVae(
             paths[Component.VAE_ENCODER], paths[Component.VAE_DECODER], model.device,
             encoder=session[Component.VAE_ENCODER], decoder=session[Component.VAE_DECODER],

@@ -15,6 +15,7 @@ stream before the run; torch's stream waits for it after. The IO-binding path is
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -114,8 +115,17 @@ def provider_options(
     return chosen + [(CPU_EP, {})]
 
 
+DEFAULT_MAX_SHAPES = 8
+SHRINK_ARENA = "memory.enable_memory_arena_shrinkage"
+
+
 class OrtSession:
     """One ``InferenceSession`` with a single output: ``run({name: tensor}) -> tensor`` (in the graph's type).
+
+    The session's memory arena grows to the largest shapes it has run and keeps that memory. Beyond ``max_shapes``
+    frame sizes (the spatial sides of the inputs) and after a failed call, the next run shrinks the arena back to
+    what that run needs (``memory.enable_memory_arena_shrinkage``); nothing else is kept per shape (IO bindings are
+    made per call).
 
     ``io_binding``: run through IO binding (always on CUDA; on the CPU when True, which tests use). ``providers``:
     provider names in order of preference (CUDA devices). ``tensorrt_cache``/``profile``/``graph_dtype`` (the type
@@ -134,7 +144,15 @@ class OrtSession:
         profile: Sequence[Any] = (),
         graph_dtype: torch.dtype = torch.float32,
         cuda: TorchCuda | None = None,
+        max_shapes: int = DEFAULT_MAX_SHAPES,
     ) -> None:
+        if max_shapes < 1:
+            raise ConfigError(f"max_shapes={max_shapes} must be >= 1", field="max_shapes", value=max_shapes,
+                              allowed=">= 1")
+        self.max_shapes = max_shapes
+        self.sizes: OrderedDict[tuple[tuple[int, ...], ...], None] = OrderedDict()  # frame sizes since the shrink
+        self.shrink_next = False
+        self.shrinks = 0
         ort = import_onnxruntime()
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -168,16 +186,44 @@ class OrtSession:
             logger.info("ONNX Runtime runs %s with %s", Path(path).parent.name, ", ".join(self.providers))
         self.io_binding = self.on_gpu if io_binding is None else bool(io_binding or self.on_gpu)
 
+    def recover(self) -> None:
+        """After a failed call: the next run starts from a shrunk arena (nothing else outlives a call)."""
+        self.shrink_next = True
+
+    def _run_options(self, feeds: dict[str, torch.Tensor]) -> Any:
+        """The RunOptions of this call: None, or one that shrinks the arena (a new size beyond the bound)."""
+        size = tuple(tuple(t.shape[2:]) for t in feeds.values() if t.ndim == 4)
+        if size in self.sizes:
+            self.sizes.move_to_end(size)
+        else:
+            if len(self.sizes) >= self.max_shapes:
+                self.sizes.clear()
+                self.shrink_next = True
+            self.sizes[size] = None
+        if not self.shrink_next:
+            return None
+        self.shrink_next = False
+        self.shrinks += 1
+        options = import_onnxruntime().RunOptions()
+        device = self.device if self.on_gpu else torch.device("cpu")
+        options.add_run_config_entry(SHRINK_ARENA, f"{'gpu' if device.type == 'cuda' else 'cpu'}:{device.index or 0}")
+        return options
+
     def run(self, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
         """Inputs (any float type; cast to the graph's) → the output, on the session's device."""
-        if self.io_binding:
-            return self._run_bound(feeds)
-        arrays = {name: feeds[name].detach().to("cpu", self.input_types[name][0]).contiguous().numpy()
-                  for name in self.input_names}
-        out = self.session.run([self.output_name], arrays)[0]
+        run_options = self._run_options(feeds)
+        try:
+            if self.io_binding:
+                return self._run_bound(feeds, run_options)
+            arrays = {name: feeds[name].detach().to("cpu", self.input_types[name][0]).contiguous().numpy()
+                      for name in self.input_names}
+            out = self.session.run([self.output_name], arrays, run_options)[0]
+        except Exception:
+            self.recover()
+            raise
         return torch.from_numpy(np.ascontiguousarray(out))
 
-    def _run_bound(self, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _run_bound(self, feeds: dict[str, torch.Tensor], run_options: Any = None) -> torch.Tensor:
         """IO binding: inputs bound in place, the output allocated by ONNX Runtime and taken over by torch (DLPack)."""
         target = self.device if self.on_gpu else torch.device("cpu")
         device_type, device_id = target.type, target.index or 0
@@ -190,11 +236,11 @@ class OrtSession:
             binding.bind_input(name, device_type, device_id, np_dtype, tuple(tensor.shape), tensor.data_ptr())
         binding.bind_output(self.output_name, device_type, device_id)
         if self.stream is None or not self.on_gpu:
-            self.session.run_with_iobinding(binding)
+            self.session.run_with_iobinding(binding, run_options)
             return torch.from_dlpack(binding.get_outputs()[0])
         current = self.cuda.current_stream(self.device)
         self.cuda.wait(self.stream, current)  # the inputs, made on torch's stream, are complete before the run
-        self.session.run_with_iobinding(binding)
+        self.session.run_with_iobinding(binding, run_options)
         out = torch.from_dlpack(binding.get_outputs()[0])
         self.cuda.wait(current, self.stream)  # torch's later work on the output comes after the run
         del kept  # run_with_iobinding returned: the session no longer reads the inputs
@@ -206,6 +252,10 @@ class OrtUNet:
 
     def __init__(self, path: Path | str, device: torch.device, **session: Any) -> None:
         self.session = OrtSession(path, device, **session)
+
+    def recover(self) -> None:
+        """Before the next call after a failed one (see :class:`OrtSession`)."""
+        self.session.recover()
 
     def __call__(
         self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
@@ -227,6 +277,11 @@ class OrtVae:
                  **session: Any) -> None:
         self.encoder = OrtSession(encoder_path, device, **{**session, **(encoder or {})})
         self.decoder = OrtSession(decoder_path, device, **{**session, **(decoder or {})})
+
+    def recover(self) -> None:
+        """Before the next call after a failed one (see :class:`OrtSession`)."""
+        self.encoder.recover()
+        self.decoder.recover()
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         return self.encoder.run({"images": images}).to(images.device, images.dtype)

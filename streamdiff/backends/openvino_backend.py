@@ -17,15 +17,17 @@ inside. Measured speeds: docs/PERF.md ("OpenVINO").
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import warnings
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import torch
 
-from ..errors import ConfigError, EngineBuildError, missing_extra
+from ..errors import ConfigError, EngineBuildError, StreamDiffError, missing_extra
 from .keys import Component, ShapeRange
 
 logger = logging.getLogger(__name__)
@@ -173,19 +175,52 @@ def example_inputs(component: Component, spec: Any, shapes: ShapeRange, unet: to
     return inputs
 
 
-class OvModel:
-    """One imported compiled model with a single output: ``run(*tensors) -> tensor`` (float32, CPU)."""
+DEFAULT_MAX_SHAPES = 8
 
-    def __init__(self, path: Path | str, dtype: torch.dtype, threads: int | None = None) -> None:
+
+class OvModel:
+    """One imported compiled model with a single output: ``run(*tensors) -> tensor`` (float32, CPU).
+
+    The CPU plugin keeps per-shape state inside a compiled model (kernels, buffers, shape-inference results) that it
+    never gives back, and a call whose shape inference fails leaves that state inconsistent: later calls at other
+    shapes fail too, even on a new infer request. Both are undone only by importing the blob again, so: after a
+    failed call :meth:`recover` re-imports it (the engine calls it before the next call), and beyond ``max_shapes``
+    frame sizes (the spatial sides of the inputs; batch sizes do not count) it is re-imported before the new size
+    runs, which releases what every earlier size held.
+    """
+
+    def __init__(self, path: Path | str, dtype: torch.dtype, threads: int | None = None,
+                 max_shapes: int = DEFAULT_MAX_SHAPES) -> None:
+        if max_shapes < 1:
+            raise ConfigError(f"max_shapes={max_shapes} must be >= 1", field="max_shapes", value=max_shapes,
+                              allowed=">= 1")
+        self.path, self.dtype, self.threads, self.max_shapes = Path(path), dtype, threads, max_shapes
+        self.sizes: OrderedDict[tuple[tuple[int, ...], ...], None] = OrderedDict()  # frame sizes run since import
+        self.imports = 0
+        self.failed = False  # the last call raised: the compiled model must be imported again
+        self._import()
+        partial = [i.get_partial_shape() for i in self.compiled.inputs]
+        self.static_shapes = [tuple(p.to_shape()) for p in partial] if all(p.is_static for p in partial) else None
+
+    def _import(self) -> None:
         ov = import_openvino()
+        self.request = self.compiled = None  # the old model's memory goes before the new one is made
         try:
-            compiled = ov.Core().import_model(Path(path).read_bytes(), "CPU", compile_config(dtype, threads))
+            compiled = ov.Core().import_model(self.path.read_bytes(), "CPU", compile_config(self.dtype, self.threads))
         except Exception as error:  # noqa: BLE001 - reported with the file that failed
-            raise EngineBuildError(f"OpenVINO cannot load {path}: {type(error).__name__}: {error}") from error
+            raise EngineBuildError(f"OpenVINO cannot load {self.path}: {type(error).__name__}: {error}") from error
         self.compiled = compiled
         self.request = compiled.create_infer_request()
-        partial = [i.get_partial_shape() for i in compiled.inputs]
-        self.static_shapes = [tuple(p.to_shape()) for p in partial] if all(p.is_static for p in partial) else None
+        self.sizes.clear()
+        self.failed = False
+        self.imports += 1
+        release_freed_memory()
+
+    def recover(self) -> None:
+        """After a failed call: import the compiled model again (its per-shape state may be broken). Else nothing."""
+        if self.failed:
+            logger.info("OpenVINO %s: importing the compiled model again after a failed call", self.path.parent.name)
+            self._import()
 
     @property
     def precision(self) -> str:
@@ -193,39 +228,87 @@ class OvModel:
         value = self.compiled.get_property("INFERENCE_PRECISION_HINT")
         return str(value.to_string() if hasattr(value, "to_string") else value)
 
+    def _admit(self, tensors: tuple[torch.Tensor, ...]) -> None:
+        """Count the call's frame size; a new size beyond ``max_shapes`` first re-imports the model."""
+        size = tuple(tuple(t.shape[2:]) for t in tensors if t.ndim == 4)
+        if size in self.sizes:
+            self.sizes.move_to_end(size)
+            return
+        if len(self.sizes) >= self.max_shapes:
+            logger.info("OpenVINO %s: %d frame sizes ran; importing the compiled model again to release their "
+                        "state", self.path.parent.name, len(self.sizes))
+            self._import()
+        self.sizes[size] = None
+
     def run(self, *tensors: torch.Tensor) -> torch.Tensor:
         if self.static_shapes is not None and [tuple(t.shape) for t in tensors] != self.static_shapes:
             raise ConfigError(
                 f"the OpenVINO engine was compiled for inputs {self.static_shapes}, got "
                 f"{[tuple(t.shape) for t in tensors]}. Rebuild the pipeline for the new configuration."
             )
+        if self.failed:
+            self.recover()
+        self._admit(tensors)
         arrays = [t.detach().to("cpu", torch.float32).contiguous().numpy() for t in tensors]
-        self.request.infer(arrays, share_inputs=True, share_outputs=True)
+        try:
+            self.request.infer(arrays, share_inputs=True, share_outputs=True)
+        except Exception:
+            self.failed = True
+            raise
         out = self.request.get_output_tensor(0).data  # the request's own buffer, reused by the next call
         return torch.from_numpy(np.array(out, copy=True))
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by native code back to the system (glibc ``malloc_trim``); nothing elsewhere."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    trim = getattr(libc, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 class OvUNet:
     """A :class:`~streamdiff.backends.base.UNetEngine` on a compiled OpenVINO U-Net (float32 time embedding)."""
 
-    def __init__(self, path: Path | str, time_proj: torch.nn.Module, dtype: torch.dtype) -> None:
-        self.model = OvModel(path, dtype)
+    def __init__(self, path: Path | str, time_proj: torch.nn.Module, dtype: torch.dtype,
+                 max_shapes: int = DEFAULT_MAX_SHAPES) -> None:
+        self.model = OvModel(path, dtype, max_shapes=max_shapes)
         self.time_proj = time_proj
+
+    def recover(self) -> None:
+        """Undo a failed call's damage before the next call (see :class:`OvModel`)."""
+        self.model.recover()
 
     @torch.inference_mode()
     def __call__(
         self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
     ) -> torch.Tensor:
         projection = self.time_proj(timestep.to(torch.float32)).to(torch.float32)  # [B, P], never bfloat16
-        return self.model.run(sample, projection, encoder_hidden_states).to(sample.device, sample.dtype)
+        out = self.model.run(sample, projection, encoder_hidden_states)
+        if out.shape != sample.shape:
+            # Seen with one inference thread: a latent the traced graph cannot run (not a multiple of the U-Net's
+            # down factor) returned the previous call's output instead of raising.
+            self.model.failed = True
+            raise StreamDiffError(f"the OpenVINO U-Net returned {tuple(out.shape)} for a sample of "
+                                  f"{tuple(sample.shape)}: a latent size its graph cannot run")
+        return out.to(sample.device, sample.dtype)
 
 
 class OvVae:
     """A :class:`~streamdiff.backends.base.VaeEngine` on compiled OpenVINO encoder and decoder."""
 
-    def __init__(self, encoder_path: Path | str, decoder_path: Path | str, dtype: torch.dtype) -> None:
-        self.encoder = OvModel(encoder_path, dtype)
-        self.decoder = OvModel(decoder_path, dtype)
+    def __init__(self, encoder_path: Path | str, decoder_path: Path | str, dtype: torch.dtype,
+                 max_shapes: int = DEFAULT_MAX_SHAPES) -> None:
+        self.encoder = OvModel(encoder_path, dtype, max_shapes=max_shapes)
+        self.decoder = OvModel(decoder_path, dtype, max_shapes=max_shapes)
+
+    def recover(self) -> None:
+        """Undo a failed call's damage before the next call (see :class:`OvModel`)."""
+        self.encoder.recover()
+        self.decoder.recover()
 
     @torch.inference_mode()
     def encode(self, images: torch.Tensor) -> torch.Tensor:

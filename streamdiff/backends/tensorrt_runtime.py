@@ -104,6 +104,7 @@ class TrtEngine:
             self.scratch = self.cuda.empty((scratch_bytes,), torch.uint8, device)
         self.slots: OrderedDict[Shapes, ShapeSlot] = OrderedDict()
         self.evictions = 0
+        self.failed: Shapes | None = None  # the input shapes of the last call, when it raised
 
     # -- shape slots ------------------------------------------------------------------------------------------------
 
@@ -160,6 +161,17 @@ class TrtEngine:
         self.evictions += 1
         logger.debug("TensorRT %s: freed shape slot %s", self.path.parent.name, slot.shapes)
 
+    def recover(self) -> None:
+        """After a failed call: free the slot of its shapes (context, buffers, half-captured graph), if it has one.
+
+        The next call at those shapes makes a fresh slot; the other shapes' slots were never touched.
+        """
+        shapes, self.failed = self.failed, None
+        slot = self.slots.pop(shapes, None) if shapes is not None else None
+        if slot is not None:
+            self._free(slot)
+            logger.info("TensorRT %s: dropped the shape slot %s after a failed call", self.path.parent.name, shapes)
+
     # -- running ----------------------------------------------------------------------------------------------------
 
     def _enqueue(self, slot: ShapeSlot) -> None:
@@ -182,19 +194,25 @@ class TrtEngine:
         copies, the run and the graph replay go on the engine stream, and the caller's stream waits for it.
         """
         shapes = tuple(tuple(int(d) for d in feeds[name].shape) for name in self.inputs)
+        if self.failed is not None:
+            self.recover()
         current = self.cuda.current_stream(self.device)
         self.cuda.wait(self.stream, current)
-        with self.cuda.use(self.stream):
-            slot = self._slot(shapes)
-            for name in self.inputs:
-                slot.tensors[name].copy_(feeds[name])
-            if slot.graph is not None:
-                self.cuda.replay(slot.graph)
-            else:
-                self._enqueue(slot)
-                slot.calls += 1
-                if self.cuda_graph and slot.calls >= 2:
-                    self._capture(slot)
+        try:
+            with self.cuda.use(self.stream):
+                slot = self._slot(shapes)
+                for name in self.inputs:
+                    slot.tensors[name].copy_(feeds[name])
+                if slot.graph is not None:
+                    self.cuda.replay(slot.graph)
+                else:
+                    self._enqueue(slot)
+                    slot.calls += 1
+                    if self.cuda_graph and slot.calls >= 2:
+                        self._capture(slot)
+        except Exception:
+            self.failed = shapes
+            raise
         self.cuda.wait(current, self.stream)
         return {name: slot.tensors[name] for name in self.outputs}
 
@@ -205,6 +223,10 @@ class TrtUNet:
     def __init__(self, path: Path | str, device: torch.device, cuda_graph: bool = False, **kwargs: Any) -> None:
         kwargs.setdefault("max_shapes", UNET_MAX_SHAPES)
         self.engine = TrtEngine(path, device, cuda_graph, **kwargs)
+
+    def recover(self) -> None:
+        """Before the next call after a failed one (see :meth:`TrtEngine.recover`)."""
+        self.engine.recover()
 
     def __call__(
         self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
@@ -227,6 +249,11 @@ class TrtVae:
                  cuda_graph: bool = False, **kwargs: Any) -> None:
         self.encoder = TrtEngine(encoder_path, device, cuda_graph, **kwargs)
         self.decoder = TrtEngine(decoder_path, device, cuda_graph, **kwargs)
+
+    def recover(self) -> None:
+        """Before the next call after a failed one (see :meth:`TrtEngine.recover`)."""
+        self.encoder.recover()
+        self.decoder.recover()
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         out = self.encoder.infer({"images": images.to(self.encoder.dtypes["images"])})

@@ -307,12 +307,24 @@ class ModelOptions:
 
         return engine_steps(self.backend, model, config, self.engine)
 
-    def stream_engine(self, max_streams: int, max_batch_rows: int) -> StreamEngine:
-        """Load the model into a :class:`~streamdiff.engine.StreamEngine` (not started) for this many streams."""
+    def stream_engine(self, max_streams: int, max_batch_rows: int,
+                      sizes: tuple[tuple[int, int], ...] | None = None) -> StreamEngine:
+        """Load the model into a :class:`~streamdiff.engine.StreamEngine` (not started) for this many streams.
+
+        ``sizes``: the only frame sizes its streams may use (None: every size the model and backend run).
+        """
         from ..engine import EngineConfig, StreamEngine
 
-        return StreamEngine(self.load(), EngineConfig(max_streams=max_streams, max_batch_rows=max_batch_rows),
-                            backend=self.backend, engine_options=self.engine)
+        config = EngineConfig(max_streams=max_streams, max_batch_rows=max_batch_rows, sizes=sizes)
+        return StreamEngine(self.load(), config, backend=self.backend, engine_options=self.engine)
+
+
+def parse_sizes(value: Any) -> tuple[tuple[int, int], ...] | None:
+    """``--sizes 256,320x240,512`` (or a TOML list) as (width, height) pairs; None or empty: no list."""
+    if value is None or value == "" or value == ():
+        return None
+    entries = [v for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
+    return tuple(dict.fromkeys(parse_size(entry, "sizes entry") for entry in entries)) or None
 
 
 def _text(options: Mapping[str, Any], name: str, optional: bool = True) -> str | None:

@@ -17,9 +17,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import os
 import signal
-from dataclasses import fields
+from dataclasses import fields, replace
 from typing import Any
 
 from ..config import check_int
@@ -42,6 +43,7 @@ SERVER_DEFAULTS: dict[str, Any] = {
     "stats_interval": 2.0,
     "workers": 0,
     "max_batch_rows": 16,
+    "sizes": None,
 }
 _LIMIT_HELP = {
     "max_streams": "streams at once; more are refused with 1013",
@@ -119,6 +121,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     server.add_argument("--workers", type=int, help="threads of each image pool (default 0: decode one per stream, at most 32; "
                                               "encode one per core, at most 4)")
     server.add_argument("--max-batch-rows", type=int, help="U-Net rows per call at most (default 16)")
+    server.add_argument("--sizes", metavar="LIST",
+                        help="the only frame sizes clients may use, comma-separated (e.g. 256,320x240,512); each "
+                             "must be one the model and backend run (default: any of those)")
     limits = parser.add_argument_group("limits (per client unless said otherwise; the defaults are safe)")
     for name, default in _limits_defaults().items():
         shown = ",".join(v.value for v in default) if isinstance(default, tuple) else f"{default:g}" \
@@ -175,12 +180,30 @@ def run(args: argparse.Namespace) -> int:
     batch_rows = check_int("max_batch_rows", options["max_batch_rows"], 1)  # before a fleet loads anything
     if getattr(args, "ray", False):  # a fleet of engines on Ray Serve (docs/scaling.md)
         return deploy_cli.run(options, args)
-    engine = shared.model_options(options).stream_engine(config.limits.max_streams, batch_rows)
+    sizes = shared.parse_sizes(options["sizes"])
+    engine = shared.model_options(options).stream_engine(config.limits.max_streams, batch_rows, sizes)
+    config = replace(config, limits=engine_limits(config.limits, engine))
     defaults = config.defaults
     engine.check_settings(defaults.stream, defaults.prompt)
     engine.prepare_backends(defaults.stream)
     asyncio.run(_serve(engine, config))
     return 0
+
+
+def engine_limits(limits: Any, engine: Any) -> Any:
+    """``limits`` narrowed to the sizes ``engine`` runs, so that clients see them in ``ready`` and a hello asking
+    for another size is refused: ``size_multiple`` becomes a multiple of the engine's, ``max_width``/``max_height``
+    at most its largest side."""
+    multiple = math.lcm(limits.size_multiple, engine.size_multiple)
+    sizes = engine.allowed_sizes
+    largest = {"max_width": max(w for w, _ in sizes) if sizes else engine.size_range[1],
+               "max_height": max(h for _, h in sizes) if sizes else engine.size_range[1]}
+    caps = {name: max(multiple, min(getattr(limits, name), side) // multiple * multiple)
+            for name, side in largest.items()}
+    if multiple != limits.size_multiple or any(caps[name] != getattr(limits, name) for name in caps):
+        logger.info("stream sizes: %s (size_multiple=%d, max_width=%d, max_height=%d)", engine.size_rule.describe(),
+                    multiple, caps["max_width"], caps["max_height"])
+    return replace(limits, size_multiple=multiple, **caps)
 
 
 async def _serve(engine: Any, config: Any) -> None:

@@ -9,7 +9,7 @@ server and a fleet.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,8 @@ class ReplicaSpec:
 
     def build(self) -> tuple[Any, Any]:
         """Load the model into an engine (not started) sized by the limits; returns ``(engine, server config)``."""
-        from ..commands.options import model_options
+        from ..commands import serve as serve_command
+        from ..commands.options import model_options, parse_sizes
 
         if self.torch_threads:
             import torch
@@ -54,7 +55,9 @@ class ReplicaSpec:
             torch.set_num_threads(self.torch_threads)
         config = self.server_config()
         engine = model_options(self.options).stream_engine(config.limits.max_streams,
-                                                          int(self.options["max_batch_rows"]))
+                                                          int(self.options["max_batch_rows"]),
+                                                          parse_sizes(self.options.get("sizes")))
+        config = replace(config, limits=serve_command.engine_limits(config.limits, engine))
         defaults = config.defaults
         engine.check_settings(defaults.stream, defaults.prompt)
         engine.prepare_backends(defaults.stream)

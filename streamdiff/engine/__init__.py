@@ -17,7 +17,8 @@ Modules: ``engine`` (StreamEngine: the worker that owns the model), ``stream`` (
 one input queue: a handle's operations as typed messages), ``records`` (the engine's own per-stream records),
 ``outputs`` (StreamOutput and the queue the engine writes them to), ``scheduler`` (pure batching policy),
 ``batch`` (assembling and splitting a call), ``state`` (per-stream numerics), ``execute`` (the execute phase of a
-tick), ``changes`` (applying settings to states), ``limits`` (EngineConfig, EngineStats).
+tick), ``changes`` (applying settings to states), ``limits`` (EngineConfig, EngineStats), ``shapes`` (the
+frame sizes an engine runs: SizeRule).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 from .engine import StreamEngine
 from .limits import SINGLE_STREAM, EngineConfig, EngineStats
 from .scheduler import Call, Demand, Scheduler, TickPlan
+from .shapes import SizeRule
 from .state import StreamStats
 from .outputs import StreamOutput
 from .stream import Stream
@@ -36,6 +38,7 @@ __all__ = [
     "EngineConfig",
     "EngineStats",
     "Scheduler",
+    "SizeRule",
     "Stream",
     "StreamEngine",
     "StreamOutput",

@@ -50,6 +50,7 @@ from .outputs import OutputQueue, StreamOutput
 from .records import StreamRecord, take_messages
 from .state import StreamStats, stream_rows
 from .stream import Stream
+from .shapes import SizeRule, size_rule
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ class StreamEngine:
         self.config = config or EngineConfig()
         self.options = engine_options or EngineOptions()
         self.backend = resolve_backend(backend, model, self.options)
+        self.size_rule: SizeRule = size_rule(model, self.backend, self.options, self.config)
         self._given = (unet, vae)
         self.unet: UNetEngine | None = unet
         self.vae: VaeEngine | None = vae
@@ -164,12 +166,24 @@ class StreamEngine:
         """The open streams (opened and not yet finished), oldest first."""
         return self._inbox.handles()
 
+    @property
+    def size_multiple(self) -> int:
+        """Frame sides must be multiples of this (the model's VAE factor, × its U-Net down factor when traced)."""
+        return self.size_rule.multiple
+
+    @property
+    def size_range(self) -> tuple[int, int]:
+        """The (smallest, largest) frame side this engine runs."""
+        return self.size_rule.min_side, self.size_rule.max_side
+
+    @property
+    def allowed_sizes(self) -> tuple[tuple[int, int], ...] | None:
+        """The only (width, height) sizes streams may use, or None: any multiple of ``size_multiple`` in range."""
+        return self.size_rule.sizes
+
     def check_settings(self, config: StreamConfig, prompt: PromptConfig) -> None:
         """Raise ConfigError unless this engine can run a stream with ``config`` (any thread; touches no model)."""
-        factor = self.model.vae_scale_factor
-        for name in ("width", "height"):
-            if getattr(config, name) % factor:
-                raise ConfigError(f"{name}={getattr(config, name)} is not a multiple of the VAE factor {factor}")
+        self.size_rule.check(config.width, config.height)
         slot_coefficients(self.model.schedule, config.t_index_list, config.num_inference_steps, 1)
         self.scheduler.check_rows(stream_rows(config))
         if not isinstance(prompt, PromptConfig):
@@ -386,28 +400,35 @@ class StreamEngine:
     def prepare_backends(self, config: StreamConfig) -> None:
         """Load (and build, if compiled and not cached) the engines a stream with ``config`` needs, now.
 
-        Otherwise this happens when the first stream of a new frame size joins. A single-stream engine (the
-        pipeline's) builds for exactly that stream's shapes; a multi-stream one for 1 … ``max_batch_rows`` U-Net
-        rows and every frame size its streams use. Engines are made again only when the artifacts they need change
-        (a size outside a compiled range, a new fixed shape): a new size inside the range keeps them.
+        Otherwise this happens when the first stream joins. A single-stream engine (the pipeline's) builds for
+        exactly that stream's shapes (its own size change rebuilds them). A multi-stream one builds once for
+        1 … ``max_batch_rows`` U-Net rows, the whole side range of :attr:`size_range` and every listed size
+        (:attr:`allowed_sizes`): a size :meth:`check_settings` accepts never rebuilds the engines, so no client
+        can stall the others' streams with a rebuild.
         """
+        from dataclasses import replace
+
         from ..backends.factory import create_engines, engine_steps
 
         given_unet, given_vae = self._given
         if given_unet is not None and given_vae is not None:
             return
+        self.size_rule.check(config.width, config.height)
+        options = self.options
         if self.config.max_streams == 1:
-            shapes = EngineShapes.for_config(config, self.options)
+            shapes = EngineShapes.for_config(config, options)
         else:
+            rule = self.size_rule
+            options = replace(options, min_resolution=rule.min_side, max_resolution=rule.max_side)
             sizes = tuple(sorted(set(self._backend_shapes.sizes if self._backend_shapes else ()) |
-                                 {(config.width, config.height)}))
+                                 set(rule.sizes or ()) | {(config.width, config.height)}))
             shapes = EngineShapes.for_engine(self.config.max_batch_rows, self.config.max_streams, sizes)
-        artifacts = frozenset(step.key.name for step in engine_steps(self.backend, self.model, shapes, self.options)[1])
+        artifacts = frozenset(step.key.name for step in engine_steps(self.backend, self.model, shapes, options)[1])
         if self.unet is not None and self.vae is not None and artifacts == self._backend_artifacts:
             self._backend_shapes = shapes
             return
         logger.info("preparing %s engines for %s", self.backend.value, shapes)
-        unet, vae = create_engines(self.backend, self.model, shapes, self.options)
+        unet, vae = create_engines(self.backend, self.model, shapes, options, max_shapes=self.config.max_shapes)
         self.unet = given_unet or unet
         self.vae = given_vae or vae
         self._backend_shapes, self._backend_artifacts = shapes, artifacts

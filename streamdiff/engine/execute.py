@@ -3,7 +3,8 @@
 :class:`Executor` runs on the engine's worker (the thread that owns the model) and touches only the streams the
 scheduler picked. Everything that can fail because of one stream's work is caught per stream and reported through
 ``fail(stream, error)``: that stream ends, the others go on. A batched call (U-Net, or VAE when batched) that fails is
-retried stream by stream to find whose work broke it.
+retried stream by stream to find whose work broke it, after the backend has restored its own state
+(:func:`~streamdiff.backends.base.recover`): a failed call never leaves the shared engines broken for the others.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..backends.base import UNetEngine, VaeEngine
+from ..backends.base import UNetEngine, VaeEngine, recover
 from ..config import StreamConfig, StreamMode
 from ..core.image import fit_frame, frame_to_tensor, from_model_range, tensor_to_frame, to_model_range
 from ..models import LoadedModel
@@ -118,6 +119,7 @@ class Executor:
             self.record_call(assembled.rows.rows - assembled.padding, assembled.padding)
             slices = assembled.split(prediction)
         except Exception as error:  # noqa: BLE001
+            recover(unet)  # a failed call may leave the backend's shape state broken (OpenVINO's CPU plugin does)
             if len(planned) == 1:
                 self._fail(planned[0][0], error)
                 return
@@ -178,11 +180,13 @@ class Executor:
                         results[i] = part
                     continue
                 except Exception as error:  # noqa: BLE001
+                    recover(vae)
                     logger.warning("a batched VAE %s failed (%s); retrying each stream alone", method, error)
             for i in members:
                 try:
                     results[i] = getattr(vae, method)(inputs[i])
                 except Exception as error:  # noqa: BLE001
+                    recover(vae)
                     self._fail(streams[i], error)
         return results
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..config import check_bool, check_int
+from ..config import check_bool, check_int, parse_size
+from ..errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -14,19 +15,33 @@ class EngineConfig:
     ``max_streams``: open streams at most (one more raises :class:`~streamdiff.errors.EngineFull`).
     ``max_batch_rows``: U-Net rows per call at most (compiled backends are built for 1 … this). ``batch_vae``: encode
     and decode all streams of a size in one VAE call; None batches on GPUs only (on the CPU a batch of frames cost
-    no less per frame than single frames, measured). ``prompt_cache``: prompt embeddings kept.
+    no less per frame than single frames, measured). ``prompt_cache``: prompt embeddings kept. ``sizes``: the
+    only frame sizes (width, height) streams may use (None: every size the model and backend run; see
+    :mod:`.shapes`). ``max_shapes``: frame sizes whose compiled per-shape state (kernels, buffers, arenas) a
+    backend keeps; the least recently used one is released beyond it.
     """
 
     max_streams: int = 8
     max_batch_rows: int = 16
     batch_vae: bool | None = None
     prompt_cache: int = 64
+    sizes: tuple[tuple[int, int], ...] | None = None
+    max_shapes: int = 8
 
     def __post_init__(self) -> None:
-        for name in ("max_streams", "max_batch_rows", "prompt_cache"):
+        for name in ("max_streams", "max_batch_rows", "prompt_cache", "max_shapes"):
             object.__setattr__(self, name, check_int(name, getattr(self, name), 1))
         if self.batch_vae is not None:
             check_bool("batch_vae", self.batch_vae)
+        if self.sizes is not None:
+            if isinstance(self.sizes, (str, bytes)) or not hasattr(self.sizes, "__iter__"):
+                raise ConfigError(f"sizes={self.sizes!r} must be a list of sizes (512, '320x240', (w, h))",
+                                  field="sizes", value=self.sizes, allowed="a non-empty list of WIDTHxHEIGHT")
+            sizes = tuple(dict.fromkeys(parse_size(size, "sizes entry") for size in self.sizes))
+            if not sizes:
+                raise ConfigError("sizes=() is empty; give at least one size or None for any", field="sizes",
+                                  value=(), allowed="a non-empty list of WIDTHxHEIGHT")
+            object.__setattr__(self, "sizes", sizes)
 
 
 # The engine of one stream (StreamPipeline, ``streamdiff run``): every configuration the stream may switch to fits in

@@ -88,6 +88,18 @@ class LoadedModel:
         return 2 ** (len(blocks) - 1)
 
     @property
+    def unet_down_factor(self) -> int:
+        """How much the U-Net shrinks a latent: 2^(its upsamplers). Traced graphs need latent sides divisible by it.
+
+        diffusers' eager U-Net also runs other sizes (it passes the skip connections' sizes to its upsamplers);
+        a traced or compiled graph has the ×2 upsampling baked in, and its skip concatenation fails.
+        """
+        upsamplers = getattr(self.unet, "num_upsamplers", None)
+        if upsamplers is None:
+            upsamplers = len(self.unet.config.block_out_channels) - 1
+        return 2 ** int(upsamplers)
+
+    @property
     def text_hidden_size(self) -> int:
         return int(self.text_encoder.config.hidden_size)
 

@@ -136,7 +136,7 @@ def test_a_bound_gpu_run_is_ordered_after_torchs_stream_and_before_its_next_work
         def __getattr__(self, name: str):  # noqa: ANN204
             return getattr(real_session, name)
 
-        def run_with_iobinding(self, binding) -> None:  # noqa: ANN001
+        def run_with_iobinding(self, binding, run_options=None) -> None:  # noqa: ANN001
             cuda.events.append(("run",))
             real_run(binding)
 
@@ -190,3 +190,31 @@ def test_offloading_moves_unet_and_vae_to_the_cpu_only(tiny_model) -> None:
     cuda = FakeCuda()
     offload_torch_modules(model, cuda)
     assert moved == [("unet", "cpu"), ("vae", "cpu")] and cuda.events == [("empty_cache",)]
+
+
+@pytest.mark.parametrize("io_binding", [False, True])
+def test_the_arena_shrinks_beyond_max_shapes_and_after_a_failed_run(graphs, io_binding: bool) -> None:
+    """More than ``max_shapes`` frame sizes, or a failed run, make the next run shrink the arena (its memory for
+    sizes no longer running goes back); the values never change."""
+    path, module = graphs["unet32"]
+    session = OrtSession(path, CPU, io_binding=io_binding, max_shapes=2)
+    spec = component_spec(Component.UNET, latent_channels=4, vae_scale_factor=8, text_dim=64)
+
+    def check(side: int) -> None:
+        inputs = spec.make_inputs(2, side, side)
+        with torch.no_grad():
+            expected = module(*inputs)
+        out = session.run(dict(zip(spec.inputs, inputs)))
+        assert float((out - expected).abs().max()) <= 1e-4 * float(expected.abs().max())
+
+    for side in (64, 96, 64):
+        check(side)
+    assert session.shrinks == 0 and list(session.sizes) == [((12, 12),), ((8, 8),)]
+    check(128)  # a third size: this run shrinks the arena, only it is counted now
+    assert session.shrinks == 1 and list(session.sizes) == [((16, 16),)]
+    bad = dict(zip(spec.inputs, spec.make_inputs(2, 64, 64)))
+    bad["sample"] = bad["sample"][..., :5, :5]  # a latent the traced graph cannot run: its skip concat fails
+    with pytest.raises(Exception, match="(?i)concat"):
+        session.run(bad)
+    check(128)
+    assert session.shrinks == 2  # the run after the failed one shrank the arena

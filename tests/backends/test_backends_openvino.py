@@ -110,3 +110,34 @@ def test_bfloat16_pipeline_frames_stay_close_to_float32(tiny_model, bf16_engines
         mse = float(((got.float() - want) ** 2).mean())
         assert 10 * torch.log10(torch.tensor(1.0 / max(mse, 1e-12))) >= 35.0  # PSNR >= 35 dB against float32
 
+
+
+def test_per_size_state_is_bounded_and_a_failed_call_is_undone(tiny_model, tmp_path: Path) -> None:
+    """Beyond ``max_shapes`` frame sizes the compiled model is imported again (releasing every size's state); a
+    call at a latent the traced graph cannot run fails, ``recover()`` re-imports, and later calls are right."""
+    from streamdiff.backends.torch_backend import TorchUNet
+
+    unet, _ = create_engines("openvino", tiny_model, SHAPES, EngineOptions(engine_dir=tmp_path), max_shapes=2)
+    model, reference = unet.model, TorchUNet(tiny_model.unet)
+    hidden = torch.randn(2, 77, 64, generator=torch.Generator().manual_seed(1))
+
+    def check(side: int) -> None:
+        sample = torch.randn(2, 4, side, side, generator=torch.Generator().manual_seed(side))
+        timestep = torch.tensor([500, 700])
+        assert float((unet(sample, timestep, hidden) - reference(sample, timestep, hidden)).abs().max()) <= 1e-4
+
+    imports = model.imports
+    for side in (8, 16, 8):
+        check(side)
+    assert list(model.sizes) == [((16, 16),), ((8, 8),)] and model.imports == imports
+    check(24)  # a third size: imported again, only it remains
+    assert list(model.sizes) == [((24, 24),)] and model.imports == imports + 1
+    with pytest.raises(Exception, match="(?i)concat|a latent size its graph cannot run"):
+        unet(torch.randn(2, 4, 25, 25), torch.tensor([500, 700]), hidden)
+    assert model.failed
+    unet.recover()
+    assert not model.failed and model.imports == imports + 2
+    unet.recover()  # nothing failed since: nothing to do
+    assert model.imports == imports + 2
+    for side in (32, 8):
+        check(side)

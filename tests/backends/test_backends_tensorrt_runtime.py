@@ -17,7 +17,7 @@ from fake_tensorrt import analytic, fake_plan
 from streamdiff import StreamConfig
 from streamdiff.backends.tensorrt_runtime import TrtEngine, TrtUNet, TrtVae
 from streamdiff.engine import EngineConfig, StreamEngine
-from streamdiff.errors import ConfigError
+from streamdiff.errors import ConfigError, StreamDiffError
 from streamdiff.testing import AnalyticUNet
 
 CPU = torch.device("cpu")
@@ -197,3 +197,79 @@ def test_engine_without_tensorrt_names_the_extra(tmp_path: Path, monkeypatch: py
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     with pytest.raises(BackendUnavailable, match=r"pip install 'streamdiff\[tensorrt\]'"):
         TrtEngine(tmp_path / "model.plan", CPU)
+
+
+def test_a_failed_run_frees_its_shape_slot_and_the_next_call_is_right(fake_trt, tmp_path: Path) -> None:
+    """A run that fails (here ``execute_async_v3`` refuses) leaves its slot — context, buffers, a half-made graph —
+    suspect: ``recover()`` frees it, the other shapes' slots stay, and the next call at that shape is right."""
+    unet = _unet(tmp_path, fake_trt, cuda_graph=True)
+    for batch in (2, 3):
+        inputs = _inputs(batch, seed=batch)
+        _close(unet(*inputs), inputs)
+    engine = unet.engine
+    (slot, _) = engine.slots.values()
+    slot.context.execute_async_v3 = lambda handle: False
+    with pytest.raises(StreamDiffError, match="execute_async_v3 failed"):
+        unet(*_inputs(2, seed=7))
+    unet.recover()
+    assert [shapes[0][0] for shapes in engine.slots] == [3] and engine.failed is None
+    for batch, seed in ((2, 8), (3, 9)):
+        inputs = _inputs(batch, seed=seed)
+        _close(unet(*inputs), inputs)
+    assert fake_trt.contexts_created == 3  # one new context for the failed shape, none for the other
+
+
+def test_a_failed_call_mid_batch_ends_only_its_stream_on_tensorrt(fake_trt, tiny_model, tmp_path: Path) -> None:
+    """Three streams and a culprit batched on fake TensorRT engines; from the 5th call every call carrying the
+    culprit's rows (the only odd row count) fails. The others' frames equal a clean run's; a later stream's too."""
+
+    class Failing:
+        def __init__(self, inner: TrtUNet) -> None:
+            self.inner, self.calls, self.recovered = inner, [], 0
+
+        def __call__(self, sample, timestep, hidden):
+            self.calls.append(sample.shape[0])
+            if len(self.calls) >= 5 and sample.shape[0] % 2:
+                raise RuntimeError("injected TensorRT failure")
+            return self.inner(sample, timestep, hidden)
+
+        def recover(self) -> None:
+            self.recovered += 1
+            self.inner.recover()
+
+    profile = {"sample": ((1, 4, 4, 4), (4, 4, 8, 8), (16, 4, 16, 16)), "timestep": ((1,), (4,), (16,)),
+               "encoder_hidden_states": ((1, 77, 64), (4, 77, 64), (16, 77, 64))}
+    unet_path = _write(tmp_path, fake_trt, "unet", profile)
+    vae_paths = [_write(tmp_path, fake_trt, c, VAE_PROFILES[c]) for c in ("vae_encoder", "vae_decoder")]
+    configs = [StreamConfig(width=64, height=64, t_index_list=(20, 40)) for _ in range(3)]
+    configs.append(StreamConfig(width=64, height=64, t_index_list=(10, 25, 40)))
+    late = StreamConfig(width=96, height=64, t_index_list=(15, 35))
+    frames = [torch.rand(1, 3, 64, 96, generator=torch.Generator().manual_seed(i)) for i in range(7)]
+
+    def run(wrap: bool) -> tuple[dict[int, list], list, Failing | None]:
+        unet = TrtUNet(unet_path, CPU, cuda=fake_trt.cuda, trt=fake_trt)
+        failing = Failing(unet) if wrap else None
+        engine = StreamEngine(tiny_model, EngineConfig(max_streams=5, max_batch_rows=16), unet=failing or unet,
+                              vae=TrtVae(*vae_paths, CPU, cuda=fake_trt.cuda, trt=fake_trt))
+        streams = [engine.open_stream(c, prompt=f"p{i}", seed=i) for i, c in enumerate(configs)]
+        outs: dict[int, list] = {i: [] for i in range(len(streams))}
+        for frame in frames:
+            ticks = engine.step({s: frame[..., : s.config.width] for s in streams if not s.finished})
+            for i, s in enumerate(streams):
+                if s in ticks and ticks[s].images is not None:
+                    outs[i].append(ticks[s].images)
+        for s in streams:
+            s.close()
+        later = engine.open_stream(late, seed=9)
+        later_outs = [engine.step({later: frame})[later].images for frame in frames[:3]]
+        return outs, later_outs, failing
+
+    clean, clean_later, _ = run(False)
+    faulty, faulty_later, failing = run(True)
+    assert failing.calls[4] == 9 and failing.recovered >= 2  # the batched call failed; recovered before retries
+    assert 0 < len(faulty[3]) < len(clean[3])
+    for i in range(3):
+        assert len(faulty[i]) == len(clean[i]) > 0
+        assert max(float((a - b).abs().max()) for a, b in zip(faulty[i], clean[i])) <= 1e-4
+    pairs = [(a, b) for a, b in zip(faulty_later, clean_later) if b is not None]
+    assert pairs and all(a is not None and float((a - b).abs().max()) <= 1e-4 for a, b in pairs)

@@ -95,3 +95,19 @@ def test_a_real_server_streams_then_shuts_down_gracefully(tiny_model, sig: int) 
     assert served.process.wait(30) == 0
     log = "".join(served.log)
     assert "closed: 1001 (shutting_down: the server is shutting down)" in log and "engine worker stopped" in log
+
+
+def test_sizes_restrict_the_engine_and_the_limits_clients_see(tiny_model) -> None:
+    from streamdiff.engine import EngineConfig, StreamEngine
+
+    with pytest.raises(ConfigError, match=r"^sizes entry 200x200: width=200 is not a multiple of 32 \(the tiny "
+                                          r"model's VAE factor 8 × U-Net down factor 4\)"):  # at start, nothing built
+        serve_command.run(build_parser().parse_args(["serve", "--backend", "openvino", "--sizes", "256,200"]))
+    listed = StreamEngine(tiny_model, EngineConfig(max_streams=4, sizes=((256, 256), (512, 384))), backend="openvino")
+    limits = serve_command.engine_limits(ServerLimits(), listed)
+    assert (limits.size_multiple, limits.max_width, limits.max_height) == (32, 512, 384)
+    ranged = StreamEngine(tiny_model, EngineConfig(max_streams=4), backend="openvino")
+    assert serve_command.engine_limits(ServerLimits(size_multiple=16, max_width=600), ranged) == ServerLimits(
+        size_multiple=32, max_width=576, max_height=1024)
+    eager = StreamEngine(tiny_model, EngineConfig(max_streams=4))
+    assert serve_command.engine_limits(ServerLimits(), eager) == ServerLimits()

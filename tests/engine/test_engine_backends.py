@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from streamdiff import StreamConfig, StreamEngine
@@ -13,6 +14,7 @@ from streamdiff.backends.cache import MANIFEST, EngineCache
 from streamdiff.backends.keys import EngineOptions
 from streamdiff.backends.torch_backend import TorchUNet
 from streamdiff.engine import EngineConfig
+from streamdiff.errors import ConfigError
 
 SIZE = 64
 
@@ -75,15 +77,25 @@ def test_fixed_shape_backends_get_padded_calls_with_unchanged_frames(tiny_model)
     assert fixed.seen == [8] * 4  # 6 rows padded to 8
 
 
-def test_a_new_size_inside_the_compiled_range_keeps_the_engines(tiny_model, tmp_path: Path) -> None:
+def test_every_allowed_size_runs_on_the_engines_built_first_and_others_are_refused(tiny_model, tmp_path: Path
+                                                                                    ) -> None:
+    """A multi-stream engine is built once for its whole range: no size a client may ask for rebuilds it."""
     engine = StreamEngine(tiny_model, EngineConfig(max_streams=3, max_batch_rows=8), backend="onnxruntime",
                           engine_options=EngineOptions(engine_dir=tmp_path))
+    assert (engine.size_multiple, engine.size_range, engine.allowed_sizes) == (32, (64, 1024), None)
     first = engine.open_stream(StreamConfig(width=SIZE, height=SIZE, t_index_list=(20, 40)))
     engine.step({first: torch.rand(1, 3, SIZE, SIZE)})
     unet = engine.unet
-    inside = engine.open_stream(StreamConfig(width=96, height=96, t_index_list=(20, 40)))
-    outputs = engine.step({first: torch.rand(1, 3, SIZE, SIZE), inside: torch.rand(1, 3, 96, 96)})
-    assert engine.unet is unet and set(outputs) == {first, inside}  # 96 px is inside the same range: no rebuild
-    below = engine.open_stream(StreamConfig(width=32, height=32, t_index_list=(20, 40)))
-    engine.step({below: torch.rand(1, 3, 32, 32)})
-    assert engine.unet is not unet  # 32 px is below the range [64, 1024]: engines for a wider range
+    for side in (96, 1024):
+        other = engine.open_stream(StreamConfig(width=side, height=SIZE, t_index_list=(20, 40)))
+        outputs = engine.step({first: torch.rand(1, 3, SIZE, SIZE), other: torch.rand(1, 3, SIZE, side)})
+        assert engine.unet is unet and set(outputs) == {first, other}  # inside the range built first: no rebuild
+        other.close()
+    for side, message in ((32, r"width=32 is outside this engine's range \[64, 1024\]"),
+                          (1056, r"width=1056 is outside this engine's range \[64, 1024\]"),
+                          (200, r"width=200 is not a multiple of 32 \(the tiny model's VAE factor 8 × U-Net down "
+                                r"factor 4\); allowed: multiples of 32 from 64 to 1024")):
+        with pytest.raises(ConfigError, match=message) as refused:
+            engine.open_stream(StreamConfig(width=side, height=SIZE, t_index_list=(20, 40)))
+        assert (refused.value.field, refused.value.value) == ("width", side)
+    assert engine.unet is unet and len([p for p, _ in EngineCache(tmp_path).entries()]) == 3
