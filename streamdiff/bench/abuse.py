@@ -268,14 +268,19 @@ async def odd_sizes(url: str, until: float) -> dict[str, Any]:
 
 async def _one_frame(url: str, settings: dict[str, Any], body: bytes, outcome: Outcome, timeout: float = 10.0
                      ) -> int:
-    """Open a stream, send frames until one output arrives (1) or the stream ends or times out (0)."""
-    try:
-        client = await StreamClient.connect(url, settings)
-    except (ServerRefused, OSError, asyncio.TimeoutError, WebSocketException) as refused:
-        outcome.count(outcome.refused, _code(refused))
-        return 0
-    outcome.connections += 1
+    """Open a stream (after a 503, again once per ``Retry-After`` second, as a client should), send frames until
+    one output arrives (1) or the stream ends or times out (0)."""
     deadline = time.perf_counter() + timeout
+    while True:
+        try:
+            client = await StreamClient.connect(url, settings)
+            break
+        except (ServerRefused, OSError, asyncio.TimeoutError, WebSocketException) as refused:
+            outcome.count(outcome.refused, _code(refused))
+            if _code(refused) != "503" or time.perf_counter() >= deadline:
+                return 0
+            await asyncio.sleep(1.0)
+    outcome.connections += 1
     try:
         while not client.outputs and not client.closed.is_set() and time.perf_counter() < deadline:
             try:

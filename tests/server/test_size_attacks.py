@@ -16,7 +16,9 @@ from live import run
 from streamdiff.bench.abuse import odd_sizes, size_cycling
 from streamdiff.testing.serve import ServeProcess
 
-#: RSS growth allowed after cycling 60 sizes, beyond what the first max_shapes sizes took (measured ~MEASURED MB).
+#: RSS growth allowed while cycling 60 sizes (64-512 px) after the first 12: the per-size state of at most
+#: EngineConfig.max_shapes (8) sizes is kept. Measured 27 MiB here (2026-12-06); unbounded, OpenVINO grew by ~750 MB
+#: over 60 sizes up to 1024 px and never gave it back (docs/PERF.md).
 MEMORY_BOUND_MB = 150
 
 
