@@ -308,14 +308,16 @@ class ModelOptions:
         return engine_steps(self.backend, model, config, self.engine)
 
     def stream_engine(self, max_streams: int, max_batch_rows: int,
-                      sizes: tuple[tuple[int, int], ...] | None = None) -> StreamEngine:
+                      sizes: tuple[tuple[int, int], ...] | None = None, max_shapes: int = 8) -> StreamEngine:
         """Load the model into a :class:`~streamdiff.engine.StreamEngine` (not started) for this many streams.
 
-        ``sizes``: the only frame sizes its streams may use (None: every size the model and backend run).
+        ``sizes``: the only frame sizes its streams may use (None: every size the model and backend run);
+        ``max_shapes``: frame sizes whose compiled state the backends keep (EngineConfig.max_shapes).
         """
         from ..engine import EngineConfig, StreamEngine
 
-        config = EngineConfig(max_streams=max_streams, max_batch_rows=max_batch_rows, sizes=sizes)
+        config = EngineConfig(max_streams=max_streams, max_batch_rows=max_batch_rows, sizes=sizes,
+                              max_shapes=max_shapes)
         return StreamEngine(self.load(), config, backend=self.backend, engine_options=self.engine)
 
 

@@ -44,6 +44,7 @@ SERVER_DEFAULTS: dict[str, Any] = {
     "workers": 0,
     "max_batch_rows": 16,
     "sizes": None,
+    "max_shapes": 8,
 }
 _LIMIT_HELP = {
     "max_streams": "streams at once; more are refused with 1013",
@@ -124,6 +125,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     server.add_argument("--sizes", metavar="LIST",
                         help="the only frame sizes clients may use, comma-separated (e.g. 256,320x240,512); each "
                              "must be one the model and backend run (default: any of those)")
+    server.add_argument("--max-shapes", type=int,
+                        help="frame sizes whose compiled state each engine keeps (least recently used beyond; bounds "
+                             "memory whatever sizes clients ask for) (default 8)")
     limits = parser.add_argument_group("limits (per client unless said otherwise; the defaults are safe)")
     for name, default in _limits_defaults().items():
         shown = ",".join(v.value for v in default) if isinstance(default, tuple) else f"{default:g}" \
@@ -181,7 +185,8 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "ray", False):  # a fleet of engines on Ray Serve (docs/scaling.md)
         return deploy_cli.run(options, args)
     sizes = shared.parse_sizes(options["sizes"])
-    engine = shared.model_options(options).stream_engine(config.limits.max_streams, batch_rows, sizes)
+    max_shapes = check_int("max_shapes", options["max_shapes"], 1)
+    engine = shared.model_options(options).stream_engine(config.limits.max_streams, batch_rows, sizes, max_shapes)
     config = replace(config, limits=engine_limits(config.limits, engine))
     defaults = config.defaults
     engine.check_settings(defaults.stream, defaults.prompt)

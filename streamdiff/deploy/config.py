@@ -56,7 +56,8 @@ class ReplicaSpec:
         config = self.server_config()
         engine = model_options(self.options).stream_engine(config.limits.max_streams,
                                                           int(self.options["max_batch_rows"]),
-                                                          parse_sizes(self.options.get("sizes")))
+                                                          parse_sizes(self.options.get("sizes")),
+                                                          int(self.options.get("max_shapes", 8)))
         config = replace(config, limits=serve_command.engine_limits(config.limits, engine))
         defaults = config.defaults
         engine.check_settings(defaults.stream, defaults.prompt)
