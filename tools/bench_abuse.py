@@ -5,7 +5,7 @@ clients stream the whole time (one event loop here). The attacker runs in its ow
 own CPU (a flood costs the sender too) does not take the victims' share of this small host, as if it were elsewhere. For each attack class (:data:`streamdiff.bench.abuse.ATTACKS`): a baseline window
 (victims alone), the attack window (one attacker, reconnecting whenever it is closed), and the 5 s right after it.
 Reported per attack: the victims' per-client frames/s and p95 end-to-end latency in each window and their ratio to
-the same round's baseline, ``/healthz`` p95 round trip (polled every 100 ms on fresh connections), the server's RSS
+the same round's baseline (with ``--rounds``, attacks interleaved and the median over rounds), ``/healthz`` p95 round trip (polled every 100 ms on fresh connections), the server's RSS
 and open file descriptors before and after, and what the attacker saw (closes, error codes, refusals).
 
 ``--soak SECONDS``: victims stream while the attacks rotate (each ``--seconds`` long) for that long; RSS and file
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import platform
+import statistics
 import sys
 import time
 from typing import Any
@@ -116,6 +117,28 @@ async def _soak(url: str, pid: int, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _median_row(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One attack's rounds: the median of every figure (ratios are per round, then the median), the first RSS and
+    file descriptors before and the last after, the attacker's outcome summed."""
+    row = dict(rounds[-1])
+    for key, value in rounds[0].items():
+        if isinstance(value, float) and key not in ("rss_before_mb",):
+            row[key] = statistics.median(r[key] for r in rounds)
+    row["rss_before_mb"], row["fds_before"] = rounds[0]["rss_before_mb"], rounds[0]["fds_before"]
+    attacker: dict[str, Any] = {}
+    for r in rounds:
+        for key, value in r["attacker"].items():
+            if isinstance(value, dict):
+                table = attacker.setdefault(key, {})
+                for k, v in value.items():
+                    table[k] = table.get(k, 0) + v
+            elif isinstance(value, (int, float)) and key not in ("started", "ended"):
+                attacker[key] = attacker.get(key, 0) + value
+    row["attacker"], row["rounds"] = attacker, len(rounds)
+    row["victims_closed"] = [c for r in rounds for c in r["victims_closed"]]
+    return row
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
     lines = ["attack | victim fps base / attack / after (ratio) | victim p95 ms base / attack (ratio) | "
              "/healthz p95 ms base / attack | RSS MB before → after | fds | attacker",
@@ -140,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=128, help="the victims' frame size (default 128)")
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds before the baseline window")
     parser.add_argument("--seconds", type=float, default=8.0, help="seconds of the baseline and attack windows")
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds per attack (medians reported)")
     parser.add_argument("--soak", type=float, default=0.0, help="run the mixed soak for this many seconds instead")
     parser.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
                         help="extra argument for streamdiff serve (repeatable)")
@@ -162,13 +186,15 @@ def main(argv: list[str] | None = None) -> int:
                   f"{soak['rss_slope_second_half_mb_per_min']:+.1f} MB/min); fds {soak['fds_first']} → "
                   f"{soak['fds_last']} (max {soak['fds_max']})")
         else:
-            rows = []
-            for name in args.attacks:
-                row = asyncio.run(_round(server.url, server.pid, name, args))
-                rows.append(row)
-                print(f"{name}: victims {row['attack_fps_ratio']:.2f}x during, {row['after_fps_ratio']:.2f}x after",
-                      file=sys.stderr)
-            report["results"] = rows
+            rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in args.attacks}
+            for r in range(args.rounds):  # interleaved: every attack once per round, the order reversed each round
+                for name in args.attacks if r % 2 == 0 else args.attacks[::-1]:
+                    row = asyncio.run(_round(server.url, server.pid, name, args))
+                    rounds[name].append(row)
+                    print(f"round {r + 1} {name}: victims {row['attack_fps_ratio']:.2f}x during, "
+                          f"{row['after_fps_ratio']:.2f}x after", file=sys.stderr)
+            rows = [_median_row(rounds[name]) for name in args.attacks]
+            report["results"], report["rounds"] = rows, rounds
             print(format_table(rows))
     report["elapsed_s"] = time.monotonic() - started
     if args.json:

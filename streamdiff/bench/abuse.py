@@ -351,7 +351,27 @@ async def silent_connections(url: str, until: float, count: int = 600) -> dict[s
     return outcome.as_dict()
 
 
+async def polite_stream(url: str, until: float) -> dict[str, Any]:
+    """Not an attack: one more good client, streaming at another valid size (192²). The victims' loss under it is
+    the engine's fair share going to one more stream: the yardstick for the attacks that use valid streams (odd
+    sizes' valid steps, size cycling)."""
+    from .clients import stream_until
+
+    outcome = Outcome()
+    bodies = [encode(pattern_frame(i, 192, 192), "jpeg", 85) for i in range(4)]
+
+    async def stream(client: StreamClient, seen: Outcome) -> None:
+        def count(_: Any) -> None:
+            seen.outputs += 1
+
+        seen.sent += await stream_until(client, bodies, until, count)
+
+    await _persist(url, until, {"width": 192, "height": 192, "prompt": "polite"}, stream, outcome)
+    return outcome.as_dict()
+
+
 ATTACKS: dict[str, Attack] = {
+    "polite_stream": polite_stream,
     "many_scans_jpeg": _image_attack("many_scans"),
     "fill_bytes_jpeg": _image_attack("fill_bytes"),
     "com_flood_jpeg": _image_attack("com_flood"),
