@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import math
 import os
 import signal
 from dataclasses import fields, replace
@@ -93,7 +92,8 @@ def _limits_defaults() -> dict[str, Any]:
     from ..server.limits import ServerLimits
 
     defaults = ServerLimits()
-    return {f.name: getattr(defaults, f.name) for f in fields(ServerLimits)}
+    # ServerLimits.sizes is not a flag of its own: --sizes restricts the engine, and the limits follow it.
+    return {f.name: getattr(defaults, f.name) for f in fields(ServerLimits) if f.name != "sizes"}
 
 
 def _defaults() -> dict[str, Any]:
@@ -187,28 +187,12 @@ def run(args: argparse.Namespace) -> int:
     sizes = shared.parse_sizes(options["sizes"])
     max_shapes = check_int("max_shapes", options["max_shapes"], 1)
     engine = shared.model_options(options).stream_engine(config.limits.max_streams, batch_rows, sizes, max_shapes)
-    config = replace(config, limits=engine_limits(config.limits, engine))
+    config = replace(config, limits=config.limits.for_engine(engine))
     defaults = config.defaults
     engine.check_settings(defaults.stream, defaults.prompt)
     engine.prepare_backends(defaults.stream)
     asyncio.run(_serve(engine, config))
     return 0
-
-
-def engine_limits(limits: Any, engine: Any) -> Any:
-    """``limits`` narrowed to the sizes ``engine`` runs, so that clients see them in ``ready`` and a hello asking
-    for another size is refused: ``size_multiple`` becomes a multiple of the engine's, ``max_width``/``max_height``
-    at most its largest side."""
-    multiple = math.lcm(limits.size_multiple, engine.size_multiple)
-    sizes = engine.allowed_sizes
-    largest = {"max_width": max(w for w, _ in sizes) if sizes else engine.size_range[1],
-               "max_height": max(h for _, h in sizes) if sizes else engine.size_range[1]}
-    caps = {name: max(multiple, min(getattr(limits, name), side) // multiple * multiple)
-            for name, side in largest.items()}
-    if multiple != limits.size_multiple or any(caps[name] != getattr(limits, name) for name in caps):
-        logger.info("stream sizes: %s (size_multiple=%d, max_width=%d, max_height=%d)", engine.size_rule.describe(),
-                    multiple, caps["max_width"], caps["max_height"])
-    return replace(limits, size_multiple=multiple, **caps)
 
 
 async def _serve(engine: Any, config: Any) -> None:

@@ -58,7 +58,7 @@ class ReplicaSpec:
                                                           int(self.options["max_batch_rows"]),
                                                           parse_sizes(self.options.get("sizes")),
                                                           int(self.options.get("max_shapes", 8)))
-        config = replace(config, limits=serve_command.engine_limits(config.limits, engine))
+        config = replace(config, limits=config.limits.for_engine(engine))
         defaults = config.defaults
         engine.check_settings(defaults.stream, defaults.prompt)
         engine.prepare_backends(defaults.stream)

@@ -8,10 +8,10 @@ loosen with ``dataclasses.replace(limits, max_width=2048)`` (validated again).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from ..config import CfgMode, to_enum
+from ..config import CfgMode, parse_size, to_enum
 from ..errors import ConfigError
 from .images import ImageFormat
 
@@ -34,7 +34,8 @@ class ServerLimits:
     ``input_burst_frames`` (more are dropped and counted), ``max_frame_pixels`` declared pixels per input image,
     formats ``allowed_input_formats``. What a client may request: ``max_width``/``max_height`` (multiples of
     ``size_multiple``), ``max_steps`` denoising steps, ``max_frame_buffer_size``, ``allowed_cfg_types``,
-    ``max_prompt_chars`` per prompt. Misbehaviour: more than ``max_errors`` errors within ``error_window_s`` closes
+    ``max_prompt_chars`` per prompt, and, when ``sizes`` lists any, only those
+    (``WIDTHxHEIGHT``; :meth:`for_engine` fills it from an engine with a size list). Misbehaviour: more than ``max_errors`` errors within ``error_window_s`` closes
     the connection (1008). Time: ``hello_timeout_s`` to send hello, ``idle_timeout_s`` without any message,
     WebSocket pings every ``ping_interval_s`` answered within ``ping_timeout_s``.
 
@@ -97,6 +98,7 @@ class ServerLimits:
     message_burst: int = 64
     max_connects_per_address_per_s: float = 2.0
     connect_burst_per_address: int = 16
+    sizes: tuple[str, ...] = ()
     # images
     max_decode_ms: float = 200.0
     max_decode_share: float = 0.75
@@ -116,6 +118,10 @@ class ServerLimits:
         object.__setattr__(self, "allowed_input_formats",
                            _enum_tuple(ImageFormat, self.allowed_input_formats, "allowed_input_formats"))
         object.__setattr__(self, "allowed_cfg_types", _enum_tuple(CfgMode, self.allowed_cfg_types, "allowed_cfg_types"))
+        if isinstance(self.sizes, (str, bytes)) or not hasattr(self.sizes, "__iter__"):
+            raise ConfigError(f"ServerLimits.sizes={self.sizes!r} must be a list of WIDTHxHEIGHT sizes")
+        object.__setattr__(self, "sizes", tuple(dict.fromkeys("{}x{}".format(*parse_size(v, "ServerLimits.sizes entry"))
+                                                              for v in self.sizes)))
         if self.max_text_bytes > self.max_message_bytes:
             raise ConfigError(f"ServerLimits.max_text_bytes={self.max_text_bytes} is more than "
                               f"max_message_bytes={self.max_message_bytes}")
@@ -127,6 +133,20 @@ class ServerLimits:
                 raise ConfigError(f"ServerLimits.{name}={getattr(self, name)} is less than "
                                   f"size_multiple={self.size_multiple}")
 
+    def for_engine(self, engine: Any) -> ServerLimits:
+        """These limits narrowed to the frame sizes ``engine`` runs (:attr:`StreamEngine.size_rule`), so that clients
+        see them in ``ready`` and a hello asking for another size is refused before the engine is asked:
+        ``size_multiple`` becomes a multiple of the engine's, ``max_width``/``max_height`` at most its largest side,
+        and ``sizes`` the engine's list when it has one."""
+        multiple = math.lcm(self.size_multiple, engine.size_multiple)
+        listed = engine.allowed_sizes
+        largest = {"max_width": max(w for w, _ in listed) if listed else engine.size_range[1],
+                   "max_height": max(h for _, h in listed) if listed else engine.size_range[1]}
+        caps = {name: max(multiple, min(getattr(self, name), side) // multiple * multiple)
+                for name, side in largest.items()}
+        sizes = tuple(f"{w}x{h}" for w, h in listed) if listed else self.sizes
+        return replace(self, size_multiple=multiple, sizes=sizes, **caps)
+
     def to_json(self) -> dict[str, Any]:
         """The limits a client needs to know, as sent in ``ready`` (docs/protocol.md, "Limits")."""
         out: dict[str, Any] = {}
@@ -134,7 +154,7 @@ class ServerLimits:
             if f.name in SERVER_ONLY:
                 continue
             value = getattr(self, f.name)
-            out[f.name] = [v.value for v in value] if isinstance(value, tuple) else value
+            out[f.name] = [getattr(v, "value", v) for v in value] if isinstance(value, tuple) else value
         return out
 
 

@@ -459,6 +459,8 @@ def _engine_refusal(error: ConfigError, names: Any, settings: StreamSettings) ->
     when the raiser did not set it, and the value is then the setting's own."""
     text = str(error)
     name = error.field.split()[0] if error.field else None  # "t_index_list entry" names t_index_list
+    if name == "size":  # the engine's size list refuses the pair: the wire has width and height
+        name = "width"
     if name is None:
         found = [(m.start(), n) for n in names if (m := re.search(rf"\b{re.escape(n)}\b(=| entry)", text))]
         name = min(found)[1] if found else (next(iter(names)) if len(names) == 1 else None)

@@ -117,6 +117,10 @@ def check_caps(settings: StreamSettings, limits: ServerLimits, *, path: str = "s
         value = getattr(s, name)
         if value > cap or value % m:
             _not_allowed(f"{path}.{name}", value, f"a multiple of {m} in [{m}, {cap}]")
+    if limits.sizes and f"{s.width}x{s.height}" not in limits.sizes:
+        name = "width" if all(not size.startswith(f"{s.width}x") for size in limits.sizes) else "height"
+        _not_allowed(f"{path}.{name}", getattr(s, name), "one of the sizes " + ", ".join(limits.sizes),
+                     f"{s.width}x{s.height} is not one of this server's sizes ({', '.join(limits.sizes)})")
     if s.denoising_steps > limits.max_steps:
         value = s.denoising_steps if steps_field == "steps" else list(s.t_index_list)
         _not_allowed(f"{path}.{steps_field}", value, f"at most {limits.max_steps} denoising steps",

@@ -104,10 +104,11 @@ def test_sizes_restrict_the_engine_and_the_limits_clients_see(tiny_model) -> Non
                                           r"model's VAE factor 8 × U-Net down factor 4\)"):  # at start, nothing built
         serve_command.run(build_parser().parse_args(["serve", "--backend", "openvino", "--sizes", "256,200"]))
     listed = StreamEngine(tiny_model, EngineConfig(max_streams=4, sizes=((256, 256), (512, 384))), backend="openvino")
-    limits = serve_command.engine_limits(ServerLimits(), listed)
+    limits = ServerLimits().for_engine(listed)
     assert (limits.size_multiple, limits.max_width, limits.max_height) == (32, 512, 384)
+    assert limits.sizes == ("256x256", "512x384") and limits.to_json()["sizes"] == ["256x256", "512x384"]
     ranged = StreamEngine(tiny_model, EngineConfig(max_streams=4), backend="openvino")
-    assert serve_command.engine_limits(ServerLimits(size_multiple=16, max_width=600), ranged) == ServerLimits(
+    assert ServerLimits(size_multiple=16, max_width=600).for_engine(ranged) == ServerLimits(
         size_multiple=32, max_width=576, max_height=1024)
     eager = StreamEngine(tiny_model, EngineConfig(max_streams=4))
-    assert serve_command.engine_limits(ServerLimits(), eager) == ServerLimits()
+    assert ServerLimits().for_engine(eager) == ServerLimits()

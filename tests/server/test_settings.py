@@ -207,3 +207,16 @@ def test_output_config_validates() -> None:
     assert OutputConfig("WEBP").format is ImageFormat.WEBP
     with pytest.raises(ConfigError, match=r"output quality=True is outside \[1, 100\]"):
         OutputConfig(quality=True)
+
+
+def test_a_size_list_refuses_every_other_size_naming_the_side_that_differs() -> None:
+    limits = ServerLimits(sizes=("256x256", (320, 240)))
+    assert limits.sizes == ("256x256", "320x240") and limits.to_json()["sizes"] == ["256x256", "320x240"]
+    check_caps(apply_settings(BASE, {"width": 320, "height": 240}, LIMITS), limits)
+    for width, height, field in ((512, 512, "settings.width"), (320, 256, "settings.height")):
+        with pytest.raises(ProtocolError) as caught:
+            check_caps(apply_settings(BASE, {"width": width, "height": height}, LIMITS), limits)
+        assert (caught.value.code, caught.value.field) == ("not_allowed", field)
+        assert caught.value.allowed == "one of the sizes 256x256, 320x240"
+    with pytest.raises(ConfigError, match="sizes"):
+        ServerLimits(sizes="256x256")
