@@ -182,20 +182,28 @@ def _until(until: float) -> Callable[[StreamClient], bool]:
     return lambda client: time.perf_counter() >= until or client.closed.is_set()
 
 
+async def _repeat(url: str, until: float, prompt: str, message: Callable[[StreamClient], str | bytes],
+                  pause: float = 0.0, every: int = 1) -> dict[str, Any]:
+    """A persistent attacker sending ``message(client)`` again and again until ``until``: ``pause`` seconds after
+    every ``every`` messages (0: only a turn of the event loop, as fast as the socket takes them)."""
+    outcome = Outcome()
+
+    async def send(client: StreamClient, seen: Outcome) -> None:
+        done = _until(until)
+        while not done(client):
+            await client.ws.send(message(client))
+            seen.sent += 1
+            if seen.sent % every == 0:
+                await asyncio.sleep(pause)
+
+    await _persist(url, until, {"width": 128, "height": 128, "prompt": prompt}, send, outcome)
+    return outcome.as_dict()
+
+
 def _image_attack(name: str) -> Attack:
     async def attack(url: str, until: float) -> dict[str, Any]:
         body = hostile_jpegs()[name]
-        outcome = Outcome()
-
-        async def send(client: StreamClient, seen: Outcome) -> None:
-            done = _until(until)
-            while not done(client):
-                await client.send_frame(body)
-                seen.sent += 1
-                await asyncio.sleep(0.02)
-
-        await _persist(url, until, {"width": 128, "height": 128, "prompt": name}, send, outcome)
-        return outcome.as_dict()
+        return await _repeat(url, until, name, lambda client: client.conn.frame(body), pause=0.02)
 
     attack.__name__ = name
     return attack
@@ -203,36 +211,13 @@ def _image_attack(name: str) -> Attack:
 
 async def update_flood(url: str, until: float) -> dict[str, Any]:
     """Valid no-op updates (the same prompt again) as fast as the socket takes them."""
-    outcome = Outcome()
-
-    async def send(client: StreamClient, seen: Outcome) -> None:
-        done = _until(until)
-        while not done(client):
-            _, text = client.conn.update(prompt="flood")
-            await client.ws.send(text)
-            seen.sent += 1
-            if seen.sent % 64 == 0:
-                await asyncio.sleep(0)
-
-    await _persist(url, until, {"width": 128, "height": 128, "prompt": "flood"}, send, outcome)
-    return outcome.as_dict()
+    return await _repeat(url, until, "flood", lambda client: client.conn.update(prompt="flood")[1], every=64)
 
 
 async def frame_flood(url: str, until: float) -> dict[str, Any]:
     """Valid small frames as fast as the socket takes them (far above ``max_input_fps``)."""
     body = encode(pattern_frame(1, 128, 128), "jpeg", 80)
-    outcome = Outcome()
-
-    async def send(client: StreamClient, seen: Outcome) -> None:
-        done = _until(until)
-        while not done(client):
-            await client.send_frame(body)
-            seen.sent += 1
-            if seen.sent % 16 == 0:
-                await asyncio.sleep(0)
-
-    await _persist(url, until, {"width": 128, "height": 128, "prompt": "frames"}, send, outcome)
-    return outcome.as_dict()
+    return await _repeat(url, until, "frames", lambda client: client.conn.frame(body), every=16)
 
 
 POISON_SIZES = ((256, 256), (128, 128), (256, 256), (200, 200), (80, 80), (256, 256))
