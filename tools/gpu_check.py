@@ -266,11 +266,14 @@ class _MetaModel:
     def __init__(self, model: CheckModel) -> None:
         import types
 
+        from streamdiff.models.loading import unet_down_factor
+
         self.unet, self.vae = model.meta_unet, model.meta_vae
         self.text_encoder = types.SimpleNamespace(config=types.SimpleNamespace(max_position_embeddings=77))
         self.latent_channels = int(self.unet.config.in_channels)
         blocks = getattr(self.vae.config, "block_out_channels", None) or self.vae.config.encoder_block_out_channels
         self.vae_scale_factor = 2 ** (len(blocks) - 1)
+        self.unet_down_factor = unet_down_factor(self.unet)
         self.dtype = torch.float16
 
 

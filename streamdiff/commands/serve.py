@@ -82,6 +82,8 @@ _LIMIT_HELP = {
     "message_burst": "messages read at once above that rate",
     "max_connects_per_address_per_s": "new stream sockets per second from one IP address; more get HTTP 503",
     "connect_burst_per_address": "new stream sockets at once from one address above that rate",
+    "abuse_cooldown_s": "seconds an address may open no stream socket after one of its connections exhausted its "
+                        "error budget",
     "max_decode_ms": "CPU milliseconds decoding one input frame may take (decode_too_slow beyond)",
     "max_decode_share": "share of one core a client's decodes may use over --decode-window-s",
     "decode_window_s": "seconds of the decode share's window",

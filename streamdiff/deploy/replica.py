@@ -67,7 +67,7 @@ class StreamReplica:
 
     @ingress.websocket(STREAM_PATH)
     async def stream(self, websocket: WebSocket) -> None:
-        if not await self._accept(websocket):
+        if not await self._accept(websocket, STREAM_PATH):
             return
         session = StreamSession(self.hub, StarletteTransport(websocket))
         self.hub.connection_started(websocket)  # the session counts itself from here on
@@ -79,7 +79,7 @@ class StreamReplica:
 
     @ingress.websocket("/ws/view/{token}")
     async def view(self, websocket: WebSocket, token: str) -> None:
-        if not await self._accept(websocket):
+        if not await self._accept(websocket, f"/ws/view/{token}"):
             return
         await ViewerSession(self.hub, StarletteTransport(websocket), unquote(token)).run()
 
@@ -93,12 +93,13 @@ class StreamReplica:
         headers["X-Streamdiff-Replica"] = self.tag
         return Response(reply.body, status_code=reply.status, media_type=reply.content_type, headers=headers)
 
-    async def _accept(self, websocket: WebSocket) -> bool:
+    async def _accept(self, websocket: WebSocket, path: str) -> bool:
         """Upgrade, unless the server's one decision (:meth:`Hub.upgrade_reply`: Host, query string, admission
-        caps) refuses it: then the handshake is denied (HTTP 403 from the ASGI server; the reason is logged)."""
+        caps) refuses it: then the handshake is denied (HTTP 403 from the ASGI server; the reason is logged).
+        ``path``: the route's own path (the application's route prefix left out)."""
         from starlette.websockets import WebSocketState
 
-        target = websocket.url.path + (f"?{websocket.url.query}" if websocket.url.query else "")
+        target = path + (f"?{websocket.url.query}" if websocket.url.query else "")
         address = websocket.client.host if websocket.client else "?"
         refused = self.hub.upgrade_reply(target, self.static, websocket.headers, websocket, address,
                                          lambda: websocket.client_state is not WebSocketState.DISCONNECTED)

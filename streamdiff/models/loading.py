@@ -94,14 +94,19 @@ class LoadedModel:
         diffusers' eager U-Net also runs other sizes (it passes the skip connections' sizes to its upsamplers);
         a traced or compiled graph has the ×2 upsampling baked in, and its skip concatenation fails.
         """
-        upsamplers = getattr(self.unet, "num_upsamplers", None)
-        if upsamplers is None:
-            upsamplers = len(self.unet.config.block_out_channels) - 1
-        return 2 ** int(upsamplers)
+        return unet_down_factor(self.unet)
 
     @property
     def text_hidden_size(self) -> int:
         return int(self.text_encoder.config.hidden_size)
+
+
+def unet_down_factor(unet: torch.nn.Module) -> int:
+    """2^(the U-Net's upsamplers): how much it shrinks a latent (see :attr:`LoadedModel.unet_down_factor`)."""
+    upsamplers = getattr(unet, "num_upsamplers", None)
+    if upsamplers is None:
+        upsamplers = len(unet.config.block_out_channels) - 1
+    return 2 ** int(upsamplers)
 
 
 def resolve_model_path(model: str, revision: str | None = None, cache_dir: Path | None = None) -> Path:

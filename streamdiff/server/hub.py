@@ -157,6 +157,12 @@ class Hub:
         logger.info("stream socket from %s refused (503): %s", address, refused)
         return HttpReply(503, f"{refused}; try again later\n".encode(), headers=(("Retry-After", "1"),))
 
+    def penalize(self, address: str) -> None:
+        """A connection from ``address`` was closed for misbehaving (its error budget): the address's next stream
+        socket waits ``abuse_cooldown_s`` (a client that floods, is closed and reconnects at once costs a refused HTTP
+        request per try, not a stream)."""
+        self._connects.penalize(address, self.limits.abuse_cooldown_s)
+
     def connection_started(self, key: object) -> None:
         """The socket held by :meth:`admit_connection` has its session now (which counts itself until its hello)."""
         self._opening.pop(key, None)

@@ -21,7 +21,7 @@ __all__ = ["SERVER_ONLY", "ServerLimits"]
 SERVER_ONLY = frozenset({"max_streams", "max_viewers_per_stream", "handshake_timeout_s", "write_timeout_s",
                          "close_timeout_s", "send_buffer_bytes", "max_queued_messages", "max_awaiting_hello",
                          "max_awaiting_hello_per_address", "max_connects_per_address_per_s",
-                         "connect_burst_per_address"})
+                         "connect_burst_per_address", "abuse_cooldown_s"})
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,8 @@ class ServerLimits:
     stream sockets that have not sent their hello yet, ``max_awaiting_hello_per_address`` of them from one client
     address (more are refused with HTTP 503 before the WebSocket upgrade), and at most
     ``max_connects_per_address_per_s`` new stream sockets a second from one address, with bursts of
-    ``connect_burst_per_address`` (a client that reconnects as fast as it is closed gets 503). Reading: at most
+    ``connect_burst_per_address`` (a client that reconnects as fast as it is closed gets 503), and none for
+    ``abuse_cooldown_s`` after one of its connections was closed for exhausting its error budget. Reading: at most
     ``max_messages_per_s`` messages of any kind per second per connection are read, with bursts of
     ``message_burst``; beyond that the server reads more slowly (TCP pushes back on the sender) rather than reading
     and dropping at full speed.
@@ -96,8 +97,9 @@ class ServerLimits:
     max_awaiting_hello_per_address: int = 8
     max_messages_per_s: float = 120.0
     message_burst: int = 64
-    max_connects_per_address_per_s: float = 2.0
-    connect_burst_per_address: int = 16
+    max_connects_per_address_per_s: float = 4.0
+    connect_burst_per_address: int = 32
+    abuse_cooldown_s: float = 2.0
     sizes: tuple[str, ...] = ()
     # images
     max_decode_ms: float = 200.0

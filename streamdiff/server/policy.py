@@ -35,6 +35,13 @@ class RateLimiter:
             return True
         return False
 
+    def owe(self, seconds: float) -> None:
+        """Empty the bucket and owe ``seconds`` of refill: the next event is allowed no sooner than then."""
+        now = self._clock()
+        self._tokens = min(self.burst, self._tokens + max(0.0, now - self._last) * self.rate)
+        self._last = now
+        self._tokens = min(0.0, self._tokens) - seconds * self.rate + 1.0 - 1e-9
+
 
 class ReadPacer:
     """Messages read from one connection: ``rate`` per second on average with bursts of ``burst``. Past that,
@@ -70,6 +77,12 @@ class AddressRates:
         while len(self._limiters) > self.capacity:
             self._limiters.popitem(last=False)
         return limiter.allow()
+
+    def penalize(self, address: str, seconds: float) -> None:
+        """``address`` gets no token for the next ``seconds`` (its bucket is emptied and owes that much more)."""
+        limiter = self._limiters.pop(address, None) or RateLimiter(self.rate, self.burst, self._clock)
+        self._limiters[address] = limiter
+        limiter.owe(seconds)
 
 
 class ErrorBudget:

@@ -228,6 +228,8 @@ class StreamSession:
             elif isinstance(event, Close):
                 if self.close_code is None:
                     self.close_code, self.close_reason = event.code, f"({event.reason})"
+                if event.error is ErrorCode.ERROR_BUDGET_EXHAUSTED:  # its address waits before its next stream
+                    self.hub.penalize(self.address)
                 self._release()  # the slot is free now, whatever the closing handshake takes
                 self._closing = asyncio.ensure_future(self.transport.close(event.code, event.reason))
         self._sync_metrics()

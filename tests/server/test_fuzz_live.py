@@ -109,7 +109,8 @@ class Fuzzer:
 def test_fuzzed_messages_against_a_live_server(tiny_model) -> None:
     args = ["--size", "64x64", "--max-width", "256", "--max-height", "256", "--max-input-fps", "100000",
             "--input-burst-frames", "100000", "--max-errors", "1000000", "--idle-timeout-s", "600",
-            "--stats-interval", "0", "--max-streams", "8"]
+            "--stats-interval", "0", "--max-streams", "8", "--max-connects-per-address-per-s", "10000",
+            "--connect-burst-per-address", "10000"]  # the fuzzer reconnects after every close: messages under test
     with ServeProcess(*args) as server:
         fuzzer = Fuzzer(server.url)
         rss: list[int] = []  # every 1000 messages

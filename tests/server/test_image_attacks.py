@@ -46,8 +46,18 @@ def _attacks() -> dict[str, tuple[bytes, str]]:
 
 async def _attack_once(url: str, body: bytes) -> tuple[list[str], int | None, str | None]:
     """One attacker connection sending ``body`` until the server closes it: its non-fatal error codes, the close
-    code and the fatal error's code."""
-    client = await StreamClient.connect(url, settings())
+    code and the fatal error's code. Refused before the upgrade while its address cools down after the previous
+    connection's close (HTTP 503, ``abuse_cooldown_s``), it tries again after ``Retry-After`` (1 s), as a client
+    should."""
+    from websockets.exceptions import InvalidStatus
+
+    while True:
+        try:
+            client = await StreamClient.connect(url, settings())
+            break
+        except InvalidStatus as refused:
+            assert refused.response.status_code == 503
+            await asyncio.sleep(1.0)
     frame_id = 0
     try:
         while not client.closed.is_set() and frame_id < 100:

@@ -76,3 +76,21 @@ def test_address_rates_limit_each_address_apart_and_forget_the_least_recent() ->
     assert rates.allow("a") and not rates.allow("a")  # refilled at 2 a second
     rates.allow("c")  # a third address: the least recently seen ("b") is forgotten, "a" is kept
     assert not rates.allow("a")
+
+
+def test_a_penalized_address_waits_its_cooldown_then_gets_its_rate_back() -> None:
+    from server_helpers import FakeClock
+
+    from streamdiff.server.policy import AddressRates
+
+    clock = FakeClock()
+    rates = AddressRates(rate=4.0, burst=8, clock=clock)
+    assert rates.allow("a")
+    rates.penalize("a", 2.0)
+    assert not rates.allow("a") and rates.allow("b")  # only that address
+    clock.advance(1.9)
+    assert not rates.allow("a")
+    clock.advance(0.2)
+    assert rates.allow("a") and not rates.allow("a")  # one token after the cooldown, then the rate
+    clock.advance(0.25)
+    assert rates.allow("a")
