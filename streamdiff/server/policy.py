@@ -25,11 +25,14 @@ class RateLimiter:
         self._tokens = float(burst)
         self._last = clock()
 
-    def allow(self) -> bool:
-        """Take one token if there is one; False means drop this event."""
+    def _refill(self) -> None:
         now = self._clock()
         self._tokens = min(self.burst, self._tokens + max(0.0, now - self._last) * self.rate)
         self._last = now
+
+    def allow(self) -> bool:
+        """Take one token if there is one; False means drop this event."""
+        self._refill()
         if self._tokens >= 1.0:
             self._tokens -= 1.0
             return True
@@ -37,27 +40,19 @@ class RateLimiter:
 
     def owe(self, seconds: float) -> None:
         """Empty the bucket and owe ``seconds`` of refill: the next event is allowed no sooner than then."""
-        now = self._clock()
-        self._tokens = min(self.burst, self._tokens + max(0.0, now - self._last) * self.rate)
-        self._last = now
+        self._refill()
         self._tokens = min(0.0, self._tokens) - seconds * self.rate + 1.0 - 1e-9
 
 
-class ReadPacer:
+class ReadPacer(RateLimiter):
     """Messages read from one connection: ``rate`` per second on average with bursts of ``burst``. Past that,
     :meth:`read` says how long the I/O layer should wait before reading the next message, so that a flooding
     client is slowed by TCP's own flow control instead of costing the server a parse per message at full speed."""
 
-    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
-        self.rate, self.burst, self._clock = rate, burst, clock
-        self._tokens = float(burst)
-        self._last = clock()
-
     def read(self) -> float:
         """Count one message read now; the seconds to wait before reading the next (0 within the budget)."""
-        now = self._clock()
-        self._tokens = min(self.burst, self._tokens + max(0.0, now - self._last) * self.rate) - 1.0
-        self._last = now
+        self._refill()
+        self._tokens -= 1.0
         return 0.0 if self._tokens >= 0 else -self._tokens / self.rate
 
 
@@ -72,17 +67,20 @@ class AddressRates:
 
     def allow(self, address: str) -> bool:
         """Take one token of ``address``'s bucket if there is one."""
+        return self._limiter(address).allow()
+
+    def penalize(self, address: str, seconds: float) -> None:
+        """``address`` gets no token for the next ``seconds`` (its bucket is emptied and owes that much more)."""
+        self._limiter(address).owe(seconds)
+
+    def _limiter(self, address: str) -> RateLimiter:
+        """``address``'s bucket, now the most recently seen (made full if new; the least recent beyond capacity
+        forgotten)."""
         limiter = self._limiters.pop(address, None) or RateLimiter(self.rate, self.burst, self._clock)
         self._limiters[address] = limiter
         while len(self._limiters) > self.capacity:
             self._limiters.popitem(last=False)
-        return limiter.allow()
-
-    def penalize(self, address: str, seconds: float) -> None:
-        """``address`` gets no token for the next ``seconds`` (its bucket is emptied and owes that much more)."""
-        limiter = self._limiters.pop(address, None) or RateLimiter(self.rate, self.burst, self._clock)
-        self._limiters[address] = limiter
-        limiter.owe(seconds)
+        return limiter
 
 
 class ErrorBudget:
