@@ -2,7 +2,7 @@
 sockets that never say hello. Each test measures the victims against a baseline taken in the same test, so that the
 assertions hold on a loaded machine; wall-clock numbers are compared with ratios with wide margins.
 
-The flooding client runs in its own process (``websockets``' synchronous client), so that its work does not share
+The flooding clients run in their own processes (``websockets``' synchronous client), so that its work does not share
 the server's interpreter lock, as a real attacker's would not.
 """
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import socket
 import subprocess
 import sys
 import threading
@@ -154,7 +153,7 @@ def test_an_update_flood_is_rate_limited_then_closed_and_nobody_else_notices(liv
     assert probes >= 10 and flood_p95 <= max(0.100, 4 * base_p95), flood["healthz"]
     # The victims kept streaming at a comparable rate (a wide margin: the attacker's reconnects cost engine work).
     for before, while_flooded in zip(baseline, during):
-        assert len(while_flooded.outputs) >= 0.5 * len(before.outputs) > 0, (len(before.outputs),
+        assert len(while_flooded.outputs) >= 0.7 * len(before.outputs) > 0, (len(before.outputs),
                                                                              len(while_flooded.outputs))
     # One INFO line per closed attacker, never the alarming "the engine ended the stream".
     server_logs = [r for r in caplog.records if r.name.startswith("streamdiff.server")]
@@ -163,8 +162,13 @@ def test_an_update_flood_is_rate_limited_then_closed_and_nobody_else_notices(liv
     assert len(closes) == flood["connections"] and all(r.levelno == logging.INFO for r in closes)
 
 
-def _upgrade(source: str, port: int, held: list[socket.socket]) -> int:
-    """Open a socket from ``source``, ask for the stream socket's upgrade, return the HTTP status; keep it open."""
+# The hello-less flooder, in its own process as a real one would be (a thread here would share the server's GIL): from
+# each source address, 200 sockets that ask for the stream socket's upgrade and never say hello. Prints the HTTP
+# statuses as one JSON line, then holds every socket open until its stdin closes.
+HOLDER = r"""
+import json, socket, sys
+port, held, statuses = int(sys.argv[1]), [], {}
+def upgrade(source):
     sock = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
     sock.sendall(f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                  "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
@@ -176,31 +180,31 @@ def _upgrade(source: str, port: int, held: list[socket.socket]) -> int:
         reply += chunk
     held.append(sock)
     return int(reply.split(b" ", 2)[1]) if reply.startswith(b"HTTP/1.1 ") else 0
+for source in ("127.0.0.1", "127.0.0.2"):  # one address's 200, then another's: the first meets its cap, the second the total
+    statuses[source] = [upgrade(source) for _ in range(200)]
+print(json.dumps(statuses), flush=True)
+sys.stdin.read()
+"""
 
 
 def test_sockets_that_never_say_hello_are_capped_per_address_and_in_total(live) -> None:
     limits = ServerLimits(max_streams=4, max_awaiting_hello=12, max_awaiting_hello_per_address=8, hello_timeout_s=30)
     server = live(limits=limits)
-    held: list[socket.socket] = []
     statuses: dict[str, list[int]] = {}
-
-    def open_many() -> None:  # one address's 200, then another's: the first meets its cap, the second the total
-        for source in ("127.0.0.1", "127.0.0.2"):
-            statuses[source] = [_upgrade(source, server.port, held) for _ in range(200)]
 
     async def main() -> tuple[list[Drive], list[Drive]]:
         victims = await _victims(server, 2)
         await _stream(victims, 2.0)
         baseline = await _stream(victims, PHASE_S)
-        flooder = threading.Thread(target=open_many)
-        flooder.start()
+        flooder = await asyncio.create_subprocess_exec(sys.executable, "-c", HOLDER, str(server.port),
+                                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         during = await _stream(victims, PHASE_S)
-        await asyncio.get_running_loop().run_in_executor(None, flooder.join, 60)
+        statuses.update(json.loads(await asyncio.wait_for(flooder.stdout.readline(), 60)))
         waiting = sum(s.awaiting_hello for s in list(server.hub.connections))
         with pytest.raises(Exception, match="503"):  # still held: this address has no room
             await StreamClient.connect(server.url, settings())
-        for sock in held:
-            sock.close()
+        flooder.stdin.close()  # the holder closes its sockets and exits
+        await asyncio.wait_for(flooder.wait(), 30)
         deadline = time.monotonic() + 10  # the server sees the sockets go
         while any(s.awaiting_hello for s in list(server.hub.connections)) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -219,5 +223,5 @@ def test_sockets_that_never_say_hello_are_capped_per_address_and_in_total(live) 
     assert (other.count(101), other.count(503)) == (4, 196), sorted(set(other))  # the total (12) was reached
     assert statuses["waiting"] == [12]
     for before, while_flooded in zip(baseline, during):
-        assert len(while_flooded.outputs) >= 0.5 * len(before.outputs) > 0, (len(before.outputs),
+        assert len(while_flooded.outputs) >= 0.7 * len(before.outputs) > 0, (len(before.outputs),
                                                                              len(while_flooded.outputs))
