@@ -1,4 +1,4 @@
-"""Shared fixtures: a per-session cache folder for the built-in tiny model, one torch thread for steady timings."""
+"""Shared fixtures: a per-session cache folder for the built-in tiny models, one torch thread for steady timings."""
 
 from __future__ import annotations
 
@@ -29,7 +29,16 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model(cache_dir: Path):
-    """The built-in tiny model, loaded once per session on the CPU in float32 (treat as read-only)."""
+    """The built-in ``tiny-random`` model (random weights from a seed: what the engine, server and runtime tests need
+    is the architecture and exact, seeded numbers), loaded once per session on the CPU in float32 (read-only)."""
+    from streamdiff import load_model
+
+    return load_model("tiny-random", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_trained(cache_dir: Path):
+    """The built-in trained ``tiny`` model (the shipped weights), loaded once per session on the CPU in float32."""
     from streamdiff import load_model
 
     return load_model("tiny", device="cpu")

@@ -188,7 +188,7 @@ def test_invalid_inputs_raise_clear_errors(tiny_model, frames) -> None:
         pipe(np.zeros((SIZE, SIZE, 3)))
     with pytest.raises(FrameError, match="img2img mode needs an input frame"):
         pipe(None)
-    with pytest.raises(ConfigError, match=r"width=60 is not a multiple of 8 \(the tiny model.s VAE factor 8\)"):
+    with pytest.raises(ConfigError, match=r"width=60 is not a multiple of 8 \(the tiny-random model.s VAE factor 8\)"):
         StreamPipeline(tiny_model, StreamConfig(width=60, height=64))
     with pytest.raises(ConfigError, match="t_index_list entry 50"):
         pipe.update(t_index_list=[10, 50])

@@ -9,6 +9,10 @@ cross-stream batching against the streams taking turns, aggregate frames/s and p
 weights built in memory. Configurations are interleaved; figures are medians over rounds. Example::
 
     streamdiff bench --model sd21 --threads 1 --json > bench.json
+
+``--quality`` measures the trained ``tiny`` model's output instead of speed (:mod:`streamdiff.bench.quality_suite`):
+structure kept (SSIM at strength 0.5), style reached, prompt sensitivity, and temporal stability (warp error) of
+Stream Batch vs per-frame img2img, with and without the similarity filter.
 """
 
 from __future__ import annotations
@@ -59,6 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="a fast smoke run: 2 rounds of 1 call, 1 warm-up")
     parser.add_argument("--no-compile", action="store_true", help="leave the compiled U-Net out of 'diffusers'")
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    parser.add_argument("--quality", action="store_true",
+                        help="measure output quality of the trained tiny model (SSIM, styles, warp error), not speed")
 
 
 def _settings(args: argparse.Namespace) -> Any:
@@ -138,6 +144,8 @@ def run(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise ConfigError(f"--threads={args.threads} must be >= 1")
         torch.set_num_threads(args.threads)
+    if args.quality:
+        return _run_quality(args)
     settings = _settings(args)
     # diffusers' modules call an lru_cache'd version check that dynamo warns about on every compile.
     warnings.filterwarnings("ignore", message="Dynamo detected a call to a `functools.lru_cache`")
@@ -160,6 +168,24 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(table, file=sys.stderr)  # for the person watching; stdout stays machine-readable
         print(json.dumps(report_dict(comparisons, **meta), indent=2))
+    else:
+        print(table)
+    return 0
+
+
+def _run_quality(args: argparse.Namespace) -> int:
+    from ..bench.quality_suite import format_quality, quality_figures
+    from ..models import load_model
+
+    if args.model != "tiny":
+        raise ConfigError(f"--quality measures the trained tiny model only, not --model {args.model}")
+    started = time.perf_counter()
+    figures = quality_figures(load_model("tiny", device="cpu"))
+    figures["seconds"] = round(time.perf_counter() - started, 1)
+    table = format_quality(figures)
+    if args.json:
+        print(table, file=sys.stderr)
+        print(json.dumps(figures, indent=2))
     else:
         print(table)
     return 0

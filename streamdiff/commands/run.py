@@ -20,7 +20,8 @@ from typing import Any
 
 from ..config import StreamConfig, parse_size
 from ..errors import StreamDiffError
-from ..io.sinks import open_sink
+from ..io.contact_sheet import ContactSheetSink, InputTap
+from ..io.sinks import VideoFileSink, open_sink
 from ..io.sources import list_webcams, open_source
 from ..runtime import RuntimeConfig, StreamRunner
 from ..runtime.controls import COMMAND_HELP
@@ -143,6 +144,10 @@ def build_runner(options: dict[str, Any]) -> StreamRunner:
         realtime=bool(options["realtime"]), frames=None, camera_size=camera_size,
     )
     sinks = [open_sink(str(spec), virtualcam_backend=options["virtualcam_backend"]) for spec in options["sink"]]
+    videos = [sink for sink in sinks if isinstance(sink, VideoFileSink)]
+    if videos:  # a PNG contact sheet (inputs over outputs) beside the first video file
+        source = InputTap(source)
+        sinks.append(ContactSheetSink(videos[0].path.with_suffix(".png"), source))
     source.open()  # fail fast, before a possibly long model load; the runner's open() is then a no-op
     prompt = shared.prompt_config(options)
     try:

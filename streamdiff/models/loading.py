@@ -30,7 +30,7 @@ from ..config import check_number
 from ..errors import ConfigError, ModelLoadError
 from .hub import hub_snapshot, is_hub_id
 from ..core.schedule import NoiseSchedule, PredictionType
-from .tiny import TINY_NAME, tiny_model_path
+from .tiny import TINY_NAME, TINY_RANDOM_NAME, tiny_model_path, tiny_random_model_path
 
 logger = logging.getLogger(__name__)
 
@@ -110,9 +110,11 @@ def unet_down_factor(unet: torch.nn.Module) -> int:
 
 
 def resolve_model_path(model: str, revision: str | None = None, cache_dir: Path | None = None) -> Path:
-    """``tiny`` → the built-in model's folder; a path → itself; otherwise a hub id → its snapshot folder."""
+    """``tiny`` / ``tiny-random`` → a built-in model's folder; a path → itself; otherwise a hub id → its snapshot."""
     if model == TINY_NAME:
         return tiny_model_path(cache_dir)
+    if model == TINY_RANDOM_NAME:
+        return tiny_random_model_path(cache_dir)
     path = Path(model).expanduser()
     if path.exists():
         return path
@@ -120,7 +122,7 @@ def resolve_model_path(model: str, revision: str | None = None, cache_dir: Path 
         return hub_snapshot(model, PIPELINE_PATTERNS, revision, "model")
     raise ModelLoadError(
         f"model {model!r} is not an existing file or folder, not a Hugging Face hub id ('org/name') and not "
-        f"{TINY_NAME!r}"
+        f"{TINY_NAME!r} or {TINY_RANDOM_NAME!r}"
     )
 
 
@@ -316,7 +318,7 @@ def load_model(
 ) -> LoadedModel:
     """Load a model for streaming.
 
-    ``model``: ``"tiny"``, a local diffusers folder, a ``.safetensors``/``.ckpt`` file in the original SD layout
+    ``model``: ``"tiny"`` (trained, built in), ``"tiny-random"`` (random weights, for tests), a local diffusers folder, a ``.safetensors``/``.ckpt`` file in the original SD layout
     (``model_config`` names a diffusers folder or cached hub id of the same architecture; needed offline), or a hub
     id such as ``"stabilityai/sd-turbo"``. ``vae``: replace the model's VAE, e.g. ``"madebyollin/taesd"``.
     ``loras``: fused at load, each ``(source, scale)``, e.g. ``("latent-consistency/lcm-lora-sdv1-5", 1.0)``.

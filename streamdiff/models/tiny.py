@@ -1,14 +1,20 @@
-"""The built-in ``tiny`` model: Stable-Diffusion architecture, random weights, built offline from a seed.
+"""The built-in models: ``tiny`` (trained here, shipped) and ``tiny-random`` (random weights, built from a seed).
 
-U-Net (cross-attention at its coarsest level), TAESD-style ``AutoencoderTiny`` VAE, a small CLIP text encoder and a
-tokenizer from a hand-written vocabulary. It is saved as a normal diffusers folder on first use and loaded through the
-same code path as any local model. Its U-Net and text encoder are random; its VAE is a lossy pass-through with a random
-texture, so the output follows the input with meaningless styling. It exists so that everything runs in
-real time on a CPU with no download. Sized for 256×256 (32×32 latents).
+Both have the same Stable-Diffusion architecture: a U-Net (cross-attention at its coarsest level), a TAESD-style
+``AutoencoderTiny`` VAE, a small CLIP text encoder and a tokenizer from a hand-written vocabulary. Each is saved as a
+normal diffusers folder in the cache on first use and loaded through the same code path as any local model. Sized
+for 256×256 (32×32 latents).
 
-Version 3 is sized for ≥ 30 frames/s end to end on 2 CPU threads: the VAE is 8 channels wide and does no block work
-at full resolution (one convolution in, two out; v2 spent more time there than in its U-Net), and the U-Net keeps
-attention at its 8×8 level only (v2 had it at 16×16 too). Measured: docs/PERF.md ("The tiny model").
+``tiny``: weights trained by ``tools/train_tiny.py`` on procedural images (fp16 safetensors + ``manifest.json`` in
+``weights/tiny/``, package data). Its prompts name one of five styles (:mod:`.tiny_styles`: watercolor, sketch,
+neon, mosaic, night); an empty prompt keeps the input as it is.
+
+``tiny-random``: random U-Net and text encoder; the VAE is a lossy pass-through with a random texture, so the output
+follows the input with meaningless styling. Tests that need exact numbers from a seed use it.
+
+Version 3 of the architecture is sized for ≥ 30 frames/s end to end on 2 CPU threads: the VAE is 8 channels wide
+and does no block work at full resolution, and the U-Net keeps attention at its 8×8 level only. Measured:
+docs/PERF.md ("The tiny model").
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -27,6 +34,9 @@ from .tokenizer_vocab import build_vocab, write_tokenizer_files
 logger = logging.getLogger(__name__)
 
 TINY_NAME = "tiny"
+TINY_RANDOM_NAME = "tiny-random"
+TINY_WEIGHTS_DIR = Path(__file__).resolve().parent / "weights" / "tiny"
+TINY_PARTS = ("unet", "vae", "text_encoder")
 TINY_VERSION = 3
 TINY_SEED = 0
 
@@ -171,17 +181,67 @@ def save_diffusers_folder(components: dict[str, object], folder: Path) -> None:
     (folder / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
 
 
-def tiny_model_path(cache_dir: Path | None = None, seed: int = TINY_SEED) -> Path:
-    """The folder of the built-in tiny model, building it atomically on first use."""
+def load_trained_components(weights_dir: Path = TINY_WEIGHTS_DIR) -> dict[str, object]:
+    """The tiny architecture with the trained fp16 weights of ``weights_dir`` (held in float32)."""
+    from safetensors.torch import load_file
+
+    from ..errors import ModelLoadError
+
+    components = build_tiny_components(TINY_SEED)
+    for name in TINY_PARTS:
+        path = weights_dir / f"{name}.safetensors"
+        if not path.is_file():
+            raise ModelLoadError(f"the tiny model's weights {path} are missing; reinstall streamdiff or run "
+                                 f"tools/train_tiny.py")
+        module = components[name]
+        state = {k: v.float() for k, v in load_file(str(path)).items()}
+        missing, unexpected = module.load_state_dict(state, strict=False)  # type: ignore[attr-defined]
+        missing = [k for k in missing if k in dict(module.named_parameters())]  # type: ignore[attr-defined]
+        if missing or unexpected:
+            raise ModelLoadError(f"{path} does not fit the tiny architecture: missing {missing[:3]}, "
+                                 f"unexpected {unexpected[:3]}")
+    return components
+
+
+def save_trained_folder(weights_dir: Path, folder: Path) -> Path:
+    """A diffusers folder at ``folder`` from the shipped weights in ``weights_dir`` (+ configs, tokenizer, scheduler)."""
+    save_diffusers_folder(load_trained_components(weights_dir), folder)
+    return folder
+
+
+def _weights_digest(weights_dir: Path) -> str:
+    """Eight hex digits naming this set of weights (from the manifest's file hashes)."""
+    import hashlib
+
+    manifest = weights_dir / "manifest.json"
+    data = manifest.read_bytes() if manifest.is_file() else b""
+    files = json.loads(data).get("files", {}) if data else {}
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def tiny_model_path(cache_dir: Path | None = None) -> Path:
+    """The folder of the built-in trained ``tiny`` model, assembled atomically from the shipped weights on first use."""
+    name = f"tiny-trained-v{TINY_VERSION}-{_weights_digest(TINY_WEIGHTS_DIR)}"
+    return _cached_folder(cache_dir, name, lambda staging: save_trained_folder(TINY_WEIGHTS_DIR, staging))
+
+
+def tiny_random_model_path(cache_dir: Path | None = None, seed: int = TINY_SEED) -> Path:
+    """The folder of the ``tiny-random`` model (random weights from ``seed``), building it atomically on first use."""
+    return _cached_folder(cache_dir, f"tiny-v{TINY_VERSION}-seed{seed}",
+                          lambda staging: save_diffusers_folder(build_tiny_components(seed), staging))
+
+
+def _cached_folder(cache_dir: Path | None, name: str, build: Callable[[Path], object]) -> Path:
+    """``root/models/name``, made by ``build(staging)`` and renamed into place unless it exists."""
     root = (cache_dir or default_cache_dir()) / "models"
-    folder = root / f"tiny-v{TINY_VERSION}-seed{seed}"
+    folder = root / name
     if (folder / "model_index.json").is_file():
         return folder
     root.mkdir(parents=True, exist_ok=True)
-    logger.info("building the built-in tiny model (random weights, seed %d) in %s", seed, folder)
+    logger.info("building the built-in model %s in %s", name, folder)
     staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=root))
     try:
-        save_diffusers_folder(build_tiny_components(seed), staging)
+        build(staging)
         try:
             os.replace(staging, folder)
         except OSError:

@@ -37,7 +37,9 @@ def test_readme_style_run_writes_a_video_and_stats(tiny_model, tmp_path: Path, c
     assert frame_count(out) == (7, 64, 64, 12.0)
     data = json.loads(stats.read_text())
     assert data["frames_in"] == data["frames_out"] == 7 and data["drops"] == {} and data["error"] is None
-    assert data["latency_p50_ms"] > 0 and data["sinks"] == {f"file:{out}": 7, "null": 7}
+    # a video file brings its PNG contact sheet (streamdiff/io/contact_sheet.py), a sink of its own
+    sheet = f"contact-sheet:{out.with_suffix('.png')}"
+    assert data["latency_p50_ms"] > 0 and data["sinks"] == {f"file:{out}": 7, "null": 7, sheet: 7}
     printed = capsys.readouterr().out
     assert "frames   in 7, out 7" in printed and "latency  p50" in printed
 
@@ -336,8 +338,9 @@ def test_engine_url_gives_the_same_frames_and_stats_as_the_in_process_engine(tin
     from streamdiff.server.hub import ServerConfig
 
     # The local engine as the server's: torch float32 (run's default backend would pick OpenVINO bfloat16 here).
-    common = ["run", "--source", "testpattern", "--frames", "12", "--size", "64x64", "--prompt", "ink drawing",
-              "--seed", "7", "--status-interval", "0", "--backend", "torch", "--dtype", "float32"]
+    common = ["run", "--model", "tiny-random", "--source", "testpattern", "--frames", "12", "--size", "64x64",
+              "--prompt", "ink drawing", "--seed", "7", "--status-interval", "0", "--backend", "torch",
+              "--dtype", "float32"]
     assert main(common + ["--sink", f"folder:{tmp_path / 'local'}", "--stats-json", str(tmp_path / "local.json")]) == 0
     engine = StreamEngine(tiny_model, EngineConfig(max_streams=2))
     with BackgroundServer(engine, ServerConfig(port=0)) as server:

@@ -140,7 +140,7 @@ def test_invalid_update_raises_in_the_caller_and_the_stream_keeps_producing(tiny
     for bad, message in [
         (dict(guidance_scale=99), r"guidance_scale=99 is outside \[0, 50\]"),
         (dict(t_index_list=(40, 20)), r"must be strictly increasing"),
-        (dict(width=60), r"width=60 is not a multiple of 8 \(the tiny model.s VAE factor 8\); allowed: multiples of 8 "),
+        (dict(width=60), r"width=60 is not a multiple of 8 \(the tiny-random model.s VAE factor 8\); allowed: multiples of 8 "),
         (dict(colour="red"), r"unknown setting\(s\) \['colour'\]"),
         (dict(seed=-1), r"seed=-1 is outside \[0, "),
     ]:

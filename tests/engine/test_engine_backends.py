@@ -93,7 +93,7 @@ def test_every_allowed_size_runs_on_the_engines_built_first_and_others_are_refus
         other.close()
     for side, message in ((32, r"width=32 is outside this engine's range \[64, 1024\]"),
                           (1056, r"width=1056 is outside this engine's range \[64, 1024\]"),
-                          (200, r"width=200 is not a multiple of 32 \(the tiny model's VAE factor 8 × U-Net down "
+                          (200, r"width=200 is not a multiple of 32 \(the tiny-random model's VAE factor 8 × U-Net down "
                                 r"factor 4\); allowed: multiples of 32 from 64 to 1024")):
         with pytest.raises(ConfigError, match=message) as refused:
             engine.open_stream(StreamConfig(width=side, height=SIZE, t_index_list=(20, 40)))

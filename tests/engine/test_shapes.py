@@ -22,24 +22,24 @@ def test_the_tiny_model_knows_its_factors(tiny_model) -> None:
 
 
 @pytest.mark.parametrize("backend, options, config, expected", [
-    (BackendKind.TORCH, EngineOptions(), MULTI, SizeRule(8, 8, 4096, None, "the tiny model's VAE factor 8")),
-    (BackendKind.OPENVINO, EngineOptions(), MULTI, SizeRule(32, 64, 1024, None, "the tiny model's VAE factor 8 × "
+    (BackendKind.TORCH, EngineOptions(), MULTI, SizeRule(8, 8, 4096, None, "the tiny-random model's VAE factor 8")),
+    (BackendKind.OPENVINO, EngineOptions(), MULTI, SizeRule(32, 64, 1024, None, "the tiny-random model's VAE factor 8 × "
                                                                               "U-Net down factor 4")),
     (BackendKind.ONNXRUNTIME, EngineOptions(min_resolution=100, max_resolution=700), MULTI,
-     SizeRule(32, 128, 672, None, "the tiny model's VAE factor 8 × U-Net down factor 4")),
-    (BackendKind.OPENVINO, EngineOptions(), SINGLE, SizeRule(32, 32, 4096, None, "the tiny model's VAE factor 8 × "
+     SizeRule(32, 128, 672, None, "the tiny-random model's VAE factor 8 × U-Net down factor 4")),
+    (BackendKind.OPENVINO, EngineOptions(), SINGLE, SizeRule(32, 32, 4096, None, "the tiny-random model's VAE factor 8 × "
                                                                                "U-Net down factor 4")),
     (BackendKind.TORCH, EngineOptions(compile=True), MULTI,  # fixed-shape packages: one size unless listed
-     SizeRule(32, 64, 1024, ((512, 512),), "the tiny model's VAE factor 8 × U-Net down factor 4")),
+     SizeRule(32, 64, 1024, ((512, 512),), "the tiny-random model's VAE factor 8 × U-Net down factor 4")),
     (BackendKind.TORCH, EngineOptions(compile=True), EngineConfig(max_streams=4, sizes=(256, "320x192")),
-     SizeRule(32, 64, 1024, ((256, 256), (320, 192)), "the tiny model's VAE factor 8 × U-Net down factor 4")),
+     SizeRule(32, 64, 1024, ((256, 256), (320, 192)), "the tiny-random model's VAE factor 8 × U-Net down factor 4")),
 ])
 def test_size_rule_is_model_and_backend_and_operator(tiny_model, backend, options, config, expected) -> None:
     assert size_rule(tiny_model, backend, options, config) == expected
 
 
 def test_a_listed_size_the_backend_cannot_run_is_refused_at_construction(tiny_model) -> None:
-    with pytest.raises(ConfigError, match=r"^sizes entry 200x200: width=200 is not a multiple of 32 \(the tiny "
+    with pytest.raises(ConfigError, match=r"^sizes entry 200x200: width=200 is not a multiple of 32 \(the tiny-random "
                                           r"model's VAE factor 8 × U-Net down factor 4\); allowed: multiples of 32 "
                                           r"from 64 to 1024$") as refused:
         StreamEngine(tiny_model, EngineConfig(max_streams=4, sizes=(256, 200)), backend="openvino")
@@ -55,7 +55,7 @@ def test_a_listed_size_the_backend_cannot_run_is_refused_at_construction(tiny_mo
 def test_every_entry_point_refuses_what_the_engine_cannot_run(tiny_model) -> None:
     engine = StreamEngine(tiny_model, EngineConfig(max_streams=4), backend="openvino")
     assert (engine.size_multiple, engine.size_range, engine.allowed_sizes) == (32, (64, 1024), None)
-    message = (r"^width=200 is not a multiple of 32 \(the tiny model's VAE factor 8 × U-Net down factor 4\); "
+    message = (r"^width=200 is not a multiple of 32 \(the tiny-random model's VAE factor 8 × U-Net down factor 4\); "
                r"allowed: multiples of 32 from 64 to 1024$")
     with pytest.raises(ConfigError, match=message) as refused:
         engine.open_stream(StreamConfig(width=200, height=200))

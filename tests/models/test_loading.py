@@ -24,7 +24,7 @@ from streamdiff.testing import (
     small_kl_vae,
     tiny_components,
 )
-from streamdiff.models.tiny import tiny_model_path
+from streamdiff.models.tiny import tiny_random_model_path
 
 SIZE = 64
 Q = "down_blocks.2.attentions.0.transformer_blocks.0.attn1.to_q"
@@ -244,16 +244,16 @@ def test_float16_on_cuda(tiny_folder, frames_module) -> None:
 # -- the built-in tiny model ------------------------------------------------------------------------------------------
 
 
-def test_tiny_is_deterministic_cached_and_loaded_like_a_folder(tmp_path, frames_module, base_frames) -> None:
-    a, b = tiny_model_path(tmp_path / "a"), tiny_model_path(tmp_path / "b")
+def test_tiny_random_is_deterministic_cached_and_loaded_like_a_folder(tmp_path, frames_module, base_frames) -> None:
+    a, b = tiny_random_model_path(tmp_path / "a"), tiny_random_model_path(tmp_path / "b")
     files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
     assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
     stamps = {f: (a / f).stat().st_mtime_ns for f in files}
-    assert tiny_model_path(tmp_path / "a") == a
+    assert tiny_random_model_path(tmp_path / "a") == a
     assert stamps == {f: (a / f).stat().st_mtime_ns for f in files}  # not rebuilt
     assert [p.name for p in a.parent.iterdir()] == [a.name]  # no staging folder left
-    model = load_model("tiny", cache_dir=tmp_path / "a")
+    model = load_model("tiny-random", cache_dir=tmp_path / "a")
     assert torch.equal(stream_frames(model, frames_module[:4]), base_frames)  # same seed as save_tiny_model(seed=0)
 
 
