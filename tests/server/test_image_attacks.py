@@ -49,7 +49,7 @@ async def _attack_once(url: str, body: bytes) -> tuple[list[str], int | None, st
     code and the fatal error's code. Refused before the upgrade while its address cools down after the previous
     connection's close (HTTP 503, ``abuse_cooldown_s``), it tries again after ``Retry-After`` (1 s), as a client
     should."""
-    from websockets.exceptions import InvalidStatus
+    from websockets.exceptions import ConnectionClosed, InvalidStatus
 
     while True:
         try:
@@ -61,7 +61,10 @@ async def _attack_once(url: str, body: bytes) -> tuple[list[str], int | None, st
     frame_id = 0
     try:
         while not client.closed.is_set() and frame_id < 100:
-            await client.send_frame(body, frame_id=frame_id)
+            try:
+                await client.send_frame(body, frame_id=frame_id)
+            except ConnectionClosed:  # the server's close arrived while this frame was being sent
+                break
             frame_id += 1
             try:
                 await asyncio.wait_for(client.closed.wait(), 1 / ATTACK_FPS)
