@@ -55,7 +55,8 @@ every case that ran matched the reference and nothing failed; cut and not-instal
 
 Without a GPU it says so and runs the dry run: the offline box's wheel plan and the venv plan are printed (not run),
 the tiny model is built, its float16
-ONNX graphs (what TensorRT and ONNX Runtime CUDA use) are exported, the TensorRT build plans and profiles of both models (the SD-2.1-size one on the meta device) are computed, the FLOPs counted, and the StreamEngine runs
+ONNX graphs (what TensorRT and ONNX Runtime CUDA use) are exported, the TensorRT build plans and profiles of both
+models (the SD-2.1-size one on the meta device) are computed, the FLOPs counted, and the StreamEngine runs
 torch float32 against ONNX Runtime (CPU provider) over the case grid at ``--size`` (64 px by default in a dry run).
 ``--budget`` seconds (the deadline less 60) bound the start of new builds and cases (the rest are reported as
 skipped); ``--deadline`` is the hard limit.
@@ -528,7 +529,8 @@ def _config(size: int, steps: int) -> Any:
 # -- the work and the deadline --------------------------------------------------------------------------------------
 
 
-def work(names: list[str], device: torch.device, args: argparse.Namespace, progress: Progress, budget_at: float) -> None:
+def work(names: list[str], device: torch.device, args: argparse.Namespace, progress: Progress,
+         budget_at: float) -> None:
     """Everything that may take long or hang on the device, on the worker thread: the matmul peak, the models, the
     dry run's float16 export and every case."""
     mark = [time.monotonic()]
@@ -628,7 +630,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--engine-dir", default=str(REPO / "gpu_check_engines"))
     parser.add_argument("--models", default=None, help="comma-separated: tiny, sd21 (default: both)")
     parser.add_argument("--backends", default=None,
-                        help=f"comma-separated, the first is the reference: {', '.join((*BACKENDS, *CPU_BACKENDS[1:]))}")
+                        help="comma-separated, the first is the reference: "
+                             f"{', '.join((*BACKENDS, *CPU_BACKENDS[1:]))}")
     parser.add_argument("--size", type=int, default=None, help="frame side in px (512; 64 in a dry run)")
     parser.add_argument("--steps", default="1,2")
     parser.add_argument("--streams", default=None, help="stream counts (1,4,8; 1,3 in a dry run)")

@@ -68,7 +68,8 @@ def read_wheel_list(path: Path = WHEEL_LIST) -> list[Wheel]:
     return wheels
 
 
-def offline_plan(folder: str | Path = WHEELS_DIR, target: str = TARGET, wheel_list: Path = WHEEL_LIST) -> dict[str, Any]:
+def offline_plan(folder: str | Path = WHEELS_DIR, target: str = TARGET,
+                 wheel_list: Path = WHEEL_LIST) -> dict[str, Any]:
     """What the offline box needs: the wheels (sizes from ``folder`` where it exists, else as recorded), the total
     against 64 MiB, and the commands to prepare, install and run. ``problems`` lists what would stop it."""
     folder = Path(folder)
@@ -77,8 +78,8 @@ def offline_plan(folder: str | Path = WHEELS_DIR, target: str = TARGET, wheel_li
     for wheel in read_wheel_list(wheel_list):
         files = [name for name in present if wheel.matches(name)]
         if files:
-            rows.append({"requirement": wheel.requirement, "file": files[0], "bytes": (folder / files[0]).stat().st_size,
-                         "source": "folder"})
+            rows.append({"requirement": wheel.requirement, "file": files[0],
+                         "bytes": (folder / files[0]).stat().st_size, "source": "folder"})
         else:
             rows.append({"requirement": wheel.requirement, "file": None, "bytes": wheel.recorded_bytes,
                          "source": "recorded"})
