@@ -41,7 +41,7 @@ What it does, in order:
 
 JSON fields: ``ok``, ``dry_run``, ``seconds``, ``deadline`` (seconds, reached, cut: the items abandoned),
 ``offline_box`` (the wheel plan: wheels with their sizes, total_bytes, limit_bytes, fits, problems, and the
-prepare/install/run commands), ``sys_path_added``, ``backends`` (each one considered: status ``run``, ``not installed
+prepare/install/run commands), ``sys_path_added``, ``streamdiff`` and ``streamdiff_from`` (its version and folder), ``backends`` (each one considered: status ``run``, ``not installed
 here`` or ``not run here``, and why), ``environment`` (python, torch, cuda, gpu, capability, memory,
 tensorrt, onnxruntime and its providers), ``venv`` (path, commands, created), ``peak_fp16_tflops`` (table,
 measured_matmul, used), ``models`` (per model: U-Net parameters, FLOPs per U-Net row and per VAE frame at the run
@@ -704,9 +704,9 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda") if has_gpu and not args.dry_run else torch.device("cpu")
     if args.threads or args.dry_run:
         torch.set_num_threads(args.threads or 1)
-    from streamdiff import __version__
+    import streamdiff
 
-    report["streamdiff"] = __version__
+    report["streamdiff"], report["streamdiff_from"] = streamdiff.__version__, str(Path(streamdiff.__file__).parent)
     report["environment"] = env = environment(device)
     args.gpu_name = env.get("gpu", "")
     names = (args.models or "tiny,sd21").split(",")

@@ -117,9 +117,10 @@ def print_plan(plan: dict[str, Any]) -> None:
 
 
 def put_on_path(wheels_target: str | None) -> list[str]:
-    """Put ``wheels_target`` (where the box's wheels were installed with ``--target``) and, where ``streamdiff`` is
-    not importable otherwise, this repository on ``sys.path``: the box cannot ``pip install -e .`` (no network, no
-    venv), so this is the one tool that finds the package by path. Returns what was added."""
+    """Put ``wheels_target`` (where the box's wheels were installed with ``--target``) and, unless ``streamdiff``
+    already imports from this repository, the repository first on ``sys.path``: the box cannot ``pip install -e .``
+    (no network, no venv), so this is the one tool that finds the package by path, and the check is of this
+    checkout's code, not of another install. Returns what was added."""
     added = []
     if wheels_target:
         folder = Path(wheels_target).resolve()
@@ -128,14 +129,22 @@ def put_on_path(wheels_target: str | None) -> list[str]:
                              f"{offline_plan(target=str(folder))['install']}")
         sys.path.insert(0, str(folder))
         added.append(str(folder))
-    if importlib.util.find_spec("streamdiff") is None:
+    found = importlib.util.find_spec("streamdiff")
+    if found is None or not found.origin or not Path(found.origin).resolve().is_relative_to(REPO):
         sys.path.insert(len(added), str(REPO))
         added.append(str(REPO))
     return added
 
 
 def missing_modules(names: tuple[str, ...] = NEEDED_MODULES) -> list[str]:
-    return [name for name in names if importlib.util.find_spec(name) is None]
+    missing = []
+    for name in names:
+        try:
+            if importlib.util.find_spec(name) is None:
+                missing.append(name)
+        except ImportError:  # a finder that refuses it, or a broken parent package
+            missing.append(name)
+    return missing
 
 
 # -- the deadline ---------------------------------------------------------------------------------------------------

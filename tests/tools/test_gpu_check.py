@@ -180,20 +180,72 @@ def test_the_deadline_abandons_hung_work_and_keeps_what_finished(tools) -> None:
     assert box["run_until"](lambda: None, time.monotonic() + 5) is True
 
 
+# The offline box, simulated: diffusers is importable only from the --wheels-target folder (a sitecustomize hides
+# any other copy), and streamdiff is not on the path: the tool must put both there itself.
+HIDE_DIFFUSERS = '''
+import importlib.machinery, os, sys
+
+
+class HideDiffusers:
+    def find_spec(self, name, path=None, target=None):
+        if name != "diffusers":
+            return None
+        allowed = [p for p in sys.path if p.startswith(os.environ["GPU_BOX_WHEELS"])]
+        spec = importlib.machinery.PathFinder.find_spec(name, allowed)
+        if spec is None:
+            raise ModuleNotFoundError("No module named 'diffusers' (the offline box)", name=name)
+        return spec
+
+
+sys.meta_path.insert(0, HideDiffusers())
+'''
+
+
+def _box_run(tmp_path: Path, args: list[str]) -> subprocess.CompletedProcess[str]:
+    site = tmp_path / "site"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(HIDE_DIFFUSERS)
+    env = dict(os.environ, PYTHONPATH=str(site), GPU_BOX_WHEELS=str(tmp_path / "sd-wheels"))
+    return subprocess.run([sys.executable, str(TOOLS / "gpu_check.py"), *args], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_on_the_box_without_the_wheels_it_stops_at_once_with_the_commands(tmp_path: Path) -> None:
+    done = _box_run(tmp_path, ["--json", str(tmp_path / "report.json")])
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "gpu_check: diffusers not installed in this interpreter" in done.stdout
+    assert "bash tools/gpu_wheels.sh on a networked machine, bring gpu-wheels/ along, then python3 -m pip install " \
+           "--no-index --no-deps --target /tmp/sd-wheels gpu-wheels/*.whl && python3 tools/gpu_check.py " \
+           "--wheels-target /tmp/sd-wheels" in done.stdout
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["ok"] is False and report["failures"] == ["not installed in this interpreter: diffusers"]
+    assert report["sys_path_added"] == [str(REPO)] and report["results"] == []
+
+
 @pytest.mark.slow
-def test_a_hanging_backend_is_cut_at_the_deadline_and_the_report_comes_out(cache_dir: Path, tmp_path: Path) -> None:
-    """The whole tool: torch float32 runs, the ``hang`` stand-in never returns; at --deadline the process writes its
+def test_on_the_box_it_runs_from_the_wheels_and_the_repo_and_a_hang_is_cut_at_the_deadline(
+        cache_dir: Path, tmp_path: Path) -> None:
+    """The whole tool as the box runs it: diffusers from --wheels-target, streamdiff from this checkout (put on the
+    path by the tool), torch float32 runs, the ``hang`` stand-in never returns; at --deadline the process writes its
     table and JSON and leaves, exit 0 (what ran passed; cut items are not failures)."""
+    import diffusers
+
     if torch.cuda.is_available():
         pytest.skip("the CPU dry run's timings")
-    out, deadline = tmp_path / "report.json", 40
+    target = tmp_path / "sd-wheels"  # as pip install --no-index --no-deps --target would leave it
+    target.mkdir()
+    (target / "diffusers").symlink_to(Path(diffusers.__file__).parent)
+    out, deadline = tmp_path / "report.json", 45
     started = time.monotonic()
-    done = _run(["--json", str(out), "--engine-dir", str(tmp_path / "engines"), "--models", "tiny", "--backends",
-                 "torch-fp32,hang", "--steps", "1", "--streams", "1,2", "--deadline", str(deadline)], timeout=120)
+    done = _box_run(tmp_path, ["--json", str(out), "--wheels-target", str(target), "--engine-dir", str(tmp_path / "e"),
+                               "--models", "tiny", "--backends", "torch-fp32,hang", "--steps", "1", "--streams", "1,2",
+                               "--deadline", str(deadline)])
     assert time.monotonic() - started < deadline + 30
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert f"DEADLINE: {deadline} s reached" in done.stdout and "cut: deadline: was running" in done.stdout
     report = json.loads(out.read_text())
+    assert report["sys_path_added"] == [str(target), str(REPO)]
+    assert report["streamdiff_from"] == str(REPO / "streamdiff")
     assert report["ok"] is True and report["failures"] == [] and report["deadline"]["reached"] is True
     assert deadline <= report["seconds"] < deadline + 5
     assert report["deadline"]["cut"] == ["tiny/hang/1 steps/1 streams: was running",
