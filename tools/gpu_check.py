@@ -28,7 +28,8 @@ What it does, in order:
    and TensorRT providers on float16 graphs), ``tensorrt`` (strongly typed float16 engines, CUDA graphs). Engines
    are built through the engine cache (``--engine-dir``; a second run reuses them) and their build time is kept.
    One whose software is missing (TensorRT, onnxruntime-gpu and its providers) is a row ``not installed here``, not
-   a failure. ``hang`` is a stand-in (torch float32 whose ticks never return) that shows the deadline at work.
+   a failure. They run backend by backend, each over both models, in this order: the reference first and the
+   costly compiles last, so that a short deadline cuts what matters least. ``hang`` is a stand-in (torch float32 whose ticks never return) that shows the deadline at work.
 4. **runs** — every backend through the multi-stream :class:`~streamdiff.engine.StreamEngine` at 512² (``--size``)
    with 1 and 2 denoising steps and 1, 4 and 8 streams (RCFG self, strength 0.5), ``--ticks`` measured ticks after
    warm-up. Each stream gets its own moving test pattern, prompt and seed.
@@ -450,73 +451,73 @@ def psnr_against(reference: dict[int, list[torch.Tensor]], outputs: dict[int, li
     return min(values) if values else math.nan
 
 
-def check_model(model: CheckModel, device: torch.device, args: argparse.Namespace, progress: Progress,
-                flops: dict[str, float], peak: float | None, budget_at: float) -> None:
-    """Every backend × steps × streams case of one model, recorded through ``progress``; nothing new starts after
+def check_backend(model: CheckModel, backend: str, device: torch.device, args: argparse.Namespace,
+                  progress: Progress, flops: dict[str, float], peak: float | None, budget_at: float,
+                  reference: dict[tuple[int, int], dict[int, list[torch.Tensor]]]) -> None:
+    """Every steps × streams case of one model on one backend, recorded through ``progress``; the reference
+    backend's outputs go into ``reference``, the others' are checked against it. Nothing new starts after
     ``budget_at`` (the rest is ``skipped: time budget``), and the deadline may abandon this at any point."""
     max_streams, max_rows = max(args.streams), max(args.streams) * max(args.steps)
-    reference: dict[tuple[int, int], dict[int, list[torch.Tensor]]] = {}
-    for backend in args.backends:
-        if time.monotonic() > budget_at:
-            progress.add("builds", {"model": model.name, "backend": backend, "status": "skipped: time budget"})
-            continue
-        progress.start(model=model.name, backend=backend, phase="build")
-        started = time.perf_counter()
-        try:
-            engine = make_engine(backend, model, device, args, max_streams, max_rows)
-            engine.prepare_backends(_config(args.size, 1))
-        except Exception as error:  # noqa: BLE001 - one backend failing must not hide the others
-            logger.exception("%s on %s could not be built", backend, model.name)
-            progress.add("builds", {"model": model.name, "backend": backend, "status": f"failed: {error}"})
-            progress.add("failures", f"{model.name}/{backend}: build failed: {type(error).__name__}: {error}")
-            continue
-        build = {"model": model.name, "backend": backend, "status": "ok",
-                 "seconds": round(time.perf_counter() - started, 2)}
-        progress.add("builds", build)
-        for steps in args.steps:
-            for streams in args.streams:
-                row: dict[str, Any] = {"model": model.name, "backend": backend, "size": args.size, "steps": steps,
-                                       "streams": streams}
-                if time.monotonic() > budget_at:
-                    row["status"] = "skipped: time budget"
-                    progress.add("results", row)
-                    print(format_row(row), flush=True)
-                    continue
-                progress.start(model=model.name, backend=backend, steps=steps, streams=streams, phase="case")
-                try:
-                    case = run_case(engine, args.size, steps, streams, args.ticks, device)
-                except Exception as error:  # noqa: BLE001
-                    logger.exception("%s failed", row)
-                    row.update(status="failed", error=f"{type(error).__name__}: {error}")
-                    progress.add("failures", f"{model.name}/{backend}/{steps} steps/{streams} streams: {error}")
-                    progress.add("results", row)
-                    continue
-                metrics = case["metrics"]
-                if "first_warmup_seconds" not in build:
-                    # The first warm-up includes lazy builds: ONNX Runtime's TensorRT provider, torch.compile.
-                    progress.update(build, first_warmup_seconds=round(metrics["warmup_seconds"], 2))
-                work = metrics.pop("unet_rows") * flops["unet_per_row"] + metrics["frames"] * flops["vae_per_frame"]
-                metrics["tflops"] = work / metrics.pop("seconds") / 1e12
-                metrics["peak_share"] = metrics["tflops"] / peak if peak else None
-                row.update(metrics, status="ok")
-                if backend == args.backends[0]:
-                    reference[(steps, streams)] = case["outputs"]
-                    row["psnr_db"], row["psnr_ok"] = None, True
-                else:
-                    value = psnr_against(reference.get((steps, streams), {}), case["outputs"])
-                    row["psnr_db"] = value
-                    row["psnr_ok"] = bool(value >= args.min_psnr)
-                    if not row["psnr_ok"]:
-                        progress.add("failures", f"{model.name}/{backend}/{steps} steps/{streams} streams: PSNR "
-                                                 f"{value:.1f} dB < {args.min_psnr} dB against {args.backends[0]}")
+    if time.monotonic() > budget_at:
+        progress.add("builds", {"model": model.name, "backend": backend, "status": "skipped: time budget"})
+        return
+    progress.start(model=model.name, backend=backend, phase="build")
+    started = time.perf_counter()
+    try:
+        engine = make_engine(backend, model, device, args, max_streams, max_rows)
+        engine.prepare_backends(_config(args.size, 1))
+    except Exception as error:  # noqa: BLE001 - one backend failing must not hide the others
+        logger.exception("%s on %s could not be built", backend, model.name)
+        progress.add("builds", {"model": model.name, "backend": backend, "status": f"failed: {error}"})
+        progress.add("failures", f"{model.name}/{backend}: build failed: {type(error).__name__}: {error}")
+        return
+    build = {"model": model.name, "backend": backend, "status": "ok",
+             "seconds": round(time.perf_counter() - started, 2)}
+    progress.add("builds", build)
+    for steps in args.steps:
+        for streams in args.streams:
+            row: dict[str, Any] = {"model": model.name, "backend": backend, "size": args.size, "steps": steps,
+                                   "streams": streams}
+            if time.monotonic() > budget_at:
+                row["status"] = "skipped: time budget"
                 progress.add("results", row)
-                progress.done()
                 print(format_row(row), flush=True)
-        progress.done()
-        del engine
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+                continue
+            progress.start(model=model.name, backend=backend, steps=steps, streams=streams, phase="case")
+            try:
+                case = run_case(engine, args.size, steps, streams, args.ticks, device)
+            except Exception as error:  # noqa: BLE001
+                logger.exception("%s failed", row)
+                row.update(status="failed", error=f"{type(error).__name__}: {error}")
+                progress.add("failures", f"{model.name}/{backend}/{steps} steps/{streams} streams: {error}")
+                progress.add("results", row)
+                continue
+            metrics = case["metrics"]
+            if "first_warmup_seconds" not in build:
+                # The first warm-up includes lazy builds: ONNX Runtime's TensorRT provider, torch.compile.
+                progress.update(build, first_warmup_seconds=round(metrics["warmup_seconds"], 2))
+            counted = metrics.pop("unet_rows") * flops["unet_per_row"] + metrics["frames"] * flops["vae_per_frame"]
+            metrics["tflops"] = counted / metrics.pop("seconds") / 1e12
+            metrics["peak_share"] = metrics["tflops"] / peak if peak else None
+            row.update(metrics, status="ok")
+            if backend == args.backends[0]:
+                reference[(steps, streams)] = case["outputs"]
+                row["psnr_db"], row["psnr_ok"] = None, True
+            else:
+                value = psnr_against(reference.get((steps, streams), {}), case["outputs"])
+                row["psnr_db"] = value
+                row["psnr_ok"] = bool(value >= args.min_psnr)
+                if not row["psnr_ok"]:
+                    progress.add("failures", f"{model.name}/{backend}/{steps} steps/{streams} streams: PSNR "
+                                             f"{value:.1f} dB < {args.min_psnr} dB against {args.backends[0]}")
+            progress.add("results", row)
+            progress.done()
+            print(format_row(row), flush=True)
+    progress.done()
+    del engine
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _config(size: int, steps: int) -> Any:
@@ -567,9 +568,14 @@ def work(names: list[str], device: torch.device, args: argparse.Namespace, progr
             export_float16_graphs(models["tiny"], args, max_rows, progress)
             phase("float16 export")
         print(" | ".join(f"{name:>10}" for name, _ in COLUMNS), flush=True)
-        for model in models.values():
-            check_model(model, device, args, progress, flops[model.name], peak, budget_at)
-            phase(f"runs {model.name}")
+        # Backend by backend over the models: the reference first, the costly compiles last, so that what a short
+        # deadline cuts is what matters least.
+        references: dict[str, dict[tuple[int, int], dict[int, list[torch.Tensor]]]] = {n: {} for n in models}
+        for backend in args.backends:
+            for model in models.values():
+                check_backend(model, backend, device, args, progress, flops[model.name], peak, budget_at,
+                              references[model.name])
+            phase(f"runs {backend}")
     except Exception as error:  # noqa: BLE001 - reported, with what finished before it
         logger.exception("gpu_check stopped")
         progress.add("failures", f"stopped: {type(error).__name__}: {error}")
@@ -585,8 +591,8 @@ def cut_rows(report: dict[str, Any], current: dict[str, Any] | None, names: list
     running = current and current.get("phase") == "case" and tuple(
         current[k] for k in ("model", "backend", "steps", "streams"))
     rows = []
-    for name in names:
-        for backend in args.backends:
+    for backend in args.backends:
+        for name in names:
             if (name, backend) in not_built:
                 continue
             for steps in args.steps:
