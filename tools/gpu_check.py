@@ -29,7 +29,8 @@ What it does, in order:
    are built through the engine cache (``--engine-dir``; a second run reuses them) and their build time is kept.
    One whose software is missing (TensorRT, onnxruntime-gpu and its providers) is a row ``not installed here``, not
    a failure. They run backend by backend, each over both models, in this order: the reference first and the
-   costly compiles last, so that a short deadline cuts what matters least. ``hang`` is a stand-in (torch float32 whose ticks never return) that shows the deadline at work.
+   costly compiles last, so that a short deadline cuts what matters least. ``hang`` is a stand-in (torch float32
+   whose ticks never return) that shows the deadline at work.
 4. **runs** — every backend through the multi-stream :class:`~streamdiff.engine.StreamEngine` at 512² (``--size``)
    with 1 and 2 denoising steps and 1, 4 and 8 streams (RCFG self, strength 0.5), ``--ticks`` measured ticks after
    warm-up. Each stream gets its own moving test pattern, prompt and seed.
@@ -40,13 +41,14 @@ What it does, in order:
    FlopCounterMode on a meta-device copy) and the share of the GPU's dense fp16 peak (a table of known GPUs, and a
    measured 8192³ fp16 matmul).
 
-JSON fields: ``ok``, ``dry_run``, ``seconds``, ``deadline`` (seconds, reached, cut: the items abandoned),
-``offline_box`` (the wheel plan: wheels with their sizes, total_bytes, limit_bytes, fits, problems, and the
-prepare/install/run commands), ``sys_path_added``, ``streamdiff`` and ``streamdiff_from`` (its version and folder), ``backends`` (each one considered: status ``run``, ``not installed
-here`` or ``not run here``, and why), ``environment`` (python, torch, cuda, gpu, capability, memory,
-tensorrt, onnxruntime and its providers), ``venv`` (path, commands, created), ``peak_fp16_tflops`` (table,
-measured_matmul, used), ``models`` (per model: U-Net parameters, FLOPs per U-Net row and per VAE frame at the run
-size and at 256 and 512 px, the TensorRT build plans with their profiles; in a dry run the exported float16 graphs),
+JSON fields: ``ok``, ``dry_run``, ``seconds``, ``deadline`` (seconds, budget_seconds, reached, cut: the items
+abandoned), ``offline_box`` (the wheel plan: wheels with their sizes, total_bytes, limit_bytes, fits, problems, and
+the prepare/install/run commands), ``sys_path_added``, ``streamdiff`` and ``streamdiff_from`` (version and folder),
+``backends`` (each one considered: status ``run``, ``not installed here`` or ``not run here``, and why),
+``environment`` (python, torch, cuda, gpu, capability, memory, tensorrt, onnxruntime and its providers), ``venv``
+(path, commands, created), ``peak_fp16_tflops`` (table, measured_matmul, used), ``models`` (per model: U-Net
+parameters, FLOPs per U-Net row and per VAE frame at the run size and at 256 and 512 px, the TensorRT build plans
+with their profiles; in a dry run the exported float16 graphs),
 ``phases`` (seconds per phase), ``builds`` (model, backend, seconds, status, first_warmup_seconds: the first case's
 warm-up, where ONNX Runtime's TensorRT provider builds its engines and torch.compile compiles), ``results`` (one per
 model × backend × steps × streams: fps, fps_per_stream, tick_ms_p50/p95, latency_ms_p50/p95, warmup_seconds,
@@ -718,15 +720,7 @@ def main(argv: list[str] | None = None) -> int:
     names = (args.models or "tiny,sd21").split(",")
     wanted = args.backends.split(",") if args.backends else default_backends(device)
     args.export = any("onnx" in b or "tensorrt" in b for b in wanted)  # the dry run's float16 graphs: for these
-    args.backends = []
-    for backend in wanted:
-        why = backend_status(backend, device, env)
-        report["backends"].append({"backend": backend, "status": why.split(":")[0] if why else "run",
-                                   "reason": why.partition(": ")[2] if why else None})
-        if why is None:
-            args.backends.append(backend)
-        else:
-            print(f"{backend:>20}: {why}")
+    args.backends = choose_backends(wanted, device, env, report)
     print(f"streamdiff gpu_check on {env.get('gpu', 'the CPU')}: models {names}, backends {args.backends}, "
           f"{args.size}px, steps {args.steps}, streams {args.streams}, {args.ticks} ticks; new work until "
           f"{args.budget:.0f} s, deadline {args.deadline:.0f} s")
@@ -736,21 +730,42 @@ def main(argv: list[str] | None = None) -> int:
     final, current = progress.snapshot()
     final["deadline"] = {"seconds": args.deadline, "budget_seconds": args.budget, "reached": not finished, "cut": []}
     if not finished:
-        print(f"DEADLINE: {args.deadline:.0f} s reached; the work still running is abandoned")
-        if current and current.get("phase") != "case":  # a build, a model, the export or the peak
-            where = "/".join(str(current[k]) for k in ("model", "backend") if k in current)
-            final["deadline"]["cut"].append(f"{where or 'setup'}: was in {current['phase']}")
-            print(f"  cut: {final['deadline']['cut'][-1]}")
-            if current.get("phase") == "build":
-                final["builds"].append({"model": current["model"], "backend": current["backend"],
-                                        "status": "cut: deadline"})
-        run_names = [name for name in names if name == "tiny" or device.type == "cuda"]
-        for row in cut_rows(final, current, run_names, args):
-            final["results"].append(row)
-            final["deadline"]["cut"].append(f"{row['model']}/{row['backend']}/{row['steps']} steps/"
-                                            f"{row['streams']} streams: {row['error']}")
-            print(format_row(row), flush=True)
+        record_cut(final, current, [name for name in names if name == "tiny" or device.type == "cuda"], args)
     return write_report(final, args.json, started)
+
+
+def choose_backends(wanted: list[str], device: torch.device, env: dict[str, Any],
+                    report: dict[str, Any]) -> list[str]:
+    """The backends of ``wanted`` that can run here; each one considered becomes a ``report['backends']`` row."""
+    runnable = []
+    for backend in wanted:
+        why = backend_status(backend, device, env)
+        report["backends"].append({"backend": backend, "status": why.split(":")[0] if why else "run",
+                                   "reason": why.partition(": ")[2] if why else None})
+        if why is None:
+            runnable.append(backend)
+        else:
+            print(f"{backend:>20}: {why}")
+    return runnable
+
+
+def record_cut(final: dict[str, Any], current: dict[str, Any] | None, run_names: list[str],
+               args: argparse.Namespace) -> None:
+    """The deadline came: the phase it interrupted and every case it cut go into ``final`` and the table."""
+    print(f"DEADLINE: {args.deadline:.0f} s reached; the work still running is abandoned")
+    rows = cut_rows(final, current, run_names, args)  # before the cut build's row, which would hide its cases
+    if current and current.get("phase") != "case":  # a build, a model, the export or the peak
+        where = "/".join(str(current[k]) for k in ("model", "backend") if k in current)
+        final["deadline"]["cut"].append(f"{where or 'setup'}: was in {current['phase']}")
+        print(f"  cut: {final['deadline']['cut'][-1]}")
+        if current.get("phase") == "build":
+            final["builds"].append({"model": current["model"], "backend": current["backend"],
+                                    "status": "cut: deadline"})
+    for row in rows:
+        final["results"].append(row)
+        final["deadline"]["cut"].append(f"{row['model']}/{row['backend']}/{row['steps']} steps/"
+                                        f"{row['streams']} streams: {row['error']}")
+        print(format_row(row), flush=True)
 
 
 def export_float16_graphs(model: CheckModel, args: argparse.Namespace, max_rows: int, progress: Progress) -> None:

@@ -180,6 +180,21 @@ def test_the_deadline_abandons_hung_work_and_keeps_what_finished(tools) -> None:
     assert box["run_until"](lambda: None, time.monotonic() + 5) is True
 
 
+def test_a_build_cut_at_the_deadline_lists_its_cases(tools, capsys) -> None:
+    _, check = tools
+    args = check["parse_args"](["--dry-run", "--steps", "1", "--streams", "1,2", "--deadline", "300"])
+    args.backends = ["torch-fp32", "torch-compile"]
+    final = {"builds": [{"model": "tiny", "backend": "torch-fp32", "status": "ok"}], "failures": [],
+             "results": [{"model": "tiny", "backend": "torch-fp32", "steps": 1, "streams": s, "status": "ok"}
+                         for s in (1, 2)], "deadline": {"cut": []}}
+    check["record_cut"](final, {"model": "tiny", "backend": "torch-compile", "phase": "build"}, ["tiny"], args)
+    assert final["deadline"]["cut"] == ["tiny/torch-compile: was in build",
+                                        "tiny/torch-compile/1 steps/1 streams: not started",
+                                        "tiny/torch-compile/1 steps/2 streams: not started"]
+    assert final["builds"][-1] == {"model": "tiny", "backend": "torch-compile", "status": "cut: deadline"}
+    assert "DEADLINE: 300 s reached" in capsys.readouterr().out
+
+
 # The offline box, simulated: diffusers is importable only from the --wheels-target folder (a sitecustomize hides
 # any other copy), and streamdiff is not on the path: the tool must put both there itself.
 HIDE_DIFFUSERS = '''
