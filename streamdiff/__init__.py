@@ -10,6 +10,7 @@ Public API::
 
 from __future__ import annotations
 
+from ._version import __version__
 from .config import BackendKind, CfgMode, FilterConfig, Precision, PromptConfig, StreamConfig, StreamMode
 from .errors import (
     BackendUnavailable,
@@ -27,8 +28,6 @@ from .errors import (
 from .models import LoadedModel, LoraSpec, load_model
 from .engine import EngineConfig, Stream, StreamEngine, StreamOutput
 from .pipeline import StreamPipeline
-
-__version__ = "0.1.0"
 
 __all__ = [
     "BackendKind",

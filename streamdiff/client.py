@@ -8,7 +8,7 @@
         out = await c.next_output(timeout=5)         # OutputFrame: frame_id, latency_ms, timings, body
         await c.update(prompt="an oil painting")     # Ack, or RequestFailed naming the field
 
-The remote engine (:class:`~streamdiff.remote.RemoteEngine`, re-exported here) builds on it: an engine with the
+The remote engine (:class:`~streamdiff.remote.RemoteEngine`, in :mod:`streamdiff.remote`) builds on it: an engine with the
 ``open_stream(...)`` of :class:`~streamdiff.engine.StreamEngine`, so that ``streamdiff run --engine ws://HOST:PORT``
 streams through a server unchanged.
 """
@@ -241,13 +241,3 @@ def _refused(closed: Any, error: ServerError | None, code: int | None = None, re
 def decode_output(frame: OutputFrame) -> np.ndarray:
     """An output frame's image as uint8 RGB ``[H, W, 3]`` (the safe decoder, with generous limits)."""
     return decode(frame.body, _DECODE_LIMITS)
-
-
-def __getattr__(name: str) -> Any:
-    """``from streamdiff.client import RemoteEngine``: the remote engine is built on this client (in
-    :mod:`streamdiff.remote`, which imports this module), so it is loaded on first use."""
-    if name in ("RemoteEngine", "RemoteStream"):
-        from . import remote
-
-        return getattr(remote, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -36,10 +36,10 @@ import numpy as np
 
 from .client import StreamClient, decode_output, stream_url
 from .config import PromptConfig, StreamConfig
-from .commands.options import TOKEN_ENV
 from .engine.state import StreamStats
 from .engine.stream import StreamOutput, wait_popleft
 from .errors import ConfigError, FrameError, StreamClosed, StreamDiffError
+from .options import TOKEN_ENV
 from .core.image import fit_frame, frame_to_tensor, tensor_to_frame
 from .server.client_protocol import OutputFrame
 from .server.images import encode

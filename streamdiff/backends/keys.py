@@ -276,7 +276,7 @@ def target_id(device: torch.device) -> str:
 
 
 def _streamdiff_version() -> str:
-    from .. import __version__
+    from .._version import __version__
 
     return __version__
 

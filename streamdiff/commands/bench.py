@@ -31,7 +31,8 @@ import torch
 from ..bench.harness import Comparison, format_table, report_dict
 from ..config import Precision, to_enum
 from ..errors import ConfigError
-from .options import DTYPES, size_arg, square_size
+from ..options import DTYPES
+from .options import size_arg, square_size
 
 NAME = "bench"
 HELP = "benchmark Stream Batch, RCFG, the similarity filter, bfloat16 and diffusers' img2img side by side"

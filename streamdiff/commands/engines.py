@@ -23,6 +23,7 @@ import time
 from typing import Any
 
 from ..config import StreamConfig
+from ..options import ENGINE_DEFAULTS, MODEL_DEFAULTS, STREAM_DEFAULTS, ModelOptions, model_options, stream_config
 from . import options as shared
 
 logger = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ NAME = "engines"
 HELP = "build, list or clear compiled engines (ONNX, ONNX Runtime, TensorRT, AOTInductor) in the engine cache"
 
 # The options and defaults of `streamdiff run` (backend auto: what `run` would pick here).
-BUILD_DEFAULTS: dict[str, Any] = {**shared.MODEL_DEFAULTS, **shared.ENGINE_DEFAULTS, **shared.STREAM_DEFAULTS}
+BUILD_DEFAULTS: dict[str, Any] = {**MODEL_DEFAULTS, **ENGINE_DEFAULTS, **STREAM_DEFAULTS}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,10 +52,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     shared.add_engine_dir_option(clear)
 
 
-def build_request(args: argparse.Namespace) -> tuple[shared.ModelOptions, StreamConfig]:
+def build_request(args: argparse.Namespace) -> tuple[ModelOptions, StreamConfig]:
     """What ``engines build`` builds for: the model options and the StreamConfig its flags describe."""
     options = shared.resolve(args, BUILD_DEFAULTS)
-    return shared.model_options(options), shared.stream_config(options)
+    return model_options(options), stream_config(options)
 
 
 def _build(args: argparse.Namespace) -> int:

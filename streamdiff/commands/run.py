@@ -25,16 +25,21 @@ from ..io.sinks import VideoFileSink, open_sink
 from ..io.sources import list_webcams, open_source
 from ..runtime import RuntimeConfig, StreamRunner
 from ..runtime.controls import COMMAND_HELP
-from . import options as shared
-from .options import (
+from ..options import (
+    ENGINE_DEFAULTS,
+    MODEL_DEFAULTS,
+    PROMPT_DEFAULTS,
+    STREAM_DEFAULTS,
+    TOKEN_ENV,
     ModelOptions,
     lora_specs,
     model_options,
-    output_size_arg,
     output_size_value,
-    size_arg,
+    prompt_config,
     stream_config,
 )
+from . import options as shared
+from .options import output_size_arg, size_arg
 
 __all__ = ["DEFAULTS", "add_arguments", "build_request", "build_runner", "lora_specs", "resolve_options", "run",
            "stream_config"]
@@ -52,10 +57,10 @@ DEFAULTS: dict[str, Any] = {
     "realtime": None,
     "fps": None,
     "camera_size": None,
-    **shared.MODEL_DEFAULTS,
-    **shared.ENGINE_DEFAULTS,
-    **shared.STREAM_DEFAULTS,
-    **shared.PROMPT_DEFAULTS,
+    **MODEL_DEFAULTS,
+    **ENGINE_DEFAULTS,
+    **STREAM_DEFAULTS,
+    **PROMPT_DEFAULTS,
     "output_size": None,
     "queue_size": 1,
     "virtualcam_backend": None,
@@ -100,7 +105,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     remote = parser.add_argument_group("remote engine (a streamdiff serve server)")
     remote.add_argument("--engine", metavar="ws://HOST:PORT",
                         help="stylise on this server instead of loading a model here (the model flags are ignored)")
-    remote.add_argument("--token", help=f"the server's token (default ${shared.TOKEN_ENV})")
+    remote.add_argument("--token", help=f"the server's token (default ${TOKEN_ENV})")
     remote.add_argument("--remote-format", choices=["jpeg", "webp"],
                         help="how frames travel to and from the server (default jpeg)")
     remote.add_argument("--remote-quality", type=int,
@@ -149,7 +154,7 @@ def build_runner(options: dict[str, Any]) -> StreamRunner:
         source = InputTap(source)
         sinks.append(ContactSheetSink(videos[0].path.with_suffix(".png"), source))
     source.open()  # fail fast, before a possibly long model load; the runner's open() is then a no-op
-    prompt = shared.prompt_config(options)
+    prompt = prompt_config(options)
     try:
         if options["engine"]:
             engine: Any = RemoteEngine(str(options["engine"]), token=options["token"],

@@ -19,11 +19,13 @@ import asyncio
 import logging
 import os
 import signal
-from dataclasses import fields, replace
+from dataclasses import replace
 from typing import Any
 
 from ..config import check_int
 from ..deploy import cli as deploy_cli
+from ..options import TOKEN_ENV, model_options, parse_sizes
+from ..server.options import limits_defaults, serve_defaults, server_config
 from . import options as shared
 
 logger = logging.getLogger(__name__)
@@ -31,20 +33,6 @@ logger = logging.getLogger(__name__)
 NAME = "serve"
 HELP = "serve the WebSocket video endpoint, the browser page and metrics for many clients on one engine"
 
-SERVER_DEFAULTS: dict[str, Any] = {
-    "host": "127.0.0.1",
-    "port": 8765,
-    "token": None,
-    "allowed_origin": [],
-    "loopback_origins": True,
-    "allowed_hosts": [],
-    "metrics_token_required": False,
-    "stats_interval": 2.0,
-    "workers": 0,
-    "max_batch_rows": 16,
-    "sizes": None,
-    "max_shapes": 8,
-}
 _LIMIT_HELP = {
     "max_streams": "streams at once; more are refused with 1013",
     "max_viewers_per_stream": "view-only sockets per stream",
@@ -90,19 +78,6 @@ _LIMIT_HELP = {
 }
 
 
-def _limits_defaults() -> dict[str, Any]:
-    from ..server.limits import ServerLimits
-
-    defaults = ServerLimits()
-    # ServerLimits.sizes is not a flag of its own: --sizes restricts the engine, and the limits follow it.
-    return {f.name: getattr(defaults, f.name) for f in fields(ServerLimits) if f.name != "sizes"}
-
-
-def _defaults() -> dict[str, Any]:
-    return {**shared.MODEL_DEFAULTS, **shared.ENGINE_DEFAULTS, **shared.STREAM_DEFAULTS, **shared.PROMPT_DEFAULTS,
-            **SERVER_DEFAULTS, **_limits_defaults()}
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="TOML file with any of these options (flags override it)")
     server = parser.add_argument_group("server")
@@ -131,7 +106,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="frame sizes whose compiled state each engine keeps (least recently used beyond; bounds "
                              "memory whatever sizes clients ask for) (default 8)")
     limits = parser.add_argument_group("limits (per client unless said otherwise; the defaults are safe)")
-    for name, default in _limits_defaults().items():
+    for name, default in limits_defaults().items():
         shown = ",".join(v.value for v in default) if isinstance(default, tuple) else f"{default:g}" \
             if isinstance(default, float) else default
         kind = str if isinstance(default, tuple) else type(default)
@@ -145,11 +120,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def resolve_options(args: argparse.Namespace) -> dict[str, Any]:
     """Defaults, then the config file, then the environment's token, then the flags given."""
-    defaults = _defaults()
+    defaults = serve_defaults()
     file_options = shared.load_config_file(args.config, defaults) if getattr(args, "config", None) else {}
     environment = {}
-    if file_options.get("token") is None and os.environ.get(shared.TOKEN_ENV):
-        environment["token"] = os.environ[shared.TOKEN_ENV]
+    if file_options.get("token") is None and os.environ.get(TOKEN_ENV):
+        environment["token"] = os.environ[TOKEN_ENV]
     options = shared.resolve(args, defaults, file_options, environment)
     for key in ("lora", "allowed_origin"):
         if isinstance(options[key], str):
@@ -158,23 +133,6 @@ def resolve_options(args: argparse.Namespace) -> dict[str, Any]:
         if isinstance(options[key], str):
             options[key] = tuple(v.strip() for v in options[key].split(",") if v.strip())
     return options
-
-
-def server_config(options: dict[str, Any]) -> Any:
-    """The :class:`~streamdiff.server.hub.ServerConfig` the options describe."""
-    from ..server.hub import ServerConfig
-    from ..server.limits import ServerLimits
-    from ..server.policy import HostPolicy, OriginPolicy
-    from ..server.settings import OutputConfig, StreamSettings
-
-    limits = ServerLimits(**{name: options[name] for name in _limits_defaults()})
-    defaults = StreamSettings(shared.stream_config(options), shared.prompt_config(options), OutputConfig())
-    return ServerConfig(
-        host=str(options["host"]), port=int(options["port"]), limits=limits, token=options["token"] or None,
-        origins=OriginPolicy.of(options["allowed_origin"], bool(options["loopback_origins"])), defaults=defaults,
-        stats_interval_s=float(options["stats_interval"]), workers=int(options["workers"]),
-        hosts=HostPolicy.of(options["allowed_hosts"]), metrics_token_required=bool(options["metrics_token_required"]),
-    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -186,9 +144,9 @@ def run(args: argparse.Namespace) -> int:
     batch_rows = check_int("max_batch_rows", options["max_batch_rows"], 1)  # before a fleet loads anything
     if getattr(args, "ray", False):  # a fleet of engines on Ray Serve (docs/scaling.md)
         return deploy_cli.run(options, args)
-    sizes = shared.parse_sizes(options["sizes"])
+    sizes = parse_sizes(options["sizes"])
     max_shapes = check_int("max_shapes", options["max_shapes"], 1)
-    engine = shared.model_options(options).stream_engine(config.limits.max_streams, batch_rows, sizes, max_shapes)
+    engine = model_options(options).stream_engine(config.limits.max_streams, batch_rows, sizes, max_shapes)
     config = replace(config, limits=config.limits.for_engine(engine))
     defaults = config.defaults
     engine.check_settings(defaults.stream, defaults.prompt)

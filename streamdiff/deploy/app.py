@@ -114,9 +114,9 @@ def app(args: dict[str, Any]) -> Any:
 
 def serve_options(given: dict[str, Any]) -> dict[str, Any]:
     """``streamdiff serve``'s defaults with ``given`` applied (strings converted to each option's type)."""
-    from ..commands import serve as serve_command
+    from ..server.options import serve_defaults
 
-    options = serve_command._defaults()
+    options = serve_defaults()
     unknown = sorted(set(given) - set(options))
     if unknown:
         raise ConfigError(f"unknown option(s) {unknown}; allowed: {sorted(options) + sorted(FLEET_FIELDS | SPEC_FIELDS)}")

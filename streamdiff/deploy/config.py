@@ -40,14 +40,13 @@ class ReplicaSpec:
 
     def server_config(self) -> Any:
         """The :class:`~streamdiff.server.hub.ServerConfig` of every replica (host and port are Ray Serve's)."""
-        from ..commands import serve as serve_command
+        from ..server.options import server_config
 
-        return serve_command.server_config(self.options)
+        return server_config(self.options)
 
     def build(self) -> tuple[Any, Any]:
         """Load the model into an engine (not started) sized by the limits; returns ``(engine, server config)``."""
-        from ..commands import serve as serve_command
-        from ..commands.options import model_options, parse_sizes
+        from ..options import model_options, parse_sizes
 
         if self.torch_threads:
             import torch

@@ -20,10 +20,10 @@ from .sinks import (
     no_virtualcam_help,
     open_sink,
 )
+from .pacing import Pacer
 from .sources import (
     CameraInfo,
     FolderSource,
-    Pacer,
     TestPatternSource,
     VideoFileSource,
     WebcamSource,

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..config import check_int, check_number
 from ..errors import ConfigError, SourceError, missing_extra
-from .sources import Pacer
+from .pacing import Pacer
 
 logger = logging.getLogger(__name__)
 

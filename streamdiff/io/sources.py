@@ -15,7 +15,6 @@ import math
 import os
 import re
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,29 +22,12 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError, SourceError, missing_extra
+from .pacing import Pacer
 
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 SOURCE_KINDS = ("testpattern", "webcam", "file", "folder", "screen")
-
-
-class Pacer:
-    """Releases frame i at ``start + i / fps`` like a camera: a late reader skips ahead instead of bursting."""
-
-    def __init__(self, fps: float) -> None:
-        if not fps > 0:
-            raise ConfigError(f"pacing fps={fps!r} must be > 0")
-        self.interval = 1.0 / fps
-        self._next: float | None = None
-
-    def wait(self) -> None:
-        now = time.perf_counter()
-        if self._next is None or now - self._next > self.interval:
-            self._next = now  # first frame, or more than a frame late: restart the clock (frames are missed)
-        elif self._next > now:
-            time.sleep(self._next - now)
-        self._next += self.interval
 
 
 # -- test pattern -------------------------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ from streamdiff import ConfigError, LoraSpec, StreamConfig
 from streamdiff.cli import build_parser, main
 from streamdiff.commands import engines as engines_command
 from streamdiff.commands import run as run_command
-from streamdiff.commands.options import lora_arg, parse_lora, size_arg, stream_config
+from streamdiff.commands.options import lora_arg, size_arg
+from streamdiff.options import parse_lora, stream_config
 from streamdiff.config import parse_int_list
 
 

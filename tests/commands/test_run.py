@@ -199,7 +199,7 @@ def test_virtualcam_sink_through_the_whole_run(tiny_model) -> None:
 
 
 def test_lora_flags_parse_path_and_scale() -> None:
-    from streamdiff.commands.run import lora_specs
+    from streamdiff.options import lora_specs
 
     specs = lora_specs(["org/lcm-lora:0.5", "style.safetensors", "C:\\loras\\x.safetensors", "dir/lora:-1"])
     assert [(s.source, s.scale) for s in specs] == [

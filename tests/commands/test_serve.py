@@ -14,6 +14,7 @@ from streamdiff import ConfigError
 from streamdiff.cli import build_parser
 from streamdiff.commands import serve as serve_command
 from streamdiff.server.limits import ServerLimits
+from streamdiff.server.options import server_config
 from streamdiff.testing.serve import ServeProcess
 
 
@@ -26,10 +27,10 @@ def test_every_limit_is_a_flag_with_its_safe_default(monkeypatch) -> None:
     help_text = build_parser()._subparsers._group_actions[0].choices["serve"].format_help()  # noqa: SLF001
     for f in dataclasses.fields(ServerLimits):
         assert f"--{f.name.replace('_', '-')}" in help_text, f.name
-    config = serve_command.server_config(_options([]))
+    config = server_config(_options([]))
     assert config.limits == ServerLimits() and config.host == "127.0.0.1" and config.token is None
     assert config.origins.allow_loopback and not config.origins.allowed
-    config = serve_command.server_config(_options([
+    config = server_config(_options([
         "--max-streams", "2", "--max-input-fps", "12.5", "--allowed-cfg-types", "self,none", "--hello-timeout-s", "3",
         "--allowed-origin", "https://a.example", "--no-loopback-origins", "--port", "0", "--prompt", "house style",
         "--size", "128x128"]))
@@ -42,13 +43,13 @@ def test_every_limit_is_a_flag_with_its_safe_default(monkeypatch) -> None:
 
 def test_host_allowlist_and_metrics_token_flags(monkeypatch) -> None:
     monkeypatch.delenv("STREAMDIFF_TOKEN", raising=False)
-    config = serve_command.server_config(_options([]))
+    config = server_config(_options([]))
     assert not config.hosts.allowed and not config.metrics_token_required
-    config = serve_command.server_config(_options(["--allowed-hosts", "Studio.example.com, 127.0.0.1,[::1]",
+    config = server_config(_options(["--allowed-hosts", "Studio.example.com, 127.0.0.1,[::1]",
                                                    "--token", "s3cret", "--metrics-token-required"]))
     assert config.hosts.allowed == {"studio.example.com", "127.0.0.1", "::1"} and config.metrics_token_required
     with pytest.raises(ConfigError, match="metrics_token_required=True needs a token"):
-        serve_command.server_config(_options(["--metrics-token-required"]))
+        server_config(_options(["--metrics-token-required"]))
 
 def test_toml_config_environment_token_and_clear_errors(tmp_path: Path, monkeypatch) -> None:
     file = tmp_path / "serve.toml"
@@ -56,7 +57,7 @@ def test_toml_config_environment_token_and_clear_errors(tmp_path: Path, monkeypa
                     'allowed_origin = ["https://studio.example"]\n')
     monkeypatch.setenv("STREAMDIFF_TOKEN", "from-env")
     options = _options(["--config", str(file), "--max-streams", "5"])
-    config = serve_command.server_config(options)
+    config = server_config(options)
     assert config.limits.max_streams == 5 and config.limits.max_input_fps == 20 and config.token == "from-env"
     assert config.defaults.stream.t_index_list == (25, 37) and config.origins.allowed == {"https://studio.example"}
     assert "from-env" not in repr(config)
@@ -65,11 +66,11 @@ def test_toml_config_environment_token_and_clear_errors(tmp_path: Path, monkeypa
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \['max_streems'\]"):
         _options(["--config", str(bad)])
     with pytest.raises(ConfigError, match="max_streams=0 must be an integer >= 1"):
-        serve_command.server_config(_options(["--max-streams", "0"]))
+        server_config(_options(["--max-streams", "0"]))
     with pytest.raises(ConfigError, match=r"^max_batch_rows=0 must be >= 1$"):  # refused before any model loads
         serve_command.run(build_parser().parse_args(["serve", "--max-batch-rows", "0"]))
     with pytest.raises(ConfigError, match="break the server's limits"):
-        serve_command.server_config(_options(["--size", "2048x2048"]))
+        server_config(_options(["--size", "2048x2048"]))
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
