@@ -51,6 +51,7 @@ from .wire import (
     is_valid_unicode,
     load_json,
     pack_output_frame,
+    peek_frame_id,
     shorten,
     unpack_input_header,
 )
@@ -231,18 +232,17 @@ class ServerConnection:
             return []
         self._read_delay = self._reads.read()
         self._received()
+        frame_id = peek_frame_id(data)  # every error about this message names the frame, when it can be read
         if len(data) > self.limits.max_message_bytes:
             return self._error(ProtocolError(
                 f"binary message of {len(data)} bytes is over the limit of {self.limits.max_message_bytes} bytes",
                 code=ErrorCode.MESSAGE_TOO_BIG, value=len(data),
-                allowed=f"at most {self.limits.max_message_bytes} bytes"))
+                allowed=f"at most {self.limits.max_message_bytes} bytes"), frame_id=frame_id)
         if self.state is ConnectionState.AWAIT_HELLO:
             return self._error(ProtocolError("binary frame before hello: send a hello text message first",
-                                             code=ErrorCode.HELLO_EXPECTED))
-        frame_id = None
+                                             code=ErrorCode.HELLO_EXPECTED), frame_id=frame_id)
         try:
             header, body = unpack_input_header(data)
-            frame_id = header.frame_id
             if self.state is ConnectionState.HELLO_RECEIVED:
                 raise ProtocolError("frame before ready: wait for the ready message", code=ErrorCode.NOT_READY)
             self.stats.frames_received += 1

@@ -59,6 +59,7 @@ __all__ = [
     "load_json",
     "pack_input_header",
     "pack_output_frame",
+    "peek_frame_id",
     "shorten",
     "unpack_input_header",
     "unpack_output_frame",
@@ -226,6 +227,15 @@ def unpack_input_header(data: bytes | bytearray | memoryview) -> tuple[InputHead
         raise ProtocolError(f"frame header client_ts {client_ts!r} is not a finite number",
                             code=ErrorCode.BAD_FRAME_HEADER, field="client_ts")
     return InputHeader(frame_id, client_ts), memoryview(data)[INPUT_HEADER_SIZE:]
+
+
+def peek_frame_id(data: bytes | bytearray | memoryview) -> int | None:
+    """The ``frame_id`` of a client's binary message whose header is readable that far (the magic is ``SDFI`` and
+    the message has its first 12 bytes), else None: errors about the frame carry it, even when the rest of the
+    header, the body or the message's size is refused."""
+    if len(data) < 12 or bytes(data[:4]) != INPUT_MAGIC:
+        return None
+    return int.from_bytes(data[8:12], "big")
 
 
 def pack_output_frame(header: OutputHeader, body: bytes) -> bytes:

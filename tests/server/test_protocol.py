@@ -391,16 +391,33 @@ def test_good_frame_becomes_a_frame_event(clock: FakeClock, fmt: str) -> None:
     assert conn.stats.frames_received == conn.stats.frames_accepted == 1
 
 
-@pytest.mark.parametrize("data,message", [
-    (b"", "binary message of 0 bytes is shorter than the 20-byte frame header"),
-    (b"\xff\xd8\xff\xe0" + b"\0" * 40, "frame header magic b'\\xff\\xd8\\xff\\xe0' is not b'SDFI'"),
-    (b"SDFI\x09\0\0\0" + b"\0" * 40, "frame header version 9 is not 1"),
+@pytest.mark.parametrize("data,message,frame_id", [
+    (b"", "binary message of 0 bytes is shorter than the 20-byte frame header", None),
+    (b"SDFI\x01\0\0\0\0\0\0", "binary message of 11 bytes is shorter than the 20-byte frame header", None),
+    (b"SDFI\x01\0\0\0\0\0\0\x2a\0", "binary message of 13 bytes is shorter than the 20-byte frame header", 42),
+    (b"\xff\xd8\xff\xe0" + b"\0" * 40, "frame header magic b'\\xff\\xd8\\xff\\xe0' is not b'SDFI'", None),
+    (b"SDFI\x09\0\0\0\0\0\0\x07" + b"\0" * 36, "frame header version 9 is not 1", 7),
+    (b"SDFI\x01\0\x01\0\xff\xff\xff\xff" + b"\0" * 36, "frame header reserved bytes 000100 are not zero",
+     2**32 - 1),
+    (b"SDFI\x01\0\0\0\0\0\0\x05" + struct.pack(">d", float("nan")),
+     "frame header client_ts nan is not a finite number", 5),
 ])
-def test_bad_frame_headers_are_errors(data: bytes, message: str) -> None:
+def test_bad_frame_headers_are_errors_with_the_frame_id_once_readable(data: bytes, message: str,
+                                                                      frame_id: int | None) -> None:
+    """A header readable as far as its frame_id (magic SDFI, 12 bytes) names the frame in its error."""
     conn = streaming()
     error = _error(conn.receive_bytes(data), ErrorCode.BAD_FRAME_HEADER)
-    assert error["message"] == message and "frame_id" not in error
+    assert error["message"] == message and error.get("frame_id") == frame_id
     assert conn.stats.frames_rejected == 1 and conn.stats.frames_received == 0
+
+
+def test_an_oversize_frame_and_a_frame_before_hello_carry_the_frame_id(clock: FakeClock) -> None:
+    conn = streaming(limits=ServerLimits(max_message_bytes=64 << 10))
+    events = conn.receive_bytes(frame_message(b"\0" * (64 << 10), frame_id=31))
+    assert closed_with(events, ErrorCode.MESSAGE_TOO_BIG, CloseCode.MESSAGE_TOO_BIG)["frame_id"] == 31
+    conn = ServerConnection(clock=clock)
+    error = json.loads(conn.receive_bytes(frame_message(b"x", frame_id=8))[0].data)
+    assert (error["code"], error["frame_id"]) == ("hello_expected", 8)
 
 
 def _rejected(conn: ServerConnection, body: bytes, frame_id: int = 5) -> list:
