@@ -74,7 +74,7 @@ class ServerError:
     field: str | None = None
     value: Any = None
     allowed: str | None = None
-    request_id: int | str | None = None
+    request_id: Any = None  # of the message it answers, as sent (an invalid one too)
     frame_id: int | None = None
 
     def __str__(self) -> str:

@@ -196,10 +196,11 @@ class ServerConnection:
             return self._error(ProtocolError(
                 f"text message of {size} bytes is over the limit of {self.limits.max_text_bytes} bytes",
                 code=ErrorCode.MESSAGE_TOO_BIG, value=size, allowed=f"at most {self.limits.max_text_bytes} bytes"))
-        request_id = None
+        answers: dict[str, Any] = {}  # the message's request_id as received, echoed by any error answering it
         try:
             message = load_json(text)
-            request_id = _request_id(message.get("request_id"))
+            if "request_id" in message:
+                answers["request_id"] = message["request_id"]
             if not self._control.allow():  # before any other work: a flood costs a parse and an error each
                 raise ProtocolError(
                     f"more than {self.limits.max_control_per_s:g} text messages per second (bursts of "
@@ -222,9 +223,9 @@ class ServerConnection:
                                     code=ErrorCode.UNEXPECTED_HELLO, field="type", value=kind, allowed="update")
             if self.state is ConnectionState.HELLO_RECEIVED:
                 raise ProtocolError("update before ready: wait for the ready message", code=ErrorCode.NOT_READY)
-            return self._on_update(message, request_id)
+            return self._on_update(message)
         except ProtocolError as exc:
-            return self._error(exc, request_id=request_id)
+            return self._error(exc, **answers)
 
     def receive_bytes(self, data: bytes | bytearray | memoryview) -> list[Event]:
         """Handle one binary message (an input frame); returns ``[Frame]``, ``[]`` (rate-limited) or errors."""
@@ -306,8 +307,9 @@ class ServerConnection:
         if self.state is ConnectionState.CLOSED:
             return []
         self.settings = update.previous
+        answers = {} if update.request_id is None else {"request_id": update.request_id}
         return self._error(_engine_refusal(error, tuple(update.changes) or SETTING_FIELDS, update.settings),
-                           request_id=update.request_id)
+                           **answers)
 
     def frame_rejected(self, frame: Frame, error: ImageError | ProtocolError) -> list[Event]:
         """Report that ``frame`` failed to decode in the worker (counts against the error budget)."""
@@ -376,12 +378,15 @@ class ServerConnection:
         self.state = ConnectionState.HELLO_RECEIVED
         return [Hello(settings, client, view_token)]
 
-    def _on_update(self, message: dict[str, Any], request_id: RequestId | None) -> list[Event]:
+    def _on_update(self, message: dict[str, Any]) -> list[Event]:
         _known_fields(message, ("type", "request_id", "settings"))
-        if "request_id" in message and request_id is None:
+        request_id = _request_id(message.get("request_id"))
+        if "request_id" in message and request_id is None:  # the error still echoes it as received: matchable
             raise ProtocolError(f"request_id must be an integer in [0, 2**53) or a string of at most "
                                 f"{MAX_REQUEST_ID_CHARS} characters", code=ErrorCode.INVALID_VALUE,
-                                field="request_id", value=message["request_id"])
+                                field="request_id", value=message["request_id"],
+                                allowed=f"an integer in [0, 2**53) or a string of at most {MAX_REQUEST_ID_CHARS} "
+                                        "characters")
         if "settings" not in message:
             raise ProtocolError("update has no 'settings'", code=ErrorCode.MISSING_FIELD, field="settings")
         assert self.settings is not None
@@ -402,15 +407,17 @@ class ServerConnection:
         changes = engine_changes(previous, self.settings)
         return [Update(request_id, changes, self.settings, previous, dump_json(ack))]
 
-    def _error(self, exc: ProtocolError, *, fatal: bool = False, request_id: RequestId | None = None,
-               frame_id: int | None = None) -> list[Event]:
+    def _error(self, exc: ProtocolError, *, fatal: bool = False, frame_id: int | None = None,
+               **answers: Any) -> list[Event]:
+        """The error message answering ``exc`` (``answers``: the ``request_id`` of the text message it answers, as
+        received, when it had one), then the close when fatal or when it spends the last of the error budget."""
         code = _error_code(exc)
         self.stats.errors += 1
         self.stats.errors_by_code[code.value] = self.stats.errors_by_code.get(code.value, 0) + 1
         fatal = fatal or code.always_fatal or self.state is ConnectionState.AWAIT_HELLO
         events: list[Event] = [Send(error_message(
             code, str(exc), fatal=fatal, field=exc.field, value=exc.value, has_value=exc.has_value,
-            allowed=exc.allowed, request_id=request_id, frame_id=frame_id))]
+            allowed=exc.allowed, frame_id=frame_id, **answers))]
         if fatal:
             return events + self._closed(code, str(exc))
         if not self._budget.spend():

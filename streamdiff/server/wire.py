@@ -328,10 +328,14 @@ def _json_type(value: Any) -> str:
 # -- error messages ---------------------------------------------------------------------------------------------
 
 
+_ABSENT: Any = object()
+
+
 def error_message(code: ErrorCode, message: str, *, fatal: bool, field: str | None = None, value: Any = None,
-                  has_value: bool = False, allowed: str | None = None, request_id: int | str | None = None,
+                  has_value: bool = False, allowed: str | None = None, request_id: Any = _ABSENT,
                   frame_id: int | None = None) -> str:
-    """The JSON text of an ``error`` message (docs/protocol.md, "error")."""
+    """The JSON text of an ``error`` message (docs/protocol.md, "error"). ``request_id``: that of the message the
+    error answers, as received (also an invalid one, so the client can match the answer); omitted: it had none."""
     out: dict[str, Any] = {"type": "error", "code": code.value, "message": shorten(message, MAX_ERROR_MESSAGE_CHARS),
                            "fatal": fatal}
     if field is not None:
@@ -340,8 +344,8 @@ def error_message(code: ErrorCode, message: str, *, fatal: bool, field: str | No
         out["value"] = _echo(value)
     if allowed is not None:
         out["allowed"] = shorten(allowed, 200)
-    if request_id is not None:
-        out["request_id"] = request_id
+    if request_id is not _ABSENT:
+        out["request_id"] = _echo_exactly(request_id)
     if frame_id is not None:
         out["frame_id"] = frame_id
     return dump_json(out)
@@ -358,6 +362,16 @@ def _printable(text: str) -> str:
         return text
     return "".join(c if c.isprintable() and is_valid_unicode(c) else c.encode("unicode_escape", "backslashreplace")
                    .decode("ascii") for c in text)
+
+
+def _echo_exactly(value: Any) -> Any:
+    """``value`` (parsed from a client's message) as it was, for the client to compare with what it sent; only a
+    value nested too deeply to encode again (no client sends one) is summarised as :func:`_echo` does."""
+    try:
+        json.dumps(value, allow_nan=False)
+    except (RecursionError, ValueError):
+        return _echo(value)
+    return value
 
 
 def _echo(value: Any) -> Any:

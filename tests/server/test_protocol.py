@@ -321,11 +321,26 @@ def test_hello_refused_by_the_engine_closes_with_1008_naming_the_field() -> None
         conn.refuse(ConfigError("again"))
 
 
-@pytest.mark.parametrize("request_id", [True, -1, 2**53, 1.5, "x" * 65, None, {"a": 1}])
-def test_bad_request_ids(request_id) -> None:
-    error = _error(streaming().receive_text(json.dumps({"type": "update", "request_id": request_id,
-                                                        "settings": {}})), ErrorCode.INVALID_VALUE)
-    assert error["field"] == "request_id" and "request_id" not in error
+@pytest.mark.parametrize("request_id", [True, -1, 2**53, 10**40, 1.5, -0.0, "x" * 65, "y" * 5000, None, {"a": [1]},
+                                        [], "\ud800"])
+def test_bad_request_ids_are_refused_and_echoed_exactly(request_id) -> None:
+    """An invalid request_id is an error that carries it as received: the client matches its answer all the same."""
+    text = json.dumps({"type": "update", "request_id": request_id, "settings": {}})
+    error = _error(streaming().receive_text(text), ErrorCode.INVALID_VALUE)
+    assert error["field"] == "request_id" and error["allowed"].startswith("an integer in [0, 2**53)")
+    assert "request_id" in error and error["request_id"] == request_id
+    assert json.dumps(error["request_id"]) == json.dumps(request_id)  # 1.5 is not 1, -0.0 stays -0.0
+
+
+def test_any_error_answering_a_text_message_echoes_its_request_id() -> None:
+    conn = streaming(limits=ServerLimits(max_control_per_s=0.001, control_burst=2))  # hello, 1 update
+    error = _error(conn.receive_text('{"type": "update", "request_id": [7], "settings": {}, "force": 1}'),
+                   ErrorCode.UNKNOWN_FIELD)
+    assert error["request_id"] == [7]
+    error = _error(conn.receive_text('{"type": "update", "request_id": 2.5, "settings": {}}'), ErrorCode.RATE_LIMITED)
+    assert error["request_id"] == 2.5
+    error = _error(conn.receive_text('{"type": "update", "settings": {}}'), ErrorCode.RATE_LIMITED)
+    assert "request_id" not in error
 
 
 @pytest.mark.parametrize("settings_json,code,field,value", [
