@@ -272,6 +272,11 @@ class StreamSession:
             await self._execute(self.conn.close(ErrorCode.SERVER_FULL, f"the server already serves its "
                                                 f"{self.limits.max_streams} streams; try again later"))
             return
+        if hello.view_token is not None and hub.find_view(hello.view_token) is not None:
+            await self._execute(self.conn.close(ErrorCode.VIEW_TOKEN_IN_USE, (
+                "another stream uses this view_token (maybe this client's previous connection, not closed yet); "
+                "retry later, or ask for another")))
+            return
         self.stream_id, self.view_token = hub.register(self, hello.view_token)
         p = settings.prompt
         try:

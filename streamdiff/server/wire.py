@@ -133,6 +133,7 @@ class ErrorCode(str, enum.Enum):
     RATE_LIMITED = "rate_limited"
     HOSTILE_IMAGE = "hostile_image"
     DECODE_TOO_SLOW = "decode_too_slow"
+    VIEW_TOKEN_IN_USE = "view_token_in_use"
 
     @property
     def close_code(self) -> CloseCode:
@@ -157,6 +158,7 @@ _CLOSE_CODES = {
     ErrorCode.IDLE_TIMEOUT: CloseCode.GOING_AWAY,
     ErrorCode.SHUTTING_DOWN: CloseCode.GOING_AWAY,
     ErrorCode.SERVER_FULL: CloseCode.TRY_AGAIN_LATER,
+    ErrorCode.VIEW_TOKEN_IN_USE: CloseCode.TRY_AGAIN_LATER,  # it may be this client's own closing connection
     ErrorCode.VIEW_ONLY: CloseCode.UNSUPPORTED_DATA,
     ErrorCode.STREAM_ENDED: CloseCode.NORMAL,
     ErrorCode.INTERNAL_ERROR: CloseCode.INTERNAL_ERROR,
@@ -165,7 +167,7 @@ _ALWAYS_FATAL = frozenset({
     ErrorCode.HELLO_EXPECTED, ErrorCode.UNSUPPORTED_VERSION, ErrorCode.UNAUTHORIZED, ErrorCode.FORBIDDEN_ORIGIN,
     ErrorCode.MESSAGE_TOO_BIG, ErrorCode.ERROR_BUDGET_EXHAUSTED, ErrorCode.HELLO_TIMEOUT, ErrorCode.IDLE_TIMEOUT,
     ErrorCode.SERVER_FULL, ErrorCode.SHUTTING_DOWN, ErrorCode.VIEW_ONLY, ErrorCode.UNKNOWN_VIEW_TOKEN,
-    ErrorCode.STREAM_ENDED, ErrorCode.INTERNAL_ERROR,
+    ErrorCode.STREAM_ENDED, ErrorCode.INTERNAL_ERROR, ErrorCode.VIEW_TOKEN_IN_USE,
 })
 
 

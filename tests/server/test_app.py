@@ -536,6 +536,37 @@ def test_viewers_get_the_streams_own_frames(live) -> None:
     run(main())
 
 
+def test_a_view_token_in_use_is_refused_with_its_code(live) -> None:
+    """A hello asking for another stream's view token is refused (view_token_in_use, 1013: it may be the client's own
+    previous connection, closing); the token holder streams on; once it has left, the token is free again."""
+    server = live()
+    token = "InUse_0123456789abcdef"
+
+    async def main() -> None:
+        first = await StreamClient.connect(server.url, settings(), view_token=token)
+        error = await refused(server.url, view_token=token)
+        assert (error.code, error.error.code, error.error.field) == (1013, "view_token_in_use", None)
+        assert error.error.fatal and token not in error.error.message
+        other = await StreamClient.connect(server.url, settings())  # none asked for: the server picks one
+        assert other.ready.view_token not in (None, token)
+        assert len(await outputs(first, 2)) >= 2 and first.ready.view_token == token
+        await first.close()
+        await asyncio.wait_for(first.closed.wait(), 10)
+        deadline = time.monotonic() + 10
+        while True:  # the server unregisters the closed stream on its own loop
+            try:
+                again = await StreamClient.connect(server.url, settings(), view_token=token)
+                break
+            except ServerRefused as refusal:
+                assert refusal.error.code == "view_token_in_use" and time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+        assert again.ready.view_token == token
+        await again.close()
+        await other.close()
+
+    run(main())
+
+
 def test_a_viewer_that_talks_is_closed_1003(live) -> None:
     server = live()
 

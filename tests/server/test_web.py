@@ -86,6 +86,7 @@ console.log(JSON.stringify({{
   output: {{ ...out, body: Array.from(out.body) }},
   error,
   full: describeClose(1013, ""),
+  inUse: describeClose(1013, "view_token_in_use: another stream uses this view_token"),
   token: describeClose(1008, "unauthorized: the token is wrong"),
 }}));
 """)
@@ -97,4 +98,5 @@ console.log(JSON.stringify({{
                                           "serverMs": 12.0}}
     assert data["error"] == "output frame header is not SDFO version 1 with format 1 (JPEG) or 2 (WebP)"
     assert data["full"] == "The server is full: every stream slot is busy. Try again later."
+    assert data["inUse"] == "Another tab or stream uses this page's viewer URL; this page made a new one: start again."
     assert data["token"] == "Bad or missing token: open this page with ?token=YOUR_TOKEN."

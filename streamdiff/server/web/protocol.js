@@ -85,6 +85,9 @@ export function describeClose(code, reason) {
     case 1011:
       return `Server error${detail}.`;
     case 1013:
+      if (errorCode === "view_token_in_use") {
+        return "Another tab or stream uses this page's viewer URL; this page made a new one: start again.";
+      }
       return "The server is full: every stream slot is busy. Try again later.";
     default:
       return `Connection closed (code ${code})${detail}.`;
