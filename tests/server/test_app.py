@@ -193,16 +193,23 @@ def test_compression_is_refused(live) -> None:
 # -- sizes and time --------------------------------------------------------------------------------------------------
 
 
-def test_oversize_messages_are_1009(live) -> None:
+def test_oversize_messages_are_1009_and_bad_utf8_1007_with_coded_reasons(live) -> None:
+    """Also the closes the WebSocket library starts itself give the documented "<error code>: <message>" reason."""
     server = live(limits=ServerLimits(max_message_bytes=64 << 10, max_text_bytes=8 << 10))
 
     async def main() -> None:
         client = await StreamClient.connect(server.url, settings())
         await client.ws.send(b"SDFI" + b"\0" * (100 << 10))  # over max_size: the library closes before reading it
         assert await closed(client) == (1009, None)
+        assert client.close_reason == f"message_too_big: frame with {(100 << 10) + 4} bytes exceeds limit of " \
+                                      f"{64 << 10} bytes"  # the documented "<error code>: <message>"
         client = await StreamClient.connect(server.url, settings())
         await client.ws.send(json.dumps({"type": "update", "settings": {"prompt": "x" * (10 << 10)}}))
         assert await closed(client) == (1009, "message_too_big")
+        client = await StreamClient.connect(server.url, settings())
+        await client.ws.send(b'{"type": "update", "settings": {"prompt": "\xff"}}', text=True)  # not UTF-8
+        assert await closed(client) == (1007, None)
+        assert client.close_reason.startswith("bad_json: ")
 
     run(main())
 
