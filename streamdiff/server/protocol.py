@@ -39,6 +39,7 @@ from .policy import ErrorBudget, RateLimiter, ReadPacer
 from .settings import SETTING_FIELDS, StreamSettings, apply_settings, check_caps, engine_changes
 from .wire import (
     PROTOCOL_VERSION,
+    SETTINGS_VERSIONS,
     VIEW_PAGE_PATH,
     VIEW_SOCKET_PREFIX,
     CloseCode,
@@ -106,7 +107,8 @@ class Update:
 
     The engine has the last word: send ``ack`` (the text of the ``ack`` message) once ``stream.update(**changes)``
     succeeded, or call :meth:`ServerConnection.update_refused` with its ConfigError (the settings go back to
-    ``previous`` and the client gets an error naming the field).
+    ``previous`` and the client gets an error naming the field). ``settings_version``: the ack's, which outputs made
+    with these settings carry.
     """
 
     request_id: RequestId | None
@@ -114,6 +116,7 @@ class Update:
     settings: StreamSettings
     previous: StreamSettings
     ack: str = field(default="", repr=False)
+    settings_version: int = 0
 
 
 @dataclass(frozen=True)
@@ -165,6 +168,7 @@ class ServerConnection:
         self._clock = clock
         self.state = ConnectionState.AWAIT_HELLO
         self.settings: StreamSettings | None = None
+        self.settings_version = 0  # of ``settings``: 0 in ready, one more (mod 2**16) in each ack
         self.stream_id: str | None = None
         self.stats = ConnectionStats()
         self._opened_at = self._last_activity = clock()
@@ -282,7 +286,8 @@ class ServerConnection:
         self.state, self.stream_id = ConnectionState.STREAMING, stream_id
         self._last_activity = self._clock()
         ready: dict[str, Any] = {"type": "ready", "version": PROTOCOL_VERSION, "stream_id": stream_id,
-                                 "settings": self.settings.to_json(), "limits": self.limits.to_json()}
+                                 "settings": self.settings.to_json(), "settings_version": self.settings_version,
+                                 "limits": self.limits.to_json()}
         if view_token is not None:
             ready["view"] = {"token": view_token, "url": f"{VIEW_PAGE_PATH}?view={view_token}",
                              "socket": f"{VIEW_SOCKET_PREFIX}{view_token}"}
@@ -307,6 +312,7 @@ class ServerConnection:
         if self.state is ConnectionState.CLOSED:
             return []
         self.settings = update.previous
+        self.settings_version = (update.settings_version - 1) % SETTINGS_VERSIONS
         answers = {} if update.request_id is None else {"request_id": update.request_id}
         return self._error(_engine_refusal(error, tuple(update.changes) or SETTING_FIELDS, update.settings),
                            **answers)
@@ -325,10 +331,12 @@ class ServerConnection:
     # -- output -------------------------------------------------------------------------------------------------
 
     def output_frame(self, frame_id: int, client_ts: float, body: bytes, format: ImageFormat,
-                     timings: ServerTimings | None = None) -> bytes:
-        """The binary message carrying an encoded output frame for input ``frame_id`` (same bytes for viewers)."""
+                     timings: ServerTimings | None = None, settings_version: int = 0) -> bytes:
+        """The binary message carrying an encoded output frame for input ``frame_id`` (same bytes for viewers);
+        ``settings_version``: that of the ready or ack whose settings made it."""
         self.stats.frames_out += 1
-        return pack_output_frame(OutputHeader(frame_id, client_ts, format, timings or ServerTimings()), body)
+        header = OutputHeader(frame_id, client_ts, format, timings or ServerTimings(), settings_version)
+        return pack_output_frame(header, body)
 
     def stats_message(self, **extra: int) -> str:
         """A ``stats`` text message with this connection's counters and the server's ``extra`` ones."""
@@ -400,12 +408,14 @@ class ServerConnection:
                 code=ErrorCode.RATE_LIMITED, field=f"settings.{reshaped}",
                 allowed=f"at most {self.limits.max_reshape_per_s:g} per second")
         self.settings = settings
+        self.settings_version = (self.settings_version + 1) % SETTINGS_VERSIONS
         self.stats.updates += 1
-        ack: dict[str, Any] = {"type": "ack", "settings": self.settings.to_json()}
+        ack: dict[str, Any] = {"type": "ack", "settings": self.settings.to_json(),
+                               "settings_version": self.settings_version}
         if request_id is not None:
             ack["request_id"] = request_id
         changes = engine_changes(previous, self.settings)
-        return [Update(request_id, changes, self.settings, previous, dump_json(ack))]
+        return [Update(request_id, changes, self.settings, previous, dump_json(ack), self.settings_version)]
 
     def _error(self, exc: ProtocolError, *, fatal: bool = False, frame_id: int | None = None,
                **answers: Any) -> list[Event]:

@@ -41,6 +41,7 @@ from .pacing import LatestSlot, SendTimeout, send_within, within
 from .policy import client_address
 from .protocol import Close, ConnectionState, Frame, Hello, Send, ServerConnection, Update
 from .transport import Transport, TransportClosed
+from .versions import SettingsVersions
 from .wire import ErrorCode, ServerTimings, shorten
 
 if TYPE_CHECKING:
@@ -105,6 +106,7 @@ class StreamSession:
         self.address = client_address(transport.remote)
         self._closing: asyncio.Future[None] | None = None  # the closing handshake, once the server started it
         self._decode_budget = DecodeBudget(self.limits.max_decode_share, self.limits.decode_window_s)
+        self._versions = SettingsVersions(config.defaults)  # the hello's settings replace these at ready
 
     def __repr__(self) -> str:
         return f"<StreamSession {self.stream_id or 'pending'} {self.conn.state.value}>"
@@ -297,6 +299,7 @@ class StreamSession:
         logger.info("%s connected from %s: %dx%d, steps %s, F=%d, cfg %s, client %r", self.stream_id,
                     self.transport.remote, s.width, s.height, list(s.t_index_list), s.frame_buffer_size,
                     s.cfg_type.value, shorten(hello.client or "?", 40))
+        self._versions = SettingsVersions(settings)
         for work in (self._decode_loop(), self._send_loop(), self._housekeeping()):
             self._tasks.append(asyncio.ensure_future(self._guard(work)))
         await self._execute(self.conn.accept(self.stream_id, self.view_token))
@@ -313,14 +316,15 @@ class StreamSession:
                                                      "unaffected")
 
     async def _update(self, update: Update) -> None:
-        if update.changes and self.stream is not None:
-            try:
-                self.stream.update(**update.changes)
+        if self.stream is not None:
+            try:  # an update the engine runs nothing of (output, {}) keeps the engine's version
+                engine_version = self.stream.update(**update.changes) if update.changes else self.stream.version
             except ConfigError as error:
                 await self._execute(self.conn.update_refused(update, error))
                 return
             except StreamClosed:
                 return  # the engine ended the stream; housekeeping closes the connection
+            self._versions.acked(engine_version, update.settings_version, update.settings)
         await self._send(update.ack)
 
     # -- frames in ----------------------------------------------------------------------------------------------
@@ -405,8 +409,8 @@ class StreamSession:
     async def _send_loop(self) -> None:
         while not self._finished:
             output = await self._outbox.get()
-            out = self.conn.settings.output if self.conn.settings is not None else None
-            fmt, quality = (out.format, out.quality) if out is not None else (ImageFormat.JPEG, 80)
+            settings_version, settings = self._versions.of(output.version)  # encoded as that ack's settings say
+            fmt, quality = settings.output.format, settings.output.quality
             start = time.perf_counter()
             bodies = await self._loop.run_in_executor(self.hub.encode_pool, _encode_output, output, fmt, quality)
             encode_ms = (time.perf_counter() - start) * 1000 / max(1, len(bodies))
@@ -418,7 +422,7 @@ class StreamSession:
                     decode_ms=tag.decode_ms, queue_ms=max(0.0, output.started - tag.submitted) * 1000,
                     engine_ms=(output.finished - output.started) * 1000, encode_ms=encode_ms,
                     server_ms=(now - tag.received) * 1000)
-                data = self.conn.output_frame(tag.frame_id, tag.client_ts, body, fmt, timings)
+                data = self.conn.output_frame(tag.frame_id, tag.client_ts, body, fmt, timings, settings_version)
                 self.hub.metrics.observe_latency(
                     decode=timings.decode_ms / 1000, queue=timings.queue_ms / 1000, engine=timings.engine_ms / 1000,
                     encode=encode_ms / 1000, server=timings.server_ms / 1000)

@@ -13,7 +13,7 @@ Binary frames (big-endian, docs/protocol.md "Binary frames")::
       0  4  magic      b"SDFO"
       4  1  version    1
       5  1  format     1 = JPEG, 2 = WebP
-      6  2  reserved   0
+      6  2  settings_version  uint16: the settings (counted by acks, mod 2**16) the output was made with
       8  4  frame_id   uint32, echoed from the input frame
      12  8  client_ts  float64, echoed unchanged
      20  4  decode_ms  float32, server time decoding the input
@@ -44,6 +44,7 @@ __all__ = [
     "OUTPUT_MAGIC",
     "PROTOCOL_VERSION",
     "STREAM_PATH",
+    "SETTINGS_VERSIONS",
     "SUBPROTOCOL",
     "VIEW_PAGE_PATH",
     "VIEW_SOCKET_PREFIX",
@@ -79,11 +80,12 @@ SESSION_HEADER = "x-session-id"
 INPUT_MAGIC = b"SDFI"
 OUTPUT_MAGIC = b"SDFO"
 _INPUT = struct.Struct(">4sB3sId")
-_OUTPUT = struct.Struct(">4sBB2sIdfffff")
+_OUTPUT = struct.Struct(">4sBBHIdfffff")
 INPUT_HEADER_SIZE = _INPUT.size  # 20
 OUTPUT_HEADER_SIZE = _OUTPUT.size  # 40
 _FORMAT_IDS = {ImageFormat.JPEG: 1, ImageFormat.WEBP: 2}
 _FORMATS_BY_ID = {v: k for k, v in _FORMAT_IDS.items()}
+SETTINGS_VERSIONS = 1 << 16  # settings_version counts acked updates modulo this (2 bytes of the output header)
 MAX_CLOSE_REASON_BYTES = 123  # RFC 6455 5.5: control frame payload 125 bytes, 2 of them the code
 
 
@@ -192,12 +194,14 @@ class ServerTimings:
 
 @dataclass(frozen=True)
 class OutputHeader:
-    """The fixed header of a server's binary frame (``body`` follows it on the wire)."""
+    """The fixed header of a server's binary frame (``body`` follows it on the wire). ``settings_version``: that of
+    the ``ready`` or ``ack`` whose settings made the output (docs/protocol.md, "Settings versions")."""
 
     frame_id: int
     client_ts: float
     format: ImageFormat
     timings: ServerTimings
+    settings_version: int = 0
 
 
 def pack_input_header(frame_id: int, client_ts: float) -> bytes:
@@ -243,9 +247,13 @@ def peek_frame_id(data: bytes | bytearray | memoryview) -> int | None:
 def pack_output_frame(header: OutputHeader, body: bytes) -> bytes:
     """One binary output message: the 40-byte header followed by ``body`` (JPEG or WebP)."""
     _check_frame_id(header.frame_id)
+    if not 0 <= header.settings_version < SETTINGS_VERSIONS:
+        raise ProtocolError(f"settings_version={header.settings_version!r} is outside [0, {SETTINGS_VERSIONS})",
+                            code=ErrorCode.BAD_FRAME_HEADER, field="settings_version")
     t = header.timings
-    return _OUTPUT.pack(OUTPUT_MAGIC, PROTOCOL_VERSION, _FORMAT_IDS[header.format], b"\0\0", header.frame_id,
-                        header.client_ts, t.decode_ms, t.queue_ms, t.engine_ms, t.encode_ms, t.server_ms) + body
+    return _OUTPUT.pack(OUTPUT_MAGIC, PROTOCOL_VERSION, _FORMAT_IDS[header.format], header.settings_version,
+                        header.frame_id, header.client_ts, t.decode_ms, t.queue_ms, t.engine_ms, t.encode_ms,
+                        t.server_ms) + body
 
 
 def unpack_output_frame(data: bytes | bytearray | memoryview) -> tuple[OutputHeader, bytes]:
@@ -253,11 +261,11 @@ def unpack_output_frame(data: bytes | bytearray | memoryview) -> tuple[OutputHea
     if len(data) < OUTPUT_HEADER_SIZE:
         raise ProtocolError(f"binary message of {len(data)} bytes is shorter than the {OUTPUT_HEADER_SIZE}-byte "
                             "output header", code=ErrorCode.BAD_FRAME_HEADER)
-    magic, version, format_id, _, frame_id, client_ts, *timings = _OUTPUT.unpack_from(data)
+    magic, version, format_id, settings_version, frame_id, client_ts, *timings = _OUTPUT.unpack_from(data)
     if magic != OUTPUT_MAGIC or version != PROTOCOL_VERSION or format_id not in _FORMATS_BY_ID:
         raise ProtocolError(f"output header {bytes(data[:6]).hex(' ')} is not {OUTPUT_MAGIC!r} version "
                             f"{PROTOCOL_VERSION} with format 1 or 2", code=ErrorCode.BAD_FRAME_HEADER)
-    header = OutputHeader(frame_id, client_ts, _FORMATS_BY_ID[format_id], ServerTimings(*timings))
+    header = OutputHeader(frame_id, client_ts, _FORMATS_BY_ID[format_id], ServerTimings(*timings), settings_version)
     return header, bytes(data[OUTPUT_HEADER_SIZE:])
 
 

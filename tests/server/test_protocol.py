@@ -84,7 +84,7 @@ def test_hello_then_accept_sends_ready(clock: FakeClock) -> None:
     [send] = conn.accept("s-1", "v" * 22)
     ready = json.loads(send.data)
     assert ready == {"type": "ready", "version": 1, "stream_id": "s-1", "settings": hello.settings.to_json(),
-                     "limits": ServerLimits().to_json(),
+                     "settings_version": 0, "limits": ServerLimits().to_json(),
                      "view": {"token": "v" * 22, "url": "/view.html?view=" + "v" * 22, "socket": "/ws/view/" + "v" * 22}}
     assert conn.state is ConnectionState.STREAMING and conn.stream_id == "s-1"
 
@@ -286,7 +286,34 @@ def test_update_yields_engine_changes_and_an_ack() -> None:
     assert isinstance(update, Update) and update.request_id == 4 and update.previous == before
     assert dict(update.changes) == {"prompt": "ink", "guidance_scale": 1.5, "seed": 3}
     assert conn.settings == update.settings and conn.stats.updates == 1
-    assert json.loads(update.ack) == {"type": "ack", "settings": update.settings.to_json(), "request_id": 4}
+    assert json.loads(update.ack) == {"type": "ack", "settings": update.settings.to_json(), "settings_version": 1,
+                                      "request_id": 4}
+
+
+def test_each_ack_counts_the_settings_version_and_a_refusal_takes_it_back() -> None:
+    """ready has settings_version 0; each ack one more (modulo 2**16); an update refused, by the protocol or by the
+    engine, makes no version: the next ack has the number it would have had."""
+    conn = streaming()
+    assert conn.settings_version == 0
+    acks = [json.loads(conn.receive_text(json.dumps({"type": "update", "settings": s}))[0].ack)["settings_version"]
+            for s in ({}, {"seed": 5}, {"output": {"format": "webp"}})]
+    assert acks == [1, 2, 3]
+    _error(conn.receive_text('{"type": "update", "settings": {"seed": -1}}'), ErrorCode.INVALID_VALUE)
+    (update,) = conn.receive_text('{"type": "update", "settings": {"seed": 6}}')
+    assert update.settings_version == 4
+    conn.update_refused(update, ConfigError("seed 6 is not allowed here", field="seed"))
+    (update,) = conn.receive_text('{"type": "update", "settings": {"seed": 7}}')
+    assert (update.settings_version, json.loads(update.ack)["settings_version"]) == (4, 4)
+    conn.settings_version = 2**16 - 1
+    (update,) = conn.receive_text('{"type": "update", "settings": {}}')
+    assert json.loads(update.ack)["settings_version"] == 0  # it wraps, as frame ids do
+
+
+def test_output_frames_carry_their_settings_version() -> None:
+    conn = streaming()
+    header, _ = unpack_output_frame(conn.output_frame(3, 1.5, b"IMG", ImageFormat.JPEG, settings_version=513))
+    assert (header.frame_id, header.settings_version) == (3, 513)
+    assert conn.output_frame(3, 1.5, b"", ImageFormat.JPEG, settings_version=513)[6:8] == b"\x02\x01"
 
 
 def test_update_request_id_may_be_a_string_or_absent() -> None:
