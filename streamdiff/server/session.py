@@ -10,10 +10,10 @@ Starlette/FastAPI WebSocket, Ray Serve) run the same protocol implementation::
 Inside a session, five small loops share the event loop and never block it:
 
 - **receive**: messages → :class:`~.protocol.ServerConnection` → events; hello/idle timeouts from its deadlines;
-- **decode**: a latest-wins slot of frames → a thread of the hub's decode pool checks and decodes the newest
-  (within the image limits and the client's :class:`~.images.DecodeBudget`), which is handed to the engine stream
-  once the engine took the frame before it (a newer frame replaces it meanwhile); at most one decode per client is
-  ever in flight, and it stops at its next chunk once the session ends;
+- **decode**: a latest-wins slot of one group of frames (F) → a thread of the hub's decode pool checks and
+  decodes the oldest (within the image limits and the client's :class:`~.images.DecodeBudget`), which is handed to
+  the engine stream once the engine's input queue has room (newer frames that fill the slot meanwhile replace it);
+  at most one decode per client is ever in flight, and it stops at its next chunk once the session ends;
 - the engine calls back on its own thread; the output hops to the loop (``call_soon_threadsafe``) into a
   latest-wins slot;
 - **send**: a thread of the hub's encode pool encodes the newest output once; the same bytes go to the client
@@ -335,17 +335,20 @@ class StreamSession:
         if self._sending_since is not None and received - self._sending_since > CONGESTED_S:
             self.drops["congested"] += 1
             return
-        if self._inbox.put(_Job(frame, received)) is not None:
+        # One group waits at most: F frames, so that a client sending a frame whenever fewer than F of its frames
+        # are not taken yet (docs/protocol.md, "Lossless clients") never has one replaced
+        if self._inbox.put(_Job(frame, received), self.stream.config.frame_buffer_size) is not None:
             self.drops["superseded"] += 1
-        self._room.set()  # a decoded frame waiting for room gives way to this newer one
+        self._room.set()  # a decoded frame waiting for room gives way once newer ones fill the slot
 
     async def _decode_loop(self) -> None:
-        """Decode the newest frame, wait until the engine has taken the frames before it, hand it over.
+        """Decode the oldest waiting frame, wait until the engine's input queue has room for it, hand it over.
 
         Handing a frame over only when the engine's input queue has room means the engine never replaces a frame
         it did not get a chance to take (a wake-up race, not latest-wins): frames are replaced here instead, and
-        only by newer ones that arrived meanwhile. So every frame the engine takes is answered by an output in
-        order, and a client keeping ``n·F + 1`` frames in flight never waits for nothing.
+        only when the engine has no room and newer ones fill the slot meanwhile. So every frame the engine takes is
+        answered by an output in order, a client keeping ``n·F + 1`` frames in flight never waits for nothing, and
+        one keeping fewer than F frames not taken loses none.
         """
         stream = self.stream
         assert stream is not None
@@ -362,10 +365,10 @@ class StreamSession:
             if isinstance(image, ImageError):
                 await self._execute(self.conn.frame_rejected(job.frame, image))
                 continue
-            while self._untaken() >= stream.config.frame_buffer_size and not self._inbox.occupied:
+            while self._untaken() >= stream.config.frame_buffer_size and not self._inbox.full:
                 self._room.clear()
                 await self._room.wait()
-            if self._inbox.occupied:  # a newer frame arrived while this one waited: latest wins
+            if self._untaken() >= stream.config.frame_buffer_size:  # no room, newer frames arrived: latest wins
                 self.drops["superseded"] += 1
                 self._report_losses()
                 continue
@@ -465,8 +468,8 @@ class StreamSession:
             self._sync_metrics()
 
     def queue_depths(self) -> tuple[int, int]:
-        """Frames waiting here for the decoder (0 or 1) and handed to the engine but not taken yet (at most F)."""
-        return int(self._inbox.occupied), self._untaken() if self.stream is not None else 0
+        """Frames waiting here for the decoder (at most F) and handed to the engine but not taken yet (at most F)."""
+        return len(self._inbox), self._untaken() if self.stream is not None else 0
 
     def stats_message(self) -> str:
         """The ``stats`` message: the connection's counters, plus the engine's (``frames_taken``, skips, drops)."""

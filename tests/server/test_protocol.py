@@ -524,6 +524,21 @@ def test_frames_over_the_rate_are_dropped_and_counted(clock: FakeClock, jpeg: by
     assert 49 <= accepted <= 51 and conn.state is ConnectionState.STREAMING and conn.stats.errors == 0
 
 
+def test_the_frame_bucket_is_exactly_as_documented(clock: FakeClock, jpeg: bytes) -> None:
+    """docs/protocol.md, "Lossless clients": input_burst_frames tokens, full at ready, max_input_fps refill; each
+    frame with a valid header received after ready takes one; bad headers take none (they are errors instead)."""
+    conn = streaming(clock, ServerLimits(max_input_fps=4, input_burst_frames=3))
+    for _ in range(5):
+        _error(conn.receive_bytes(b"SDFI\x09" + b"\0" * 40), ErrorCode.BAD_FRAME_HEADER)
+    assert [len(conn.receive_bytes(frame_message(jpeg, frame_id=i))) for i in range(4)] == [1, 1, 1, 0]
+    clock.advance(0.24)  # 0.96 of a token
+    assert len(conn.receive_bytes(frame_message(jpeg))) == 0
+    clock.advance(0.25)  # 0.96 - 0 + 1.0 tokens: the refused frame took none
+    assert [len(conn.receive_bytes(frame_message(jpeg))) for _ in range(2)] == [1, 0]
+    clock.advance(10.0)  # full again, never above the burst
+    assert [len(conn.receive_bytes(frame_message(jpeg))) for _ in range(4)] == [1, 1, 1, 0]
+
+
 def test_a_steady_client_at_the_limit_is_never_dropped(clock: FakeClock, jpeg: bytes) -> None:
     conn = streaming(clock)
     for i in range(300):
