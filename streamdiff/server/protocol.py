@@ -36,7 +36,15 @@ from ..errors import ConfigError, ImageError, ProtocolError, StreamDiffError
 from .images import ImageFormat
 from .limits import ServerLimits
 from .policy import ErrorBudget, RateLimiter, ReadPacer
-from .settings import SETTING_FIELDS, StreamSettings, apply_settings, check_caps, engine_changes
+from .settings import (
+    SETTING_FIELDS,
+    StreamSettings,
+    apply_settings,
+    check_caps,
+    engine_changes,
+    engine_refusal,
+    reshaped,
+)
 from .wire import (
     PROTOCOL_VERSION,
     SETTINGS_VERSIONS,
@@ -304,7 +312,7 @@ class ServerConnection:
         """The engine cannot run the hello's settings (``engine.check_settings`` raised): ``[Send(error), Close]``."""
         if self.state is not ConnectionState.HELLO_RECEIVED or self.settings is None:
             raise StreamDiffError(f"refuse() needs a connection in state hello_received, not {self.state.value}")
-        return self._error(_engine_refusal(error, SETTING_FIELDS, self.settings), fatal=True)
+        return self._error(engine_refusal(error, SETTING_FIELDS, self.settings), fatal=True)
 
     def update_refused(self, update: Update, error: ConfigError) -> list[Event]:
         """The engine refused ``update`` (``stream.update`` raised): its settings are undone; returns the error
@@ -314,7 +322,7 @@ class ServerConnection:
         self.settings = update.previous
         self.settings_version = (update.settings_version - 1) % SETTINGS_VERSIONS
         answers = {} if update.request_id is None else {"request_id": update.request_id}
-        return self._error(_engine_refusal(error, tuple(update.changes) or SETTING_FIELDS, update.settings),
+        return self._error(engine_refusal(error, tuple(update.changes) or SETTING_FIELDS, update.settings),
                            **answers)
 
     def frame_rejected(self, frame: Frame, error: ImageError | ProtocolError) -> list[Event]:
@@ -400,12 +408,12 @@ class ServerConnection:
         assert self.settings is not None
         previous = self.settings
         settings = apply_settings(previous, message["settings"], self.limits)
-        reshaped = _reshaped(previous, settings)
-        if reshaped and not self._reshape.allow():
+        rebuilt = reshaped(previous, settings)
+        if rebuilt and not self._reshape.allow():
             raise ProtocolError(
                 f"more than {self.limits.max_reshape_per_s:g} updates per second rebuild the stream (bursts of "
-                f"{self.limits.reshape_burst}); this one changed {reshaped} and was ignored",
-                code=ErrorCode.RATE_LIMITED, field=f"settings.{reshaped}",
+                f"{self.limits.reshape_burst}); this one changed {rebuilt} and was ignored",
+                code=ErrorCode.RATE_LIMITED, field=f"settings.{rebuilt}",
                 allowed=f"at most {self.limits.max_reshape_per_s:g} per second")
         self.settings = settings
         self.settings_version = (self.settings_version + 1) % SETTINGS_VERSIONS
@@ -459,38 +467,6 @@ def _request_id(value: Any) -> RequestId | None:
     if isinstance(value, str) and len(value) <= MAX_REQUEST_ID_CHARS and is_valid_unicode(value):
         return value
     return None
-
-
-def _reshaped(previous: StreamSettings, new: StreamSettings) -> str | None:
-    """The first setting whose change rebuilds the stream's state on the engine, or None."""
-    old, s = previous.stream, new.stream
-    for name in ("width", "height", "frame_buffer_size", "cfg_type"):
-        if getattr(s, name) != getattr(old, name):
-            return name
-    return "t_index_list" if s.denoising_steps != old.denoising_steps else None
-
-
-def _engine_refusal(error: ConfigError, names: Any, settings: StreamSettings) -> ProtocolError:
-    """A ProtocolError(``not_allowed``) for ``settings`` the engine refused, naming the field, the value and what is
-    allowed from the ConfigError's own ``field``/``value``/``allowed``; the field is looked for in its message only
-    when the raiser did not set it, and the value is then the setting's own."""
-    text = str(error)
-    name = error.field.split()[0] if error.field else None  # "t_index_list entry" names t_index_list
-    if name == "size":  # the engine's size list refuses the pair: the wire has width and height
-        name = "width"
-    if name is None:
-        found = [(m.start(), n) for n in names if (m := re.search(rf"\b{re.escape(n)}\b(=| entry)", text))]
-        name = min(found)[1] if found else (next(iter(names)) if len(names) == 1 else None)
-    extra = {"value": error.value} if error.has_value else {}
-    if not extra and name is not None:
-        for part in (settings.stream, settings.prompt):
-            if hasattr(part, name):
-                value = getattr(part, name)
-                extra = {"value": list(value) if isinstance(value, tuple) else getattr(value, "value", value)}
-                break
-    return ProtocolError(f"this server's engine cannot run these settings: {text}", code=ErrorCode.NOT_ALLOWED,
-                         field="settings" if name is None else f"settings.{name}",
-                         allowed=error.allowed or "settings this engine runs", **extra)
 
 
 def _error_code(exc: ProtocolError) -> ErrorCode:
