@@ -72,3 +72,25 @@ def test_outputs_say_which_ack_made_them(live) -> None:
             assert output.format is (ImageFormat.JPEG if output.settings_version < 2 else ImageFormat.WEBP)
 
     run(main())
+
+
+def test_with_one_step_the_first_output_of_a_version_is_made_with_it(live) -> None:
+    """An update applied in place (a prompt) with one step: every output carrying the old version is the old
+    prompt's image of the (constant) input, every output carrying the new one the new prompt's."""
+    server = live()
+    body = bodies(frames(1))[0]
+
+    async def main() -> None:
+        client = await StreamClient.connect(server.url, settings(t_index_list=[30], prompt="a watercolor"))
+        got = Drive()
+        await drive(client, lambda i: body, until=time.perf_counter() + 30, window=2, stop_after=3, result=got)
+        ack = await client.update(prompt="an oil painting, thick strokes", seed=9)
+        await drive(client, lambda i: body, until=time.perf_counter() + 30, window=2, result=got,
+                    stop_when=lambda: sum(o.settings_version == ack.settings_version for _, o in got.outputs) >= 3)
+        await client.close()
+        images = {0: set(), 1: set()}
+        for _, output in got.outputs:
+            images[output.settings_version].add(decode_output(output).tobytes())
+        assert len(images[0]) == 1 and len(images[1]) == 1 and images[0] != images[1]
+
+    run(main())
