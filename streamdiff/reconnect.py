@@ -18,7 +18,8 @@ output. ::
         client.stream_ids                       # every stream it had, newest last
 
 What is retried: a close without a fatal ``error`` before it (the connection was lost: 1006, a dead replica),
-``shutting_down`` (1001), ``internal_error`` (1011), 1012/1014, and ``server_full`` (1013) — until
+``shutting_down`` (1001), ``internal_error`` (1011), 1012/1014, ``server_full`` and ``view_token_in_use`` (1013: the
+server may still hold the lost connection's stream, and its view token, until its pings time out) — until
 ``reconnect_timeout`` passes without a stream. Anything else (a bad token, refused settings, a normal close) ends
 the client with :class:`~streamdiff.client.ServerRefused`.
 """

@@ -44,6 +44,7 @@ from .core.image import fit_frame, frame_to_tensor, tensor_to_frame
 from .server.client_protocol import OutputFrame
 from .server.images import encode
 from .server.settings import OutputConfig, StreamSettings
+from .server.wire import SETTINGS_VERSIONS
 
 __all__ = ["RemoteEngine", "RemoteStream", "settings_json"]
 
@@ -274,7 +275,11 @@ class RemoteStream:
 
     def _output(self, frame: OutputFrame, user_id: Any) -> StreamOutput:
         images = frame_to_tensor(decode_output(frame))  # [1, 3, H, W] in [0, 1]
-        return StreamOutput(images, False, (user_id,), self.version, time.perf_counter())
+        # The server counts this stream's updates as update() does, modulo 2**16 on the wire (an output may come
+        # before update() has seen its ack: the nearest version, either way)
+        ahead = (frame.settings_version - self.version) % SETTINGS_VERSIONS
+        version = self.version + (ahead if ahead < SETTINGS_VERSIONS // 2 else ahead - SETTINGS_VERSIONS)
+        return StreamOutput(images, False, (user_id,), version, time.perf_counter())
 
     def _finish(self, error: BaseException | None) -> None:
         with self._out_cond:

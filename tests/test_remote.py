@@ -12,6 +12,7 @@ from streamdiff.client import ServerRefused
 from streamdiff.io.sources import pattern_frame
 from streamdiff.remote import RemoteEngine, settings_json
 from streamdiff.runtime.controls import Controls
+from streamdiff.server.limits import ServerLimits
 from streamdiff.server.settings import OutputConfig
 
 CONFIG = StreamConfig(width=64, height=64, t_index_list=(20, 35))
@@ -47,6 +48,27 @@ def test_a_lossless_remote_stream_equals_the_local_pipeline(live, tiny_model) ->
     assert (stream.stats.frames_in, stream.stats.frames_out, stream.stats.dropped_inputs) == (9, 9, 0)
     with pytest.raises(StreamClosed):
         stream.submit(frames[0])
+
+
+@pytest.mark.parametrize("frame_buffer_size", [2, 3])
+def test_lossless_pacing_loses_nothing_with_several_frames_per_group(live, frame_buffer_size: int) -> None:
+    """The documented lossless rule (fewer than F frames sent and not yet taken or lost) with F > 1: the client has
+    up to F frames on their way at once, and the server hands each to the engine without replacing any."""
+    server = live(limits=ServerLimits(max_frame_buffer_size=3, max_input_fps=120.0, input_burst_frames=8))
+    remote = RemoteEngine(server.url.removesuffix("/ws"), image_format="webp", quality=100)
+    config = CONFIG.with_changes(frame_buffer_size=frame_buffer_size)
+    stream = remote.open_stream(config, "a watercolor", seed=5, lossless=True)
+    count = 8 * frame_buffer_size
+    got: list = []
+    reader = threading.Thread(target=lambda: got.extend(iter(lambda: stream.get(timeout=30), None)))
+    reader.start()
+    for i in range(count):
+        stream.submit(pattern_frame(i, 64, 64), frame_id=i, timeout=30)
+    stream.end_input()
+    reader.join(60)
+    remote.stop()
+    assert [o.frame_ids[0] for o in got] == list(range(count))
+    assert (stream.stats.frames_in, stream.stats.frames_out, stream.stats.dropped_inputs) == (count, count, 0)
 
 
 def test_live_updates_through_controls_and_refusals(live) -> None:

@@ -30,7 +30,7 @@ from ..errors import missing_extra
 from .hub import Hub, ServerConfig
 from .routes import HttpReply, StaticFiles
 from .session import StreamSession
-from .transport import WebsocketsTransport
+from .transport import WebsocketsTransport, create_connection
 from .viewing import ViewerSession
 from .wire import STREAM_PATH, SUBPROTOCOL, VIEW_SOCKET_PREFIX
 
@@ -81,6 +81,7 @@ class StreamServer:
             open_timeout=limits.handshake_timeout_s, ping_interval=limits.ping_interval_s,
             ping_timeout=limits.ping_timeout_s, close_timeout=limits.close_timeout_s,
             max_size=limits.max_message_bytes, max_queue=limits.max_queued_messages,
+            create_connection=create_connection,  # the library's own 1009 and 1007 closes say "<error code>: …"
             logger=_LibraryLog(logging.getLogger("streamdiff.server.websockets"), {}),
         )
         logger.info("serving on http://%s:%d (streams: %s, max %d; token %s)", _url_host(self.config.host), self.port,

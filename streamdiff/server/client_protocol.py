@@ -25,6 +25,7 @@ from .images import ImageFormat
 from .settings import StreamSettings, apply_settings
 from .wire import (
     PROTOCOL_VERSION,
+    SETTINGS_VERSIONS,
     ErrorCode,
     ServerTimings,
     dump_json,
@@ -47,21 +48,25 @@ class ClientState(enum.Enum):
 
 @dataclass(frozen=True)
 class Ready:
-    """The server admitted the stream: its id, the effective settings, the server's limits, the viewer's URL."""
+    """The server admitted the stream: its id, the effective settings, the server's limits, the viewer's URL.
+    ``settings_version``: that of these settings (0; None from a server older than settings versions)."""
 
     stream_id: str
     settings: StreamSettings
     limits: Mapping[str, Any]
     view_token: str | None = None
     view_url: str | None = None
+    settings_version: int | None = None
 
 
 @dataclass(frozen=True)
 class Ack:
-    """An update was accepted; ``settings`` are the effective settings after it."""
+    """An update was accepted; ``settings`` are the effective settings after it. ``settings_version``: the version
+    outputs made with them carry (:attr:`OutputFrame.settings_version`; None from an older server)."""
 
     request_id: int | str | None
     settings: StreamSettings
+    settings_version: int | None = None
 
 
 @dataclass(frozen=True)
@@ -74,7 +79,7 @@ class ServerError:
     field: str | None = None
     value: Any = None
     allowed: str | None = None
-    request_id: int | str | None = None
+    request_id: Any = None  # of the message it answers, as sent (an invalid one too)
     frame_id: int | None = None
 
     def __str__(self) -> str:
@@ -98,7 +103,8 @@ class UnknownMessage:
 
 @dataclass(frozen=True)
 class OutputFrame:
-    """An output frame: echoed ``frame_id``/``client_ts``, the server's timings and the encoded image."""
+    """An output frame: echoed ``frame_id``/``client_ts``, the server's timings and the encoded image.
+    ``settings_version``: that of the ``ready`` or ``ack`` whose settings made it (docs/protocol.md)."""
 
     frame_id: int
     client_ts: float
@@ -106,6 +112,7 @@ class OutputFrame:
     timings: ServerTimings
     body: bytes
     latency_ms: float  # capture -> output received, on the client's clock
+    settings_version: int = 0
 
 
 ClientEvent = Ready | Ack | ServerError | Stats | Viewing | UnknownMessage
@@ -164,12 +171,13 @@ class ClientConnection:
             stream_id, limits, view = message.get("stream_id"), message.get("limits", {}), message.get("view") or {}
             if not isinstance(stream_id, str) or not isinstance(limits, dict) or not isinstance(view, dict):
                 raise ProtocolError("ready message has no valid stream_id, limits or view", code=ErrorCode.BAD_JSON)
-            self.ready = Ready(stream_id, settings, limits, view.get("token"), view.get("url"))
+            self.ready = Ready(stream_id, settings, limits, view.get("token"), view.get("url"),
+                               _version(message.get("settings_version")))
             self.state, self.settings = ClientState.STREAMING, settings
             return self.ready
         if kind == "ack":
             self.settings = self._settings(message.get("settings"))
-            return Ack(message.get("request_id"), self.settings)
+            return Ack(message.get("request_id"), self.settings, _version(message.get("settings_version")))
         if kind == "error":
             error = ServerError(str(message.get("code")), str(message.get("message")), bool(message.get("fatal")),
                                 message.get("field"), message.get("value"), message.get("allowed"),
@@ -188,10 +196,21 @@ class ClientConnection:
         """Parse an output frame; ``latency_ms`` is now minus the echoed capture time (same clock)."""
         header, body = unpack_output_frame(data)
         latency_ms = self._clock() * 1000.0 - header.client_ts
-        return OutputFrame(header.frame_id, header.client_ts, header.format, header.timings, body, latency_ms)
+        return OutputFrame(header.frame_id, header.client_ts, header.format, header.timings, body, latency_ms,
+                           header.settings_version)
 
     def _settings(self, value: Any) -> StreamSettings:
         try:
             return apply_settings(StreamSettings(), value, None)
         except ProtocolError as exc:
             raise ProtocolError(f"server sent invalid settings: {exc}", code=ErrorCode.BAD_JSON) from None
+
+
+def _version(value: Any) -> int | None:
+    """A ``settings_version`` as sent (None: absent, from a server older than settings versions)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < SETTINGS_VERSIONS:
+        raise ProtocolError(f"server sent settings_version {value!r}, not an integer in [0, {SETTINGS_VERSIONS})",
+                            code=ErrorCode.BAD_JSON)
+    return value

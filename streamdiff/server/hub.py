@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from ..errors import ConfigError, ProtocolError
+from ..errors import ConfigError, ProtocolError, StreamDiffError
 from .limits import ServerLimits
 from .policy import AddressRates, HostPolicy, OriginPolicy, new_token
 from .routes import HttpReply, route
@@ -168,13 +168,14 @@ class Hub:
         self._opening.pop(key, None)
 
     def register(self, session: StreamSession, requested_view_token: str | None) -> tuple[str, str]:
-        """Admit ``session``: returns its new stream id and view token (the requested one unless in use)."""
+        """Admit ``session``: returns its new stream id and view token (the requested one, a new one when None).
+        A requested token must not be in use (:meth:`find_view`): the session refuses such a hello first."""
         stream_id = f"{self.id_prefix}{secrets.token_hex(4)}"
         while stream_id in self.sessions:
             stream_id = f"{self.id_prefix}{secrets.token_hex(4)}"
-        view_token = requested_view_token
-        if view_token is None or self.find_view(view_token) is not None:
-            view_token = new_token()
+        view_token = requested_view_token or new_token()
+        if self.find_view(view_token) is not None:
+            raise StreamDiffError("register() was given a view token in use; refuse the hello first")
         self.sessions[stream_id] = session
         self.view_tokens[view_token] = session
         self.metrics.streams.set(len(self.sessions))

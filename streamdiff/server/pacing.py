@@ -1,13 +1,14 @@
 """Asyncio building blocks of the sessions: a latest-wins slot and a time-limited send.
 
-Every per-client queue in the server is a :class:`LatestSlot`: it holds one item, a newer one replaces it (the
-replaced one is returned so that the caller counts the drop), and one consumer waits for it. Memory per client is
-therefore bounded by construction, whatever the client does.
+Every per-client queue in the server is a :class:`LatestSlot`: it holds one item (a stream's input: one group of
+frames), a newer one replaces the oldest (the replaced one is returned so that the caller counts the drop), and one
+consumer waits for it. Memory per client is therefore bounded by construction, whatever the client does.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Awaitable
 from typing import Generic, TypeVar
 
@@ -17,34 +18,45 @@ __all__ = ["LatestSlot", "SendTimeout", "send_within", "within"]
 
 
 class LatestSlot(Generic[T]):
-    """One item, newest wins; :meth:`get` waits for one. Single consumer. Use inside the event loop only."""
+    """Up to ``capacity`` items (1 by default), oldest first, newest wins: a put into a full slot drops the oldest;
+    :meth:`get` waits for one and takes the oldest. Single consumer. Use inside the event loop only."""
 
-    def __init__(self) -> None:
-        self._item: T | None = None
+    def __init__(self, capacity: int = 1) -> None:
+        self.capacity = capacity
+        self._items: deque[T] = deque()
         self._ready = asyncio.Event()
 
-    def put(self, item: T) -> T | None:
-        """Store ``item``; returns the item it replaced (dropped, never delivered) or None."""
-        replaced, self._item = self._item, item
+    def put(self, item: T, capacity: int | None = None) -> T | None:
+        """Store ``item``; returns the item it replaced (dropped, never delivered) or None. ``capacity`` changes the
+        slot's capacity first (when it shrinks, the items beyond it leave as the consumer takes them)."""
+        if capacity is not None:
+            self.capacity = capacity
+        replaced = self._items.popleft() if len(self._items) >= self.capacity else None
+        self._items.append(item)
         self._ready.set()
         return replaced
 
     async def get(self) -> T:
-        """Wait for an item and take it."""
-        while self._item is None:
+        """Wait for an item and take the oldest."""
+        while not self._items:
             self._ready.clear()
             await self._ready.wait()
-        item, self._item = self._item, None
-        return item
+        return self._items.popleft()
 
     def take(self) -> T | None:
-        """The item, if any, without waiting."""
-        item, self._item = self._item, None
-        return item
+        """The oldest item, if any, without waiting."""
+        return self._items.popleft() if self._items else None
+
+    def __len__(self) -> int:
+        return len(self._items)
 
     @property
     def occupied(self) -> bool:
-        return self._item is not None
+        return bool(self._items)
+
+    @property
+    def full(self) -> bool:
+        return len(self._items) >= self.capacity
 
 
 class SendTimeout(Exception):

@@ -36,9 +36,18 @@ from ..errors import ConfigError, ImageError, ProtocolError, StreamDiffError
 from .images import ImageFormat
 from .limits import ServerLimits
 from .policy import ErrorBudget, RateLimiter, ReadPacer
-from .settings import SETTING_FIELDS, StreamSettings, apply_settings, check_caps, engine_changes
+from .settings import (
+    SETTING_FIELDS,
+    StreamSettings,
+    apply_settings,
+    check_caps,
+    engine_changes,
+    engine_refusal,
+    reshaped,
+)
 from .wire import (
     PROTOCOL_VERSION,
+    SETTINGS_VERSIONS,
     VIEW_PAGE_PATH,
     VIEW_SOCKET_PREFIX,
     CloseCode,
@@ -51,6 +60,7 @@ from .wire import (
     is_valid_unicode,
     load_json,
     pack_output_frame,
+    peek_frame_id,
     shorten,
     unpack_input_header,
 )
@@ -105,7 +115,8 @@ class Update:
 
     The engine has the last word: send ``ack`` (the text of the ``ack`` message) once ``stream.update(**changes)``
     succeeded, or call :meth:`ServerConnection.update_refused` with its ConfigError (the settings go back to
-    ``previous`` and the client gets an error naming the field).
+    ``previous`` and the client gets an error naming the field). ``settings_version``: the ack's, which outputs made
+    with these settings carry.
     """
 
     request_id: RequestId | None
@@ -113,6 +124,7 @@ class Update:
     settings: StreamSettings
     previous: StreamSettings
     ack: str = field(default="", repr=False)
+    settings_version: int = 0
 
 
 @dataclass(frozen=True)
@@ -164,6 +176,7 @@ class ServerConnection:
         self._clock = clock
         self.state = ConnectionState.AWAIT_HELLO
         self.settings: StreamSettings | None = None
+        self.settings_version = 0  # of ``settings``: 0 in ready, one more (mod 2**16) in each ack
         self.stream_id: str | None = None
         self.stats = ConnectionStats()
         self._opened_at = self._last_activity = clock()
@@ -195,10 +208,11 @@ class ServerConnection:
             return self._error(ProtocolError(
                 f"text message of {size} bytes is over the limit of {self.limits.max_text_bytes} bytes",
                 code=ErrorCode.MESSAGE_TOO_BIG, value=size, allowed=f"at most {self.limits.max_text_bytes} bytes"))
-        request_id = None
+        answers: dict[str, Any] = {}  # the message's request_id as received, echoed by any error answering it
         try:
             message = load_json(text)
-            request_id = _request_id(message.get("request_id"))
+            if "request_id" in message:
+                answers["request_id"] = message["request_id"]
             if not self._control.allow():  # before any other work: a flood costs a parse and an error each
                 raise ProtocolError(
                     f"more than {self.limits.max_control_per_s:g} text messages per second (bursts of "
@@ -221,9 +235,9 @@ class ServerConnection:
                                     code=ErrorCode.UNEXPECTED_HELLO, field="type", value=kind, allowed="update")
             if self.state is ConnectionState.HELLO_RECEIVED:
                 raise ProtocolError("update before ready: wait for the ready message", code=ErrorCode.NOT_READY)
-            return self._on_update(message, request_id)
+            return self._on_update(message)
         except ProtocolError as exc:
-            return self._error(exc, request_id=request_id)
+            return self._error(exc, **answers)
 
     def receive_bytes(self, data: bytes | bytearray | memoryview) -> list[Event]:
         """Handle one binary message (an input frame); returns ``[Frame]``, ``[]`` (rate-limited) or errors."""
@@ -231,18 +245,17 @@ class ServerConnection:
             return []
         self._read_delay = self._reads.read()
         self._received()
+        frame_id = peek_frame_id(data)  # every error about this message names the frame, when it can be read
         if len(data) > self.limits.max_message_bytes:
             return self._error(ProtocolError(
                 f"binary message of {len(data)} bytes is over the limit of {self.limits.max_message_bytes} bytes",
                 code=ErrorCode.MESSAGE_TOO_BIG, value=len(data),
-                allowed=f"at most {self.limits.max_message_bytes} bytes"))
+                allowed=f"at most {self.limits.max_message_bytes} bytes"), frame_id=frame_id)
         if self.state is ConnectionState.AWAIT_HELLO:
             return self._error(ProtocolError("binary frame before hello: send a hello text message first",
-                                             code=ErrorCode.HELLO_EXPECTED))
-        frame_id = None
+                                             code=ErrorCode.HELLO_EXPECTED), frame_id=frame_id)
         try:
             header, body = unpack_input_header(data)
-            frame_id = header.frame_id
             if self.state is ConnectionState.HELLO_RECEIVED:
                 raise ProtocolError("frame before ready: wait for the ready message", code=ErrorCode.NOT_READY)
             self.stats.frames_received += 1
@@ -281,7 +294,8 @@ class ServerConnection:
         self.state, self.stream_id = ConnectionState.STREAMING, stream_id
         self._last_activity = self._clock()
         ready: dict[str, Any] = {"type": "ready", "version": PROTOCOL_VERSION, "stream_id": stream_id,
-                                 "settings": self.settings.to_json(), "limits": self.limits.to_json()}
+                                 "settings": self.settings.to_json(), "settings_version": self.settings_version,
+                                 "limits": self.limits.to_json()}
         if view_token is not None:
             ready["view"] = {"token": view_token, "url": f"{VIEW_PAGE_PATH}?view={view_token}",
                              "socket": f"{VIEW_SOCKET_PREFIX}{view_token}"}
@@ -298,7 +312,7 @@ class ServerConnection:
         """The engine cannot run the hello's settings (``engine.check_settings`` raised): ``[Send(error), Close]``."""
         if self.state is not ConnectionState.HELLO_RECEIVED or self.settings is None:
             raise StreamDiffError(f"refuse() needs a connection in state hello_received, not {self.state.value}")
-        return self._error(_engine_refusal(error, SETTING_FIELDS, self.settings), fatal=True)
+        return self._error(engine_refusal(error, SETTING_FIELDS, self.settings), fatal=True)
 
     def update_refused(self, update: Update, error: ConfigError) -> list[Event]:
         """The engine refused ``update`` (``stream.update`` raised): its settings are undone; returns the error
@@ -306,8 +320,10 @@ class ServerConnection:
         if self.state is ConnectionState.CLOSED:
             return []
         self.settings = update.previous
-        return self._error(_engine_refusal(error, tuple(update.changes) or SETTING_FIELDS, update.settings),
-                           request_id=update.request_id)
+        self.settings_version = (update.settings_version - 1) % SETTINGS_VERSIONS
+        answers = {} if update.request_id is None else {"request_id": update.request_id}
+        return self._error(engine_refusal(error, tuple(update.changes) or SETTING_FIELDS, update.settings),
+                           **answers)
 
     def frame_rejected(self, frame: Frame, error: ImageError | ProtocolError) -> list[Event]:
         """Report that ``frame`` failed to decode in the worker (counts against the error budget)."""
@@ -323,10 +339,12 @@ class ServerConnection:
     # -- output -------------------------------------------------------------------------------------------------
 
     def output_frame(self, frame_id: int, client_ts: float, body: bytes, format: ImageFormat,
-                     timings: ServerTimings | None = None) -> bytes:
-        """The binary message carrying an encoded output frame for input ``frame_id`` (same bytes for viewers)."""
+                     timings: ServerTimings | None = None, settings_version: int = 0) -> bytes:
+        """The binary message carrying an encoded output frame for input ``frame_id`` (same bytes for viewers);
+        ``settings_version``: that of the ready or ack whose settings made it."""
         self.stats.frames_out += 1
-        return pack_output_frame(OutputHeader(frame_id, client_ts, format, timings or ServerTimings()), body)
+        header = OutputHeader(frame_id, client_ts, format, timings or ServerTimings(), settings_version)
+        return pack_output_frame(header, body)
 
     def stats_message(self, **extra: int) -> str:
         """A ``stats`` text message with this connection's counters and the server's ``extra`` ones."""
@@ -376,41 +394,48 @@ class ServerConnection:
         self.state = ConnectionState.HELLO_RECEIVED
         return [Hello(settings, client, view_token)]
 
-    def _on_update(self, message: dict[str, Any], request_id: RequestId | None) -> list[Event]:
+    def _on_update(self, message: dict[str, Any]) -> list[Event]:
         _known_fields(message, ("type", "request_id", "settings"))
-        if "request_id" in message and request_id is None:
+        request_id = _request_id(message.get("request_id"))
+        if "request_id" in message and request_id is None:  # the error still echoes it as received: matchable
             raise ProtocolError(f"request_id must be an integer in [0, 2**53) or a string of at most "
                                 f"{MAX_REQUEST_ID_CHARS} characters", code=ErrorCode.INVALID_VALUE,
-                                field="request_id", value=message["request_id"])
+                                field="request_id", value=message["request_id"],
+                                allowed=f"an integer in [0, 2**53) or a string of at most {MAX_REQUEST_ID_CHARS} "
+                                        "characters")
         if "settings" not in message:
             raise ProtocolError("update has no 'settings'", code=ErrorCode.MISSING_FIELD, field="settings")
         assert self.settings is not None
         previous = self.settings
         settings = apply_settings(previous, message["settings"], self.limits)
-        reshaped = _reshaped(previous, settings)
-        if reshaped and not self._reshape.allow():
+        rebuilt = reshaped(previous, settings)
+        if rebuilt and not self._reshape.allow():
             raise ProtocolError(
                 f"more than {self.limits.max_reshape_per_s:g} updates per second rebuild the stream (bursts of "
-                f"{self.limits.reshape_burst}); this one changed {reshaped} and was ignored",
-                code=ErrorCode.RATE_LIMITED, field=f"settings.{reshaped}",
+                f"{self.limits.reshape_burst}); this one changed {rebuilt} and was ignored",
+                code=ErrorCode.RATE_LIMITED, field=f"settings.{rebuilt}",
                 allowed=f"at most {self.limits.max_reshape_per_s:g} per second")
         self.settings = settings
+        self.settings_version = (self.settings_version + 1) % SETTINGS_VERSIONS
         self.stats.updates += 1
-        ack: dict[str, Any] = {"type": "ack", "settings": self.settings.to_json()}
+        ack: dict[str, Any] = {"type": "ack", "settings": self.settings.to_json(),
+                               "settings_version": self.settings_version}
         if request_id is not None:
             ack["request_id"] = request_id
         changes = engine_changes(previous, self.settings)
-        return [Update(request_id, changes, self.settings, previous, dump_json(ack))]
+        return [Update(request_id, changes, self.settings, previous, dump_json(ack), self.settings_version)]
 
-    def _error(self, exc: ProtocolError, *, fatal: bool = False, request_id: RequestId | None = None,
-               frame_id: int | None = None) -> list[Event]:
+    def _error(self, exc: ProtocolError, *, fatal: bool = False, frame_id: int | None = None,
+               **answers: Any) -> list[Event]:
+        """The error message answering ``exc`` (``answers``: the ``request_id`` of the text message it answers, as
+        received, when it had one), then the close when fatal or when it spends the last of the error budget."""
         code = _error_code(exc)
         self.stats.errors += 1
         self.stats.errors_by_code[code.value] = self.stats.errors_by_code.get(code.value, 0) + 1
         fatal = fatal or code.always_fatal or self.state is ConnectionState.AWAIT_HELLO
         events: list[Event] = [Send(error_message(
             code, str(exc), fatal=fatal, field=exc.field, value=exc.value, has_value=exc.has_value,
-            allowed=exc.allowed, request_id=request_id, frame_id=frame_id))]
+            allowed=exc.allowed, frame_id=frame_id, **answers))]
         if fatal:
             return events + self._closed(code, str(exc))
         if not self._budget.spend():
@@ -442,38 +467,6 @@ def _request_id(value: Any) -> RequestId | None:
     if isinstance(value, str) and len(value) <= MAX_REQUEST_ID_CHARS and is_valid_unicode(value):
         return value
     return None
-
-
-def _reshaped(previous: StreamSettings, new: StreamSettings) -> str | None:
-    """The first setting whose change rebuilds the stream's state on the engine, or None."""
-    old, s = previous.stream, new.stream
-    for name in ("width", "height", "frame_buffer_size", "cfg_type"):
-        if getattr(s, name) != getattr(old, name):
-            return name
-    return "t_index_list" if s.denoising_steps != old.denoising_steps else None
-
-
-def _engine_refusal(error: ConfigError, names: Any, settings: StreamSettings) -> ProtocolError:
-    """A ProtocolError(``not_allowed``) for ``settings`` the engine refused, naming the field, the value and what is
-    allowed from the ConfigError's own ``field``/``value``/``allowed``; the field is looked for in its message only
-    when the raiser did not set it, and the value is then the setting's own."""
-    text = str(error)
-    name = error.field.split()[0] if error.field else None  # "t_index_list entry" names t_index_list
-    if name == "size":  # the engine's size list refuses the pair: the wire has width and height
-        name = "width"
-    if name is None:
-        found = [(m.start(), n) for n in names if (m := re.search(rf"\b{re.escape(n)}\b(=| entry)", text))]
-        name = min(found)[1] if found else (next(iter(names)) if len(names) == 1 else None)
-    extra = {"value": error.value} if error.has_value else {}
-    if not extra and name is not None:
-        for part in (settings.stream, settings.prompt):
-            if hasattr(part, name):
-                value = getattr(part, name)
-                extra = {"value": list(value) if isinstance(value, tuple) else getattr(value, "value", value)}
-                break
-    return ProtocolError(f"this server's engine cannot run these settings: {text}", code=ErrorCode.NOT_ALLOWED,
-                         field="settings" if name is None else f"settings.{name}",
-                         allowed=error.allowed or "settings this engine runs", **extra)
 
 
 def _error_code(exc: ProtocolError) -> ErrorCode:

@@ -10,10 +10,10 @@ Starlette/FastAPI WebSocket, Ray Serve) run the same protocol implementation::
 Inside a session, five small loops share the event loop and never block it:
 
 - **receive**: messages → :class:`~.protocol.ServerConnection` → events; hello/idle timeouts from its deadlines;
-- **decode**: a latest-wins slot of frames → a thread of the hub's decode pool checks and decodes the newest
-  (within the image limits and the client's :class:`~.images.DecodeBudget`), which is handed to the engine stream
-  once the engine took the frame before it (a newer frame replaces it meanwhile); at most one decode per client is
-  ever in flight, and it stops at its next chunk once the session ends;
+- **decode**: a latest-wins slot of one group of frames (F) → a thread of the hub's decode pool checks and
+  decodes the oldest (within the image limits and the client's :class:`~.images.DecodeBudget`), which is handed to
+  the engine stream once the engine's input queue has room (newer frames that fill the slot meanwhile replace it);
+  at most one decode per client is ever in flight, and it stops at its next chunk once the session ends;
 - the engine calls back on its own thread; the output hops to the loop (``call_soon_threadsafe``) into a
   latest-wins slot;
 - **send**: a thread of the hub's encode pool encodes the newest output once; the same bytes go to the client
@@ -41,6 +41,7 @@ from .pacing import LatestSlot, SendTimeout, send_within, within
 from .policy import client_address
 from .protocol import Close, ConnectionState, Frame, Hello, Send, ServerConnection, Update
 from .transport import Transport, TransportClosed
+from .versions import SettingsVersions
 from .wire import ErrorCode, ServerTimings, shorten
 
 if TYPE_CHECKING:
@@ -105,6 +106,7 @@ class StreamSession:
         self.address = client_address(transport.remote)
         self._closing: asyncio.Future[None] | None = None  # the closing handshake, once the server started it
         self._decode_budget = DecodeBudget(self.limits.max_decode_share, self.limits.decode_window_s)
+        self._versions = SettingsVersions(config.defaults)  # the hello's settings replace these at ready
 
     def __repr__(self) -> str:
         return f"<StreamSession {self.stream_id or 'pending'} {self.conn.state.value}>"
@@ -272,6 +274,11 @@ class StreamSession:
             await self._execute(self.conn.close(ErrorCode.SERVER_FULL, f"the server already serves its "
                                                 f"{self.limits.max_streams} streams; try again later"))
             return
+        if hello.view_token is not None and hub.find_view(hello.view_token) is not None:
+            await self._execute(self.conn.close(ErrorCode.VIEW_TOKEN_IN_USE, (
+                "another stream uses this view_token (maybe this client's previous connection, not closed yet); "
+                "retry later, or ask for another")))
+            return
         self.stream_id, self.view_token = hub.register(self, hello.view_token)
         p = settings.prompt
         try:
@@ -292,6 +299,7 @@ class StreamSession:
         logger.info("%s connected from %s: %dx%d, steps %s, F=%d, cfg %s, client %r", self.stream_id,
                     self.transport.remote, s.width, s.height, list(s.t_index_list), s.frame_buffer_size,
                     s.cfg_type.value, shorten(hello.client or "?", 40))
+        self._versions = SettingsVersions(settings)
         for work in (self._decode_loop(), self._send_loop(), self._housekeeping()):
             self._tasks.append(asyncio.ensure_future(self._guard(work)))
         await self._execute(self.conn.accept(self.stream_id, self.view_token))
@@ -308,14 +316,15 @@ class StreamSession:
                                                      "unaffected")
 
     async def _update(self, update: Update) -> None:
-        if update.changes and self.stream is not None:
-            try:
-                self.stream.update(**update.changes)
+        if self.stream is not None:
+            try:  # an update the engine runs nothing of (output, {}) keeps the engine's version
+                engine_version = self.stream.update(**update.changes) if update.changes else self.stream.version
             except ConfigError as error:
                 await self._execute(self.conn.update_refused(update, error))
                 return
             except StreamClosed:
                 return  # the engine ended the stream; housekeeping closes the connection
+            self._versions.acked(engine_version, update.settings_version, update.settings)
         await self._send(update.ack)
 
     # -- frames in ----------------------------------------------------------------------------------------------
@@ -326,17 +335,20 @@ class StreamSession:
         if self._sending_since is not None and received - self._sending_since > CONGESTED_S:
             self.drops["congested"] += 1
             return
-        if self._inbox.put(_Job(frame, received)) is not None:
+        # One group waits at most: F frames, so that a client sending a frame whenever fewer than F of its frames
+        # are not taken yet (docs/protocol.md, "Lossless clients") never has one replaced
+        if self._inbox.put(_Job(frame, received), self.stream.config.frame_buffer_size) is not None:
             self.drops["superseded"] += 1
-        self._room.set()  # a decoded frame waiting for room gives way to this newer one
+        self._room.set()  # a decoded frame waiting for room gives way once newer ones fill the slot
 
     async def _decode_loop(self) -> None:
-        """Decode the newest frame, wait until the engine has taken the frames before it, hand it over.
+        """Decode the oldest waiting frame, wait until the engine's input queue has room for it, hand it over.
 
         Handing a frame over only when the engine's input queue has room means the engine never replaces a frame
         it did not get a chance to take (a wake-up race, not latest-wins): frames are replaced here instead, and
-        only by newer ones that arrived meanwhile. So every frame the engine takes is answered by an output in
-        order, and a client keeping ``n·F + 1`` frames in flight never waits for nothing.
+        only when the engine has no room and newer ones fill the slot meanwhile. So every frame the engine takes is
+        answered by an output in order, a client keeping ``n·F + 1`` frames in flight never waits for nothing, and
+        one keeping fewer than F frames not taken loses none.
         """
         stream = self.stream
         assert stream is not None
@@ -353,10 +365,10 @@ class StreamSession:
             if isinstance(image, ImageError):
                 await self._execute(self.conn.frame_rejected(job.frame, image))
                 continue
-            while self._untaken() >= stream.config.frame_buffer_size and not self._inbox.occupied:
+            while self._untaken() >= stream.config.frame_buffer_size and not self._inbox.full:
                 self._room.clear()
                 await self._room.wait()
-            if self._inbox.occupied:  # a newer frame arrived while this one waited: latest wins
+            if self._untaken() >= stream.config.frame_buffer_size:  # no room, newer frames arrived: latest wins
                 self.drops["superseded"] += 1
                 self._report_losses()
                 continue
@@ -400,8 +412,8 @@ class StreamSession:
     async def _send_loop(self) -> None:
         while not self._finished:
             output = await self._outbox.get()
-            out = self.conn.settings.output if self.conn.settings is not None else None
-            fmt, quality = (out.format, out.quality) if out is not None else (ImageFormat.JPEG, 80)
+            settings_version, settings = self._versions.of(output.version)  # encoded as that ack's settings say
+            fmt, quality = settings.output.format, settings.output.quality
             start = time.perf_counter()
             bodies = await self._loop.run_in_executor(self.hub.encode_pool, _encode_output, output, fmt, quality)
             encode_ms = (time.perf_counter() - start) * 1000 / max(1, len(bodies))
@@ -413,7 +425,7 @@ class StreamSession:
                     decode_ms=tag.decode_ms, queue_ms=max(0.0, output.started - tag.submitted) * 1000,
                     engine_ms=(output.finished - output.started) * 1000, encode_ms=encode_ms,
                     server_ms=(now - tag.received) * 1000)
-                data = self.conn.output_frame(tag.frame_id, tag.client_ts, body, fmt, timings)
+                data = self.conn.output_frame(tag.frame_id, tag.client_ts, body, fmt, timings, settings_version)
                 self.hub.metrics.observe_latency(
                     decode=timings.decode_ms / 1000, queue=timings.queue_ms / 1000, engine=timings.engine_ms / 1000,
                     encode=encode_ms / 1000, server=timings.server_ms / 1000)
@@ -456,8 +468,8 @@ class StreamSession:
             self._sync_metrics()
 
     def queue_depths(self) -> tuple[int, int]:
-        """Frames waiting here for the decoder (0 or 1) and handed to the engine but not taken yet (at most F)."""
-        return int(self._inbox.occupied), self._untaken() if self.stream is not None else 0
+        """Frames waiting here for the decoder (at most F) and handed to the engine but not taken yet (at most F)."""
+        return len(self._inbox), self._untaken() if self.stream is not None else 0
 
     def stats_message(self) -> str:
         """The ``stats`` message: the connection's counters, plus the engine's (``frames_taken``, skips, drops)."""

@@ -9,6 +9,7 @@ own validation decides what is valid, then checks the server's caps (:class:`Ser
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -18,7 +19,10 @@ from .images import ImageFormat
 from .limits import ServerLimits
 from .wire import ErrorCode, is_valid_unicode
 
-__all__ = ["SETTING_FIELDS", "OutputConfig", "StreamSettings", "apply_settings", "check_caps", "engine_changes"]
+__all__ = [
+    "SETTING_FIELDS", "OutputConfig", "StreamSettings", "apply_settings", "check_caps", "engine_changes", "engine_refusal",
+    "reshaped",
+]
 
 
 @dataclass(frozen=True)
@@ -251,3 +255,35 @@ def _describe(value: Any) -> str:
         return repr(value)
     text = repr(value)
     return f"number {text}" if len(text) <= 40 else f"a number of {len(text)} digits"
+
+
+def reshaped(previous: StreamSettings, new: StreamSettings) -> str | None:
+    """The first setting whose change rebuilds the stream's state on the engine, or None."""
+    old, s = previous.stream, new.stream
+    for name in ("width", "height", "frame_buffer_size", "cfg_type"):
+        if getattr(s, name) != getattr(old, name):
+            return name
+    return "t_index_list" if s.denoising_steps != old.denoising_steps else None
+
+
+def engine_refusal(error: ConfigError, names: Any, settings: StreamSettings) -> ProtocolError:
+    """A ProtocolError(``not_allowed``) for ``settings`` the engine refused, naming the field, the value and what is
+    allowed from the ConfigError's own ``field``/``value``/``allowed``; the field is looked for in its message only
+    when the raiser did not set it, and the value is then the setting's own."""
+    text = str(error)
+    name = error.field.split()[0] if error.field else None  # "t_index_list entry" names t_index_list
+    if name == "size":  # the engine's size list refuses the pair: the wire has width and height
+        name = "width"
+    if name is None:
+        found = [(m.start(), n) for n in names if (m := re.search(rf"\b{re.escape(n)}\b(=| entry)", text))]
+        name = min(found)[1] if found else (next(iter(names)) if len(names) == 1 else None)
+    extra = {"value": error.value} if error.has_value else {}
+    if not extra and name is not None:
+        for part in (settings.stream, settings.prompt):
+            if hasattr(part, name):
+                value = getattr(part, name)
+                extra = {"value": list(value) if isinstance(value, tuple) else getattr(value, "value", value)}
+                break
+    return ProtocolError(f"this server's engine cannot run these settings: {text}", code=ErrorCode.NOT_ALLOWED,
+                         field="settings" if name is None else f"settings.{name}",
+                         allowed=error.allowed or "settings this engine runs", **extra)

@@ -13,14 +13,21 @@ from __future__ import annotations
 
 import logging
 import socket
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+from .wire import CloseCode, ErrorCode, close_reason
 
 if TYPE_CHECKING:
     from websockets.asyncio.server import ServerConnection as WebSocket
 
-__all__ = ["Transport", "TransportClosed", "WebsocketsTransport"]
+__all__ = ["Transport", "TransportClosed", "WebsocketsTransport", "create_connection"]
 
 logger = logging.getLogger(__name__)
+
+# Closes the WebSocket library starts on its own, and the error code their reason begins with (docs/protocol.md,
+# "Close codes": every close the server starts says "<error code>: <message>").
+_LIBRARY_CLOSES = {CloseCode.MESSAGE_TOO_BIG: ErrorCode.MESSAGE_TOO_BIG, CloseCode.INVALID_PAYLOAD: ErrorCode.BAD_JSON}
 
 
 class TransportClosed(Exception):
@@ -106,3 +113,24 @@ def _closed(closed: BaseException) -> TransportClosed:
         return TransportClosed(sent.code, sent.reason, by_server=True)  # the library closed it (1009, 1007, 1011)
     return TransportClosed(received.code if received is not None else None,
                            received.reason if received is not None else "")
+
+
+def create_connection(protocol: Any, *args: Any, **kwargs: Any) -> WebSocket:
+    """``create_connection`` for ``websockets``' ``serve``: its own connection, except that the closes the library
+    starts itself — a message over ``max_size`` (1009), a text message that is not UTF-8 (1007) — give their reason
+    as every close of this server does, ``"message_too_big: frame with 2000000 bytes exceeds limit of 1048576
+    bytes"`` (through the sans-I/O protocol's public ``fail``)."""
+    from websockets.asyncio.server import ServerConnection
+
+    protocol.fail = _coded_fail(protocol.fail)
+    return ServerConnection(protocol, *args, **kwargs)
+
+
+def _coded_fail(fail: Callable[..., None]) -> Callable[..., None]:
+    def coded(code: int, reason: str = "") -> None:
+        error = _LIBRARY_CLOSES.get(code)  # type: ignore[call-overload]
+        if error is not None and not reason.startswith(f"{error.value}: "):
+            reason = close_reason(f"{error.value}: {reason or 'refused by the WebSocket layer'}")
+        fail(code, reason)
+
+    return coded

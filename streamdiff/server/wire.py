@@ -13,7 +13,7 @@ Binary frames (big-endian, docs/protocol.md "Binary frames")::
       0  4  magic      b"SDFO"
       4  1  version    1
       5  1  format     1 = JPEG, 2 = WebP
-      6  2  reserved   0
+      6  2  settings_version  uint16: the settings (counted by acks, mod 2**16) the output was made with
       8  4  frame_id   uint32, echoed from the input frame
      12  8  client_ts  float64, echoed unchanged
      20  4  decode_ms  float32, server time decoding the input
@@ -44,6 +44,7 @@ __all__ = [
     "OUTPUT_MAGIC",
     "PROTOCOL_VERSION",
     "STREAM_PATH",
+    "SETTINGS_VERSIONS",
     "SUBPROTOCOL",
     "VIEW_PAGE_PATH",
     "VIEW_SOCKET_PREFIX",
@@ -59,6 +60,7 @@ __all__ = [
     "load_json",
     "pack_input_header",
     "pack_output_frame",
+    "peek_frame_id",
     "shorten",
     "unpack_input_header",
     "unpack_output_frame",
@@ -78,11 +80,12 @@ SESSION_HEADER = "x-session-id"
 INPUT_MAGIC = b"SDFI"
 OUTPUT_MAGIC = b"SDFO"
 _INPUT = struct.Struct(">4sB3sId")
-_OUTPUT = struct.Struct(">4sBB2sIdfffff")
+_OUTPUT = struct.Struct(">4sBBHIdfffff")
 INPUT_HEADER_SIZE = _INPUT.size  # 20
 OUTPUT_HEADER_SIZE = _OUTPUT.size  # 40
 _FORMAT_IDS = {ImageFormat.JPEG: 1, ImageFormat.WEBP: 2}
 _FORMATS_BY_ID = {v: k for k, v in _FORMAT_IDS.items()}
+SETTINGS_VERSIONS = 1 << 16  # settings_version counts acked updates modulo this (2 bytes of the output header)
 MAX_CLOSE_REASON_BYTES = 123  # RFC 6455 5.5: control frame payload 125 bytes, 2 of them the code
 
 
@@ -132,6 +135,7 @@ class ErrorCode(str, enum.Enum):
     RATE_LIMITED = "rate_limited"
     HOSTILE_IMAGE = "hostile_image"
     DECODE_TOO_SLOW = "decode_too_slow"
+    VIEW_TOKEN_IN_USE = "view_token_in_use"
 
     @property
     def close_code(self) -> CloseCode:
@@ -156,6 +160,7 @@ _CLOSE_CODES = {
     ErrorCode.IDLE_TIMEOUT: CloseCode.GOING_AWAY,
     ErrorCode.SHUTTING_DOWN: CloseCode.GOING_AWAY,
     ErrorCode.SERVER_FULL: CloseCode.TRY_AGAIN_LATER,
+    ErrorCode.VIEW_TOKEN_IN_USE: CloseCode.TRY_AGAIN_LATER,  # it may be this client's own closing connection
     ErrorCode.VIEW_ONLY: CloseCode.UNSUPPORTED_DATA,
     ErrorCode.STREAM_ENDED: CloseCode.NORMAL,
     ErrorCode.INTERNAL_ERROR: CloseCode.INTERNAL_ERROR,
@@ -164,7 +169,7 @@ _ALWAYS_FATAL = frozenset({
     ErrorCode.HELLO_EXPECTED, ErrorCode.UNSUPPORTED_VERSION, ErrorCode.UNAUTHORIZED, ErrorCode.FORBIDDEN_ORIGIN,
     ErrorCode.MESSAGE_TOO_BIG, ErrorCode.ERROR_BUDGET_EXHAUSTED, ErrorCode.HELLO_TIMEOUT, ErrorCode.IDLE_TIMEOUT,
     ErrorCode.SERVER_FULL, ErrorCode.SHUTTING_DOWN, ErrorCode.VIEW_ONLY, ErrorCode.UNKNOWN_VIEW_TOKEN,
-    ErrorCode.STREAM_ENDED, ErrorCode.INTERNAL_ERROR,
+    ErrorCode.STREAM_ENDED, ErrorCode.INTERNAL_ERROR, ErrorCode.VIEW_TOKEN_IN_USE,
 })
 
 
@@ -189,12 +194,14 @@ class ServerTimings:
 
 @dataclass(frozen=True)
 class OutputHeader:
-    """The fixed header of a server's binary frame (``body`` follows it on the wire)."""
+    """The fixed header of a server's binary frame (``body`` follows it on the wire). ``settings_version``: that of
+    the ``ready`` or ``ack`` whose settings made the output (docs/protocol.md, "Settings versions")."""
 
     frame_id: int
     client_ts: float
     format: ImageFormat
     timings: ServerTimings
+    settings_version: int = 0
 
 
 def pack_input_header(frame_id: int, client_ts: float) -> bytes:
@@ -228,12 +235,25 @@ def unpack_input_header(data: bytes | bytearray | memoryview) -> tuple[InputHead
     return InputHeader(frame_id, client_ts), memoryview(data)[INPUT_HEADER_SIZE:]
 
 
+def peek_frame_id(data: bytes | bytearray | memoryview) -> int | None:
+    """The ``frame_id`` of a client's binary message whose header is readable that far (the magic is ``SDFI`` and
+    the message has its first 12 bytes), else None: errors about the frame carry it, even when the rest of the
+    header, the body or the message's size is refused."""
+    if len(data) < 12 or bytes(data[:4]) != INPUT_MAGIC:
+        return None
+    return int.from_bytes(data[8:12], "big")
+
+
 def pack_output_frame(header: OutputHeader, body: bytes) -> bytes:
     """One binary output message: the 40-byte header followed by ``body`` (JPEG or WebP)."""
     _check_frame_id(header.frame_id)
+    if not 0 <= header.settings_version < SETTINGS_VERSIONS:
+        raise ProtocolError(f"settings_version={header.settings_version!r} is outside [0, {SETTINGS_VERSIONS})",
+                            code=ErrorCode.BAD_FRAME_HEADER, field="settings_version")
     t = header.timings
-    return _OUTPUT.pack(OUTPUT_MAGIC, PROTOCOL_VERSION, _FORMAT_IDS[header.format], b"\0\0", header.frame_id,
-                        header.client_ts, t.decode_ms, t.queue_ms, t.engine_ms, t.encode_ms, t.server_ms) + body
+    return _OUTPUT.pack(OUTPUT_MAGIC, PROTOCOL_VERSION, _FORMAT_IDS[header.format], header.settings_version,
+                        header.frame_id, header.client_ts, t.decode_ms, t.queue_ms, t.engine_ms, t.encode_ms,
+                        t.server_ms) + body
 
 
 def unpack_output_frame(data: bytes | bytearray | memoryview) -> tuple[OutputHeader, bytes]:
@@ -241,11 +261,11 @@ def unpack_output_frame(data: bytes | bytearray | memoryview) -> tuple[OutputHea
     if len(data) < OUTPUT_HEADER_SIZE:
         raise ProtocolError(f"binary message of {len(data)} bytes is shorter than the {OUTPUT_HEADER_SIZE}-byte "
                             "output header", code=ErrorCode.BAD_FRAME_HEADER)
-    magic, version, format_id, _, frame_id, client_ts, *timings = _OUTPUT.unpack_from(data)
+    magic, version, format_id, settings_version, frame_id, client_ts, *timings = _OUTPUT.unpack_from(data)
     if magic != OUTPUT_MAGIC or version != PROTOCOL_VERSION or format_id not in _FORMATS_BY_ID:
         raise ProtocolError(f"output header {bytes(data[:6]).hex(' ')} is not {OUTPUT_MAGIC!r} version "
                             f"{PROTOCOL_VERSION} with format 1 or 2", code=ErrorCode.BAD_FRAME_HEADER)
-    header = OutputHeader(frame_id, client_ts, _FORMATS_BY_ID[format_id], ServerTimings(*timings))
+    header = OutputHeader(frame_id, client_ts, _FORMATS_BY_ID[format_id], ServerTimings(*timings), settings_version)
     return header, bytes(data[OUTPUT_HEADER_SIZE:])
 
 
@@ -318,10 +338,14 @@ def _json_type(value: Any) -> str:
 # -- error messages ---------------------------------------------------------------------------------------------
 
 
+_ABSENT: Any = object()
+
+
 def error_message(code: ErrorCode, message: str, *, fatal: bool, field: str | None = None, value: Any = None,
-                  has_value: bool = False, allowed: str | None = None, request_id: int | str | None = None,
+                  has_value: bool = False, allowed: str | None = None, request_id: Any = _ABSENT,
                   frame_id: int | None = None) -> str:
-    """The JSON text of an ``error`` message (docs/protocol.md, "error")."""
+    """The JSON text of an ``error`` message (docs/protocol.md, "error"). ``request_id``: that of the message the
+    error answers, as received (also an invalid one, so the client can match the answer); omitted: it had none."""
     out: dict[str, Any] = {"type": "error", "code": code.value, "message": shorten(message, MAX_ERROR_MESSAGE_CHARS),
                            "fatal": fatal}
     if field is not None:
@@ -330,8 +354,8 @@ def error_message(code: ErrorCode, message: str, *, fatal: bool, field: str | No
         out["value"] = _echo(value)
     if allowed is not None:
         out["allowed"] = shorten(allowed, 200)
-    if request_id is not None:
-        out["request_id"] = request_id
+    if request_id is not _ABSENT:
+        out["request_id"] = _echo_exactly(request_id)
     if frame_id is not None:
         out["frame_id"] = frame_id
     return dump_json(out)
@@ -348,6 +372,16 @@ def _printable(text: str) -> str:
         return text
     return "".join(c if c.isprintable() and is_valid_unicode(c) else c.encode("unicode_escape", "backslashreplace")
                    .decode("ascii") for c in text)
+
+
+def _echo_exactly(value: Any) -> Any:
+    """``value`` (parsed from a client's message) as it was, for the client to compare with what it sent; only a
+    value nested too deeply to encode again (no client sends one) is summarised as :func:`_echo` does."""
+    try:
+        json.dumps(value, allow_nan=False)
+    except (RecursionError, ValueError):
+        return _echo(value)
+    return value
 
 
 def _echo(value: Any) -> Any:

@@ -193,16 +193,23 @@ def test_compression_is_refused(live) -> None:
 # -- sizes and time --------------------------------------------------------------------------------------------------
 
 
-def test_oversize_messages_are_1009(live) -> None:
+def test_oversize_messages_are_1009_and_bad_utf8_1007_with_coded_reasons(live) -> None:
+    """Also the closes the WebSocket library starts itself give the documented "<error code>: <message>" reason."""
     server = live(limits=ServerLimits(max_message_bytes=64 << 10, max_text_bytes=8 << 10))
 
     async def main() -> None:
         client = await StreamClient.connect(server.url, settings())
         await client.ws.send(b"SDFI" + b"\0" * (100 << 10))  # over max_size: the library closes before reading it
         assert await closed(client) == (1009, None)
+        assert client.close_reason == f"message_too_big: frame with {(100 << 10) + 4} bytes exceeds limit of " \
+                                      f"{64 << 10} bytes"  # the documented "<error code>: <message>"
         client = await StreamClient.connect(server.url, settings())
         await client.ws.send(json.dumps({"type": "update", "settings": {"prompt": "x" * (10 << 10)}}))
         assert await closed(client) == (1009, "message_too_big")
+        client = await StreamClient.connect(server.url, settings())
+        await client.ws.send(b'{"type": "update", "settings": {"prompt": "\xff"}}', text=True)  # not UTF-8
+        assert await closed(client) == (1007, None)
+        assert client.close_reason.startswith("bad_json: ")
 
     run(main())
 
@@ -532,6 +539,37 @@ def test_viewers_get_the_streams_own_frames(live) -> None:
             assert json.loads(await unknown.recv())["code"] == "unknown_view_token"
             await unknown.wait_closed()
             assert unknown.close_code == 1008
+
+    run(main())
+
+
+def test_a_view_token_in_use_is_refused_with_its_code(live) -> None:
+    """A hello asking for another stream's view token is refused (view_token_in_use, 1013: it may be the client's own
+    previous connection, closing); the token holder streams on; once it has left, the token is free again."""
+    server = live()
+    token = "InUse_0123456789abcdef"
+
+    async def main() -> None:
+        first = await StreamClient.connect(server.url, settings(), view_token=token)
+        error = await refused(server.url, view_token=token)
+        assert (error.code, error.error.code, error.error.field) == (1013, "view_token_in_use", None)
+        assert error.error.fatal and token not in error.error.message
+        other = await StreamClient.connect(server.url, settings())  # none asked for: the server picks one
+        assert other.ready.view_token not in (None, token)
+        assert len(await outputs(first, 2)) >= 2 and first.ready.view_token == token
+        await first.close()
+        await asyncio.wait_for(first.closed.wait(), 10)
+        deadline = time.monotonic() + 10
+        while True:  # the server unregisters the closed stream on its own loop
+            try:
+                again = await StreamClient.connect(server.url, settings(), view_token=token)
+                break
+            except ServerRefused as refusal:
+                assert refusal.error.code == "view_token_in_use" and time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+        assert again.ready.view_token == token
+        await again.close()
+        await other.close()
 
     run(main())
 

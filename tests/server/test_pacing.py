@@ -23,6 +23,19 @@ def test_latest_slot_keeps_only_the_newest_and_reports_what_it_replaced() -> Non
     asyncio.run(main())
 
 
+def test_a_slot_of_one_group_keeps_the_newest_few_oldest_first() -> None:
+    """A stream's input slot holds F frames: a put into a full slot replaces the oldest; the capacity follows F."""
+    async def main() -> None:
+        slot: LatestSlot[int] = LatestSlot()
+        assert [slot.put(i, capacity=3) for i in range(4)] == [None, None, None, 0]
+        assert slot.full and len(slot) == 3
+        assert [await slot.get(), slot.take()] == [1, 2] and not slot.full
+        assert slot.put(4, capacity=1) == 3 and len(slot) == 1  # F shrank: one frame waits
+        assert await slot.get() == 4 and not slot.occupied
+
+    asyncio.run(main())
+
+
 def test_within_and_send_within_time_out_and_stay_cancellable() -> None:
     class Stuck:
         async def send(self, data: object) -> None:

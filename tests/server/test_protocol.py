@@ -84,7 +84,7 @@ def test_hello_then_accept_sends_ready(clock: FakeClock) -> None:
     [send] = conn.accept("s-1", "v" * 22)
     ready = json.loads(send.data)
     assert ready == {"type": "ready", "version": 1, "stream_id": "s-1", "settings": hello.settings.to_json(),
-                     "limits": ServerLimits().to_json(),
+                     "settings_version": 0, "limits": ServerLimits().to_json(),
                      "view": {"token": "v" * 22, "url": "/view.html?view=" + "v" * 22, "socket": "/ws/view/" + "v" * 22}}
     assert conn.state is ConnectionState.STREAMING and conn.stream_id == "s-1"
 
@@ -286,7 +286,34 @@ def test_update_yields_engine_changes_and_an_ack() -> None:
     assert isinstance(update, Update) and update.request_id == 4 and update.previous == before
     assert dict(update.changes) == {"prompt": "ink", "guidance_scale": 1.5, "seed": 3}
     assert conn.settings == update.settings and conn.stats.updates == 1
-    assert json.loads(update.ack) == {"type": "ack", "settings": update.settings.to_json(), "request_id": 4}
+    assert json.loads(update.ack) == {"type": "ack", "settings": update.settings.to_json(), "settings_version": 1,
+                                      "request_id": 4}
+
+
+def test_each_ack_counts_the_settings_version_and_a_refusal_takes_it_back() -> None:
+    """ready has settings_version 0; each ack one more (modulo 2**16); an update refused, by the protocol or by the
+    engine, makes no version: the next ack has the number it would have had."""
+    conn = streaming()
+    assert conn.settings_version == 0
+    acks = [json.loads(conn.receive_text(json.dumps({"type": "update", "settings": s}))[0].ack)["settings_version"]
+            for s in ({}, {"seed": 5}, {"output": {"format": "webp"}})]
+    assert acks == [1, 2, 3]
+    _error(conn.receive_text('{"type": "update", "settings": {"seed": -1}}'), ErrorCode.INVALID_VALUE)
+    (update,) = conn.receive_text('{"type": "update", "settings": {"seed": 6}}')
+    assert update.settings_version == 4
+    conn.update_refused(update, ConfigError("seed 6 is not allowed here", field="seed"))
+    (update,) = conn.receive_text('{"type": "update", "settings": {"seed": 7}}')
+    assert (update.settings_version, json.loads(update.ack)["settings_version"]) == (4, 4)
+    conn.settings_version = 2**16 - 1
+    (update,) = conn.receive_text('{"type": "update", "settings": {}}')
+    assert json.loads(update.ack)["settings_version"] == 0  # it wraps, as frame ids do
+
+
+def test_output_frames_carry_their_settings_version() -> None:
+    conn = streaming()
+    header, _ = unpack_output_frame(conn.output_frame(3, 1.5, b"IMG", ImageFormat.JPEG, settings_version=513))
+    assert (header.frame_id, header.settings_version) == (3, 513)
+    assert conn.output_frame(3, 1.5, b"", ImageFormat.JPEG, settings_version=513)[6:8] == b"\x02\x01"
 
 
 def test_update_request_id_may_be_a_string_or_absent() -> None:
@@ -321,11 +348,26 @@ def test_hello_refused_by_the_engine_closes_with_1008_naming_the_field() -> None
         conn.refuse(ConfigError("again"))
 
 
-@pytest.mark.parametrize("request_id", [True, -1, 2**53, 1.5, "x" * 65, None, {"a": 1}])
-def test_bad_request_ids(request_id) -> None:
-    error = _error(streaming().receive_text(json.dumps({"type": "update", "request_id": request_id,
-                                                        "settings": {}})), ErrorCode.INVALID_VALUE)
-    assert error["field"] == "request_id" and "request_id" not in error
+@pytest.mark.parametrize("request_id", [True, -1, 2**53, 10**40, 1.5, -0.0, "x" * 65, "y" * 5000, None, {"a": [1]},
+                                        [], "\ud800"])
+def test_bad_request_ids_are_refused_and_echoed_exactly(request_id) -> None:
+    """An invalid request_id is an error that carries it as received: the client matches its answer all the same."""
+    text = json.dumps({"type": "update", "request_id": request_id, "settings": {}})
+    error = _error(streaming().receive_text(text), ErrorCode.INVALID_VALUE)
+    assert error["field"] == "request_id" and error["allowed"].startswith("an integer in [0, 2**53)")
+    assert "request_id" in error and error["request_id"] == request_id
+    assert json.dumps(error["request_id"]) == json.dumps(request_id)  # 1.5 is not 1, -0.0 stays -0.0
+
+
+def test_any_error_answering_a_text_message_echoes_its_request_id() -> None:
+    conn = streaming(limits=ServerLimits(max_control_per_s=0.001, control_burst=2))  # hello, 1 update
+    error = _error(conn.receive_text('{"type": "update", "request_id": [7], "settings": {}, "force": 1}'),
+                   ErrorCode.UNKNOWN_FIELD)
+    assert error["request_id"] == [7]
+    error = _error(conn.receive_text('{"type": "update", "request_id": 2.5, "settings": {}}'), ErrorCode.RATE_LIMITED)
+    assert error["request_id"] == 2.5
+    error = _error(conn.receive_text('{"type": "update", "settings": {}}'), ErrorCode.RATE_LIMITED)
+    assert "request_id" not in error
 
 
 @pytest.mark.parametrize("settings_json,code,field,value", [
@@ -391,16 +433,33 @@ def test_good_frame_becomes_a_frame_event(clock: FakeClock, fmt: str) -> None:
     assert conn.stats.frames_received == conn.stats.frames_accepted == 1
 
 
-@pytest.mark.parametrize("data,message", [
-    (b"", "binary message of 0 bytes is shorter than the 20-byte frame header"),
-    (b"\xff\xd8\xff\xe0" + b"\0" * 40, "frame header magic b'\\xff\\xd8\\xff\\xe0' is not b'SDFI'"),
-    (b"SDFI\x09\0\0\0" + b"\0" * 40, "frame header version 9 is not 1"),
+@pytest.mark.parametrize("data,message,frame_id", [
+    (b"", "binary message of 0 bytes is shorter than the 20-byte frame header", None),
+    (b"SDFI\x01\0\0\0\0\0\0", "binary message of 11 bytes is shorter than the 20-byte frame header", None),
+    (b"SDFI\x01\0\0\0\0\0\0\x2a\0", "binary message of 13 bytes is shorter than the 20-byte frame header", 42),
+    (b"\xff\xd8\xff\xe0" + b"\0" * 40, "frame header magic b'\\xff\\xd8\\xff\\xe0' is not b'SDFI'", None),
+    (b"SDFI\x09\0\0\0\0\0\0\x07" + b"\0" * 36, "frame header version 9 is not 1", 7),
+    (b"SDFI\x01\0\x01\0\xff\xff\xff\xff" + b"\0" * 36, "frame header reserved bytes 000100 are not zero",
+     2**32 - 1),
+    (b"SDFI\x01\0\0\0\0\0\0\x05" + struct.pack(">d", float("nan")),
+     "frame header client_ts nan is not a finite number", 5),
 ])
-def test_bad_frame_headers_are_errors(data: bytes, message: str) -> None:
+def test_bad_frame_headers_are_errors_with_the_frame_id_once_readable(data: bytes, message: str,
+                                                                      frame_id: int | None) -> None:
+    """A header readable as far as its frame_id (magic SDFI, 12 bytes) names the frame in its error."""
     conn = streaming()
     error = _error(conn.receive_bytes(data), ErrorCode.BAD_FRAME_HEADER)
-    assert error["message"] == message and "frame_id" not in error
+    assert error["message"] == message and error.get("frame_id") == frame_id
     assert conn.stats.frames_rejected == 1 and conn.stats.frames_received == 0
+
+
+def test_an_oversize_frame_and_a_frame_before_hello_carry_the_frame_id(clock: FakeClock) -> None:
+    conn = streaming(limits=ServerLimits(max_message_bytes=64 << 10))
+    events = conn.receive_bytes(frame_message(b"\0" * (64 << 10), frame_id=31))
+    assert closed_with(events, ErrorCode.MESSAGE_TOO_BIG, CloseCode.MESSAGE_TOO_BIG)["frame_id"] == 31
+    conn = ServerConnection(clock=clock)
+    error = json.loads(conn.receive_bytes(frame_message(b"x", frame_id=8))[0].data)
+    assert (error["code"], error["frame_id"]) == ("hello_expected", 8)
 
 
 def _rejected(conn: ServerConnection, body: bytes, frame_id: int = 5) -> list:
@@ -463,6 +522,21 @@ def test_frames_over_the_rate_are_dropped_and_counted(clock: FakeClock, jpeg: by
         clock.advance(0.05)
         accepted += len(conn.receive_bytes(frame_message(jpeg, frame_id=i)))
     assert 49 <= accepted <= 51 and conn.state is ConnectionState.STREAMING and conn.stats.errors == 0
+
+
+def test_the_frame_bucket_is_exactly_as_documented(clock: FakeClock, jpeg: bytes) -> None:
+    """docs/protocol.md, "Lossless clients": input_burst_frames tokens, full at ready, max_input_fps refill; each
+    frame with a valid header received after ready takes one; bad headers take none (they are errors instead)."""
+    conn = streaming(clock, ServerLimits(max_input_fps=4, input_burst_frames=3))
+    for _ in range(5):
+        _error(conn.receive_bytes(b"SDFI\x09" + b"\0" * 40), ErrorCode.BAD_FRAME_HEADER)
+    assert [len(conn.receive_bytes(frame_message(jpeg, frame_id=i))) for i in range(4)] == [1, 1, 1, 0]
+    clock.advance(0.24)  # 0.96 of a token
+    assert len(conn.receive_bytes(frame_message(jpeg))) == 0
+    clock.advance(0.25)  # 0.96 - 0 + 1.0 tokens: the refused frame took none
+    assert [len(conn.receive_bytes(frame_message(jpeg))) for _ in range(2)] == [1, 0]
+    clock.advance(10.0)  # full again, never above the burst
+    assert [len(conn.receive_bytes(frame_message(jpeg))) for _ in range(4)] == [1, 1, 1, 0]
 
 
 def test_a_steady_client_at_the_limit_is_never_dropped(clock: FakeClock, jpeg: bytes) -> None:

@@ -72,8 +72,8 @@ def test_pages_use_the_documented_urls() -> None:
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="needs node")
 def test_protocol_js_packs_and_parses_the_same_bytes_as_python(tmp_path) -> None:
-    output = pack_output_frame(OutputHeader(9, 4321.75, ImageFormat.WEBP, ServerTimings(1.5, 2.5, 3.5, 4.5, 12.0)),
-                               b"IMG")
+    output = pack_output_frame(OutputHeader(9, 4321.75, ImageFormat.WEBP, ServerTimings(1.5, 2.5, 3.5, 4.5, 12.0),
+                                            settings_version=65535), b"IMG")
     script = tmp_path / "check.mjs"
     script.write_text(f"""
 import {{ packInputFrame, parseOutputFrame, describeClose }} from {json.dumps((WEB_DIR / "protocol.js").as_uri())};
@@ -86,15 +86,18 @@ console.log(JSON.stringify({{
   output: {{ ...out, body: Array.from(out.body) }},
   error,
   full: describeClose(1013, ""),
+  inUse: describeClose(1013, "view_token_in_use: another stream uses this view_token"),
   token: describeClose(1008, "unauthorized: the token is wrong"),
 }}));
 """)
     result = subprocess.run(["node", str(script)], capture_output=True, text=True, timeout=60, check=True)
     data = json.loads(result.stdout)
     assert data["input"] == (pack_input_header(2**32 - 1, 1234.5) + b"\x01\x02\x03").hex()
-    assert data["output"] == {"frameId": 9, "clientTs": 4321.75, "mimeType": "image/webp", "body": [73, 77, 71],
+    assert data["output"] == {"frameId": 9, "clientTs": 4321.75, "settingsVersion": 65535, "mimeType": "image/webp",
+                              "body": [73, 77, 71],
                               "timings": {"decodeMs": 1.5, "queueMs": 2.5, "engineMs": 3.5, "encodeMs": 4.5,
                                           "serverMs": 12.0}}
     assert data["error"] == "output frame header is not SDFO version 1 with format 1 (JPEG) or 2 (WebP)"
     assert data["full"] == "The server is full: every stream slot is busy. Try again later."
+    assert data["inUse"] == "Another tab or stream uses this page's viewer URL; this page made a new one: start again."
     assert data["token"] == "Bad or missing token: open this page with ?token=YOUR_TOKEN."

@@ -196,6 +196,11 @@ function connect(size) {
     if (ws === socket) ws = null;
     running = false;
     const message = describeClose(event.code, event.reason);
+    if ((event.reason || "").startsWith("view_token_in_use:")) {
+      // Another tab (or this page's previous connection) holds the viewer URL: this page takes a new one.
+      viewToken = randomToken(16);
+      localStorage.setItem("streamdiff-view-token", viewToken);
+    }
     if (event.code !== 1000) showError(message, event.code);
     setState(event.code === 1000 ? "closed" : "error", event.code === 1000 ? "closed" : `closed (${event.code})`);
     stop(message);

@@ -3,7 +3,7 @@
 
 export const PROTOCOL_VERSION = 1;
 export const INPUT_HEADER_SIZE = 20; // "SDFI", version, 3 reserved, uint32 frame_id, float64 client_ts
-export const OUTPUT_HEADER_SIZE = 40; // "SDFO", version, format, 2 reserved, frame_id, client_ts, 5 x float32 ms
+export const OUTPUT_HEADER_SIZE = 40; // "SDFO", version, format, uint16 settings_version, frame_id, client_ts, 5 x f32 ms
 const INPUT_MAGIC = [0x53, 0x44, 0x46, 0x49]; // "SDFI"
 const OUTPUT_MAGIC = [0x53, 0x44, 0x46, 0x4f]; // "SDFO"
 const MIME_TYPES = { 1: "image/jpeg", 2: "image/webp" };
@@ -34,6 +34,7 @@ export function parseOutputFrame(buffer) {
   return {
     frameId: view.getUint32(8),
     clientTs: view.getFloat64(12),
+    settingsVersion: view.getUint16(6), // the ready's or ack's settings_version whose settings made this output
     mimeType,
     timings: {
       decodeMs: view.getFloat32(20),
@@ -85,6 +86,9 @@ export function describeClose(code, reason) {
     case 1011:
       return `Server error${detail}.`;
     case 1013:
+      if (errorCode === "view_token_in_use") {
+        return "Another tab or stream uses this page's viewer URL; this page made a new one: start again.";
+      }
       return "The server is full: every stream slot is busy. Try again later.";
     default:
       return `Connection closed (code ${code})${detail}.`;
