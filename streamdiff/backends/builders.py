@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -150,7 +151,19 @@ def tensorrt_dtype(model: LoadedModel) -> torch.dtype:
     return torch.bfloat16 if model.dtype == torch.bfloat16 else torch.float16
 
 
-def tensorrt_plan(model: LoadedModel, component: Component, shapes: ShapeRange, onnx_path: Path):  # noqa: ANN201
+TIMING_CACHE_DIR = ".tensorrt-timing"
+
+
+def timing_cache_path(cache: EngineCache, key: EngineKey) -> Path:
+    """Where TensorRT's timing cache for ``key``'s GPU and TensorRT version lives: beside the engine cache's entries
+    (a dot folder, so never taken for an entry), one file per GPU model and TensorRT version, shared by all engines.
+    """
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{key.target}-tensorrt-{key.backend_version}")
+    return cache.root / TIMING_CACHE_DIR / f"{name}.cache"
+
+
+def tensorrt_plan(model: LoadedModel, component: Component, shapes: ShapeRange, onnx_path: Path,  # noqa: ANN201
+                  timing_cache: Path | None = None):
     """The :class:`~streamdiff.backends.tensorrt_build.TrtBuildPlan` of ``component`` (pure; no TensorRT needed)."""
     from .keys import precision_name
     from .tensorrt_build import build_plan
@@ -160,6 +173,7 @@ def tensorrt_plan(model: LoadedModel, component: Component, shapes: ShapeRange, 
         vae_scale_factor=model.vae_scale_factor,
         text_length=int(getattr(model.text_encoder.config, "max_position_embeddings", 77)),
         text_dim=int(model.unet.config.cross_attention_dim), precision=precision_name(tensorrt_dtype(model)),
+        timing_cache=timing_cache,
     )
 
 
@@ -180,7 +194,8 @@ def tensorrt_step(
 
     def build(folder: Path) -> str:
         onnx_entry = onnx.run()
-        build_engine(tensorrt_plan(model, component, shapes, onnx_entry.artifact), folder / PLAN_FILE)
+        build_engine(tensorrt_plan(model, component, shapes, onnx_entry.artifact, timing_cache_path(cache, key)),
+                     folder / PLAN_FILE)
         return PLAN_FILE
 
     description = f"build TensorRT {component.value} engine ({key.precision}, strongly typed)"
