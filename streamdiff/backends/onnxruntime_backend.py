@@ -32,7 +32,7 @@ TENSORRT_EP = "TensorrtExecutionProvider"
 CUDA_EP = "CUDAExecutionProvider"
 CPU_EP = "CPUExecutionProvider"
 GPU_PROVIDERS = (TENSORRT_EP, CUDA_EP)
-TENSORRT_EP_WORKSPACE = 4 << 30
+TENSORRT_EP_WORKSPACE = 4 << 30  # when free memory is not known (provider_options called alone)
 
 # ONNX Runtime's input type strings → (torch dtype, numpy dtype) of the tensors handed over.
 _TYPES = {
@@ -69,6 +69,7 @@ def provider_options(
     tensorrt_cache: Path | None = None,
     profile: Sequence[Any] = (),
     stream_handle: int | None = None,
+    workspace_bytes: int = TENSORRT_EP_WORKSPACE,
 ) -> list[tuple[str, dict[str, Any]]]:
     """The providers (with options) a session on ``device`` gets, given the ``available`` ones. Pure.
 
@@ -77,8 +78,8 @@ def provider_options(
     the TensorRT provider then the CUDA provider, those of them that this onnxruntime build has (BackendUnavailable
     when it has neither); then the CPU provider. ``profile`` is the engine's
     :class:`~streamdiff.backends.tensorrt_build.TensorProfile` tuple (min/opt/max per input) and ``tensorrt_cache``
-    the folder for the TensorRT provider's engine and timing caches. ``stream_handle`` is the CUDA stream the GPU
-    providers compute on.
+    the folder for the TensorRT provider's engine and timing caches, ``workspace_bytes`` its builder workspace
+    (:class:`OrtSession` sizes it from free memory). ``stream_handle`` is the CUDA stream the GPU providers compute on.
     """
     unknown = [p for p in preference if p not in (*GPU_PROVIDERS, CPU_EP)]
     if unknown:
@@ -107,7 +108,7 @@ def provider_options(
                 trt_engine_cache_enable=tensorrt_cache is not None,
                 trt_timing_cache_enable=tensorrt_cache is not None,
                 trt_builder_optimization_level=3,
-                trt_max_workspace_size=TENSORRT_EP_WORKSPACE,
+                trt_max_workspace_size=int(workspace_bytes),
             )
             if tensorrt_cache is not None:
                 options["trt_engine_cache_path"] = str(tensorrt_cache)
@@ -193,10 +194,15 @@ class OrtSession:
         self.stream = self.cuda.new_stream(device) if device.type == "cuda" else None
         if tensorrt_cache is not None:
             tensorrt_cache.mkdir(parents=True, exist_ok=True)
+        workspace = TENSORRT_EP_WORKSPACE
+        if device.type == "cuda":
+            from .tensorrt_build import workspace_size
+
+            workspace = workspace_size(self.cuda.memory_info(device)[0])
         self.provider_options = provider_options(
             device, ort.get_available_providers(), graph_dtype=graph_dtype, preference=providers,
             tensorrt_cache=tensorrt_cache, profile=profile,
-            stream_handle=self.cuda.handle(self.stream) if self.stream is not None else None,
+            stream_handle=self.cuda.handle(self.stream) if self.stream is not None else None, workspace_bytes=workspace,
         )
         try:
             self.session = ort.InferenceSession(str(path), sess_options=options, providers=self.provider_options)

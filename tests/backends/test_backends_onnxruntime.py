@@ -97,13 +97,14 @@ PROFILE = (
 def test_gpu_providers_are_configured_tensorrt_first(tmp_path: Path) -> None:
     available = [TENSORRT_EP, CUDA_EP, CPU_EP]
     chosen = provider_options(torch.device("cuda:1"), available, graph_dtype=torch.float16,
-                              tensorrt_cache=tmp_path / "trt", profile=PROFILE, stream_handle=0x7F00)
+                              tensorrt_cache=tmp_path / "trt", profile=PROFILE, stream_handle=0x7F00,
+                              workspace_bytes=6 << 30)
     assert [name for name, _ in chosen] == [TENSORRT_EP, CUDA_EP, CPU_EP]
     assert chosen[0][1] == {
         "device_id": 1, "user_compute_stream": str(0x7F00), "trt_fp16_enable": True,
         "trt_engine_cache_enable": True, "trt_timing_cache_enable": True, "trt_engine_cache_path": str(tmp_path / "trt"),
         "trt_timing_cache_path": str(tmp_path / "trt"),
-        "trt_builder_optimization_level": 3, "trt_max_workspace_size": 4 << 30,
+        "trt_builder_optimization_level": 3, "trt_max_workspace_size": 6 << 30,
         "trt_profile_min_shapes": "sample:1x4x32x32,timestep:1", "trt_profile_opt_shapes": "sample:4x4x64x64,timestep:4",
         "trt_profile_max_shapes": "sample:8x4x128x128,timestep:8",
     }
@@ -132,7 +133,7 @@ def test_provider_preference_and_what_is_missing() -> None:
         provider_options(torch.device("cuda"), available, preference=("OpenVINOExecutionProvider",))
 
 
-def test_a_session_without_its_requested_gpu_provider_is_refused(graphs) -> None:
+def test_a_session_without_its_requested_gpu_provider_is_refused(graphs, monkeypatch: pytest.MonkeyPatch) -> None:
     """onnxruntime's CPU build has no CUDA provider: asked for it, ONNX Runtime makes a CPU session (and only warns);
     the backend refuses it, naming what was requested and what was obtained."""
     import onnxruntime
@@ -144,6 +145,18 @@ def test_a_session_without_its_requested_gpu_provider_is_refused(graphs) -> None
         r"CPUExecutionProvider, obtained CPUExecutionProvider"
     )):
         OrtSession(path, torch.device("cuda"), providers=(CUDA_EP,), cuda=FakeCuda())
+    # The TensorRT provider too, and its builder workspace comes from the GPU's free memory (20 GiB free -> 10).
+    made = []
+    real = onnxruntime.InferenceSession
+
+    def recording(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        made.append(kwargs["providers"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", recording)
+    with pytest.warns(UserWarning), pytest.raises(BackendUnavailable, match="did not load TensorrtExecutionProvider"):
+        OrtSession(path, torch.device("cuda"), providers=(TENSORRT_EP,), cuda=FakeCuda(free_bytes=20 << 30))
+    assert made[0][0][0] == TENSORRT_EP and made[0][0][1]["trt_max_workspace_size"] == 10 << 30
     cpu = OrtSession(path, CPU, providers=(CUDA_EP,))  # on the CPU device the preference does not apply
     assert cpu.providers == [CPU_EP] and cpu.run({"latents": torch.randn(1, 4, 8, 8)}).shape == (1, 3, 64, 64)
 
