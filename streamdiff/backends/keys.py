@@ -3,7 +3,8 @@
 Everything here is pure data derived from a :class:`~streamdiff.config.StreamConfig`, a loaded model and
 :class:`EngineOptions`; nothing touches a device except :func:`target_id`, which names the hardware an artifact is
 compiled for (GPU compute capability or CPU ISA). The cache key (:class:`EngineKey`) holds every input that changes a
-built artifact, so a changed resolution range, LoRA scale or library version can never reuse a stale engine.
+built artifact, so a changed resolution range, LoRA scale or library version can never reuse a stale engine; streamdiff's
+own part is :data:`ENGINE_FORMAT`, not its package version, so a release that leaves artifacts unchanged keeps them.
 """
 
 from __future__ import annotations
@@ -275,10 +276,17 @@ def target_id(device: torch.device) -> str:
     return f"cpu:{cpu_isa()}"
 
 
-def _streamdiff_version() -> str:
-    from .. import __version__
+# The version of what streamdiff puts into an artifact (the export wrappers, graph rewrites, build settings, the
+# manifest's layout). Bump it when a change makes artifacts built before it wrong or different; the package version
+# is not in the key, so a release that changes none of this reuses every engine (TensorRT builds take minutes).
+#   1: keyed by streamdiff's package version (until 0.1.0)
+#   2: GroupNorm/LayerNorm in float32 inside float16/bfloat16 graphs for TensorRT; timing cache; workspace from free
+#      memory
+ENGINE_FORMAT = 2
 
-    return __version__
+
+def _engine_format() -> int:
+    return ENGINE_FORMAT
 
 
 @dataclass(frozen=True)
@@ -295,7 +303,7 @@ class EngineKey:
     backend: str
     backend_version: str
     target: str
-    streamdiff_version: str = field(default_factory=_streamdiff_version)
+    engine_format: int = field(default_factory=_engine_format)
     extra: tuple[tuple[str, str], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
