@@ -190,15 +190,32 @@ def check_graph_precision(onnx_path: Path, precision: str) -> dict[str, int]:
 
 
 def import_tensorrt():  # noqa: ANN201 - the module
-    """``tensorrt`` or BackendUnavailable naming the extra (also when its native libraries are missing)."""
+    """``tensorrt`` or BackendUnavailable naming the extra and the cause: not installed, or a broken install (its
+    native libraries missing or mismatched raise ImportError, OSError or others while importing)."""
     try:
         import tensorrt
-    except ImportError as error:
+    except Exception as error:  # noqa: BLE001 - any failure to import is "not usable", with its cause
         raise BackendUnavailable(
-            f"TensorRT is not usable here ({error}); install it with: pip install 'streamdiff[tensorrt]' on a machine "
-            f"with an NVIDIA GPU"
-        ) from None
+            f"TensorRT is not usable here ({type(error).__name__}: {error}); install it with: pip install "
+            f"'streamdiff[tensorrt]' on a machine with an NVIDIA GPU"
+        ) from error
     return tensorrt
+
+
+def usable_tensorrt():  # noqa: ANN201 - the module
+    """``tensorrt``, imported and of a version streamdiff runs (:func:`check_version`); BackendUnavailable with the
+    cause otherwise, also when a broken install fails on first use rather than on import."""
+    trt = import_tensorrt()
+    try:
+        check_version(trt)
+    except BackendUnavailable:
+        raise
+    except Exception as error:  # noqa: BLE001 - a broken install may fail on any attribute
+        raise BackendUnavailable(
+            f"TensorRT does not work here ({type(error).__name__}: {error}); reinstall it: pip install "
+            f"'streamdiff[tensorrt]'"
+        ) from error
+    return trt
 
 
 def tensorrt_version() -> str:
