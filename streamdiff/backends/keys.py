@@ -137,9 +137,11 @@ class EngineShapes:
     """The shapes a U-Net and a VAE engine must serve.
 
     ``unet_batch`` / ``vae_batch``: inclusive (min, max) rows per call. ``sizes``: the (width, height) of the frames
-    (the resolution range is derived from them in buckets). ``opt_batch``: the U-Net batch engines are tuned for.
-    ``static_batches``: the U-Net batches that artifacts compiled for fixed shapes are built for (a call is padded
-    up to the next one). Build with :meth:`for_config` (one stream) or :meth:`for_engine` (a multi-stream engine).
+    (the resolution range is derived from them in buckets). ``opt_batch``: the U-Net batch engines are tuned for;
+    ``opt_vae_batch`` the VAE's (None: the smallest). ``opt_size``: the (width, height) they are tuned for (None:
+    ``EngineOptions.opt_resolution`` square). ``static_batches``: the U-Net batches that artifacts compiled for fixed
+    shapes are built for (a call is padded up to the next one). Build with :meth:`for_config` (one stream) or
+    :meth:`for_engine` (a multi-stream engine).
     """
 
     unet_batch: tuple[int, int]
@@ -147,6 +149,8 @@ class EngineShapes:
     sizes: tuple[tuple[int, int], ...]
     opt_batch: int
     static_batches: tuple[int, ...]
+    opt_vae_batch: int | None = None
+    opt_size: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if not self.sizes:
@@ -155,6 +159,11 @@ class EngineShapes:
             low, high = getattr(self, name)
             if not 1 <= low <= high:
                 raise ConfigError(f"{name}={(low, high)} must be (min, max) with 1 <= min <= max")
+        for name, value, (low, high) in (("opt_batch", self.opt_batch, self.unet_batch),
+                                         ("opt_vae_batch", self.opt_vae_batch, self.vae_batch)):
+            if value is not None and not low <= value <= high:
+                raise ConfigError(f"{name}={value} is outside its batch range [{low}, {high}]", field=name,
+                                  value=value, allowed=f"{low} to {high}")
 
     @classmethod
     def for_config(cls, config: StreamConfig, options: EngineOptions | None = None) -> EngineShapes:
@@ -168,11 +177,15 @@ class EngineShapes:
 
     @classmethod
     def for_engine(
-        cls, max_batch_rows: int, max_vae_batch: int, sizes: tuple[tuple[int, int], ...], opt_batch: int | None = None
+        cls, max_batch_rows: int, max_vae_batch: int, sizes: tuple[tuple[int, int], ...], opt_batch: int | None = None,
+        *, opt_size: tuple[int, int] | None = None,
     ) -> EngineShapes:
         """A multi-stream engine: any U-Net call of 1 … ``max_batch_rows`` rows, VAE calls of 1 … ``max_vae_batch``.
 
-        Fixed-shape artifacts are built for the powers of two below ``max_batch_rows`` and for ``max_batch_rows``.
+        Tuned for the full engine — ``max_batch_rows`` U-Net rows (or ``opt_batch``) and ``max_vae_batch`` frames,
+        the calls of a busy engine, where speed matters — at ``opt_size`` (pass :func:`tuned_size` of the engine's
+        listed sizes; None tunes for ``EngineOptions.opt_resolution``). Fixed-shape artifacts are built for the
+        powers of two below ``max_batch_rows`` and for ``max_batch_rows``.
         """
         static = {max_batch_rows}
         size = 1
@@ -181,8 +194,21 @@ class EngineShapes:
             size *= 2
         return cls(
             unet_batch=(1, max_batch_rows), vae_batch=(1, max_vae_batch), sizes=tuple(sorted(set(sizes))),
-            opt_batch=opt_batch or min(max_batch_rows, 4), static_batches=tuple(sorted(static)),
+            opt_batch=opt_batch or max_batch_rows, static_batches=tuple(sorted(static)),
+            opt_vae_batch=max_vae_batch, opt_size=opt_size,
         )
+
+
+def tuned_size(sizes: tuple[tuple[int, int], ...]) -> tuple[int, int]:
+    """The size an engine serving ``sizes`` (width, height) is tuned for: the largest by area (the first of equals).
+
+    The largest frames cost the most per call, so their kernels matter most; smaller ones run inside the same
+    profile. Pure.
+    """
+    if not sizes:
+        raise ConfigError("tuned_size needs at least one (width, height) size", field="sizes", value=(),
+                          allowed="a non-empty list of sizes")
+    return max(sizes, key=lambda size: size[0] * size[1])
 
 
 def engine_shapes(shapes: EngineShapes | StreamConfig, options: EngineOptions) -> EngineShapes:
@@ -210,15 +236,19 @@ def shape_range(
         for name, value in (("width", width), ("height", height)):
             if not side_min <= value <= side_max:
                 raise ConfigError(f"{name}={value} is outside the engine resolution range [{side_min}, {side_max}]")
-    opt = min(max(options.opt_resolution // multiple * multiple, side_min), side_max)
+    opt_width, opt_height = shapes.opt_size or (options.opt_resolution, options.opt_resolution)
     unet = component is Component.UNET
+
+    def fit(side: int) -> int:
+        return min(max(side // multiple * multiple, side_min), side_max)
+
     return ShapeRange(
         batch=shapes.unet_batch if unet else shapes.vae_batch,
         height=(side_min, side_max),
         width=(side_min, side_max),
-        opt_batch=shapes.opt_batch if unet else shapes.vae_batch[0],
-        opt_height=opt,
-        opt_width=opt,
+        opt_batch=shapes.opt_batch if unet else shapes.opt_vae_batch or shapes.vae_batch[0],
+        opt_height=fit(opt_height),
+        opt_width=fit(opt_width),
     )
 
 

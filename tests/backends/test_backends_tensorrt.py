@@ -51,6 +51,40 @@ def test_vae_profiles_use_the_frame_buffer() -> None:
     )
 
 
+def test_a_multi_stream_profile_is_tuned_for_the_shapes_its_streams_use() -> None:
+    """Not batch 4 × 512² whatever the engine: the full batch (max_batch_rows U-Net rows, max_streams VAE frames)
+    at the largest of the engine's listed sizes; without a size list, at opt_resolution."""
+    from streamdiff.backends.keys import EngineShapes, tuned_size
+
+    sizes = ((320, 256), (768, 448), (512, 512))
+    assert tuned_size(sizes) == (768, 448)  # 344064 px beats 512² = 262144
+    shapes = EngineShapes.for_engine(12, 6, sizes, opt_size=tuned_size(sizes))
+    options = EngineOptions(min_resolution=128, max_resolution=1024)
+    unet = trt_profile(Component.UNET, shape_range(Component.UNET, shapes, options, 64), **SD21)
+    assert unet[0] == TensorProfile("sample", (1, 4, 16, 16), (12, 4, 56, 96), (12, 4, 128, 128))
+    assert unet[1] == TensorProfile("timestep", (1,), (12,), (12,))
+    decoder = trt_profile(Component.VAE_DECODER, shape_range(Component.VAE_DECODER, shapes, options, 8), **SD21)
+    assert decoder == (TensorProfile("latents", (1, 4, 16, 16), (6, 4, 56, 96), (6, 4, 128, 128)),)
+    # An odd listed size is rounded down to the U-Net's multiple (64 px here) and kept inside the range.
+    odd = EngineShapes.for_engine(8, 2, ((1000, 300),), opt_size=(1000, 300))
+    ranged = shape_range(Component.UNET, odd, EngineOptions(min_resolution=256, max_resolution=1024), 64)
+    assert (ranged.opt_width, ranged.opt_height, ranged.opt_batch) == (960, 256, 8)
+    # No listed sizes: opt_resolution, square; an explicit opt_batch still wins.
+    plain = EngineShapes.for_engine(16, 8, ((640, 480),), opt_batch=6)
+    fallback = shape_range(Component.UNET, plain, EngineOptions(opt_resolution=384), 64)
+    assert (fallback.opt_batch, fallback.opt_height, fallback.opt_width) == (6, 384, 384)
+
+
+def test_a_tuned_batch_outside_the_range_is_refused() -> None:
+    from streamdiff import ConfigError
+    from streamdiff.backends.keys import EngineShapes, tuned_size
+
+    with pytest.raises(ConfigError, match=r"opt_batch=20 is outside its batch range \[1, 16\]"):
+        EngineShapes.for_engine(16, 4, ((512, 512),), opt_batch=20)
+    with pytest.raises(ConfigError, match="tuned_size needs at least one"):
+        tuned_size(())
+
+
 def test_build_plan_of_the_tiny_model(tiny_model, tmp_path: Path) -> None:
     config = StreamConfig(width=256, height=256, t_index_list=(20, 40), cfg_type="self")
     shapes = shape_range(Component.UNET, config, EngineOptions(), spatial_multiple(tiny_model, Component.UNET))
@@ -146,10 +180,10 @@ def test_build_is_strongly_typed_with_one_profile_over_the_engine_batch_range(
     assert builder.config.timing_cache is None  # the plan names no timing cache file
     assert builder.config.builder_optimization_level == 3
     (profile,) = builder.config.profiles
-    # The multi-stream engine's whole batch range 1 … max_batch_rows, tuned for 4 rows; sides 256 … 1024 px.
-    assert profile.shapes["sample"] == ((1, 4, 32, 32), (4, 4, 64, 64), (8, 4, 128, 128))
-    assert profile.shapes["timestep"] == ((1,), (4,), (8,))
-    assert profile.shapes["encoder_hidden_states"] == ((1, 77, 64), (4, 77, 64), (8, 77, 64))
+    # The multi-stream engine's whole batch range 1 … max_batch_rows, tuned for the full batch; sides 256 … 1024 px.
+    assert profile.shapes["sample"] == ((1, 4, 32, 32), (8, 4, 64, 64), (8, 4, 128, 128))
+    assert profile.shapes["timestep"] == ((1,), (8,), (8,))
+    assert profile.shapes["encoder_hidden_states"] == ((1, 77, 64), (8, 77, 64), (8, 77, 64))
     assert fake_trt.touched_removed == []  # no API that TensorRT 11 removed was touched (recorded on 10.x)
 
     engine = fake_trt.Runtime(fake_trt.Logger()).deserialize_cuda_engine((tmp_path / "model.plan").read_bytes())
@@ -163,7 +197,7 @@ def test_vae_profile_spans_one_to_max_streams(fake_trt, tiny_graphs: dict[str, P
     build_engine(_engine_plan(Component.VAE_DECODER, tiny_graphs["decoder16"]), tmp_path / "model.plan",
                  trt=fake_trt, cuda=fake_trt.cuda)
     (profile,) = fake_trt.builders[-1].config.profiles
-    assert profile.shapes == {"latents": ((1, 4, 32, 32), (1, 4, 64, 64), (4, 4, 128, 128))}
+    assert profile.shapes == {"latents": ((1, 4, 32, 32), (4, 4, 64, 64), (4, 4, 128, 128))}  # tuned for 4 streams
 
 
 def test_a_float32_graph_is_refused_before_building(fake_trt, tiny_graphs: dict[str, Path], tmp_path: Path) -> None:
