@@ -89,12 +89,18 @@ def onnx_step(
     component: Component,
     dtype: torch.dtype = torch.float32,
 ) -> BuildStep:
-    """Export ``component`` to ONNX in ``dtype`` (checked against PyTorch in ONNX Runtime when float32)."""
+    """Export ``component`` to ONNX in ``dtype`` (checked against PyTorch in ONNX Runtime when float32).
+
+    A float16/bfloat16 graph computes its GroupNorm/LayerNorm layers in float32 (see
+    :func:`~streamdiff.backends.onnx_export.float32_norms`): TensorRT's strongly typed networks run each layer in
+    its input's type.
+    """
     shapes = shape_range(component, shapes, options, spatial_multiple(model, component))
     export_device = model.device if dtype != torch.float32 else torch.device("cpu")
+    norms_in_float32 = dtype != torch.float32
     key = engine_key(
         model, component, shapes, backend="onnx", backend_version=_onnx_version(), dtype=dtype, opset=options.opset,
-        device=export_device, target="portable",
+        device=export_device, target="portable", extra={"norms": "float32"} if norms_in_float32 else None,
     )
 
     def build(folder: Path) -> str:
@@ -102,7 +108,7 @@ def onnx_step(
         if next(module.parameters()).dtype != dtype or next(module.parameters()).device != export_device:
             module = copy.deepcopy(module).to(export_device, dtype)
         spec = spec_for(model, component, dtype, export_device)
-        export_module(module, spec, shapes, folder / ONNX_FILE, options.opset)
+        export_module(module, spec, shapes, folder / ONNX_FILE, options.opset, norms_in_float32=norms_in_float32)
         if options.verify and dtype == torch.float32:
             verify_onnx(folder / ONNX_FILE, module, spec, verification_cases(shapes, spatial_multiple(model, component)))
         return ONNX_FILE
