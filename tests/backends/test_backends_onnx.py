@@ -152,7 +152,7 @@ def test_a_float32_norm_survives_float16_overflow() -> None:
     TensorRT layer would not, which this cannot show without a GPU.)"""
     from streamdiff.backends.onnx_export import float32_norms
 
-    norm = torch.nn.GroupNorm(2, 8).half()
+    norm = torch.nn.GroupNorm(2, 8).half().requires_grad_(False)
     x = (torch.randn(1, 8, 16, 16, generator=torch.Generator().manual_seed(0)) * 400 + 300).half()
     reference = torch.nn.functional.group_norm(x.double(), 2, norm.weight.double(), norm.bias.double(), norm.eps)
     with float32_norms(norm), torch.no_grad():
