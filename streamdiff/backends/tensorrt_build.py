@@ -254,13 +254,20 @@ def _load_timing_cache(config: Any, path: Path | None) -> Any:
     """
     if path is None:
         return None
-    data = b""
-    if path.is_file():
-        data = path.read_bytes()
-    cache = config.create_timing_cache(data)
-    if cache is None or not config.set_timing_cache(cache, False):
-        logger.warning("TensorRT refused the timing cache %s (another TensorRT version or GPU?); building without "
-                       "its timings, a new one replaces it", path)
+    try:
+        data = path.read_bytes() if path.is_file() else b""
+    except OSError as error:
+        logger.warning("cannot read the TensorRT timing cache %s (%s); starting a new one", path, error)
+        data = b""
+    reason = "another TensorRT version or GPU?"
+    try:
+        cache = config.create_timing_cache(data)
+        accepted = cache is not None and bool(config.set_timing_cache(cache, False))
+    except Exception as error:  # noqa: BLE001 - TensorRT may raise on bytes it cannot parse; the cache is optional
+        accepted, reason = False, f"{type(error).__name__}: {error}"
+    if not accepted:
+        logger.warning("TensorRT refused the timing cache %s (%s); building without its timings, a new one "
+                       "replaces it", path, reason)
         cache = config.create_timing_cache(b"")
         config.set_timing_cache(cache, False)
     elif data:

@@ -179,6 +179,8 @@ class BuilderConfig:
         self.loaded_timings: list[Any] | None = None  # what the cache held when it was set
 
     def create_timing_cache(self, data: bytes) -> TimingCache:
+        if bytes(data).startswith(b"\x7fELF"):
+            raise RuntimeError("TensorRT cannot deserialize this timing cache")  # as a real one may, on garbage
         return TimingCache(bytes(data))
 
     def set_timing_cache(self, cache: TimingCache, ignore_mismatch: bool) -> bool:

@@ -284,7 +284,9 @@ def test_timing_cache_is_written_after_the_first_build_and_passed_to_the_next(
     assert [p.name for p in cache_file.parent.iterdir()] == [cache_file.name]  # no temporary files left
 
 
-def test_a_refused_timing_cache_is_replaced(fake_trt, tiny_graphs: dict[str, Path], tmp_path: Path,
+@pytest.mark.parametrize("content", [b"\x00 written by another TensorRT", b"\x7fELF not a cache at all"],
+                         ids=["refused", "raises"])
+def test_a_refused_timing_cache_is_replaced(content: bytes, fake_trt, tiny_graphs: dict[str, Path], tmp_path: Path,
                                             caplog: pytest.LogCaptureFixture) -> None:
     import dataclasses
     import json
@@ -293,7 +295,7 @@ def test_a_refused_timing_cache_is_replaced(fake_trt, tiny_graphs: dict[str, Pat
     from streamdiff.backends.tensorrt_build import build_engine
 
     cache_file = tmp_path / "timing.cache"
-    cache_file.write_bytes(b"\x00 written by another TensorRT")
+    cache_file.write_bytes(content)
     plan = dataclasses.replace(_engine_plan(Component.VAE_DECODER, tiny_graphs["decoder16"]), timing_cache=cache_file)
     with caplog.at_level(logging.WARNING):
         build_engine(plan, tmp_path / "model.plan", trt=fake_trt, cuda=fake_trt.cuda)
