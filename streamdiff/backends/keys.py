@@ -3,8 +3,9 @@
 Everything here is pure data derived from a :class:`~streamdiff.config.StreamConfig`, a loaded model and
 :class:`EngineOptions`; nothing touches a device except :func:`target_id`, which names the hardware an artifact is
 compiled for (GPU compute capability or CPU ISA). The cache key (:class:`EngineKey`) holds every input that changes a
-built artifact, so a changed resolution range, LoRA scale or library version can never reuse a stale engine; streamdiff's
-own part is :data:`ENGINE_FORMAT`, not its package version, so a release that leaves artifacts unchanged keeps them.
+built artifact, so a changed resolution range, LoRA scale or library version can never reuse a stale engine;
+streamdiff's own part is :data:`ENGINE_FORMAT`, not its package version, so a release that leaves artifacts unchanged
+keeps them.
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ it meets it keeps a :class:`ShapeSlot`: its own execution context (so a CUDA gra
 invalidated by another shape's ``set_input_shape``), its input and output buffers (torch CUDA tensors, allocated
 once and bound with ``set_tensor_address``) and, with ``cuda_graph=True``, the graph captured on the slot's second
 call and replayed from then on (a shape whose capture or replay fails runs without a graph from then on, logged
-once; its outputs come from a direct run). Slots live in an LRU of ``max_shapes``: the least recently used one is freed —
-graph, context and buffers — when a new shape would exceed it. All contexts are created with the
+once; its outputs come from a direct run). Slots live in an LRU of ``max_shapes``: the least recently used one is
+freed — graph, context and buffers — when a new shape would exceed it. All contexts are created with the
 ``USER_MANAGED`` allocation strategy and share one scratch allocation of ``device_memory_size_v2`` bytes, which is
 safe because they all run one after another on the engine's stream.
 

@@ -182,7 +182,8 @@ def test_auto_falls_back_with_a_warning_when_tensorrt_is_broken(
     with caplog.at_level(logging.INFO, logger="streamdiff.backends.factory"):
         assert factory.resolve_backend("auto", gpu_model, EngineOptions()) is BackendKind.TORCH
     assert "backend auto: TensorRT is installed but unusable, falling back to torch" in caplog.text
-    assert cause in caplog.text and "backend auto: picked torch because TensorRT is installed but unusable" in caplog.text
+    assert cause in caplog.text
+    assert "backend auto: picked torch because TensorRT is installed but unusable" in caplog.text
     with pytest.raises(BackendUnavailable, match=r"streamdiff\[tensorrt\]"):
         factory.resolve_backend("tensorrt", gpu_model, EngineOptions())
 
