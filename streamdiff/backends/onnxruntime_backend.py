@@ -89,6 +89,8 @@ def provider_options(
     if device.type != "cuda":
         return [(CPU_EP, {})]
     explicit = [p for p in preference if p != CPU_EP]
+    if preference and not explicit:
+        return [(CPU_EP, {})]  # asked for the CPU provider alone
     wanted = explicit or [p for p in GPU_PROVIDERS if p in available]
     if not wanted:
         raise BackendUnavailable(

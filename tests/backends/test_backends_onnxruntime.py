@@ -129,6 +129,7 @@ def test_provider_preference_and_what_is_missing() -> None:
     # An explicit preference is passed on as asked: the session's providers are checked after it is made.
     explicit = provider_options(torch.device("cuda"), [CPU_EP], preference=(CUDA_EP,))
     assert [name for name, _ in explicit] == [CUDA_EP, CPU_EP]
+    assert provider_options(torch.device("cuda"), available, preference=(CPU_EP,)) == [(CPU_EP, {})]  # as asked
     with pytest.raises(ConfigError, match="onnx_providers \\['OpenVINOExecutionProvider'\\] are not among"):
         provider_options(torch.device("cuda"), available, preference=("OpenVINOExecutionProvider",))
 
