@@ -7,7 +7,8 @@ Every backend offers the same two engines (see :mod:`streamdiff.backends.base`):
 from __future__ import annotations
 
 from .base import UNetEngine, VaeEngine
-from .device import resolve_device, resolve_dtype
+from .device import GpuMemory, gpu_memory, resolve_device, resolve_dtype, strict_float32
 from .keys import Component, EngineOptions
 
-__all__ = ["Component", "EngineOptions", "UNetEngine", "VaeEngine", "resolve_device", "resolve_dtype"]
+__all__ = ["Component", "EngineOptions", "GpuMemory", "UNetEngine", "VaeEngine", "gpu_memory", "resolve_device",
+           "resolve_dtype", "strict_float32"]

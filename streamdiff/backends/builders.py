@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -88,12 +89,18 @@ def onnx_step(
     component: Component,
     dtype: torch.dtype = torch.float32,
 ) -> BuildStep:
-    """Export ``component`` to ONNX in ``dtype`` (checked against PyTorch in ONNX Runtime when float32)."""
+    """Export ``component`` to ONNX in ``dtype`` (checked against PyTorch in ONNX Runtime when float32).
+
+    A float16/bfloat16 graph computes its GroupNorm/LayerNorm layers in float32 (see
+    :func:`~streamdiff.backends.onnx_export.float32_norms`): TensorRT's strongly typed networks run each layer in
+    its input's type.
+    """
     shapes = shape_range(component, shapes, options, spatial_multiple(model, component))
     export_device = model.device if dtype != torch.float32 else torch.device("cpu")
+    norms_in_float32 = dtype != torch.float32
     key = engine_key(
         model, component, shapes, backend="onnx", backend_version=_onnx_version(), dtype=dtype, opset=options.opset,
-        device=export_device, target="portable",
+        device=export_device, target="portable", extra={"norms": "float32"} if norms_in_float32 else None,
     )
 
     def build(folder: Path) -> str:
@@ -101,7 +108,7 @@ def onnx_step(
         if next(module.parameters()).dtype != dtype or next(module.parameters()).device != export_device:
             module = copy.deepcopy(module).to(export_device, dtype)
         spec = spec_for(model, component, dtype, export_device)
-        export_module(module, spec, shapes, folder / ONNX_FILE, options.opset)
+        export_module(module, spec, shapes, folder / ONNX_FILE, options.opset, norms_in_float32=norms_in_float32)
         if options.verify and dtype == torch.float32:
             verify_onnx(folder / ONNX_FILE, module, spec, verification_cases(shapes, spatial_multiple(model, component)))
         return ONNX_FILE
@@ -150,7 +157,19 @@ def tensorrt_dtype(model: LoadedModel) -> torch.dtype:
     return torch.bfloat16 if model.dtype == torch.bfloat16 else torch.float16
 
 
-def tensorrt_plan(model: LoadedModel, component: Component, shapes: ShapeRange, onnx_path: Path):  # noqa: ANN201
+TIMING_CACHE_DIR = ".tensorrt-timing"
+
+
+def timing_cache_path(cache: EngineCache, key: EngineKey) -> Path:
+    """Where TensorRT's timing cache for ``key``'s GPU and TensorRT version lives: beside the engine cache's entries
+    (a dot folder, so never taken for an entry), one file per GPU model and TensorRT version, shared by all engines.
+    """
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{key.target}-tensorrt-{key.backend_version}")
+    return cache.root / TIMING_CACHE_DIR / f"{name}.cache"
+
+
+def tensorrt_plan(model: LoadedModel, component: Component, shapes: ShapeRange, onnx_path: Path,  # noqa: ANN201
+                  timing_cache: Path | None = None):
     """The :class:`~streamdiff.backends.tensorrt_build.TrtBuildPlan` of ``component`` (pure; no TensorRT needed)."""
     from .keys import precision_name
     from .tensorrt_build import build_plan
@@ -160,6 +179,7 @@ def tensorrt_plan(model: LoadedModel, component: Component, shapes: ShapeRange, 
         vae_scale_factor=model.vae_scale_factor,
         text_length=int(getattr(model.text_encoder.config, "max_position_embeddings", 77)),
         text_dim=int(model.unet.config.cross_attention_dim), precision=precision_name(tensorrt_dtype(model)),
+        timing_cache=timing_cache,
     )
 
 
@@ -180,7 +200,8 @@ def tensorrt_step(
 
     def build(folder: Path) -> str:
         onnx_entry = onnx.run()
-        build_engine(tensorrt_plan(model, component, shapes, onnx_entry.artifact), folder / PLAN_FILE)
+        build_engine(tensorrt_plan(model, component, shapes, onnx_entry.artifact, timing_cache_path(cache, key)),
+                     folder / PLAN_FILE)
         return PLAN_FILE
 
     description = f"build TensorRT {component.value} engine ({key.precision}, strongly typed)"

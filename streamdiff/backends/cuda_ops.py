@@ -57,6 +57,11 @@ class TorchCuda:
     def empty_cache(self) -> None:
         torch.cuda.empty_cache()
 
+    def memory_info(self, device: torch.device | None = None) -> tuple[int, int]:
+        """(free, total) bytes of the GPU, device-wide: TensorRT's and ONNX Runtime's allocations count as used."""
+        free, total = torch.cuda.mem_get_info(device)
+        return int(free), int(total)
+
     def device_name(self, device: torch.device) -> str:
         return torch.cuda.get_device_name(device)
 

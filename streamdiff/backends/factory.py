@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,18 +28,30 @@ logger = logging.getLogger(__name__)
 def _has_module(name: str) -> bool:
     import importlib.util
 
-    return importlib.util.find_spec(name) is not None
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # a parent package that fails, or a module without a spec: not usable as is
+        return name in sys.modules and sys.modules[name] is not None
+
+
+def tensorrt_problem() -> str | None:
+    """Why TensorRT cannot serve here (no CUDA GPU, not installed, a broken install, too old), or None if it can."""
+    if not torch.cuda.is_available():
+        return "torch sees no CUDA GPU"
+    if not _has_module("tensorrt"):
+        return "TensorRT is not installed"
+    from .tensorrt_build import usable_tensorrt
+
+    try:
+        usable_tensorrt()
+    except BackendUnavailable as error:
+        return str(error)
+    return None
 
 
 def tensorrt_usable() -> bool:
-    """TensorRT imports (its native libraries load) and torch sees a CUDA GPU."""
-    if not torch.cuda.is_available() or not _has_module("tensorrt"):
-        return False
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """TensorRT imports (its native libraries load), is recent enough, and torch sees a CUDA GPU."""
+    return tensorrt_problem() is None
 
 
 def choose_auto(model: LoadedModel, options: EngineOptions) -> tuple[BackendKind, str]:
@@ -50,8 +63,12 @@ def choose_auto(model: LoadedModel, options: EngineOptions) -> tuple[BackendKind
     Runtime for float32.
     """
     if model.device.type == "cuda":
-        if tensorrt_usable():
+        problem = tensorrt_problem()
+        if problem is None:
             return BackendKind.TENSORRT, "a CUDA GPU and TensorRT are available"
+        if _has_module("tensorrt"):
+            logger.warning("backend auto: TensorRT is installed but unusable, falling back to torch: %s", problem)
+            return BackendKind.TORCH, f"TensorRT is installed but unusable ({problem})"
         return BackendKind.TORCH, "CUDA GPU without TensorRT (pip install 'streamdiff[tensorrt]' for engines)"
     if model.device.type != "cpu":
         return BackendKind.TORCH, f"the model is on {model.device}, which only torch runs"
@@ -88,9 +105,9 @@ def resolve_backend(kind: BackendKind | str, model: LoadedModel, options: Engine
         if model.device.type != "cpu":
             raise BackendUnavailable(f"backend 'openvino' runs on the CPU; the model is on {model.device}")
     if kind is BackendKind.TENSORRT:
-        from .tensorrt_build import import_tensorrt
+        from .tensorrt_build import usable_tensorrt
 
-        import_tensorrt()
+        usable_tensorrt()
         if model.device.type != "cuda":
             raise BackendUnavailable(f"backend 'tensorrt' needs a CUDA device; the model is on {model.device}")
     return kind

@@ -3,7 +3,9 @@
 Everything here is pure data derived from a :class:`~streamdiff.config.StreamConfig`, a loaded model and
 :class:`EngineOptions`; nothing touches a device except :func:`target_id`, which names the hardware an artifact is
 compiled for (GPU compute capability or CPU ISA). The cache key (:class:`EngineKey`) holds every input that changes a
-built artifact, so a changed resolution range, LoRA scale or library version can never reuse a stale engine.
+built artifact, so a changed resolution range, LoRA scale or library version can never reuse a stale engine;
+streamdiff's own part is :data:`ENGINE_FORMAT`, not its package version, so a release that leaves artifacts unchanged
+keeps them.
 """
 
 from __future__ import annotations
@@ -136,9 +138,11 @@ class EngineShapes:
     """The shapes a U-Net and a VAE engine must serve.
 
     ``unet_batch`` / ``vae_batch``: inclusive (min, max) rows per call. ``sizes``: the (width, height) of the frames
-    (the resolution range is derived from them in buckets). ``opt_batch``: the U-Net batch engines are tuned for.
-    ``static_batches``: the U-Net batches that artifacts compiled for fixed shapes are built for (a call is padded
-    up to the next one). Build with :meth:`for_config` (one stream) or :meth:`for_engine` (a multi-stream engine).
+    (the resolution range is derived from them in buckets). ``opt_batch``: the U-Net batch engines are tuned for;
+    ``opt_vae_batch`` the VAE's (None: the smallest). ``opt_size``: the (width, height) they are tuned for (None:
+    ``EngineOptions.opt_resolution`` square). ``static_batches``: the U-Net batches that artifacts compiled for fixed
+    shapes are built for (a call is padded up to the next one). Build with :meth:`for_config` (one stream) or
+    :meth:`for_engine` (a multi-stream engine).
     """
 
     unet_batch: tuple[int, int]
@@ -146,6 +150,8 @@ class EngineShapes:
     sizes: tuple[tuple[int, int], ...]
     opt_batch: int
     static_batches: tuple[int, ...]
+    opt_vae_batch: int | None = None
+    opt_size: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if not self.sizes:
@@ -154,6 +160,11 @@ class EngineShapes:
             low, high = getattr(self, name)
             if not 1 <= low <= high:
                 raise ConfigError(f"{name}={(low, high)} must be (min, max) with 1 <= min <= max")
+        for name, value, (low, high) in (("opt_batch", self.opt_batch, self.unet_batch),
+                                         ("opt_vae_batch", self.opt_vae_batch, self.vae_batch)):
+            if value is not None and not low <= value <= high:
+                raise ConfigError(f"{name}={value} is outside its batch range [{low}, {high}]", field=name,
+                                  value=value, allowed=f"{low} to {high}")
 
     @classmethod
     def for_config(cls, config: StreamConfig, options: EngineOptions | None = None) -> EngineShapes:
@@ -167,11 +178,15 @@ class EngineShapes:
 
     @classmethod
     def for_engine(
-        cls, max_batch_rows: int, max_vae_batch: int, sizes: tuple[tuple[int, int], ...], opt_batch: int | None = None
+        cls, max_batch_rows: int, max_vae_batch: int, sizes: tuple[tuple[int, int], ...], opt_batch: int | None = None,
+        *, opt_size: tuple[int, int] | None = None,
     ) -> EngineShapes:
         """A multi-stream engine: any U-Net call of 1 … ``max_batch_rows`` rows, VAE calls of 1 … ``max_vae_batch``.
 
-        Fixed-shape artifacts are built for the powers of two below ``max_batch_rows`` and for ``max_batch_rows``.
+        Tuned for the full engine — ``max_batch_rows`` U-Net rows (or ``opt_batch``) and ``max_vae_batch`` frames,
+        the calls of a busy engine, where speed matters — at ``opt_size`` (pass :func:`tuned_size` of the engine's
+        listed sizes; None tunes for ``EngineOptions.opt_resolution``). Fixed-shape artifacts are built for the
+        powers of two below ``max_batch_rows`` and for ``max_batch_rows``.
         """
         static = {max_batch_rows}
         size = 1
@@ -180,8 +195,21 @@ class EngineShapes:
             size *= 2
         return cls(
             unet_batch=(1, max_batch_rows), vae_batch=(1, max_vae_batch), sizes=tuple(sorted(set(sizes))),
-            opt_batch=opt_batch or min(max_batch_rows, 4), static_batches=tuple(sorted(static)),
+            opt_batch=opt_batch or max_batch_rows, static_batches=tuple(sorted(static)),
+            opt_vae_batch=max_vae_batch, opt_size=opt_size,
         )
+
+
+def tuned_size(sizes: tuple[tuple[int, int], ...]) -> tuple[int, int]:
+    """The size an engine serving ``sizes`` (width, height) is tuned for: the largest by area (the first of equals).
+
+    The largest frames cost the most per call, so their kernels matter most; smaller ones run inside the same
+    profile. Pure.
+    """
+    if not sizes:
+        raise ConfigError("tuned_size needs at least one (width, height) size", field="sizes", value=(),
+                          allowed="a non-empty list of sizes")
+    return max(sizes, key=lambda size: size[0] * size[1])
 
 
 def engine_shapes(shapes: EngineShapes | StreamConfig, options: EngineOptions) -> EngineShapes:
@@ -209,15 +237,19 @@ def shape_range(
         for name, value in (("width", width), ("height", height)):
             if not side_min <= value <= side_max:
                 raise ConfigError(f"{name}={value} is outside the engine resolution range [{side_min}, {side_max}]")
-    opt = min(max(options.opt_resolution // multiple * multiple, side_min), side_max)
+    opt_width, opt_height = shapes.opt_size or (options.opt_resolution, options.opt_resolution)
     unet = component is Component.UNET
+
+    def fit(side: int) -> int:
+        return min(max(side // multiple * multiple, side_min), side_max)
+
     return ShapeRange(
         batch=shapes.unet_batch if unet else shapes.vae_batch,
         height=(side_min, side_max),
         width=(side_min, side_max),
-        opt_batch=shapes.opt_batch if unet else shapes.vae_batch[0],
-        opt_height=opt,
-        opt_width=opt,
+        opt_batch=shapes.opt_batch if unet else shapes.opt_vae_batch or shapes.vae_batch[0],
+        opt_height=fit(opt_height),
+        opt_width=fit(opt_width),
     )
 
 
@@ -275,10 +307,17 @@ def target_id(device: torch.device) -> str:
     return f"cpu:{cpu_isa()}"
 
 
-def _streamdiff_version() -> str:
-    from .._version import __version__
+# The version of what streamdiff puts into an artifact (the export wrappers, graph rewrites, build settings, the
+# manifest's layout). Bump it when a change makes artifacts built before it wrong or different; the package version
+# is not in the key, so a release that changes none of this reuses every engine (TensorRT builds take minutes).
+#   1: keyed by streamdiff's package version (until 0.1.0)
+#   2: GroupNorm/LayerNorm in float32 inside float16/bfloat16 graphs for TensorRT; timing cache; workspace from free
+#      memory
+ENGINE_FORMAT = 2
 
-    return __version__
+
+def _engine_format() -> int:
+    return ENGINE_FORMAT
 
 
 @dataclass(frozen=True)
@@ -295,7 +334,7 @@ class EngineKey:
     backend: str
     backend_version: str
     target: str
-    streamdiff_version: str = field(default_factory=_streamdiff_version)
+    engine_format: int = field(default_factory=_engine_format)
     extra: tuple[tuple[str, str], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:

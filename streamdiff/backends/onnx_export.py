@@ -10,13 +10,15 @@ builds a TensorRT plan from it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import EngineBuildError, missing_extra
 from .keys import Component, ShapeRange
@@ -128,6 +130,43 @@ def component_spec(
     )
 
 
+NORM_LAYERS = (torch.nn.GroupNorm, torch.nn.LayerNorm)
+
+
+def _float32_forward(layer: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``layer``'s normalisation computed in float32 (input, weight and bias cast up), the result cast back."""
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        weight = layer.weight.float() if layer.weight is not None else None
+        bias = layer.bias.float() if layer.bias is not None else None
+        if isinstance(layer, torch.nn.GroupNorm):
+            out = F.group_norm(x.float(), layer.num_groups, weight, bias, layer.eps)
+        else:
+            out = F.layer_norm(x.float(), layer.normalized_shape, weight, bias, layer.eps)
+        return out.to(x.dtype)
+
+    return forward
+
+
+@contextlib.contextmanager
+def float32_norms(module: torch.nn.Module) -> Iterator[int]:
+    """While inside: every GroupNorm and LayerNorm of ``module`` computes in float32. Yields how many there are.
+
+    For graphs exported in float16/bfloat16: a strongly typed TensorRT network runs each layer in its input's type,
+    and a GroupNorm's variance over a whole group of a real VAE's activations overflows float16 (or loses the
+    precision that bfloat16's 8 bits cannot hold). The exported graph gets ``Cast(float32) → norm → Cast(back)``
+    around each norm; the rest of the graph keeps its type. The module is unchanged afterwards.
+    """
+    patched = [layer for layer in module.modules() if isinstance(layer, NORM_LAYERS) and "forward" not in vars(layer)]
+    for layer in patched:
+        layer.forward = _float32_forward(layer)
+    try:
+        yield len(patched)
+    finally:
+        for layer in patched:
+            del layer.forward
+
+
 def export_module(
     module: torch.nn.Module,
     spec: ComponentSpec,
@@ -135,8 +174,13 @@ def export_module(
     path: Path,
     opset: int,
     fold: bool = True,
+    norms_in_float32: bool = False,
 ) -> Path:
-    """Export ``module`` to ``path`` (external data beside it when > 2 GB) and constant-fold it. Returns ``path``."""
+    """Export ``module`` to ``path`` (external data beside it when > 2 GB) and constant-fold it. Returns ``path``.
+
+    ``norms_in_float32``: GroupNorm/LayerNorm computed in float32 inside a float16/bfloat16 graph
+    (:func:`float32_norms`).
+    """
     try:
         import onnx
     except ImportError:
@@ -144,7 +188,8 @@ def export_module(
     example = spec.make_inputs(shapes.opt_batch, shapes.opt_height, shapes.opt_width)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+        norms = float32_norms(module) if norms_in_float32 else contextlib.nullcontext(0)
+        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings(), norms:
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             warnings.filterwarnings("ignore", message="Constant folding", category=UserWarning)
             warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter, chosen on purpose

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import ConfigError, EngineBuildError, missing_extra
+from ..errors import BackendUnavailable, ConfigError, EngineBuildError, missing_extra
 from .cuda_ops import DEFAULT_CUDA, TorchCuda
 
 logger = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ TENSORRT_EP = "TensorrtExecutionProvider"
 CUDA_EP = "CUDAExecutionProvider"
 CPU_EP = "CPUExecutionProvider"
 GPU_PROVIDERS = (TENSORRT_EP, CUDA_EP)
-TENSORRT_EP_WORKSPACE = 4 << 30
+TENSORRT_EP_WORKSPACE = 4 << 30  # when free memory is not known (provider_options called alone)
 
 # ONNX Runtime's input type strings → (torch dtype, numpy dtype) of the tensors handed over.
 _TYPES = {
@@ -69,28 +69,40 @@ def provider_options(
     tensorrt_cache: Path | None = None,
     profile: Sequence[Any] = (),
     stream_handle: int | None = None,
+    workspace_bytes: int = TENSORRT_EP_WORKSPACE,
 ) -> list[tuple[str, dict[str, Any]]]:
     """The providers (with options) a session on ``device`` gets, given the ``available`` ones. Pure.
 
-    CPU devices get the CPU provider. On CUDA: ``preference`` (names, in order) or by default the TensorRT provider
-    then the CUDA provider, those of them that this onnxruntime build has, then the CPU provider. ``profile`` is
-    the engine's :class:`~streamdiff.backends.tensorrt_build.TensorProfile` tuple (min/opt/max per input) and
-    ``tensorrt_cache`` the folder for the TensorRT provider's engine and timing caches. ``stream_handle`` is the
-    CUDA stream the GPU providers compute on.
+    CPU devices get the CPU provider. On CUDA: ``preference`` (names, in order), all of them, whether or not
+    ``available`` lists them (:func:`check_providers` then refuses a session that did not get them); or by default
+    the TensorRT provider then the CUDA provider, those of them that this onnxruntime build has (BackendUnavailable
+    when it has neither); then the CPU provider. ``profile`` is the engine's
+    :class:`~streamdiff.backends.tensorrt_build.TensorProfile` tuple (min/opt/max per input) and ``tensorrt_cache``
+    the folder for the TensorRT provider's engine and timing caches, ``workspace_bytes`` its builder workspace
+    (:class:`OrtSession` sizes it from free memory). ``stream_handle`` is the CUDA stream the GPU providers compute on.
     """
     unknown = [p for p in preference if p not in (*GPU_PROVIDERS, CPU_EP)]
     if unknown:
-        raise ConfigError(f"onnx_providers {unknown} are not among {', '.join((*GPU_PROVIDERS, CPU_EP))}")
+        raise ConfigError(f"onnx_providers {unknown} are not among {', '.join((*GPU_PROVIDERS, CPU_EP))}",
+                          field="onnx_providers", value=tuple(preference),
+                          allowed=", ".join((*GPU_PROVIDERS, CPU_EP)))
     if device.type != "cuda":
         return [(CPU_EP, {})]
-    wanted = [p for p in (preference or GPU_PROVIDERS) if p != CPU_EP]
+    explicit = [p for p in preference if p != CPU_EP]
+    if preference and not explicit:
+        return [(CPU_EP, {})]  # asked for the CPU provider alone
+    wanted = explicit or [p for p in GPU_PROVIDERS if p in available]
+    if not wanted:
+        raise BackendUnavailable(
+            f"ONNX Runtime on {device} needs {' or '.join(GPU_PROVIDERS)}, but this onnxruntime build has only "
+            f"{', '.join(available) or 'no providers'}; install pip install 'streamdiff[onnx-gpu]' (and not "
+            f"'streamdiff[onnx]' beside it), or run the model on the CPU"
+        )
     chosen: list[tuple[str, dict[str, Any]]] = []
     common: dict[str, Any] = {"device_id": device.index or 0}
     if stream_handle is not None:
         common["user_compute_stream"] = str(stream_handle)
     for name in wanted:
-        if name not in available:
-            continue
         if name == TENSORRT_EP:
             options = dict(common)
             options.update(
@@ -98,10 +110,11 @@ def provider_options(
                 trt_engine_cache_enable=tensorrt_cache is not None,
                 trt_timing_cache_enable=tensorrt_cache is not None,
                 trt_builder_optimization_level=3,
-                trt_max_workspace_size=TENSORRT_EP_WORKSPACE,
+                trt_max_workspace_size=int(workspace_bytes),
             )
             if tensorrt_cache is not None:
                 options["trt_engine_cache_path"] = str(tensorrt_cache)
+                options["trt_timing_cache_path"] = str(tensorrt_cache)
             if profile:
                 options["trt_profile_min_shapes"] = shape_string({p.name: p.min for p in profile})
                 options["trt_profile_opt_shapes"] = shape_string({p.name: p.opt for p in profile})
@@ -109,10 +122,29 @@ def provider_options(
             chosen.append((name, options))
         else:
             chosen.append((name, dict(common)))
-    if not chosen:
-        logger.warning("onnxruntime has none of %s (available: %s): running on the CPU; for CUDA install "
-                       "pip install 'streamdiff[onnx-gpu]'", ", ".join(wanted), ", ".join(available))
     return chosen + [(CPU_EP, {})]
+
+
+def check_providers(requested: Sequence[str], obtained: Sequence[str], *, explicit: bool, path: Path | str) -> None:
+    """Refuse a session whose requested GPU provider did not load (ONNX Runtime then falls back to the CPU quietly).
+
+    ``requested``: the providers the session was created with; ``obtained``: ``session.get_providers()``. With an
+    ``explicit`` preference (``EngineOptions.onnx_providers``) every requested GPU provider must have loaded;
+    otherwise at least one (a TensorRT provider that failed beside a working CUDA provider is a warning). Raises
+    BackendUnavailable naming what was requested and what was obtained.
+    """
+    gpu = [p for p in requested if p in GPU_PROVIDERS]
+    missing = [p for p in gpu if p not in obtained]
+    if not missing:
+        return
+    if explicit or len(missing) == len(gpu):
+        raise BackendUnavailable(
+            f"ONNX Runtime did not load {', '.join(missing)} for {Path(path).parent.name or path}: requested "
+            f"{', '.join(requested)}, obtained {', '.join(obtained) or 'none'}; the provider's libraries (CUDA, "
+            f"cuDNN, TensorRT) are missing or do not match this onnxruntime-gpu build (its log says which)"
+        )
+    logger.warning("ONNX Runtime did not load %s for %s (obtained %s); running on %s", ", ".join(missing),
+                   Path(path).parent.name, ", ".join(obtained), obtained[0])
 
 
 DEFAULT_MAX_SHAPES = 8
@@ -164,16 +196,23 @@ class OrtSession:
         self.stream = self.cuda.new_stream(device) if device.type == "cuda" else None
         if tensorrt_cache is not None:
             tensorrt_cache.mkdir(parents=True, exist_ok=True)
+        workspace = TENSORRT_EP_WORKSPACE
+        if device.type == "cuda":
+            from .tensorrt_build import workspace_size
+
+            workspace = workspace_size(self.cuda.memory_info(device)[0])
         self.provider_options = provider_options(
             device, ort.get_available_providers(), graph_dtype=graph_dtype, preference=providers,
             tensorrt_cache=tensorrt_cache, profile=profile,
-            stream_handle=self.cuda.handle(self.stream) if self.stream is not None else None,
+            stream_handle=self.cuda.handle(self.stream) if self.stream is not None else None, workspace_bytes=workspace,
         )
         try:
             self.session = ort.InferenceSession(str(path), sess_options=options, providers=self.provider_options)
         except Exception as error:  # noqa: BLE001 - reported with the file that failed
             raise EngineBuildError(f"ONNX Runtime cannot load {path}: {type(error).__name__}: {error}") from error
         self.providers = self.session.get_providers()
+        check_providers([name for name, _ in self.provider_options], self.providers,
+                        explicit=any(p != CPU_EP for p in providers), path=path)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.input_types = {}
         for i in self.session.get_inputs():

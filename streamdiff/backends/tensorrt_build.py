@@ -16,17 +16,22 @@ The pure half (:func:`trt_profile`, :func:`build_plan`, :func:`check_graph_preci
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..errors import BackendUnavailable, EngineBuildError
 from .keys import Component, ShapeRange
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_WORKSPACE = 4 << 30
+WORKSPACE_FRACTION = 0.5  # of the GPU memory free when the build starts
+MIN_WORKSPACE = 256 << 20
+MAX_WORKSPACE = 32 << 30
 DEFAULT_OPTIMIZATION_LEVEL = 3
 MIN_TENSORRT = (10, 1)  # set_device_memory(ptr, size) and device_memory_size_v2 (the runtime) appeared in 10.1
 TESTED_MAJORS = (10, 11)
@@ -76,19 +81,25 @@ class TrtBuildPlan:
     """Everything :func:`build_engine` needs: the ONNX file, the profile and the builder settings.
 
     ``precision`` is the type the graph was exported in (``float16`` or ``bfloat16``); the network is strongly typed,
-    so TensorRT runs the graph's own types and no builder precision flag exists in the plan.
+    so TensorRT runs the graph's own types and no builder precision flag exists in the plan. ``workspace_bytes``:
+    the builder's workspace pool; None sizes it from the GPU memory free when the build starts
+    (:func:`workspace_size`). ``timing_cache``: the file of TensorRT's timing cache (kernel timings of earlier builds
+    on this GPU and TensorRT version), read before and written after the build; None builds without one.
     """
 
     onnx_path: Path
     profile: tuple[TensorProfile, ...]
     precision: str = "float16"
-    workspace_bytes: int = DEFAULT_WORKSPACE
+    workspace_bytes: int | None = None
     optimization_level: int = DEFAULT_OPTIMIZATION_LEVEL
     strongly_typed: bool = True
+    timing_cache: Path | None = None
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise EngineBuildError(f"TensorRT precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        if self.workspace_bytes is not None and self.workspace_bytes < MIN_WORKSPACE:
+            raise EngineBuildError(f"workspace_bytes={self.workspace_bytes} is below {MIN_WORKSPACE} (256 MiB)")
         if not 0 <= self.optimization_level <= 5:
             raise EngineBuildError(f"builder optimization level {self.optimization_level} is outside [0, 5]")
 
@@ -98,7 +109,7 @@ class TrtBuildPlan:
             "onnx": self.onnx_path.name,
             "precision": self.precision,
             "strongly_typed": self.strongly_typed,
-            "workspace_bytes": self.workspace_bytes,
+            "workspace_bytes": self.workspace_bytes or "from free memory",
             "optimization_level": self.optimization_level,
             "profile": {p.name: {"min": list(p.min), "opt": list(p.opt), "max": list(p.max)} for p in self.profile},
         }
@@ -115,6 +126,7 @@ def build_plan(
     text_dim: int = 1024,
     precision: str = "float16",
     optimization_level: int = DEFAULT_OPTIMIZATION_LEVEL,
+    timing_cache: Path | None = None,
 ) -> TrtBuildPlan:
     """The build plan of ``component`` from its exported ONNX graph (in ``precision``)."""
     profile = trt_profile(
@@ -122,7 +134,21 @@ def build_plan(
         text_length=text_length, text_dim=text_dim,
     )
     return TrtBuildPlan(onnx_path=onnx_path, profile=profile, precision=precision,
-                        optimization_level=optimization_level)
+                        optimization_level=optimization_level, timing_cache=timing_cache)
+
+
+def workspace_size(free_bytes: int, fraction: float = WORKSPACE_FRACTION) -> int:
+    """The builder workspace for a GPU with ``free_bytes`` free: ``fraction`` of it, in whole MiB, within
+    [MIN_WORKSPACE, MAX_WORKSPACE] (256 MiB … 32 GiB). Pure.
+
+    The workspace bounds the scratch memory of the tactics TensorRT may choose: too small rules out the fast ones,
+    larger than what is free fails them at build time. Half of what is free leaves room for the builder's own
+    allocations and whatever else runs on the GPU.
+    """
+    if not 0 < fraction <= 1:
+        raise EngineBuildError(f"workspace fraction {fraction} is outside (0, 1]")
+    size = int(max(0, free_bytes) * fraction) >> 20 << 20
+    return min(max(size, MIN_WORKSPACE), MAX_WORKSPACE)
 
 
 # ONNX TensorProto element types of floating-point tensors.
@@ -164,15 +190,32 @@ def check_graph_precision(onnx_path: Path, precision: str) -> dict[str, int]:
 
 
 def import_tensorrt():  # noqa: ANN201 - the module
-    """``tensorrt`` or BackendUnavailable naming the extra (also when its native libraries are missing)."""
+    """``tensorrt`` or BackendUnavailable naming the extra and the cause: not installed, or a broken install (its
+    native libraries missing or mismatched raise ImportError, OSError or others while importing)."""
     try:
         import tensorrt
-    except ImportError as error:
+    except Exception as error:  # noqa: BLE001 - any failure to import is "not usable", with its cause
         raise BackendUnavailable(
-            f"TensorRT is not usable here ({error}); install it with: pip install 'streamdiff[tensorrt]' on a machine "
-            f"with an NVIDIA GPU"
-        ) from None
+            f"TensorRT is not usable here ({type(error).__name__}: {error}); install it with: pip install "
+            f"'streamdiff[tensorrt]' on a machine with an NVIDIA GPU"
+        ) from error
     return tensorrt
+
+
+def usable_tensorrt():  # noqa: ANN201 - the module
+    """``tensorrt``, imported and of a version streamdiff runs (:func:`check_version`); BackendUnavailable with the
+    cause otherwise, also when a broken install fails on first use rather than on import."""
+    trt = import_tensorrt()
+    try:
+        check_version(trt)
+    except BackendUnavailable:
+        raise
+    except Exception as error:  # noqa: BLE001 - a broken install may fail on any attribute
+        raise BackendUnavailable(
+            f"TensorRT does not work here ({type(error).__name__}: {error}); reinstall it: pip install "
+            f"'streamdiff[tensorrt]'"
+        ) from error
+    return trt
 
 
 def tensorrt_version() -> str:
@@ -203,13 +246,59 @@ def network_flags(trt) -> int:  # noqa: ANN001 - the module
     return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
 
 
-def build_serialized(plan: TrtBuildPlan, trt=None) -> bytes:  # noqa: ANN001 - the module
+def _load_timing_cache(config: Any, path: Path | None) -> Any:
+    """A timing cache for ``config``: the one saved at ``path`` (when readable), else an empty one; None without a path.
+
+    A cache TensorRT refuses (another TensorRT version or GPU, a damaged file) is replaced by an empty one, with a
+    warning: it only saves build time, it never changes what is built.
+    """
+    if path is None:
+        return None
+    try:
+        data = path.read_bytes() if path.is_file() else b""
+    except OSError as error:
+        logger.warning("cannot read the TensorRT timing cache %s (%s); starting a new one", path, error)
+        data = b""
+    reason = "another TensorRT version or GPU?"
+    try:
+        cache = config.create_timing_cache(data)
+        accepted = cache is not None and bool(config.set_timing_cache(cache, False))
+    except Exception as error:  # noqa: BLE001 - TensorRT may raise on bytes it cannot parse; the cache is optional
+        accepted, reason = False, f"{type(error).__name__}: {error}"
+    if not accepted:
+        logger.warning("TensorRT refused the timing cache %s (%s); building without its timings, a new one "
+                       "replaces it", path, reason)
+        cache = config.create_timing_cache(b"")
+        config.set_timing_cache(cache, False)
+    elif data:
+        logger.info("TensorRT build uses the timing cache %s (%d bytes)", path, len(data))
+    return cache
+
+
+def save_timing_cache(config: Any, path: Path) -> None:
+    """Write ``config``'s timing cache (now holding this build's timings too) to ``path``, atomically.
+
+    Two builds finishing at once each write a whole cache; the last one stays (the other's new timings are lost,
+    which costs time on a later build, never correctness).
+    """
+    cache = config.get_timing_cache()
+    if cache is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp.write_bytes(bytes(cache.serialize()))
+    os.replace(tmp, path)
+
+
+def build_serialized(plan: TrtBuildPlan, trt=None, *, workspace_bytes: int | None = None) -> bytes:  # noqa: ANN001
     """Parse ``plan.onnx_path`` into a strongly typed network and build it with the plan's profile. Needs a GPU.
 
-    Raises EngineBuildError naming the parser errors, the inputs the profile and the graph disagree on, or the
-    failed build.
+    ``workspace_bytes`` overrides the plan's (:func:`build_engine` passes the size from free memory). The timing
+    cache, if the plan has one, is loaded before and saved after a successful build. Raises EngineBuildError naming
+    the parser errors, the inputs the profile and the graph disagree on, or the failed build.
     """
     trt = trt or import_tensorrt()
+    workspace = workspace_bytes or plan.workspace_bytes or MIN_WORKSPACE
     check_version(trt)
     log = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(log)
@@ -226,7 +315,8 @@ def build_serialized(plan: TrtBuildPlan, trt=None) -> bytes:  # noqa: ANN001 - t
             f"the graph {plan.onnx_path.name} has inputs {inputs} (name: rank) but the build plan profiles {wanted}"
         )
     config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, plan.workspace_bytes)
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
+    timing_cache = _load_timing_cache(config, plan.timing_cache)
     config.builder_optimization_level = plan.optimization_level
     profile = builder.create_optimization_profile()
     for tensor in plan.profile:
@@ -239,21 +329,34 @@ def build_serialized(plan: TrtBuildPlan, trt=None) -> bytes:  # noqa: ANN001 - t
             f"TensorRT could not build {plan.onnx_path} ({plan.precision}, profile {plan.describe()['profile']}); "
             f"its log above says why"
         )
+    if timing_cache is not None and plan.timing_cache is not None:
+        save_timing_cache(config, plan.timing_cache)
     return bytes(serialized)
 
 
-def build_engine(plan: TrtBuildPlan, out_path: Path, trt=None) -> float:  # noqa: ANN001 - the module
+def build_engine(plan: TrtBuildPlan, out_path: Path, trt=None, cuda=None) -> float:  # noqa: ANN001 - modules
     """Check the graph's precision, build ``plan`` and write the serialised engine to ``out_path``.
 
-    Returns the build time in seconds. Needs TensorRT >= 10.1 and an NVIDIA GPU.
+    The workspace is the plan's, or :func:`workspace_size` of the GPU memory free now (``cuda``: the device seam,
+    :class:`~streamdiff.backends.cuda_ops.TorchCuda` by default). Returns the build time in seconds. Needs
+    TensorRT >= 10.1 and an NVIDIA GPU.
     """
     trt = trt or import_tensorrt()
+    check_version(trt)
     check_graph_precision(plan.onnx_path, plan.precision)
     logger.info("building a TensorRT %s engine from %s (strongly typed, optimization level %d); this takes minutes",
                 plan.precision, plan.onnx_path.name, plan.optimization_level)
     started = time.perf_counter()
     try:
-        data = build_serialized(plan, trt)
+        workspace = plan.workspace_bytes
+        if workspace is None:
+            from .cuda_ops import DEFAULT_CUDA
+
+            free, total = (cuda or DEFAULT_CUDA).memory_info()
+            workspace = workspace_size(free)
+            logger.info("TensorRT workspace %.2f GiB (%.0f %% of the %.2f GiB free of %.2f GiB)", workspace / 2**30,
+                        100 * WORKSPACE_FRACTION, free / 2**30, total / 2**30)
+        data = build_serialized(plan, trt, workspace_bytes=workspace)
     except (EngineBuildError, BackendUnavailable):
         raise
     except Exception as error:  # noqa: BLE001 - reported with the plan that failed

@@ -4,8 +4,9 @@ A :class:`TrtEngine` serves every input shape inside its engine's optimization p
 it meets it keeps a :class:`ShapeSlot`: its own execution context (so a CUDA graph captured for one shape is never
 invalidated by another shape's ``set_input_shape``), its input and output buffers (torch CUDA tensors, allocated
 once and bound with ``set_tensor_address``) and, with ``cuda_graph=True``, the graph captured on the slot's second
-call and replayed from then on. Slots live in an LRU of ``max_shapes``: the least recently used one is freed —
-graph, context and buffers — when a new shape would exceed it. All contexts are created with the
+call and replayed from then on (a shape whose capture or replay fails runs without a graph from then on, logged
+once; its outputs come from a direct run). Slots live in an LRU of ``max_shapes``: the least recently used one is
+freed — graph, context and buffers — when a new shape would exceed it. All contexts are created with the
 ``USER_MANAGED`` allocation strategy and share one scratch allocation of ``device_memory_size_v2`` bytes, which is
 safe because they all run one after another on the engine's stream.
 
@@ -104,6 +105,7 @@ class TrtEngine:
             self.scratch = self.cuda.empty((scratch_bytes,), torch.uint8, device)
         self.slots: OrderedDict[Shapes, ShapeSlot] = OrderedDict()
         self.evictions = 0
+        self.uncaptured: set[Shapes] = set()  # shapes whose CUDA graph failed: they run without one
         self.failed: Shapes | None = None  # the input shapes of the last call, when it raised
 
     # -- shape slots ------------------------------------------------------------------------------------------------
@@ -179,13 +181,40 @@ class TrtEngine:
             raise StreamDiffError(f"TensorRT execute_async_v3 failed for inputs {slot.shapes} ({self.path})")
 
     def _capture(self, slot: ShapeSlot) -> None:
-        """Capture the slot's enqueue into a CUDA graph (after a warm-up call); on failure run without graphs."""
+        """Capture the slot's enqueue into a CUDA graph (after a warm-up call).
+
+        Any failure — the capture raising, or ``execute_async_v3`` returning False while capturing (an engine with
+        operations a graph cannot hold) — leaves this shape uncaptured from now on (:meth:`_uncapturable`); the
+        call's outputs came from the direct run before the capture, so they stand. Other shapes still capture.
+        """
         try:
             slot.graph = self.cuda.capture(self.stream, lambda: self._enqueue(slot))
-        except RuntimeError as error:
-            logger.warning("CUDA graph capture of TensorRT engine %s failed (%s); running it without graphs",
-                           self.path.parent.name, error)
-            self.cuda_graph = False
+        except Exception as error:  # noqa: BLE001 - any capture failure means: run this shape without a graph
+            slot.graph = None
+            self._uncapturable(slot.shapes, "capture", error)
+
+    def _uncapturable(self, shapes: Shapes, what: str, error: BaseException) -> None:
+        """Remember that ``shapes`` runs without a CUDA graph; logged once per shape."""
+        if shapes in self.uncaptured:
+            return
+        self.uncaptured.add(shapes)
+        logger.warning("CUDA graph %s of TensorRT engine %s failed for inputs %s (%s: %s); that shape runs without "
+                       "a graph from now on", what, self.path.parent.name, shapes, type(error).__name__, error)
+
+    def _run(self, slot: ShapeSlot) -> None:
+        """Replay the slot's graph, or enqueue directly (and capture on the second call when graphs are on)."""
+        if slot.graph is not None:
+            try:
+                self.cuda.replay(slot.graph)
+                return
+            except Exception as error:  # noqa: BLE001 - falls back to a direct run of the same inputs
+                self.cuda.release(slot.graph)
+                slot.graph = None
+                self._uncapturable(slot.shapes, "replay", error)
+        self._enqueue(slot)
+        slot.calls += 1
+        if self.cuda_graph and slot.calls >= 2 and slot.shapes not in self.uncaptured:
+            self._capture(slot)
 
     def infer(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Copy ``feeds`` into the slot of their shapes, run, return the outputs (valid until the next call).
@@ -203,13 +232,7 @@ class TrtEngine:
                 slot = self._slot(shapes)
                 for name in self.inputs:
                     slot.tensors[name].copy_(feeds[name])
-                if slot.graph is not None:
-                    self.cuda.replay(slot.graph)
-                else:
-                    self._enqueue(slot)
-                    slot.calls += 1
-                    if self.cuda_graph and slot.calls >= 2:
-                        self._capture(slot)
+                self._run(slot)
         except Exception:
             self.failed = shapes
             raise

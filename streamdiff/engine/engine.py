@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from ..backends.base import UNetEngine, VaeEngine
-from ..backends.keys import EngineOptions, EngineShapes
+from ..backends.keys import EngineOptions, EngineShapes, tuned_size
 from ..config import BackendKind, PromptConfig, StreamConfig, check_int
 from ..core.schedule import slot_coefficients
 from ..errors import ConfigError, FrameError, StreamClosed, StreamDiffError
@@ -422,7 +422,8 @@ class StreamEngine:
             options = replace(options, min_resolution=rule.min_side, max_resolution=rule.max_side)
             sizes = tuple(sorted(set(self._backend_shapes.sizes if self._backend_shapes else ()) |
                                  set(rule.sizes or ()) | {(config.width, config.height)}))
-            shapes = EngineShapes.for_engine(self.config.max_batch_rows, self.config.max_streams, sizes)
+            shapes = EngineShapes.for_engine(self.config.max_batch_rows, self.config.max_streams, sizes,
+                                             opt_size=tuned_size(rule.sizes) if rule.sizes else None)
         artifacts = frozenset(step.key.name for step in engine_steps(self.backend, self.model, shapes, options)[1])
         if self.unet is not None and self.vae is not None and artifacts == self._backend_artifacts:
             self._backend_shapes = shapes

@@ -11,7 +11,7 @@ def _gpu_ready() -> bool:
         return False
     try:
         import tensorrt  # noqa: F401
-    except ImportError:
+    except Exception:  # noqa: BLE001 - a broken install (OSError for a missing library…) is "no TensorRT" too
         return False
     return True
 

@@ -39,6 +39,8 @@ class FakeCuda:
     capturing: list[Callable[[], None]] | None = None
     active: FakeStream | None = None
     allocated: int = 0
+    free_bytes: int = 60 << 30
+    total_bytes: int = 80 << 30
 
     def __post_init__(self) -> None:
         self._handles = itertools.count(0x1000, 0x10)
@@ -101,6 +103,9 @@ class FakeCuda:
 
     def empty_cache(self) -> None:
         self.events.append(("empty_cache",))
+
+    def memory_info(self, device: torch.device | None = None) -> tuple[int, int]:
+        return self.free_bytes, self.total_bytes
 
     def device_name(self, device: torch.device) -> str:
         return "NVIDIA H100 80GB HBM3"

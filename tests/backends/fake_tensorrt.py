@@ -154,12 +154,43 @@ class OptimizationProfile:
         self.shapes[name] = (tuple(min), tuple(opt), tuple(max))
 
 
+class TimingCache:
+    """Kernel timings as a JSON list; ``create_timing_cache`` of bytes that are not such a list gives a cache that
+    ``set_timing_cache`` refuses (as TensorRT refuses one of another version or GPU)."""
+
+    def __init__(self, data: bytes) -> None:
+        try:
+            self.entries = list(json.loads(data)) if data else []
+            self.valid = True
+        except ValueError:
+            self.entries, self.valid = [], False
+
+    def serialize(self) -> bytes:
+        return json.dumps(self.entries).encode()
+
+
 class BuilderConfig:
     def __init__(self) -> None:
         self.flags: list[Any] = []
         self.pool_limits: dict[Any, int] = {}
         self.profiles: list[OptimizationProfile] = []
         self.builder_optimization_level = 3
+        self.timing_cache: TimingCache | None = None
+        self.loaded_timings: list[Any] | None = None  # what the cache held when it was set
+
+    def create_timing_cache(self, data: bytes) -> TimingCache:
+        if bytes(data).startswith(b"\x7fELF"):
+            raise RuntimeError("TensorRT cannot deserialize this timing cache")  # as a real one may, on garbage
+        return TimingCache(bytes(data))
+
+    def set_timing_cache(self, cache: TimingCache, ignore_mismatch: bool) -> bool:
+        if not cache.valid and not ignore_mismatch:
+            return False
+        self.timing_cache, self.loaded_timings = cache, list(cache.entries)
+        return True
+
+    def get_timing_cache(self) -> TimingCache | None:
+        return self.timing_cache
 
     def set_flag(self, flag: Any) -> None:
         self.flags.append(flag)
@@ -211,6 +242,11 @@ def _builder_class(module: types.ModuleType) -> type:
             dynamic = [t.name for t in network.inputs if -1 in t.shape]
             if sorted(profile) != sorted(dynamic):
                 return None
+            if config.timing_cache is not None:  # this build's "kernel timings": one entry per input and profile
+                for name in sorted(profile):
+                    entry = [name, [list(s) for s in profile[name]]]
+                    if entry not in config.timing_cache.entries:
+                        config.timing_cache.entries.append(entry)
             plan = {
                 "inputs": [{"name": t.name, "dtype": t.dtype.name, "profile": profile[t.name]} for t in network.inputs],
                 "outputs": [{"name": t.name, "dtype": t.dtype.name, "shape": list(t.shape)} for t in network.outputs],

@@ -42,7 +42,7 @@ VARIANTS = {
     "backend": "tensorrt",
     "backend_version": "1.1",
     "target": "sm_86",
-    "streamdiff_version": "9.9.9",
+    "engine_format": 99,
     "extra": (("freezing", "1"),),
 }
 

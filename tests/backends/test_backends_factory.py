@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.machinery
 import json
 import logging
 import sys
@@ -140,3 +141,61 @@ def test_torch_backend_channels_last_gives_the_same_frames(tiny_model) -> None:
     frames = _run(StreamPipeline(model, CONFIG, backend="torch", engine_options=EngineOptions(channels_last=True)))
     for expected, actual in zip(reference, frames):
         assert float((actual - expected).abs().max() / expected.abs().max()) <= 1e-4
+
+
+@pytest.mark.parametrize("breakage", ["import", "attribute", "too-old"])
+def test_auto_falls_back_with_a_warning_when_tensorrt_is_broken(
+    breakage: str, tiny_model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A TensorRT whose import fails (missing native library: OSError), whose module fails on use, or that is too
+    old: ``auto`` on a GPU picks torch and says why; asking for ``tensorrt`` itself is a BackendUnavailable."""
+    import dataclasses
+    import types
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delitem(sys.modules, "tensorrt", raising=False)
+    if breakage == "import":
+        package = tmp_path / "site" / "tensorrt"
+        package.mkdir(parents=True)
+        (package / "__init__.py").write_text(
+            'raise OSError("libnvinfer.so.10: cannot open shared object file: No such file or directory")\n')
+        monkeypatch.syspath_prepend(str(tmp_path / "site"))
+        cause = "OSError: libnvinfer.so.10: cannot open shared object file"
+    elif breakage == "attribute":
+
+        class Broken(types.ModuleType):
+            def __getattr__(self, name: str):  # noqa: ANN204
+                raise RuntimeError("CUDA initialization failure with error: 35")
+
+        module = Broken("tensorrt")
+        module.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)
+        monkeypatch.setitem(sys.modules, "tensorrt", module)
+        cause = "RuntimeError: CUDA initialization failure with error: 35"
+    else:
+        from fake_tensorrt import make_fake_tensorrt
+
+        module = make_fake_tensorrt("8.6.1")
+        module.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)
+        monkeypatch.setitem(sys.modules, "tensorrt", module)
+        cause = "TensorRT 8.6.1 is too old"
+    gpu_model = dataclasses.replace(tiny_model, device=torch.device("cuda"), dtype=torch.float16)
+    with caplog.at_level(logging.INFO, logger="streamdiff.backends.factory"):
+        assert factory.resolve_backend("auto", gpu_model, EngineOptions()) is BackendKind.TORCH
+    assert "backend auto: TensorRT is installed but unusable, falling back to torch" in caplog.text
+    assert cause in caplog.text
+    assert "backend auto: picked torch because TensorRT is installed but unusable" in caplog.text
+    with pytest.raises(BackendUnavailable, match=r"streamdiff\[tensorrt\]"):
+        factory.resolve_backend("tensorrt", gpu_model, EngineOptions())
+
+
+def test_auto_on_a_gpu_without_tensorrt_picks_torch_quietly(
+    tiny_model, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import dataclasses
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # as if not installed
+    gpu_model = dataclasses.replace(tiny_model, device=torch.device("cuda"), dtype=torch.float16)
+    with caplog.at_level(logging.WARNING, logger="streamdiff.backends.factory"):
+        kind, reason = factory.choose_auto(gpu_model, EngineOptions())
+    assert kind is BackendKind.TORCH and "pip install 'streamdiff[tensorrt]'" in reason and caplog.text == ""

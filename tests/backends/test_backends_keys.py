@@ -135,3 +135,23 @@ def test_bfloat16_is_the_cpu_default_only_where_it_is_native() -> None:
     assert resolve_dtype(None, cpu, cpu_flags=frozenset()) is torch.float32
     assert resolve_dtype("float32", cpu, cpu_flags=frozenset({"avx512_bf16"})) is torch.float32
     assert resolve_dtype(None, torch.device("cuda"), cpu_flags=frozenset({"avx512_bf16"})) is torch.float16
+
+
+def test_the_key_holds_the_engine_format_not_the_package_version(tiny_model, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A release that changes nothing in the artifacts keeps every engine; a change of the format rebuilds them."""
+    import streamdiff
+    from streamdiff.backends import keys
+
+    shapes = shape_range(Component.UNET, StreamConfig(width=256, height=256), EngineOptions(), 32)
+
+    def key():  # noqa: ANN202
+        return engine_key(tiny_model, Component.UNET, shapes, backend="tensorrt", backend_version="10.8.0",
+                          dtype=torch.float16, opset=17, target="sm_90:NVIDIA-H100")
+
+    base = key()
+    assert base.engine_format == keys.ENGINE_FORMAT and "streamdiff_version" not in base.to_dict()
+    monkeypatch.setattr(streamdiff, "__version__", "9.9.9")
+    assert key().digest() == base.digest()
+    monkeypatch.setattr(keys, "ENGINE_FORMAT", keys.ENGINE_FORMAT + 1)
+    bumped = key()
+    assert bumped.digest() != base.digest() and bumped.to_dict()["engine_format"] == base.engine_format + 1

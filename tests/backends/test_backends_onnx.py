@@ -95,3 +95,66 @@ def test_verification_catches_a_wrong_graph(modules: dict[str, torch.nn.Module],
     path = export_module(modules["tiny-decoder"], spec, shapes, tmp_path / "model.onnx", opset=17)
     with pytest.raises(EngineBuildError, match="differs from PyTorch"):
         verify_onnx(path, modules["kl-decoder"], spec, verification_cases(shapes, 8))
+
+
+NORM_OPS = {"InstanceNormalization", "LayerNormalization", "GroupNormalization"}
+
+
+def _norm_input_types(path: Path) -> dict[str, str]:
+    """The element type of each normalisation node's data input in the graph at ``path`` (by node name)."""
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+    types = {v.name: v.type.tensor_type.elem_type for v in (*model.graph.value_info, *model.graph.input)}
+    types.update({i.name: i.data_type for i in model.graph.initializer})
+    return {node.name: onnx.helper.tensor_dtype_to_np_dtype(types[node.input[0]]).name
+            for node in model.graph.node if node.op_type in NORM_OPS}
+
+
+@pytest.mark.parametrize("name", ["tiny-unet", "kl-decoder"])
+def test_float16_graphs_compute_their_norms_in_float32(name: str, modules: dict[str, torch.nn.Module],
+                                                       tmp_path: Path) -> None:
+    """A float16 export for a strongly typed TensorRT engine: every GroupNorm/LayerNorm reads float32 (cast up
+    before, cast back after); the rest stays float16; the module itself is left as it was."""
+    import copy
+
+    from streamdiff.backends.onnx_export import float32_norms
+    from streamdiff.backends.tensorrt_build import graph_precision
+
+    component, multiple = CASES[name]
+    module = copy.deepcopy(modules[name]).half()
+    shapes = shape_range(component, CONFIG, OPTIONS, multiple)
+    spec = component_spec(component, latent_channels=4, vae_scale_factor=8, text_dim=64, dtype=torch.float16)
+    plain = export_module(module, spec, shapes, tmp_path / "plain" / "model.onnx", 17, fold=False)
+    fixed = export_module(module, spec, shapes, tmp_path / "fixed" / "model.onnx", 17, norms_in_float32=True)
+    before, after = _norm_input_types(plain), _norm_input_types(fixed)
+    assert before and set(before.values()) == {"float16"}  # what the review found: norms in float16
+    assert len(after) == len(before) and set(after.values()) == {"float32"}
+    if name == "tiny-unet":
+        assert {n.op_type for n in onnx.load(str(fixed)).graph.node} >= {"LayerNormalization", "InstanceNormalization"}
+    counts = graph_precision(fixed)
+    assert counts["float16"] > 0.5 * sum(counts.values())  # still a float16 graph (TensorRT's precision check)
+    assert not any("forward" in vars(layer) for layer in module.modules())  # unpatched afterwards
+    with float32_norms(module) as patched:
+        assert patched == len([m for m in module.modules() if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm))])
+
+    # Same values as the module computing its norms in float32 (ONNX Runtime runs float16 graphs on the CPU).
+    inputs = spec.make_inputs(2, 64, 64)
+    session = onnxruntime.InferenceSession(str(fixed), providers=["CPUExecutionProvider"])
+    feeds = {name: t.numpy() for name, t in zip(spec.inputs, inputs)}
+    actual = torch.from_numpy(np.asarray(session.run(None, feeds)[0])).float()
+    with torch.no_grad(), float32_norms(module):
+        expected = module(*inputs).float()
+    assert relative_error(actual, expected) <= 2e-2
+
+
+def test_a_float32_norm_survives_float16_overflow() -> None:
+    """Activations of a few hundred (a real VAE's decoder has them) square past float16's 65504: the float32 path
+    still gives the float64 result. (Torch on the CPU accumulates float16 norms in float32 itself; a strongly typed
+    TensorRT layer would not, which this cannot show without a GPU.)"""
+    from streamdiff.backends.onnx_export import float32_norms
+
+    norm = torch.nn.GroupNorm(2, 8).half().requires_grad_(False)
+    x = (torch.randn(1, 8, 16, 16, generator=torch.Generator().manual_seed(0)) * 400 + 300).half()
+    reference = torch.nn.functional.group_norm(x.double(), 2, norm.weight.double(), norm.bias.double(), norm.eps)
+    with float32_norms(norm), torch.no_grad():
+        fixed = norm(x)
+    assert fixed.dtype == torch.float16 and float((fixed.double() - reference).abs().max()) < 1e-2

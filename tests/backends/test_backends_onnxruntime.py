@@ -19,11 +19,12 @@ from streamdiff.backends.onnxruntime_backend import (
     CUDA_EP,
     TENSORRT_EP,
     OrtSession,
+    check_providers,
     OrtUNet,
     provider_options,
 )
 from streamdiff.backends.tensorrt_build import TensorProfile
-from streamdiff.errors import ConfigError
+from streamdiff.errors import BackendUnavailable, ConfigError
 from streamdiff.testing import tiny_components
 
 CPU = torch.device("cpu")
@@ -96,12 +97,14 @@ PROFILE = (
 def test_gpu_providers_are_configured_tensorrt_first(tmp_path: Path) -> None:
     available = [TENSORRT_EP, CUDA_EP, CPU_EP]
     chosen = provider_options(torch.device("cuda:1"), available, graph_dtype=torch.float16,
-                              tensorrt_cache=tmp_path / "trt", profile=PROFILE, stream_handle=0x7F00)
+                              tensorrt_cache=tmp_path / "trt", profile=PROFILE, stream_handle=0x7F00,
+                              workspace_bytes=6 << 30)
     assert [name for name, _ in chosen] == [TENSORRT_EP, CUDA_EP, CPU_EP]
     assert chosen[0][1] == {
         "device_id": 1, "user_compute_stream": str(0x7F00), "trt_fp16_enable": True,
         "trt_engine_cache_enable": True, "trt_timing_cache_enable": True, "trt_engine_cache_path": str(tmp_path / "trt"),
-        "trt_builder_optimization_level": 3, "trt_max_workspace_size": 4 << 30,
+        "trt_timing_cache_path": str(tmp_path / "trt"),
+        "trt_builder_optimization_level": 3, "trt_max_workspace_size": 6 << 30,
         "trt_profile_min_shapes": "sample:1x4x32x32,timestep:1", "trt_profile_opt_shapes": "sample:4x4x64x64,timestep:4",
         "trt_profile_max_shapes": "sample:8x4x128x128,timestep:8",
     }
@@ -111,16 +114,65 @@ def test_gpu_providers_are_configured_tensorrt_first(tmp_path: Path) -> None:
     assert "user_compute_stream" not in fp32[1][1]
 
 
-def test_provider_preference_and_what_is_missing(caplog: pytest.LogCaptureFixture) -> None:
+def test_provider_preference_and_what_is_missing() -> None:
     available = [TENSORRT_EP, CUDA_EP, CPU_EP]
     only_cuda = provider_options(torch.device("cuda"), available, preference=(CUDA_EP,))
     assert [name for name, _ in only_cuda] == [CUDA_EP, CPU_EP]
     assert provider_options(CPU, available) == [(CPU_EP, {})]
-    with caplog.at_level(logging.WARNING):
-        assert provider_options(torch.device("cuda"), ["AzureExecutionProvider", CPU_EP]) == [(CPU_EP, {})]
-    assert "pip install 'streamdiff[onnx-gpu]'" in caplog.text
+    # The default preference takes the GPU providers this build has; with none of them it refuses (no quiet CPU).
+    assert [n for n, _ in provider_options(torch.device("cuda"), [CUDA_EP, CPU_EP])] == [CUDA_EP, CPU_EP]
+    with pytest.raises(BackendUnavailable, match=(
+        r"needs TensorrtExecutionProvider or CUDAExecutionProvider, but this onnxruntime build has only "
+        r"AzureExecutionProvider, CPUExecutionProvider; install pip install 'streamdiff\[onnx-gpu\]'"
+    )):
+        provider_options(torch.device("cuda"), ["AzureExecutionProvider", CPU_EP])
+    # An explicit preference is passed on as asked: the session's providers are checked after it is made.
+    explicit = provider_options(torch.device("cuda"), [CPU_EP], preference=(CUDA_EP,))
+    assert [name for name, _ in explicit] == [CUDA_EP, CPU_EP]
+    assert provider_options(torch.device("cuda"), available, preference=(CPU_EP,)) == [(CPU_EP, {})]  # as asked
     with pytest.raises(ConfigError, match="onnx_providers \\['OpenVINOExecutionProvider'\\] are not among"):
         provider_options(torch.device("cuda"), available, preference=("OpenVINOExecutionProvider",))
+
+
+def test_a_session_without_its_requested_gpu_provider_is_refused(graphs, monkeypatch: pytest.MonkeyPatch) -> None:
+    """onnxruntime's CPU build has no CUDA provider: asked for it, ONNX Runtime makes a CPU session (and only warns);
+    the backend refuses it, naming what was requested and what was obtained."""
+    import onnxruntime
+
+    assert CUDA_EP not in onnxruntime.get_available_providers()
+    path, _ = graphs["decoder16"]
+    with pytest.warns(UserWarning, match="CUDAExecutionProvider"), pytest.raises(BackendUnavailable, match=(
+        r"ONNX Runtime did not load CUDAExecutionProvider for decoder16: requested CUDAExecutionProvider, "
+        r"CPUExecutionProvider, obtained CPUExecutionProvider"
+    )):
+        OrtSession(path, torch.device("cuda"), providers=(CUDA_EP,), cuda=FakeCuda())
+    # The TensorRT provider too, and its builder workspace comes from the GPU's free memory (20 GiB free -> 10).
+    made = []
+    real = onnxruntime.InferenceSession
+
+    def recording(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        made.append(kwargs["providers"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", recording)
+    with pytest.warns(UserWarning), pytest.raises(BackendUnavailable, match="did not load TensorrtExecutionProvider"):
+        OrtSession(path, torch.device("cuda"), providers=(TENSORRT_EP,), cuda=FakeCuda(free_bytes=20 << 30))
+    assert made[0][0][0] == TENSORRT_EP and made[0][0][1]["trt_max_workspace_size"] == 10 << 30
+    cpu = OrtSession(path, CPU, providers=(CUDA_EP,))  # on the CPU device the preference does not apply
+    assert cpu.providers == [CPU_EP] and cpu.run({"latents": torch.randn(1, 4, 8, 8)}).shape == (1, 3, 64, 64)
+
+
+def test_the_provider_check_itself(caplog: pytest.LogCaptureFixture) -> None:
+    both = [TENSORRT_EP, CUDA_EP, CPU_EP]
+    check_providers(both, both, explicit=True, path="x/model.onnx")
+    check_providers([CPU_EP], [CPU_EP], explicit=False, path="x/model.onnx")  # a CPU request is always fine
+    with caplog.at_level(logging.WARNING):
+        check_providers(both, [CUDA_EP, CPU_EP], explicit=False, path="unet-onnx-1/model.onnx")
+    assert "did not load TensorrtExecutionProvider for unet-onnx-1 (obtained CUDAExecutionProvider" in caplog.text
+    with pytest.raises(BackendUnavailable, match="did not load TensorrtExecutionProvider"):
+        check_providers(both, [CUDA_EP, CPU_EP], explicit=True, path="unet-onnx-1/model.onnx")
+    with pytest.raises(BackendUnavailable, match="did not load TensorrtExecutionProvider, CUDAExecutionProvider"):
+        check_providers(both, [CPU_EP], explicit=False, path="unet-onnx-1/model.onnx")
 
 
 def test_a_bound_gpu_run_is_ordered_after_torchs_stream_and_before_its_next_work(graphs) -> None:
@@ -166,7 +218,7 @@ def test_factory_gives_a_float16_model_float16_graphs_and_the_tensorrt_provider_
     assert unet["graph_dtype"] == torch.float16 and unet["providers"] == (CUDA_EP,)
     assert unet["tensorrt_cache"] == tmp_path / ORT_TENSORRT_CACHE
     sample = unet["profile"][0]
-    assert (sample.name, sample.min[0], sample.opt[0], sample.max[0]) == ("sample", 1, 4, 12)
+    assert (sample.name, sample.min[0], sample.opt[0], sample.max[0]) == ("sample", 1, 12, 12)  # tuned: full
     assert session[Component.VAE_DECODER]["profile"][0].max[0] == 4  # one frame per stream at most
     cpu_keys = {s.component: s.key for s in plan_builds(BackendKind.ONNXRUNTIME, tiny_model, shapes, options,
                                                          EngineCache(tmp_path))}

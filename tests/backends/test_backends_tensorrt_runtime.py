@@ -129,8 +129,62 @@ def test_a_failed_capture_falls_back_to_running_without_graphs(
         for seed in range(4):
             inputs = _inputs(2, seed=seed)
             _close(unet(*inputs), inputs)
-    assert "CUDA graph capture of TensorRT engine unet-tensorrt failed" in caplog.text
-    assert not unet.engine.cuda_graph and fake_trt.cuda.graphs == [] and len(fake_trt.runs) == 4
+    assert caplog.text.count("CUDA graph capture of TensorRT engine unet-tensorrt failed") == 1  # logged once
+    assert unet.engine.uncaptured == {((2, 4, 8, 8), (2,), (2, 77, 64))}
+    assert fake_trt.cuda.graphs == [] and len(fake_trt.runs) == 4 and unet.engine.failed is None
+
+
+def test_an_enqueue_refused_while_capturing_leaves_that_shape_uncaptured(
+    fake_trt, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``execute_async_v3`` returning False during capture (an engine a graph cannot hold, at one shape) fails
+    neither that call nor the batch: the shape runs directly from then on, the other shapes keep their graphs."""
+    from fake_tensorrt import ExecutionContext
+
+    real = ExecutionContext.execute_async_v3
+
+    def refuse_batch_3_in_capture(self, handle: int) -> bool:  # noqa: ANN001
+        if fake_trt.cuda.capturing is not None and self.shapes["sample"][0] == 3:
+            return False
+        return real(self, handle)
+
+    monkeypatch.setattr(ExecutionContext, "execute_async_v3", refuse_batch_3_in_capture)
+    unet = _unet(tmp_path, fake_trt, cuda_graph=True)
+    with caplog.at_level(logging.WARNING):
+        for call in range(4):
+            for batch in (2, 3):
+                inputs = _inputs(batch, seed=10 * call + batch)
+                _close(unet(*inputs), inputs)  # every call right, the capture calls too
+    engine = unet.engine
+    assert engine.uncaptured == {((3, 4, 8, 8), (3,), (3, 77, 64))} and engine.failed is None
+    assert caplog.text.count("CUDA graph capture of TensorRT engine unet-tensorrt failed for inputs ((3, 4, 8, 8)") == 1
+    assert "execute_async_v3 failed" in caplog.text
+    slots = {shapes[0][0]: slot for shapes, slot in engine.slots.items()}
+    assert slots[3].graph is None and slots[3].calls == 4  # every call of batch 3 ran directly
+    assert slots[2].graph is not None and slots[2].graph.replays == 2  # batch 2 captured on call 2, replayed after
+
+
+def test_a_failed_replay_runs_the_call_directly_and_stops_graphs_for_that_shape(
+    fake_trt, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    unet = _unet(tmp_path, fake_trt, cuda_graph=True)
+    for seed in range(2):
+        inputs = _inputs(2, seed=seed)
+        _close(unet(*inputs), inputs)
+    (graph,) = fake_trt.cuda.graphs
+    real_replay = fake_trt.cuda.replay
+
+    def failing_replay(replayed) -> None:  # noqa: ANN001
+        raise RuntimeError("cudaGraphLaunch: an illegal memory access")
+
+    fake_trt.cuda.replay = failing_replay
+    with caplog.at_level(logging.WARNING):
+        for seed in range(2, 5):
+            inputs = _inputs(2, seed=seed)
+            _close(unet(*inputs), inputs)
+    fake_trt.cuda.replay = real_replay
+    assert graph.released and len(fake_trt.cuda.graphs) == 1  # released, never captured again
+    assert caplog.text.count("CUDA graph replay of TensorRT engine unet-tensorrt failed") == 1
 
 
 def test_vae_engines_encode_and_decode(fake_trt, tmp_path: Path) -> None:
