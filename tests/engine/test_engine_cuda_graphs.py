@@ -207,3 +207,23 @@ def test_a_graphed_call_keeps_at_most_max_shapes_graphs() -> None:
     out = call(torch.ones(2))
     out.fill_(0)  # the caller owns what it gets: the static output is not handed out
     assert torch.equal(call(torch.ones(2)), torch.full((2,), 3.0))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_graphed_float16_equals_eager_float16_on_a_gpu(frames) -> None:
+    """The real seam (never run where this was written): graphs on by default for torch on CUDA in float16, and
+    their frames equal the eager float16 frames within PSNR ≥ 40 dB (issue 17)."""
+    from streamdiff import load_model
+
+    model = load_model("tiny-random", device="cuda", dtype="float16")
+    graphed = StreamEngine(model, EngineConfig(max_streams=4, max_batch_rows=32))
+    assert graphed.graphs is not None and torch.backends.cudnn.benchmark
+    got = run(graphed, frames)
+    expected = run(StreamEngine(model, EngineConfig(max_streams=4, max_batch_rows=32, cuda_graphs=False)), frames)
+    assert [sorted(t) for t in got] == [sorted(t) for t in expected]
+    for g, e in zip(got, expected):
+        for name in e:
+            mse = float(((g[name][1] - e[name][1]) ** 2).mean())
+            assert mse == 0 or 10 * torch.log10(torch.tensor(1 / mse)) >= 40, (name, mse)
+    assert all(call.captures and call.replays > call.captures for call in graphed.graphs.calls())
