@@ -1,7 +1,8 @@
 """The torch CUDA calls of the GPU backends, behind one small seam.
 
-:class:`TorchCuda` is what the TensorRT runtime and ONNX Runtime's CUDA path use: streams, ordering between
-streams, allocation, CUDA-graph capture and replay, and the device's name. Tests replace it with a CPU fake
+:class:`TorchCuda` is what the TensorRT runtime, ONNX Runtime's CUDA path and the torch backend's CUDA graphs
+(:mod:`.cuda_graphs`) use: streams, ordering between streams, allocation, CUDA-graph capture and replay, the
+engine tick's one device→host copy, and the device's name. Tests replace it with a CPU fake
 (``tests/backends/fake_cuda.py``) so the runtimes' bookkeeping — which buffers exist, what is bound where, when a
 graph is captured, replayed or freed — runs without a GPU. Nothing here is called on the CPU path.
 """
@@ -46,6 +47,13 @@ class TorchCuda:
         with torch.cuda.graph(graph, stream=stream):
             enqueue()
         return graph
+
+    def to_host(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` copied into pinned host memory, waited for: ONE copy and ONE stream synchronisation."""
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        host.copy_(tensor, non_blocking=True)
+        torch.cuda.current_stream(tensor.device).synchronize()
+        return host
 
     def replay(self, graph: Any) -> None:
         graph.replay()

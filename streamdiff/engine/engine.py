@@ -35,6 +35,8 @@ import numpy as np
 import torch
 
 from ..backends.base import UNetEngine, VaeEngine
+from ..backends.cuda_graphs import CudaGraphs, tune_torch_cuda
+from ..backends.cuda_ops import DEFAULT_CUDA
 from ..backends.keys import EngineOptions, EngineShapes, tuned_size
 from ..config import BackendKind, PromptConfig, StreamConfig, check_int
 from ..core.schedule import slot_coefficients
@@ -60,7 +62,8 @@ class StreamEngine:
 
     ``unet``/``vae``: engines to use instead of the backend's (tests, benchmarks); ``backend`` and
     ``engine_options`` choose and configure the backend's own (compiled ones are built for the shapes streams
-    need, from the engine cache, when a stream first needs them).
+    need, from the engine cache, when a stream first needs them). ``cuda``: the CUDA seam
+    (:class:`~streamdiff.backends.cuda_ops.TorchCuda`; tests pass a CPU fake).
     """
 
     def __init__(
@@ -72,6 +75,7 @@ class StreamEngine:
         vae: VaeEngine | None = None,
         backend: BackendKind | str = BackendKind.TORCH,
         engine_options: EngineOptions | None = None,
+        cuda: Any = None,
     ) -> None:
         from ..backends.factory import resolve_backend
 
@@ -91,8 +95,10 @@ class StreamEngine:
         self.stats = EngineStats()
         self.states = StateBuilder(model, self.prompts, self.prepare_backends)
         self._inbox = Inbox()  # the one way in: clients' messages
+        self.graphs = self._cuda_graphs(cuda)
+        on_cuda = model.device.type == "cuda" or cuda is not None
         self.executor = Executor(model, self._backends, self.stats.record_call, self.batch_vae, self._take_inputs,
-                                 self._fail)
+                                 self._fail, to_host=(cuda or DEFAULT_CUDA).to_host if on_cuda else torch.Tensor.cpu)
         self._records: dict[int, StreamRecord] = {}  # open streams, by id: only the thread that runs ticks
         self._ids = itertools.count(1)
         self._life = threading.Lock()  # start/stop
@@ -432,11 +438,30 @@ class StreamEngine:
         unet, vae = create_engines(self.backend, self.model, shapes, options, max_shapes=self.config.max_shapes)
         self.unet = given_unet or unet
         self.vae = given_vae or vae
+        if self.backend is BackendKind.TORCH and self.model.device.type == "cuda":
+            tune_torch_cuda(self.unet, self.vae)
         self._backend_shapes, self._backend_artifacts = shapes, artifacts
 
     def _backends(self) -> tuple[UNetEngine, VaeEngine]:
         assert self.unet is not None and self.vae is not None, "no stream has opened yet"
+        if self.graphs is not None:
+            return self.graphs.engines(self.unet, self.vae)
         return self.unet, self.vae
+
+    def _cuda_graphs(self, cuda: Any) -> CudaGraphs | None:
+        """The CUDA graphs of the torch backend's calls, when ``EngineConfig.cuda_graphs`` asks (None: torch on CUDA
+        in float16); see :mod:`streamdiff.backends.cuda_graphs`."""
+        wanted = self.config.cuda_graphs
+        if wanted is None:
+            wanted = (self.backend is BackendKind.TORCH and self.model.device.type == "cuda"
+                      and self.model.dtype == torch.float16 and not self.options.compile)
+        if not wanted:
+            return None
+        if self.backend is not BackendKind.TORCH:
+            raise ConfigError(f"cuda_graphs=True is for the torch backend, not {self.backend.value}; TensorRT has "
+                              "its own (EngineOptions(cuda_graph=True))", field="cuda_graphs", value=True,
+                              allowed="True with backend torch")
+        return CudaGraphs(self.model.device, cuda, self.config.max_shapes)
 
 
 def _split_group(frame: Any, frames: int) -> list[Any]:

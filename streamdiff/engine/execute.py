@@ -35,7 +35,9 @@ class Executor:
 
     The streams are the engine's :class:`~.records.StreamRecord` s. ``backends()`` gives the current (U-Net, VAE)
     engines; ``record_call(rows, padding)`` counts U-Net calls; ``take_inputs(stream, n)`` takes a stream's oldest
-    ``n`` input frames (fewer at the end of input); ``fail(stream, error)`` ends one stream.
+    ``n`` input frames (fewer at the end of input); ``fail(stream, error)`` ends one stream. ``to_host(tensor)``
+    copies one device tensor to the host: the tick's ONE host synchronisation (every decoded frame of the tick
+    travels in that one copy; see :meth:`_finish`).
     """
 
     def __init__(
@@ -46,6 +48,7 @@ class Executor:
         batch_vae: bool,
         take_inputs: Callable[[StreamRecord, int], list[InputFrame]],
         fail: Callable[[StreamRecord, BaseException], None],
+        to_host: Callable[[torch.Tensor], torch.Tensor] = torch.Tensor.cpu,
     ) -> None:
         self.model = model
         self.backends = backends
@@ -53,6 +56,7 @@ class Executor:
         self.batch_vae = batch_vae
         self._take_inputs = take_inputs
         self._fail = fail
+        self._to_host = to_host
 
     def run(self, calls: list[list[StreamRecord]]) -> dict[StreamRecord, StreamOutput]:
         """Execute a tick: ``calls`` lists the streams of each U-Net call (one per bucket). Their outputs."""
@@ -150,15 +154,22 @@ class Executor:
             else:
                 leaving.append((stream, x0, ids))
         decoded = self._vae_calls("decode", [x0 for _, x0, _ in leaving], [s for s, _, _ in leaving])
-        for (stream, _, ids), images in zip(leaving, decoded):
-            if images is None:
-                continue
-            images = from_model_range(images).float().cpu()
+        done = [(stream, ids, from_model_range(images).float())
+                for (stream, _, ids), images in zip(leaving, decoded) if images is not None]
+        for (stream, ids, _), images in zip(done, self._host([images for _, _, images in done])):
             state = stream.state
             state.last_output = images
             output = _output(images, ids, state.version)
             stream.stats.frames_out += len(output.frame_ids)
             outputs[stream] = output
+
+    def _host(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``tensors`` on the host, in ONE device→host copy: flattened into one buffer, copied, split on the host."""
+        if not tensors:
+            return []
+        flat = torch.cat([t.reshape(-1) for t in tensors])  # [sum of numel]
+        host = self._to_host(flat)
+        return [part.view(t.shape) for part, t in zip(torch.split(host, [t.numel() for t in tensors]), tensors)]
 
     def _vae_calls(self, method: str, inputs: list[torch.Tensor], streams: list[StreamRecord]
                    ) -> list[torch.Tensor | None]:

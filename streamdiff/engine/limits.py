@@ -18,7 +18,9 @@ class EngineConfig:
     no less per frame than single frames, measured). ``prompt_cache``: prompt embeddings kept. ``sizes``: the
     only frame sizes (width, height) streams may use (None: every size the model and backend run; see
     :mod:`.shapes`). ``max_shapes``: frame sizes whose compiled per-shape state (kernels, buffers, arenas) a
-    backend keeps; the least recently used one is released beyond it.
+    backend keeps; the least recently used one is released beyond it (also the CUDA graphs kept per engine call).
+    ``cuda_graphs``: the torch backend's U-Net and VAE calls replay a CUDA graph per input shape
+    (:mod:`streamdiff.backends.cuda_graphs`); None: on for the torch backend on CUDA in float16, off elsewhere.
     """
 
     max_streams: int = 8
@@ -27,12 +29,14 @@ class EngineConfig:
     prompt_cache: int = 64
     sizes: tuple[tuple[int, int], ...] | None = None
     max_shapes: int = 8
+    cuda_graphs: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_streams", "max_batch_rows", "prompt_cache", "max_shapes"):
             object.__setattr__(self, name, check_int(name, getattr(self, name), 1))
-        if self.batch_vae is not None:
-            check_bool("batch_vae", self.batch_vae)
+        for name in ("batch_vae", "cuda_graphs"):
+            if getattr(self, name) is not None:
+                check_bool(name, getattr(self, name))
         if self.sizes is not None:
             if isinstance(self.sizes, (str, bytes)) or not hasattr(self.sizes, "__iter__"):
                 raise ConfigError(f"sizes={self.sizes!r} must be a list of sizes (512, '320x240', (w, h))",

@@ -1,0 +1,198 @@
+"""CUDA graphs for the eager torch backend: each U-Net and VAE call replayed from a graph captured per shape.
+
+:class:`GraphedCall` wraps one engine call (``unet(sample, timestep, embeddings)``, ``vae.encode``, ``vae.decode``).
+The first call with a new input signature (shapes and dtypes: batch rows, size, cfg layout all show there) allocates
+static input buffers, warms the call up :data:`WARMUP` times on a side stream (cuDNN autotuning, lazy inits and the
+allocator settle there, outside the capture), captures it into a CUDA graph whose last op copies the result into a
+static output buffer, and replays it. Every later call with that signature copies its inputs into the static buffers,
+replays the graph and returns a copy of the static output (a device→device copy: the caller may keep it while the
+graph runs again). At most ``max_shapes`` graphs are kept; the least recently used one is released beyond that.
+A capture that raises is logged once and that signature runs eagerly from then on (it is not retried every tick).
+
+Everything device-specific goes through the :mod:`.cuda_ops` seam, so the bookkeeping — what is captured, refilled,
+replayed and released — is tested on the CPU with a fake whose "graph" is the recorded callable.
+
+What is NOT captured: the step arithmetic between the calls (:mod:`streamdiff.core.step`, small elementwise kernels
+that read live host scalars such as the guidance scale) and the batch assembly; see docs/engines.md.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from .base import recover
+from .cuda_ops import DEFAULT_CUDA
+from .torch_backend import TorchUNet, TorchVae
+
+logger = logging.getLogger(__name__)
+
+WARMUP = 2  # eager runs on a side stream before a capture (what torch's docs ask for)
+
+Signature = tuple[tuple[tuple[int, ...], torch.dtype], ...]
+
+
+@dataclass(eq=False)
+class Captured:
+    """One captured call: its graph and the static buffers it reads and writes."""
+
+    graph: Any
+    inputs: list[torch.Tensor]
+    output: torch.Tensor
+
+
+class GraphedCall:
+    """``fn(*inputs)`` replayed from a CUDA graph per input signature; see the module docstring.
+
+    ``captures``/``replays``/``evictions`` count what happened (tests, logs); ``eager`` holds the signatures whose
+    capture failed.
+    """
+
+    def __init__(self, fn: Callable[..., torch.Tensor], name: str, device: torch.device, cuda: Any = None,
+                 max_shapes: int = 8) -> None:
+        self.fn = fn
+        self.name = name
+        self.device = device
+        self.cuda = cuda or DEFAULT_CUDA
+        self.max_shapes = max_shapes
+        self.graphs: OrderedDict[Signature, Captured] = OrderedDict()
+        self.eager: set[Signature] = set()
+        self.captures = self.replays = self.evictions = 0
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        key: Signature = tuple((tuple(x.shape), x.dtype) for x in inputs)
+        if key in self.eager:
+            return self.fn(*inputs)
+        captured = self.graphs.get(key)
+        if captured is None:
+            captured = self._capture(key, inputs)
+            if captured is None:
+                return self.fn(*inputs)
+        else:
+            self.graphs.move_to_end(key)
+            for static, x in zip(captured.inputs, inputs):
+                static.copy_(x)
+        self.cuda.replay(captured.graph)
+        self.replays += 1
+        return captured.output.clone()
+
+    def _capture(self, key: Signature, inputs: tuple[torch.Tensor, ...]) -> Captured | None:
+        """Warm up and capture ``fn`` for ``key``'s shapes (static inputs filled with ``inputs``); None if the
+        capture fails. A warm-up that fails raises: that is the call's own error (the executor finds its stream)."""
+        while len(self.graphs) >= self.max_shapes:
+            self.release_oldest()
+        cuda = self.cuda
+        static = [cuda.empty(tuple(x.shape), x.dtype, self.device) for x in inputs]
+        for buffer, x in zip(static, inputs):
+            buffer.copy_(x)
+        side, current = cuda.new_stream(self.device), cuda.current_stream(self.device)
+        cuda.wait(side, current)
+        with cuda.use(side):
+            for _ in range(WARMUP):
+                out = self.fn(*static)
+        cuda.wait(current, side)
+        output = cuda.empty(tuple(out.shape), out.dtype, self.device)
+        try:
+            graph = cuda.capture(side, lambda: output.copy_(self.fn(*static)))
+        except Exception as error:  # noqa: BLE001 - not capturable: this shape runs eagerly, logged once
+            self.eager.add(key)
+            logger.warning("CUDA graph capture of the %s for %s failed (%s: %s); that shape runs eagerly",
+                           self.name, [shape for shape, _ in key], type(error).__name__, error)
+            return None
+        captured = Captured(graph, static, output)
+        self.graphs[key] = captured
+        self.captures += 1
+        logger.info("captured a CUDA graph of the %s for %s", self.name, [shape for shape, _ in key])
+        return captured
+
+    def release_oldest(self) -> None:
+        _, captured = self.graphs.popitem(last=False)
+        self.cuda.release(captured.graph)
+        self.evictions += 1
+
+    def release(self) -> None:
+        """Release every graph (the engines are being replaced)."""
+        while self.graphs:
+            self.release_oldest()
+
+
+class GraphedUNet:
+    """A U-Net engine whose calls replay CUDA graphs; other attributes are the wrapped engine's."""
+
+    def __init__(self, unet: Any, device: torch.device, cuda: Any = None, max_shapes: int = 8) -> None:
+        self.inner = unet
+        self.call = GraphedCall(unet, "U-Net", device, cuda, max_shapes)
+
+    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+                 ) -> torch.Tensor:
+        return self.call(sample, timestep, encoder_hidden_states)
+
+    def recover(self) -> None:
+        recover(self.inner)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+class GraphedVae:
+    """A VAE engine whose encode and decode calls replay CUDA graphs; other attributes are the wrapped engine's."""
+
+    def __init__(self, vae: Any, device: torch.device, cuda: Any = None, max_shapes: int = 8) -> None:
+        self.inner = vae
+        self.encode = GraphedCall(vae.encode, "VAE encoder", device, cuda, max_shapes)
+        self.decode = GraphedCall(vae.decode, "VAE decoder", device, cuda, max_shapes)
+
+    def recover(self) -> None:
+        recover(self.inner)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+class CudaGraphs:
+    """The graphed engines of a :class:`~streamdiff.engine.StreamEngine`: wraps the current (U-Net, VAE) once and
+    wraps again (releasing the old graphs) when the engine's backends are replaced."""
+
+    def __init__(self, device: torch.device, cuda: Any = None, max_shapes: int = 8) -> None:
+        self.device, self.cuda, self.max_shapes = device, cuda or DEFAULT_CUDA, max_shapes
+        self._inner: tuple[Any, Any] | None = None
+        self._graphed: tuple[GraphedUNet, GraphedVae] | None = None
+
+    def engines(self, unet: Any, vae: Any) -> tuple[GraphedUNet, GraphedVae]:
+        if self._graphed is None or self._inner is None or self._inner[0] is not unet or self._inner[1] is not vae:
+            self.release()
+            self._inner = (unet, vae)
+            self._graphed = (GraphedUNet(unet, self.device, self.cuda, self.max_shapes),
+                             GraphedVae(vae, self.device, self.cuda, self.max_shapes))
+        return self._graphed
+
+    def calls(self) -> list[GraphedCall]:
+        """The graphed calls (U-Net, encode, decode), empty before the first tick."""
+        if self._graphed is None:
+            return []
+        unet, vae = self._graphed
+        return [unet.call, vae.encode, vae.decode]
+
+    def release(self) -> None:
+        for call in self.calls():
+            call.release()
+        self._inner = self._graphed = None
+
+
+def tune_torch_cuda(unet: Any, vae: Any) -> None:
+    """The torch CUDA path's settings: cuDNN autotuning and channels-last eager engines (fp16 is the model's dtype).
+
+    Attention needs nothing: diffusers (≥ 0.20; verified on 0.42) gives every ``Attention`` the SDPA processor
+    (``AttnProcessor2_0``) when ``torch.nn.functional.scaled_dot_product_attention`` exists.
+    """
+    torch.backends.cudnn.benchmark = True
+    if isinstance(unet, TorchUNet) and not unet.channels_last:
+        unet.channels_last = True
+        unet.unet.to(memory_format=torch.channels_last)
+    if isinstance(vae, TorchVae) and not vae.channels_last:
+        vae.channels_last = True
+        vae.vae.to(memory_format=torch.channels_last)
