@@ -52,7 +52,7 @@ with their profiles; in a dry run the exported float16 graphs),
 ``phases`` (seconds per phase), ``builds`` (model, backend, seconds, status, first_warmup_seconds: the first case's
 warm-up, where ONNX Runtime's TensorRT provider builds its engines and torch.compile compiles), ``results`` (one per
 model × backend × steps × streams: fps, fps_per_stream, tick_ms_p50/p95, latency_ms_p50/p95, warmup_seconds,
-gpu_mem_peak_mb, gpu_mem_used_mb, tflops, peak_share, psnr_db, psnr_ok, unet_calls_per_tick, status, error; status
+gpu_mem_peak_mb (torch's allocator), gpu_mem_used_mb (device-wide, sampled), gpu_mem_outside_torch_mb, tflops, peak_share, psnr_db, psnr_ok, unet_calls_per_tick, status, error; status
 is ``ok``, ``failed``, ``skipped: time budget`` or ``cut: deadline``) and ``failures``. The exit status is 0 when
 every case that ran matched the reference and nothing failed; cut and not-installed items are not failures.
 
@@ -333,8 +333,12 @@ def run_case(engine: Any, size: int, steps: int, streams: int, ticks: int, devic
     tick_seconds: list[float] = []
     calls_before = engine.stats.unet_calls
     rows_before = engine.stats.unet_rows + engine.stats.padded_rows
+    memory = []  # device-wide samples (TensorRT's and ONNX Runtime's allocations count too)
     if device.type == "cuda":
+        from streamdiff.backends.device import gpu_memory
+
         torch.cuda.reset_peak_memory_stats(device)
+        memory.append(gpu_memory(device))
     warmup_started = time.perf_counter()
     for tick in range(warmup + ticks):
         feed = {h: frames[i][tick] for i, h in enumerate(handles)}
@@ -346,6 +350,8 @@ def run_case(engine: Any, size: int, steps: int, streams: int, ticks: int, devic
             warmup_seconds = time.perf_counter() - warmup_started
             calls_before = engine.stats.unet_calls
             rows_before = engine.stats.unet_rows + engine.stats.padded_rows
+            if memory:
+                memory.append(gpu_memory(device))
         if tick >= warmup:
             tick_seconds.append(time.perf_counter() - started)
         for i, handle in enumerate(handles):
@@ -365,10 +371,11 @@ def run_case(engine: Any, size: int, steps: int, streams: int, ticks: int, devic
         "unet_rows": engine.stats.unet_rows + engine.stats.padded_rows - rows_before, "seconds": total,
         "warmup_seconds": warmup_seconds,
     }
-    if device.type == "cuda":
-        free, total_memory = torch.cuda.mem_get_info(device)
-        result["gpu_mem_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-        result["gpu_mem_used_mb"] = (total_memory - free) / 2**20
+    if memory:  # the driver keeps no device-wide peak: the largest of the samples (start, after warm-up, end)
+        memory.append(gpu_memory(device))
+        result["gpu_mem_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20  # torch's allocator only
+        result["gpu_mem_used_mb"] = max(m.used for m in memory) / 2**20
+        result["gpu_mem_outside_torch_mb"] = max(m.outside_torch for m in memory) / 2**20
     return {"metrics": result, "outputs": outputs}
 
 
@@ -487,7 +494,13 @@ def check_backend(model: CheckModel, backend: str, device: torch.device, args: a
                 continue
             progress.start(model=model.name, backend=backend, steps=steps, streams=streams, phase="case")
             try:
-                case = run_case(engine, args.size, steps, streams, args.ticks, device)
+                if backend == "torch-fp32":  # the reference is true float32: TF32 off for matmuls and cuDNN
+                    from streamdiff.backends.device import strict_float32
+
+                    with strict_float32():
+                        case = run_case(engine, args.size, steps, streams, args.ticks, device)
+                else:
+                    case = run_case(engine, args.size, steps, streams, args.ticks, device)
             except Exception as error:  # noqa: BLE001
                 logger.exception("%s failed", row)
                 row.update(status="failed", error=f"{type(error).__name__}: {error}")
