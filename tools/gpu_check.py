@@ -52,7 +52,8 @@ with their profiles; in a dry run the exported float16 graphs),
 ``phases`` (seconds per phase), ``builds`` (model, backend, seconds, status, first_warmup_seconds: the first case's
 warm-up, where ONNX Runtime's TensorRT provider builds its engines and torch.compile compiles), ``results`` (one per
 model × backend × steps × streams: fps, fps_per_stream, tick_ms_p50/p95, latency_ms_p50/p95, warmup_seconds,
-gpu_mem_peak_mb (torch's allocator), gpu_mem_used_mb (device-wide, sampled), gpu_mem_outside_torch_mb, tflops, peak_share, psnr_db, psnr_ok, unet_calls_per_tick, status, error; status
+gpu_mem_peak_mb (torch's allocator), gpu_mem_used_mb (device-wide, sampled), gpu_mem_outside_torch_mb, tflops,
+peak_share, psnr_db, psnr_ok, unet_calls_per_tick, status, error; status
 is ``ok``, ``failed``, ``skipped: time budget`` or ``cut: deadline``) and ``failures``. The exit status is 0 when
 every case that ran matched the reference and nothing failed; cut and not-installed items are not failures.
 
