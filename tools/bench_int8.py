@@ -5,6 +5,7 @@ Usage::
     python tools/bench_int8.py                          # tiny model, 256², 2 threads, 5 interleaved rounds
     python tools/bench_int8.py --model sd21 --rounds 5 --calls 2    # SD-2.1-size U-Net, random weights (minutes)
     python tools/bench_int8.py --profile --json
+    python tools/bench_int8.py --profile-blobs engines/unet-openvino-*/model.blob   # profile only, no model loaded
 
 Both configurations are StreamPipelines on the same loaded model (float32 unless ``--dtype``), fed the same moving
 frames (``pipe.step``), timed in interleaved rounds (``run_interleaved``); PSNR compares the int8 engine's output
@@ -82,9 +83,19 @@ def main() -> int:
     parser.add_argument("--engine-dir", type=Path, default=None)
     parser.add_argument("--profile", action="store_true", help="per-op profile of each compiled model")
     parser.add_argument("--profile-calls", type=int, default=5)
+    parser.add_argument("--profile-blobs", nargs="+", type=Path, metavar="BLOB",
+                        help="only profile these compiled models (engine cache entries' model.blob), loading no model")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.profile_blobs:
+        dtype = getattr(torch, args.dtype)
+        blobs = {str(path): profile(path, dtype, args.profile_calls) for path in args.profile_blobs}
+        for name, ms in blobs.items():
+            print_profile(name, ms)
+        if args.json:
+            print(json.dumps({"command": "tools/bench_int8.py", "profiles_ms": blobs}, indent=2))
+        return 0
     torch.set_num_threads(args.threads)
     model = load(args.model, args.dtype)
     config = StreamConfig(width=args.size, height=args.size, t_index_list=(25, 37), cfg_type="self")
