@@ -16,7 +16,9 @@ from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 from ..config import CfgMode, parse_int_list, parse_size
 from ..errors import ConfigError
-from ..options import BACKENDS, DTYPES, MODEL_DEFAULTS, QUANTIZATIONS, PROMPT_DEFAULTS, STREAM_DEFAULTS, output_size_value, parse_lora
+from ..options import (
+    BACKENDS, DTYPES, MODEL_DEFAULTS, PROMPT_DEFAULTS, QUANTIZATIONS, STREAM_DEFAULTS, output_size_value, parse_lora,
+)
 
 T = TypeVar("T")
 

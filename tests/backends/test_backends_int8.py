@@ -40,7 +40,8 @@ def test_int8_weights_frames_are_close_to_float_and_only_the_unet_holds_int8(tin
     pytest.importorskip("nncf")
     from streamdiff.backends.openvino_backend import weight_precisions
 
-    float_pipe = StreamPipeline(tiny_model, CONFIG, backend="openvino", engine_options=EngineOptions(engine_dir=tmp_path))
+    float_pipe = StreamPipeline(tiny_model, CONFIG, backend="openvino",
+                                engine_options=EngineOptions(engine_dir=tmp_path))
     int8_pipe = StreamPipeline(tiny_model, CONFIG, backend="openvino",
                                engine_options=EngineOptions(engine_dir=tmp_path, quantize="int8-weights"))
     assert int8_pipe.engine.options.quantize is Quantization.INT8_WEIGHTS
