@@ -11,7 +11,7 @@ Public API::
 from __future__ import annotations
 
 from ._version import __version__
-from .config import BackendKind, CfgMode, FilterConfig, Precision, PromptConfig, StreamConfig, StreamMode
+from .config import BackendKind, CfgMode, FilterConfig, Precision, PromptConfig, Quantization, StreamConfig, StreamMode
 from .errors import (
     BackendUnavailable,
     ConfigError,
@@ -45,6 +45,7 @@ __all__ = [
     "Precision",
     "PromptConfig",
     "ProtocolError",
+    "Quantization",
     "SinkError",
     "SourceError",
     "Stream",

@@ -48,6 +48,17 @@ class Precision(str, enum.Enum):
     FLOAT16 = "float16"
 
 
+class Quantization(str, enum.Enum):
+    """Weight quantisation of a compiled U-Net (opt-in; the VAE is never quantised).
+
+    ``INT8_WEIGHTS``: NNCF's int8 weight-only compression (asymmetric, per output channel) of the OpenVINO U-Net;
+    activations keep the model's precision. PSNR against the float engine: docs/engines.md.
+    """
+
+    NONE = "none"
+    INT8_WEIGHTS = "int8-weights"
+
+
 class BackendKind(str, enum.Enum):
     """Which engine runs the U-Net and the VAE."""
 

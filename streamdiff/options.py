@@ -31,6 +31,7 @@ from .config import (
     FilterConfig,
     Precision,
     PromptConfig,
+    Quantization,
     StreamConfig,
     check_int,
     parse_int_list,
@@ -50,6 +51,7 @@ if TYPE_CHECKING:
 
 DTYPES = tuple(p.value for p in Precision)
 BACKENDS = tuple(b.value for b in BackendKind)
+QUANTIZATIONS = tuple(q.value for q in Quantization)
 DEFAULT_T_INDEX_LIST = (32, 45)
 
 # Defaults of the shared options. A command may override some (``engines build`` defaults to onnxruntime); all
@@ -59,7 +61,7 @@ MODEL_DEFAULTS: dict[str, Any] = {
 }
 ENGINE_DEFAULTS: dict[str, Any] = {
     "engine_dir": None, "compile": False, "channels_last": False, "min_resolution": None, "max_resolution": None,
-    "batch_sizes": (), "verify": True,
+    "batch_sizes": (), "verify": True, "quantize": Quantization.NONE.value,
 }
 STREAM_DEFAULTS: dict[str, Any] = {
     "size": "256x256", "t_index_list": None, "strength": None, "steps": 2, "num_inference_steps": 50,
@@ -213,7 +215,7 @@ def model_options(options: Mapping[str, Any]) -> ModelOptions:
         channels_last=options.get("channels_last", False), min_resolution=options.get("min_resolution"),
         max_resolution=options.get("max_resolution"),
         batch_sizes=parse_int_list(batch_sizes, "batch_sizes") if batch_sizes else (),
-        verify=options.get("verify", True),
+        verify=options.get("verify", True), quantize=options.get("quantize", Quantization.NONE.value),
     )
     dtype = _text(options, "dtype")
     if dtype is not None:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from ..config import BackendKind, StreamConfig
+from ..config import BackendKind, Quantization, StreamConfig
 from ..errors import missing_extra
 from .cache import CacheEntry, EngineCache
 from .keys import Component, EngineKey, EngineOptions, EngineShapes, ShapeRange, engine_key, exact_ranges, shape_range
@@ -221,14 +221,17 @@ def openvino_step(
     (a multi-stream engine's 1 … max_batch_rows rows) one model with dynamic batch and spatial axes, rather than
     one compiled copy of the weights per batch size.
     """
-    from .openvino_backend import build_blob, example_inputs, openvino_version, precision_hint
+    from .openvino_backend import build_blob, example_inputs, nncf_version, openvino_version, precision_hint
 
     exact = exact_ranges(component, shapes, options)
     static = len(exact) == 1
     shapes = exact[0] if static else shape_range(component, shapes, options, spatial_multiple(model, component))
     extra = {"precision_hint": precision_hint(model.dtype), "shapes": "static" if static else "dynamic"}
+    quantize = options.quantize if component is Component.UNET else Quantization.NONE  # the VAE stays float
     if component is Component.UNET:
         extra["time_embedding"] = "float32"
+    if quantize is not Quantization.NONE:
+        extra["quantize"] = f"{quantize.value}+nncf-{nncf_version()}"
     key = engine_key(
         model, component, shapes, backend="openvino", backend_version=openvino_version(), dtype=model.dtype,
         opset=None, device=torch.device("cpu"), extra=extra,
@@ -238,9 +241,11 @@ def openvino_step(
         spec = spec_for(model, component, torch.float32, torch.device("cpu"))
         example = example_inputs(component, spec, shapes, model.unet)
         return build_blob(component, component_module(model, component), example, model.dtype, folder, model.unet,
-                          static=static)
+                          static=static, quantize=quantize)
 
-    description = f"compile {component.value} with OpenVINO ({extra['precision_hint']}, {extra['shapes']} shapes)"
+    weights = f", {quantize.value}" if quantize is not Quantization.NONE else ""
+    description = (f"compile {component.value} with OpenVINO ({extra['precision_hint']}{weights}, {extra['shapes']} "
+                   "shapes)")
     return BuildStep(description, key, lambda: cache.get_or_build(key, build, description=description), component)
 
 

@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..config import BackendKind, to_enum
-from ..errors import BackendUnavailable, missing_extra
+from ..config import BackendKind, Quantization, to_enum
+from ..errors import BackendUnavailable, ConfigError, missing_extra
 from .base import UNetEngine, VaeEngine
 from .builders import COMPONENTS, BuildStep, plan_builds
 from .cache import EngineCache
@@ -97,6 +97,12 @@ def resolve_backend(kind: BackendKind | str, model: LoadedModel, options: Engine
     if kind is BackendKind.AUTO:
         kind, reason = choose_auto(model, options)
         logger.info("backend auto: picked %s because %s", kind.value, reason)
+    if options.quantize is not Quantization.NONE and kind is not BackendKind.OPENVINO:
+        raise ConfigError(
+            f"quantize={options.quantize.value!r} needs backend 'openvino' (the only backend with a quantised "
+            f"U-Net); the backend is {kind.value!r}. Use backend='openvino' or quantize='none'",
+            field="quantize", value=options.quantize.value, allowed="none (every backend); int8-weights (openvino)",
+        )
     if kind is BackendKind.ONNXRUNTIME and not _has_module("onnxruntime"):
         raise missing_extra("onnxruntime", "onnx")
     if kind is BackendKind.OPENVINO:
@@ -104,6 +110,8 @@ def resolve_backend(kind: BackendKind | str, model: LoadedModel, options: Engine
             raise missing_extra("openvino", "openvino")
         if model.device.type != "cpu":
             raise BackendUnavailable(f"backend 'openvino' runs on the CPU; the model is on {model.device}")
+        if options.quantize is not Quantization.NONE and not _has_module("nncf"):
+            raise missing_extra("nncf", "int8")
     if kind is BackendKind.TENSORRT:
         from .tensorrt_build import usable_tensorrt
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..config import StreamConfig, check_bool, check_int
+from ..config import Quantization, StreamConfig, check_bool, check_int, to_enum
 from ..errors import ConfigError
 from ..core.guidance import call_rows
 
@@ -60,6 +60,7 @@ class EngineOptions:
     AOTInductor-compiled U-Net (cached); ``channels_last`` applies to the eager torch backend. ``cuda_graph``:
     TensorRT engines replay a CUDA graph per input shape. ``onnx_providers``: ONNX Runtime's execution providers on
     a GPU, in order of preference (``("CUDAExecutionProvider",)``); empty means TensorRT's, then CUDA's.
+    ``quantize``: ``"int8-weights"`` compresses the OpenVINO U-Net's weights to int8 (:class:`Quantization`).
     """
 
     engine_dir: Path | str | None = None
@@ -73,8 +74,10 @@ class EngineOptions:
     verify: bool = True
     cuda_graph: bool = False
     onnx_providers: tuple[str, ...] = ()
+    quantize: Quantization | str = Quantization.NONE
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "quantize", to_enum(Quantization, self.quantize, "quantize"))
         object.__setattr__(self, "onnx_providers", tuple(self.onnx_providers))
         for name in ("compile", "channels_last", "verify", "cuda_graph"):
             check_bool(name, getattr(self, name))

@@ -27,6 +27,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from ..config import Quantization
 from ..errors import ConfigError, EngineBuildError, StreamDiffError, missing_extra
 from .keys import Component, ShapeRange
 
@@ -46,6 +47,58 @@ def import_openvino():  # noqa: ANN201 - the module
 
 def openvino_version() -> str:
     return str(import_openvino().__version__)
+
+
+def import_nncf():  # noqa: ANN201 - the module
+    try:
+        import nncf
+    except ImportError:
+        raise missing_extra("nncf", "int8") from None
+    return nncf
+
+
+def nncf_version() -> str:
+    """NNCF's version (part of a quantised engine's cache key); a missing NNCF is a clear error naming the extra."""
+    return str(import_nncf().__version__)
+
+
+def quantize_weights(model: Any, quantize: Quantization) -> Any:
+    """``model`` (an ``ov.Model``, changed in place) with its MatMul/Conv weights compressed by NNCF.
+
+    ``INT8_WEIGHTS``: int8 asymmetric, per output channel (``nncf.CompressWeightsMode.INT8_ASYM``); the CPU plugin
+    decompresses them inside its kernels, activations keep the compiled precision. No calibration data.
+    """
+    if quantize is Quantization.NONE:
+        return model
+    nncf = import_nncf()
+    with _quiet_nncf():
+        return nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+
+
+@contextlib.contextmanager
+def _quiet_nncf() -> Iterator[None]:
+    """NNCF prints a statistics table and a progress bar at INFO; keep them to our own log's level."""
+    nncf_logger = logging.getLogger("nncf")
+    level = nncf_logger.level
+    nncf_logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        nncf_logger.setLevel(level)
+
+
+def weight_precisions(compiled: Any) -> dict[str, int]:
+    """How many constants of each element type (``f32``, ``u8``…) a compiled model runs with (its runtime graph).
+
+    An int8-weights U-Net shows ``u8`` constants (its compressed weights), a float one none.
+    """
+    counts: dict[str, int] = {}
+    for op in compiled.get_runtime_model().get_ops():
+        info = op.get_rt_info()
+        if info["layerType"].astype(str) == "Const":
+            precision = info["outputPrecisions"].astype(str)
+            counts[precision] = counts.get(precision, 0) + 1
+    return counts
 
 
 def precision_hint(dtype: torch.dtype) -> str:
@@ -137,12 +190,16 @@ def build_blob(
     folder: Path,
     unet: torch.nn.Module | None = None,
     static: bool = False,
+    quantize: Quantization = Quantization.NONE,
 ) -> str:
     """Convert ``module`` (the engine-contract wrapper), compile it for the CPU and export it to ``folder``.
 
     ``example`` are float32 example inputs (the U-Net's second input is the time projection). ``static``: compiled
-    for exactly their shapes; otherwise dynamic batch and spatial axes. Returns the artifact's file name.
+    for exactly their shapes; otherwise dynamic batch and spatial axes. ``quantize``: compress the converted
+    model's weights first (:func:`quantize_weights`). Returns the artifact's file name.
     """
+    if quantize is not Quantization.NONE:
+        import_nncf()  # a missing NNCF fails before the conversion, with the extra to install
     ov = import_openvino()
     if static:
         shapes = [ov.PartialShape(list(t.shape)) for t in example]
@@ -155,6 +212,7 @@ def build_blob(
         with guard, torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             converted = ov.convert_model(graph.eval(), example_input=example, input=shapes)
+        converted = quantize_weights(converted, quantize)
         compiled = ov.Core().compile_model(converted, "CPU", compile_config(dtype))
         blob = compiled.export_model()
     except Exception as error:  # noqa: BLE001 - reported as a build failure with its cause

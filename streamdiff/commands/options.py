@@ -16,7 +16,9 @@ from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 from ..config import CfgMode, parse_int_list, parse_size
 from ..errors import ConfigError
-from ..options import BACKENDS, DTYPES, MODEL_DEFAULTS, PROMPT_DEFAULTS, STREAM_DEFAULTS, output_size_value, parse_lora
+from ..options import (
+    BACKENDS, DTYPES, MODEL_DEFAULTS, PROMPT_DEFAULTS, QUANTIZATIONS, STREAM_DEFAULTS, output_size_value, parse_lora,
+)
 
 T = TypeVar("T")
 
@@ -71,7 +73,8 @@ def add_engine_dir_option(parser: Any) -> None:
 
 
 def add_engine_options(parser: argparse.ArgumentParser) -> Any:
-    """``--engine-dir --compile --channels-last --min/max-resolution --batch-sizes --verify`` (→ EngineOptions)."""
+    """``--engine-dir --compile --channels-last --min/max-resolution --batch-sizes --verify --quantize``
+    (→ EngineOptions)."""
     group = parser.add_argument_group("engines")
     add = group.add_argument
     add_engine_dir_option(group)
@@ -85,6 +88,9 @@ def add_engine_options(parser: argparse.ArgumentParser) -> Any:
         help="extra U-Net batch sizes the engines cover")
     add("--verify", action=argparse.BooleanOptionalAction,
         help="check exported ONNX graphs against PyTorch (default on)")
+    add("--quantize", choices=QUANTIZATIONS,
+        help="openvino backend: int8-weights compresses the U-Net's weights to int8 with NNCF (needs "
+             "pip install 'streamdiff[int8]'; default none)")
     return group
 
 
