@@ -197,9 +197,13 @@ def test_a_build_cut_at_the_deadline_lists_its_cases(tools, capsys) -> None:
 
 
 # The offline box, simulated: diffusers is importable only from the --wheels-target folder (a sitecustomize hides
-# any other copy), and streamdiff is not on the path: the tool must put both there itself.
+# any other copy), and streamdiff is not installed (the sitecustomize also drops an editable install's finder and
+# path entry, as CI's venv has one): the tool must put both on the path itself.
 HIDE_DIFFUSERS = '''
 import importlib.machinery, os, sys
+
+sys.meta_path[:] = [f for f in sys.meta_path if "Editable" not in getattr(f, "__name__", type(f).__name__)]
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.environ["GPU_BOX_REPO"]]
 
 
 class HideDiffusers:
@@ -221,7 +225,7 @@ def _box_run(tmp_path: Path, args: list[str]) -> subprocess.CompletedProcess[str
     site = tmp_path / "site"
     site.mkdir(exist_ok=True)
     (site / "sitecustomize.py").write_text(HIDE_DIFFUSERS)
-    env = dict(os.environ, PYTHONPATH=str(site), GPU_BOX_WHEELS=str(tmp_path / "sd-wheels"))
+    env = dict(os.environ, PYTHONPATH=str(site), GPU_BOX_WHEELS=str(tmp_path / "sd-wheels"), GPU_BOX_REPO=str(REPO))
     return subprocess.run([sys.executable, str(TOOLS / "gpu_check.py"), *args], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)
 
