@@ -7,12 +7,31 @@ from typing import Protocol, runtime_checkable
 import torch
 
 
+# The per-row extra inputs a U-Net engine may take besides sample, timestep and hidden states, by name; each has the
+# batch as dimension 0. An engine that cannot take one of them is refused when a stream is opened, never mid-stream.
+UNET_EXTRAS = {
+    "text_embeds": "SDXL: the pooled text embedding [B, D_pool] (added condition)",
+    "time_ids": "SDXL: original size, crop and target size [B, 6] (added condition)",
+    "mid_residual": "ControlNet: the residual added to the mid block's output [B, C, h', w']",
+    # "down_residual_0", "down_residual_1", …: ControlNet residuals added to the down blocks' outputs, in order
+}
+
+
+def extra_names(extras: dict[str, torch.Tensor]) -> tuple[str, ...]:
+    """The extras' names, down-block residuals in block order."""
+    return tuple(sorted(extras, key=lambda name: (not name.startswith("down_residual_"),
+                                                  int(name.rsplit("_", 1)[1]) if name.startswith("down_residual_")
+                                                  else 0, name)))
+
+
 @runtime_checkable
 class UNetEngine(Protocol):
-    """Noise prediction: sample ``[B, C, h, w]``, timestep ``[B]`` (int64), hidden states ``[B, L, D]`` → ε."""
+    """Noise prediction: sample ``[B, C, h, w]``, timestep ``[B]`` (int64), hidden states ``[B, L, D]`` and the
+    per-row ``extras`` of :data:`UNET_EXTRAS` → the prediction ``[B, C, h, w]``."""
 
     def __call__(
-        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+        **extras: torch.Tensor,
     ) -> torch.Tensor: ...
 
 

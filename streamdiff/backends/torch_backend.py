@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from .base import extra_names
 from .onnx_export import VaeDecoder, VaeEncoder
 
 
@@ -21,12 +22,31 @@ class TorchUNet:
 
     @torch.inference_mode()
     def __call__(
-        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+        **extras: torch.Tensor,
     ) -> torch.Tensor:
         if self.channels_last:
             sample = sample.contiguous(memory_format=torch.channels_last)
-        out = self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+        out = self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False,
+                        **unet_kwargs(extras))[0]
         return out.contiguous() if self.channels_last else out
+
+
+def unet_kwargs(extras: dict[str, torch.Tensor]) -> dict[str, object]:
+    """A diffusers ``UNet2DConditionModel``'s keyword arguments for the named extras (see ``base.UNET_EXTRAS``)."""
+    kwargs: dict[str, object] = {}
+    added = {name: extras[name] for name in ("text_embeds", "time_ids") if name in extras}
+    if added:
+        kwargs["added_cond_kwargs"] = added
+    downs = [name for name in extra_names(extras) if name.startswith("down_residual_")]
+    if downs:
+        kwargs["down_block_additional_residuals"] = tuple(extras[name] for name in downs)
+    if "mid_residual" in extras:
+        kwargs["mid_block_additional_residual"] = extras["mid_residual"]
+    unknown = set(extras) - set(added) - set(downs) - {"mid_residual"}
+    if unknown:
+        raise TypeError(f"unknown U-Net extra inputs {sorted(unknown)}")
+    return kwargs
 
 
 class TorchVae:

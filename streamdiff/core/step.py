@@ -37,10 +37,11 @@ from .schedule import PredictionType, SlotCoefficients
 
 
 class UNetFn(Protocol):
-    """The noise predictor: ``[B, C, h, w]``, ``[B]``, ``[B, L, D]`` → prediction ``[B, C, h, w]``."""
+    """The noise predictor: ``[B, C, h, w]``, ``[B]``, ``[B, L, D]`` (and per-row extras) → ``[B, C, h, w]``."""
 
     def __call__(
-        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+        **extras: torch.Tensor,
     ) -> torch.Tensor: ...
 
 
@@ -73,6 +74,9 @@ class UNetRows:
     sample: torch.Tensor  # [R, C, h, w]
     timesteps: torch.Tensor  # [R] int64
     embeddings: torch.Tensor  # [R, L, D]
+    # Further per-row U-Net inputs, each with the R rows as dimension 0, by name (see backends.base.UNET_EXTRAS);
+    # batch assembly concatenates them like the three above.
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def rows(self) -> int:
@@ -314,7 +318,7 @@ class SequentialRun:
 
 
 def _call(unet: UNetFn, rows: UNetRows) -> torch.Tensor:
-    return unet(rows.sample, rows.timesteps, rows.embeddings)
+    return unet(rows.sample, rows.timesteps, rows.embeddings, **rows.extras)
 
 
 def stream_batch_step(

@@ -55,7 +55,12 @@ def assemble(parts: Sequence[UNetRows], batch_sizes: Sequence[int] | None = None
             tensors = tensors + [tensors[-1][-1:].expand(padding, *tensors[-1].shape[1:])]
         return torch.cat(tensors)
 
+    names = set(parts[0].extras)
+    if any(set(p.extras) != names for p in parts):
+        raise ConfigError(f"streams in one U-Net call must have the same extra inputs, got "
+                          f"{sorted({tuple(sorted(p.extras)) for p in parts})}")
     rows = UNetRows(
-        joined([p.sample for p in parts]), joined([p.timesteps for p in parts]), joined([p.embeddings for p in parts])
+        joined([p.sample for p in parts]), joined([p.timesteps for p in parts]), joined([p.embeddings for p in parts]),
+        {name: joined([p.extras[name] for p in parts]) for name in sorted(names)},
     )
     return Assembled(rows, spans, padding)

@@ -119,7 +119,8 @@ class Executor:
         batch_sizes = getattr(unet, "batch_sizes", None)
         try:
             assembled = assemble([rows for _, _, rows in planned], batch_sizes)
-            prediction = unet(assembled.rows.sample, assembled.rows.timesteps, assembled.rows.embeddings)
+            rows = assembled.rows
+            prediction = unet(rows.sample, rows.timesteps, rows.embeddings, **rows.extras)
             self.record_call(assembled.rows.rows - assembled.padding, assembled.padding)
             slices = assembled.split(prediction)
         except Exception as error:  # noqa: BLE001

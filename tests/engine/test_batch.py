@@ -40,3 +40,26 @@ def test_padded_size() -> None:
     assert padded_size(5, (4, 8, 16)) == 8
     with pytest.raises(ConfigError, match="a call of 17 U-Net rows exceeds the largest batch the backend has \\(16\\)"):
         padded_size(17, (4, 8, 16))
+
+
+def test_extra_inputs_are_concatenated_and_padded_like_the_rows() -> None:
+    def part(rows: int, base: float) -> UNetRows:
+        return UNetRows(torch.full((rows, 4, 2, 2), base), torch.full((rows,), int(base)),
+                        torch.full((rows, 3, 8), base), {"text_embeds": torch.arange(rows * 5.0).view(rows, 5) + base,
+                                                         "time_ids": torch.full((rows, 6), base)})
+
+    a, b = part(2, 10.0), part(1, 20.0)
+    assembled = assemble([a, b], batch_sizes=[4])
+    extras = assembled.rows.extras
+    assert sorted(extras) == ["text_embeds", "time_ids"]
+    assert torch.equal(extras["text_embeds"][:2], a.extras["text_embeds"])
+    assert torch.equal(extras["text_embeds"][2:3], b.extras["text_embeds"])
+    assert torch.equal(extras["text_embeds"][3], b.extras["text_embeds"][-1])  # padding repeats the last row
+    assert extras["time_ids"][:, 0].tolist() == [10.0, 10.0, 20.0, 20.0]
+
+
+def test_streams_with_different_extra_inputs_are_refused_in_one_call() -> None:
+    plain = UNetRows(torch.zeros(1, 4, 2, 2), torch.zeros(1), torch.zeros(1, 3, 8))
+    extra = UNetRows(torch.zeros(1, 4, 2, 2), torch.zeros(1), torch.zeros(1, 3, 8), {"mid_residual": torch.zeros(1, 8)})
+    with pytest.raises(ConfigError, match="same extra inputs"):
+        assemble([plain, extra])
