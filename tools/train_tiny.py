@@ -40,6 +40,7 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -193,12 +194,29 @@ def _images(pool: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return pool[index].float() / 255.0
 
 
+def _optimise(module: torch.nn.Module, name: str, steps: int, lr: float, weight_decay: float, warmup: int,
+              loss_at: Callable[[int], torch.Tensor], log) -> None:
+    """AdamW with warm-up and cosine decay over ``steps`` of ``loss_at(step)``; then frozen and rounded to fp16."""
+    module.train()
+    opt = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule_of(lr, steps, warmup))
+    for step in range(steps):
+        loss = loss_at(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 100 == 0 or step == steps - 1:
+            log(f"{name} step {step}: loss {loss.item():.4f}")
+    module.eval().requires_grad_(False)
+    round_fp16_(module)
+
+
 def train_vae(vae, pool: torch.Tensor, args, log) -> None:
     g = torch.Generator().manual_seed(args.seed + 50)
-    vae.train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule_of(args.vae_lr, args.vae_steps, 50))
-    for step in range(args.vae_steps):
+
+    def loss_at(step: int) -> torch.Tensor:
         images = _images(pool, torch.randint(0, len(pool), (args.batch,), generator=g))
         if step % 2 == 1:  # styled images are decoded too: the VAE must carry them
             images = apply_style(STYLES[step // 2 % len(STYLES)], images)
@@ -206,16 +224,9 @@ def train_vae(vae, pool: torch.Tensor, args, log) -> None:
         recon = (vae.decode(latents).sample + 1) / 2
         anchor = F.avg_pool2d(images, 8) * 2 - 1
         loss = (recon - images).abs().mean() + (recon - images).square().mean() * 2
-        loss = loss + 0.1 * (latents[:, :3] - anchor).square().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if step % 100 == 0 or step == args.vae_steps - 1:
-            log(f"vae step {step}: loss {loss.item():.4f}")
-    vae.eval().requires_grad_(False)
-    round_fp16_(vae)
+        return loss + 0.1 * (latents[:, :3] - anchor).square().mean()
+
+    _optimise(vae, "vae", args.vae_steps, args.vae_lr, 0.0, 50, loss_at, log)
 
 
 @torch.no_grad()
@@ -242,11 +253,9 @@ def train_unet(unet, latents: torch.Tensor, text_encoder, tokenizer, args, log) 
             return text_encoder(ids)[0]  # [N, 77, D]
         embeddings = [embed([""])] + [embed(prompts_for(s)) for s in STYLES]  # per variant: its prompts
     g = torch.Generator().manual_seed(args.seed + 100)
-    unet.train()
-    opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule_of(args.lr, args.steps, 100))
     n = args.batch
-    for step in range(args.steps):
+
+    def loss_at(step: int) -> torch.Tensor:
         index = torch.randint(0, len(latents), (n,), generator=g)
         variant = torch.randint(1, 1 + len(STYLES), (n,), generator=g)
         variant = torch.where(torch.rand(n, generator=g) < args.uncond, 0, variant)  # CFG dropout: the empty prompt
@@ -268,16 +277,9 @@ def train_unet(unet, latents: torch.Tensor, text_encoder, tokenizer, args, log) 
         t = torch.tensor([timesteps[int(i)] for i in k])
         eps = unet(x_t, t, encoder_hidden_states=cond).sample
         x0 = c_out * (x_t - beta * eps) / alpha + c_skip * x_t  # LCM Eq. 9, as streamdiff.core.step.lcm_x0
-        loss = (x0 - z_target).square().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if step % 100 == 0 or step == args.steps - 1:
-            log(f"unet step {step}: loss {loss.item():.4f}")
-    unet.eval().requires_grad_(False)
-    round_fp16_(unet)
+        return (x0 - z_target).square().mean()
+
+    _optimise(unet, "unet", args.steps, args.lr, 1e-4, 100, loss_at, log)
 
 
 def save_weights(components: dict, out: Path) -> dict[str, str]:
