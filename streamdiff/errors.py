@@ -26,6 +26,8 @@ message was wrong, its ``field``, ``value`` and what is ``allowed``.
 
 from __future__ import annotations
 
+import importlib
+from types import ModuleType
 from typing import Any
 
 _UNSET: Any = object()
@@ -141,6 +143,14 @@ def missing_extra(module: str, extra: str) -> BackendUnavailable:
     return BackendUnavailable(
         f"optional dependency {module!r} is not installed; install it with: pip install 'streamdiff[{extra}]'"
     )
+
+
+def import_extra(module: str, extra: str) -> ModuleType:
+    """``import module``, or :func:`missing_extra`'s error naming the pip ``extra`` that installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise missing_extra(module, extra) from None
 
 
 class EngineFull(StreamDiffError):

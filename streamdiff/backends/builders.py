@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from ..config import BackendKind, Quantization, StreamConfig
-from ..errors import missing_extra
+from ..errors import import_extra
 from .cache import CacheEntry, EngineCache
 from .keys import Component, EngineKey, EngineOptions, EngineShapes, ShapeRange, engine_key, exact_ranges, shape_range
 from .onnx_export import UNetExport, VaeDecoder, VaeEncoder, component_spec, export_module, verification_cases
@@ -74,10 +74,7 @@ def spec_for(model: LoadedModel, component: Component, dtype: torch.dtype, devic
 
 
 def _onnx_version() -> str:
-    try:
-        import onnx
-    except ImportError:
-        raise missing_extra("onnx", "onnx") from None
+    onnx = import_extra("onnx", "onnx")
     return f"torch-{torch.__version__}+onnx-{onnx.__version__}"
 
 

@@ -20,7 +20,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from ..errors import EngineBuildError, missing_extra
+from ..errors import EngineBuildError, import_extra, missing_extra
 from .keys import Component, ShapeRange
 
 logger = logging.getLogger(__name__)
@@ -181,10 +181,7 @@ def export_module(
     ``norms_in_float32``: GroupNorm/LayerNorm computed in float32 inside a float16/bfloat16 graph
     (:func:`float32_norms`).
     """
-    try:
-        import onnx
-    except ImportError:
-        raise missing_extra("onnx", "onnx") from None
+    onnx = import_extra("onnx", "onnx")
     example = spec.make_inputs(shapes.opt_batch, shapes.opt_height, shapes.opt_width)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -224,10 +221,7 @@ def fold_constants(path: Path) -> None:
         from polygraphy.backend.onnx import fold_constants as polygraphy_fold
     except ImportError:
         raise missing_extra("polygraphy", "onnx") from None
-    try:
-        import onnx_graphsurgeon  # noqa: F401
-    except ImportError:
-        raise missing_extra("onnx_graphsurgeon", "onnx") from None
+    import_extra("onnx_graphsurgeon", "onnx")
     from polygraphy.logger import G_LOGGER
 
     model = onnx.load(str(path))

@@ -18,12 +18,13 @@ import logging
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..errors import BackendUnavailable, ConfigError, EngineBuildError, missing_extra
+from ..errors import BackendUnavailable, ConfigError, EngineBuildError, import_extra
 from .cuda_ops import DEFAULT_CUDA, TorchCuda
 
 logger = logging.getLogger(__name__)
@@ -43,12 +44,8 @@ _TYPES = {
 }
 
 
-def import_onnxruntime():  # noqa: ANN201 - the module
-    try:
-        import onnxruntime
-    except ImportError:
-        raise missing_extra("onnxruntime", "onnx") from None
-    return onnxruntime
+def import_onnxruntime() -> ModuleType:
+    return import_extra("onnxruntime", "onnx")
 
 
 def onnxruntime_version() -> str:

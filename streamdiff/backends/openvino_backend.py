@@ -22,13 +22,14 @@ import logging
 import warnings
 from collections import OrderedDict
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Iterator
 
 import numpy as np
 import torch
 
 from ..config import Quantization
-from ..errors import ConfigError, EngineBuildError, StreamDiffError, missing_extra
+from ..errors import ConfigError, EngineBuildError, StreamDiffError, import_extra
 from .keys import Component, ShapeRange
 
 logger = logging.getLogger(__name__)
@@ -37,24 +38,16 @@ BLOB_FILE = "model.blob"
 _PRECISION_HINTS = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 
 
-def import_openvino():  # noqa: ANN201 - the module
-    try:
-        import openvino
-    except ImportError:
-        raise missing_extra("openvino", "openvino") from None
-    return openvino
+def import_openvino() -> ModuleType:
+    return import_extra("openvino", "openvino")
 
 
 def openvino_version() -> str:
     return str(import_openvino().__version__)
 
 
-def import_nncf():  # noqa: ANN201 - the module
-    try:
-        import nncf
-    except ImportError:
-        raise missing_extra("nncf", "int8") from None
-    return nncf
+def import_nncf() -> ModuleType:
+    return import_extra("nncf", "int8")
 
 
 def nncf_version() -> str:
