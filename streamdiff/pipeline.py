@@ -14,6 +14,7 @@ For many streams on one model, or a worker thread, use :class:`~streamdiff.engin
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -45,9 +46,10 @@ class StreamPipeline:
         vae: VaeEngine | None = None,
         backend: BackendKind | str = BackendKind.TORCH,
         engine_options: EngineOptions | None = None,
+        cuda_graphs: bool | None = None,
     ) -> None:
         self.engine = StreamEngine(
-            model, SINGLE_STREAM, unet=unet, vae=vae,
+            model, replace(SINGLE_STREAM, cuda_graphs=cuda_graphs), unet=unet, vae=vae,
             backend=backend, engine_options=engine_options,
         )
         self.engine.check_settings(config, _default_prompt())
@@ -67,15 +69,18 @@ class StreamPipeline:
         device: str = "auto",
         backend: BackendKind | str = BackendKind.TORCH,
         engine_options: EngineOptions | None = None,
+        cuda_graphs: bool | None = None,
         **load_kwargs: Any,
     ) -> StreamPipeline:
         """Load ``model`` (``"tiny"``, folder, checkpoint file or hub id) and build a pipeline. Next: prepare().
 
         ``engine_options`` (engine folder, compile, channels-last, resolution range) configure the backend;
-        compiled engines missing from the cache are built on first use.
+        compiled engines missing from the cache are built on first use. ``cuda_graphs``: as
+        ``EngineConfig.cuda_graphs`` (None: on for torch on CUDA in float16).
         """
         loaded = load_model(model, vae=vae, loras=loras, dtype=dtype, device=device, **load_kwargs)
-        return cls(loaded, config or StreamConfig(), backend=backend, engine_options=engine_options)
+        return cls(loaded, config or StreamConfig(), backend=backend, engine_options=engine_options,
+                   cuda_graphs=cuda_graphs)
 
     # -- what it runs on ------------------------------------------------------------------------------------------
 

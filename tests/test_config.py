@@ -124,7 +124,7 @@ def test_every_typed_field_is_covered() -> None:
         "StreamConfig.use_denoising_batch", "StreamConfig.add_noise", "PromptConfig.guidance_scale",
         "PromptConfig.seed", "RuntimeConfig.realtime", "RuntimeConfig.flush", "RuntimeConfig.fps",
         "RuntimeConfig.join_timeout", "RuntimeConfig.max_frames", "EngineOptions.compile", "EngineOptions.verify",
-        "EngineOptions.cuda_graph", "EngineOptions.opset", "EngineOptions.min_resolution", "LoraSpec.scale",
+        "EngineOptions.channels_last", "EngineOptions.opset", "EngineOptions.min_resolution", "LoraSpec.scale",
     } <= names
 
 

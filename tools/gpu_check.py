@@ -82,6 +82,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -404,8 +405,8 @@ def make_engine(backend: str, model: CheckModel, device: torch.device, args: arg
         return StreamEngine(loaded, config, unet=compiled_unet(loaded.unet, channels_last=False),
                             vae=TorchVae(loaded.vae))
     if backend == "tensorrt":
-        return StreamEngine(loaded, config, backend="tensorrt",
-                            engine_options=EngineOptions(engine_dir=engine_dir, cuda_graph=True))
+        return StreamEngine(loaded, replace(config, cuda_graphs=True), backend="tensorrt",
+                            engine_options=EngineOptions(engine_dir=engine_dir))
     providers = ("CUDAExecutionProvider",) if backend == "onnxruntime-cuda" else (
         "TensorrtExecutionProvider", "CUDAExecutionProvider")
     return StreamEngine(loaded, config, backend="onnxruntime",

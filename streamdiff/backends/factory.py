@@ -140,11 +140,14 @@ def create_engines(
     options: EngineOptions | None = None,
     *,
     max_shapes: int | None = None,
+    cuda_graphs: bool = False,
 ) -> tuple[UNetEngine, VaeEngine]:
     """The U-Net and VAE engines of backend ``kind`` for ``model``, serving ``shapes`` (or one stream's config).
 
     Compiled backends build their missing cache entries first (logged; once per configuration). ``max_shapes``:
     frame sizes whose per-shape state an OpenVINO or ONNX Runtime engine keeps (None: their default).
+    ``cuda_graphs``: TensorRT engines replay a CUDA graph per shape slot (the engine passes
+    ``EngineConfig.cuda_graphs`` here; the torch backend's graphs are the engine's own).
     """
     options = options or EngineOptions()
     shapes = engine_shapes(shapes, options)
@@ -190,8 +193,8 @@ def create_engines(
     else:
         from .tensorrt_runtime import TrtUNet, TrtVae
 
-        engines = TrtUNet(paths[Component.UNET], model.device, options.cuda_graph), TrtVae(
-            paths[Component.VAE_ENCODER], paths[Component.VAE_DECODER], model.device, options.cuda_graph
+        engines = TrtUNet(paths[Component.UNET], model.device, cuda_graphs), TrtVae(
+            paths[Component.VAE_ENCODER], paths[Component.VAE_DECODER], model.device, cuda_graphs
         )
     if model.device.type == "cuda":
         offload_torch_modules(model)

@@ -57,8 +57,8 @@ class EngineOptions:
     widened in steps (64, 8 below; 2048, 4096 above) to include the configured size, so a size change inside the
     range needs no rebuild. ``batch_sizes`` adds U-Net
     batch sizes to the profile beyond what the configuration needs. ``compile`` asks the torch backend for an
-    AOTInductor-compiled U-Net (cached); ``channels_last`` applies to the eager torch backend. ``cuda_graph``:
-    TensorRT engines replay a CUDA graph per input shape. ``onnx_providers``: ONNX Runtime's execution providers on
+    AOTInductor-compiled U-Net (cached); ``channels_last`` applies to the eager torch backend (CUDA graphs, for torch
+    and TensorRT alike, are ``EngineConfig.cuda_graphs``). ``onnx_providers``: ONNX Runtime's execution providers on
     a GPU, in order of preference (``("CUDAExecutionProvider",)``); empty means TensorRT's, then CUDA's.
     ``quantize``: ``"int8-weights"`` compresses the OpenVINO U-Net's weights to int8 (:class:`Quantization`).
     """
@@ -72,14 +72,13 @@ class EngineOptions:
     batch_sizes: tuple[int, ...] = ()
     opset: int = DEFAULT_OPSET
     verify: bool = True
-    cuda_graph: bool = False
     onnx_providers: tuple[str, ...] = ()
     quantize: Quantization | str = Quantization.NONE
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "quantize", to_enum(Quantization, self.quantize, "quantize"))
         object.__setattr__(self, "onnx_providers", tuple(self.onnx_providers))
-        for name in ("compile", "channels_last", "verify", "cuda_graph"):
+        for name in ("compile", "channels_last", "verify"):
             check_bool(name, getattr(self, name))
         if check_int("opset", self.opset) < 17:
             raise ConfigError(f"opset={self.opset} is below 17, the lowest opset streamdiff exports")

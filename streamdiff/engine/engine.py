@@ -435,7 +435,8 @@ class StreamEngine:
             self._backend_shapes = shapes
             return
         logger.info("preparing %s engines for %s", self.backend.value, shapes)
-        unet, vae = create_engines(self.backend, self.model, shapes, options, max_shapes=self.config.max_shapes)
+        unet, vae = create_engines(self.backend, self.model, shapes, options, max_shapes=self.config.max_shapes,
+                                   cuda_graphs=self.backend is BackendKind.TENSORRT and self._wants_cuda_graphs())
         self.unet = given_unet or unet
         self.vae = given_vae or vae
         if self.backend is BackendKind.TORCH and self.model.device.type == "cuda":
@@ -448,19 +449,23 @@ class StreamEngine:
             return self.graphs.engines(self.unet, self.vae)
         return self.unet, self.vae
 
-    def _cuda_graphs(self, cuda: Any) -> CudaGraphs | None:
-        """The CUDA graphs of the torch backend's calls, when ``EngineConfig.cuda_graphs`` asks (None: torch on CUDA
-        in float16); see :mod:`streamdiff.backends.cuda_graphs`."""
+    def _wants_cuda_graphs(self) -> bool:
+        """``EngineConfig.cuda_graphs`` resolved: None is on for the torch backend on CUDA in float16 (eager);
+        True is for the torch backend (:mod:`streamdiff.backends.cuda_graphs`) and TensorRT (its runtime captures
+        each shape slot's enqueue) only."""
         wanted = self.config.cuda_graphs
         if wanted is None:
-            wanted = (self.backend is BackendKind.TORCH and self.model.device.type == "cuda"
-                      and self.model.dtype == torch.float16 and not self.options.compile)
-        if not wanted:
+            return (self.backend is BackendKind.TORCH and self.model.device.type == "cuda"
+                    and self.model.dtype == torch.float16 and not self.options.compile)
+        if wanted and self.backend not in (BackendKind.TORCH, BackendKind.TENSORRT):
+            raise ConfigError(f"cuda_graphs=True is for the torch and tensorrt backends, not {self.backend.value}",
+                              field="cuda_graphs", value=True, allowed="True with backend torch or tensorrt")
+        return wanted
+
+    def _cuda_graphs(self, cuda: Any) -> CudaGraphs | None:
+        """The CUDA graphs of the torch backend's calls (TensorRT's are its runtime's: :meth:`prepare_backends`)."""
+        if not self._wants_cuda_graphs() or self.backend is not BackendKind.TORCH:
             return None
-        if self.backend is not BackendKind.TORCH:
-            raise ConfigError(f"cuda_graphs=True is for the torch backend, not {self.backend.value}; TensorRT has "
-                              "its own (EngineOptions(cuda_graph=True))", field="cuda_graphs", value=True,
-                              allowed="True with backend torch")
         return CudaGraphs(self.model.device, cuda, self.config.max_shapes)
 
 

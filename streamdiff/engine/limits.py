@@ -19,8 +19,9 @@ class EngineConfig:
     only frame sizes (width, height) streams may use (None: every size the model and backend run; see
     :mod:`.shapes`). ``max_shapes``: frame sizes whose compiled per-shape state (kernels, buffers, arenas) a
     backend keeps; the least recently used one is released beyond it (also the CUDA graphs kept per engine call).
-    ``cuda_graphs``: the torch backend's U-Net and VAE calls replay a CUDA graph per input shape
-    (:mod:`streamdiff.backends.cuda_graphs`); None: on for the torch backend on CUDA in float16, off elsewhere.
+    ``cuda_graphs``: engine calls replay a CUDA graph per input shape — the torch backend's U-Net and VAE calls
+    (:mod:`streamdiff.backends.cuda_graphs`) or TensorRT's shape slots; None: on for the torch backend on CUDA in
+    float16, off elsewhere; True with another backend is a ConfigError.
     """
 
     max_streams: int = 8

@@ -112,12 +112,12 @@ def test_tensorrt_pipeline_matches_torch_on_the_gpu(tmp_path: Path) -> None:
     from streamdiff import StreamPipeline
 
     config = StreamConfig(width=256, height=256, t_index_list=(20, 40))
-    options = EngineOptions(engine_dir=tmp_path, cuda_graph=True)
+    options = EngineOptions(engine_dir=tmp_path)
     frames = [torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(i)) for i in range(4)]
     outputs = {}
     for backend in ("torch", "tensorrt"):
         pipe = StreamPipeline.from_pretrained("tiny", config, device="cuda", dtype="float16", backend=backend,
-                                              engine_options=options)
+                                              engine_options=options, cuda_graphs=True)
         pipe.prepare(prompt="a red fox", seed=3)
         outputs[backend] = [pipe.step(frame.cuda()).images for frame in frames][1:]
     for expected, actual in zip(outputs["torch"], outputs["tensorrt"]):

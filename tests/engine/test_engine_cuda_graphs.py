@@ -196,6 +196,13 @@ def test_graphs_are_on_only_where_asked(tiny_model) -> None:
         EngineConfig(cuda_graphs="yes")
 
 
+def test_one_option_serves_torch_and_tensorrt_and_is_refused_elsewhere(tiny_model) -> None:
+    with pytest.raises(ConfigError, match="torch and tensorrt backends, not openvino") as info:
+        StreamEngine(tiny_model, EngineConfig(cuda_graphs=True), backend="openvino")
+    assert info.value.field == "cuda_graphs"
+    assert StreamEngine(tiny_model, EngineConfig(cuda_graphs=False), backend="openvino").graphs is None
+
+
 def test_a_graphed_call_keeps_at_most_max_shapes_graphs() -> None:
     cuda = GraphCuda()
     call = cuda_graphs.GraphedCall(lambda x: x * 2 + 1, "test", torch.device("cpu"), cuda, max_shapes=2)
