@@ -60,7 +60,7 @@ def live(tiny_model):
     from streamdiff.engine import EngineConfig, StreamEngine
     from streamdiff.server.app import BackgroundServer
     from streamdiff.server.hub import ServerConfig
-    from streamdiff.server.limits import ServerLimits
+    from streamdiff.protocol.limits import ServerLimits
 
     servers = []
 

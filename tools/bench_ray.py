@@ -28,7 +28,7 @@ from streamdiff.bench.clients import client_round, format_table, summarise
 from streamdiff.bench.harness import write_json
 from streamdiff.deploy.launch import free_port
 from streamdiff.io.sources import pattern_frame
-from streamdiff.server.images import encode
+from streamdiff.protocol.images import encode
 from streamdiff.testing.serve import ServeProcess
 
 CONFIGS = ("serve-1", "ray1-1", "ray1-4", "ray2-4")

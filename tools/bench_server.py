@@ -23,7 +23,7 @@ from typing import Any
 from streamdiff.bench.clients import client_round, format_table, summarise
 from streamdiff.bench.harness import write_json
 from streamdiff.io.sources import pattern_frame
-from streamdiff.server.images import encode
+from streamdiff.protocol.images import encode
 from streamdiff.testing.serve import ServeProcess
 
 

@@ -28,7 +28,7 @@ from websockets.exceptions import WebSocketException
 
 from ..client import ServerRefused, StreamClient
 from ..io.sources import pattern_frame
-from ..server.images import encode
+from ..protocol.images import encode
 
 __all__ = ["ATTACKS", "HealthProbe", "VictimLog", "hostile_jpegs", "probe_health", "process_usage", "watch_victims"]
 
@@ -311,7 +311,7 @@ async def silent_connections(url: str, until: float, count: int = 600) -> dict[s
     from websockets.asyncio.client import connect
     from websockets.exceptions import InvalidStatus
 
-    from ..server.wire import SUBPROTOCOL
+    from ..protocol.wire import SUBPROTOCOL
 
     outcome = Outcome()
     sockets = []

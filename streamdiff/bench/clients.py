@@ -16,7 +16,7 @@ import time
 from typing import Any, Callable
 
 from ..client import StreamClient
-from ..server.client_protocol import OutputFrame
+from ..protocol.client import OutputFrame
 
 __all__ = ["client_round", "format_table", "quantile", "stream_until", "summarise"]
 

@@ -133,7 +133,7 @@ def build_runner(options: dict[str, Any]) -> StreamRunner:
     the runner. The runner opens the sinks and the stream when it starts.
     """
     from ..engine import SINGLE_STREAM
-    from ..remote import RemoteEngine
+    from ..client.remote import RemoteEngine
 
     request, config = build_request(options)
     output_size = options["output_size"]

@@ -34,7 +34,7 @@ from ..server.hub import Hub
 from ..server.routes import StaticFiles, route
 from ..server.session import StreamSession
 from ..server.viewing import ViewerSession
-from ..server.wire import STREAM_PATH, SUBPROTOCOL
+from ..protocol.wire import STREAM_PATH, SUBPROTOCOL
 from .config import ReplicaSpec
 from .control import draining, mark_drained
 from .routing import stream_id_prefix, view_key

@@ -8,7 +8,7 @@ ranked groups of replicas, best first:
 - a **stream socket with a session** (the ``X-Session-Id`` header: the ``stream_id`` of the client's previous
   stream) goes back to the replica that issued that id — stream ids name their replica (``st-<replica>-<hex>``) —
   while that replica lives, whatever the router believes its load to be (the router's view lags; the replica
-  knows): a full one answers 1013, and the client then tries again without the session (:mod:`streamdiff.reconnect`);
+  knows): a full one answers 1013, and the client then tries again without the session (:mod:`streamdiff.client.reconnect`);
 - a **new stream socket** (or a session whose replica is gone) goes to the replica with the most free
   stream slots (ties: the group is left to Ray Serve, which picks the one with the shortest queue); full replicas
   come last, so that when every replica is full the socket still reaches one, and its hello is answered with
@@ -30,7 +30,7 @@ import random
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
-from ..server.wire import SESSION_HEADER, VIEW_SOCKET_PREFIX
+from ..protocol.wire import SESSION_HEADER, VIEW_SOCKET_PREFIX
 
 __all__ = ["ReplicaLoad", "RequestKind", "StreamRequest", "classify", "rank_replicas", "replica_of_stream",
            "stream_id_prefix", "view_key"]

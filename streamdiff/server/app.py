@@ -32,7 +32,7 @@ from .routes import HttpReply, StaticFiles
 from .session import StreamSession
 from .transport import WebsocketsTransport, create_connection
 from .viewing import ViewerSession
-from .wire import STREAM_PATH, SUBPROTOCOL, VIEW_SOCKET_PREFIX
+from ..protocol.wire import STREAM_PATH, SUBPROTOCOL, VIEW_SOCKET_PREFIX
 
 __all__ = ["BackgroundServer", "StreamServer"]
 

@@ -23,11 +23,11 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from ..errors import ConfigError, ProtocolError, StreamDiffError
-from .limits import ServerLimits
-from .policy import AddressRates, HostPolicy, OriginPolicy, new_token
+from ..protocol.limits import ServerLimits
+from ..protocol.policy import AddressRates, HostPolicy, OriginPolicy, new_token
 from .routes import HttpReply, route
-from .settings import StreamSettings, check_caps
-from .wire import STREAM_PATH
+from ..protocol.settings import StreamSettings, check_caps
+from ..protocol.wire import STREAM_PATH
 
 if TYPE_CHECKING:
     from .metrics import ServerMetrics
@@ -201,7 +201,7 @@ class Hub:
 
     async def shutdown(self, timeout: float = 10.0) -> None:
         """Tell every client the server is going away (1001) and wait for their sessions to end."""
-        from .wire import ErrorCode
+        from ..protocol.wire import ErrorCode
 
         self.shutting_down = True
         sessions = list(self.connections)

@@ -1,7 +1,7 @@
 """Prometheus metrics of ``streamdiff serve`` (``/metrics``), on a registry of their own.
 
 Counters mirror what the sans-I/O connection and the engine already count (one owner per number): a session hands
-its :class:`~.protocol.ConnectionStats` and its stream's :class:`~streamdiff.engine.StreamStats` to
+its :class:`~streamdiff.protocol.session.ConnectionStats` and its stream's :class:`~streamdiff.engine.StreamStats` to
 :meth:`ServerMetrics.sync`, which adds what changed since the last call. Engine-wide figures (ticks, U-Net calls
 and rows per call) are read from ``engine.stats`` when ``/metrics`` is scraped.
 

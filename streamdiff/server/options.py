@@ -2,7 +2,7 @@
 the :class:`~.hub.ServerConfig` they describe.
 
 A server's options are the named options of :mod:`streamdiff.options` (model, engine, the streams' default
-settings), the server's own (:data:`SERVER_DEFAULTS`) and one per :class:`~.limits.ServerLimits` field. Next:
+settings), the server's own (:data:`SERVER_DEFAULTS`) and one per :class:`~streamdiff.protocol.limits.ServerLimits` field. Next:
 :func:`server_config`, then load the engine (:func:`streamdiff.options.model_options`) and start a
 :class:`~.app.StreamServer`.
 """
@@ -14,9 +14,9 @@ from typing import Any
 
 from ..options import ENGINE_DEFAULTS, MODEL_DEFAULTS, PROMPT_DEFAULTS, STREAM_DEFAULTS, prompt_config, stream_config
 from .hub import ServerConfig
-from .limits import ServerLimits
-from .policy import HostPolicy, OriginPolicy
-from .settings import OutputConfig, StreamSettings
+from ..protocol.limits import ServerLimits
+from ..protocol.policy import HostPolicy, OriginPolicy
+from ..protocol.settings import OutputConfig, StreamSettings
 
 __all__ = ["SERVER_DEFAULTS", "limits_defaults", "serve_defaults", "server_config"]
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from .wire import STREAM_PATH, VIEW_SOCKET_PREFIX
+from ..protocol.wire import STREAM_PATH, VIEW_SOCKET_PREFIX
 
 __all__ = ["HttpReply", "StaticFiles", "route"]
 

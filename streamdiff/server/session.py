@@ -9,9 +9,9 @@ Starlette/FastAPI WebSocket, Ray Serve) run the same protocol implementation::
 
 Inside a session, five small loops share the event loop and never block it:
 
-- **receive**: messages → :class:`~.protocol.ServerConnection` → events; hello/idle timeouts from its deadlines;
+- **receive**: messages → :class:`~streamdiff.protocol.session.ServerConnection` → events; hello/idle timeouts from its deadlines;
 - **decode**: a latest-wins slot of one group of frames (F) → a thread of the hub's decode pool checks and
-  decodes the oldest (within the image limits and the client's :class:`~.images.DecodeBudget`), which is handed to
+  decodes the oldest (within the image limits and the client's :class:`~streamdiff.protocol.images.DecodeBudget`), which is handed to
   the engine stream once the engine's input queue has room (newer frames that fill the slot meanwhile replace it);
   at most one decode per client is ever in flight, and it stops at its next chunk once the session ends;
 - the engine calls back on its own thread; the output hops to the loop (``call_soon_threadsafe``) into a
@@ -35,14 +35,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import ConfigError, EngineFull, ImageError, StreamClosed
-from .images import DecodeBudget, ImageFormat, decode, encode
+from ..protocol.images import DecodeBudget, ImageFormat, decode, encode
 from .metrics import SyncState
 from .pacing import LatestSlot, SendTimeout, send_within, within
-from .policy import client_address
-from .protocol import Close, ConnectionState, Frame, Hello, Send, ServerConnection, Update
+from ..protocol.policy import client_address
+from ..protocol.session import Close, ConnectionState, Frame, Hello, Send, ServerConnection, Update
 from .transport import Transport, TransportClosed
-from .versions import SettingsVersions
-from .wire import ErrorCode, ServerTimings, shorten
+from ..protocol.versions import SettingsVersions
+from ..protocol.wire import ErrorCode, ServerTimings, shorten
 
 if TYPE_CHECKING:
     from ..engine import Stream, StreamOutput

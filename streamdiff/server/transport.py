@@ -16,7 +16,7 @@ import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .wire import CloseCode, ErrorCode, close_reason
+from ..protocol.wire import CloseCode, ErrorCode, close_reason
 
 if TYPE_CHECKING:
     from websockets.asyncio.server import ServerConnection as WebSocket

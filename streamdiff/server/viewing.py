@@ -13,10 +13,10 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from .pacing import LatestSlot, SendTimeout, send_within
-from .protocol import Close, ConnectionState, Send
+from ..protocol.session import Close, ConnectionState, Send
 from .transport import Transport, TransportClosed
-from .viewer import ViewerConnection
-from .wire import ErrorCode
+from ..protocol.viewer import ViewerConnection
+from ..protocol.wire import ErrorCode
 
 if TYPE_CHECKING:
     from .hub import Hub

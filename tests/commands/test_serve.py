@@ -13,7 +13,7 @@ import pytest
 from streamdiff import ConfigError
 from streamdiff.cli import build_parser
 from streamdiff.commands import serve as serve_command
-from streamdiff.server.limits import ServerLimits
+from streamdiff.protocol.limits import ServerLimits
 from streamdiff.server.options import server_config
 from streamdiff.testing.serve import ServeProcess
 

@@ -21,7 +21,7 @@ from streamdiff.deploy.app import serve_options  # noqa: E402
 from streamdiff.deploy.config import FleetConfig, ReplicaSpec  # noqa: E402
 from streamdiff.deploy.launch import free_port  # noqa: E402
 from streamdiff.deploy.routing import replica_of_stream  # noqa: E402
-from streamdiff.reconnect import ReconnectingClient  # noqa: E402
+from streamdiff.client.reconnect import ReconnectingClient  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from server_helpers import pattern, save
 
-from streamdiff.server.client_protocol import ClientConnection
-from streamdiff.server.settings import SETTING_FIELDS
+from streamdiff.protocol.client import ClientConnection
+from streamdiff.protocol.settings import SETTING_FIELDS
 
 HELLO = {"type": "hello", "version": 1}
 

@@ -11,8 +11,8 @@ import numpy as np
 
 from streamdiff.client import StreamClient
 from streamdiff.io.sources import pattern_frame
-from streamdiff.server.client_protocol import OutputFrame
-from streamdiff.server.images import encode
+from streamdiff.protocol.client import OutputFrame
+from streamdiff.protocol.images import encode
 
 SIZE = 64
 

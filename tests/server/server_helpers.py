@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from streamdiff.server import Close, ConnectionState, ErrorCode, ServerConnection, ServerLimits
-from streamdiff.server.client_protocol import ClientConnection
+from streamdiff.protocol import Close, ConnectionState, ErrorCode, ServerConnection, ServerLimits
+from streamdiff.protocol.client import ClientConnection
 
 
 class FakeClock:

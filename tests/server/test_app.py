@@ -27,8 +27,8 @@ from websockets.exceptions import ConnectionClosed
 from streamdiff.backends.torch_backend import TorchUNet
 from streamdiff.client import ServerRefused, StreamClient, decode_output
 from streamdiff.models.prompts import PromptEncoder
-from streamdiff.server.limits import ServerLimits
-from streamdiff.server.policy import OriginPolicy
+from streamdiff.protocol.limits import ServerLimits
+from streamdiff.protocol.policy import OriginPolicy
 
 JPEG = bodies(frames(1))[0]
 BOMB = (b"\xff\xd8\xff\xc0\x00\x11\x08\xea\x60\xea\x60\x03" + b"\x01\x11\x00" * 3  # SOF declaring 60000 x 60000

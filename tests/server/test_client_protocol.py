@@ -1,4 +1,4 @@
-"""streamdiff.server.client_protocol: what the Python client sends and how it reads the server."""
+"""streamdiff.protocol.client: what the Python client sends and how it reads the server."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from server_helpers import FakeClock
 
 from streamdiff.errors import ProtocolError
-from streamdiff.server.client_protocol import (
+from streamdiff.protocol.client import (
     Ack,
     ClientConnection,
     ClientState,
@@ -19,10 +19,10 @@ from streamdiff.server.client_protocol import (
     UnknownMessage,
     Viewing,
 )
-from streamdiff.server.images import ImageFormat
-from streamdiff.server.protocol import ServerConnection
-from streamdiff.server.settings import StreamSettings
-from streamdiff.server.wire import ErrorCode, ServerTimings, unpack_input_header
+from streamdiff.protocol.images import ImageFormat
+from streamdiff.protocol.session import ServerConnection
+from streamdiff.protocol.settings import StreamSettings
+from streamdiff.protocol.wire import ErrorCode, ServerTimings, unpack_input_header
 
 
 def test_hello_carries_settings_token_client_and_view_token() -> None:

@@ -22,7 +22,7 @@ import pytest
 from live import Drive, bodies, drive, frames, run, settings
 
 from streamdiff.client import StreamClient
-from streamdiff.server.limits import ServerLimits
+from streamdiff.protocol.limits import ServerLimits
 
 JPEG = bodies(frames(1))[0]
 PHASE_S = 4.0

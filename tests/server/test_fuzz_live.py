@@ -23,7 +23,7 @@ from websockets.protocol import State
 from websockets.sync.client import connect
 
 from streamdiff.client import StreamClient
-from streamdiff.server.wire import is_valid_unicode
+from streamdiff.protocol.wire import is_valid_unicode
 from streamdiff.testing.serve import ServeProcess
 
 COUNT = 10_000

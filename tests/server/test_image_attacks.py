@@ -22,8 +22,8 @@ from live import Drive, bodies, drive, frames, run, settings
 from server_helpers import pattern, save
 
 from streamdiff.client import StreamClient
-from streamdiff.server.images import MAX_JPEG_SCANS
-from streamdiff.server.limits import ServerLimits
+from streamdiff.protocol.images import MAX_JPEG_SCANS
+from streamdiff.protocol.limits import ServerLimits
 
 PHASE_S = 6.0
 ATTACK_FPS = 12.0  # under max_input_fps: no frame is rate-limited; the test process sends 12 MB/s, not more

@@ -1,4 +1,4 @@
-"""streamdiff.server.images: probe without decoding, decode only what passed, encode; fuzzed with Hypothesis."""
+"""streamdiff.protocol.images: probe without decoding, decode only what passed, encode; fuzzed with Hypothesis."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from streamdiff.errors import (
     ProtocolError,
     UnsupportedImageFormat,
 )
-from streamdiff.server.images import (
+from streamdiff.protocol.images import (
     DECODE_CHUNK_BYTES,
     MAX_JPEG_FILL_BYTES,
     MAX_JPEG_METADATA_SEGMENTS,
@@ -39,8 +39,8 @@ from streamdiff.server.images import (
     encode,
     probe,
 )
-from streamdiff.server.limits import ServerLimits
-from streamdiff.server.wire import ErrorCode
+from streamdiff.protocol.limits import ServerLimits
+from streamdiff.protocol.wire import ErrorCode
 
 LIMITS = ServerLimits()
 FRAME = pattern(48, 32)
@@ -543,7 +543,7 @@ def test_decode_budget_is_a_sliding_window() -> None:
 def test_a_slow_decode_is_stopped_midway_not_after_it_finished(monkeypatch: pytest.MonkeyPatch) -> None:
     """Without the structure limits (lifted here), 2000 repeated scans cost seconds; the CPU-time check between
     4 KiB chunks stops the decode long before (measured: 110 ms of 1700 ms; asserted: under a quarter)."""
-    from streamdiff.server import image_structure
+    from streamdiff.protocol import image_structure
 
     monkeypatch.setattr(image_structure, "MAX_JPEG_SCANS", 10**6)
     monkeypatch.setattr(image_structure, "MAX_JPEG_SEGMENTS", 10**6)

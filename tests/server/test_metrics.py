@@ -8,7 +8,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from streamdiff.engine import EngineStats, StreamStats
 from streamdiff.server.metrics import ServerMetrics, SyncState
-from streamdiff.server.protocol import ConnectionStats
+from streamdiff.protocol.session import ConnectionStats
 
 
 def _samples(metrics: ServerMetrics) -> dict:

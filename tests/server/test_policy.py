@@ -1,11 +1,11 @@
-"""streamdiff.server.policy: rate limiter and error budget on a fake clock, origins, tokens."""
+"""streamdiff.protocol.policy: rate limiter and error budget on a fake clock, origins, tokens."""
 
 from __future__ import annotations
 
 import pytest
 from server_helpers import FakeClock
 
-from streamdiff.server.policy import (
+from streamdiff.protocol.policy import (
     ErrorBudget,
     OriginPolicy,
     RateLimiter,
@@ -66,7 +66,7 @@ def test_origin_policy_exact_match_loopback_and_any() -> None:
 def test_address_rates_limit_each_address_apart_and_forget_the_least_recent() -> None:
     from server_helpers import FakeClock
 
-    from streamdiff.server.policy import AddressRates
+    from streamdiff.protocol.policy import AddressRates
 
     clock = FakeClock()
     rates = AddressRates(rate=2.0, burst=3, capacity=2, clock=clock)
@@ -81,7 +81,7 @@ def test_address_rates_limit_each_address_apart_and_forget_the_least_recent() ->
 def test_a_penalized_address_waits_its_cooldown_then_gets_its_rate_back() -> None:
     from server_helpers import FakeClock
 
-    from streamdiff.server.policy import AddressRates
+    from streamdiff.protocol.policy import AddressRates
 
     clock = FakeClock()
     rates = AddressRates(rate=4.0, burst=8, clock=clock)

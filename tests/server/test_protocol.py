@@ -1,4 +1,4 @@
-"""streamdiff.server.protocol: the ServerConnection state machine, every path, then fuzzed with Hypothesis."""
+"""streamdiff.protocol.session: the ServerConnection state machine, every path, then fuzzed with Hypothesis."""
 
 from __future__ import annotations
 
@@ -38,11 +38,11 @@ from fuzz_messages import (  # noqa: F401 - the generators live there (shared wi
 
 from streamdiff.config import CfgMode
 from streamdiff.errors import ConfigError, ImageError, StreamDiffError
-from streamdiff.server import protocol
-from streamdiff.server.client_protocol import ClientConnection
-from streamdiff.server.images import ImageFormat, decode
-from streamdiff.server.limits import ServerLimits
-from streamdiff.server.protocol import (
+from streamdiff.protocol import session
+from streamdiff.protocol.client import ClientConnection
+from streamdiff.protocol.images import ImageFormat, decode
+from streamdiff.protocol.limits import ServerLimits
+from streamdiff.protocol.session import (
     Close,
     ConnectionState,
     Frame,
@@ -51,8 +51,8 @@ from streamdiff.server.protocol import (
     ServerConnection,
     Update,
 )
-from streamdiff.server.settings import SETTING_FIELDS, StreamSettings, check_caps
-from streamdiff.server.wire import CloseCode, ErrorCode, ServerTimings, unpack_output_frame
+from streamdiff.protocol.settings import SETTING_FIELDS, StreamSettings, check_caps
+from streamdiff.protocol.wire import CloseCode, ErrorCode, ServerTimings, unpack_output_frame
 
 HELLO = {"type": "hello", "version": 1}
 
@@ -197,13 +197,13 @@ def test_right_token_is_accepted_and_never_echoed_or_shown() -> None:
 
 def test_token_is_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
-    real = protocol.hmac.compare_digest
+    real = session.hmac.compare_digest
 
     def spy(a, b):
         calls.append((a, b))
         return real(a, b)
 
-    monkeypatch.setattr(protocol.hmac, "compare_digest", spy)
+    monkeypatch.setattr(session.hmac, "compare_digest", spy)
     _hello(ServerConnection(token="tok\u00e9n"), token="tok\u00e9n")
     _hello(ServerConnection(token="tok\u00e9n"), token="\ud800")
     assert calls == [("tok\u00e9n".encode(), "tok\u00e9n".encode()), (b"\xed\xa0\x80", "tok\u00e9n".encode())]

@@ -10,7 +10,7 @@ from websockets.datastructures import Headers
 from streamdiff.errors import ConfigError
 from streamdiff.server.app import WEB_DIR
 from streamdiff.server.hub import ServerConfig
-from streamdiff.server.policy import HostPolicy
+from streamdiff.protocol.policy import HostPolicy
 from streamdiff.server.routes import StaticFiles, route
 
 METRICS = SimpleNamespace(render=lambda: (b"# metrics\n", "text/plain; version=1.0.0"))

@@ -10,7 +10,7 @@ import pytest
 from live import bodies, frames
 
 from streamdiff.engine import EngineConfig, StreamEngine
-from streamdiff.server.client_protocol import ClientConnection, OutputFrame
+from streamdiff.protocol.client import ClientConnection, OutputFrame
 from streamdiff.server.hub import Hub, ServerConfig
 from streamdiff.server.session import StreamSession
 from streamdiff.server.transport import TransportClosed

@@ -1,6 +1,6 @@
 """Many streams on one live server: isolation and exactness, fairness, a stalled client, latency over time.
 
-Real clients over loopback (streamdiff.client and streamdiff.remote) against a real server on the tiny model. The
+Real clients over loopback (streamdiff.client and streamdiff.client.remote) against a real server on the tiny model. The
 exactness test uses the lossless path: frames travel as WebP at quality 100 (lossless, VP8L) both ways, so a
 client's decoded outputs can be compared with a single-stream StreamPipeline fed the same frames; they agree to
 1/255 (the batched U-Net call of 8 streams and the single stream's own call round differently in float32).
@@ -19,8 +19,8 @@ from live import bodies, drive, frames, run, settings
 
 from streamdiff import StreamConfig, StreamPipeline
 from streamdiff.client import StreamClient
-from streamdiff.remote import RemoteEngine
-from streamdiff.server.limits import ServerLimits
+from streamdiff.client.remote import RemoteEngine
+from streamdiff.protocol.limits import ServerLimits
 
 # Eight streams that differ in prompt, seed, steps, guidance mode and guidance scale.
 EIGHT = [

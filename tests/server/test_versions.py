@@ -1,4 +1,4 @@
-"""streamdiff.server.versions: which ack's settings made an output; then on a live server, the outputs' versions."""
+"""streamdiff.protocol.versions: which ack's settings made an output; then on a live server, the outputs' versions."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import time
 from live import SIZE, Drive, bodies, drive, frames, run, settings
 
 from streamdiff.client import StreamClient, decode_output
-from streamdiff.server.images import ImageFormat
-from streamdiff.server.settings import StreamSettings, apply_settings
-from streamdiff.server.versions import MAX_PENDING, SettingsVersions
+from streamdiff.protocol.images import ImageFormat
+from streamdiff.protocol.settings import StreamSettings, apply_settings
+from streamdiff.protocol.versions import MAX_PENDING, SettingsVersions
 
 BASE = StreamSettings()
 WEBP = apply_settings(BASE, {"output": {"format": "webp"}}, None)

@@ -1,4 +1,4 @@
-"""streamdiff.server.viewer: the view-only connection."""
+"""streamdiff.protocol.viewer: the view-only connection."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import json
 
 from server_helpers import closed_with
 
-from streamdiff.server.settings import StreamSettings
-from streamdiff.server.viewer import ViewerConnection
-from streamdiff.server.wire import ErrorCode
+from streamdiff.protocol.settings import StreamSettings
+from streamdiff.protocol.viewer import ViewerConnection
+from streamdiff.protocol.wire import ErrorCode
 
 
 def test_viewer_connection() -> None:

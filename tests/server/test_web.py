@@ -11,8 +11,8 @@ from html.parser import HTMLParser
 import pytest
 
 from streamdiff.server import WEB_DIR
-from streamdiff.server.images import ImageFormat
-from streamdiff.server.wire import OutputHeader, ServerTimings, pack_input_header, pack_output_frame
+from streamdiff.protocol.images import ImageFormat
+from streamdiff.protocol.wire import OutputHeader, ServerTimings, pack_input_header, pack_output_frame
 
 STREAM_IDS = {"status", "latency", "fps", "output", "prompt", "negative-prompt", "strength", "guidance", "seed",
               "error", "start-camera", "start-screen", "stop", "size", "view-url", "frames-sent", "frames-received"}

@@ -18,7 +18,7 @@ import pytest
 
 from streamdiff import StreamConfig
 from streamdiff.io.sources import pattern_frame
-from streamdiff.server.settings import StreamSettings
+from streamdiff.protocol.settings import StreamSettings
 
 CHROMIUM = os.environ.get("STREAMDIFF_CHROMIUM", "/usr/bin/chromium")
 REQUIRED = os.environ.get("STREAMDIFF_REQUIRE_BROWSER") == "1"

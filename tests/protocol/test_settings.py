@@ -1,4 +1,4 @@
-"""streamdiff.server.settings: JSON settings <-> StreamConfig / PromptConfig / OutputConfig, types, caps."""
+"""streamdiff.protocol.settings: JSON settings <-> StreamConfig / PromptConfig / OutputConfig, types, caps."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 
 from streamdiff.config import CfgMode, FilterConfig, StreamConfig, t_index_list_for_strength
 from streamdiff.errors import ConfigError, ProtocolError
-from streamdiff.server.images import ImageFormat
-from streamdiff.server.limits import ServerLimits
-from streamdiff.server.settings import (
+from streamdiff.protocol.images import ImageFormat
+from streamdiff.protocol.limits import ServerLimits
+from streamdiff.protocol.settings import (
     SETTING_FIELDS,
     OutputConfig,
     StreamSettings,

@@ -33,8 +33,8 @@ import random
 import time
 from typing import Any
 
-from .client import ServerRefused, StreamClient
-from .server.client_protocol import Ack, OutputFrame
+from .connection import ServerRefused, StreamClient
+from ..protocol.client import Ack, OutputFrame
 
 __all__ = ["RETRY_CODES", "ReconnectingClient"]
 

@@ -1,4 +1,4 @@
-"""streamdiff.server.wire: the byte layout of frame headers, strict JSON, codes."""
+"""streamdiff.protocol.wire: the byte layout of frame headers, strict JSON, codes."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import struct
 import pytest
 
 from streamdiff.errors import ProtocolError
-from streamdiff.server.images import ImageFormat
-from streamdiff.server.wire import (
+from streamdiff.protocol.images import ImageFormat
+from streamdiff.protocol.wire import (
     INPUT_HEADER_SIZE,
     OUTPUT_HEADER_SIZE,
     CloseCode,

@@ -1,14 +1,14 @@
 """The Python client of the streamdiff WebSocket protocol (docs/protocol.md).
 
 :class:`StreamClient` is one stream over one WebSocket, in asyncio, on the sans-I/O
-:class:`~streamdiff.server.client_protocol.ClientConnection`::
+:class:`~streamdiff.protocol.client.ClientConnection`::
 
     async with await StreamClient.connect("ws://127.0.0.1:8765/ws", {"prompt": "a watercolor"}, token=token) as c:
         await c.send_frame(rgb_uint8_array)          # or encoded JPEG/WebP bytes
         out = await c.next_output(timeout=5)         # OutputFrame: frame_id, latency_ms, timings, body
         await c.update(prompt="an oil painting")     # Ack, or RequestFailed naming the field
 
-The remote engine (:class:`~streamdiff.remote.RemoteEngine`, in :mod:`streamdiff.remote`) builds on it: an engine with the
+The remote engine (:class:`~streamdiff.client.remote.RemoteEngine`, in :mod:`streamdiff.client.remote`) builds on it: an engine with the
 ``open_stream(...)`` of :class:`~streamdiff.engine.StreamEngine`, so that ``streamdiff run --engine ws://HOST:PORT``
 streams through a server unchanged.
 """
@@ -21,12 +21,12 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError, StreamDiffError, missing_extra
-from .server.client_protocol import Ack, ClientConnection, OutputFrame, Ready, ServerError, Stats
-from .server.images import ImageFormat, decode, encode
-from .server.limits import ServerLimits
-from .server.settings import StreamSettings
-from .server.wire import SESSION_HEADER, STREAM_PATH, SUBPROTOCOL
+from ..errors import ConfigError, StreamDiffError, missing_extra
+from ..protocol.client import Ack, ClientConnection, OutputFrame, Ready, ServerError, Stats
+from ..protocol.images import ImageFormat, decode, encode
+from ..protocol.limits import ServerLimits
+from ..protocol.settings import StreamSettings
+from ..protocol.wire import SESSION_HEADER, STREAM_PATH, SUBPROTOCOL
 
 __all__ = ["RequestFailed", "ServerRefused", "StreamClient", "decode_output", "stream_url"]
 

@@ -1,4 +1,4 @@
-"""streamdiff.server.limits: safe defaults, validation with precise messages, the client-facing JSON."""
+"""streamdiff.protocol.limits: safe defaults, validation with precise messages, the client-facing JSON."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 
 from streamdiff.config import CfgMode
 from streamdiff.errors import ConfigError
-from streamdiff.server.images import ImageFormat
-from streamdiff.server.limits import ServerLimits
+from streamdiff.protocol.images import ImageFormat
+from streamdiff.protocol.limits import ServerLimits
 
 
 def test_defaults_are_safe() -> None:

@@ -22,7 +22,7 @@ Binary frames (big-endian, docs/protocol.md "Binary frames")::
      32  4  encode_ms  float32, encoding the output
      36  4  server_ms  float32, input received -> output sent, all included
 
-Nothing here does I/O. Next: :mod:`.protocol` (server state machine) and :mod:`.client_protocol` use these.
+Nothing here does I/O. Next: :mod:`.session` (server state machine) and :mod:`.client` use these.
 """
 
 from __future__ import annotations

@@ -34,17 +34,17 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .client import StreamClient, decode_output, stream_url
-from .config import PromptConfig, StreamConfig
-from .engine.state import StreamStats
-from .engine.stream import StreamOutput, wait_popleft
-from .errors import ConfigError, FrameError, StreamClosed, StreamDiffError
-from .options import TOKEN_ENV
-from .core.image import fit_frame, frame_to_tensor, tensor_to_frame
-from .server.client_protocol import OutputFrame
-from .server.images import encode
-from .server.settings import OutputConfig, StreamSettings
-from .server.wire import SETTINGS_VERSIONS
+from .connection import StreamClient, decode_output, stream_url
+from ..config import PromptConfig, StreamConfig
+from ..engine.state import StreamStats
+from ..engine.stream import StreamOutput, wait_popleft
+from ..errors import ConfigError, FrameError, StreamClosed, StreamDiffError
+from ..options import TOKEN_ENV
+from ..core.image import fit_frame, frame_to_tensor, tensor_to_frame
+from ..protocol.client import OutputFrame
+from ..protocol.images import encode
+from ..protocol.settings import OutputConfig, StreamSettings
+from ..protocol.wire import SETTINGS_VERSIONS
 
 __all__ = ["RemoteEngine", "RemoteStream", "settings_json"]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .protocol import Close, ConnectionState, Event, Send
+from .session import Close, ConnectionState, Event, Send
 from .settings import StreamSettings
 from .wire import PROTOCOL_VERSION, ErrorCode, close_reason, dump_json, error_message
 

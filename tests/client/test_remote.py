@@ -1,4 +1,4 @@
-"""streamdiff.remote: an engine on a server behind the local engine's interface (what `run --engine` uses)."""
+"""streamdiff.client.remote: an engine on a server behind the local engine's interface (what `run --engine` uses)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import pytest
 from streamdiff import ConfigError, StreamClosed, StreamConfig, StreamDiffError, StreamPipeline
 from streamdiff.client import ServerRefused
 from streamdiff.io.sources import pattern_frame
-from streamdiff.remote import RemoteEngine, settings_json
+from streamdiff.client.remote import RemoteEngine, settings_json
 from streamdiff.runtime.controls import Controls
-from streamdiff.server.limits import ServerLimits
-from streamdiff.server.settings import OutputConfig
+from streamdiff.protocol.limits import ServerLimits
+from streamdiff.protocol.settings import OutputConfig
 
 CONFIG = StreamConfig(width=64, height=64, t_index_list=(20, 35))
 
