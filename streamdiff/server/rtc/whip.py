@@ -204,8 +204,9 @@ class RtcFront:
             if transceiver.kind == "video":
                 transceiver.setCodecPreferences(preferred)
         if summary.receives_video():
-            sender = pc.addTrack(make_output_track(session, self.hub.encode_pool))
-            keep_rtp_timestamps(sender)
+            track = make_output_track(session, self.hub.encode_pool)
+            keep_rtp_timestamps(pc.addTrack(track))
+            track.on("ended", lambda: peer.close("the stream ended"))  # a viewer's peer ends with its stream
         answer = await pc.createAnswer()
         with gather_on(self.config.hosts):
             await pc.setLocalDescription(answer)

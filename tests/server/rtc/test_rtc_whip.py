@@ -176,3 +176,73 @@ def test_bad_query_parameters_are_400_naming_the_parameter(tiny_model, query: st
             assert not served.hub.sessions
 
     run(main())
+
+
+def test_the_control_endpoint_takes_update_messages_with_the_token(tiny_model) -> None:
+    async def main() -> None:
+        async with serve(tiny_model, config()) as served, ClientSession() as http:
+            publisher = await publish(http, served.url, TOKEN, query=QUERY)
+            assert publisher.status == 201, publisher.body
+            url, auth = f"{served.url}{publisher.location}/update", {"Authorization": f"Bearer {TOKEN}"}
+            async with http.post(url, json={"type": "update", "settings": {"prompt": "neon"}}, headers=auth) as r:
+                ack = await r.json()
+                assert r.status == 200 and ack["type"] == "ack" and ack["settings_version"] == 1, ack
+                assert ack["settings"]["prompt"] == "neon"
+            (session,) = served.hub.sessions.values()
+            assert session.stream.prompt.prompt == "neon"
+            async with http.post(url, json={"settings": {"width": 100}}, headers=auth) as r:
+                error = await r.json()
+                assert r.status == 400 and error["type"] == "error" and error["field"] == "settings.width", error
+            async with http.post(url, json={"settings": {"prompt": "x"}}) as r:
+                assert r.status == 401
+            async with http.post(url, data=b"{not json", headers=auth) as r:
+                assert r.status == 400 and "JSON" in await r.text()
+            await publisher.close()
+
+    run(main())
+
+
+def test_whep_viewers_unknown_tokens_limits_and_the_end_of_the_stream(tiny_model) -> None:
+    async def main() -> None:
+        async with serve(tiny_model, config(max_viewers_per_stream=1)) as served, ClientSession() as http:
+            unknown = await watch(http, served.url, "/whep/no-such-view-token-123")
+            assert unknown.status == 404, unknown.body
+            publisher = await publish(http, served.url, TOKEN, query=QUERY + "&view_token=my-stable-view-token")
+            assert publisher.headers["X-Streamdiff-View"] == "/whep/my-stable-view-token"
+            viewer = await watch(http, served.url, "/whep/my-stable-view-token", codec="vp8")
+            assert viewer.status == 201 and "VP8/90000" in viewer.body, viewer.body
+            second = await watch(http, served.url, "/whep/my-stable-view-token")
+            assert second.status == 503 and second.headers["Retry-After"] == "1", second.body
+            await wait_for(lambda: len(viewer.received.frames) >= 3, 60, "frames at the VP8 viewer")
+            async with http.delete(served.url + publisher.location,
+                                   headers={"Authorization": f"Bearer {TOKEN}"}) as response:
+                assert response.status == 200
+            await wait_for(lambda: not len(served.front.viewers), 10, "the viewer's peer to close with the stream")
+            await wait_for(lambda: viewer.pc.connectionState == "closed" or viewer.received.task.done(), 10,
+                           "the viewer to see the end")
+            await viewer.close()
+            await publisher.close()
+
+    run(main())
+
+
+def test_whip_to_whep_latency_on_loopback(tiny_model) -> None:
+    """WHIP → engine → WHEP, pts-matched: p50/p95 of (viewer decoded − publisher captured) over ~100 frames, printed
+    (``-s``); the bound only catches a pipeline that queues."""
+
+    async def main() -> list[float]:
+        async with serve(tiny_model, config()) as served, ClientSession() as http:
+            publisher = await publish(http, served.url, TOKEN, query=QUERY)
+            viewer = await watch(http, served.url, publisher.headers["X-Streamdiff-View"])
+            await wait_for(lambda: len(viewer.received.frames) >= 130, 90, "130 frames at the viewer")
+            frames = viewer.received.frames[30:]  # after the warm-up
+            latencies = [arrived - publisher.track.sent[pts] for arrived, pts, _ in frames]
+            await viewer.close()
+            await publisher.close()
+            return latencies
+
+    latencies = run(main(), timeout=150)
+    p50, p95 = np.percentile(latencies, 50) * 1000, np.percentile(latencies, 95) * 1000
+    print(f"\nWHIP -> WHEP latency on loopback, tiny-random 128x128 from 256x256 H.264 at 30 fps: "
+          f"p50 {p50:.0f} ms, p95 {p95:.0f} ms over {len(latencies)} frames")
+    assert p95 < 2000, (p50, p95)
