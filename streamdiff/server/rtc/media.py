@@ -73,9 +73,7 @@ async def feed_session(track: Any, session: StreamSession) -> None:
                 return
             stream = session.stream
             if stream is None or stream.closed:
-                if session.conn.state.value == "closed":
-                    return
-                continue
+                return  # the session ended
             config = stream.config
             image = await loop.run_in_executor(session.hub.decode_pool, to_rgb, frame, config.width, config.height)
             session.submit_decoded(image, frame.pts)

@@ -198,6 +198,8 @@ class PeerTransport:
     async def request(self, message: dict[str, Any], timeout: float) -> dict[str, Any]:
         """Run ``message`` (an ``update``) through the session as if the data channel had carried it; returns its
         ``ack`` or ``error``. Its ``request_id`` is replaced by one of the server's (``http-N``)."""
+        if self._incoming.qsize() >= MAX_INCOMING_MESSAGES:
+            raise asyncio.TimeoutError("too many messages waiting")
         self._next_request += 1
         request_id = f"http-{self._next_request}"
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
@@ -216,6 +218,7 @@ class Peer:
     def __init__(self, pc: Any, session: StreamSession, transport: PeerTransport | None, config: RtcConfig) -> None:
         self.pc, self.session, self.transport, self.config = pc, session, transport, config
         self.tasks: list[asyncio.Task[Any]] = []
+        self.session_task: asyncio.Task[None] | None = None  # a publisher's session
         self.connected = asyncio.Event()
         self._closing: asyncio.Task[None] | None = None
         self._done = asyncio.get_running_loop().create_future()
@@ -236,6 +239,7 @@ class Peer:
         """After the answer: the connect deadline, and the end of the session (a publisher's own task; for a
         viewer, its track ends with the stream) closes the peer."""
         self.start(self._connect_deadline())
+        self.session_task = session_task
         if session_task is not None:
             session_task.add_done_callback(lambda _: self.close("the stream ended"))
 

@@ -112,8 +112,8 @@ class RtcFront:
 
     async def unpublish(self, request: web.Request) -> web.Response:
         peer = self._publisher(request)
-        await asyncio.wait([peer.close("DELETE by the client")], timeout=ADMIT_TIMEOUT_S)
-        await asyncio.wait([asyncio.ensure_future(_session_ended(peer.session))], timeout=ADMIT_TIMEOUT_S)
+        ends = [peer.close("DELETE by the client")] + ([peer.session_task] if peer.session_task else [])
+        await asyncio.wait(ends, timeout=ADMIT_TIMEOUT_S)  # the session has left the engine: its slot is free
         return _text(200, "ended\n")
 
     async def update(self, request: web.Request) -> web.Response:
@@ -130,7 +130,8 @@ class RtcFront:
         try:
             answer = await peer.transport.request(message, REQUEST_TIMEOUT_S)
         except (asyncio.CancelledError, asyncio.TimeoutError):
-            raise SignalingError(503, "the stream ended before it answered") from None
+            raise SignalingError(503, "the stream did not answer (it ended, or too many updates wait)",
+                                 _RETRY) from None
         return web.json_response(answer, status=200 if answer.get("type") == "ack" else 400)
 
     def _publisher(self, request: web.Request) -> Peer:
@@ -266,12 +267,6 @@ def add_rtc_routes(app: web.Application, hub: Hub, rtc_config: RtcConfig | None 
     app.router.add_patch(WHEP_PREFIX + "{view_token}/{resource}", not_allowed)
     app.on_shutdown.append(on_shutdown)
     return front
-
-
-async def _session_ended(session: StreamSession) -> None:
-    hub = session.hub
-    while session in hub.connections:
-        await asyncio.sleep(0.01)
 
 
 def _sdp_answer(sdp: str, location: str, headers: tuple[tuple[str, str], ...] = ()) -> web.Response:

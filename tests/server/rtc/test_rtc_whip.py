@@ -246,3 +246,60 @@ def test_whip_to_whep_latency_on_loopback(tiny_model) -> None:
     print(f"\nWHIP -> WHEP latency on loopback, tiny-random 128x128 from 256x256 H.264 at 30 fps: "
           f"p50 {p50:.0f} ms, p95 {p95:.0f} ms over {len(latencies)} frames")
     assert p95 < 2000, (p50, p95)
+
+
+class _MemoryTransport:
+    """The Transport seam of a WebSocket viewer, in memory (what a viewer socket would be sent)."""
+
+    remote, origin = "127.0.0.1:1", None
+
+    def __init__(self) -> None:
+        self.sent: list = []
+        self._closed = asyncio.Event()
+
+    async def receive(self):
+        from streamdiff.server.transport import TransportClosed
+
+        await self._closed.wait()
+        raise TransportClosed(1000)
+
+    async def send(self, data) -> None:
+        self.sent.append(data)
+
+    async def close(self, code: int, reason: str) -> None:
+        self._closed.set()
+
+    def abort(self) -> None:
+        self._closed.set()
+
+
+def test_websocket_viewers_watch_a_whip_stream_too(tiny_model) -> None:
+    from streamdiff.server.viewing import ViewerSession
+    from streamdiff.server.wire import unpack_output_frame
+
+    async def main() -> None:
+        async with serve(tiny_model, config()) as served, ClientSession() as http:
+            publisher = await publish(http, served.url, TOKEN, query=QUERY)
+            (session,) = served.hub.sessions.values()
+            transport = _MemoryTransport()
+            viewer = asyncio.ensure_future(ViewerSession(served.hub, transport, session.view_token).run())
+            await wait_for(lambda: sum(isinstance(m, bytes) for m in transport.sent) >= 3, 60, "viewer frames")
+            header, body = unpack_output_frame(next(m for m in transport.sent if isinstance(m, bytes)))
+            assert body[:3] == b"\xff\xd8\xff"  # JPEG, the stream's output format
+            await publisher.close()
+            await asyncio.wait_for(viewer, 15)  # ends with the stream
+
+    run(main())
+
+
+def test_a_video_over_max_frame_pixels_ends_the_stream(tiny_model) -> None:
+    async def main() -> None:
+        async with serve(tiny_model, config(max_frame_pixels=200 * 200)) as served, ClientSession() as http:
+            publisher = await publish(http, served.url, TOKEN, query=QUERY)  # 256x256
+            assert publisher.status == 201, publisher.body
+            (session,) = served.hub.sessions.values()
+            await wait_for(lambda: not served.hub.sessions and not len(served.front.publishers), 30, "the end")
+            assert "image_too_large" in session.close_reason and "256x256" in session.close_reason
+            await publisher.close()
+
+    run(main())
