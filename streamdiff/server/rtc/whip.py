@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from ...errors import ProtocolError
 from ..protocol import ConnectionState
 from ..session import StreamSession
+from ..transport import TransportClosed
 from ..wire import PROTOCOL_VERSION, load_json
 from .config import RtcConfig
 from .media import drain, feed_session, keep_rtp_timestamps, make_output_track
@@ -89,7 +90,11 @@ class RtcFront:
                                   summary.data_channel)
         session = StreamSession(hub, transport)
         session_task = asyncio.ensure_future(session.run())
-        answer = await asyncio.wait_for(asyncio.shield(transport.admitted), ADMIT_TIMEOUT_S)
+        try:
+            answer = await asyncio.wait_for(asyncio.shield(transport.admitted), ADMIT_TIMEOUT_S)
+        except asyncio.TimeoutError:  # never seen: the hello is there at once; the engine may be stuck
+            transport.lost(TransportClosed(None, "not admitted in time"))
+            raise SignalingError(503, f"the stream was not admitted within {ADMIT_TIMEOUT_S:g} s", _RETRY) from None
         if answer.get("type") != "ready":
             await asyncio.wait([session_task], timeout=ADMIT_TIMEOUT_S)
             status = _STATUS.get(str(answer.get("code")), 400)

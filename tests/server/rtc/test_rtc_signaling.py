@@ -21,7 +21,8 @@ from streamdiff.server.rtc.signaling import (
 from streamdiff.server.options import rtc_config
 
 HEAD = "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n"
-VIDEO = "m=video 9 UDP/TLS/RTP/SAVPF 96 97 98\r\na=rtpmap:96 H264/90000\r\na=rtpmap:97 rtx/90000\r\na=rtpmap:98 VP8/90000\r\n"
+VIDEO = ("m=video 9 UDP/TLS/RTP/SAVPF 96 97 98\r\na=rtpmap:96 H264/90000\r\na=rtpmap:97 rtx/90000\r\n"
+         "a=rtpmap:98 VP8/90000\r\n")
 
 
 def _refused(body: str, status: int, publish: bool = True, content_type: str = "application/sdp",

@@ -227,8 +227,8 @@ def test_whep_viewers_unknown_tokens_limits_and_the_end_of_the_stream(tiny_model
 
 
 def test_whip_to_whep_latency_on_loopback(tiny_model) -> None:
-    """WHIP → engine → WHEP, pts-matched: p50/p95 of (viewer decoded − publisher captured) over ~100 frames, printed
-    (``-s``); the bound only catches a pipeline that queues."""
+    """WHIP → engine → WHEP, pts-matched: p50/p95 of (viewer decoded − publisher captured) over ~100 frames,
+    printed (``-s``); the bound only catches a pipeline that queues."""
 
     async def main() -> list[float]:
         async with serve(tiny_model, config()) as served, ClientSession() as http:
