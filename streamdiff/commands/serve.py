@@ -105,6 +105,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     server.add_argument("--max-shapes", type=int,
                         help="frame sizes whose compiled state each engine keeps (least recently used beyond; bounds "
                              "memory whatever sizes clients ask for) (default 8)")
+    rtc = parser.add_argument_group("WebRTC: WHIP ingest, WHEP playback (docs/webrtc.md)")
+    rtc.add_argument("--rtc-host", action="append", metavar="ADDRESS",
+                     help="a local IP address offered as ICE host candidate (UDP); repeatable (default: every "
+                          "address of every interface except loopback; 127.0.0.1 for this machine only)")
+    rtc.add_argument("--rtc-max-sdp-bytes", type=int, metavar="N", help="largest SDP offer read; more is 413 "
+                                                                         "(default 16384)")
+    rtc.add_argument("--rtc-codecs", metavar="LIST", help="video codecs allowed, in order of preference, "
+                                                          "comma-separated (default H264,VP8)")
+    rtc.add_argument("--rtc-connect-timeout", type=float, metavar="S",
+                     help="seconds for ICE and DTLS to connect after the answer, or the peer is closed (default 10)")
     limits = parser.add_argument_group("limits (per client unless said otherwise; the defaults are safe)")
     for name, default in limits_defaults().items():
         shown = ",".join(v.value for v in default) if isinstance(default, tuple) else f"{default:g}" \
@@ -126,10 +136,10 @@ def resolve_options(args: argparse.Namespace) -> dict[str, Any]:
     if file_options.get("token") is None and os.environ.get(TOKEN_ENV):
         environment["token"] = os.environ[TOKEN_ENV]
     options = shared.resolve(args, defaults, file_options, environment)
-    for key in ("lora", "allowed_origin"):
+    for key in ("lora", "allowed_origin", "rtc_host"):
         if isinstance(options[key], str):
             options[key] = [options[key]]
-    for key in ("allowed_input_formats", "allowed_cfg_types", "allowed_hosts"):
+    for key in ("allowed_input_formats", "allowed_cfg_types", "allowed_hosts", "rtc_codecs"):
         if isinstance(options[key], str):
             options[key] = tuple(v.strip() for v in options[key].split(",") if v.strip())
     return options

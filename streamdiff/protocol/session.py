@@ -268,6 +268,20 @@ class ServerConnection:
         self.stats.frames_accepted += 1
         return [Frame(header.frame_id, header.client_ts, bytes(body), self._clock())]
 
+    def receive_decoded(self) -> bool:
+        """Count one frame that arrived already decoded by another transport (a WebRTC video track): activity for
+        the idle timeout and a received frame; False when it is over ``max_input_fps`` (dropped, counted as
+        rate-limited) or the stream is not streaming."""
+        if self.state is not ConnectionState.STREAMING:
+            return False
+        self._received()
+        self.stats.frames_received += 1
+        if not self._rate.allow():
+            self.stats.frames_rate_limited += 1
+            return False
+        self.stats.frames_accepted += 1
+        return True
+
     def check_timeouts(self) -> list[Event]:
         """Close when the hello is late or the connection idle; call when :meth:`next_deadline` has passed."""
         now = self._clock()

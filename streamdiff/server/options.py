@@ -17,8 +17,9 @@ from .hub import ServerConfig
 from ..protocol.limits import ServerLimits
 from ..protocol.policy import HostPolicy, OriginPolicy
 from ..protocol.settings import OutputConfig, StreamSettings
+from .rtc.config import RtcConfig
 
-__all__ = ["SERVER_DEFAULTS", "limits_defaults", "serve_defaults", "server_config"]
+__all__ = ["RTC_DEFAULTS", "SERVER_DEFAULTS", "limits_defaults", "rtc_config", "serve_defaults", "server_config"]
 
 SERVER_DEFAULTS: dict[str, Any] = {
     "host": "127.0.0.1",
@@ -36,6 +37,15 @@ SERVER_DEFAULTS: dict[str, Any] = {
 }
 
 
+#: The WebRTC options (``--rtc-host``…): :func:`rtc_config` makes the :class:`~.rtc.config.RtcConfig` of WHIP/WHEP.
+RTC_DEFAULTS: dict[str, Any] = {
+    "rtc_host": [],
+    "rtc_max_sdp_bytes": RtcConfig.max_sdp_bytes,
+    "rtc_codecs": RtcConfig.video_codecs,
+    "rtc_connect_timeout": RtcConfig.connect_timeout_s,
+}
+
+
 def limits_defaults() -> dict[str, Any]:
     """One option per :class:`ServerLimits` field, with its default."""
     defaults = ServerLimits()
@@ -46,7 +56,14 @@ def limits_defaults() -> dict[str, Any]:
 def serve_defaults() -> dict[str, Any]:
     """Every option of a server, with its default."""
     return {**MODEL_DEFAULTS, **ENGINE_DEFAULTS, **STREAM_DEFAULTS, **PROMPT_DEFAULTS, **SERVER_DEFAULTS,
-            **limits_defaults()}
+            **RTC_DEFAULTS, **limits_defaults()}
+
+
+def rtc_config(options: dict[str, Any]) -> RtcConfig:
+    """The :class:`~.rtc.config.RtcConfig` the options describe (validated there)."""
+    return RtcConfig(hosts=tuple(options["rtc_host"]), max_sdp_bytes=int(options["rtc_max_sdp_bytes"]),
+                     video_codecs=tuple(options["rtc_codecs"]),
+                     connect_timeout_s=float(options["rtc_connect_timeout"]))
 
 
 def server_config(options: dict[str, Any]) -> ServerConfig:

@@ -30,7 +30,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from .hub import Hub
     from .viewing import ViewerSession
 
-__all__ = ["FrameTag", "StreamSession"]
+__all__ = ["FrameTag", "OutputSink", "StreamSession"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,12 +68,26 @@ class FrameTag:
     received: float  # the message arrived
     decode_ms: float
     submitted: float  # handed to the engine stream
+    pts: int | None = None  # the RTP timestamp of a frame that came from a video track (WebRTC)
+
+
+class OutputSink(Protocol):
+    """Something that takes a stream's raw outputs besides its transport (a WebRTC output track): called on the
+    event loop, it must return at once (keep the newest output, latest-wins)."""
+
+    def on_output(self, output: StreamOutput) -> None: ...
+
+    def ended(self) -> None:
+        """The stream ended: no more outputs."""
+        ...
 
 
 @dataclass(frozen=True)
 class _Job:
     frame: Frame
     received: float
+    image: np.ndarray | None = None  # already decoded (a video track's frame): no image decode
+    pts: int | None = None
 
 
 class StreamSession:
@@ -87,6 +101,7 @@ class StreamSession:
         self.stream_id: str | None = None
         self.view_token: str | None = None
         self.viewers: set[ViewerSession] = set()
+        self.sinks: set[OutputSink] = set()  # raw outputs (WebRTC tracks), besides the transport and viewers
         self.drops = {"superseded": 0, "congested": 0, "output_superseded": 0}
         self.close_code: int | None = None
         self.close_reason = ""
@@ -189,6 +204,8 @@ class StreamSession:
         code = ErrorCode.SHUTTING_DOWN if self.hub.shutting_down else ErrorCode.STREAM_ENDED
         for viewer in list(self.viewers):
             await viewer.end(code, "the stream being watched ended")
+        for sink in list(self.sinks):
+            sink.ended()
         self._sync_metrics()
         self.hub.metrics.closes.labels(str(int(self.close_code or 1006))).inc()
         if self.stream_id is None:
@@ -329,7 +346,8 @@ class StreamSession:
 
     # -- frames in ----------------------------------------------------------------------------------------------
 
-    def _on_frame(self, frame: Frame, received: float) -> None:
+    def _on_frame(self, frame: Frame, received: float, image: np.ndarray | None = None,
+                  pts: int | None = None) -> None:
         if self.stream is None or self.stream.closed:
             return
         if self._sending_since is not None and received - self._sending_since > CONGESTED_S:
@@ -337,9 +355,23 @@ class StreamSession:
             return
         # One group waits at most: F frames, so that a client sending a frame whenever fewer than F of its frames
         # are not taken yet (docs/protocol.md, "Lossless clients") never has one replaced
-        if self._inbox.put(_Job(frame, received), self.stream.config.frame_buffer_size) is not None:
+        if self._inbox.put(_Job(frame, received, image, pts), self.stream.config.frame_buffer_size) is not None:
             self.drops["superseded"] += 1
         self._room.set()  # a decoded frame waiting for room gives way once newer ones fill the slot
+
+    def submit_decoded(self, image: np.ndarray, pts: int | None = None) -> None:
+        """A frame that arrived decoded (uint8 RGB ``[H, W, 3]``, already at the stream's size) from another
+        transport, e.g. a WebRTC video track, with its RTP timestamp ``pts`` (outputs carry it in their
+        :class:`FrameTag`): the same path as a WebSocket frame after its decode — the input rate limit, the
+        latest-wins slot, the engine's room. Call on the event loop; returns at once."""
+        if self.conn.state is not ConnectionState.STREAMING:
+            return
+        if not self.conn.receive_decoded():
+            self._report_losses()
+            return
+        frame_id = self.conn.stats.frames_accepted
+        received = time.perf_counter()
+        self._on_frame(Frame(frame_id, 0.0, b"", time.monotonic()), received, image, pts)
 
     async def _decode_loop(self) -> None:
         """Decode the oldest waiting frame, wait until the engine's input queue has room for it, hand it over.
@@ -354,17 +386,20 @@ class StreamSession:
         assert stream is not None
         while not self._finished:
             job = await self._inbox.get()
-            try:
-                self._decode_budget.check()
-            except ImageError as error:  # over its share: refused undecoded
-                await self._execute(self.conn.frame_rejected(job.frame, error))
-                continue
-            image, decode_ms, cpu_ms = await self._loop.run_in_executor(
-                self.hub.decode_pool, _decode, job.frame.body, self.limits, self._is_finished)
-            self._decode_budget.spend(cpu_ms)
-            if isinstance(image, ImageError):
-                await self._execute(self.conn.frame_rejected(job.frame, image))
-                continue
+            if job.image is not None:  # decoded by its transport
+                image, decode_ms = job.image, 0.0
+            else:
+                try:
+                    self._decode_budget.check()
+                except ImageError as error:  # over its share: refused undecoded
+                    await self._execute(self.conn.frame_rejected(job.frame, error))
+                    continue
+                image, decode_ms, cpu_ms = await self._loop.run_in_executor(
+                    self.hub.decode_pool, _decode, job.frame.body, self.limits, self._is_finished)
+                self._decode_budget.spend(cpu_ms)
+                if isinstance(image, ImageError):
+                    await self._execute(self.conn.frame_rejected(job.frame, image))
+                    continue
             while self._untaken() >= stream.config.frame_buffer_size and not self._inbox.full:
                 self._room.clear()
                 await self._room.wait()
@@ -372,7 +407,8 @@ class StreamSession:
                 self.drops["superseded"] += 1
                 self._report_losses()
                 continue
-            tag = FrameTag(job.frame.frame_id, job.frame.client_ts, job.received, decode_ms, time.perf_counter())
+            tag = FrameTag(job.frame.frame_id, job.frame.client_ts, job.received, decode_ms, time.perf_counter(),
+                           job.pts)
             self._submitted += 1
             try:
                 await self._loop.run_in_executor(self.hub.decode_pool, stream.submit, image, tag)  # resizes there
@@ -405,6 +441,10 @@ class StreamSession:
         if output.images is None:  # the Stream Batch is filling: tell the client its frames were taken
             self._stats_due.set()
             return
+        for sink in list(self.sinks):
+            sink.on_output(output)
+        if not self.viewers and not getattr(self.transport, "wants_frames", True):
+            return  # nobody takes encoded frames (a WebRTC peer gets its frames on a video track)
         replaced = self._outbox.put(output)
         if replaced is not None:
             self.drops["output_superseded"] += len(replaced.frame_ids)

@@ -524,6 +524,22 @@ def test_frames_over_the_rate_are_dropped_and_counted(clock: FakeClock, jpeg: by
     assert 49 <= accepted <= 51 and conn.state is ConnectionState.STREAMING and conn.stats.errors == 0
 
 
+def test_decoded_frames_share_the_rate_limit_and_keep_the_connection_alive(clock: FakeClock) -> None:
+    """Frames decoded by another transport (a WebRTC video track): counted, rate-limited like binary frames, and
+    activity for the idle timeout; none before ready."""
+    conn = ServerConnection(ServerLimits(max_input_fps=10, input_burst_frames=2, idle_timeout_s=5), clock=clock)
+    assert conn.receive_decoded() is False and conn.stats.frames_received == 0  # awaiting hello
+    conn = streaming(clock, ServerLimits(max_input_fps=10, input_burst_frames=2, idle_timeout_s=5))
+    assert [conn.receive_decoded() for _ in range(4)] == [True, True, False, False]
+    assert (conn.stats.frames_received, conn.stats.frames_accepted, conn.stats.frames_rate_limited) == (4, 2, 2)
+    for _ in range(3):
+        clock.advance(4)
+        conn.receive_decoded()
+        assert conn.check_timeouts() == []
+    clock.advance(5)
+    assert conn.check_timeouts() and conn.state is ConnectionState.CLOSED
+
+
 def test_the_frame_bucket_is_exactly_as_documented(clock: FakeClock, jpeg: bytes) -> None:
     """docs/protocol.md, "Lossless clients": input_burst_frames tokens, full at ready, max_input_fps refill; each
     frame with a valid header received after ready takes one; bad headers take none (they are errors instead)."""

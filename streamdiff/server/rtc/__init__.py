@@ -1,0 +1,18 @@
+"""WebRTC for ``streamdiff serve``: WHIP ingest (OBS 30+, ffmpeg, GStreamer, browsers), WHEP playback, ``sendrecv``
+peers with a data channel (docs/webrtc.md).
+
+- :mod:`.config`: :class:`RtcConfig` (``--rtc-host``, SDP size, codecs, connect timeout);
+- :mod:`.signaling`: sans I/O: offer checks, WHIP URL query → settings, bearer tokens, the resource table;
+- :mod:`.media`: a video track's newest frames into the session, the session's outputs as a video track;
+- :mod:`.peer`: ICE gathering on chosen addresses, the data-channel :class:`PeerTransport`, a peer's life cycle;
+- :mod:`.whip`: the aiohttp handlers, :func:`add_rtc_routes`.
+
+aiortc and aiohttp are imported only when a route is mounted or a peer connects.
+"""
+
+from __future__ import annotations
+
+from .config import RtcConfig
+from .whip import RtcFront, add_rtc_routes
+
+__all__ = ["RtcConfig", "RtcFront", "add_rtc_routes"]

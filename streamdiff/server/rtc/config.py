@@ -1,0 +1,62 @@
+"""The WebRTC options of ``streamdiff serve``: one frozen, validated :class:`RtcConfig` (data only, no I/O)."""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+from dataclasses import dataclass
+
+from ...errors import ConfigError
+
+__all__ = ["SUPPORTED_VIDEO_CODECS", "RtcConfig"]
+
+#: The video codecs aiortc decodes and encodes (mime subtype, as in SDP ``rtpmap`` lines).
+SUPPORTED_VIDEO_CODECS = ("H264", "VP8")
+
+
+@dataclass(frozen=True)
+class RtcConfig:
+    """WHIP ingest and WHEP playback (docs/webrtc.md); every field has a safe default.
+
+    ``hosts``: the local addresses whose UDP sockets become ICE host candidates (``--rtc-host``, repeatable; empty:
+    every address of every interface except loopback, aioice's default; ``127.0.0.1`` for this machine only).
+    ``max_sdp_bytes``: the largest SDP offer read (413 above it). ``video_codecs``: the codecs a peer may send or
+    receive, in the server's order of preference (offers with none of them: 406). ``connect_timeout_s``: ICE and
+    DTLS must have connected within this long after the answer, or the peer is closed and its stream slot freed.
+
+    Not configurable: a UDP port range (aioice 0.13 binds every host candidate to an ephemeral port, ``(host, 0)``,
+    and has no option for a range: open the kernel's ephemeral range, ``net.ipv4.ip_local_port_range``, to UDP from
+    your clients instead); DTLS (always on: aiortc has no way to turn it off).
+    """
+
+    hosts: tuple[str, ...] = ()
+    max_sdp_bytes: int = 16 << 10
+    video_codecs: tuple[str, ...] = SUPPORTED_VIDEO_CODECS
+    connect_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.hosts, (str, bytes)) or not hasattr(self.hosts, "__iter__"):
+            raise ConfigError(f"RtcConfig.hosts={self.hosts!r} must be a list of IP addresses")
+        hosts = []
+        for host in self.hosts:
+            try:
+                hosts.append(str(ipaddress.ip_address(str(host).strip("[]"))))
+            except ValueError:
+                raise ConfigError(f"--rtc-host {host!r} is not an IP address (give an address of this machine, "
+                                  "e.g. 127.0.0.1 or 192.168.1.20)") from None
+        object.__setattr__(self, "hosts", tuple(dict.fromkeys(hosts)))
+        if isinstance(self.max_sdp_bytes, bool) or not isinstance(self.max_sdp_bytes, int) \
+                or not 1024 <= self.max_sdp_bytes <= 1 << 20:
+            raise ConfigError(f"RtcConfig.max_sdp_bytes={self.max_sdp_bytes!r} is outside [1024, 1048576]")
+        if isinstance(self.video_codecs, (str, bytes)) or not hasattr(self.video_codecs, "__iter__"):
+            raise ConfigError(f"RtcConfig.video_codecs={self.video_codecs!r} must be a list of codec names")
+        codecs = tuple(dict.fromkeys(str(c).upper() for c in self.video_codecs))
+        unknown = [c for c in codecs if c not in SUPPORTED_VIDEO_CODECS]
+        if unknown or not codecs:
+            raise ConfigError(f"RtcConfig.video_codecs={list(self.video_codecs)!r}: give one or more of "
+                              f"{', '.join(SUPPORTED_VIDEO_CODECS)}")
+        object.__setattr__(self, "video_codecs", codecs)
+        value = self.connect_timeout_s
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"RtcConfig.connect_timeout_s={value!r} must be a finite number > 0")
+        object.__setattr__(self, "connect_timeout_s", float(value))
