@@ -3,7 +3,6 @@
 - :mod:`.hub`: :class:`ServerConfig` and :class:`Hub` (the engine, the codec threads, metrics, who is streaming);
 - :mod:`.session` and :mod:`.viewing`: :class:`StreamSession` and :class:`ViewerSession`, one per socket, written
   against the :class:`~.transport.Transport` seam (:mod:`.transport`), so any WebSocket library can drive them;
-- :mod:`streamdiff.protocol.policy`: the input rate limiter and the error budget (injected clock), origins, tokens, admission;
 - :mod:`.pacing`: latest-wins slots and time limits; :mod:`.metrics`: Prometheus; :mod:`.routes`: the HTTP side;
 - :mod:`.app`: :class:`StreamServer` (and :class:`BackgroundServer`, the same in a thread);
 - ``web/``: the browser page (``index.html``) and the view-only page for OBS (``view.html``), static files.
