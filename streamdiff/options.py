@@ -146,7 +146,8 @@ def stream_config(options: Mapping[str, Any]) -> StreamConfig:
 def prompt_config(options: Mapping[str, Any]) -> PromptConfig:
     """The :class:`PromptConfig` the options describe."""
     return PromptConfig(
-        options["prompt"], options["negative_prompt"], options["guidance_scale"], options["delta"], options["seed"]
+        options["prompt"], options["negative_prompt"], options["guidance_scale"], options["delta"], options["seed"],
+        options.get("ip_adapter_scale", 1.0),
     )
 
 
@@ -162,11 +163,13 @@ class ModelOptions:
     device: str
     backend: BackendKind
     engine: EngineOptions
+    ip_adapter: str | None = None  # an IP-Adapter to install (image prompts): "tiny", a folder or a file
 
     def load(self) -> LoadedModel:
         from .models import load_model
 
-        return load_model(self.model, vae=self.vae, loras=self.loras, dtype=self.dtype, device=self.device)
+        return load_model(self.model, vae=self.vae, loras=self.loras, dtype=self.dtype, device=self.device,
+                          ip_adapter=self.ip_adapter)
 
     def plan(self, model: LoadedModel, config: StreamConfig) -> tuple[BackendKind, list[BuildStep]]:
         """The resolved backend and the engine cache entries it needs for ``config`` (keys without building)."""
@@ -228,4 +231,5 @@ def model_options(options: Mapping[str, Any]) -> ModelOptions:
         device=_text(options, "device", optional=False),  # type: ignore[arg-type]
         backend=to_enum(BackendKind, options["backend"], "backend"),
         engine=engine,
+        ip_adapter=_text(options, "ip_adapter"),
     )
