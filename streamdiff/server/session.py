@@ -39,7 +39,7 @@ from .images import DecodeBudget, ImageFormat, decode, encode
 from .metrics import SyncState
 from .pacing import LatestSlot, SendTimeout, send_within, within
 from .policy import client_address
-from .protocol import Close, ConnectionState, Frame, Hello, Send, ServerConnection, Update
+from .protocol import Close, ConnectionState, Frame, Hello, ReferenceUpload, Send, ServerConnection, Update
 from .transport import Transport, TransportClosed
 from .versions import SettingsVersions
 from .wire import ErrorCode, ServerTimings, shorten
@@ -225,6 +225,8 @@ class StreamSession:
                 self._on_frame(event, received if received is not None else time.perf_counter())
             elif isinstance(event, Update):
                 await self._update(event)
+            elif isinstance(event, ReferenceUpload):
+                await self._reference(event)
             elif isinstance(event, Hello):
                 await self._admit(event)
             elif isinstance(event, Close):
@@ -326,6 +328,24 @@ class StreamSession:
                 return  # the engine ended the stream; housekeeping closes the connection
             self._versions.acked(engine_version, update.settings_version, update.settings)
         await self._send(update.ack)
+
+    async def _reference(self, upload: ReferenceUpload) -> None:
+        """A reference image (image prompt): decoded off the event loop under the frames' limits and this client's
+        decode budget, then set on the stream like an update (acked, or refused by the engine)."""
+        if self.stream is None:
+            return
+        try:
+            self._decode_budget.check()
+        except ImageError as error:
+            await self._execute(self.conn.reference_rejected(upload, error))
+            return
+        image, _, cpu_ms = await self._loop.run_in_executor(
+            self.hub.decode_pool, _decode, upload.body, self.limits, self._is_finished)
+        self._decode_budget.spend(cpu_ms)
+        if isinstance(image, ImageError):
+            await self._execute(self.conn.reference_rejected(upload, image))
+            return
+        await self._execute(self.conn.reference_decoded(upload, image))
 
     # -- frames in ----------------------------------------------------------------------------------------------
 
