@@ -145,9 +145,10 @@ def test_a_reference_image_upload_sets_the_streams_image_prompt(cache_dir) -> No
         assert (await answer(transport))["settings"]["ip_adapter"] == "style"
         await transport.incoming.put(pack_reference_header(6) + b"not an image")
         assert (await answer(transport))["request_id"] == 6
-        await transport.incoming.put(pack_reference_header(7) + reference)
+        request_id, message = client.reference_image(reference)
+        await transport.incoming.put(message)
         ack = await answer(transport)
-        assert (ack["type"], ack["request_id"], ack["settings_version"]) == ("ack", 7, 2)
+        assert (ack["type"], ack["request_id"], ack["settings_version"]) == ("ack", request_id, 2)
         stream = next(iter(hub.sessions.values())).stream
         assert stream.prompt.reference_image is not None and stream.prompt.ip_adapter_scale == 1.5
         for i in range(3):
