@@ -157,8 +157,9 @@ def test_reference_images_need_an_ip_adapter_and_compiled_backends_refuse_one(fo
     with pytest.raises(ConfigError, match="IP-Adapter") as info:
         engine.open_stream(config, "x", reference_image=_images(1, 1)[0])
     assert info.value.field == "reference_image"
-    with pytest.raises(ConfigError, match="eager torch backend only, not with backend 'onnxruntime'"):
-        StreamEngine(ip_model, backend="onnxruntime")
+    for backend in ("onnxruntime", "openvino", "tensorrt"):  # refused before any availability check or build
+        with pytest.raises(ConfigError, match=f"eager torch backend only, not with backend '{backend}'"):
+            StreamEngine(ip_model, backend=backend)
     with pytest.raises(ConfigError, match="compile=True"):
         from streamdiff.backends.keys import EngineOptions
 
