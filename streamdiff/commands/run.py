@@ -25,7 +25,7 @@ from ..io.contact_sheet import ContactSheetSink, InputTap
 from ..io.sinks import VideoFileSink, open_sink
 from ..io.sources import list_webcams, open_source
 from ..runtime import RuntimeConfig, StreamRunner
-from ..runtime.controls import COMMAND_HELP
+from ..runtime.controls import COMMAND_HELP, read_reference_image
 from ..options import (
     ENGINE_DEFAULTS,
     MODEL_DEFAULTS,
@@ -183,19 +183,6 @@ def build_runner(options: dict[str, Any]) -> StreamRunner:
         source.close()
         raise
     return StreamRunner(engine, source, sinks, runtime, stream_config=config, prompt=prompt)
-
-
-def read_reference_image(path: str) -> Any:
-    """The RGB pixels ``[H, W, 3]`` of an image file (``--ip-adapter-image``); ConfigError when it cannot be read."""
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
-    except (OSError, UnidentifiedImageError) as error:
-        raise ConfigError(f"ip_adapter_image={path!r} cannot be read as an image: {error}", field="ip_adapter_image",
-                          value=path, allowed="a readable image file (PNG, JPEG, WebP …)") from error
 
 
 def _read_commands(runner: StreamRunner) -> None:
