@@ -195,7 +195,7 @@ class BatchTask(StreamTask):
         s = self.state
         rows = batch_plan(self.latents, s.buffers, s.coeffs, s.embeddings, s.guidance.mode)
         if s.extras is not None:
-            rows.extras = dict(s.extras.batch)
+            rows.extras.update(s.extras.batch)
         return rows
 
     def apply(self, round_index: int, prediction: torch.Tensor) -> None:
@@ -228,7 +228,7 @@ class SequentialTask(StreamTask):
         rows = self.run.plan(round_index)
         extras = self.state.extras
         if extras is not None:
-            rows.extras = dict(extras.first if round_index == 0 else extras.later)
+            rows.extras.update(extras.first if round_index == 0 else extras.later)
         return rows
 
     def apply(self, round_index: int, prediction: torch.Tensor) -> None:
