@@ -290,15 +290,67 @@ def t_index_list_for_strength(strength: float, steps: int, num_inference_steps: 
     return out
 
 
+# The largest side of a reference image (IP-Adapter image prompt); the image encoder sees it at ~224 px anyway.
+MAX_REFERENCE_SIDE = 4096
+
+
+@dataclass(frozen=True)
+class ReferenceImage:
+    """An image prompt (IP-Adapter): uint8 RGB pixels ``[H, W, 3]``, kept read-only, named by their ``digest``.
+
+    Two reference images are equal when their pixels are: the engine embeds each distinct image once.
+    Build with :meth:`from_pixels` (copies the array).
+    """
+
+    pixels: Any = field(compare=False, repr=False)  # numpy uint8 [H, W, 3], read-only
+    digest: str = ""  # sha256 of the shape and the bytes
+
+    def __post_init__(self) -> None:
+        import hashlib
+
+        import numpy as np
+
+        pixels = self.pixels
+        if not isinstance(pixels, np.ndarray) or pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
+            shape = getattr(pixels, "shape", None)
+            raise ConfigError(f"reference_image must be uint8 RGB pixels [H, W, 3], got {type(pixels).__name__} "
+                              f"{getattr(pixels, 'dtype', '')} {shape}", field="reference_image",
+                              allowed="uint8 [H, W, 3]")
+        height, width = pixels.shape[:2]
+        if not (1 <= height <= MAX_REFERENCE_SIDE and 1 <= width <= MAX_REFERENCE_SIDE):
+            raise ConfigError(f"reference_image of {width}x{height} px: each side must be in [1, {MAX_REFERENCE_SIDE}]",
+                              field="reference_image", value=(width, height),
+                              allowed=f"sides in [1, {MAX_REFERENCE_SIDE}]")
+        if pixels.flags.writeable:
+            pixels = np.array(pixels, copy=True)
+            pixels.flags.writeable = False
+            object.__setattr__(self, "pixels", pixels)
+        digest = hashlib.sha256(repr(pixels.shape).encode() + np.ascontiguousarray(pixels).tobytes()).hexdigest()
+        object.__setattr__(self, "digest", digest)
+
+    @classmethod
+    def from_pixels(cls, pixels: Any) -> ReferenceImage:
+        """From uint8 ``[H, W, 3]`` (numpy, or anything ``numpy.asarray`` turns into that, e.g. a PIL RGB image)."""
+        import numpy as np
+
+        return cls(np.array(pixels, copy=True) if not isinstance(pixels, np.ndarray) else pixels)
+
+
 @dataclass(frozen=True)
 class PromptConfig:
-    """What the stream is asked to produce; changes live without new buffers."""
+    """What the stream is asked to produce; changes live without new buffers.
+
+    ``reference_image`` (an image prompt, for an engine with an IP-Adapter) and ``ip_adapter_scale`` (its weight)
+    change live too; the image is embedded once per distinct image.
+    """
 
     prompt: str = ""
     negative_prompt: str = ""
     guidance_scale: float = 1.2
     delta: float = 1.0
     seed: int = 2
+    ip_adapter_scale: float = 1.0
+    reference_image: ReferenceImage | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str):
@@ -308,3 +360,6 @@ class PromptConfig:
         object.__setattr__(self, "guidance_scale", check_number("guidance_scale", self.guidance_scale, 0, 50))
         object.__setattr__(self, "delta", check_number("delta", self.delta, 0, 10))
         object.__setattr__(self, "seed", check_int("seed", self.seed, 0, 2**63 - 1))
+        object.__setattr__(self, "ip_adapter_scale", check_number("ip_adapter_scale", self.ip_adapter_scale, 0, 10))
+        if self.reference_image is not None and not isinstance(self.reference_image, ReferenceImage):
+            object.__setattr__(self, "reference_image", ReferenceImage.from_pixels(self.reference_image))

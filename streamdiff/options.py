@@ -146,7 +146,8 @@ def stream_config(options: Mapping[str, Any]) -> StreamConfig:
 def prompt_config(options: Mapping[str, Any]) -> PromptConfig:
     """The :class:`PromptConfig` the options describe."""
     return PromptConfig(
-        options["prompt"], options["negative_prompt"], options["guidance_scale"], options["delta"], options["seed"]
+        options["prompt"], options["negative_prompt"], options["guidance_scale"], options["delta"], options["seed"],
+        options.get("ip_adapter_scale", 1.0),
     )
 
 
@@ -162,11 +163,17 @@ class ModelOptions:
     device: str
     backend: BackendKind
     engine: EngineOptions
+    ip_adapter: str | None = None  # an IP-Adapter to install (image prompts): "tiny", a folder or a file
+    ip_adapter_name: str | None = None  # the name clients choose it by (serve); None: the source
 
     def load(self) -> LoadedModel:
         from .models import load_model
 
-        return load_model(self.model, vae=self.vae, loras=self.loras, dtype=self.dtype, device=self.device)
+        model = load_model(self.model, vae=self.vae, loras=self.loras, dtype=self.dtype, device=self.device,
+                           ip_adapter=self.ip_adapter)
+        if model.ip_adapter is not None:
+            model.ip_adapter.name = self.ip_adapter_name or str(self.ip_adapter)
+        return model
 
     def plan(self, model: LoadedModel, config: StreamConfig) -> tuple[BackendKind, list[BuildStep]]:
         """The resolved backend and the engine cache entries it needs for ``config`` (keys without building)."""
@@ -228,4 +235,21 @@ def model_options(options: Mapping[str, Any]) -> ModelOptions:
         device=_text(options, "device", optional=False),  # type: ignore[arg-type]
         backend=to_enum(BackendKind, options["backend"], "backend"),
         engine=engine,
+        **dict(zip(("ip_adapter_name", "ip_adapter"), parse_ip_adapter(_text(options, "ip_adapter")))),
     )
+
+
+_ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def parse_ip_adapter(value: str | None) -> tuple[str | None, str | None]:
+    """``[NAME=]ID_OR_PATH`` → (name or None, source or None): ``--ip-adapter style=/adapters/ip.safetensors``."""
+    if value is None:
+        return None, None
+    name, equals, source = value.partition("=")
+    if equals and _ADAPTER_NAME.fullmatch(name):
+        if not source:
+            raise ConfigError(f"ip_adapter={value!r} names no source after '='; give NAME=ID_OR_PATH",
+                              field="ip_adapter", value=value, allowed="NAME=ID_OR_PATH or ID_OR_PATH")
+        return name, source
+    return None, value

@@ -129,8 +129,13 @@ class StreamPipeline:
         guidance_scale: float = 1.2,
         delta: float = 1.0,
         seed: int = 2,
+        *,
+        reference_image: Any = None,
+        ip_adapter_scale: float = 1.0,
     ) -> None:
-        """Set the prompt and guidance and open the stream (a new one each time). Next: call it with frames."""
+        """Set the prompt and guidance and open the stream (a new one each time). Next: call it with frames.
+
+        ``reference_image``/``ip_adapter_scale``: an image prompt, for a model with an IP-Adapter."""
         if prompt is None:
             raise ConfigError("prompt is missing: prepare(prompt='...') needs a prompt (use '' for none)")
         config = self.config
@@ -138,6 +143,7 @@ class StreamPipeline:
             self.stream.close()
             self.engine.apply_messages()  # the old stream leaves now: this engine serves one stream at a time
         self.stream = self.engine.open_stream(config, prompt, negative_prompt, guidance_scale, delta, seed,
+                                              reference_image=reference_image, ip_adapter_scale=ip_adapter_scale,
                                               name="pipeline")
         self.engine.apply_messages()  # make the state now, so that its buffers can be inspected
 

@@ -13,6 +13,8 @@ UNET_EXTRAS = {
     "text_embeds": "SDXL: the pooled text embedding [B, D_pool] (added condition)",
     "time_ids": "SDXL: original size, crop and target size [B, 6] (added condition)",
     "mid_residual": "ControlNet: the residual added to the mid block's output [B, C, h', w']",
+    "ip_tokens": "IP-Adapter: the image prompt's projected tokens [B, N, D] (zeros in rows without one)",
+    "ip_scale": "IP-Adapter: each row's image-prompt scale [B] (0 in rows without one)",
     # "down_residual_0", "down_residual_1", …: ControlNet residuals added to the down blocks' outputs, in order
 }
 

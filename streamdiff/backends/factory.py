@@ -62,6 +62,8 @@ def choose_auto(model: LoadedModel, options: EngineOptions) -> tuple[BackendKind
     and the tiny model several times faster; then torch (AOTInductor with ``compile=True``) for bfloat16, ONNX
     Runtime for float32.
     """
+    if getattr(model, "ip_adapter", None) is not None and not options.compile:
+        return BackendKind.TORCH, "the model has an IP-Adapter, whose per-row image prompts run in eager torch only"
     if model.device.type == "cuda":
         problem = tensorrt_problem()
         if problem is None:
@@ -97,6 +99,13 @@ def resolve_backend(kind: BackendKind | str, model: LoadedModel, options: Engine
     if kind is BackendKind.AUTO:
         kind, reason = choose_auto(model, options)
         logger.info("backend auto: picked %s because %s", kind.value, reason)
+    if getattr(model, "ip_adapter", None) is not None and (kind is not BackendKind.TORCH or options.compile):
+        what = "compile=True" if kind is BackendKind.TORCH else f"backend {kind.value!r}"
+        raise ConfigError(
+            f"an IP-Adapter (image prompt) runs on the eager torch backend only, not with {what}: its per-row "
+            "image tokens and scales are not inputs of compiled engines. Use backend='torch' without compile",
+            field="backend", value=kind.value, allowed="torch (eager) with an IP-Adapter",
+        )
     if options.quantize is not Quantization.NONE and kind is not BackendKind.OPENVINO:
         raise ConfigError(
             f"quantize={options.quantize.value!r} needs backend 'openvino' (the only backend with a quantised "

@@ -43,7 +43,10 @@ def unet_kwargs(extras: dict[str, torch.Tensor]) -> dict[str, object]:
         kwargs["down_block_additional_residuals"] = tuple(extras[name] for name in downs)
     if "mid_residual" in extras:
         kwargs["mid_block_additional_residual"] = extras["mid_residual"]
-    unknown = set(extras) - set(added) - set(downs) - {"mid_residual"}
+    ip = {name: extras[name] for name in ("ip_tokens", "ip_scale") if name in extras}
+    if ip:  # read by streamdiff.models.ip_attention's processors, which diffusers hands these to
+        kwargs["cross_attention_kwargs"] = ip
+    unknown = set(extras) - set(added) - set(downs) - {"mid_residual"} - set(ip)
     if unknown:
         raise TypeError(f"unknown U-Net extra inputs {sorted(unknown)}")
     return kwargs

@@ -15,16 +15,17 @@ import logging
 import signal
 import sys
 import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from ..config import StreamConfig, parse_size
-from ..errors import StreamDiffError
+from ..errors import ConfigError, StreamDiffError
 from ..io.contact_sheet import ContactSheetSink, InputTap
 from ..io.sinks import VideoFileSink, open_sink
 from ..io.sources import list_webcams, open_source
 from ..runtime import RuntimeConfig, StreamRunner
-from ..runtime.controls import COMMAND_HELP
+from ..runtime.controls import COMMAND_HELP, read_reference_image
 from ..options import (
     ENGINE_DEFAULTS,
     MODEL_DEFAULTS,
@@ -71,6 +72,9 @@ DEFAULTS: dict[str, Any] = {
     "token": None,
     "remote_format": "jpeg",
     "remote_quality": 90,
+    "ip_adapter": None,
+    "ip_adapter_image": None,
+    "ip_adapter_scale": 1.0,
 }
 
 
@@ -96,6 +100,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     shared.add_model_options(parser)
     shared.add_engine_options(parser)
     shared.add_prompt_options(shared.add_stream_options(parser))
+    image = parser.add_argument_group("image prompt (IP-Adapter)")
+    image.add_argument("--ip-adapter", metavar="ID_OR_PATH",
+                       help="IP-Adapter to load: 'tiny' (built in, for the tiny models) or a local folder/.safetensors "
+                            "file with image_encoder/ beside it (offline)")
+    image.add_argument("--ip-adapter-image", metavar="FILE", help="the reference image (needs --ip-adapter)")
+    image.add_argument("--ip-adapter-scale", type=float,
+                       help=f"the image prompt's weight (default {DEFAULTS['ip_adapter_scale']})")
     run = parser.add_argument_group("run")
     run.add_argument("--queue-size", type=int, help="capacity of the latest-wins queues (default 1)")
     run.add_argument("--status-interval", type=float, help="seconds between status lines, 0 for none (default 2)")
@@ -156,6 +167,11 @@ def build_runner(options: dict[str, Any]) -> StreamRunner:
     source.open()  # fail fast, before a possibly long model load; the runner's open() is then a no-op
     prompt = prompt_config(options)
     try:
+        if options["ip_adapter_image"]:
+            prompt = replace(prompt, reference_image=read_reference_image(str(options["ip_adapter_image"])))
+        if options["engine"] and (options["ip_adapter"] or options["ip_adapter_image"]):
+            raise ConfigError("--ip-adapter/--ip-adapter-image: image prompts are not available with --engine yet",
+                              field="ip_adapter", value=options["ip_adapter"], allowed="none with --engine")
         if options["engine"]:
             engine: Any = RemoteEngine(str(options["engine"]), token=options["token"],
                                        image_format=options["remote_format"], quality=int(options["remote_quality"]))

@@ -13,6 +13,7 @@ import torch
 
 from ..config import CfgMode, PromptConfig, StreamConfig
 from ..models import LoadedModel
+from ..models.ip_adapter import ImagePromptEncoder
 from ..models.prompts import PromptEncoder
 from .state import StreamState
 
@@ -32,11 +33,13 @@ class StateBuilder:
     """Builds and changes stream states on ``model``; ``prepare_backends(config)`` readies the engines for it."""
 
     def __init__(
-        self, model: LoadedModel, prompts: PromptEncoder, prepare_backends: Callable[[StreamConfig], None]
+        self, model: LoadedModel, prompts: PromptEncoder, prepare_backends: Callable[[StreamConfig], None],
+        images: ImagePromptEncoder | None = None,
     ) -> None:
         self.model = model
         self.prompts = prompts
         self.prepare_backends = prepare_backends
+        self.images = images  # reference images → IP tokens (a model with an IP-Adapter), cached
 
     def create(self, config: StreamConfig, prompt: PromptConfig, version: int) -> StreamState:
         """A fresh state (an empty Stream Batch) for ``config`` and ``prompt``."""
@@ -47,6 +50,7 @@ class StateBuilder:
         state = StreamState.create(config, prompt, self.model.schedule, latent_shape, cond, uncond,
                                    self.model.device, self.model.dtype)
         state.version = version
+        self._image_prompt(state, prompt)
         return state
 
     def change(self, state: StreamState, config: StreamConfig, prompt: PromptConfig, version: int) -> StreamState:
@@ -66,6 +70,9 @@ class StateBuilder:
             state.set_conditioning(*self._encode(config, prompt))
         if prompt.seed != state.prompt.seed:
             state.set_seed(prompt.seed)
+        if (prompt.reference_image, prompt.ip_adapter_scale) != (state.prompt.reference_image,
+                                                                  state.prompt.ip_adapter_scale):
+            self._image_prompt(state, prompt)
         state.guidance.scale = float(prompt.guidance_scale)
         state.guidance.delta = float(prompt.delta)
         state.prompt = prompt
@@ -76,3 +83,15 @@ class StateBuilder:
         cond = self.prompts.encode(prompt.prompt)
         needs_negative = config.cfg_type in (CfgMode.FULL, CfgMode.INITIALIZE)
         return cond, self.prompts.encode(prompt.negative_prompt) if needs_negative else None
+
+    def _image_prompt(self, state: StreamState, prompt: PromptConfig) -> None:
+        """The stream's IP-Adapter rows: its reference image's tokens (embedded once per distinct image) at its
+        scale, or zero tokens at scale 0 without an image. Nothing without an IP-Adapter."""
+        if self.images is None:
+            return
+        if prompt.reference_image is None:
+            empty = self.images.empty()
+            state.set_image_prompt(empty, empty, 0.0)
+        else:
+            state.set_image_prompt(self.images.encode(prompt.reference_image), self.images.negative(),
+                                   prompt.ip_adapter_scale)

@@ -42,6 +42,7 @@ from ..config import BackendKind, PromptConfig, StreamConfig, check_int
 from ..core.schedule import slot_coefficients
 from ..errors import ConfigError, FrameError, StreamClosed, StreamDiffError
 from ..models import LoadedModel, LoraSpec, load_model
+from ..models.ip_adapter import ImagePromptEncoder
 from ..models.prompts import PromptEncoder
 from .scheduler import Demand, Scheduler
 from .changes import StateBuilder, reshapes
@@ -93,7 +94,9 @@ class StreamEngine:
         self.scheduler = Scheduler(self.config.max_batch_rows)
         self.batch_vae = self.config.batch_vae if self.config.batch_vae is not None else model.device.type == "cuda"
         self.stats = EngineStats()
-        self.states = StateBuilder(model, self.prompts, self.prepare_backends)
+        self.images = (ImagePromptEncoder(model.ip_adapter, capacity=self.config.image_prompt_cache)
+                       if model.ip_adapter is not None else None)
+        self.states = StateBuilder(model, self.prompts, self.prepare_backends, self.images)
         self._inbox = Inbox()  # the one way in: clients' messages
         self.graphs = self._cuda_graphs(cuda)
         on_cuda = model.device.type == "cuda" or cuda is not None
@@ -137,6 +140,8 @@ class StreamEngine:
         delta: float = 1.0,
         seed: int = 2,
         *,
+        reference_image: Any = None,
+        ip_adapter_scale: float = 1.0,
         lossless: bool = False,
         input_capacity: int | None = None,
         output_capacity: int = 2,
@@ -147,10 +152,13 @@ class StreamEngine:
 
         ``lossless``: submits wait for room and no output is dropped (files); otherwise latest-wins (real time).
         ``on_output(stream, output)`` is called on the engine's thread for every output (keep it quick).
+        ``reference_image`` (uint8 ``[H, W, 3]``, a PIL image or a :class:`~streamdiff.config.ReferenceImage`) and
+        ``ip_adapter_scale``: the stream's image prompt, for a model with an IP-Adapter (both change live).
         """
         if not isinstance(config, StreamConfig):
             raise ConfigError(f"config must be a StreamConfig, got {type(config).__name__}")
-        settings = PromptConfig(prompt, negative_prompt, guidance_scale, delta, seed)
+        settings = PromptConfig(prompt, negative_prompt, guidance_scale, delta, seed, ip_adapter_scale,
+                                reference_image)
         self.check_settings(config, settings)
         if input_capacity is not None:
             input_capacity = check_int("input_capacity", input_capacity, 1)
@@ -194,6 +202,10 @@ class StreamEngine:
         self.scheduler.check_rows(stream_rows(config))
         if not isinstance(prompt, PromptConfig):
             raise ConfigError(f"prompt settings must be a PromptConfig, got {type(prompt).__name__}")
+        if prompt.reference_image is not None and self.model.ip_adapter is None:
+            raise ConfigError("a reference_image (image prompt) needs a model with an IP-Adapter "
+                              "(load_model(..., ip_adapter=...), --ip-adapter)", field="reference_image",
+                              value="an image", allowed="None (this model has no IP-Adapter)")
 
     # -- synchronous use --------------------------------------------------------------------------------------------
 
@@ -456,7 +468,11 @@ class StreamEngine:
         wanted = self.config.cuda_graphs
         if wanted is None:
             return (self.backend is BackendKind.TORCH and self.model.device.type == "cuda"
-                    and self.model.dtype == torch.float16 and not self.options.compile)
+                    and self.model.dtype == torch.float16 and not self.options.compile
+                    and self.model.ip_adapter is None)
+        if wanted and self.model.ip_adapter is not None:
+            raise ConfigError("cuda_graphs=True cannot replay an IP-Adapter's per-row image prompts; leave it unset",
+                              field="cuda_graphs", value=True, allowed="None or False with an IP-Adapter")
         if wanted and self.backend not in (BackendKind.TORCH, BackendKind.TENSORRT):
             raise ConfigError(f"cuda_graphs=True is for the torch and tensorrt backends, not {self.backend.value}",
                               field="cuda_graphs", value=True, allowed="True with backend torch or tensorrt")

@@ -17,8 +17,9 @@ class EngineConfig:
     and decode all streams of a size in one VAE call; None batches on GPUs only (on the CPU a batch of frames cost
     no less per frame than single frames, measured). ``prompt_cache``: prompt embeddings kept. ``sizes``: the
     only frame sizes (width, height) streams may use (None: every size the model and backend run; see
-    :mod:`.shapes`). ``max_shapes``: frame sizes whose compiled per-shape state (kernels, buffers, arenas) a
-    backend keeps; the least recently used one is released beyond it (also the CUDA graphs kept per engine call).
+    :mod:`.shapes`). ``image_prompt_cache``: reference-image embeddings kept (a model with an IP-Adapter).
+    ``max_shapes``: frame sizes whose compiled per-shape state (kernels, buffers, arenas) a backend keeps; the least
+    recently used one is released beyond it (also the CUDA graphs kept per engine call).
     ``cuda_graphs``: engine calls replay a CUDA graph per input shape — the torch backend's U-Net and VAE calls
     (:mod:`streamdiff.backends.cuda_graphs`) or TensorRT's shape slots; None: on for the torch backend on CUDA in
     float16, off elsewhere; True with another backend is a ConfigError.
@@ -28,12 +29,13 @@ class EngineConfig:
     max_batch_rows: int = 16
     batch_vae: bool | None = None
     prompt_cache: int = 64
+    image_prompt_cache: int = 16
     sizes: tuple[tuple[int, int], ...] | None = None
     max_shapes: int = 8
     cuda_graphs: bool | None = None
 
     def __post_init__(self) -> None:
-        for name in ("max_streams", "max_batch_rows", "prompt_cache", "max_shapes"):
+        for name in ("max_streams", "max_batch_rows", "prompt_cache", "image_prompt_cache", "max_shapes"):
             object.__setattr__(self, name, check_int(name, getattr(self, name), 1))
         for name in ("batch_vae", "cuda_graphs"):
             if getattr(self, name) is not None:

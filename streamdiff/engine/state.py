@@ -36,6 +36,16 @@ def draw_noise(seed: int, rows: int, latent_shape: tuple[int, int, int]) -> torc
 
 
 @dataclass
+class RowExtras:
+    """A stream's per-row extra U-Net inputs (``backends.base.UNET_EXTRAS``) in the three row layouts of
+    :class:`~streamdiff.core.step.Embeddings`: the whole Stream Batch, a first step, a later step."""
+
+    batch: dict[str, torch.Tensor]
+    first: dict[str, torch.Tensor]
+    later: dict[str, torch.Tensor]
+
+
+@dataclass
 class StreamStats:
     """Counters of one stream (frames, not groups)."""
 
@@ -63,6 +73,7 @@ class StreamState:
     last_output: torch.Tensor | None = None  # [F, 3, H, W] in [0, 1] (float32, CPU)
     last_latents: torch.Tensor | None = None  # the newest group at t0 (flush re-feeds it as padding)
     version: int = 0  # settings version of the last applied change
+    extras: RowExtras | None = None  # per-row extra U-Net inputs (the image prompt's), same rows as embeddings
 
     @classmethod
     def create(
@@ -96,6 +107,19 @@ class StreamState:
     def set_conditioning(self, cond: torch.Tensor, uncond: torch.Tensor | None) -> None:
         """New prompt embeddings (expanded once for every row layout)."""
         self.embeddings = _embeddings(self.config, cond, uncond)
+
+    def set_image_prompt(self, tokens: torch.Tensor, negative: torch.Tensor, scale: float) -> None:
+        """IP-Adapter inputs for every row: ``tokens`` ``[1, N, D]`` on the conditional rows, ``negative`` on the
+        unconditional ones (as diffusers' pipeline does), ``scale`` on all (0 with zero tokens: no image prompt)."""
+        mode, f = self.config.cfg_type, self.config.frame_buffer_size
+        rows = self.config.denoising_steps * f
+
+        def layout(count: int, first_step: bool) -> dict[str, torch.Tensor]:
+            ip_tokens = expand_embeddings(mode, tokens, negative, count, f, first_step)
+            return {"ip_tokens": ip_tokens, "ip_scale": torch.full(ip_tokens.shape[:1], float(scale),
+                                                                   device=ip_tokens.device, dtype=ip_tokens.dtype)}
+
+        self.extras = RowExtras(layout(rows, True), layout(f, True), layout(f, False))
 
     def set_schedule(self, config: StreamConfig, schedule: NoiseSchedule) -> None:
         """New timesteps with the same n and F: coefficients change in place, the frames inside stay."""
@@ -169,7 +193,10 @@ class BatchTask(StreamTask):
 
     def plan(self, round_index: int) -> UNetRows:
         s = self.state
-        return batch_plan(self.latents, s.buffers, s.coeffs, s.embeddings, s.guidance.mode)
+        rows = batch_plan(self.latents, s.buffers, s.coeffs, s.embeddings, s.guidance.mode)
+        if s.extras is not None:
+            rows.extras.update(s.extras.batch)
+        return rows
 
     def apply(self, round_index: int, prediction: torch.Tensor) -> None:
         s = self.state
@@ -198,7 +225,11 @@ class SequentialTask(StreamTask):
         self.rounds = self.run.steps
 
     def plan(self, round_index: int) -> UNetRows:
-        return self.run.plan(round_index)
+        rows = self.run.plan(round_index)
+        extras = self.state.extras
+        if extras is not None:
+            rows.extras.update(extras.first if round_index == 0 else extras.later)
+        return rows
 
     def apply(self, round_index: int, prediction: torch.Tensor) -> None:
         self.run.apply(round_index, prediction)

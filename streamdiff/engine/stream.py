@@ -152,6 +152,18 @@ class Stream:
             self._requested = (new_config, new_prompt)
         return version
 
+    def set_reference_image(self, image: Any, scale: float | None = None) -> int:
+        """Set (or, with None, remove) the stream's image prompt, live, and optionally its ``ip_adapter_scale``.
+
+        ``image``: uint8 ``[H, W, 3]``, a PIL RGB image or a :class:`~streamdiff.config.ReferenceImage`; needs a
+        model with an IP-Adapter. It is embedded once (per distinct image) on the engine's thread; the Stream Batch
+        goes on. Same as ``update(reference_image=image, ip_adapter_scale=scale)``; returns the settings version.
+        """
+        changes: dict[str, Any] = {"reference_image": image}
+        if scale is not None:
+            changes["ip_adapter_scale"] = scale
+        return self.update(**changes)
+
     # -- frames in ------------------------------------------------------------------------------------------------
 
     @property

@@ -31,6 +31,7 @@ from ..errors import ConfigError, ModelLoadError
 from .hub import hub_snapshot, is_hub_id
 from ..core.schedule import NoiseSchedule, PredictionType
 from .tiny import TINY_NAME, TINY_RANDOM_NAME, tiny_model_path, tiny_random_model_path
+from .ip_adapter import IPAdapter, IPAdapterWeights, load_ip_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ class LoadedModel:
     model_id: str
     fingerprint: str  # identifies the weights: model, VAE and LoRAs with their scales (for engine cache keys)
     loras: tuple[LoraSpec, ...] = field(default_factory=tuple)
+    ip_adapter: IPAdapter | None = None  # an image-prompt adapter installed on the U-Net (see .ip_adapter)
 
     @property
     def latent_channels(self) -> int:
@@ -315,6 +317,7 @@ def load_model(
     revision: str | None = None,
     model_config: str | None = None,
     cache_dir: Path | None = None,
+    ip_adapter: str | Path | IPAdapterWeights | None = None,
 ) -> LoadedModel:
     """Load a model for streaming.
 
@@ -322,6 +325,8 @@ def load_model(
     (``model_config`` names a diffusers folder or cached hub id of the same architecture; needed offline), or a hub
     id such as ``"stabilityai/sd-turbo"``. ``vae``: replace the model's VAE, e.g. ``"madebyollin/taesd"``.
     ``loras``: fused at load, each ``(source, scale)``, e.g. ``("latent-consistency/lcm-lora-sdv1-5", 1.0)``.
+    ``ip_adapter``: an IP-Adapter (image prompt) installed on the U-Net: ``"tiny"`` (built in, for the tiny models),
+    a local folder or ``.safetensors`` file with an ``image_encoder/`` beside it, or :class:`.IPAdapterWeights`.
     ``device``: ``"cpu"``, ``"cuda"``, ``"auto"`` … (:func:`streamdiff.backends.device.resolve_device`); ``dtype``: a
     torch dtype, a precision name, or None for the device's default (:func:`~streamdiff.backends.device.resolve_dtype`).
     Next: open streams on a :class:`~streamdiff.engine.StreamEngine` (or a :class:`~streamdiff.pipeline.StreamPipeline`).
@@ -350,5 +355,7 @@ def load_model(
     loaded = model_from_components(
         components, dtype=dtype, device=device, model_id=model, fingerprint=fingerprint, loras=lora_specs
     )
+    if ip_adapter is not None:
+        loaded.ip_adapter = load_ip_adapter(ip_adapter, loaded.unet, loaded.device, loaded.dtype, cache_dir)
     logger.info("loaded model %s (%s, %s) from %s", model, loaded.device, dtype, path)
     return loaded

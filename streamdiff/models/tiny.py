@@ -231,11 +231,12 @@ def tiny_random_model_path(cache_dir: Path | None = None, seed: int = TINY_SEED)
                           lambda staging: save_diffusers_folder(build_tiny_components(seed), staging))
 
 
-def _cached_folder(cache_dir: Path | None, name: str, build: Callable[[Path], object]) -> Path:
-    """``root/models/name``, made by ``build(staging)`` and renamed into place unless it exists."""
+def _cached_folder(cache_dir: Path | None, name: str, build: Callable[[Path], object],
+                   marker: str = "model_index.json") -> Path:
+    """``root/models/name``, made by ``build(staging)`` and renamed into place unless it exists (has ``marker``)."""
     root = (cache_dir or default_cache_dir()) / "models"
     folder = root / name
-    if (folder / "model_index.json").is_file():
+    if (folder / marker).is_file():
         return folder
     root.mkdir(parents=True, exist_ok=True)
     logger.info("building the built-in model %s in %s", name, folder)
@@ -245,7 +246,7 @@ def _cached_folder(cache_dir: Path | None, name: str, build: Callable[[Path], ob
         try:
             os.replace(staging, folder)
         except OSError:
-            if not (folder / "model_index.json").is_file():  # another process won the race otherwise
+            if not (folder / marker).is_file():  # another process won the race otherwise
                 raise
     finally:
         if staging.exists():

@@ -31,6 +31,7 @@ from .wire import (
     dump_json,
     load_json,
     pack_input_header,
+    pack_reference_header,
     unpack_output_frame,
 )
 
@@ -153,6 +154,13 @@ class ClientConnection:
         request_id = self._next_request_id
         self._next_request_id += 1
         return request_id, dump_json({"type": "update", "request_id": request_id, "settings": settings})
+
+    def reference_image(self, body: bytes) -> tuple[int, bytes]:
+        """A reference image (image prompt; JPEG/WebP ``body``) for a stream with ``settings.ip_adapter``: returns
+        ``(request_id, binary message)``; expect :class:`Ack` (docs/protocol.md, "Reference image")."""
+        request_id = self._next_request_id
+        self._next_request_id += 1
+        return request_id, pack_reference_header(request_id) + body
 
     def frame(self, body: bytes, *, client_ts: float | None = None, frame_id: int | None = None) -> bytes:
         """One binary input message: header + ``body`` (JPEG or WebP). Frame ids count up from 0 unless given."""

@@ -60,6 +60,8 @@ class ServerLimits:
     there: ``decode_too_slow``; a 1920x1080 JPEG takes 15-25 ms), and one client's decodes at most
     ``max_decode_share`` of one core over the last ``decode_window_s`` seconds (frames beyond it are refused
     undecoded: ``decode_too_slow``; 30 progressive 1920x1080 frames a second use about 0.65).
+    Image prompts: ``ip_adapter`` names the IP-Adapter the server's engine has ('' none; :meth:`for_engine` fills
+    it); a stream chooses it with its ``ip_adapter`` setting.
     """
 
     max_streams: int = 4
@@ -105,6 +107,8 @@ class ServerLimits:
     max_decode_ms: float = 200.0
     max_decode_share: float = 0.75
     decode_window_s: float = 10.0
+    # image prompts
+    ip_adapter: str = ""
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -120,6 +124,8 @@ class ServerLimits:
         object.__setattr__(self, "allowed_input_formats",
                            _enum_tuple(ImageFormat, self.allowed_input_formats, "allowed_input_formats"))
         object.__setattr__(self, "allowed_cfg_types", _enum_tuple(CfgMode, self.allowed_cfg_types, "allowed_cfg_types"))
+        if not isinstance(self.ip_adapter, str):
+            raise ConfigError(f"ServerLimits.ip_adapter={self.ip_adapter!r} must be a name ('' for none)")
         if isinstance(self.sizes, (str, bytes)) or not hasattr(self.sizes, "__iter__"):
             raise ConfigError(f"ServerLimits.sizes={self.sizes!r} must be a list of WIDTHxHEIGHT sizes")
         object.__setattr__(self, "sizes", tuple(dict.fromkeys("{}x{}".format(*parse_size(v, "ServerLimits.sizes entry"))
@@ -147,7 +153,8 @@ class ServerLimits:
         caps = {name: max(multiple, min(getattr(self, name), side) // multiple * multiple)
                 for name, side in largest.items()}
         sizes = tuple(f"{w}x{h}" for w, h in listed) if listed else self.sizes
-        return replace(self, size_multiple=multiple, sizes=sizes, **caps)
+        adapter = getattr(getattr(engine, "model", None), "ip_adapter", None)
+        return replace(self, size_multiple=multiple, sizes=sizes, ip_adapter=adapter.name if adapter else "", **caps)
 
     def to_json(self) -> dict[str, Any]:
         """The limits a client needs to know, as sent in ``ready`` (docs/protocol.md, "Limits")."""

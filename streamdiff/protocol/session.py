@@ -29,9 +29,10 @@ import hmac
 import re
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from ..config import ReferenceImage
 from ..errors import ConfigError, ImageError, ProtocolError, StreamDiffError
 from .images import ImageFormat
 from .limits import ServerLimits
@@ -47,6 +48,7 @@ from .settings import (
 )
 from .wire import (
     PROTOCOL_VERSION,
+    REFERENCE_MAGIC,
     SETTINGS_VERSIONS,
     VIEW_PAGE_PATH,
     VIEW_SOCKET_PREFIX,
@@ -63,6 +65,7 @@ from .wire import (
     peek_frame_id,
     shorten,
     unpack_input_header,
+    unpack_reference_header,
 )
 
 __all__ = [
@@ -72,6 +75,7 @@ __all__ = [
     "Event",
     "Frame",
     "Hello",
+    "ReferenceUpload",
     "Send",
     "ServerConnection",
     "Update",
@@ -110,6 +114,16 @@ class Frame:
 
 
 @dataclass(frozen=True)
+class ReferenceUpload:
+    """A reference image (image prompt) whose header passed the checks: decode ``body`` in a worker with
+    :func:`.images.decode` (the frames' limits), then call :meth:`ServerConnection.reference_decoded` (an
+    :class:`Update` of ``reference_image``, acked like any) or :meth:`ServerConnection.reference_rejected`."""
+
+    request_id: int
+    body: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
 class Update:
     """A live update the protocol accepted: ``changes`` are ``Stream.update`` keyword arguments.
 
@@ -143,7 +157,7 @@ class Close:
     error: ErrorCode | None = None
 
 
-Event = Hello | Frame | Update | Send | Close
+Event = Hello | Frame | ReferenceUpload | Update | Send | Close
 
 
 @dataclass
@@ -254,6 +268,8 @@ class ServerConnection:
         if self.state is ConnectionState.AWAIT_HELLO:
             return self._error(ProtocolError("binary frame before hello: send a hello text message first",
                                              code=ErrorCode.HELLO_EXPECTED), frame_id=frame_id)
+        if bytes(data[:4]) == REFERENCE_MAGIC:
+            return self._on_reference(data)
         try:
             header, body = unpack_input_header(data)
             if self.state is ConnectionState.HELLO_RECEIVED:
@@ -281,6 +297,56 @@ class ServerConnection:
             return False
         self.stats.frames_accepted += 1
         return True
+
+    def _on_reference(self, data: bytes | bytearray | memoryview) -> list[Event]:
+        """A reference image: counted as a control message (its rate and burst); needs ``settings.ip_adapter``."""
+        answers: dict[str, Any] = {}
+        try:
+            request_id, body = unpack_reference_header(data)
+            answers["request_id"] = request_id
+            if not self._control.allow():
+                raise ProtocolError(
+                    f"more than {self.limits.max_control_per_s:g} control messages per second (bursts of "
+                    f"{self.limits.control_burst}); this reference image was ignored", code=ErrorCode.RATE_LIMITED,
+                    allowed=f"at most {self.limits.max_control_per_s:g} per second")
+            if self.state is ConnectionState.HELLO_RECEIVED:
+                raise ProtocolError("reference image before ready: wait for the ready message",
+                                    code=ErrorCode.NOT_READY)
+            assert self.settings is not None
+            if not self.settings.ip_adapter:
+                allowed = f'"{self.limits.ip_adapter}"' if self.limits.ip_adapter else \
+                    "nothing: this server offers no IP-Adapter"
+                raise ProtocolError("a reference image needs settings.ip_adapter (an update choosing the server's "
+                                    "IP-Adapter) first", code=ErrorCode.NOT_ALLOWED, field="settings.ip_adapter",
+                                    value="", allowed=allowed)
+        except ProtocolError as exc:
+            return self._error(exc, **answers)
+        return [ReferenceUpload(request_id, bytes(body))]
+
+    def reference_decoded(self, upload: ReferenceUpload, pixels: Any) -> list[Event]:
+        """``upload`` decoded to uint8 ``[H, W, 3]``: the :class:`Update` that sets it as the reference image."""
+        if self.state is ConnectionState.CLOSED or self.settings is None:
+            return []
+        previous = self.settings
+        try:
+            image = ReferenceImage.from_pixels(pixels)
+        except ConfigError as error:
+            return self._error(ProtocolError(str(error), code=ErrorCode.INVALID_VALUE, field="reference_image"),
+                               request_id=upload.request_id)
+        self.settings = StreamSettings(previous.stream, replace(previous.prompt, reference_image=image),
+                                       previous.output, previous.ip_adapter)
+        self.settings_version = (self.settings_version + 1) % SETTINGS_VERSIONS
+        self.stats.updates += 1
+        ack = {"type": "ack", "settings": self.settings.to_json(), "settings_version": self.settings_version,
+               "request_id": upload.request_id}
+        return [Update(upload.request_id, {"reference_image": image}, self.settings, previous, dump_json(ack),
+                       self.settings_version)]
+
+    def reference_rejected(self, upload: ReferenceUpload, error: ImageError | ProtocolError) -> list[Event]:
+        """``upload`` failed to decode in the worker (counts against the error budget)."""
+        if self.state is ConnectionState.CLOSED:
+            return []
+        return self._error(error, request_id=upload.request_id)
 
     def check_timeouts(self) -> list[Event]:
         """Close when the hello is late or the connection idle; call when :meth:`next_deadline` has passed."""

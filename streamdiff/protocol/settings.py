@@ -45,6 +45,7 @@ class StreamSettings:
     stream: StreamConfig = field(default_factory=StreamConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    ip_adapter: str = ""  # the IP-Adapter (by the server's name for it) the stream's image prompt uses; "" none
 
     @property
     def strength(self) -> float:
@@ -59,6 +60,7 @@ class StreamSettings:
             "num_inference_steps": s.num_inference_steps, "frame_buffer_size": s.frame_buffer_size,
             "cfg_type": s.cfg_type.value, "prompt": p.prompt, "negative_prompt": p.negative_prompt,
             "guidance_scale": p.guidance_scale, "delta": p.delta, "seed": p.seed,
+            "ip_adapter": self.ip_adapter, "ip_adapter_scale": p.ip_adapter_scale,
             "filter": {"enabled": f.enabled, "threshold": f.threshold, "max_skip_frames": f.max_skip_frames},
             "output": {"format": o.format.value, "quality": o.quality},
         }
@@ -71,11 +73,11 @@ SETTING_FIELDS: dict[str, Any] = {
     "width": "int", "height": "int", "t_index_list": "int_list", "num_inference_steps": "int", "strength": "number",
     "steps": "int", "frame_buffer_size": "int", "cfg_type": "string", "prompt": "string",
     "negative_prompt": "string", "guidance_scale": "number", "delta": "number", "seed": "int",
-    "filter": _FILTER_FIELDS, "output": _OUTPUT_FIELDS,
+    "ip_adapter": "string", "ip_adapter_scale": "number", "filter": _FILTER_FIELDS, "output": _OUTPUT_FIELDS,
 }
 _STREAM_SINGLE = ("width", "height", "frame_buffer_size", "cfg_type")
 _TIMESTEPS = ("t_index_list", "num_inference_steps", "strength", "steps")
-_PROMPT = ("prompt", "negative_prompt", "guidance_scale", "delta", "seed")
+_PROMPT = ("prompt", "negative_prompt", "guidance_scale", "delta", "seed", "ip_adapter_scale")
 _TYPE_NAMES = {"int": "an integer", "number": "a finite number", "string": "a string", "bool": "true or false",
                "int_list": "a list of integers"}
 
@@ -107,7 +109,10 @@ def apply_settings(
     if "output" in changes:
         for name, value in changes["output"].items():
             output = _apply(output, {name: value}, f"{path}.output.{name}", value)
-    settings = StreamSettings(stream, prompt, output)
+    ip_adapter = changes.get("ip_adapter", current.ip_adapter)
+    if ip_adapter == "" and prompt.reference_image is not None:  # no IP-Adapter: no image prompt
+        prompt = replace(prompt, reference_image=None)
+    settings = StreamSettings(stream, prompt, output, ip_adapter)
     if limits is not None:
         check_caps(settings, limits, path=path, steps_field="steps" if "steps" in changes else "t_index_list")
     return settings
@@ -133,6 +138,9 @@ def check_caps(settings: StreamSettings, limits: ServerLimits, *, path: str = "s
         _not_allowed(f"{path}.frame_buffer_size", s.frame_buffer_size, f"[1, {limits.max_frame_buffer_size}]")
     if s.cfg_type not in limits.allowed_cfg_types:
         _not_allowed(f"{path}.cfg_type", s.cfg_type.value, ", ".join(c.value for c in limits.allowed_cfg_types))
+    if settings.ip_adapter and settings.ip_adapter != limits.ip_adapter:
+        allowed = f'"{limits.ip_adapter}" or ""' if limits.ip_adapter else '"" (this server offers no IP-Adapter)'
+        _not_allowed(f"{path}.ip_adapter", settings.ip_adapter, allowed)
     for name in ("prompt", "negative_prompt"):
         value = getattr(settings.prompt, name)
         if len(value) > limits.max_prompt_chars:
@@ -146,7 +154,7 @@ def engine_changes(previous: StreamSettings, new: StreamSettings) -> dict[str, A
     for name in ("width", "height", "t_index_list", "num_inference_steps", "frame_buffer_size", "cfg_type", "filter"):
         if getattr(new.stream, name) != getattr(previous.stream, name):
             out[name] = getattr(new.stream, name)
-    for name in _PROMPT:
+    for name in (*_PROMPT, "reference_image"):
         if getattr(new.prompt, name) != getattr(previous.prompt, name):
             out[name] = getattr(new.prompt, name)
     return out

@@ -43,6 +43,7 @@ __all__ = [
     "OUTPUT_HEADER_SIZE",
     "OUTPUT_MAGIC",
     "PROTOCOL_VERSION",
+    "REFERENCE_MAGIC",
     "STREAM_PATH",
     "SETTINGS_VERSIONS",
     "SUBPROTOCOL",
@@ -78,6 +79,7 @@ SUBPROTOCOL = "streamdiff.v1"
 # it back to that stream's replica; docs/protocol.md, "Reconnecting"). Header names are case-insensitive.
 SESSION_HEADER = "x-session-id"
 INPUT_MAGIC = b"SDFI"
+REFERENCE_MAGIC = b"SDFR"  # a reference image (image prompt): the input frame's header layout, request_id for frame_id
 OUTPUT_MAGIC = b"SDFO"
 _INPUT = struct.Struct(">4sB3sId")
 _OUTPUT = struct.Struct(">4sBBHIdfffff")
@@ -233,6 +235,26 @@ def unpack_input_header(data: bytes | bytearray | memoryview) -> tuple[InputHead
         raise ProtocolError(f"frame header client_ts {client_ts!r} is not a finite number",
                             code=ErrorCode.BAD_FRAME_HEADER, field="client_ts")
     return InputHeader(frame_id, client_ts), memoryview(data)[INPUT_HEADER_SIZE:]
+
+
+def pack_reference_header(request_id: int) -> bytes:
+    """The 20-byte header of a reference image (image prompt); send ``header + jpeg_or_webp_bytes`` as one binary
+    message. ``request_id`` (uint32) comes back in the ``ack`` (or the error) that answers it."""
+    _check_frame_id(request_id)
+    return _INPUT.pack(REFERENCE_MAGIC, PROTOCOL_VERSION, b"\0\0\0", request_id, 0.0)
+
+
+def unpack_reference_header(data: bytes | bytearray | memoryview) -> tuple[int, memoryview]:
+    """Split a reference-image message into its ``request_id`` and body; raise ProtocolError(``bad_frame_header``)."""
+    if len(data) < INPUT_HEADER_SIZE:
+        raise ProtocolError(f"binary message of {len(data)} bytes is shorter than the {INPUT_HEADER_SIZE}-byte "
+                            "reference image header", code=ErrorCode.BAD_FRAME_HEADER)
+    magic, version, reserved, request_id, _ = _INPUT.unpack_from(data)
+    if magic != REFERENCE_MAGIC or version != PROTOCOL_VERSION or reserved != b"\0\0\0":
+        raise ProtocolError(f"reference image header {bytes(data[:8]).hex(' ')} is not {REFERENCE_MAGIC!r} version "
+                            f"{PROTOCOL_VERSION} with zero reserved bytes", code=ErrorCode.BAD_FRAME_HEADER,
+                            field="magic", allowed=repr(REFERENCE_MAGIC))
+    return request_id, memoryview(data)[INPUT_HEADER_SIZE:]
 
 
 def peek_frame_id(data: bytes | bytearray | memoryview) -> int | None:

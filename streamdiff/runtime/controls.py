@@ -119,12 +119,13 @@ class Controls:
 
 _TRUE, _FALSE = {"1", "true", "on", "yes"}, {"0", "false", "off", "no"}
 _TEXT_FIELDS = {"prompt", "negative_prompt", "cfg_type", "mode"}
-_FLOAT_FIELDS = {"guidance_scale", "delta", "strength"}
+_FLOAT_FIELDS = {"guidance_scale", "delta", "strength", "ip_adapter_scale"}
 _INT_FIELDS = {"seed", "num_inference_steps", "frame_buffer_size", "width", "height"}
 _BOOL_FIELDS = {"use_denoising_batch", "add_noise", "filter"}
 COMMAND_HELP = (
     "one per line: KEY=VALUE (prompt=..., negative_prompt=..., guidance_scale=1.4, delta=0.8, seed=7, "
-    "strength=0.6, t_index_list=20,40, size=320x320, frame_buffer_size=2, cfg_type=full, filter=on), pause, quit"
+    "strength=0.6, t_index_list=20,40, size=320x320, frame_buffer_size=2, cfg_type=full, filter=on, "
+    "ip_adapter_scale=0.6, ip_adapter_image=REF.png|none), pause, quit"
 )
 
 
@@ -155,6 +156,8 @@ def parse_command(text: str, config: StreamConfig) -> tuple[str, dict[str, Any]]
             return "update", {"width": width, "height": height}
         if key == "t_index_list":
             return "update", {key: parse_int_list(value, key)}
+        if key == "ip_adapter_image":
+            return "update", {"reference_image": None if value.lower() == "none" else read_reference_image(value)}
         if key in _INT_FIELDS:
             return "update", {key: int(value)}
         if key in _FLOAT_FIELDS:
@@ -176,3 +179,18 @@ def parse_command(text: str, config: StreamConfig) -> tuple[str, dict[str, Any]]
             raise
         raise ConfigError(f"{key}={value!r} is not a valid value for {key}") from None
     raise ConfigError(f"unknown setting {key!r}; {COMMAND_HELP}")
+
+
+def read_reference_image(path: str) -> Any:
+    """The RGB pixels ``[H, W, 3]`` of an image file (a reference image); ConfigError when it cannot be read."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    from ..errors import ConfigError
+
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except (OSError, UnidentifiedImageError) as error:
+        raise ConfigError(f"ip_adapter_image={path!r} cannot be read as an image: {error}", field="ip_adapter_image",
+                          value=path, allowed="a readable image file (PNG, JPEG, WebP …) or none") from error

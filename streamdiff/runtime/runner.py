@@ -249,9 +249,11 @@ class StreamRunner:
 
     def _open_stream(self) -> None:
         p = self.prompt
+        image_prompt = ({} if p.reference_image is None else
+                        {"reference_image": p.reference_image, "ip_adapter_scale": p.ip_adapter_scale})
         self.stream = self.engine.open_stream(
             self.stream_config, p.prompt, p.negative_prompt, p.guidance_scale, p.delta, p.seed,
-            lossless=not self.realtime, name="run",
+            lossless=not self.realtime, name="run", **image_prompt,
         )
         self._opened.append(self.stream)
         self.controls.bind(self.stream)

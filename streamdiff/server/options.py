@@ -34,6 +34,7 @@ SERVER_DEFAULTS: dict[str, Any] = {
     "max_batch_rows": 16,
     "sizes": None,
     "max_shapes": 8,
+    "ip_adapter": None,
 }
 
 
@@ -50,7 +51,8 @@ def limits_defaults() -> dict[str, Any]:
     """One option per :class:`ServerLimits` field, with its default."""
     defaults = ServerLimits()
     # ServerLimits.sizes is not a flag of its own: --sizes restricts the engine, and the limits follow it.
-    return {f.name: getattr(defaults, f.name) for f in fields(ServerLimits) if f.name != "sizes"}
+    # Nor is ServerLimits.ip_adapter: --ip-adapter NAME=ID_OR_PATH loads one into the engine, and the limit follows.
+    return {f.name: getattr(defaults, f.name) for f in fields(ServerLimits) if f.name not in ("sizes", "ip_adapter")}
 
 
 def serve_defaults() -> dict[str, Any]:

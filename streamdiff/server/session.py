@@ -39,7 +39,7 @@ from ..protocol.images import DecodeBudget, ImageFormat, decode, encode
 from .metrics import SyncState
 from .pacing import LatestSlot, SendTimeout, send_within, within
 from ..protocol.policy import client_address
-from ..protocol.session import Close, ConnectionState, Frame, Hello, Send, ServerConnection, Update
+from ..protocol.session import Close, ConnectionState, Frame, Hello, ReferenceUpload, Send, ServerConnection, Update
 from .transport import Transport, TransportClosed
 from ..protocol.versions import SettingsVersions
 from ..protocol.wire import ErrorCode, ServerTimings, shorten
@@ -242,6 +242,8 @@ class StreamSession:
                 self._on_frame(event, received if received is not None else time.perf_counter())
             elif isinstance(event, Update):
                 await self._update(event)
+            elif isinstance(event, ReferenceUpload):
+                await self._reference(event)
             elif isinstance(event, Hello):
                 await self._admit(event)
             elif isinstance(event, Close):
@@ -301,7 +303,7 @@ class StreamSession:
         try:
             self.stream = hub.engine.open_stream(
                 settings.stream, p.prompt, p.negative_prompt, p.guidance_scale, p.delta, p.seed,
-                lossless=False, output_capacity=1, on_output=self._on_output_thread, name=self.stream_id)
+                ip_adapter_scale=p.ip_adapter_scale, lossless=False, output_capacity=1, on_output=self._on_output_thread, name=self.stream_id)
         except (EngineFull, ConfigError) as error:
             hub.unregister(self)
             stream_id, self.stream_id = self.stream_id, None
@@ -343,6 +345,24 @@ class StreamSession:
                 return  # the engine ended the stream; housekeeping closes the connection
             self._versions.acked(engine_version, update.settings_version, update.settings)
         await self._send(update.ack)
+
+    async def _reference(self, upload: ReferenceUpload) -> None:
+        """A reference image (image prompt): decoded off the event loop under the frames' limits and this client's
+        decode budget, then set on the stream like an update (acked, or refused by the engine)."""
+        if self.stream is None:
+            return
+        try:
+            self._decode_budget.check()
+        except ImageError as error:
+            await self._execute(self.conn.reference_rejected(upload, error))
+            return
+        image, _, cpu_ms = await self._loop.run_in_executor(
+            self.hub.decode_pool, _decode, upload.body, self.limits, self._is_finished)
+        self._decode_budget.spend(cpu_ms)
+        if isinstance(image, ImageError):
+            await self._execute(self.conn.reference_rejected(upload, image))
+            return
+        await self._execute(self.conn.reference_decoded(upload, image))
 
     # -- frames in ----------------------------------------------------------------------------------------------
 

@@ -22,3 +22,11 @@ def test_residuals_go_in_block_order_and_added_conditions_together() -> None:
 def test_an_unknown_extra_is_an_error_naming_it() -> None:
     with pytest.raises(TypeError, match="bogus"):
         unet_kwargs({"bogus": torch.zeros(1)})
+
+
+def test_ip_adapter_inputs_go_to_the_attention_processors() -> None:
+    tokens, scale = torch.zeros(2, 4, 8), torch.ones(2)
+    kwargs = unet_kwargs({"ip_tokens": tokens, "ip_scale": scale})
+    assert set(kwargs) == {"cross_attention_kwargs"}
+    ip = kwargs["cross_attention_kwargs"]
+    assert ip["ip_tokens"] is tokens and ip["ip_scale"] is scale

@@ -372,3 +372,29 @@ def test_engine_url_reports_a_refusal_and_the_token_comes_from_the_environment(t
         monkeypatch.setenv("STREAMDIFF_TOKEN", "t0ken-from-env")
         assert main(argv + ["--engine", url, "--sink", f"folder:{tmp_path / 'out'}"]) == 0
     assert len(list((tmp_path / "out").iterdir())) == 3
+
+
+def test_ip_adapter_flags_give_the_stream_an_image_prompt(tiny_model, tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    reference = tmp_path / "reference.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 40, 3), dtype=np.uint8)).save(reference)
+    outs = {}
+    for name, flags in {"with": ["--ip-adapter-image", str(reference), "--ip-adapter-scale", "1.5"],
+                        "without": []}.items():
+        folder = tmp_path / name
+        code = main(["run", "--model", "tiny-random", "--ip-adapter", "tiny", "--source", "testpattern",
+                     "--sink", f"folder:{folder}", "--frames", "3", "--size", "64x64", "--status-interval", "0",
+                     *flags])
+        assert code == 0
+        outs[name] = [np.asarray(Image.open(f), dtype=np.int16) for f in sorted(folder.iterdir())]
+    assert len(outs["with"]) == len(outs["without"]) == 3
+    assert max(int(np.abs(a - b).max()) for a, b in zip(outs["with"], outs["without"])) > 2
+    options = run_command.resolve_options(_parse(["run", "--ip-adapter-image", str(reference)]))
+    with pytest.raises(ConfigError, match="needs a model with an IP-Adapter"):
+        run_command.build_runner(options)
+    options = run_command.resolve_options(_parse(["run", "--ip-adapter", "tiny", "--ip-adapter-image",
+                                                  str(tmp_path / "missing.png")]))
+    with pytest.raises(ConfigError, match="cannot be read as an image"):
+        run_command.build_runner(options)

@@ -113,3 +113,16 @@ def test_sizes_restrict_the_engine_and_the_limits_clients_see(tiny_model) -> Non
         size_multiple=32, max_width=576, max_height=1024)
     eager = StreamEngine(tiny_model, EngineConfig(max_streams=4))
     assert ServerLimits().for_engine(eager) == ServerLimits()
+
+
+def test_ip_adapter_flag_names_the_adapter_clients_choose(cache_dir) -> None:
+    from streamdiff.options import model_options, parse_ip_adapter
+
+    options = model_options(_options(["--ip-adapter", "style=tiny", "--model", "tiny-random"]))
+    assert (options.ip_adapter_name, options.ip_adapter) == ("style", "tiny")
+    engine = options.stream_engine(2, 8)
+    assert engine.backend.value == "torch" and ServerLimits().for_engine(engine).ip_adapter == "style"
+    assert parse_ip_adapter("/adapters/ip.safetensors") == (None, "/adapters/ip.safetensors")
+    assert parse_ip_adapter("/a=b/ip.safetensors") == (None, "/a=b/ip.safetensors")
+    with pytest.raises(ConfigError, match="NAME=ID_OR_PATH"):
+        parse_ip_adapter("style=")

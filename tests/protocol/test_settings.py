@@ -220,3 +220,39 @@ def test_a_size_list_refuses_every_other_size_naming_the_side_that_differs() -> 
         assert caught.value.allowed == "one of the sizes 256x256, 320x240"
     with pytest.raises(ConfigError, match="sizes"):
         ServerLimits(sizes="256x256")
+
+
+def test_image_prompt_settings_name_the_servers_ip_adapter_and_carry_a_scale() -> None:
+    import dataclasses
+
+    import numpy as np
+
+    offering = dataclasses.replace(LIMITS, ip_adapter="style")
+    s = apply_settings(BASE, {"ip_adapter": "style", "ip_adapter_scale": 0.5}, offering)
+    assert (s.ip_adapter, s.prompt.ip_adapter_scale) == ("style", 0.5)
+    assert s.to_json()["ip_adapter"] == "style" and s.to_json()["ip_adapter_scale"] == 0.5
+    assert engine_changes(BASE, s) == {"ip_adapter_scale": 0.5}
+    error = _error({"ip_adapter": "other"}, offering)
+    assert (error.code.value, error.field, error.value) == ("not_allowed", "settings.ip_adapter", "other")
+    assert _error({"ip_adapter": "style"}).allowed == '"" (this server offers no IP-Adapter)'
+    assert _error({"ip_adapter_scale": -1}, offering).field == "settings.ip_adapter_scale"
+    assert _error({"ip_adapter_scale": "big"}, offering).code.value == "invalid_value"
+    # choosing no IP-Adapter again removes the stream's reference image
+    with_image = dataclasses.replace(s, prompt=dataclasses.replace(s.prompt, reference_image=np.zeros((2, 2, 3),
+                                                                                                       np.uint8)))
+    cleared = apply_settings(with_image, {"ip_adapter": ""}, offering)
+    assert cleared.prompt.reference_image is None and engine_changes(with_image, cleared) == {"reference_image": None}
+
+
+def test_limits_name_the_engines_ip_adapter() -> None:
+    class Adapter:
+        name = "style"
+
+    class Model:
+        ip_adapter = Adapter()
+
+    class Engine:
+        model, size_multiple, allowed_sizes, size_range = Model(), 8, None, (8, 1024)
+
+    assert LIMITS.for_engine(Engine()).ip_adapter == "style"
+    assert LIMITS.ip_adapter == "" and LIMITS.to_json()["ip_adapter"] == ""

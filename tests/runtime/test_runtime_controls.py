@@ -38,3 +38,17 @@ def test_commands_parse_to_changes(text: str, expected: tuple) -> None:
 def test_bad_commands_name_the_key_and_value(text: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         parse_command(text, CONFIG)
+
+
+def test_image_prompt_commands(tmp_path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    path = tmp_path / "ref.png"
+    Image.fromarray(np.full((4, 6, 3), 7, np.uint8)).save(path)
+    kind, changes = parse_command(f"ip_adapter_image={path}", CONFIG)
+    assert kind == "update" and changes["reference_image"].shape == (4, 6, 3)
+    assert parse_command("ip_adapter_image=none", CONFIG) == ("update", {"reference_image": None})
+    assert parse_command("ip-adapter-scale=0.5", CONFIG) == ("update", {"ip_adapter_scale": 0.5})
+    with pytest.raises(ConfigError, match="cannot be read"):
+        parse_command(f"ip_adapter_image={tmp_path / 'missing.png'}", CONFIG)

@@ -914,3 +914,29 @@ def test_reading_slows_to_max_messages_per_s_after_a_burst() -> None:
     clock.advance(1.0)
     conn.receive_bytes(b"\x00")
     assert conn.read_delay() == 0.0
+
+
+def test_a_reference_image_is_an_update_of_the_stream_that_chose_the_ip_adapter() -> None:
+    from streamdiff.protocol.session import ReferenceUpload, Update
+    from streamdiff.protocol.wire import pack_reference_header
+
+    limits = dataclasses.replace(ServerLimits(), ip_adapter="style")
+    body = save(pattern(), "JPEG")
+    conn = streaming(limits=limits, width=64, height=64)
+    error = json.loads(conn.receive_bytes(pack_reference_header(3) + body)[0].data)
+    assert (error["code"], error["field"], error["request_id"], error["allowed"]) == (
+        "not_allowed", "settings.ip_adapter", 3, '"style"')
+    conn.receive_text(json.dumps({"type": "update", "settings": {"ip_adapter": "style", "ip_adapter_scale": 0.5}}))
+    [upload] = conn.receive_bytes(pack_reference_header(4) + body)
+    assert isinstance(upload, ReferenceUpload) and upload.request_id == 4 and upload.body == body
+    [update] = conn.reference_decoded(upload, decode(upload.body, limits))
+    assert isinstance(update, Update) and set(update.changes) == {"reference_image"}
+    ack = json.loads(update.ack)
+    assert (ack["type"], ack["request_id"], ack["settings_version"]) == ("ack", 4, 2)
+    assert conn.settings.prompt.reference_image == update.changes["reference_image"]
+    conn.update_refused(update, ConfigError("no", field="reference_image"))  # the engine said no: undone
+    assert conn.settings.prompt.reference_image is None and conn.settings_version == 1
+    bad = conn.receive_bytes(b"SDFR\x02" + bytes(15) + body)
+    assert json.loads(bad[0].data)["code"] == "bad_frame_header"
+    rejected = conn.reference_rejected(upload, ImageError("broken", code=ErrorCode.BAD_IMAGE))
+    assert json.loads(rejected[0].data)["request_id"] == 4

@@ -109,3 +109,58 @@ def test_origin_is_checked_before_anything_else(tiny_model, origin, code) -> Non
 
     closed = asyncio.run(main())
     assert (closed[0] if closed else None) == code
+
+
+def test_a_reference_image_upload_sets_the_streams_image_prompt(cache_dir) -> None:
+    from streamdiff import load_model
+    from streamdiff.protocol.limits import ServerLimits
+    from streamdiff.protocol.wire import pack_reference_header
+
+    model = load_model("tiny-random", device="cpu", ip_adapter="tiny")
+    model.ip_adapter.name = "style"
+    engine = StreamEngine(model, EngineConfig(max_streams=1)).start()
+    body = bodies(frames(1))[0]
+    reference = bodies(frames(1, offset=9))[0]
+
+    async def answer(transport: QueueTransport) -> dict:
+        while True:  # stats may come in between
+            message = json.loads(await _next(transport, str))
+            if message["type"] != "stats":
+                return message
+
+    async def main() -> None:
+        limits = ServerLimits().for_engine(engine)
+        hub = Hub(engine, ServerConfig(stats_interval_s=0, limits=limits))
+        transport = QueueTransport()
+        client = ClientConnection({"width": 64, "height": 64, "ip_adapter_scale": 1.5})
+        session = asyncio.ensure_future(StreamSession(hub, transport).run())
+        await transport.incoming.put(client.hello())
+        ready = json.loads(await _next(transport, str))
+        assert ready["limits"]["ip_adapter"] == "style" and ready["settings"]["ip_adapter"] == ""
+        await transport.incoming.put(pack_reference_header(5) + reference)  # no IP-Adapter chosen yet
+        refused = await answer(transport)
+        assert (refused["code"], refused["field"], refused["request_id"]) == ("not_allowed", "settings.ip_adapter", 5)
+        await transport.incoming.put(json.dumps({"type": "update", "request_id": 1,
+                                                 "settings": {"ip_adapter": "style"}}))
+        assert (await answer(transport))["settings"]["ip_adapter"] == "style"
+        await transport.incoming.put(pack_reference_header(6) + b"not an image")
+        assert (await answer(transport))["request_id"] == 6
+        request_id, message = client.reference_image(reference)
+        await transport.incoming.put(message)
+        ack = await answer(transport)
+        assert (ack["type"], ack["request_id"], ack["settings_version"]) == ("ack", request_id, 2)
+        stream = next(iter(hub.sessions.values())).stream
+        assert stream.prompt.reference_image is not None and stream.prompt.ip_adapter_scale == 1.5
+        for i in range(3):
+            await transport.incoming.put(client.frame(body, frame_id=i))
+            await asyncio.sleep(0.05)
+        await _next(transport, bytes)
+        assert engine.images.encoder_calls == 1 and float(stream.state.extras.batch["ip_scale"][0]) == 1.5
+        await transport.incoming.put(None)
+        await asyncio.wait_for(session, 20)
+        hub.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        engine.stop()

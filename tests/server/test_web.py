@@ -101,3 +101,18 @@ console.log(JSON.stringify({{
     assert data["full"] == "The server is full: every stream slot is busy. Try again later."
     assert data["inUse"] == "Another tab or stream uses this page's viewer URL; this page made a new one: start again."
     assert data["token"] == "Bad or missing token: open this page with ?token=YOUR_TOKEN."
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="needs node")
+def test_protocol_js_packs_a_reference_image_as_python_does(tmp_path) -> None:
+    from streamdiff.protocol.wire import pack_reference_header
+
+    script = tmp_path / "reference.mjs"
+    script.write_text(f"""
+import {{ packReferenceImage }} from {json.dumps((WEB_DIR / "protocol.js").as_uri())};
+console.log(Buffer.from(new Uint8Array(packReferenceImage(70000, new Uint8Array([9, 8]).buffer))).toString("hex"));
+""")
+    result = subprocess.run(["node", str(script)], capture_output=True, text=True, timeout=60, check=True)
+    assert result.stdout.strip() == (pack_reference_header(70000) + b"\x09\x08").hex()
+    page = _page("index.html")
+    assert {"image-prompt", "reference", "ip-scale", "ip-scale-value"} <= set(page.ids)

@@ -125,3 +125,48 @@ def test_the_stream_page_and_the_view_page_in_headless_chromium(live, chromium) 
     hub = server.hub
     session = next(iter(hub.sessions.values()))
     assert session.conn.settings.prompt.prompt == "an oil painting of a lighthouse" and len(session.viewers) == 1
+
+
+def test_the_stream_page_sends_an_image_prompt(cache_dir, chromium, tmp_path: Path) -> None:
+    import time
+
+    import numpy as np
+    from PIL import Image
+
+    from streamdiff import load_model
+    from streamdiff.engine import EngineConfig, StreamEngine
+    from streamdiff.server.app import BackgroundServer
+    from streamdiff.server.hub import ServerConfig
+    from streamdiff.protocol.limits import ServerLimits
+
+    model = load_model("tiny-random", device="cpu", ip_adapter="tiny")
+    model.ip_adapter.name = "style"
+    engine = StreamEngine(model, EngineConfig(max_streams=1))
+    defaults = StreamSettings(StreamConfig(width=256, height=256, cfg_type="none"))
+    limits = ServerLimits(max_streams=1).for_engine(engine)
+    server = BackgroundServer(engine, ServerConfig(port=0, limits=limits, defaults=defaults)).start()
+    try:
+        page = chromium.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.goto(server.http_url + "/")
+        page.select_option("#size", "256")
+        page.click("#start-camera")
+        page.wait_for_function("() => window.streamdiff.state === 'streaming'", timeout=30_000)
+        assert page.is_visible("#image-prompt")
+        reference = tmp_path / "reference.png"
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 200, 3), dtype=np.uint8)).save(reference)
+        page.set_input_files("#reference", str(reference))
+        session = next(iter(server.hub.sessions.values()))
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            extras = session.stream.state.extras if session.stream.state is not None else None
+            if extras is not None and abs(float(extras.batch["ip_scale"][0]) - 0.6) < 1e-6:
+                break
+            time.sleep(0.1)
+        assert session.conn.settings.ip_adapter == "style" and session.stream.prompt.reference_image is not None
+        assert float(session.stream.state.extras.batch["ip_scale"][0]) == pytest.approx(0.6)  # the page's weight
+        assert engine.images.encoder_calls == 1
+        assert errors == [] and page.evaluate("() => window.streamdiff.lastError") is None
+    finally:
+        server.stop()

@@ -4,7 +4,9 @@
 // socket's send buffer is empty, so the browser never queues frames behind each other. Output is latest-wins: a frame
 // that arrives while the previous one is still being decoded replaces any older one waiting.
 
-import { PROTOCOL_VERSION, describeClose, packInputFrame, parseOutputFrame, randomToken, socketUrl } from "./protocol.js";
+import {
+  PROTOCOL_VERSION, describeClose, packInputFrame, packReferenceImage, parseOutputFrame, randomToken, socketUrl,
+} from "./protocol.js";
 
 const JPEG_QUALITY = 0.8;
 const MAX_BUFFERED_BYTES = 0; // send only when the previous frame has left the browser's buffer
@@ -20,8 +22,11 @@ const els = {
   strength: $("strength"), strengthValue: $("strength-value"), guidance: $("guidance"),
   guidanceValue: $("guidance-value"), seed: $("seed"), randomSeed: $("random-seed"), error: $("error"),
   view: $("view"), viewUrl: $("view-url"), copyView: $("copy-view"), framesSent: $("frames-sent"),
-  framesReceived: $("frames-received"), streamId: $("stream-id"),
+  framesReceived: $("frames-received"), streamId: $("stream-id"), imagePrompt: $("image-prompt"),
+  reference: $("reference"), ipScale: $("ip-scale"), ipScaleValue: $("ip-scale-value"),
 };
+const REFERENCE_SIDE = 512; // a reference image is sent at most this large (the image encoder sees ~224 px)
+let ipAdapter = ""; // the IP-Adapter the server offers (ready.limits.ip_adapter), "" for none
 
 // Read-only state for tests and curious users: window.streamdiff.framesSent, .lastLatencyMs, ...
 const state = {
@@ -221,6 +226,8 @@ function onText(text) {
     applyServerSettings(message.settings);
     const maxFps = message.limits && message.limits.max_input_fps;
     minIntervalMs = maxFps ? 1000 / maxFps : 0;
+    ipAdapter = (message.limits && message.limits.ip_adapter) || "";
+    els.imagePrompt.hidden = !ipAdapter;
     if (message.view && message.view.url) {
       state.viewUrl = new URL(message.view.url, location.href).href;
       els.viewUrl.href = state.viewUrl;
@@ -376,6 +383,37 @@ function flushUpdate() {
   ws.send(JSON.stringify({ type: "update", request_id: nextRequestId++, settings }));
 }
 
+// An image prompt: the update choosing the server's IP-Adapter goes first, then the image (JPEG, at most
+// REFERENCE_SIDE px) as its own binary message; the server answers it with an ack (docs/protocol.md).
+async function sendReference(file) {
+  if (!file || !ipAdapter || !ws || ws.readyState !== WebSocket.OPEN || state.state !== "streaming") return;
+  const bitmap = await createImageBitmap(file);
+  const scale = Math.min(1, REFERENCE_SIDE / Math.max(bitmap.width, bitmap.height));
+  const canvas = document.createElement("canvas");
+  canvas.width = Math.max(1, Math.round(bitmap.width * scale));
+  canvas.height = Math.max(1, Math.round(bitmap.height * scale));
+  canvas.getContext("2d").drawImage(bitmap, 0, 0, canvas.width, canvas.height);
+  const blob = await new Promise((resolve) => canvas.toBlob(resolve, "image/jpeg", 0.9));
+  if (!blob || !ws || ws.readyState !== WebSocket.OPEN) return;
+  Object.assign(pendingChanges, { ip_adapter: ipAdapter, ip_adapter_scale: Number(els.ipScale.value) });
+  flushUpdate();
+  ws.send(packReferenceImage(nextRequestId++, await blob.arrayBuffer()));
+}
+
+function onReference(file) {
+  sendReference(file).catch((error) => showError(`The image prompt could not be sent: ${error.message}`));
+}
+
+els.reference.addEventListener("change", () => onReference(els.reference.files[0]));
+els.imagePrompt.addEventListener("dragover", (event) => event.preventDefault());
+els.imagePrompt.addEventListener("drop", (event) => {
+  event.preventDefault();
+  onReference(event.dataTransfer.files[0]);
+});
+els.ipScale.addEventListener("input", () => {
+  els.ipScaleValue.textContent = Number(els.ipScale.value).toFixed(2);
+  queueUpdate({ ip_adapter_scale: Number(els.ipScale.value) });
+});
 els.prompt.addEventListener("input", () => queueUpdate({ prompt: els.prompt.value }));
 els.prompt.addEventListener("keydown", (event) => {
   if (event.key === "Enter" && !event.shiftKey) {

@@ -6,6 +6,7 @@ export const INPUT_HEADER_SIZE = 20; // "SDFI", version, 3 reserved, uint32 fram
 export const OUTPUT_HEADER_SIZE = 40; // "SDFO", version, format, uint16 settings_version, frame_id, client_ts, 5 x f32 ms
 const INPUT_MAGIC = [0x53, 0x44, 0x46, 0x49]; // "SDFI"
 const OUTPUT_MAGIC = [0x53, 0x44, 0x46, 0x4f]; // "SDFO"
+const REFERENCE_MAGIC = [0x53, 0x44, 0x46, 0x52]; // "SDFR"
 const MIME_TYPES = { 1: "image/jpeg", 2: "image/webp" };
 
 /** One binary input message: the 20-byte big-endian header followed by the JPEG/WebP `body` (ArrayBuffer). */
@@ -16,6 +17,17 @@ export function packInputFrame(frameId, clientTs, body) {
   view.setUint8(4, PROTOCOL_VERSION);
   view.setUint32(8, frameId >>> 0); // DataView is big-endian unless told otherwise
   view.setFloat64(12, clientTs);
+  out.set(new Uint8Array(body), INPUT_HEADER_SIZE);
+  return out.buffer;
+}
+
+/** One binary reference-image message (an image prompt): the input header with "SDFR" and `requestId`, then `body`. */
+export function packReferenceImage(requestId, body) {
+  const out = new Uint8Array(INPUT_HEADER_SIZE + body.byteLength);
+  const view = new DataView(out.buffer);
+  out.set(REFERENCE_MAGIC, 0);
+  view.setUint8(4, PROTOCOL_VERSION);
+  view.setUint32(8, requestId >>> 0);
   out.set(new Uint8Array(body), INPUT_HEADER_SIZE);
   return out.buffer;
 }
