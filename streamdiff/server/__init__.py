@@ -18,9 +18,10 @@ On top of it, the server (``streamdiff serve``):
 - :mod:`.session` and :mod:`.viewing`: :class:`StreamSession` and :class:`ViewerSession`, one per socket, written
   against the :class:`~.transport.Transport` seam (:mod:`.transport`), so any WebSocket library can drive them;
 - :mod:`.pacing`: latest-wins slots and time limits; :mod:`.metrics`: Prometheus; :mod:`.routes`: the HTTP side;
-- :mod:`.app`: :class:`StreamServer` on ``websockets`` (and :class:`BackgroundServer`, the same in a thread).
+- :mod:`.app`: :class:`StreamServer` on ``aiohttp``, every route on one HTTP/WebSocket stack (:mod:`.aiohttp_app`),
+  and :class:`BackgroundServer`, the same in a thread.
 
-Importing this package needs neither ``websockets`` nor a model (they load when a server starts).
+Importing this package needs neither ``aiohttp`` nor ``websockets`` nor a model (they load when a server starts).
 """
 
 from __future__ import annotations
