@@ -4,10 +4,11 @@
 - :mod:`.session` and :mod:`.viewing`: :class:`StreamSession` and :class:`ViewerSession`, one per socket, written
   against the :class:`~.transport.Transport` seam (:mod:`.transport`), so any WebSocket library can drive them;
 - :mod:`.pacing`: latest-wins slots and time limits; :mod:`.metrics`: Prometheus; :mod:`.routes`: the HTTP side;
-- :mod:`.app`: :class:`StreamServer` (and :class:`BackgroundServer`, the same in a thread);
+- :mod:`.app`: :class:`StreamServer` on ``aiohttp``, every route on one HTTP/WebSocket stack (:mod:`.aiohttp_app`),
+  and :class:`BackgroundServer`, the same in a thread;
 - ``web/``: the browser page (``index.html``) and the view-only page for OBS (``view.html``), static files.
 
-Importing this package needs neither a WebSocket library nor a model (they load when a server starts).
+Importing this package needs neither ``aiohttp`` nor ``websockets`` nor a model (they load when a server starts).
 """
 
 from __future__ import annotations

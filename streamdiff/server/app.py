@@ -1,10 +1,10 @@
-"""``streamdiff serve``: the asyncio WebSocket server (``websockets``) on a multi-stream engine. Thin glue only.
+"""``streamdiff serve``: one HTTP/WebSocket server (``aiohttp``) on a multi-stream engine. Thin glue only.
 
-Routes: ``/ws`` (a stream: :class:`~.session.StreamSession`), ``/ws/view/<token>`` (a viewer:
-:class:`~.viewing.ViewerSession`), and over plain HTTP the pages, ``/healthz``, ``/readyz`` and ``/metrics``
-(:mod:`.routes`, through ``process_request``). The library enforces what it can before any of our code runs:
-``max_size`` (a larger message closes with 1009 before it is read), ``open_timeout`` (slowloris handshakes),
-pings, ``max_queue`` and no compression (``compression=None``: a client offering permessage-deflate gets none).
+Routes (:mod:`.aiohttp_app`): ``/ws`` (a stream: :class:`~.session.StreamSession`), ``/ws/view/<token>`` (a viewer:
+:class:`~.viewing.ViewerSession`), the pages, ``/healthz``, ``/readyz`` and ``/metrics`` (:mod:`.routes`), and the
+routes other modules mount before the start (``mounts``: WHIP/WHEP, which take request bodies). The stack enforces
+what it can before any of our code runs: slow headers and bodies (``handshake_timeout_s``), ``max_message_bytes``
+(a larger message closes with 1009 before it is read), pings, no compression.
 
 ::
 
@@ -15,6 +15,8 @@ pings, ``max_queue`` and no compression (``compression=None``: a client offering
 
     with BackgroundServer(engine, ServerConfig(port=0)) as server:        # the same, from synchronous code
         print(server.url)                                                  # ws://127.0.0.1:PORT/ws
+
+    StreamServer(engine, config, mounts=[add_rtc_routes])                 # add_rtc_routes(app, hub): more routes
 """
 
 from __future__ import annotations
@@ -22,17 +24,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 from ..errors import missing_extra
 from .hub import Hub, ServerConfig
-from .routes import HttpReply, StaticFiles
-from .session import StreamSession
-from .transport import WebsocketsTransport, create_connection
-from .viewing import ViewerSession
-from ..protocol.wire import STREAM_PATH, SUBPROTOCOL, VIEW_SOCKET_PREFIX
+from .routes import StaticFiles
+from ..protocol.wire import STREAM_PATH
 
 __all__ = ["BackgroundServer", "StreamServer"]
 
@@ -42,22 +41,25 @@ WEB_DIR = Path(__file__).with_name("web")
 
 
 class StreamServer:
-    """The WebSocket server of one engine. ``own_engine``: start the engine with the server and drain it on stop."""
+    """The HTTP/WebSocket server of one engine. ``own_engine``: start the engine with the server and drain it on
+    stop. ``mounts``: functions ``mount(app, hub)`` that add routes to the ``aiohttp.web.Application`` before it
+    starts (they share this server's :class:`Hub`; the ``Host`` policy and the body limits apply to them too)."""
 
     def __init__(self, engine: Any, config: ServerConfig | None = None, *, own_engine: bool = True,
-                 web_dir: Path = WEB_DIR) -> None:
+                 web_dir: Path = WEB_DIR, mounts: Iterable[Callable[[Any, Hub], None]] = ()) -> None:
         self.engine = engine
         self.config = config or ServerConfig()
         self.own_engine = own_engine
         self.static = StaticFiles(web_dir)
+        self.mounts = tuple(mounts)
         self.hub: Hub | None = None
-        self._server: Any = None
+        self._runner: Any = None
 
     @property
     def port(self) -> int:
         """The port the server listens on (useful with ``port=0``)."""
-        assert self._server is not None, "the server is not started"
-        return self._server.sockets[0].getsockname()[1]
+        assert self._runner is not None, "the server is not started"
+        return self._runner.addresses[0][1]
 
     @property
     def url(self) -> str:
@@ -67,42 +69,45 @@ class StreamServer:
     async def start(self) -> StreamServer:
         """Start the engine (if owned) and listen. Next: :meth:`stop`."""
         try:
-            from websockets.asyncio.server import serve
+            from aiohttp import web
         except ImportError:
-            raise missing_extra("websockets", "server") from None
+            raise missing_extra("aiohttp", "server") from None
+        from .aiohttp_app import bound_slow_requests, build_application, runner_options
+
         if self.own_engine and not getattr(self.engine, "running", True):
             self.engine.start()
         self.hub = Hub(self.engine, self.config)
         limits = self.config.limits
-        self._server = await serve(
-            self._handler, self.config.host, self.config.port,
-            compression=None, process_request=self._process_request, server_header=None,
-            subprotocols=[SUBPROTOCOL], select_subprotocol=_select_subprotocol,
-            open_timeout=limits.handshake_timeout_s, ping_interval=limits.ping_interval_s,
-            ping_timeout=limits.ping_timeout_s, close_timeout=limits.close_timeout_s,
-            max_size=limits.max_message_bytes, max_queue=limits.max_queued_messages,
-            create_connection=create_connection,  # the library's own 1009 and 1007 closes say "<error code>: …"
-            logger=_LibraryLog(logging.getLogger("streamdiff.server.websockets"), {}),
-        )
+        app = build_application(self.hub, self.static, self.mounts)
+        runner = web.AppRunner(app, **runner_options(limits))
+        await runner.setup()
+        bound_slow_requests(runner.server, app, limits.handshake_timeout_s)
+        try:
+            await web.TCPSite(runner, self.config.host, self.config.port).start()
+        except BaseException:
+            await runner.cleanup()
+            self.hub.close()
+            raise
+        self._runner = runner
         logger.info("serving on http://%s:%d (streams: %s, max %d; token %s)", _url_host(self.config.host), self.port,
                     STREAM_PATH, limits.max_streams, "required" if self.config.token else "not required")
         return self
 
     async def stop(self, timeout: float = 10.0) -> None:
         """Graceful shutdown: stop listening, error + 1001 to every client, drain and stop the engine."""
-        if self._server is None:
+        if self._runner is None:
             return
-        server, hub = self._server, self.hub
+        runner, hub = self._runner, self.hub
         assert hub is not None
-        server.close(close_connections=False)
+        for site in list(runner.sites):
+            await site.stop()  # no new connections
         await hub.shutdown(timeout)
-        server.close(close_connections=True)  # sockets that never became sessions
-        await server.wait_closed()
+        await runner.cleanup()  # the application's shutdown hooks (mounted routes'), then the remaining sockets
         if self.own_engine:
             await asyncio.get_running_loop().run_in_executor(None, lambda: self.engine.stop(drain=True,
                                                                                             timeout=timeout))
         hub.close()
-        self._server = None
+        self._runner = None
         logger.info("server stopped")
 
     async def __aenter__(self) -> StreamServer:
@@ -110,29 +115,6 @@ class StreamServer:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
-
-    # -- websockets glue ------------------------------------------------------------------------------------------
-
-    def _process_request(self, connection: Any, request: Any) -> Any:
-        from websockets.protocol import State
-
-        assert self.hub is not None
-        remote = connection.remote_address
-        address = str(remote[0]) if isinstance(remote, tuple) and remote else "?"
-        reply = self.hub.upgrade_reply(request.path, self.static, request.headers, connection, address,
-                                       lambda: connection.state is not State.CLOSED)
-        return None if reply is None else _response(reply)
-
-    async def _handler(self, connection: Any) -> None:
-        assert self.hub is not None
-        path = urlsplit(connection.request.path).path
-        transport = WebsocketsTransport(connection, self.config.limits.send_buffer_bytes)
-        if path.startswith(VIEW_SOCKET_PREFIX):
-            await ViewerSession(self.hub, transport, unquote(path[len(VIEW_SOCKET_PREFIX):])).run()
-        else:
-            session = StreamSession(self.hub, transport)
-            self.hub.connection_started(connection)  # the session counts itself from here on
-            await session.run()
 
 
 class BackgroundServer:
@@ -208,32 +190,6 @@ class BackgroundServer:
             await self.server.stop()
 
         asyncio.run(main())
-
-
-class _LibraryLog(logging.LoggerAdapter):  # type: ignore[type-arg]
-    """The library's own log lines, one level down (its per-connection INFO lines become DEBUG: the sessions log
-    one line per stream with more to say), without its traffic dumps: ``< GET /ws/view/<token>``, headers and
-    message contents (a hello carries the token) never reach a log."""
-
-    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
-        if level <= logging.DEBUG and isinstance(msg, str) and msg[:1] in "<>":
-            return
-        super().log(logging.DEBUG if level == logging.INFO else level, msg, *args, **kwargs)
-
-
-def _response(reply: HttpReply) -> Any:
-    from websockets.datastructures import Headers
-    from websockets.http11 import Response
-
-    headers = Headers([("Content-Type", reply.content_type), ("Content-Length", str(len(reply.body))),
-                       ("Connection", "close"), *reply.headers])
-    phrases = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 421: "Misdirected Request",
-               503: "Service Unavailable"}
-    return Response(reply.status, phrases.get(reply.status, "OK"), headers, reply.body)
-
-
-def _select_subprotocol(connection: Any, offered: Any) -> Any:
-    return SUBPROTOCOL if SUBPROTOCOL in offered else None
 
 
 def _url_host(host: str) -> str:

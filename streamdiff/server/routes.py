@@ -1,8 +1,8 @@
 """The plain-HTTP side of ``streamdiff serve``: static pages, health, readiness and metrics (no I/O here).
 
 :func:`route` maps a request path to an :class:`HttpReply`, or to None when the request is for a WebSocket
-(``/ws``, ``/ws/view/<token>``). The asyncio server turns replies into ``websockets`` responses in its
-``process_request``; another front end can serve the same replies.
+(``/ws``, ``/ws/view/<token>``). The aiohttp server (:mod:`.aiohttp_app`) turns replies into its responses; another
+front end (the Ray replica's FastAPI app) serves the same replies.
 
 ==================  =========================================================================================
 ``/``               the stream page (``index.html``)
@@ -65,7 +65,7 @@ class StaticFiles:
 
 def route(target: str, static: StaticFiles, hub: Any, headers: Mapping[str, str] | None = None) -> HttpReply | None:
     """The reply to a GET of ``target`` (path and query) with request ``headers`` (a case-insensitive mapping, as
-    ``websockets``' and Starlette's are; None: no headers); None: a WebSocket route, go on with the handshake."""
+    aiohttp's and Starlette's are; None: no headers); None: a WebSocket route, go on with the handshake."""
     headers = headers or {}
     config = hub.config
     if not config.hosts.allows(headers.get("Host")):

@@ -1,7 +1,7 @@
 """One stream client's session: protocol events ↔ engine stream ↔ output pacing, over any :class:`Transport`.
 
 :class:`StreamSession` is the whole per-connection logic of the stream socket, written against the small
-:class:`~.transport.Transport` seam, so the ``websockets`` server (:mod:`.app`) and any other front end (a
+:class:`~.transport.Transport` seam, so the aiohttp server (:mod:`.app`) and any other front end (a
 Starlette/FastAPI WebSocket, Ray Serve) run the same protocol implementation::
 
     hub = Hub(engine, ServerConfig(...))                 # once per server
@@ -173,13 +173,13 @@ class StreamSession:
             events = conn.receive_text(message) if isinstance(message, str) else conn.receive_bytes(message)
             await self._execute(events, received)
             # One message per turn, so the socket's backlog never holds the loop; past max_messages_per_s, wait
-            # before reading on (the library stops reading the socket once max_queued_messages wait: TCP pushes back).
+            # before reading on (the WebSocket library stops reading the socket once its queue is full: TCP pushes back).
             await asyncio.sleep(conn.read_delay())
         await self._drain()
 
     async def _drain(self) -> None:
         """Read and drop what the client still sends until the closing handshake ends: a flooding client's backlog
-        (reading pauses once ``max_queued_messages`` wait) must not hold its close frame back for ``close_timeout_s``."""
+        (reading pauses once its queue is full) must not hold its close frame back for ``close_timeout_s``."""
         while self._closing is not None and not self._closing.done():
             try:
                 await within(self.transport.receive(), self.limits.close_timeout_s)
