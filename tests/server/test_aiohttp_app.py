@@ -14,7 +14,7 @@ from live import run, settings
 
 from streamdiff.client import StreamClient
 from streamdiff.protocol.limits import ServerLimits
-from streamdiff.server.policy import HostPolicy
+from streamdiff.protocol.policy import HostPolicy
 
 
 def request(server, method: str, path: str, body: bytes | None = None,

@@ -219,18 +219,23 @@ class RtcFront:
         return pc.localDescription.sdp
 
     async def _body(self, request: web.Request, limit: int | None = None) -> bytes:
-        """The request's body, at most ``limit`` bytes (``max_sdp_bytes``): 413 beyond, read no further."""
+        """The request's body, at most ``limit`` bytes (``max_sdp_bytes``): 413 beyond.
+
+        ``request.read()`` is bounded by the application's ``client_max_size`` and returns the body the server's
+        guard middleware already read (within its time limit), so every route reads a body the same way."""
+        from aiohttp import web
+
         limit = limit or self.config.max_sdp_bytes
         if request.content_length is not None and request.content_length > limit:
             raise SignalingError(413, f"the body has {request.content_length} bytes, more than the limit of {limit} "
                                       "bytes")
-        body = b""
-        while len(body) <= limit:
-            chunk = await request.content.read(limit + 1 - len(body))
-            if not chunk:
-                return body
-            body += chunk
-        raise SignalingError(413, f"the body has more than the limit of {limit} bytes")
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise SignalingError(413, f"the body has more than the limit of {limit} bytes") from None
+        if len(body) > limit:
+            raise SignalingError(413, f"the body has {len(body)} bytes, more than the limit of {limit} bytes")
+        return body
 
     async def close(self) -> None:
         """Close every peer (the server is stopping)."""
