@@ -89,7 +89,7 @@ class StreamEngine:
         self.vae: VaeEngine | None = vae
         self._backend_shapes: EngineShapes | None = None
         self._backend_artifacts: frozenset[str] = frozenset()  # cache entries the current engines were made from
-        self.prompts = PromptEncoder(model.tokenizer, model.text_encoder, capacity=self.config.prompt_cache)
+        self.prompts = PromptEncoder.for_model(model, capacity=self.config.prompt_cache)
         self.scheduler = Scheduler(self.config.max_batch_rows)
         self.batch_vae = self.config.batch_vae if self.config.batch_vae is not None else model.device.type == "cuda"
         self.stats = EngineStats()
