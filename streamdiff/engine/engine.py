@@ -454,9 +454,14 @@ class StreamEngine:
         wanted = self.config.cuda_graphs
         if wanted is None:
             wanted = (self.backend is BackendKind.TORCH and self.model.device.type == "cuda"
-                      and self.model.dtype == torch.float16 and not self.options.compile)
+                      and self.model.dtype == torch.float16 and not self.options.compile
+                      and not self.model.unet_extras)
         if not wanted:
             return None
+        if self.model.unet_extras:
+            raise ConfigError(f"cuda_graphs=True does not take the U-Net extra inputs {list(self.model.unet_extras)} "
+                              "(SDXL); leave cuda_graphs unset", field="cuda_graphs", value=True,
+                              allowed="None or False for SDXL models")
         if self.backend is not BackendKind.TORCH:
             raise ConfigError(f"cuda_graphs=True is for the torch backend, not {self.backend.value}; TensorRT has "
                               "its own (EngineOptions(cuda_graph=True))", field="cuda_graphs", value=True,
