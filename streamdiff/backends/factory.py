@@ -25,7 +25,8 @@ logger = logging.getLogger(__name__)
 
 # The backends whose U-Net engines take extra inputs (backends.base.UNET_EXTRAS: SDXL's added conditions); a model
 # whose U-Net needs them is refused on the others when the engine is built, never mid-stream.
-EXTRA_INPUT_BACKENDS = frozenset({BackendKind.TORCH})
+EXTRA_INPUT_BACKENDS = frozenset({BackendKind.TORCH, BackendKind.OPENVINO, BackendKind.ONNXRUNTIME,
+                                  BackendKind.TENSORRT})
 
 
 def extras_problem(kind: BackendKind, model: LoadedModel, options: EngineOptions) -> str | None:
@@ -194,7 +195,8 @@ def create_engines(
         from .openvino_backend import OvUNet, OvVae, hand_cores_to_openvino, warm_up
 
         bound = {} if max_shapes is None else {"max_shapes": max_shapes}
-        ov_unet = OvUNet(paths[Component.UNET], model.unet.time_proj, model.dtype, **bound)
+        ov_unet = OvUNet(paths[Component.UNET], model.unet.time_proj, model.dtype, extra_names=model.unet_extras,
+                         **bound)
         ov_vae = OvVae(paths[Component.VAE_ENCODER], paths[Component.VAE_DECODER], model.dtype, **bound)
         hand_cores_to_openvino()
         warm_up(ov_unet, ov_vae, model, shapes)

@@ -90,3 +90,25 @@ def test_an_sdxl_folder_without_its_second_encoder_is_refused(tmp_path, cache_di
     shutil.rmtree(folder / "tokenizer_2")
     with pytest.raises(ModelLoadError, match=r"SDXL model folder .* lacks .*\['tokenizer_2'\]"):
         load_model(str(folder))
+
+
+def test_a_lora_fuses_into_the_sdxl_unet(cache_dir, sdxl_model, tmp_path) -> None:
+    """LoRAs (the LCM-LoRA for SDXL among them) fuse through diffusers' SDXL pipeline: base + scale·BA·α/r."""
+    from streamdiff import load_model
+    from streamdiff.testing.lora import random_lora, save_lora
+
+    state = random_lora(sdxl_model.unet, seed=11)
+    path = save_lora(state, tmp_path / "lora")
+    fused_model = load_model(str(tiny_sdxl_model_path()), loras=[(str(path), 0.7)])
+    assert fused_model.sdxl is not None and fused_model.text_encoder_2 is not None
+    base, fused = sdxl_model.unet.state_dict(), fused_model.unet.state_dict()
+    assert set(base) == set(fused)
+    changed = 0
+    for key in state:
+        if ".lora_A." not in key:
+            continue
+        module = key.split(".lora_A.")[0]
+        delta = 0.7 * (state[f"{module}.lora_B.weight"] @ state[f"{module}.lora_A.weight"]) * (8.0 / 4)
+        torch.testing.assert_close(fused[f"{module}.weight"], base[f"{module}.weight"] + delta, rtol=0, atol=1e-5)
+        changed += 1
+    assert changed > 0
