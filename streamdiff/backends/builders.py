@@ -57,7 +57,7 @@ def spatial_multiple(model: LoadedModel, component: Component) -> int:
 def component_module(model: LoadedModel, component: Component) -> torch.nn.Module:
     """The engine-contract wrapper of ``component`` (shares the model's weights)."""
     if component is Component.UNET:
-        return UNetExport(model.unet)
+        return UNetExport(model.unet, model.unet_extras)
     return VaeEncoder(model.vae) if component is Component.VAE_ENCODER else VaeDecoder(model.vae)
 
 
@@ -70,7 +70,14 @@ def spec_for(model: LoadedModel, component: Component, dtype: torch.dtype, devic
         text_dim=int(model.unet.config.cross_attention_dim),
         dtype=dtype,
         device=device,
+        extras=unet_extra_widths(model) if component is Component.UNET else (),
     )
+
+
+def unet_extra_widths(model: LoadedModel) -> tuple[tuple[str, int], ...]:
+    """The U-Net's extra graph inputs as (name, width): SDXL's pooled embedding and its 6 time ids; none for SD."""
+    widths = {"text_embeds": model.pooled_size, "time_ids": 6}
+    return tuple((name, widths[name]) for name in model.unet_extras)
 
 
 def _onnx_version() -> str:
@@ -176,7 +183,7 @@ def tensorrt_plan(model: LoadedModel, component: Component, shapes: ShapeRange, 
         vae_scale_factor=model.vae_scale_factor,
         text_length=int(getattr(model.text_encoder.config, "max_position_embeddings", 77)),
         text_dim=int(model.unet.config.cross_attention_dim), precision=precision_name(tensorrt_dtype(model)),
-        timing_cache=timing_cache,
+        timing_cache=timing_cache, extras=unet_extra_widths(model) if component is Component.UNET else (),
     )
 
 
@@ -238,7 +245,8 @@ def openvino_step(
         spec = spec_for(model, component, torch.float32, torch.device("cpu"))
         example = example_inputs(component, spec, shapes, model.unet)
         return build_blob(component, component_module(model, component), example, model.dtype, folder, model.unet,
-                          static=static, quantize=quantize)
+                          static=static, quantize=quantize,
+                          extra_names=model.unet_extras if component is Component.UNET else ())
 
     weights = f", {quantize.value}" if quantize is not Quantization.NONE else ""
     description = (f"compile {component.value} with OpenVINO ({extra['precision_hint']}{weights}, {extra['shapes']} "

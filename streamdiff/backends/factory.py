@@ -23,6 +23,23 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# The backends whose U-Net engines take extra inputs (backends.base.UNET_EXTRAS: SDXL's added conditions); a model
+# whose U-Net needs them is refused on the others when the engine is built, never mid-stream.
+EXTRA_INPUT_BACKENDS = frozenset({BackendKind.TORCH, BackendKind.OPENVINO, BackendKind.ONNXRUNTIME,
+                                  BackendKind.TENSORRT})
+
+
+def extras_problem(kind: BackendKind, model: LoadedModel, options: EngineOptions) -> str | None:
+    """Why backend ``kind`` (with ``options``) cannot run ``model``'s U-Net extra inputs, or None if it can."""
+    extras = tuple(getattr(model, "unet_extras", ()))
+    if not extras:
+        return None
+    if kind not in EXTRA_INPUT_BACKENDS:
+        allowed = ", ".join(sorted(k.value for k in EXTRA_INPUT_BACKENDS))
+        return f"backend {kind.value!r} does not take the U-Net extra inputs {list(extras)} (SDXL); use {allowed}"
+    if kind is BackendKind.TORCH and options.compile:
+        return f"compile=True (AOTInductor) does not take the U-Net extra inputs {list(extras)} (SDXL); use eager torch"
+    return None
 
 
 def _has_module(name: str) -> bool:
@@ -77,6 +94,10 @@ def choose_auto(model: LoadedModel, options: EngineOptions) -> tuple[BackendKind
     precision = str(model.dtype).removeprefix("torch.")
     if options.compile:
         return BackendKind.TORCH, f"compile=True asks for AOTInductor-compiled torch ({precision} on the CPU)"
+    if extras_problem(BackendKind.OPENVINO, model, options) and extras_problem(BackendKind.ONNXRUNTIME, model,
+                                                                                 options):
+        extras = list(model.unet_extras)
+        return BackendKind.TORCH, f"the U-Net takes extra inputs {extras} (SDXL), which only torch runs here"
     if _has_module("openvino"):
         return BackendKind.OPENVINO, (
             f"{precision} on the CPU runs fastest in OpenVINO (U-Net, VAE encoder and decoder compiled, cached)"
@@ -121,6 +142,10 @@ def resolve_backend(kind: BackendKind | str, model: LoadedModel, options: Engine
             raise BackendUnavailable(f"backend 'openvino' runs on the CPU; the model is on {model.device}")
         if options.quantize is not Quantization.NONE and not _has_module("nncf"):
             raise missing_extra("nncf", "int8")
+    problem = extras_problem(kind, model, options)
+    if problem is not None:
+        raise ConfigError(f"model {model.model_id!r}: {problem}", field="backend", value=kind.value,
+                          allowed=", ".join(sorted(k.value for k in EXTRA_INPUT_BACKENDS)))
     if kind is BackendKind.TENSORRT:
         from .tensorrt_build import usable_tensorrt
 
@@ -182,7 +207,8 @@ def create_engines(
         from .openvino_backend import OvUNet, OvVae, hand_cores_to_openvino, warm_up
 
         bound = {} if max_shapes is None else {"max_shapes": max_shapes}
-        ov_unet = OvUNet(paths[Component.UNET], model.unet.time_proj, model.dtype, **bound)
+        ov_unet = OvUNet(paths[Component.UNET], model.unet.time_proj, model.dtype, extra_names=model.unet_extras,
+                         **bound)
         ov_vae = OvVae(paths[Component.VAE_ENCODER], paths[Component.VAE_DECODER], model.dtype, **bound)
         hand_cores_to_openvino()
         warm_up(ov_unet, ov_vae, model, shapes)

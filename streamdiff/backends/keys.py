@@ -382,7 +382,11 @@ def engine_key(
     """The cache key of one artifact of ``model``'s ``component``.
 
     ``target`` overrides the hardware id (``"portable"`` for ONNX graphs, which do not depend on the hardware).
+    A U-Net with extra inputs (SDXL's ``text_embeds``/``time_ids``) has them in ``extra`` as ``unet_extras``.
     """
+    extras = tuple(getattr(model, "unet_extras", ()))
+    if component is Component.UNET and extras:
+        extra = {**(extra or {}), "unet_extras": ",".join(extras)}
     return EngineKey(
         model=model.model_id,
         weights=model.fingerprint,

@@ -294,10 +294,12 @@ class OrtUNet:
         self.session.recover()
 
     def __call__(
-        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+        **extras: torch.Tensor,
     ) -> torch.Tensor:
+        """``extras``: the graph's extra inputs by name (SDXL's ``text_embeds``, ``time_ids``)."""
         out = self.session.run(
-            {"sample": sample, "timestep": timestep, "encoder_hidden_states": encoder_hidden_states}
+            {"sample": sample, "timestep": timestep, "encoder_hidden_states": encoder_hidden_states, **extras}
         )
         return out.to(sample.device, sample.dtype)
 

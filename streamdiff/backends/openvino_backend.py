@@ -144,17 +144,20 @@ def _time_projection_input(unet: torch.nn.Module) -> Iterator[None]:
 
 
 class OvUNetGraph(torch.nn.Module):
-    """ε = U-Net(sample ``[B, C, h, w]``, time projection ``[B, P]``, hidden states ``[B, L, D]``), float32 I/O."""
+    """ε = U-Net(sample ``[B, C, h, w]``, time projection ``[B, P]``, hidden states ``[B, L, D]``, then the
+    ``extra_names`` inputs: SDXL's ``text_embeds`` ``[B, D_pool]`` and ``time_ids`` ``[B, 6]``), float32 I/O."""
 
-    def __init__(self, unet: torch.nn.Module) -> None:
+    def __init__(self, unet: torch.nn.Module, extra_names: tuple[str, ...] = ()) -> None:
         super().__init__()
         self.unet = unet
+        self.extra_names = tuple(extra_names)
 
-    def forward(self, sample: torch.Tensor, time_projection: torch.Tensor, encoder_hidden_states: torch.Tensor
-                ) -> torch.Tensor:
+    def forward(self, sample: torch.Tensor, time_projection: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                *extras: torch.Tensor) -> torch.Tensor:
         dtype = self.unet.dtype
+        added = {name: value.to(dtype) for name, value in zip(self.extra_names, extras)} or None
         out = self.unet(sample.to(dtype), time_projection, encoder_hidden_states=encoder_hidden_states.to(dtype),
-                        return_dict=False)[0]
+                        added_cond_kwargs=added, return_dict=False)[0]
         return out.float()
 
 
@@ -184,12 +187,14 @@ def build_blob(
     unet: torch.nn.Module | None = None,
     static: bool = False,
     quantize: Quantization = Quantization.NONE,
+    extra_names: tuple[str, ...] = (),
 ) -> str:
     """Convert ``module`` (the engine-contract wrapper), compile it for the CPU and export it to ``folder``.
 
     ``example`` are float32 example inputs (the U-Net's second input is the time projection). ``static``: compiled
     for exactly their shapes; otherwise dynamic batch and spatial axes. ``quantize``: compress the converted
-    model's weights first (:func:`quantize_weights`). Returns the artifact's file name.
+    model's weights first (:func:`quantize_weights`). ``extra_names``: the U-Net's extra inputs after the three
+    standard ones (SDXL). Returns the artifact's file name.
     """
     if quantize is not Quantization.NONE:
         import_nncf()  # a missing NNCF fails before the conversion, with the extra to install
@@ -199,7 +204,7 @@ def build_blob(
     else:
         shapes = [ov.PartialShape([-1, t.shape[1], -1, -1]) if t.ndim == 4 else ov.PartialShape([-1, *t.shape[1:]])
                   for t in example]
-    graph = OvUNetGraph(unet) if component is Component.UNET else Float32Graph(module)
+    graph = OvUNetGraph(unet, extra_names) if component is Component.UNET else Float32Graph(module)
     guard = _time_projection_input(unet) if component is Component.UNET else contextlib.nullcontext()
     try:
         with guard, torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
@@ -221,8 +226,8 @@ def example_inputs(component: Component, spec: Any, shapes: ShapeRange, unet: to
     inputs = tuple(t.float() for t in spec.make_inputs(shapes.opt_batch, shapes.opt_height, shapes.opt_width))
     if component is Component.UNET:
         assert unet is not None
-        sample, timestep, hidden = inputs
-        return sample, unet_time_projection(unet, timestep), hidden
+        sample, timestep, hidden, *extras = inputs
+        return (sample, unet_time_projection(unet, timestep), hidden, *extras)
     return inputs
 
 
@@ -325,9 +330,10 @@ class OvUNet:
     """A :class:`~streamdiff.backends.base.UNetEngine` on a compiled OpenVINO U-Net (float32 time embedding)."""
 
     def __init__(self, path: Path | str, time_proj: torch.nn.Module, dtype: torch.dtype,
-                 max_shapes: int = DEFAULT_MAX_SHAPES) -> None:
+                 max_shapes: int = DEFAULT_MAX_SHAPES, extra_names: tuple[str, ...] = ()) -> None:
         self.model = OvModel(path, dtype, max_shapes=max_shapes)
         self.time_proj = time_proj
+        self.extra_names = tuple(extra_names)  # the graph's extra inputs, in its order (SDXL)
 
     def recover(self) -> None:
         """Undo a failed call's damage before the next call (see :class:`OvModel`)."""
@@ -335,10 +341,14 @@ class OvUNet:
 
     @torch.inference_mode()
     def __call__(
-        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+        **extras: torch.Tensor,
     ) -> torch.Tensor:
+        if set(extras) != set(self.extra_names):
+            raise ConfigError(f"the OpenVINO U-Net takes the extra inputs {list(self.extra_names)}, got "
+                              f"{sorted(extras)}")
         projection = self.time_proj(timestep.to(torch.float32)).to(torch.float32)  # [B, P], never bfloat16
-        out = self.model.run(sample, projection, encoder_hidden_states)
+        out = self.model.run(sample, projection, encoder_hidden_states, *(extras[n] for n in self.extra_names))
         if out.shape != sample.shape:
             # Seen with one inference thread: a latent the traced graph cannot run (not a multiple of the U-Net's
             # down factor) returned the previous call's output instead of raising.
@@ -382,6 +392,8 @@ def warm_up(unet: OvUNet, vae: OvVae, model: Any, shapes: Any) -> None:
             int(model.unet.config.cross_attention_dim))
     for width, height in shapes.sizes:
         latents = vae.encode(torch.zeros(shapes.vae_batch[0], 3, height, width, dtype=model.dtype))
+        extras = {"text_embeds": torch.zeros(batch, model.pooled_size, dtype=model.dtype),
+                  "time_ids": torch.tensor([[height, width, 0, 0, height, width]], dtype=model.dtype).expand(batch, -1)}
         unet(latents[:1].expand(batch, *latents.shape[1:]).contiguous(), torch.full((batch,), 500),
-             torch.zeros(batch, *text, dtype=model.dtype))
+             torch.zeros(batch, *text, dtype=model.dtype), **{name: extras[name] for name in unet.extra_names})
         vae.decode(latents)

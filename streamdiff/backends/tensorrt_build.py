@@ -56,8 +56,12 @@ def trt_profile(
     vae_scale_factor: int,
     text_length: int,
     text_dim: int,
+    extras: tuple[tuple[str, int], ...] = (),
 ) -> tuple[TensorProfile, ...]:
-    """The optimization profile of ``component`` for ``shapes`` (sides in pixels; latents are 1/s of that)."""
+    """The optimization profile of ``component`` for ``shapes`` (sides in pixels; latents are 1/s of that).
+
+    ``extras``: the U-Net's extra inputs as (name, width), each ``[B, width]`` (SDXL's ``text_embeds``, ``time_ids``).
+    """
     s, c = vae_scale_factor, latent_channels
     (b0, b1), bo = shapes.batch, shapes.opt_batch
     (h0, h1), ho = shapes.height, shapes.opt_height
@@ -70,6 +74,7 @@ def trt_profile(
                 "encoder_hidden_states", (b0, text_length, text_dim), (bo, text_length, text_dim),
                 (b1, text_length, text_dim),
             ),
+            *(TensorProfile(name, (b0, width), (bo, width), (b1, width)) for name, width in extras),
         )
     if component is Component.VAE_ENCODER:
         return (TensorProfile("images", (b0, 3, h0, w0), (bo, 3, ho, wo), (b1, 3, h1, w1)),)
@@ -127,11 +132,13 @@ def build_plan(
     precision: str = "float16",
     optimization_level: int = DEFAULT_OPTIMIZATION_LEVEL,
     timing_cache: Path | None = None,
+    extras: tuple[tuple[str, int], ...] = (),
 ) -> TrtBuildPlan:
-    """The build plan of ``component`` from its exported ONNX graph (in ``precision``)."""
+    """The build plan of ``component`` from its exported ONNX graph (in ``precision``); ``extras``: the U-Net's
+    extra inputs (see :func:`trt_profile`)."""
     profile = trt_profile(
         component, shapes, latent_channels=latent_channels, vae_scale_factor=vae_scale_factor,
-        text_length=text_length, text_dim=text_dim,
+        text_length=text_length, text_dim=text_dim, extras=extras if component is Component.UNET else (),
     )
     return TrtBuildPlan(onnx_path=onnx_path, profile=profile, precision=precision,
                         optimization_level=optimization_level, timing_cache=timing_cache)

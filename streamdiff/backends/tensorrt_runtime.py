@@ -252,14 +252,20 @@ class TrtUNet:
         self.engine.recover()
 
     def __call__(
-        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+        **extras: torch.Tensor,
     ) -> torch.Tensor:
+        """``extras``: the engine's extra inputs by name (SDXL's ``text_embeds``, ``time_ids``)."""
         dtypes = self.engine.dtypes
+        wanted = set(self.engine.inputs) - {"sample", "timestep", "encoder_hidden_states"}
+        if set(extras) != wanted:
+            raise ConfigError(f"the TensorRT U-Net takes the extra inputs {sorted(wanted)}, got {sorted(extras)}")
         out = self.engine.infer(
             {
                 "sample": sample.to(dtypes["sample"]),
                 "timestep": timestep.to(dtypes["timestep"]),
                 "encoder_hidden_states": encoder_hidden_states.to(dtypes["encoder_hidden_states"]),
+                **{name: value.to(dtypes[name]) for name, value in extras.items()},
             }
         )
         return out["noise_pred"].to(sample.dtype, copy=True)

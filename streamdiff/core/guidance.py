@@ -55,13 +55,31 @@ def expand_inputs(
 def expand_embeddings(
     mode: CfgMode, cond: torch.Tensor, uncond: torch.Tensor | None, rows: int, frames: int, has_first_step: bool
 ) -> torch.Tensor:
-    """Encoder hidden states matching :func:`expand_inputs`. ``cond``/``uncond`` are ``[1, L, D]``."""
-    cond_rows = cond.expand(rows, -1, -1)
+    """Per-row conditioning matching :func:`expand_inputs`. ``cond``/``uncond`` are ``[1, ...]`` (hidden states
+    ``[1, L, D]``, or an extra conditioning tensor such as SDXL's pooled embedding ``[1, D]``)."""
+    cond_rows = cond.expand(rows, *cond.shape[1:])
     negatives = unet_rows(mode, rows, frames, has_first_step) - rows
     if negatives == 0:
         return cond_rows.contiguous()
     assert uncond is not None
-    return torch.cat([uncond.expand(negatives, -1, -1), cond_rows]).contiguous()
+    return torch.cat([uncond.expand(negatives, *uncond.shape[1:]), cond_rows]).contiguous()
+
+
+def expand_extras(
+    mode: CfgMode,
+    cond: dict[str, torch.Tensor],
+    uncond: dict[str, torch.Tensor] | None,
+    rows: int,
+    frames: int,
+    has_first_step: bool,
+) -> dict[str, torch.Tensor]:
+    """Extra conditioning tensors (each ``[1, ...]``, by name) expanded like :func:`expand_embeddings`: the
+    negative rows take the ``uncond`` variant. ``uncond`` may be None when the mode has no negative rows."""
+    if uncond is not None and set(uncond) != set(cond):
+        raise ValueError(f"conditional extras {sorted(cond)} and negative extras {sorted(uncond)} differ")
+    return {name: expand_embeddings(mode, value, None if uncond is None else uncond[name], rows, frames,
+                                    has_first_step)
+            for name, value in cond.items()}
 
 
 def split_prediction(

@@ -65,6 +65,11 @@ class Embeddings:
     batch: torch.Tensor  # all n·F rows, first step included
     first: torch.Tensor  # the F rows of step 0 (sequential mode)
     later: torch.Tensor  # the F rows of a later step (sequential mode)
+    # Extra conditioning U-Net inputs (e.g. SDXL's text_embeds and time_ids), by name, in the same three layouts
+    # (guidance.expand_extras); they go into UNetRows.extras.
+    batch_extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    first_extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    later_extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -172,13 +177,15 @@ def plan_rows(
     embeddings: torch.Tensor,
     frames: int,
     has_first_step: bool,
+    extras: dict[str, torch.Tensor] | None = None,
 ) -> UNetRows:
     """PLAN: the U-Net rows for latents ``x_t`` ``[R, C, h, w]`` at ``coeffs`` (negatives first, per ``mode``).
 
-    ``embeddings`` are already expanded to the mode's row layout (:func:`.guidance.expand_embeddings`).
+    ``embeddings`` and the conditioning ``extras`` are already expanded to the mode's row layout
+    (:func:`.guidance.expand_embeddings`, :func:`.guidance.expand_extras`).
     """
     sample, timesteps = expand_inputs(mode, x_t, coeffs.timesteps, frames, has_first_step)
-    return UNetRows(sample, timesteps, embeddings)
+    return UNetRows(sample, timesteps, embeddings, dict(extras or {}))
 
 
 def apply_rows(
@@ -230,7 +237,8 @@ def batch_plan(
 ) -> UNetRows:
     """PLAN one Stream Batch call: F new latents ``[F, C, h, w]`` (already at t0) enter slot 0; all n·F rows run."""
     buffers.x_batch[: buffers.frames].copy_(latents)
-    return plan_rows(mode, buffers.x_batch, coeffs, embeddings.batch, buffers.frames, has_first_step=True)
+    return plan_rows(mode, buffers.x_batch, coeffs, embeddings.batch, buffers.frames, has_first_step=True,
+                     extras=embeddings.batch_extras)
 
 
 def batch_apply(
@@ -292,8 +300,11 @@ class SequentialRun:
 
     def plan(self, step: int) -> UNetRows:
         start, stop = self._rows(step)
-        embeddings = self.embeddings.first if step == 0 else self.embeddings.later
-        return plan_rows(self.guidance.mode, self.x_t, self.coeffs.rows(start, stop), embeddings, self.frames, step == 0)
+        first = step == 0
+        embeddings = self.embeddings.first if first else self.embeddings.later
+        extras = self.embeddings.first_extras if first else self.embeddings.later_extras
+        return plan_rows(self.guidance.mode, self.x_t, self.coeffs.rows(start, stop), embeddings, self.frames, first,
+                         extras=extras)
 
     def apply(self, step: int, prediction: torch.Tensor) -> None:
         start, stop = self._rows(step)

@@ -44,11 +44,11 @@ class StateBuilder:
     def create(self, config: StreamConfig, prompt: PromptConfig, version: int) -> StreamState:
         """A fresh state (an empty Stream Batch) for ``config`` and ``prompt``."""
         self.prepare_backends(config)
-        cond, uncond = self._encode(config, prompt)
+        cond, uncond, cond_extras, uncond_extras = self._encode(config, prompt)
         factor = self.model.vae_scale_factor
         latent_shape = (self.model.latent_channels, config.height // factor, config.width // factor)
         state = StreamState.create(config, prompt, self.model.schedule, latent_shape, cond, uncond,
-                                   self.model.device, self.model.dtype)
+                                   self.model.device, self.model.dtype, cond_extras, uncond_extras)
         state.version = version
         self._image_prompt(state, prompt)
         return state
@@ -79,10 +79,17 @@ class StateBuilder:
         state.version = version
         return state
 
-    def _encode(self, config: StreamConfig, prompt: PromptConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
-        cond = self.prompts.encode(prompt.prompt)
-        needs_negative = config.cfg_type in (CfgMode.FULL, CfgMode.INITIALIZE)
-        return cond, self.prompts.encode(prompt.negative_prompt) if needs_negative else None
+    def _encode(self, config: StreamConfig, prompt: PromptConfig) -> tuple[
+        torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor], dict[str, torch.Tensor] | None
+    ]:
+        """Hidden states and extra conditioning inputs (SDXL) of the prompt and, when the mode needs it, the
+        negative prompt."""
+        cond, cond_extras = self.prompts.conditioning(prompt.prompt, config.height, config.width)
+        if config.cfg_type not in (CfgMode.FULL, CfgMode.INITIALIZE):
+            return cond, None, cond_extras, None
+        uncond, uncond_extras = self.prompts.conditioning(prompt.negative_prompt, config.height, config.width,
+                                                          negative=True)
+        return cond, uncond, cond_extras, uncond_extras
 
     def _image_prompt(self, state: StreamState, prompt: PromptConfig) -> None:
         """The stream's IP-Adapter rows: its reference image's tokens (embedded once per distinct image) at its

@@ -90,7 +90,7 @@ class StreamEngine:
         self.vae: VaeEngine | None = vae
         self._backend_shapes: EngineShapes | None = None
         self._backend_artifacts: frozenset[str] = frozenset()  # cache entries the current engines were made from
-        self.prompts = PromptEncoder(model.tokenizer, model.text_encoder, capacity=self.config.prompt_cache)
+        self.prompts = PromptEncoder.for_model(model, capacity=self.config.prompt_cache)
         self.scheduler = Scheduler(self.config.max_batch_rows)
         self.batch_vae = self.config.batch_vae if self.config.batch_vae is not None else model.device.type == "cuda"
         self.stats = EngineStats()
@@ -469,10 +469,14 @@ class StreamEngine:
         if wanted is None:
             return (self.backend is BackendKind.TORCH and self.model.device.type == "cuda"
                     and self.model.dtype == torch.float16 and not self.options.compile
-                    and self.model.ip_adapter is None)
+                    and self.model.ip_adapter is None and not self.model.unet_extras)
         if wanted and self.model.ip_adapter is not None:
             raise ConfigError("cuda_graphs=True cannot replay an IP-Adapter's per-row image prompts; leave it unset",
                               field="cuda_graphs", value=True, allowed="None or False with an IP-Adapter")
+        if wanted and self.model.unet_extras:
+            raise ConfigError(f"cuda_graphs=True does not take the U-Net extra inputs {list(self.model.unet_extras)} "
+                              "(SDXL); leave cuda_graphs unset", field="cuda_graphs", value=True,
+                              allowed="None or False for SDXL models")
         if wanted and self.backend not in (BackendKind.TORCH, BackendKind.TENSORRT):
             raise ConfigError(f"cuda_graphs=True is for the torch and tensorrt backends, not {self.backend.value}",
                               field="cuda_graphs", value=True, allowed="True with backend torch or tensorrt")

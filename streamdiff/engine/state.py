@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..config import PromptConfig, StreamConfig, StreamMode
-from ..core.guidance import call_rows, expand_embeddings
+from ..core.guidance import call_rows, expand_embeddings, expand_extras
 from ..core.schedule import NoiseSchedule, PredictionType, SlotCoefficients, slot_coefficients
 from ..core.similarity import SimilarityFilter
 from ..core.step import (
@@ -86,7 +86,11 @@ class StreamState:
         uncond: torch.Tensor | None,
         device: torch.device,
         dtype: torch.dtype,
+        cond_extras: dict[str, torch.Tensor] | None = None,
+        uncond_extras: dict[str, torch.Tensor] | None = None,
     ) -> StreamState:
+        """``cond_extras``/``uncond_extras``: extra conditioning U-Net inputs (``[1, ...]`` each, by name, e.g. SDXL's
+        ``text_embeds`` and ``time_ids``) for the conditional and the negative rows."""
         coeffs = _coefficients(config, schedule, device, dtype)
         f = config.frame_buffer_size
         noise = draw_noise(prompt.seed, config.denoising_steps * f, latent_shape).to(device, dtype)
@@ -96,7 +100,7 @@ class StreamState:
             coeffs=coeffs,
             buffers=StreamBuffers.allocate(coeffs, f, latent_shape, noise),
             guidance=Guidance(config.cfg_type, float(prompt.guidance_scale), float(prompt.delta)),
-            embeddings=_embeddings(config, cond, uncond),
+            embeddings=_embeddings(config, cond, uncond, cond_extras, uncond_extras),
             filter=SimilarityFilter(config.filter, seed=prompt.seed),
             prediction_type=schedule.prediction_type,
             latent_shape=latent_shape,
@@ -104,9 +108,12 @@ class StreamState:
 
     # -- live changes that keep the buffers ---------------------------------------------------------------------
 
-    def set_conditioning(self, cond: torch.Tensor, uncond: torch.Tensor | None) -> None:
-        """New prompt embeddings (expanded once for every row layout)."""
-        self.embeddings = _embeddings(self.config, cond, uncond)
+    def set_conditioning(
+        self, cond: torch.Tensor, uncond: torch.Tensor | None, cond_extras: dict[str, torch.Tensor] | None = None,
+        uncond_extras: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        """New prompt embeddings and extra conditioning (expanded once for every row layout)."""
+        self.embeddings = _embeddings(self.config, cond, uncond, cond_extras, uncond_extras)
 
     def set_image_prompt(self, tokens: torch.Tensor, negative: torch.Tensor, scale: float) -> None:
         """IP-Adapter inputs for every row: ``tokens`` ``[1, N, D]`` on the conditional rows, ``negative`` on the
@@ -252,11 +259,19 @@ def _coefficients(
     return coeffs.to(device, dtype)
 
 
-def _embeddings(config: StreamConfig, cond: torch.Tensor, uncond: torch.Tensor | None) -> Embeddings:
+def _embeddings(
+    config: StreamConfig, cond: torch.Tensor, uncond: torch.Tensor | None,
+    cond_extras: dict[str, torch.Tensor] | None = None, uncond_extras: dict[str, torch.Tensor] | None = None,
+) -> Embeddings:
     mode, f = config.cfg_type, config.frame_buffer_size
     rows = config.denoising_steps * f
+    extras = cond_extras or {}
+    negative_extras = uncond_extras if uncond is not None else None
     return Embeddings(
         batch=expand_embeddings(mode, cond, uncond, rows, f, has_first_step=True),
         first=expand_embeddings(mode, cond, uncond, f, f, has_first_step=True),
         later=expand_embeddings(mode, cond, uncond, f, f, has_first_step=False),
+        batch_extras=expand_extras(mode, extras, negative_extras, rows, f, has_first_step=True),
+        first_extras=expand_extras(mode, extras, negative_extras, f, f, has_first_step=True),
+        later_extras=expand_extras(mode, extras, negative_extras, f, f, has_first_step=False),
     )

@@ -67,7 +67,8 @@ def checkpoint_family(path: Path, shapes: dict[str, tuple[int, ...]]) -> str:
             f"the U-Net prefix '{_UNET_PREFIX}'"
         )
     if any(key.startswith("conditioner.embedders.") for key in shapes):
-        raise ModelLoadError(f"checkpoint file {path} is an SDXL checkpoint; supported are SD 1.x and SD 2.x")
+        raise ModelLoadError(f"checkpoint file {path} is an SDXL checkpoint; single files are supported for SD 1.x "
+                             f"and SD 2.x (SDXL loads from a diffusers folder or hub id)")
     if _SD1_TEXT_KEY in shapes:
         return "sd1"
     if _SD2_TEXT_KEY in shapes:

@@ -30,6 +30,10 @@ from ..config import check_number
 from ..errors import ConfigError, ModelLoadError
 from .hub import hub_snapshot, is_hub_id
 from ..core.schedule import NoiseSchedule, PredictionType
+from .sdxl import (
+    SDXL_PARTS, TINY_SDXL_NAME, SdxlConditions, is_sdxl_folder, is_sdxl_unet, load_sdxl_parts, sdxl_conditions,
+    tiny_sdxl_model_path,
+)
 from .tiny import TINY_NAME, TINY_RANDOM_NAME, tiny_model_path, tiny_random_model_path
 from .ip_adapter import IPAdapter, IPAdapterWeights, load_ip_adapter
 
@@ -41,9 +45,11 @@ PIPELINE_PATTERNS = [
     "*/config.json",
     "scheduler/*.json",
     "tokenizer/*",
+    "tokenizer_2/*",  # SDXL
     "unet/diffusion_pytorch_model.safetensors",
     "vae/diffusion_pytorch_model.safetensors",
     "text_encoder/model.safetensors",
+    "text_encoder_2/model.safetensors",  # SDXL
 ]
 VAE_PATTERNS = ["config.json", "diffusion_pytorch_model.safetensors"]
 LORA_PATTERNS = ["*.safetensors"]
@@ -78,6 +84,15 @@ class LoadedModel:
     fingerprint: str  # identifies the weights: model, VAE and LoRAs with their scales (for engine cache keys)
     loras: tuple[LoraSpec, ...] = field(default_factory=tuple)
     ip_adapter: IPAdapter | None = None  # an image-prompt adapter installed on the U-Net (see .ip_adapter)
+    # SDXL: the second text encoder (CLIPTextModelWithProjection) and tokenizer, and the added-condition settings
+    text_encoder_2: torch.nn.Module | None = None
+    tokenizer_2: Any = None
+    sdxl: SdxlConditions | None = None
+
+    @property
+    def unet_extras(self) -> tuple[str, ...]:
+        """The extra conditioning inputs the U-Net takes in every call (see ``backends.base.UNET_EXTRAS``)."""
+        return ("text_embeds", "time_ids") if self.sdxl is not None else ()
 
     @property
     def latent_channels(self) -> int:
@@ -100,7 +115,16 @@ class LoadedModel:
 
     @property
     def text_hidden_size(self) -> int:
-        return int(self.text_encoder.config.hidden_size)
+        """The width D of the encoder hidden states (SDXL: both encoders' widths together)."""
+        size = int(self.text_encoder.config.hidden_size)
+        if self.text_encoder_2 is not None:
+            size += int(self.text_encoder_2.config.hidden_size)
+        return size
+
+    @property
+    def pooled_size(self) -> int:
+        """SDXL: the width of the pooled text embedding ``text_embeds`` (encoder 2's projection); 0 otherwise."""
+        return int(self.text_encoder_2.config.projection_dim) if self.text_encoder_2 is not None else 0
 
 
 def unet_down_factor(unet: torch.nn.Module) -> int:
@@ -112,11 +136,14 @@ def unet_down_factor(unet: torch.nn.Module) -> int:
 
 
 def resolve_model_path(model: str, revision: str | None = None, cache_dir: Path | None = None) -> Path:
-    """``tiny`` / ``tiny-random`` → a built-in model's folder; a path → itself; otherwise a hub id → its snapshot."""
+    """``tiny`` / ``tiny-random`` / ``tiny-sdxl`` → a built-in model's folder; a path → itself; otherwise a hub id →
+    its snapshot."""
     if model == TINY_NAME:
         return tiny_model_path(cache_dir)
     if model == TINY_RANDOM_NAME:
         return tiny_random_model_path(cache_dir)
+    if model == TINY_SDXL_NAME:
+        return tiny_sdxl_model_path(cache_dir)
     path = Path(model).expanduser()
     if path.exists():
         return path
@@ -124,7 +151,7 @@ def resolve_model_path(model: str, revision: str | None = None, cache_dir: Path 
         return hub_snapshot(model, PIPELINE_PATTERNS, revision, "model")
     raise ModelLoadError(
         f"model {model!r} is not an existing file or folder, not a Hugging Face hub id ('org/name') and not "
-        f"{TINY_NAME!r} or {TINY_RANDOM_NAME!r}"
+        f"{TINY_NAME!r}, {TINY_RANDOM_NAME!r} or {TINY_SDXL_NAME!r}"
     )
 
 
@@ -177,14 +204,21 @@ def _load_folder(folder: Path, dtype: torch.dtype) -> dict[str, Any]:
     missing = [c for c in COMPONENTS if not (folder / c).is_dir()]
     if missing:
         raise ModelLoadError(f"model folder {folder} lacks the diffusers component folder(s) {missing}")
+    sdxl = is_sdxl_folder(folder)
+    missing = [c for c in SDXL_PARTS if sdxl and not (folder / c).is_dir()]
+    if missing:
+        raise ModelLoadError(f"SDXL model folder {folder} lacks the diffusers component folder(s) {missing}")
     try:
-        return {
+        components = {
             "unet": UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype).eval(),
             "vae": load_vae(folder / "vae", dtype),
             "text_encoder": CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", dtype=dtype).eval(),
             "tokenizer": CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
             "scheduler": LCMScheduler.from_pretrained(folder, subfolder="scheduler"),
         }
+        if sdxl:
+            components.update(load_sdxl_parts(folder, dtype), sdxl=sdxl_conditions(folder))
+        return components
     except ModelLoadError:
         raise
     except Exception as error:  # noqa: BLE001
@@ -196,7 +230,7 @@ def _fuse_loras(components: dict[str, Any], loras: Sequence[LoraSpec], revision:
 
     Returns a fingerprint part per LoRA. Works on float32 weights: fusing in half precision would round twice.
     """
-    from diffusers import LCMScheduler, StableDiffusionPipeline
+    from diffusers import LCMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     try:
         import peft  # noqa: F401
@@ -205,11 +239,18 @@ def _fuse_loras(components: dict[str, Any], loras: Sequence[LoraSpec], revision:
 
         raise missing_extra("peft", "lora") from None
     paths = [_local_or_hub(spec.source, LORA_PATTERNS, revision, "LoRA") for spec in loras]  # fail before work
-    pipe = StableDiffusionPipeline(
-        vae=components["vae"], text_encoder=components["text_encoder"], tokenizer=components["tokenizer"],
-        unet=components["unet"], scheduler=LCMScheduler(steps_offset=1),  # a stand-in the pipeline leaves alone
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    if components.get("text_encoder_2") is not None:  # SDXL (e.g. latent-consistency/lcm-lora-sdxl)
+        pipe = StableDiffusionXLPipeline(
+            vae=components["vae"], text_encoder=components["text_encoder"], tokenizer=components["tokenizer"],
+            text_encoder_2=components["text_encoder_2"], tokenizer_2=components["tokenizer_2"],
+            unet=components["unet"], scheduler=LCMScheduler(steps_offset=1),
+        )
+    else:
+        pipe = StableDiffusionPipeline(
+            vae=components["vae"], text_encoder=components["text_encoder"], tokenizer=components["tokenizer"],
+            unet=components["unet"], scheduler=LCMScheduler(steps_offset=1),  # a stand-in the pipeline leaves alone
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
     names, parts = [], []
     for i, (spec, path) in enumerate(zip(loras, paths)):
         name = f"lora{i}"
@@ -249,13 +290,26 @@ def model_from_components(
     loras: tuple[LoraSpec, ...] = (),
 ) -> LoadedModel:
     """A :class:`LoadedModel` from modules in memory (``unet``, ``vae``, ``text_encoder``, ``tokenizer`` and
-    ``scheduler``: a scheduler object or its config dict). Casts to ``dtype`` only what is not in it already."""
+    ``scheduler``: a scheduler object or its config dict). Casts to ``dtype`` only what is not in it already.
+
+    SDXL (a U-Net with ``addition_embed_type="text_time"``) also needs ``text_encoder_2`` and ``tokenizer_2``;
+    ``sdxl`` (a :class:`~streamdiff.models.sdxl.SdxlConditions`) defaults to diffusers' defaults."""
     missing = [c for c in COMPONENTS if c not in components]
     if missing:
         raise ModelLoadError(f"components {missing} are missing (need {list(COMPONENTS)})")
+    sdxl = is_sdxl_unet(components["unet"])
+    if sdxl:
+        missing = [c for c in SDXL_PARTS if components.get(c) is None]
+        if missing:
+            raise ModelLoadError(f"the U-Net is an SDXL U-Net (addition_embed_type 'text_time'); components {missing} "
+                                 f"are missing (need {list(COMPONENTS + SDXL_PARTS)})")
+    elif components.get("text_encoder_2") is not None:
+        raise ModelLoadError("a text_encoder_2 was given, but the U-Net is not an SDXL U-Net (addition_embed_type "
+                             f"{getattr(components['unet'].config, 'addition_embed_type', None)!r}, not 'text_time')")
     dtype = dtype or components["unet"].dtype
     device = torch.device(device)
-    modules = {name: components[name] for name in ("unet", "vae", "text_encoder")}
+    names = ("unet", "vae", "text_encoder", "text_encoder_2") if sdxl else ("unet", "vae", "text_encoder")
+    modules = {name: components[name] for name in names}
     for module in modules.values():
         if any(p.dtype != dtype for p in module.parameters()):
             _cast(module, dtype)
@@ -268,7 +322,9 @@ def model_from_components(
     return LoadedModel(
         unet=modules["unet"], vae=modules["vae"], text_encoder=modules["text_encoder"],
         tokenizer=components["tokenizer"], schedule=schedule, device=device, dtype=dtype, model_id=model_id,
-        fingerprint=fingerprint or "in-memory", loras=loras,
+        fingerprint=fingerprint or "in-memory", loras=loras, text_encoder_2=modules.get("text_encoder_2"),
+        tokenizer_2=components.get("tokenizer_2") if sdxl else None,
+        sdxl=(components.get("sdxl") or SdxlConditions()) if sdxl else None,
     )
 
 
@@ -321,7 +377,8 @@ def load_model(
 ) -> LoadedModel:
     """Load a model for streaming.
 
-    ``model``: ``"tiny"`` (trained, built in), ``"tiny-random"`` (random weights, for tests), a local diffusers folder, a ``.safetensors``/``.ckpt`` file in the original SD layout
+    ``model``: ``"tiny"`` (trained, built in), ``"tiny-random"`` (random weights, for tests), ``"tiny-sdxl"`` (an
+    SDXL-architecture model with random weights), a local diffusers folder, a ``.safetensors``/``.ckpt`` file in the original SD layout
     (``model_config`` names a diffusers folder or cached hub id of the same architecture; needed offline), or a hub
     id such as ``"stabilityai/sd-turbo"``. ``vae``: replace the model's VAE, e.g. ``"madebyollin/taesd"``.
     ``loras``: fused at load, each ``(source, scale)``, e.g. ``("latent-consistency/lcm-lora-sdv1-5", 1.0)``.

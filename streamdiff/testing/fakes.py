@@ -18,11 +18,15 @@ class AnalyticUNet(torch.nn.Module):
         self.batches: list[int] = []
 
     def forward(
-        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+        **extras: torch.Tensor,
     ) -> torch.Tensor:
+        """Per-row ``extras`` (e.g. SDXL's ``text_embeds``) add ``0.01·mean(extra)`` of their row each."""
         self.batches.append(int(sample.shape[0]))
         t = timestep.to(sample.dtype).view(-1, 1, 1, 1) / 1000.0
         cond = encoder_hidden_states.mean(dim=(1, 2)).view(-1, 1, 1, 1)
+        for extra in extras.values():
+            cond = cond + extra.reshape(extra.shape[0], -1).to(sample.dtype).mean(dim=1).view(-1, 1, 1, 1)
         return sample * t / (t + 1) + 0.01 * cond
 
 
@@ -33,6 +37,7 @@ class CountingUNet:
         self.inner = inner
         self.batches: list[int] = []
 
-    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> Any:
+    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                 **extras: torch.Tensor) -> Any:
         self.batches.append(int(sample.shape[0]))
-        return self.inner(sample, timestep, encoder_hidden_states)
+        return self.inner(sample, timestep, encoder_hidden_states, **extras)

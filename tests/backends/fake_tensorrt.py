@@ -266,6 +266,9 @@ def analytic(inputs: dict[str, torch.Tensor], latent_channels: int = 4) -> dict[
         sample = inputs["sample"]
         t = inputs["timestep"].to(sample.dtype).view(-1, 1, 1, 1) / 1000.0
         cond = inputs["encoder_hidden_states"].mean(dim=(1, 2)).view(-1, 1, 1, 1)
+        for name in sorted(set(inputs) - {"sample", "timestep", "encoder_hidden_states"}):  # extras (SDXL)
+            extra = inputs[name]
+            cond = cond + extra.reshape(extra.shape[0], -1).to(sample.dtype).mean(dim=1).view(-1, 1, 1, 1)
         return {"noise_pred": sample * t / (t + 1) + 0.01 * cond}
     if "images" in inputs:
         pooled = F.avg_pool2d(inputs["images"].float(), SCALE)
@@ -447,6 +450,8 @@ def fake_plan(version: str, component: str, profile: dict[str, tuple[tuple[int, 
     if component == "unet":
         inputs = [{"name": "sample", "dtype": dtype, "profile": profile["sample"]}, timestep,
                   {"name": "encoder_hidden_states", "dtype": dtype, "profile": profile["encoder_hidden_states"]}]
+        inputs += [{"name": name, "dtype": dtype, "profile": shapes} for name, shapes in profile.items()
+                   if name not in ("sample", "timestep", "encoder_hidden_states")]  # extras (SDXL)
         outputs = [{"name": "noise_pred", "dtype": dtype, "shape": [-1, latent_channels, -1, -1]}]
     elif component == "vae_encoder":
         inputs = [{"name": "images", "dtype": dtype, "profile": profile["images"]}]

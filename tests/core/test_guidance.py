@@ -37,3 +37,23 @@ def test_split_and_combine() -> None:
     assert cond.tolist() == [2.0, 3.0, 4.0] and real_negative.tolist() == [0.0, 1.0]
     cond, none = split_prediction(CfgMode.SELF, torch.arange(3.0), 1, True)
     assert none is None and cond.tolist() == [0.0, 1.0, 2.0]
+
+
+@pytest.mark.parametrize("mode", list(CfgMode))
+@pytest.mark.parametrize("has_first_step", [True, False])
+def test_extras_follow_the_rows_like_the_embeddings(mode: CfgMode, has_first_step: bool) -> None:
+    """Extra conditioning (SDXL's pooled embedding [1, D], time ids [1, 6]) takes the negative variant exactly on the
+    rows where the hidden states do."""
+    from streamdiff.core.guidance import expand_extras
+
+    rows, frames = 4, 2
+    cond = {"text_embeds": torch.ones(1, 3), "time_ids": torch.full((1, 6), 2.0)}
+    uncond = {"text_embeds": torch.zeros(1, 3), "time_ids": torch.full((1, 6), -2.0)}
+    emb = expand_embeddings(mode, torch.ones(1, 5, 3), torch.zeros(1, 5, 3), rows, frames, has_first_step)
+    extras = expand_extras(mode, cond, uncond, rows, frames, has_first_step)
+    assert extras["text_embeds"].shape == (emb.shape[0], 3) and extras["time_ids"].shape == (emb.shape[0], 6)
+    negative_rows = emb[:, 0, 0] == 0
+    assert torch.equal(extras["text_embeds"][:, 0] == 0, negative_rows)
+    assert torch.equal(extras["time_ids"][:, 0] < 0, negative_rows)
+    with pytest.raises(ValueError, match="differ"):
+        expand_extras(mode, cond, {"text_embeds": torch.zeros(1, 3)}, rows, frames, has_first_step)

@@ -182,3 +182,30 @@ def test_a_zero_snr_timestep_is_refused() -> None:
     alphas[-1] = 0.0  # zero terminal SNR (rescaled betas)
     with pytest.raises(ConfigError, match=r"t_index_list entry 0 \(timestep 999\) has alphas_cumprod=0.0"):
         slot_coefficients(NoiseSchedule(tuple(alphas)), (0, 30), 50, 1)
+
+
+@pytest.mark.parametrize("mode", list(CfgMode))
+def test_stream_batch_equals_sequential_with_extras(mode: CfgMode) -> None:
+    """Extra conditioning inputs (cond/uncond variants) ride along with their rows in both paths (analytic U-Net)."""
+    from streamdiff.core.guidance import expand_extras
+
+    t_index_list, frames = (5, 20, 35), 2
+    coeffs, noise, embeddings = _setup(t_index_list, frames, mode)
+    rows = len(t_index_list) * frames
+    cond = {"text_embeds": torch.full((1, 3), 0.5, dtype=torch.float64)}
+    uncond = {"text_embeds": torch.full((1, 3), -0.7, dtype=torch.float64)}
+    embeddings.batch_extras = expand_extras(mode, cond, uncond, rows, frames, True)
+    embeddings.first_extras = expand_extras(mode, cond, uncond, frames, frames, True)
+    embeddings.later_extras = expand_extras(mode, cond, uncond, frames, frames, False)
+    guidance = Guidance(mode, scale=1.7, delta=0.8)
+    buffers = StreamBuffers.allocate(coeffs, frames, SHAPE, noise.clone())
+    inputs = [torch.randn((frames, *SHAPE), dtype=torch.float64, generator=torch.Generator().manual_seed(10 + i))
+              for i in range(4)]
+    batched = [stream_batch_step(AnalyticUNet(), x, buffers, coeffs, embeddings, guidance) for x in inputs]
+    without = Embeddings(embeddings.batch, embeddings.first, embeddings.later)
+    n = len(t_index_list)
+    for i, x in enumerate(inputs[: len(inputs) - (n - 1)]):
+        expected = sequential_step(AnalyticUNet(), x, noise, coeffs, embeddings, guidance)
+        torch.testing.assert_close(batched[i + n - 1], expected, rtol=0, atol=1e-12)
+        plain = sequential_step(AnalyticUNet(), x, noise, coeffs, without, guidance)
+        assert (plain - expected).abs().max() > 1e-4  # the extras reached the U-Net
