@@ -33,6 +33,7 @@ class CountingUNet:
         self.inner = inner
         self.batches: list[int] = []
 
-    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> Any:
+    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                 **extras: torch.Tensor) -> Any:
         self.batches.append(int(sample.shape[0]))
-        return self.inner(sample, timestep, encoder_hidden_states)
+        return self.inner(sample, timestep, encoder_hidden_states, **extras)
