@@ -79,6 +79,7 @@ class Stream:
         self._next_frame_id = 0
         self._ended = False  # end_input() was called
         self._close_requested = False
+        self._controls_given: set[str] = set()  # passthrough ControlNets a control image was submitted for
 
     def __repr__(self) -> str:
         return f"<Stream {self.name} {'finished' if self.finished else 'open'}>"
@@ -200,6 +201,12 @@ class Stream:
             if control_image is not None:
                 raise FrameError(f"{self.name} uses no ControlNet: control_image is not used")
             return None
+        waiting = [s.name for s in specs if s.preprocessor == PASSTHROUGH and s.name not in self._controls_given]
+        if waiting and control_image is None:
+            raise FrameError(f"{self.name}: controlnet(s) {waiting} take the client's control image: submit the first "
+                             "frame with control_image=... (later frames reuse the last one)")
+        if control_image is not None:
+            self._controls_given.update(s.name for s in specs if s.preprocessor == PASSTHROUGH)
         processed = image is not None and any(spec.preprocessor != PASSTHROUGH for spec in specs)
         frame = tensor_to_frame(image[None])[0] if processed else None
         return submit_control(specs, frame, control_image, self.engine.preprocessors,

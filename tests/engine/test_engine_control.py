@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from streamdiff import ConfigError, ControlNetSpec, StreamConfig, StreamEngine
+from streamdiff import ConfigError, ControlNetSpec, FrameError, StreamConfig, StreamEngine
 from streamdiff.backends.torch_backend import TorchUNet
 from streamdiff.engine import EngineConfig
 from streamdiff.models.controlnet import build_tiny_controlnet, canny
@@ -226,3 +226,33 @@ def test_refusals(tiny_model, controlnets) -> None:
     openvino = StreamEngine(tiny_model, backend="openvino", controlnets=controlnets)
     with pytest.raises(ConfigError, match="ControlNet needs a U-Net that takes residual inputs.*openvino"):
         openvino.open_stream(config, controlnets=["a"])
+
+
+def test_passthrough_reuses_the_last_control_image_and_needs_a_first(tiny_model, controlnets) -> None:
+    config = StreamConfig(width=SIZE, height=SIZE, t_index_list=(20, 40), cfg_type="none", use_denoising_batch=False)
+    spec = ControlNetSpec("a", preprocessor="passthrough")
+    outs = []
+    for controls in ([control_picture(0), None, None], [control_picture(0)] * 3):
+        engine = make_engine(tiny_model, controlnets)
+        stream = engine.open_stream(config, controlnets=[spec])
+        if controls[1] is None:
+            with pytest.raises(FrameError, match=r"\['a'\] take the client's control image"):
+                stream.submit(picture(0))
+        for i, control in enumerate(controls):
+            stream.submit(picture(i), control_image=control)
+            outs.append(engine.step({})[stream].images)
+    assert all(torch.equal(a, b) for a, b in zip(outs[:3], outs[3:]))
+    with pytest.raises(FrameError, match="uses no ControlNet"):
+        make_engine(tiny_model, controlnets).open_stream(config).submit(picture(0), control_image=control_picture(0))
+
+
+def test_txt2img_with_a_passthrough_controlnet(tiny_model, controlnets) -> None:
+    config = StreamConfig(width=SIZE, height=SIZE, t_index_list=(0, 25), cfg_type="none", mode="txt2img")
+    got = []
+    for control in (control_picture(0), control_picture(5)):
+        engine = make_engine(tiny_model, controlnets)
+        stream = engine.open_stream(config, controlnets=[ControlNetSpec("a", preprocessor="passthrough")])
+        stream.submit(None, control_image=control)
+        assert engine.step({})[stream].images is None  # warm-up: the frame is inside the Stream Batch
+        got.append(engine.flush(stream)[0].images)
+    assert float((got[0] - got[1]).abs().max()) > 1e-3
