@@ -112,7 +112,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         kind = str if isinstance(default, tuple) else type(default)
         limits.add_argument(f"--{name.replace('_', '-')}", type=kind, metavar="N" if kind is not str else "LIST",
                             help=f"{_LIMIT_HELP[name]} (default {shown})")
-    shared.add_model_options(parser)
+    shared.add_controlnet_options(shared.add_model_options(parser), scale=False)
     shared.add_engine_options(parser)
     shared.add_prompt_options(shared.add_stream_options(parser))
     deploy_cli.add_arguments(parser)

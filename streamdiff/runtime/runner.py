@@ -251,7 +251,7 @@ class StreamRunner:
         p = self.prompt
         self.stream = self.engine.open_stream(
             self.stream_config, p.prompt, p.negative_prompt, p.guidance_scale, p.delta, p.seed,
-            lossless=not self.realtime, name="run",
+            lossless=not self.realtime, name="run", **({"controlnets": p.controlnets} if p.controlnets else {}),
         )
         self._opened.append(self.stream)
         self.controls.bind(self.stream)
