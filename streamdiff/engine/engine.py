@@ -101,10 +101,10 @@ class StreamEngine:
         self.stats = EngineStats()
         self.states = StateBuilder(model, self.prompts, self.prepare_backends)
         self._inbox = Inbox()  # the one way in: clients' messages
-        self.graphs = self._cuda_graphs(cuda)
-        on_cuda = model.device.type == "cuda" or cuda is not None
         self.controlnets = {check_name(name): load_controlnet(source, model.device, model.dtype)
                             for name, source in (controlnets or {}).items()}
+        self.graphs = self._cuda_graphs(cuda)
+        on_cuda = model.device.type == "cuda" or cuda is not None
         self.preprocessors = {**builtin_preprocessors(), **(preprocessors or {})}
         self.executor = Executor(model, self._backends, self.stats.record_call, self.batch_vae, self._take_inputs,
                                  self._fail, to_host=(cuda or DEFAULT_CUDA).to_host if on_cuda else torch.Tensor.cpu,
@@ -484,11 +484,12 @@ class StreamEngine:
 
     def _cuda_graphs(self, cuda: Any) -> CudaGraphs | None:
         """The CUDA graphs of the torch backend's calls, when ``EngineConfig.cuda_graphs`` asks (None: torch on CUDA
-        in float16); see :mod:`streamdiff.backends.cuda_graphs`."""
+        in float16, without ControlNets: their residuals are inputs the graphs do not take); see
+        :mod:`streamdiff.backends.cuda_graphs`."""
         wanted = self.config.cuda_graphs
         if wanted is None:
             wanted = (self.backend is BackendKind.TORCH and self.model.device.type == "cuda"
-                      and self.model.dtype == torch.float16 and not self.options.compile)
+                      and self.model.dtype == torch.float16 and not self.options.compile and not self.controlnets)
         if not wanted:
             return None
         if self.backend is not BackendKind.TORCH:

@@ -113,3 +113,15 @@ def test_sizes_restrict_the_engine_and_the_limits_clients_see(tiny_model) -> Non
         size_multiple=32, max_width=576, max_height=1024)
     eager = StreamEngine(tiny_model, EngineConfig(max_streams=4))
     assert ServerLimits().for_engine(eager) == ServerLimits()
+
+
+def test_controlnet_flags_name_what_the_server_offers(tiny_model, monkeypatch) -> None:
+    from streamdiff.options import model_options
+
+    monkeypatch.delenv("STREAMDIFF_TOKEN", raising=False)
+    options = _options(["--controlnet", "edges=tiny", "--controlnet", "lines=/models/cn-lineart"])
+    assert model_options(options).controlnets == (("edges", "tiny"), ("lines", "/models/cn-lineart"))
+    assert server_config(options).defaults.prompt.controlnets == ()  # clients choose; nothing is on by default
+    assert model_options(_options([])).controlnets == ()
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--controlnet", "no-name-given"])
