@@ -48,6 +48,41 @@ def canny(frame: np.ndarray, spec: ControlNetSpec) -> np.ndarray:
     return np.repeat(edges[:, :, None], 3, axis=2)
 
 
+def depth_estimator(model: Any, device: str = "cpu") -> Preprocessor:
+    """A plugin preprocessor (``StreamEngine(..., preprocessors={"depth": depth_estimator(...)})``): a transformers
+    depth-estimation model — a folder, a hub id in the local cache, or a ready ``pipeline("depth-estimation")`` —
+    whose depth map, as a 3-channel image, is the control image (as diffusers' depth ControlNet examples make it).
+
+    It runs where Canny runs, on the submitting thread; one lock serialises the model's calls across streams.
+    """
+    import threading
+
+    from PIL import Image
+
+    if isinstance(model, (str, Path)):
+        try:
+            from transformers import pipeline
+        except ImportError:  # pragma: no cover - a dependency of the package
+            raise ConfigError("depth_estimator needs transformers: pip install transformers") from None
+        try:
+            model = pipeline("depth-estimation", model=str(model), device=device)
+        except Exception as error:  # noqa: BLE001 - reported with the source
+            raise ModelLoadError(f"depth-estimation model {str(model)!r} did not load: {type(error).__name__}: "
+                                 f"{error}") from error
+    lock = threading.Lock()
+
+    def depth(frame: np.ndarray, spec: ControlNetSpec) -> np.ndarray:
+        with lock:
+            image = model(Image.fromarray(frame))["depth"]  # PIL, mode L
+        height, width = frame.shape[:2]
+        if image.size != (width, height):
+            image = image.resize((width, height), Image.BICUBIC)
+        values = np.asarray(image.convert("L"), dtype=np.uint8)
+        return np.repeat(values[:, :, None], 3, axis=2)
+
+    return depth
+
+
 def builtin_preprocessors() -> dict[str, Preprocessor | None]:
     """The built-in preprocessors by name; ``passthrough`` (None) takes the client's control image as is."""
     return {"canny": canny, PASSTHROUGH: None}

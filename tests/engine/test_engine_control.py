@@ -256,3 +256,18 @@ def test_txt2img_with_a_passthrough_controlnet(tiny_model, controlnets) -> None:
         assert engine.step({})[stream].images is None  # warm-up: the frame is inside the Stream Batch
         got.append(engine.flush(stream)[0].images)
     assert float((got[0] - got[1]).abs().max()) > 1e-3
+
+
+def test_a_plugin_preprocessor_makes_the_control_image(tiny_model, controlnets) -> None:
+    def invert(frame: np.ndarray, spec: ControlNetSpec) -> np.ndarray:
+        return 255 - frame
+
+    config = StreamConfig(width=SIZE, height=SIZE, t_index_list=(30,), cfg_type="none")
+    engine = StreamEngine(tiny_model, EngineConfig(max_streams=1), controlnets=controlnets,
+                          preprocessors={"invert": invert})
+    stream = engine.open_stream(config, controlnets=[ControlNetSpec("a", preprocessor="invert")])
+    got = engine.step({stream: picture(0)})[stream].images
+    other = make_engine(tiny_model, controlnets)
+    given = other.open_stream(config, controlnets=[ControlNetSpec("a", preprocessor="passthrough")])
+    given.submit(picture(0), control_image=255 - picture(0))
+    assert torch.equal(got, other.step({})[given].images)

@@ -41,3 +41,23 @@ def test_canny_is_opencvs_edges_on_three_channels() -> None:
     edges = canny(frame, ControlNetSpec("c", low_threshold=50, high_threshold=150))
     assert edges.shape == (32, 32, 3) and edges.dtype == np.uint8
     assert np.array_equal(edges[:, :, 1], cv2.Canny(frame, 50, 150)) and edges[:, :, 1].max() == 255
+
+
+def test_depth_estimator_plugin_is_transformers_depth_map(tmp_path) -> None:
+    from PIL import Image
+    from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor, pipeline
+
+    from streamdiff.models.controlnet import depth_estimator
+
+    torch.manual_seed(0)
+    config = DPTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
+                       image_size=32, patch_size=8, backbone_out_indices=[0, 1, 2, 3], neck_hidden_sizes=[8, 16, 32, 32],
+                       fusion_hidden_size=16, head_hidden_size=8, reassemble_factors=[4, 2, 1, 0.5])
+    DPTForDepthEstimation(config).eval().save_pretrained(tmp_path / "dpt")
+    DPTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "dpt")
+    frame = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    made = depth_estimator(tmp_path / "dpt")(frame, ControlNetSpec("depth", preprocessor="depth"))
+    expected = np.asarray(pipeline("depth-estimation", model=str(tmp_path / "dpt"))(Image.fromarray(frame))["depth"])
+    assert made.shape == (48, 64, 3) and np.array_equal(made[:, :, 0], expected) and made.std() > 0
+    with pytest.raises(ModelLoadError, match="depth-estimation model"):
+        depth_estimator(tmp_path / "missing")
