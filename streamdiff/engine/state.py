@@ -172,7 +172,7 @@ class StreamTask:
         raise NotImplementedError
 
     def controls(self, round_index: int) -> dict[str, ControlRows]:
-        """The inputs of each ControlNet the stream uses for the rows of :meth:`plan` (:mod:`streamdiff.core.control`)."""
+        """The inputs of each ControlNet the stream uses for the rows of :meth:`plan` (see core/control.py)."""
         s = self.state
         if not s.prompt.controlnets or s.control is None:
             return {}

@@ -25,16 +25,16 @@ CONTROLNET_PATTERNS = ["config.json", "diffusion_pytorch_model.safetensors"]
 TINY_CONTROLNET_VERSION = 1
 TINY_CONTROLNET = dict(conditioning_embedding_out_channels=(8, 16, 16, 32))  # 3 downsamplings: the VAE's factor 8
 
-# A preprocessor: (the input frame uint8 [H, W, 3] RGB at the stream's size, the spec) → control image uint8 [H, W, 3].
+# A preprocessor: (the input frame uint8 [H, W, 3] RGB at the stream's size, the spec) → uint8 [H, W, 3].
 Preprocessor = Callable[[np.ndarray, ControlNetSpec], np.ndarray]
 PASSTHROUGH = "passthrough"
 
 
 def check_name(name: Any) -> str:
-    """``name`` if it can name a ControlNet an engine offers (letters, digits, ``-``, ``_``, ``.``), else ConfigError."""
+    """``name`` if it can name a ControlNet an engine offers (letters, digits, ``-_.``), else ConfigError."""
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name):
-        raise ConfigError(f"controlnet name {name!r} must be 1-64 letters, digits, '-', '_' or '.'", field="controlnets",
-                          value=name, allowed="e.g. canny, depth")
+        raise ConfigError(f"controlnet name {name!r} must be 1-64 letters, digits, '-', '_' or '.'",
+                          field="controlnets", value=name, allowed="e.g. canny, depth")
     return name
 
 
@@ -136,5 +136,6 @@ def load_controlnet(source: Any, device: torch.device, dtype: torch.dtype, revis
     try:
         model = ControlNetModel.from_pretrained(folder, torch_dtype=dtype)
     except Exception as error:  # noqa: BLE001 - reported with the source
-        raise ModelLoadError(f"controlnet {source!r} ({folder}) did not load: {type(error).__name__}: {error}") from error
+        raise ModelLoadError(f"controlnet {source!r} ({folder}) did not load: {type(error).__name__}: "
+                             f"{error}") from error
     return model.to(device).eval()

@@ -13,7 +13,13 @@ from dataclasses import fields
 from typing import Any
 
 from ..options import (
-    CONTROLNET_DEFAULTS, ENGINE_DEFAULTS, MODEL_DEFAULTS, PROMPT_DEFAULTS, STREAM_DEFAULTS, prompt_config, stream_config,
+    CONTROLNET_DEFAULTS,
+    ENGINE_DEFAULTS,
+    MODEL_DEFAULTS,
+    PROMPT_DEFAULTS,
+    STREAM_DEFAULTS,
+    prompt_config,
+    stream_config,
 )
 from .hub import ServerConfig
 from .limits import ServerLimits

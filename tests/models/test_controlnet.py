@@ -51,8 +51,9 @@ def test_depth_estimator_plugin_is_transformers_depth_map(tmp_path) -> None:
 
     torch.manual_seed(0)
     config = DPTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
-                       image_size=32, patch_size=8, backbone_out_indices=[0, 1, 2, 3], neck_hidden_sizes=[8, 16, 32, 32],
-                       fusion_hidden_size=16, head_hidden_size=8, reassemble_factors=[4, 2, 1, 0.5])
+                       image_size=32, patch_size=8, backbone_out_indices=[0, 1, 2, 3],
+                       neck_hidden_sizes=[8, 16, 32, 32], fusion_hidden_size=16, head_hidden_size=8,
+                       reassemble_factors=[4, 2, 1, 0.5])
     DPTForDepthEstimation(config).eval().save_pretrained(tmp_path / "dpt")
     DPTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "dpt")
     frame = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
