@@ -3,6 +3,8 @@ unknown name is refused with the names offered; scale changes apply live."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 from live import bodies, frames, run, settings
 
@@ -45,3 +47,34 @@ def test_clients_choose_controlnets_by_name(server) -> None:
             assert versions[-1] == 1  # applied in place: outputs go on
 
     run(scenario())
+
+
+def test_a_remote_controlnet_stream_equals_the_in_process_engine(server, tiny_model) -> None:
+    import numpy as np
+
+    from streamdiff import ControlNetSpec, StreamConfig
+    from streamdiff.remote import RemoteEngine
+
+    config = StreamConfig(width=64, height=64, t_index_list=(20, 35), cfg_type="self")
+    prompt = dict(prompt="ink", seed=3, controlnets=[ControlNetSpec("edges", scale=0.7, low_threshold=40)])
+    inputs = frames(5)
+    remote = RemoteEngine(server.url, image_format="webp", quality=100)
+    try:
+        stream = remote.open_stream(config, lossless=True, **prompt)
+        outputs: list = []
+        reader = threading.Thread(target=lambda: outputs.extend(iter(lambda: stream.get(timeout=30), None)))
+        reader.start()  # lossless: outputs are read as they come, or the stream waits for room
+        for frame in inputs:
+            stream.submit(frame, timeout=30)
+        stream.end_input()
+        reader.join(60)
+        assert stream.error is None
+        got = [np.asarray(image) for out in outputs for image in out.frames()]
+    finally:
+        remote.stop()
+    local = StreamEngine(tiny_model, EngineConfig(max_streams=1), controlnets={"edges": build_tiny_controlnet()})
+    mine = local.open_stream(config, **prompt)
+    expected = [o.frames()[0] for o in (local.step({mine: f})[mine] for f in inputs) if o.images is not None]
+    expected += [o.frames()[0] for o in local.flush(mine)]
+    assert len(got) == len(expected) == 5
+    assert max(int(np.abs(a.astype(int) - b.astype(int)).max()) for a, b in zip(got, expected)) <= 1
