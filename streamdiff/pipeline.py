@@ -14,14 +14,14 @@ For many streams on one model, or a worker thread, use :class:`~streamdiff.engin
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from .backends.base import UNetEngine, VaeEngine
 from .backends.keys import EngineOptions
-from .config import BackendKind, PromptConfig, StreamConfig
+from .config import BackendKind, ControlNetSpec, PromptConfig, StreamConfig
 from .core.image import check_image_tensor, frame_to_tensor, tensor_to_frame
 from .engine import SINGLE_STREAM, Stream, StreamEngine, StreamOutput, StreamStats
 from .engine.state import StreamState
@@ -45,10 +45,11 @@ class StreamPipeline:
         vae: VaeEngine | None = None,
         backend: BackendKind | str = BackendKind.TORCH,
         engine_options: EngineOptions | None = None,
+        controlnets: Mapping[str, Any] | None = None,
     ) -> None:
         self.engine = StreamEngine(
             model, SINGLE_STREAM, unet=unet, vae=vae,
-            backend=backend, engine_options=engine_options,
+            backend=backend, engine_options=engine_options, controlnets=controlnets,
         )
         self.engine.check_settings(config, _default_prompt())
         self.engine.prepare_backends(config)
@@ -67,15 +68,18 @@ class StreamPipeline:
         device: str = "auto",
         backend: BackendKind | str = BackendKind.TORCH,
         engine_options: EngineOptions | None = None,
+        controlnets: Mapping[str, Any] | None = None,
         **load_kwargs: Any,
     ) -> StreamPipeline:
         """Load ``model`` (``"tiny"``, folder, checkpoint file or hub id) and build a pipeline. Next: prepare().
 
         ``engine_options`` (engine folder, compile, channels-last, resolution range) configure the backend;
-        compiled engines missing from the cache are built on first use.
+        compiled engines missing from the cache are built on first use. ``controlnets``: named ControlNets
+        (``{"canny": "ID_OR_PATH"}``) that :meth:`prepare` may use.
         """
         loaded = load_model(model, vae=vae, loras=loras, dtype=dtype, device=device, **load_kwargs)
-        return cls(loaded, config or StreamConfig(), backend=backend, engine_options=engine_options)
+        return cls(loaded, config or StreamConfig(), backend=backend, engine_options=engine_options,
+                   controlnets=controlnets)
 
     # -- what it runs on ------------------------------------------------------------------------------------------
 
@@ -124,8 +128,10 @@ class StreamPipeline:
         guidance_scale: float = 1.2,
         delta: float = 1.0,
         seed: int = 2,
+        controlnets: Sequence[ControlNetSpec | dict[str, Any] | str] = (),
     ) -> None:
-        """Set the prompt and guidance and open the stream (a new one each time). Next: call it with frames."""
+        """Set the prompt and guidance (and the ControlNets it uses) and open the stream (a new one each time).
+        Next: call it with frames."""
         if prompt is None:
             raise ConfigError("prompt is missing: prepare(prompt='...') needs a prompt (use '' for none)")
         config = self.config
@@ -133,7 +139,7 @@ class StreamPipeline:
             self.stream.close()
             self.engine.apply_messages()  # the old stream leaves now: this engine serves one stream at a time
         self.stream = self.engine.open_stream(config, prompt, negative_prompt, guidance_scale, delta, seed,
-                                              name="pipeline")
+                                              controlnets=controlnets, name="pipeline")
         self.engine.apply_messages()  # make the state now, so that its buffers can be inspected
 
     def update(self, **changes: Any) -> int:
@@ -148,24 +154,29 @@ class StreamPipeline:
 
     # -- per frame --------------------------------------------------------------------------------------------------
 
-    def __call__(self, frame: np.ndarray | torch.Tensor | None = None) -> np.ndarray | torch.Tensor | None:
+    def __call__(self, frame: np.ndarray | torch.Tensor | None = None, control_image: Any = None
+                 ) -> np.ndarray | torch.Tensor | None:
         """One frame in, one frame out (same kind: uint8 RGB array or float tensor in [0, 1]).
 
         Returns None for the first n−1 calls while the Stream Batch fills. ``frame=None`` in txt2img mode.
+        ``control_image``: for passthrough ControlNets (see :meth:`step`).
         """
         if isinstance(frame, np.ndarray):
-            out = self.step(frame_to_tensor(frame))
+            out = self.step(frame_to_tensor(frame), control_image=control_image)
             if out.images is None:
                 return None
             images = tensor_to_frame(out.images)
             return images[0] if frame.ndim == 3 else images
-        return self.step(frame).images
+        return self.step(frame, control_image=control_image).images
 
     @torch.inference_mode()
-    def step(self, images: torch.Tensor | None = None, frame_id: Any = None) -> StreamOutput:
+    def step(self, images: torch.Tensor | None = None, frame_id: Any = None, control_image: Any = None
+             ) -> StreamOutput:
         """One engine tick: float ``[F, 3, H, W]`` in [0, 1] (None for txt2img) → :class:`StreamOutput`.
 
         ``frame_id`` (any object) is given to every frame of the group and comes back in ``frame_ids``.
+        ``control_image`` (uint8 ``[H, W, 3]`` or float ``[3, H, W]``): the control image of every frame of the
+        group for passthrough ControlNets (:meth:`~streamdiff.engine.Stream.submit`).
         """
         stream = self._require_stream()
         config = self.config
@@ -175,7 +186,7 @@ class StreamPipeline:
             check_image_tensor(images, config.frame_buffer_size, config.height, config.width)
             group = list(images)
         for image in group:
-            stream.submit(image, frame_id)
+            stream.submit(image, frame_id, control_image=control_image)
         out = self.engine.step({}).get(stream)
         if out is None:
             if stream.error is not None:

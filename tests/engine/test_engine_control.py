@@ -271,3 +271,19 @@ def test_a_plugin_preprocessor_makes_the_control_image(tiny_model, controlnets) 
     given = other.open_stream(config, controlnets=[ControlNetSpec("a", preprocessor="passthrough")])
     given.submit(picture(0), control_image=255 - picture(0))
     assert torch.equal(got, other.step({})[given].images)
+
+
+def test_the_pipeline_runs_controlnets_as_the_engine(tiny_model, controlnets) -> None:
+    from streamdiff import StreamPipeline
+
+    config = StreamConfig(width=SIZE, height=SIZE, t_index_list=(20, 40), cfg_type="self")
+    specs = [ControlNetSpec("a", scale=0.9), ControlNetSpec("b", preprocessor="passthrough")]
+    pipe = StreamPipeline(tiny_model, config, controlnets=controlnets)
+    pipe.prepare("ink", seed=3, controlnets=specs)
+    got = [pipe(picture(i), control_image=control_picture(i)) for i in range(3)]
+    engine = make_engine(tiny_model, controlnets, 1)
+    expected = run_frames(engine, config, dict(prompt="ink", seed=3, controlnets=specs), [picture(i) for i in range(3)],
+                          [control_picture(i) for i in range(3)])
+    assert got[0] is None
+    for a, b in zip(got[1:], expected):
+        assert np.array_equal(a, (b[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy())
