@@ -11,7 +11,9 @@ Public API::
 from __future__ import annotations
 
 from ._version import __version__
-from .config import BackendKind, CfgMode, FilterConfig, Precision, PromptConfig, Quantization, StreamConfig, StreamMode
+from .config import (
+    BackendKind, CfgMode, ControlNetSpec, FilterConfig, Precision, PromptConfig, Quantization, StreamConfig, StreamMode,
+)
 from .errors import (
     BackendUnavailable,
     ConfigError,
@@ -44,6 +46,7 @@ __all__ = [
     "ModelLoadError",
     "Precision",
     "PromptConfig",
+    "ControlNetSpec",
     "ProtocolError",
     "Quantization",
     "SinkError",

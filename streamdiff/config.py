@@ -337,6 +337,70 @@ class ReferenceImage:
 
 
 @dataclass(frozen=True)
+class ControlNetSpec:
+    """One ControlNet a stream uses, by the name the engine gives it, and how (all of it live).
+
+    ``scale``: diffusers' ``controlnet_conditioning_scale``. ``start``/``end``: the fraction of the stream's denoising
+    steps during which it acts (diffusers' ``control_guidance_start``/``end``: step k of n acts when
+    ``start <= k/n`` and ``(k+1)/n <= end``). ``preprocessor``: what makes the control image from the input frame
+    (``canny``, with ``low_threshold``/``high_threshold``) or ``passthrough`` (the client supplies the control image
+    with each frame, ``stream.submit(frame, control_image=...)``); other names are plugins the engine registers.
+    """
+
+    name: str
+    scale: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    preprocessor: str = "canny"
+    low_threshold: int = 100
+    high_threshold: int = 200
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ConfigError(f"controlnet name={self.name!r} must be a non-empty string", field="name",
+                              value=self.name, allowed="a ControlNet name the engine offers")
+        object.__setattr__(self, "scale", check_number("scale", self.scale, 0, 10))
+        object.__setattr__(self, "start", check_number("start", self.start, 0, 1))
+        object.__setattr__(self, "end", check_number("end", self.end, 0, 1))
+        if self.start >= self.end:
+            raise ConfigError(f"controlnet {self.name!r}: start={self.start} must be below end={self.end}",
+                              field="start", value=self.start, allowed=f"[0, {self.end})")
+        if not isinstance(self.preprocessor, str) or not re.fullmatch(r"[a-z0-9_-]+", self.preprocessor):
+            raise ConfigError(f"preprocessor={self.preprocessor!r} must be a name such as 'canny' or 'passthrough'",
+                              field="preprocessor", value=self.preprocessor, allowed="canny, passthrough")
+        object.__setattr__(self, "low_threshold", check_int("low_threshold", self.low_threshold, 0, 255))
+        object.__setattr__(self, "high_threshold", check_int("high_threshold", self.high_threshold,
+                                                             self.low_threshold, 255))
+
+
+def _controlnet_specs(value: Any) -> tuple[ControlNetSpec, ...]:
+    """``value`` (ControlNetSpecs, dicts of their fields, or names) as a tuple of specs with distinct names."""
+    if isinstance(value, (str, dict, ControlNetSpec)) or not isinstance(value, (list, tuple)):
+        raise ConfigError(f"controlnets={value!r} must be a list of ControlNet settings", field="controlnets",
+                          value=value, allowed="a list of {name, scale, start, end, preprocessor}")
+    specs = []
+    for entry in value:
+        if isinstance(entry, str):
+            entry = ControlNetSpec(entry)
+        elif isinstance(entry, dict):
+            unknown = sorted(set(entry) - {f.name for f in fields(ControlNetSpec)})
+            if unknown:
+                raise ConfigError(f"unknown controlnet setting(s) {unknown}; allowed: "
+                                  f"{[f.name for f in fields(ControlNetSpec)]}", field="controlnets", value=entry)
+            if "name" not in entry:
+                raise ConfigError(f"controlnet {entry!r} has no name", field="controlnets", value=entry)
+            entry = ControlNetSpec(**entry)
+        elif not isinstance(entry, ControlNetSpec):
+            raise ConfigError(f"controlnets entry {entry!r} must be a ControlNetSpec, a dict or a name",
+                              field="controlnets", value=entry)
+        specs.append(entry)
+    names = [spec.name for spec in specs]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"controlnets {names} name a ControlNet twice", field="controlnets", value=names)
+    return tuple(specs)
+
+
+@dataclass(frozen=True)
 class PromptConfig:
     """What the stream is asked to produce; changes live without new buffers.
 
@@ -351,6 +415,7 @@ class PromptConfig:
     seed: int = 2
     ip_adapter_scale: float = 1.0
     reference_image: ReferenceImage | None = None
+    controlnets: tuple[ControlNetSpec, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str):
@@ -363,3 +428,4 @@ class PromptConfig:
         object.__setattr__(self, "ip_adapter_scale", check_number("ip_adapter_scale", self.ip_adapter_scale, 0, 10))
         if self.reference_image is not None and not isinstance(self.reference_image, ReferenceImage):
             object.__setattr__(self, "reference_image", ReferenceImage.from_pixels(self.reference_image))
+        object.__setattr__(self, "controlnets", _controlnet_specs(self.controlnets))

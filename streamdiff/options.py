@@ -15,12 +15,15 @@ Values, in flags and in TOML files alike:
   default 1. A Windows drive colon belongs to the path (``C:\\loras\\x.safetensors``,
   ``C:\\loras\\x.safetensors:0.8``); a path with any other colon needs an explicit scale after it.
 - **t_index_list**: ``32,45`` or separate integers ``32 45`` (or a mix, ``10,20 30``).
+- **controlnet**: ``NAME=SOURCE``, the name streams use and a ``ControlNetModel`` folder, a cached hub id or ``tiny``
+  (``canny=lllyasviel/sd-controlnet-canny``); repeatable.
 
 Next: :func:`model_options` and :func:`stream_config` of the resolved options.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping
@@ -28,12 +31,14 @@ from typing import TYPE_CHECKING, Any, Mapping
 from .config import (
     BackendKind,
     CfgMode,
+    ControlNetSpec,
     FilterConfig,
     Precision,
     PromptConfig,
     Quantization,
     StreamConfig,
     check_int,
+    check_number,
     parse_int_list,
     parse_size,
     t_index_list_for_strength,
@@ -73,9 +78,14 @@ PROMPT_DEFAULTS: dict[str, Any] = {
     "filter": False, "filter_threshold": 0.98, "filter_max_skip": 10,
 }
 
+# The ControlNets an engine offers (``run``: its stream uses them all, with Canny; ``serve``: clients choose by name).
+CONTROLNET_DEFAULTS: dict[str, Any] = {"controlnet": ()}
+
 # The environment variable that carries a server's token (``serve`` and ``run --engine``): flags show in process
 # lists, the environment does not.
 TOKEN_ENV = "STREAMDIFF_TOKEN"
+
+logger = logging.getLogger(__name__)
 
 _NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?|[+-]?(?:nan|inf|infinity)", re.IGNORECASE)
 _DRIVE = re.compile(r"[A-Za-z]:[\\/]")
@@ -113,6 +123,48 @@ def lora_specs(values: Any) -> list[LoraSpec]:
     if isinstance(values, (str, LoraSpec)):
         values = [values]
     return [parse_lora(value) for value in values]
+
+
+def parse_controlnet(value: Any) -> tuple[str, str]:
+    """``NAME=SOURCE`` (a ``--controlnet`` value) → ``(name, source)``."""
+    from .models.controlnet import check_name
+
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        name, source = value
+    elif isinstance(value, str) and "=" in value:
+        name, source = value.split("=", 1)
+    else:
+        raise ConfigError(f"controlnet={value!r} is not NAME=ID_OR_PATH (e.g. canny=lllyasviel/sd-controlnet-canny)",
+                          field="controlnet", value=value, allowed="NAME=ID_OR_PATH")
+    if not isinstance(source, str) or not source.strip():
+        raise ConfigError(f"controlnet={value!r} names no model after '='", field="controlnet", value=value,
+                          allowed="NAME=ID_OR_PATH")
+    return check_name(name.strip()), source.strip()
+
+
+def controlnet_sources(values: Any) -> tuple[tuple[str, str], ...]:
+    """The ``--controlnet`` values (one or a list) as ``(name, source)`` pairs with distinct names."""
+    if values is None or isinstance(values, str):
+        values = [] if values is None else [values]
+    pairs = tuple(parse_controlnet(value) for value in values)
+    names = [name for name, _ in pairs]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"controlnet names {names} repeat a name", field="controlnet", value=names)
+    return pairs
+
+
+def run_controlnets(options: Mapping[str, Any]) -> tuple[ControlNetSpec, ...]:
+    """``run``'s stream uses every ``--controlnet`` of the engine, in order, with Canny, at ``--control-scale``
+    (one value for all, or one per ControlNet; default 1)."""
+    names = [name for name, _ in controlnet_sources(options.get("controlnet"))]
+    scales = options.get("control_scale") or ()
+    scales = [scales] if not isinstance(scales, (list, tuple)) else list(scales)
+    if len(scales) not in (0, 1, len(names)):
+        raise ConfigError(f"{len(scales)} --control-scale values for {len(names)} ControlNets: give one for all or "
+                          "one per --controlnet", field="control_scale", value=scales)
+    scales = [check_number("control_scale", s, 0, 10) for s in scales]
+    return tuple(ControlNetSpec(name, scales[i] if len(scales) > 1 else scales[0] if scales else 1.0)
+                 for i, name in enumerate(names))
 
 
 def output_size_value(value: Any, what: str = "output_size") -> tuple[int, int] | str:
@@ -165,6 +217,7 @@ class ModelOptions:
     engine: EngineOptions
     ip_adapter: str | None = None  # an IP-Adapter to install (image prompts): "tiny", a folder or a file
     ip_adapter_name: str | None = None  # the name clients choose it by (serve); None: the source
+    controlnets: tuple[tuple[str, str], ...] = ()  # (name, source): the ControlNets the engine offers
 
     def load(self) -> LoadedModel:
         from .models import load_model
@@ -192,7 +245,12 @@ class ModelOptions:
 
         config = EngineConfig(max_streams=max_streams, max_batch_rows=max_batch_rows, sizes=sizes,
                               max_shapes=max_shapes)
-        return StreamEngine(self.load(), config, backend=self.backend, engine_options=self.engine)
+        backend = self.backend
+        if self.controlnets and backend is BackendKind.AUTO:
+            logger.warning("backend auto: picked torch because ControlNet needs the eager torch U-Net")
+            backend = BackendKind.TORCH
+        return StreamEngine(self.load(), config, backend=backend, engine_options=self.engine,
+                            controlnets=dict(self.controlnets))
 
 
 def parse_sizes(value: Any) -> tuple[tuple[int, int], ...] | None:
@@ -236,6 +294,7 @@ def model_options(options: Mapping[str, Any]) -> ModelOptions:
         backend=to_enum(BackendKind, options["backend"], "backend"),
         engine=engine,
         **dict(zip(("ip_adapter_name", "ip_adapter"), parse_ip_adapter(_text(options, "ip_adapter")))),
+        controlnets=controlnet_sources(options.get("controlnet")),
     )
 
 

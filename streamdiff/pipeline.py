@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from .backends.base import UNetEngine, VaeEngine
 from .backends.keys import EngineOptions
-from .config import BackendKind, PromptConfig, StreamConfig
+from .config import BackendKind, ControlNetSpec, PromptConfig, StreamConfig
 from .core.image import check_image_tensor, frame_to_tensor, tensor_to_frame
 from .engine import SINGLE_STREAM, Stream, StreamEngine, StreamOutput, StreamStats
 from .engine.state import StreamState
@@ -47,10 +47,11 @@ class StreamPipeline:
         backend: BackendKind | str = BackendKind.TORCH,
         engine_options: EngineOptions | None = None,
         cuda_graphs: bool | None = None,
+        controlnets: Mapping[str, Any] | None = None,
     ) -> None:
         self.engine = StreamEngine(
             model, replace(SINGLE_STREAM, cuda_graphs=cuda_graphs), unet=unet, vae=vae,
-            backend=backend, engine_options=engine_options,
+            backend=backend, engine_options=engine_options, controlnets=controlnets,
         )
         self.engine.check_settings(config, _default_prompt())
         self.engine.prepare_backends(config)
@@ -70,17 +71,19 @@ class StreamPipeline:
         backend: BackendKind | str = BackendKind.TORCH,
         engine_options: EngineOptions | None = None,
         cuda_graphs: bool | None = None,
+        controlnets: Mapping[str, Any] | None = None,
         **load_kwargs: Any,
     ) -> StreamPipeline:
         """Load ``model`` (``"tiny"``, folder, checkpoint file or hub id) and build a pipeline. Next: prepare().
 
         ``engine_options`` (engine folder, compile, channels-last, resolution range) configure the backend;
         compiled engines missing from the cache are built on first use. ``cuda_graphs``: as
-        ``EngineConfig.cuda_graphs`` (None: on for torch on CUDA in float16).
+        ``EngineConfig.cuda_graphs`` (None: on for torch on CUDA in float16). ``controlnets``: named ControlNets
+        (``{"canny": "ID_OR_PATH"}``) that :meth:`prepare` may use.
         """
         loaded = load_model(model, vae=vae, loras=loras, dtype=dtype, device=device, **load_kwargs)
         return cls(loaded, config or StreamConfig(), backend=backend, engine_options=engine_options,
-                   cuda_graphs=cuda_graphs)
+                   cuda_graphs=cuda_graphs, controlnets=controlnets)
 
     # -- what it runs on ------------------------------------------------------------------------------------------
 
@@ -132,8 +135,10 @@ class StreamPipeline:
         *,
         reference_image: Any = None,
         ip_adapter_scale: float = 1.0,
+        controlnets: Sequence[ControlNetSpec | dict[str, Any] | str] = (),
     ) -> None:
-        """Set the prompt and guidance and open the stream (a new one each time). Next: call it with frames.
+        """Set the prompt and guidance (and the ControlNets it uses) and open the stream (a new one each time).
+        Next: call it with frames.
 
         ``reference_image``/``ip_adapter_scale``: an image prompt, for a model with an IP-Adapter."""
         if prompt is None:
@@ -144,7 +149,7 @@ class StreamPipeline:
             self.engine.apply_messages()  # the old stream leaves now: this engine serves one stream at a time
         self.stream = self.engine.open_stream(config, prompt, negative_prompt, guidance_scale, delta, seed,
                                               reference_image=reference_image, ip_adapter_scale=ip_adapter_scale,
-                                              name="pipeline")
+                                              controlnets=controlnets, name="pipeline")
         self.engine.apply_messages()  # make the state now, so that its buffers can be inspected
 
     def update(self, **changes: Any) -> int:
@@ -159,24 +164,29 @@ class StreamPipeline:
 
     # -- per frame --------------------------------------------------------------------------------------------------
 
-    def __call__(self, frame: np.ndarray | torch.Tensor | None = None) -> np.ndarray | torch.Tensor | None:
+    def __call__(self, frame: np.ndarray | torch.Tensor | None = None, control_image: Any = None
+                 ) -> np.ndarray | torch.Tensor | None:
         """One frame in, one frame out (same kind: uint8 RGB array or float tensor in [0, 1]).
 
         Returns None for the first n−1 calls while the Stream Batch fills. ``frame=None`` in txt2img mode.
+        ``control_image``: for passthrough ControlNets (see :meth:`step`).
         """
         if isinstance(frame, np.ndarray):
-            out = self.step(frame_to_tensor(frame))
+            out = self.step(frame_to_tensor(frame), control_image=control_image)
             if out.images is None:
                 return None
             images = tensor_to_frame(out.images)
             return images[0] if frame.ndim == 3 else images
-        return self.step(frame).images
+        return self.step(frame, control_image=control_image).images
 
     @torch.inference_mode()
-    def step(self, images: torch.Tensor | None = None, frame_id: Any = None) -> StreamOutput:
+    def step(self, images: torch.Tensor | None = None, frame_id: Any = None, control_image: Any = None
+             ) -> StreamOutput:
         """One engine tick: float ``[F, 3, H, W]`` in [0, 1] (None for txt2img) → :class:`StreamOutput`.
 
         ``frame_id`` (any object) is given to every frame of the group and comes back in ``frame_ids``.
+        ``control_image`` (uint8 ``[H, W, 3]`` or float ``[3, H, W]``): the control image of every frame of the
+        group for passthrough ControlNets (:meth:`~streamdiff.engine.Stream.submit`).
         """
         stream = self._require_stream()
         config = self.config
@@ -186,7 +196,7 @@ class StreamPipeline:
             check_image_tensor(images, config.frame_buffer_size, config.height, config.width)
             group = list(images)
         for image in group:
-            stream.submit(image, frame_id)
+            stream.submit(image, frame_id, control_image=control_image)
         out = self.engine.step({}).get(stream)
         if out is None:
             if stream.error is not None:

@@ -223,3 +223,25 @@ def test_config_errors_carry_the_field_the_value_and_what_is_allowed():
             assert error.value == value
     bare = ConfigError("a message alone")
     assert (bare.field, bare.has_value, bare.allowed) == (None, False, None)
+
+
+# -- ControlNet settings ----------------------------------------------------------------------------------------------
+
+
+def test_controlnet_specs_are_validated_and_converted() -> None:
+    from streamdiff import ControlNetSpec, PromptConfig
+
+    prompt = PromptConfig(controlnets=["canny", {"name": "depth", "scale": 0.5, "preprocessor": "passthrough"}])
+    assert prompt.controlnets == (ControlNetSpec("canny"), ControlNetSpec("depth", 0.5, preprocessor="passthrough"))
+    with pytest.raises(ConfigError, match=r"scale=11 is outside \[0, 10\]"):
+        ControlNetSpec("a", scale=11)
+    with pytest.raises(ConfigError, match=r"start=0.6 must be below end=0.5"):
+        ControlNetSpec("a", start=0.6, end=0.5)
+    with pytest.raises(ConfigError, match=r"high_threshold=50 is outside \[100, 255\]"):
+        ControlNetSpec("a", high_threshold=50)
+    with pytest.raises(ConfigError, match="name a ControlNet twice"):
+        PromptConfig(controlnets=["a", "a"])
+    with pytest.raises(ConfigError, match=r"unknown controlnet setting\(s\) \['weight'\]"):
+        PromptConfig(controlnets=[{"name": "a", "weight": 1}])
+    with pytest.raises(ConfigError, match="must be a list"):
+        PromptConfig(controlnets="canny")

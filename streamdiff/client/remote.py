@@ -30,7 +30,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -52,7 +52,7 @@ logger = logging.getLogger(__name__)
 
 STALE_S = 3.0  # a frame without an answer after this long was dropped by the server
 MAX_TRACKED = 256  # frames remembered for their outputs at most
-_PROMPT_FIELDS = ("prompt", "negative_prompt", "guidance_scale", "delta", "seed")
+_PROMPT_FIELDS = ("prompt", "negative_prompt", "guidance_scale", "delta", "seed", "controlnets")
 
 
 def settings_json(config: StreamConfig, prompt: PromptConfig, output: OutputConfig) -> dict[str, Any]:
@@ -92,10 +92,11 @@ class RemoteEngine:
                     guidance_scale: float = 1.2, delta: float = 1.0, seed: int = 2, *, lossless: bool = False,
                     input_capacity: int | None = None, output_capacity: int = 2,
                     on_output: Callable[[Any, StreamOutput], None] | None = None,
-                    name: str | None = None) -> RemoteStream:
-        """Connect one stream (the server validates it); raises ServerRefused or ConfigError."""
-        settings = settings_json(config, PromptConfig(prompt, negative_prompt, guidance_scale, delta, seed),
-                                 self.output)
+                    name: str | None = None, controlnets: Sequence[Any] = ()) -> RemoteStream:
+        """Connect one stream (the server validates it); raises ServerRefused or ConfigError. ``controlnets``: the
+        server's ControlNets by the names its operator gave them (Canny only: the wire carries no control images)."""
+        settings = settings_json(
+            config, PromptConfig(prompt, negative_prompt, guidance_scale, delta, seed, tuple(controlnets)), self.output)
         loop = self._ensure_loop()
         connect = StreamClient.connect(self.url, settings, token=self.token, origin=self.origin,
                                        open_timeout=self.open_timeout, client="streamdiff-remote/1")

@@ -18,6 +18,7 @@ from ..config import CfgMode, parse_int_list, parse_size
 from ..errors import ConfigError
 from ..options import (
     BACKENDS, DTYPES, MODEL_DEFAULTS, PROMPT_DEFAULTS, QUANTIZATIONS, STREAM_DEFAULTS, output_size_value, parse_lora,
+    parse_controlnet,
 )
 
 T = TypeVar("T")
@@ -40,6 +41,7 @@ size_arg = _arg(parse_size, "size")
 lora_arg = _arg(parse_lora, "lora")
 int_list_arg = _arg(parse_int_list, "int_list")
 output_size_arg = _arg(output_size_value, "output_size")
+controlnet_arg = _arg(parse_controlnet, "controlnet")
 
 
 class _Concat(argparse.Action):
@@ -66,6 +68,17 @@ def add_model_options(parser: argparse.ArgumentParser, backend_default: str = MO
     add("--device", help="auto | cpu | cuda | cuda:N | mps (default auto)")
     add("--backend", choices=BACKENDS, help=f"engine backend (default {backend_default})")
     return group
+
+
+def add_controlnet_options(group: Any, scale: bool) -> None:
+    """``--controlnet NAME=ID_OR_PATH`` (repeatable) into the model ``group``; ``--control-scale`` with ``scale``."""
+    group.add_argument("--controlnet", action="append", type=controlnet_arg, metavar="NAME=ID_OR_PATH",
+                       help="a ControlNet the engine offers under NAME: a ControlNetModel folder, a cached hub id or "
+                            "'tiny' (built-in, for the tiny model); needs the torch backend; repeatable")
+    if scale:
+        group.add_argument("--control-scale", action="append", type=float, metavar="S",
+                           help="conditioning scale of the ControlNets (Canny edges of each frame): one for all or "
+                                "one per --controlnet, in order (default 1)")
 
 
 def add_engine_dir_option(parser: Any) -> None:

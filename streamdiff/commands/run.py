@@ -27,6 +27,7 @@ from ..io.sources import list_webcams, open_source
 from ..runtime import RuntimeConfig, StreamRunner
 from ..runtime.controls import COMMAND_HELP, read_reference_image
 from ..options import (
+    CONTROLNET_DEFAULTS,
     ENGINE_DEFAULTS,
     MODEL_DEFAULTS,
     PROMPT_DEFAULTS,
@@ -37,6 +38,7 @@ from ..options import (
     model_options,
     output_size_value,
     prompt_config,
+    run_controlnets,
     stream_config,
 )
 from . import options as shared
@@ -62,6 +64,8 @@ DEFAULTS: dict[str, Any] = {
     **ENGINE_DEFAULTS,
     **STREAM_DEFAULTS,
     **PROMPT_DEFAULTS,
+    **CONTROLNET_DEFAULTS,
+    "control_scale": (),
     "output_size": None,
     "queue_size": 1,
     "virtualcam_backend": None,
@@ -97,7 +101,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help="scale output frames to this size ('source': the input's size)")
     io.add_argument("--list-devices", action="store_true", help="list webcams and exit")
     io.add_argument("--virtualcam-backend", help="pyvirtualcam backend name (default: the first that works)")
-    shared.add_model_options(parser)
+    shared.add_controlnet_options(shared.add_model_options(parser), scale=True)
     shared.add_engine_options(parser)
     shared.add_prompt_options(shared.add_stream_options(parser))
     image = parser.add_argument_group("image prompt (IP-Adapter)")
@@ -165,7 +169,11 @@ def build_runner(options: dict[str, Any]) -> StreamRunner:
         source = InputTap(source)
         sinks.append(ContactSheetSink(videos[0].path.with_suffix(".png"), source))
     source.open()  # fail fast, before a possibly long model load; the runner's open() is then a no-op
-    prompt = prompt_config(options)
+    prompt = replace(prompt_config(options), controlnets=run_controlnets(options))
+    if options["engine"] and prompt.controlnets:
+        source.close()
+        raise ConfigError("--controlnet loads ControlNets into a local engine; with --engine the server's operator "
+                          "chooses what it offers", field="controlnet", value=options["controlnet"])
     try:
         if options["ip_adapter_image"]:
             prompt = replace(prompt, reference_image=read_reference_image(str(options["ip_adapter_image"])))

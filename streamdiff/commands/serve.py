@@ -122,7 +122,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         kind = str if isinstance(default, tuple) else type(default)
         limits.add_argument(f"--{name.replace('_', '-')}", type=kind, metavar="N" if kind is not str else "LIST",
                             help=f"{_LIMIT_HELP[name]} (default {shown})")
-    shared.add_model_options(parser)
+    shared.add_controlnet_options(shared.add_model_options(parser), scale=False)
     parser.add_argument("--ip-adapter", metavar="NAME=ID_OR_PATH",
                         help="an IP-Adapter (image prompts) the server offers, by NAME: 'tiny' (built in) or a local "
                              "folder/.safetensors file; clients choose it with settings.ip_adapter (docs/models.md)")

@@ -38,11 +38,12 @@ from ..backends.base import UNetEngine, VaeEngine
 from ..backends.cuda_graphs import CudaGraphs, tune_torch_cuda
 from ..backends.cuda_ops import DEFAULT_CUDA
 from ..backends.keys import EngineOptions, EngineShapes, tuned_size
-from ..config import BackendKind, PromptConfig, StreamConfig, check_int
+from ..config import BackendKind, ControlNetSpec, PromptConfig, StreamConfig, check_int
 from ..core.schedule import slot_coefficients
 from ..errors import ConfigError, FrameError, StreamClosed, StreamDiffError
 from ..models import LoadedModel, LoraSpec, load_model
 from ..models.ip_adapter import ImagePromptEncoder
+from ..models.controlnet import Preprocessor, builtin_preprocessors, check_name, load_controlnet
 from ..models.prompts import PromptEncoder
 from .scheduler import Demand, Scheduler
 from .changes import StateBuilder, reshapes
@@ -64,7 +65,10 @@ class StreamEngine:
     ``unet``/``vae``: engines to use instead of the backend's (tests, benchmarks); ``backend`` and
     ``engine_options`` choose and configure the backend's own (compiled ones are built for the shapes streams
     need, from the engine cache, when a stream first needs them). ``cuda``: the CUDA seam
-    (:class:`~streamdiff.backends.cuda_ops.TorchCuda`; tests pass a CPU fake).
+    (:class:`~streamdiff.backends.cuda_ops.TorchCuda`; tests pass a CPU fake). ``controlnets``: the ControlNets
+    streams may use, by the name streams give (a ``ControlNetModel``, a folder, a hub id or ``tiny``);
+    ``preprocessors``: control-image preprocessors besides ``canny`` and ``passthrough``, by name
+    (:mod:`streamdiff.models.controlnet`).
     """
 
     def __init__(
@@ -77,6 +81,8 @@ class StreamEngine:
         backend: BackendKind | str = BackendKind.TORCH,
         engine_options: EngineOptions | None = None,
         cuda: Any = None,
+        controlnets: Mapping[str, Any] | None = None,
+        preprocessors: Mapping[str, Preprocessor] | None = None,
     ) -> None:
         from ..backends.factory import resolve_backend
 
@@ -98,10 +104,14 @@ class StreamEngine:
                        if model.ip_adapter is not None else None)
         self.states = StateBuilder(model, self.prompts, self.prepare_backends, self.images)
         self._inbox = Inbox()  # the one way in: clients' messages
+        self.controlnets = {check_name(name): load_controlnet(source, model.device, model.dtype)
+                            for name, source in (controlnets or {}).items()}
         self.graphs = self._cuda_graphs(cuda)
         on_cuda = model.device.type == "cuda" or cuda is not None
+        self.preprocessors = {**builtin_preprocessors(), **(preprocessors or {})}
         self.executor = Executor(model, self._backends, self.stats.record_call, self.batch_vae, self._take_inputs,
-                                 self._fail, to_host=(cuda or DEFAULT_CUDA).to_host if on_cuda else torch.Tensor.cpu)
+                                 self._fail, to_host=(cuda or DEFAULT_CUDA).to_host if on_cuda else torch.Tensor.cpu,
+                                 controlnets=self.controlnets, preprocessors=self.preprocessors)
         self._records: dict[int, StreamRecord] = {}  # open streams, by id: only the thread that runs ticks
         self._ids = itertools.count(1)
         self._life = threading.Lock()  # start/stop
@@ -122,12 +132,14 @@ class StreamEngine:
         device: str = "auto",
         backend: BackendKind | str = BackendKind.TORCH,
         engine_options: EngineOptions | None = None,
+        controlnets: Mapping[str, Any] | None = None,
         **load_kwargs: Any,
     ) -> StreamEngine:
-        """Load ``model`` (``"tiny"``, a folder, a checkpoint file or a hub id) once. Next: :meth:`open_stream`."""
+        """Load ``model`` (``"tiny"``, a folder, a checkpoint file or a hub id) once, with the named ``controlnets``
+        (``{"canny": "ID_OR_PATH"}``, ``tiny`` for the built-in one). Next: :meth:`open_stream`."""
         config = EngineConfig(max_streams=max_streams, max_batch_rows=max_batch_rows, batch_vae=batch_vae)
         loaded = load_model(model, vae=vae, loras=loras, dtype=dtype, device=device, **load_kwargs)
-        return cls(loaded, config, backend=backend, engine_options=engine_options)
+        return cls(loaded, config, backend=backend, engine_options=engine_options, controlnets=controlnets)
 
     # -- streams --------------------------------------------------------------------------------------------------
 
@@ -142,6 +154,7 @@ class StreamEngine:
         *,
         reference_image: Any = None,
         ip_adapter_scale: float = 1.0,
+        controlnets: Sequence[ControlNetSpec | dict[str, Any] | str] = (),
         lossless: bool = False,
         input_capacity: int | None = None,
         output_capacity: int = 2,
@@ -154,11 +167,13 @@ class StreamEngine:
         ``on_output(stream, output)`` is called on the engine's thread for every output (keep it quick).
         ``reference_image`` (uint8 ``[H, W, 3]``, a PIL image or a :class:`~streamdiff.config.ReferenceImage`) and
         ``ip_adapter_scale``: the stream's image prompt, for a model with an IP-Adapter (both change live).
+        ``controlnets``: the engine's ControlNets this stream uses (:class:`~streamdiff.config.ControlNetSpec`).
         """
         if not isinstance(config, StreamConfig):
             raise ConfigError(f"config must be a StreamConfig, got {type(config).__name__}")
-        settings = PromptConfig(prompt, negative_prompt, guidance_scale, delta, seed, ip_adapter_scale,
-                                reference_image)
+        settings = PromptConfig(prompt, negative_prompt, guidance_scale, delta, seed,
+                                ip_adapter_scale=ip_adapter_scale, reference_image=reference_image,
+                                controlnets=tuple(controlnets))
         self.check_settings(config, settings)
         if input_capacity is not None:
             input_capacity = check_int("input_capacity", input_capacity, 1)
@@ -206,6 +221,26 @@ class StreamEngine:
             raise ConfigError("a reference_image (image prompt) needs a model with an IP-Adapter "
                               "(load_model(..., ip_adapter=...), --ip-adapter)", field="reference_image",
                               value="an image", allowed="None (this model has no IP-Adapter)")
+        self.check_controlnets(prompt.controlnets)
+
+    def check_controlnets(self, specs: Sequence[ControlNetSpec]) -> None:
+        """Raise ConfigError unless this engine offers every ControlNet and preprocessor ``specs`` name and its U-Net
+        takes ControlNet residuals (checked when a stream opens or changes, never mid-stream)."""
+        for spec in specs:
+            if spec.name not in self.controlnets:
+                allowed = ", ".join(sorted(self.controlnets)) or "none (build the engine with controlnets=...)"
+                raise ConfigError(f"controlnet {spec.name!r} is not one this engine offers: {allowed}",
+                                  field="controlnets", value=spec.name, allowed=allowed)
+            if spec.preprocessor not in self.preprocessors:
+                allowed = ", ".join(sorted(self.preprocessors))
+                raise ConfigError(f"preprocessor {spec.preprocessor!r} of controlnet {spec.name!r} is not one of "
+                                  f"{allowed}", field="preprocessor", value=spec.preprocessor, allowed=allowed)
+        if specs and (self.backend is not BackendKind.TORCH or self.graphs is not None or self.options.compile):
+            what = self.backend.value + (" with CUDA graphs" if self.graphs is not None else "") + (
+                " compiled" if self.options.compile else "")
+            raise ConfigError(f"ControlNet needs a U-Net that takes residual inputs: the eager torch backend; this "
+                              f"engine runs {what}", field="controlnets", value=[s.name for s in specs],
+                              allowed="[] on this engine")
 
     # -- synchronous use --------------------------------------------------------------------------------------------
 
@@ -469,7 +504,8 @@ class StreamEngine:
         if wanted is None:
             return (self.backend is BackendKind.TORCH and self.model.device.type == "cuda"
                     and self.model.dtype == torch.float16 and not self.options.compile
-                    and self.model.ip_adapter is None and not self.model.unet_extras)
+                    and self.model.ip_adapter is None and not self.model.unet_extras
+                    and not self.controlnets)
         if wanted and self.model.ip_adapter is not None:
             raise ConfigError("cuda_graphs=True cannot replay an IP-Adapter's per-row image prompts; leave it unset",
                               field="cuda_graphs", value=True, allowed="None or False with an IP-Adapter")

@@ -10,6 +10,7 @@ retried stream by stream to find whose work broke it, after the backend has rest
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any, Callable
 
 import torch
@@ -18,7 +19,9 @@ from ..backends.base import UNetEngine, VaeEngine, recover
 from ..config import StreamConfig, StreamMode
 from ..core.image import fit_frame, frame_to_tensor, from_model_range, tensor_to_frame, to_model_range
 from ..models import LoadedModel
+from ..models.controlnet import Preprocessor
 from .batch import assemble
+from .control import controlnet_extras, group_control
 from .inbox import InputFrame
 from .outputs import StreamOutput
 from .records import StreamRecord
@@ -37,7 +40,8 @@ class Executor:
     engines; ``record_call(rows, padding)`` counts U-Net calls; ``take_inputs(stream, n)`` takes a stream's oldest
     ``n`` input frames (fewer at the end of input); ``fail(stream, error)`` ends one stream. ``to_host(tensor)``
     copies one device tensor to the host: the tick's ONE host synchronisation (every decoded frame of the tick
-    travels in that one copy; see :meth:`_finish`).
+    travels in that one copy; see :meth:`_finish`). ``controlnets``: the engine's ControlNet models by name, and
+    ``preprocessors`` its control-image preprocessors (see :mod:`.control`).
     """
 
     def __init__(
@@ -49,6 +53,8 @@ class Executor:
         take_inputs: Callable[[StreamRecord, int], list[InputFrame]],
         fail: Callable[[StreamRecord, BaseException], None],
         to_host: Callable[[torch.Tensor], torch.Tensor] = torch.Tensor.cpu,
+        controlnets: Mapping[str, torch.nn.Module] | None = None,
+        preprocessors: Mapping[str, Preprocessor | None] | None = None,
     ) -> None:
         self.model = model
         self.backends = backends
@@ -57,6 +63,8 @@ class Executor:
         self._take_inputs = take_inputs
         self._fail = fail
         self._to_host = to_host
+        self.controlnets = controlnets or {}
+        self.preprocessors = preprocessors or {}
 
     def run(self, calls: list[list[StreamRecord]]) -> dict[StreamRecord, StreamOutput]:
         """Execute a tick: ``calls`` lists the streams of each U-Net call (one per bucket). Their outputs."""
@@ -74,6 +82,7 @@ class Executor:
                  outputs: dict[StreamRecord, StreamOutput]) -> None:
         """Take each stream's frame group, run its filter and the VAE encoder, and make its task."""
         to_encode: list[tuple[StreamRecord, torch.Tensor, tuple[Any, ...]]] = []
+        controls: dict[StreamRecord, dict[str, torch.Tensor]] = {}
         for stream in streams:
             try:
                 state = stream.state
@@ -86,10 +95,12 @@ class Executor:
                 stream.stats.frames_in += len(group)
                 ids = tuple(item.frame_id for item in group) + (PADDING,) * (f - len(group))
                 group += [group[-1]] * (f - len(group))  # end of input inside a group: pad with the last frame
-                if state.config.mode is StreamMode.TXT2IMG:
-                    tasks[stream] = state.task(state.entry_latents(None), ids)
+                images = None if state.config.mode is StreamMode.TXT2IMG else torch.stack(
+                    [_fit(item.image, state.config) for item in group])
+                controls[stream] = self._control(state, group, images)
+                if images is None:
+                    tasks[stream] = state.task(state.entry_latents(None), ids, controls[stream])
                     continue
-                images = torch.stack([_fit(item.image, state.config) for item in group])
                 model_input = to_model_range(images.to(self.model.device, self.model.dtype))
                 if state.filter.decide(model_input).skip:
                     stream.stats.filter_skips += len(group)
@@ -101,17 +112,20 @@ class Executor:
         for (stream, _, ids), latents in zip(to_encode, self._vae_calls("encode", [x for _, x, _ in to_encode],
                                                                        [s for s, _, _ in to_encode])):
             if latents is not None:
-                tasks[stream] = stream.state.task(stream.state.entry_latents(latents), ids)
+                tasks[stream] = stream.state.task(stream.state.entry_latents(latents), ids, controls.get(stream))
         for stream in [s for s in tasks if s.finished]:
             tasks.pop(stream)
 
     def _run_unet(self, members: list[tuple[StreamRecord, StreamTask]], round_index: int) -> None:
         """ONE U-Net call over the members' rows; on failure, each member alone (to find whose work fails)."""
-        planned = []
+        planned, controls = [], []
         for stream, task in members:
             try:
                 planned.append((stream, task, task.plan(round_index)))
+                controls.append(task.controls(round_index))
             except Exception as error:  # noqa: BLE001
+                if len(planned) > len(controls):
+                    planned.pop()
                 self._fail(stream, error)
         if not planned:
             return
@@ -120,7 +134,10 @@ class Executor:
         try:
             assembled = assemble([rows for _, _, rows in planned], batch_sizes)
             rows = assembled.rows
-            prediction = unet(rows.sample, rows.timesteps, rows.embeddings, **rows.extras)
+            extras = dict(rows.extras)
+            if any(controls):
+                extras.update(controlnet_extras(self.controlnets, rows, assembled.spans, controls))
+            prediction = unet(rows.sample, rows.timesteps, rows.embeddings, **extras)
             self.record_call(assembled.rows.rows - assembled.padding, assembled.padding)
             slices = assembled.split(prediction)
         except Exception as error:  # noqa: BLE001
@@ -138,6 +155,16 @@ class Executor:
                 stream.stats.unet_calls += 1
             except Exception as error:  # noqa: BLE001
                 self._fail(stream, error)
+
+    def _control(self, state: Any, group: list[InputFrame], images: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """The group's control images by ControlNet name, on the model's device and dtype ({} without ControlNet)."""
+        specs = state.prompt.controlnets
+        if not specs:
+            return {}
+        last = state.control.group if state.control is not None else {}
+        made = group_control(specs, group, images, last, self.preprocessors, (state.config.width,
+                                                                              state.config.height))
+        return {name: image.to(self.model.device, self.model.dtype) for name, image in made.items()}
 
     def _finish(self, tasks: dict[StreamRecord, StreamTask], outputs: dict[StreamRecord, StreamOutput]) -> None:
         """Decode what leaves each Stream Batch this tick."""

@@ -33,11 +33,13 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class InputFrame:
-    """One submitted frame: float ``[3, H, W]`` in [0, 1] (CPU), None for a txt2img request; its id and time."""
+    """One submitted frame: float ``[3, H, W]`` in [0, 1] (CPU), None for a txt2img request; its id and time; and
+    its control images ``[3, H, W]`` by ControlNet name (ControlNet streams)."""
 
     image: torch.Tensor | None
     frame_id: Any
     submitted: float
+    control: dict[str, torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)

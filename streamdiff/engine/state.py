@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ..config import PromptConfig, StreamConfig, StreamMode
+from ..core.control import ControlRows, control_rows
 from ..core.guidance import call_rows, expand_embeddings, expand_extras
 from ..core.schedule import NoiseSchedule, PredictionType, SlotCoefficients, slot_coefficients
 from ..core.similarity import SimilarityFilter
@@ -27,6 +28,7 @@ from ..core.step import (
     batch_plan,
     noise_first_step,
 )
+from .control import ControlState
 
 
 def draw_noise(seed: int, rows: int, latent_shape: tuple[int, int, int]) -> torch.Tensor:
@@ -74,6 +76,7 @@ class StreamState:
     last_latents: torch.Tensor | None = None  # the newest group at t0 (flush re-feeds it as padding)
     version: int = 0  # settings version of the last applied change
     extras: RowExtras | None = None  # per-row extra U-Net inputs (the image prompt's), same rows as embeddings
+    control: ControlState | None = None  # control images of the frames inside (ControlNet streams)
 
     @classmethod
     def create(
@@ -104,6 +107,7 @@ class StreamState:
             filter=SimilarityFilter(config.filter, seed=prompt.seed),
             prediction_type=schedule.prediction_type,
             latent_shape=latent_shape,
+            control=ControlState(config.denoising_steps * f, f, config.use_denoising_batch),
         )
 
     # -- live changes that keep the buffers ---------------------------------------------------------------------
@@ -160,9 +164,13 @@ class StreamState:
             return self.buffers.init_noise[:f]
         return noise_first_step(encoded, self.coeffs, self.buffers.init_noise)
 
-    def task(self, latents: torch.Tensor, frame_ids: tuple[Any, ...] | None) -> StreamTask:
-        """This tick's work for ``latents`` at t0; ``frame_ids`` None marks flush padding (no output)."""
+    def task(self, latents: torch.Tensor, frame_ids: tuple[Any, ...] | None,
+             control: dict[str, torch.Tensor] | None = None) -> StreamTask:
+        """This tick's work for ``latents`` at t0; ``frame_ids`` None marks flush padding (no output). ``control``:
+        the group's control images ``[F, 3, H, W]`` by ControlNet name (None: the last group's again)."""
         self.last_latents = latents
+        if self.control is not None and (self.prompt.controlnets or self.control.group):
+            self.control.enter(control if control is not None or frame_ids is None else {})
         if self.config.use_denoising_batch:
             return BatchTask(self, latents, frame_ids)
         return SequentialTask(self, latents, frame_ids)
@@ -193,6 +201,19 @@ class StreamTask:
     def finish(self) -> tuple[torch.Tensor | None, tuple[Any, ...]]:
         """The finished latents ``[F, C, h, w]`` leaving this tick and their frame ids, or ``(None, ())``."""
         raise NotImplementedError
+
+    def controls(self, round_index: int) -> dict[str, ControlRows]:
+        """The inputs of each ControlNet the stream uses for the rows of :meth:`plan` (see core/control.py)."""
+        s = self.state
+        if not s.prompt.controlnets or s.control is None:
+            return {}
+        f, n = s.config.frame_buffer_size, s.config.denoising_steps
+        batched = isinstance(self, BatchTask)
+        images = s.control.batch if batched else s.control.group
+        row_steps = [r // f for r in range(n * f)] if batched else [round_index] * f
+        first = batched or round_index == 0
+        return {spec.name: control_rows(spec, s.guidance.mode, images[spec.name], row_steps, n, f, first)
+                for spec in s.prompt.controlnets if spec.name in images}
 
 
 class BatchTask(StreamTask):

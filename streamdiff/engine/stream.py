@@ -28,7 +28,9 @@ import torch
 
 from ..config import PromptConfig, StreamConfig, StreamMode
 from ..errors import ConfigError, FrameError, StreamClosed
-from ..core.image import fit_frame, frame_to_tensor
+from ..core.image import fit_frame, frame_to_tensor, tensor_to_frame
+from ..models.controlnet import PASSTHROUGH
+from .control import submit_control
 from .inbox import ChangeSettings, CloseStream, EndInput, Inbox, InputFrame, SubmitFrame
 from .outputs import OutputQueue, StreamOutput, wait_popleft
 from .state import StreamState, StreamStats
@@ -77,6 +79,7 @@ class Stream:
         self._next_frame_id = 0
         self._ended = False  # end_input() was called
         self._close_requested = False
+        self._controls_given: set[str] = set()  # passthrough ControlNets a control image was submitted for
 
     def __repr__(self) -> str:
         return f"<Stream {self.name} {'finished' if self.finished else 'open'}>"
@@ -178,6 +181,7 @@ class Stream:
         frame: np.ndarray | torch.Tensor | None,
         frame_id: Any = None,
         *,
+        control_image: np.ndarray | torch.Tensor | None = None,
         timeout: float | None = None,
     ) -> None:
         """Queue one frame (uint8 RGB ``[H, W, 3]`` of any size, or float ``[3, H, W]`` in [0, 1]); None in txt2img.
@@ -186,16 +190,39 @@ class Stream:
         streams wait for room (up to ``timeout`` s, then TimeoutError). ``frame_id`` (any object) comes back in
         :attr:`StreamOutput.frame_ids`; by default a running number. Raises StreamClosed once the stream is closed
         (also when it is closed while this call waits).
+
+        ControlNet streams: the control image of each ControlNet is made here, on the caller's thread (``canny``), or
+        is ``control_image`` (``passthrough``: uint8 ``[H, W, 3]`` of any size or float ``[3, H, W]`` in [0, 1]; without
+        one the last is used again).
         """
         self._check_open()
         image = self._to_tensor(frame)
+        control = self._control(image, control_image)
         with self._lock:
             if frame_id is None:
                 frame_id = self._next_frame_id
             self._next_frame_id += 1
-        item = InputFrame(image, frame_id, time.perf_counter())
+        item = InputFrame(image, frame_id, time.perf_counter(), control)
         if not self._inbox.submit(SubmitFrame(self.id, item, self.input_capacity), timeout):
             raise self._closed_error()
+
+    def _control(self, image: torch.Tensor | None, control_image: np.ndarray | torch.Tensor | None
+                 ) -> dict[str, torch.Tensor] | None:
+        specs = self.prompt.controlnets
+        if not specs:
+            if control_image is not None:
+                raise FrameError(f"{self.name} uses no ControlNet: control_image is not used")
+            return None
+        waiting = [s.name for s in specs if s.preprocessor == PASSTHROUGH and s.name not in self._controls_given]
+        if waiting and control_image is None:
+            raise FrameError(f"{self.name}: controlnet(s) {waiting} take the client's control image: submit the first "
+                             "frame with control_image=... (later frames reuse the last one)")
+        if control_image is not None:
+            self._controls_given.update(s.name for s in specs if s.preprocessor == PASSTHROUGH)
+        processed = image is not None and any(spec.preprocessor != PASSTHROUGH for spec in specs)
+        frame = tensor_to_frame(image[None])[0] if processed else None
+        return submit_control(specs, frame, control_image, self.engine.preprocessors,
+                              (self.config.width, self.config.height))
 
     def _to_tensor(self, frame: np.ndarray | torch.Tensor | None) -> torch.Tensor | None:
         config = self.config

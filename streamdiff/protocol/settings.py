@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from ..config import PromptConfig, StreamConfig, t_index_list_for_strength, to_enum
@@ -61,6 +61,7 @@ class StreamSettings:
             "cfg_type": s.cfg_type.value, "prompt": p.prompt, "negative_prompt": p.negative_prompt,
             "guidance_scale": p.guidance_scale, "delta": p.delta, "seed": p.seed,
             "ip_adapter": self.ip_adapter, "ip_adapter_scale": p.ip_adapter_scale,
+            "controlnets": [asdict(spec) for spec in p.controlnets],
             "filter": {"enabled": f.enabled, "threshold": f.threshold, "max_skip_frames": f.max_skip_frames},
             "output": {"format": o.format.value, "quality": o.quality},
         }
@@ -74,7 +75,12 @@ SETTING_FIELDS: dict[str, Any] = {
     "steps": "int", "frame_buffer_size": "int", "cfg_type": "string", "prompt": "string",
     "negative_prompt": "string", "guidance_scale": "number", "delta": "number", "seed": "int",
     "ip_adapter": "string", "ip_adapter_scale": "number", "filter": _FILTER_FIELDS, "output": _OUTPUT_FIELDS,
+    "controlnets": "controlnet_list",
 }
+# Each entry of "controlnets": a ControlNet the server offers, by the name its operator gave it, and how to use it.
+_CONTROLNET_FIELDS = {"name": "string", "scale": "number", "start": "number", "end": "number",
+                      "preprocessor": "string", "low_threshold": "int", "high_threshold": "int"}
+MAX_CONTROLNETS = 4
 _STREAM_SINGLE = ("width", "height", "frame_buffer_size", "cfg_type")
 _TIMESTEPS = ("t_index_list", "num_inference_steps", "strength", "steps")
 _PROMPT = ("prompt", "negative_prompt", "guidance_scale", "delta", "seed", "ip_adapter_scale")
@@ -106,6 +112,10 @@ def apply_settings(
         if name in changes:
             prompt = _apply(prompt, {name: _number(changes[name], SETTING_FIELDS[name])}, f"{path}.{name}",
                             changes[name])
+    if "controlnets" in changes:
+        entries = tuple({k: _number(v, _CONTROLNET_FIELDS[k]) for k, v in entry.items()}
+                        for entry in changes["controlnets"])
+        prompt = _apply(prompt, {"controlnets": entries}, f"{path}.controlnets", changes["controlnets"])
     if "output" in changes:
         for name, value in changes["output"].items():
             output = _apply(output, {name: value}, f"{path}.output.{name}", value)
@@ -141,6 +151,11 @@ def check_caps(settings: StreamSettings, limits: ServerLimits, *, path: str = "s
     if settings.ip_adapter and settings.ip_adapter != limits.ip_adapter:
         allowed = f'"{limits.ip_adapter}" or ""' if limits.ip_adapter else '"" (this server offers no IP-Adapter)'
         _not_allowed(f"{path}.ip_adapter", settings.ip_adapter, allowed)
+    for spec in settings.prompt.controlnets:
+        if spec.preprocessor == "passthrough":  # the wire carries no control images (yet)
+            _not_allowed(f"{path}.controlnets", spec.preprocessor, "the preprocessor canny",
+                         f"controlnet {spec.name!r}: preprocessor 'passthrough' needs control images, which this "
+                         "server's protocol does not carry; use 'canny'")
     for name in ("prompt", "negative_prompt"):
         value = getattr(settings.prompt, name)
         if len(value) > limits.max_prompt_chars:
@@ -154,7 +169,7 @@ def engine_changes(previous: StreamSettings, new: StreamSettings) -> dict[str, A
     for name in ("width", "height", "t_index_list", "num_inference_steps", "frame_buffer_size", "cfg_type", "filter"):
         if getattr(new.stream, name) != getattr(previous.stream, name):
             out[name] = getattr(new.stream, name)
-    for name in (*_PROMPT, "reference_image"):
+    for name in (*_PROMPT, "reference_image", "controlnets"):
         if getattr(new.prompt, name) != getattr(previous.prompt, name):
             out[name] = getattr(new.prompt, name)
     return out
@@ -174,12 +189,27 @@ def _check_types(changes: Any, table: dict[str, Any], path: str) -> None:
                             code=ErrorCode.UNKNOWN_FIELD, field=f"{path}.{unknown[0]}", allowed=allowed)
     for name, value in changes.items():
         kind = table[name]
-        if isinstance(kind, dict):
+        if kind == "controlnet_list":
+            _check_controlnets(value, f"{path}.{name}")
+        elif isinstance(kind, dict):
             _check_types(value, kind, f"{path}.{name}")
         elif not _is_type(value, kind):
             raise ProtocolError(f"{path}.{name} must be {_TYPE_NAMES[kind]}, got {_describe(value)}",
                                 code=ErrorCode.INVALID_VALUE, field=f"{path}.{name}", value=value,
                                 allowed=_TYPE_NAMES[kind])
+
+
+def _check_controlnets(value: Any, path: str) -> None:
+    """A list of at most MAX_CONTROLNETS objects of ``_CONTROLNET_FIELDS``, each with a name."""
+    if not isinstance(value, list) or len(value) > MAX_CONTROLNETS:
+        raise ProtocolError(f"{path} must be a list of at most {MAX_CONTROLNETS} objects, got {_describe(value)}",
+                            code=ErrorCode.INVALID_VALUE, field=path, value=value if not isinstance(value, list)
+                            else len(value), allowed=f"a list of at most {MAX_CONTROLNETS} objects")
+    for i, entry in enumerate(value):
+        _check_types(entry, _CONTROLNET_FIELDS, f"{path}[{i}]")
+        if "name" not in entry:
+            raise ProtocolError(f"{path}[{i}] has no name", code=ErrorCode.INVALID_VALUE, field=f"{path}[{i}].name",
+                                allowed="the name of a ControlNet this server offers")
 
 
 def _is_type(value: Any, kind: str) -> bool:

@@ -254,6 +254,7 @@ class StreamRunner:
         self.stream = self.engine.open_stream(
             self.stream_config, p.prompt, p.negative_prompt, p.guidance_scale, p.delta, p.seed,
             lossless=not self.realtime, name="run", **image_prompt,
+            **({"controlnets": p.controlnets} if p.controlnets else {}),
         )
         self._opened.append(self.stream)
         self.controls.bind(self.stream)

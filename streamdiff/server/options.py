@@ -12,7 +12,15 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Any
 
-from ..options import ENGINE_DEFAULTS, MODEL_DEFAULTS, PROMPT_DEFAULTS, STREAM_DEFAULTS, prompt_config, stream_config
+from ..options import (
+    CONTROLNET_DEFAULTS,
+    ENGINE_DEFAULTS,
+    MODEL_DEFAULTS,
+    PROMPT_DEFAULTS,
+    STREAM_DEFAULTS,
+    prompt_config,
+    stream_config,
+)
 from .hub import ServerConfig
 from ..protocol.limits import ServerLimits
 from ..protocol.policy import HostPolicy, OriginPolicy
@@ -57,8 +65,8 @@ def limits_defaults() -> dict[str, Any]:
 
 def serve_defaults() -> dict[str, Any]:
     """Every option of a server, with its default."""
-    return {**MODEL_DEFAULTS, **ENGINE_DEFAULTS, **STREAM_DEFAULTS, **PROMPT_DEFAULTS, **SERVER_DEFAULTS,
-            **RTC_DEFAULTS, **limits_defaults()}
+    return {**MODEL_DEFAULTS, **CONTROLNET_DEFAULTS, **ENGINE_DEFAULTS, **STREAM_DEFAULTS, **PROMPT_DEFAULTS,
+            **SERVER_DEFAULTS, **RTC_DEFAULTS, **limits_defaults()}
 
 
 def rtc_config(options: dict[str, Any]) -> RtcConfig:

@@ -303,7 +303,9 @@ class StreamSession:
         try:
             self.stream = hub.engine.open_stream(
                 settings.stream, p.prompt, p.negative_prompt, p.guidance_scale, p.delta, p.seed,
-                ip_adapter_scale=p.ip_adapter_scale, lossless=False, output_capacity=1, on_output=self._on_output_thread, name=self.stream_id)
+                ip_adapter_scale=p.ip_adapter_scale, lossless=False, output_capacity=1,
+                on_output=self._on_output_thread, name=self.stream_id,
+                **({"controlnets": p.controlnets} if p.controlnets else {}))
         except (EngineFull, ConfigError) as error:
             hub.unregister(self)
             stream_id, self.stream_id = self.stream_id, None

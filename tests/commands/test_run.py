@@ -398,3 +398,24 @@ def test_ip_adapter_flags_give_the_stream_an_image_prompt(tiny_model, tmp_path: 
                                                   str(tmp_path / "missing.png")]))
     with pytest.raises(ConfigError, match="cannot be read as an image"):
         run_command.build_runner(options)
+
+def test_controlnet_flags_run_the_tiny_controlnet_on_canny_edges(tiny_model, tmp_path: Path) -> None:
+    from streamdiff.options import controlnet_sources, run_controlnets
+
+    stats = tmp_path / "stats.json"
+    code = main(["run", "--source", "testpattern", "--sink", "null", "--frames", "4", "--size", "64x64",
+                 "--controlnet", "edges=tiny", "--control-scale", "0.8", "--stats-json", str(stats),
+                 "--status-interval", "0"])
+    assert code == 0
+    data = json.loads(stats.read_text())
+    assert data["frames_out"] == 4 and data["error"] is None
+    specs = run_controlnets({"controlnet": ["a=tiny", "b=some/folder"], "control_scale": [0.5, 2]})
+    assert [(s.name, s.scale, s.preprocessor) for s in specs] == [("a", 0.5, "canny"), ("b", 2.0, "canny")]
+    assert controlnet_sources("canny=org/cn") == (("canny", "org/cn"),)
+    with pytest.raises(ConfigError, match="3 --control-scale values for 2 ControlNets"):
+        run_controlnets({"controlnet": ["a=tiny", "b=tiny"], "control_scale": [1, 1, 1]})
+    with pytest.raises(ConfigError, match="is not NAME=ID_OR_PATH"):
+        controlnet_sources(["tiny"])
+    with pytest.raises(ConfigError, match="repeat a name"):
+        controlnet_sources(["a=tiny", "a=other"])
+    assert main(["run", "--frames", "1", "--controlnet", "a=tiny", "--backend", "openvino", "--size", "64x64"]) == 1

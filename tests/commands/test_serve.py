@@ -126,3 +126,14 @@ def test_ip_adapter_flag_names_the_adapter_clients_choose(cache_dir) -> None:
     assert parse_ip_adapter("/a=b/ip.safetensors") == (None, "/a=b/ip.safetensors")
     with pytest.raises(ConfigError, match="NAME=ID_OR_PATH"):
         parse_ip_adapter("style=")
+
+def test_controlnet_flags_name_what_the_server_offers(tiny_model, monkeypatch) -> None:
+    from streamdiff.options import model_options
+
+    monkeypatch.delenv("STREAMDIFF_TOKEN", raising=False)
+    options = _options(["--controlnet", "edges=tiny", "--controlnet", "lines=/models/cn-lineart"])
+    assert model_options(options).controlnets == (("edges", "tiny"), ("lines", "/models/cn-lineart"))
+    assert server_config(options).defaults.prompt.controlnets == ()  # clients choose; nothing is on by default
+    assert model_options(_options([])).controlnets == ()
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--controlnet", "no-name-given"])

@@ -256,3 +256,32 @@ def test_limits_name_the_engines_ip_adapter() -> None:
 
     assert LIMITS.for_engine(Engine()).ip_adapter == "style"
     assert LIMITS.ip_adapter == "" and LIMITS.to_json()["ip_adapter"] == ""
+
+# -- ControlNet ---------------------------------------------------------------------------------------------------
+
+
+def test_controlnets_map_onto_controlnet_specs_and_back() -> None:
+    from streamdiff.config import ControlNetSpec
+
+    s = apply_settings(BASE, {"controlnets": [{"name": "canny", "scale": 1, "end": 0.5, "low_threshold": 50}]},
+                       LIMITS)
+    assert s.prompt.controlnets == (ControlNetSpec("canny", 1.0, end=0.5, low_threshold=50),)
+    again = apply_settings(BASE, json.loads(json.dumps(s.to_json())), None)
+    assert again.prompt == s.prompt
+    assert engine_changes(BASE, s) == {"controlnets": s.prompt.controlnets}
+    assert apply_settings(s, {"controlnets": []}, LIMITS).prompt.controlnets == ()
+
+
+@pytest.mark.parametrize("changes, field, code", [
+    ({"controlnets": "canny"}, "settings.controlnets", "invalid_value"),
+    ({"controlnets": [{"name": "a"}] * 5}, "settings.controlnets", "invalid_value"),
+    ({"controlnets": [{"scale": 1}]}, "settings.controlnets[0].name", "invalid_value"),
+    ({"controlnets": [{"name": "a", "scale": "1"}]}, "settings.controlnets[0].scale", "invalid_value"),
+    ({"controlnets": [{"name": "a", "weight": 1}]}, "settings.controlnets[0].weight", "unknown_field"),
+    ({"controlnets": [{"name": "a", "scale": 11}]}, "settings.controlnets", "invalid_value"),
+    ({"controlnets": [{"name": "a", "start": 0.5, "end": 0.5}]}, "settings.controlnets", "invalid_value"),
+    ({"controlnets": [{"name": "a", "preprocessor": "passthrough"}]}, "settings.controlnets", "not_allowed"),
+])
+def test_bad_controlnets_name_the_field(changes, field, code) -> None:
+    error = _error(changes)
+    assert (error.field, error.code.value) == (field, code), error
