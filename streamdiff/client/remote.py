@@ -96,7 +96,8 @@ class RemoteEngine:
         """Connect one stream (the server validates it); raises ServerRefused or ConfigError. ``controlnets``: the
         server's ControlNets by the names its operator gave them (Canny only: the wire carries no control images)."""
         settings = settings_json(
-            config, PromptConfig(prompt, negative_prompt, guidance_scale, delta, seed, tuple(controlnets)), self.output)
+            config, PromptConfig(prompt, negative_prompt, guidance_scale, delta, seed, controlnets=tuple(controlnets)),
+            self.output)
         loop = self._ensure_loop()
         connect = StreamClient.connect(self.url, settings, token=self.token, origin=self.origin,
                                        open_timeout=self.open_timeout, client="streamdiff-remote/1")
