@@ -158,8 +158,8 @@ class _Sockets:
                 return reply(HttpReply(426, b"this path is a WebSocket: connect with a WebSocket client\n",
                                        headers=(("Upgrade", "websocket"),)))
             return reply(HttpReply(400, b"invalid WebSocket handshake\n"))
-        await ws.prepare(request)
-        transport = AiohttpTransport(ws, request, hub.limits.send_buffer_bytes)
+        writer = await ws.prepare(request)
+        transport = AiohttpTransport(ws, request, hub.limits.send_buffer_bytes, writer)
         path = urlsplit(request.raw_path).path
         if path.startswith(VIEW_SOCKET_PREFIX):
             await ViewerSession(hub, transport, unquote(path[len(VIEW_SOCKET_PREFIX):])).run()

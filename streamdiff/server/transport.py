@@ -83,11 +83,14 @@ class AiohttpTransport:
     """:class:`Transport` over a prepared ``aiohttp.web.WebSocketResponse`` (:mod:`.app` makes it).
 
     ``send_buffer_bytes`` caps the kernel's send buffer of the socket (``SO_SNDBUF``) so that a client that stops
-    reading holds a bounded amount of data and its sends back up quickly.
+    reading holds a bounded amount of data and its sends back up quickly. ``writer``: what ``prepare()`` returned;
+    :meth:`send` waits on its ``drain()`` while the socket's buffer is full (aiohttp's own send waits only once per
+    64 KiB written, so a session would not see a stalled client at every message).
     """
 
-    def __init__(self, websocket: Any, request: Any, send_buffer_bytes: int | None = None) -> None:
-        self.websocket = websocket
+    def __init__(self, websocket: Any, request: Any, send_buffer_bytes: int | None = None,
+                 writer: Any = None) -> None:
+        self.websocket, self._writer = websocket, writer
         self.origin: str | None = request.headers.get("Origin")
         peer = request.transport.get_extra_info("peername") if request.transport is not None else None
         self.remote = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else "?"
@@ -136,6 +139,8 @@ class AiohttpTransport:
                 await ws.send_str(data)
             else:
                 await ws.send_bytes(data)
+            if self._writer is not None:
+                await self._writer.drain()
         except (ConnectionError, RuntimeError) as error:  # the transport is gone (aiohttp raises either)
             raise TransportClosed(None) from error
 
