@@ -210,7 +210,7 @@ class RtcFront:
             if transceiver.kind == "video":
                 transceiver.setCodecPreferences(preferred)
         if summary.receives_video():
-            track = make_output_track(session, self.hub.encode_pool)
+            track = make_output_track(session, self.hub.encode_pool, own=publish)
             keep_rtp_timestamps(pc.addTrack(track))
             track.on("ended", lambda: peer.close("the stream ended"))  # a viewer's peer ends with its stream
         answer = await pc.createAnswer()
