@@ -16,6 +16,7 @@ from aiohttp import ClientSession, web
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpSender, RTCSessionDescription, VideoStreamTrack
 from aiortc.mediastreams import MediaStreamError
 from av import VideoFrame
+from multidict import CIMultiDict
 
 from streamdiff.io.sources import pattern_frame
 from streamdiff.server.hub import Hub, ServerConfig
@@ -156,7 +157,7 @@ async def post_sdp(http: ClientSession, url: str, sdp: str, token: str | None = 
     if token is not None:
         headers["Authorization"] = f"Bearer {token}"
     async with http.post(url, data=sdp.encode(), headers=headers) as response:
-        return response.status, dict(response.headers), await response.text()
+        return response.status, CIMultiDict(response.headers), await response.text()
 
 
 @dataclass
