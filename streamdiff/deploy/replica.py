@@ -93,15 +93,15 @@ class StreamReplica:
             return
         await ViewerSession(self.hub, StarletteTransport(websocket), unquote(token)).run()
 
-    @ingress.api_route("/whip", methods=["POST", "DELETE", "PATCH"])
+    @ingress.api_route("/whip", methods=["POST", "DELETE", "PATCH", "OPTIONS"])
     async def whip(self, request: Request) -> Response:
         return await self._signaling(request, "/whip")
 
-    @ingress.api_route("/whip/{rest:path}", methods=["POST", "DELETE", "PATCH"])
+    @ingress.api_route("/whip/{rest:path}", methods=["POST", "DELETE", "PATCH", "OPTIONS"])
     async def whip_resource(self, request: Request, rest: str) -> Response:
         return await self._signaling(request, f"/whip/{rest}")
 
-    @ingress.api_route("/whep/{rest:path}", methods=["POST", "DELETE", "PATCH"])
+    @ingress.api_route("/whep/{rest:path}", methods=["POST", "DELETE", "PATCH", "OPTIONS"])
     async def whep(self, request: Request, rest: str) -> Response:
         return await self._signaling(request, f"/whep/{rest}")
 

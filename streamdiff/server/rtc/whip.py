@@ -11,6 +11,7 @@ aiohttp by :func:`add_rtc_routes` and on the Ray replica's FastAPI ingress by :m
     PATCH  /whip/{resource}          405 (no trickle ICE, no ICE restart: the answer carries every candidate)
     POST   /whep/{view_token}        application/sdp offer (recvonly video) → 201, Location, SDP answer
     DELETE /whep/{view_token}/{resource}
+    OPTIONS any of them              204 + Allow; CORS headers for an Origin the server's OriginPolicy allows, else 403
 
 Publishing is admitted by the same :class:`~streamdiff.server.session.StreamSession` as a WebSocket hello (see
 :mod:`.peer`), so streams of both kinds count together against ``max_streams`` (503 with ``Retry-After`` when
@@ -58,6 +59,7 @@ WHEP_PREFIX = "/whep/"
 ADMIT_TIMEOUT_S = 10.0
 REQUEST_TIMEOUT_S = 10.0
 _UNAUTHORIZED = (("WWW-Authenticate", 'Bearer realm="streamdiff"'),)
+_EXPOSED = "Location, X-Streamdiff-View, Retry-After, WWW-Authenticate"  # what a page may read of an answer
 _RETRY = (("Retry-After", "1"),)
 # A fatal error answering the WHIP request's hello → HTTP status.
 _STATUS = {"server_full": 503, "shutting_down": 503, "unauthorized": 401, "forbidden_origin": 403,
@@ -114,12 +116,39 @@ class RtcFront:
         as far as the route's limit), ``remote`` the client's address (for logs)."""
         parts = tuple(path.strip("/").split("/"))
         request = _Request(method.upper(), parts, headers, query, chunks, remote)
+        origin = headers.get("Origin")
+        cors: tuple[tuple[str, str], ...] = ()
         try:
-            return await self._route(request)
+            if origin is not None:
+                if not self.hub.config.origins.allows(origin):
+                    raise SignalingError(403, "pages from this origin may not use this server (allowed: "
+                                              "--allowed-origin)")
+                cors = (("Access-Control-Allow-Origin", origin), ("Access-Control-Expose-Headers", _EXPOSED),
+                        ("Vary", "Origin"))
+            if request.method == "OPTIONS":
+                return self._options(request, cors)
+            reply = await self._route(request)
         except SignalingError as error:
             logger.info("%s %s from %s refused (%d): %s", request.method, _route_name(path), remote, error.status,
                         error)
-            return _text(error.status, f"{error}\n", error.headers)
+            reply = _text(error.status, f"{error}\n", error.headers)
+        return SignalingReply(reply.status, reply.body, reply.content_type, reply.headers + cors)
+
+    def _options(self, request: _Request, cors: tuple[tuple[str, str], ...]) -> SignalingReply:
+        """``OPTIONS`` (RFC 9725 allows it; a browser's CORS preflight): 204 with the route's methods, and for an
+        allowed ``Origin`` the CORS headers a page needs to POST an offer with a bearer token and read ``Location``
+        (a refused origin is 403 before this)."""
+        kind, n = request.parts[0], len(request.parts)
+        methods = {("whip", 1): "POST", ("whip", 2): "DELETE, PATCH", ("whip", 3): "POST", ("whep", 2): "POST",
+                   ("whep", 3): "DELETE, PATCH"}.get((kind, n))
+        if methods is None:
+            raise SignalingError(404, "not found")
+        headers = (("Allow", f"{methods}, OPTIONS"),)
+        if cors:
+            headers += (("Access-Control-Allow-Methods", f"{methods}, OPTIONS"),
+                        ("Access-Control-Allow-Headers", "Authorization, Content-Type"),
+                        ("Access-Control-Max-Age", "600"))
+        return SignalingReply(204, b"", headers=headers + cors)
 
     async def _route(self, request: _Request) -> SignalingReply:
         method, parts = request.method, request.parts
@@ -328,7 +357,7 @@ def add_rtc_routes(app: web.Application, hub: Hub, rtc_config: RtcConfig | None 
     async def on_shutdown(app: web.Application) -> None:
         await front.close()
 
-    for method in ("POST", "DELETE", "PATCH"):
+    for method in ("POST", "DELETE", "PATCH", "OPTIONS"):
         app.router.add_route(method, WHIP_PATH, handle)
         app.router.add_route(method, WHIP_PATH + "/{resource}", handle)
         app.router.add_route(method, WHIP_PATH + "/{resource}/update", handle)

@@ -152,10 +152,13 @@ async def offer(pc: RTCPeerConnection) -> str:
     return pc.localDescription.sdp
 
 
-async def post_sdp(http: ClientSession, url: str, sdp: str, token: str | None = None) -> tuple[int, dict, str]:
+async def post_sdp(http: ClientSession, url: str, sdp: str, token: str | None = None,
+                   origin: str | None = None) -> tuple[int, dict, str]:
     headers = {"Content-Type": "application/sdp"}
     if token is not None:
         headers["Authorization"] = f"Bearer {token}"
+    if origin is not None:
+        headers["Origin"] = origin
     async with http.post(url, data=sdp.encode(), headers=headers) as response:
         return response.status, CIMultiDict(response.headers), await response.text()
 
@@ -183,7 +186,7 @@ class Client:
 
 async def publish(http: ClientSession, base: str, token: str | None, *, query: str = "", codec: str = "h264",
                   sendrecv: bool = False, data_channel: bool = False, still: bool = False,
-                  size: int = 256, track: PatternTrack | None = None) -> Client:
+                  size: int = 256, track: PatternTrack | None = None, origin: str | None = None) -> Client:
     """A WHIP publisher. The defaults behave like OBS 30+: a sendonly H.264 video track, no data channel, the
     offer sent once gathering is complete, a bearer token. The sender's RTP timestamps start at 0 (pts matching).
     ``track``: what it sends (default: the moving test pattern, ``size``², ``still``)."""
@@ -198,7 +201,8 @@ async def publish(http: ClientSession, base: str, token: str | None, *, query: s
         client.channel.on("message", client.messages.append)
     if sendrecv:
         pc.on("track", lambda t: collect(t, client.received))
-    client.status, client.headers, client.body = await post_sdp(http, f"{base}/whip{query}", await offer(pc), token)
+    client.status, client.headers, client.body = await post_sdp(http, f"{base}/whip{query}", await offer(pc), token,
+                                                                origin)
     if client.status == 201:
         await pc.setRemoteDescription(RTCSessionDescription(client.body, "answer"))
     else:
