@@ -207,8 +207,12 @@ class RtcFront:
         transport.on_close = lambda: peer.close("the session ended")
         try:
             sdp = await self._negotiate(peer, text, summary, publish=True)
-        except BaseException:
+        except BaseException as error:
             await asyncio.shield(peer.close("the negotiation failed"))
+            if transport.closed and isinstance(error, Exception) and not isinstance(error, SignalingError):
+                # the session ended meanwhile (idle timeout, shutdown) and closed the peer connection under aiortc
+                raise SignalingError(503, f"the stream ended before it was answered {session.close_reason}".strip(),
+                                     _RETRY) from None
             raise
         resource = self.publishers.add(peer, token if hub.config.token is not None else None)
         peer.done.add_done_callback(lambda _: self.publishers.remove(resource))
@@ -264,8 +268,11 @@ class RtcFront:
         peer = Peer(new_peer_connection(), session, None, self.config)
         try:
             sdp = await self._negotiate(peer, text, summary, publish=False)
-        except BaseException:
+        except BaseException as error:
             await asyncio.shield(peer.close("the negotiation failed"))
+            if session.conn.state is ConnectionState.CLOSED and isinstance(error, Exception) \
+                    and not isinstance(error, SignalingError):  # the stream ended meanwhile, closing this peer
+                raise SignalingError(404, "the stream ended before the viewer was answered") from None
             raise
         resource = self.viewers.add(peer, view_token)
         peer.done.add_done_callback(lambda _: self.viewers.remove(resource))
