@@ -275,6 +275,7 @@ class RtcFront:
                 raise SignalingError(404, "the stream ended before the viewer was answered") from None
             raise
         resource = self.viewers.add(peer, view_token)
+        hub.metrics.connections.labels("view").inc()  # a viewer, as a /ws/view socket counts
         peer.done.add_done_callback(lambda _: self.viewers.remove(resource))
         peer.watch()
         logger.info("%s: WHEP viewer from %s", session.stream_id, request.remote)

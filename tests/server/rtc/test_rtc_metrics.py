@@ -57,6 +57,7 @@ def test_a_sendrecv_peers_frames_are_counted_in_metrics_and_a_whep_viewers_are_n
             assert m[("streamdiff_frames_received_total", ())] == session.conn.stats.frames_received >= out
             assert m[("streamdiff_frames_in_total", ())] >= out
             assert m[("streamdiff_connections_total", (("route", "stream"),))] == 1
+            assert m[("streamdiff_connections_total", (("route", "view"),))] == 1  # the WHEP viewer
             assert m[("streamdiff_streams_active", ())] == 0
 
     asyncio.run(asyncio.wait_for(main(), 120))
