@@ -110,7 +110,9 @@ class StreamReplica:
         connection stays on this replica, its media flows between the client and this node (``rtc_host``)."""
         reply = await self.rtc.handle(request.method, path, request.headers, request.query_params.multi_items(),
                                       request.stream(), request.client.host if request.client else "?")
-        headers = dict(reply.headers)
+        root = request.scope.get("root_path", "").rstrip("/")  # the application's route prefix, if any
+        headers = {name: root + value if name in ("Location", "X-Streamdiff-View") else value
+                   for name, value in reply.headers}
         headers["X-Streamdiff-Replica"] = self.tag
         return Response(reply.body, status_code=reply.status, media_type=reply.content_type, headers=headers)
 
