@@ -4,8 +4,9 @@
 once, starts its engine, and serves, through the FastAPI ingress below, exactly what ``streamdiff serve`` serves:
 ``/ws`` runs a :class:`~streamdiff.server.session.StreamSession`, ``/ws/view/<token>`` a
 :class:`~streamdiff.server.viewing.ViewerSession` — the same protocol implementation, over
-:class:`~.transport.StarletteTransport` — and the pages, ``/healthz``, ``/readyz`` and ``/metrics`` come from
-:func:`streamdiff.server.routes.route`. A WebSocket stays on the replica that accepted it; the router
+:class:`~.transport.StarletteTransport` —, ``/whip`` and ``/whep/<token>`` run WHIP/WHEP
+(:class:`~streamdiff.server.rtc.RtcFront`, whose resource ids name this replica; media flows to this node), and
+the pages, ``/healthz``, ``/readyz`` and ``/metrics`` come from :func:`streamdiff.server.routes.route`. A WebSocket stays on the replica that accepted it; the router
 (:mod:`.router`) chose that replica from what :meth:`StreamReplica.record_routing_stats` reports.
 
 Ray Serve calls, besides the routes: ``record_routing_stats`` (streams, capacity, view-token keys: the router's
@@ -25,19 +26,22 @@ import logging
 from typing import Any
 from urllib.parse import unquote
 
+import ray
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import Response
 from ray import serve
 from ray.serve import context as serve_context
 
 from ..server.hub import Hub
+from ..server.options import rtc_config
 from ..server.routes import StaticFiles, route
+from ..server.rtc import RtcConfig, RtcFront
 from ..server.session import StreamSession
 from ..server.viewing import ViewerSession
 from ..protocol.wire import STREAM_PATH, SUBPROTOCOL
 from .config import ReplicaSpec
 from .control import draining, mark_drained
-from .routing import stream_id_prefix, view_key
+from .routing import resource_prefix, stream_id_prefix, view_key
 from .transport import StarletteTransport
 
 __all__ = ["StreamIngress", "StreamReplica", "ingress"]
@@ -61,7 +65,13 @@ class StreamReplica:
         self.engine.start()
         self.hub = Hub(self.engine, config, id_prefix=stream_id_prefix(self.tag))
         self.static = StaticFiles(spec.web_dir())
-        logger.info("replica %s ready: max %d streams", self.tag, self.hub.limits.max_streams)
+        rtc = rtc_config(spec.options)
+        if not rtc.hosts:  # ICE candidates on this node's address, the one Ray knows it by (not every interface)
+            rtc = RtcConfig(hosts=(ray.util.get_node_ip_address(),), max_sdp_bytes=rtc.max_sdp_bytes,
+                            video_codecs=rtc.video_codecs, connect_timeout_s=rtc.connect_timeout_s)
+        self.rtc = RtcFront(self.hub, rtc, resource_prefix(self.tag))
+        logger.info("replica %s ready: max %d streams; WebRTC media on %s", self.tag, self.hub.limits.max_streams,
+                    ", ".join(rtc.hosts))
 
     # -- routes -----------------------------------------------------------------------------------------------------
 
@@ -82,6 +92,29 @@ class StreamReplica:
         if not await self._accept(websocket, f"/ws/view/{token}"):
             return
         await ViewerSession(self.hub, StarletteTransport(websocket), unquote(token)).run()
+
+    @ingress.api_route("/whip", methods=["POST", "DELETE", "PATCH", "OPTIONS"])
+    async def whip(self, request: Request) -> Response:
+        return await self._signaling(request, "/whip")
+
+    @ingress.api_route("/whip/{rest:path}", methods=["POST", "DELETE", "PATCH", "OPTIONS"])
+    async def whip_resource(self, request: Request, rest: str) -> Response:
+        return await self._signaling(request, f"/whip/{rest}")
+
+    @ingress.api_route("/whep/{rest:path}", methods=["POST", "DELETE", "PATCH", "OPTIONS"])
+    async def whep(self, request: Request, rest: str) -> Response:
+        return await self._signaling(request, f"/whep/{rest}")
+
+    async def _signaling(self, request: Request, path: str) -> Response:
+        """WHIP/WHEP (:meth:`RtcFront.handle`, the handler ``streamdiff serve`` mounts on aiohttp); the peer
+        connection stays on this replica, its media flows between the client and this node (``rtc_host``)."""
+        reply = await self.rtc.handle(request.method, path, request.headers, request.query_params.multi_items(),
+                                      request.stream(), request.client.host if request.client else "?")
+        root = request.scope.get("root_path", "").rstrip("/")  # the application's route prefix, if any
+        headers = {name: root + value if name in ("Location", "X-Streamdiff-View") else value
+                   for name, value in reply.headers}
+        headers["X-Streamdiff-Replica"] = self.tag
+        return Response(reply.body, status_code=reply.status, media_type=reply.content_type, headers=headers)
 
     @ingress.get("/{path:path}")
     async def http(self, request: Request, path: str) -> Response:
@@ -122,6 +155,9 @@ class StreamReplica:
             logger.info("replica %s draining: %d stream(s) told to go away", self.tag, len(hub.sessions))
             self._drain = asyncio.ensure_future(self._drain_sessions())
         admitted = [request for session, request in list(self._requests.items()) if session.stream_id is not None]
+        # WHIP streams hold no open request: each counts under a name of its own until it ends
+        admitted += [f"rtc:{stream_id}" for stream_id, session in list(hub.sessions.items())
+                     if session not in self._requests]
         return {"streams": len(hub.sessions), "max_streams": hub.limits.max_streams, "requests": admitted,
                 "view_keys": sorted(view_key(self._secret, token) for token in list(hub.view_tokens))}
 
@@ -143,6 +179,7 @@ class StreamReplica:
         hub = getattr(self, "hub", None)
         if hub is None:
             return
+        await self.rtc.close()
         if hub.connections or hub.viewers:
             await hub.shutdown(timeout=self.spec.shutdown_timeout_s)
         loop = asyncio.get_running_loop()

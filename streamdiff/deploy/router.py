@@ -5,7 +5,8 @@ Ray Serve calls :meth:`StreamRouter.choose_replicas` for every request its HTTP 
 ``record_routing_stats`` (capacity, view-token keys, and the Serve request ids of its admitted stream sockets),
 merged with what this router saw itself: a socket it sent there counts from the moment it is routed until it
 ends, whether or not the (possibly old) report has it; a reported socket this router saw end no longer counts.
-So one proxy's view is exact, and a burst of connections spreads before any report; other proxies' streams (one
+So one proxy's view is exact, and a burst of connections spreads before any report (a WHIP ``POST /whip`` counts
+from its routing until two report periods after its answer, by when its replica reports the stream it made); other proxies' streams (one
 proxy per node) count from their replica's next report until the one after they end. Nothing here blocks or
 talks to a replica.
 
@@ -56,11 +57,15 @@ class StreamRouter(RequestRouter):
     ``max_streams`` (per replica, until a replica reports its own).
     """
 
-    def initialize_state(self, view_secret: str = "", max_streams: int = 1, **kwargs: Any) -> None:
+    def initialize_state(self, view_secret: str = "", max_streams: int = 1, stats_period_s: float = 1.0,
+                         **kwargs: Any) -> None:
         self._secret = bytes.fromhex(view_secret)
         self._max_streams = int(max_streams)
+        self._grace_s = 2 * float(stats_period_s) + 1.0  # a WHIP stream shows in its replica's reports by then
         self._rng = random.Random()
         self._open: dict[str, ReplicaID] = {}  # internal request id -> replica, for open stream sockets
+        self._http: set[str] = set()  # those of them that are WHIP requests (plain HTTP, not sockets)
+        self._published: dict[str, tuple[ReplicaID, float]] = {}  # answered WHIP request id -> replica, when
         self._ended: collections.OrderedDict[str, float] = collections.OrderedDict()  # ended request id -> when
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
@@ -74,12 +79,18 @@ class StreamRouter(RequestRouter):
         return [[by_id[key] for key in group] for group in ranks]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
-        if request_of(pending_request).kind is RequestKind.STREAM:
+        request = request_of(pending_request)
+        if request.kind is RequestKind.STREAM:
             self._open[pending_request.metadata.internal_request_id] = replica_id
+            if request.http:
+                self._http.add(pending_request.metadata.internal_request_id)
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
         if self._open.pop(internal_request_id, None) is not None:
             now = time.monotonic()
+            if internal_request_id in self._http:  # a WHIP POST answered: its stream (if admitted) goes on there
+                self._http.discard(internal_request_id)
+                self._published[internal_request_id] = (replica_id, now)
             self._ended[internal_request_id] = now
             while self._ended and next(iter(self._ended.values())) < now - FORGET_S:
                 self._ended.popitem(last=False)
@@ -88,12 +99,20 @@ class StreamRouter(RequestRouter):
         super().on_replica_actor_died(replica_id)
         for request_id in [k for k, r in self._open.items() if r == replica_id]:
             del self._open[request_id]
+        for request_id in [k for k, (r, _) in self._published.items() if r == replica_id]:
+            del self._published[request_id]
 
     def _load(self, replica: RunningReplica) -> ReplicaLoad:
         stats = replica.routing_stats or {}
         rid = replica.replica_id
         reported = {r for r in stats.get("requests", ()) if r not in self._ended}
         mine = {r for r, where in self._open.items() if where == rid}
+        now = time.monotonic()
+        for request_id, (where, when) in list(self._published.items()):
+            if when < now - self._grace_s:  # the replica's reports count it now (as rtc:<stream id>)
+                del self._published[request_id]
+            elif where == rid:
+                mine.add(request_id)
         return ReplicaLoad(key=rid, tag=rid.unique_id, streams=len(reported | mine),
                            max_streams=int(stats.get("max_streams", self._max_streams)),
                            view_keys=frozenset(stats.get("view_keys", ())))

@@ -16,6 +16,10 @@ ranked groups of replicas, best first:
 - a **viewer socket** (``/ws/view/<token>``) goes to the replica whose stream has that view token (replicas
   report keyed hashes of their view tokens, never the tokens); unknown: anywhere (the viewer is told
   ``unknown_view_token`` and its page retries);
+- **WebRTC signalling** (plain HTTP): a WHIP ``POST /whip`` is a new stream (the replica with the most free slots;
+  the replica answers 503 when full); the WHIP resource's ``DELETE`` and ``POST …/update`` go to the replica named in
+  the resource id (``/whip/r-<replica>-<random>``: the id the replica issued, as a stream id names its replica); a
+  WHEP ``POST /whep/<token>`` (and its resource's ``DELETE``) goes where a viewer socket of that token would;
 - anything else (pages, ``/metrics``, ``/healthz``) is spread like new streams, without reserving a slot — or,
   with the header ``X-Streamdiff-Replica: <tag>``, sent to that replica (every reply names its replica in the same
   header: how to read one replica's ``/metrics`` through the fleet's endpoint).
@@ -32,10 +36,11 @@ from dataclasses import dataclass, field
 
 from ..protocol.wire import SESSION_HEADER, VIEW_SOCKET_PREFIX
 
-__all__ = ["ReplicaLoad", "RequestKind", "StreamRequest", "classify", "rank_replicas", "replica_of_stream",
-           "stream_id_prefix", "view_key"]
+__all__ = ["ReplicaLoad", "RequestKind", "StreamRequest", "classify", "rank_replicas", "replica_of_resource",
+           "replica_of_stream", "resource_prefix", "stream_id_prefix", "view_key"]
 
 REPLICA_HEADER = "x-streamdiff-replica"
+WHIP_PATH, WHEP_PREFIX = "/whip", "/whep/"
 
 
 class RequestKind(enum.Enum):
@@ -52,6 +57,7 @@ class StreamRequest:
     session: str | None = None  # the X-Session-Id header: a previous stream id
     view_token: str | None = None  # viewer sockets only; a secret: hash it with view_key(), never log it
     replica: str | None = None  # plain HTTP only: the X-Streamdiff-Replica header (a replica's tag)
+    http: bool = False  # a STREAM made by plain HTTP (WHIP's POST /whip), not a socket
 
 
 @dataclass(frozen=True)
@@ -82,6 +88,19 @@ def replica_of_stream(stream_id: str | None) -> str | None:
     return tag if sep and tag and rest else None
 
 
+def resource_prefix(tag: str) -> str:
+    """The beginning of every WHIP/WHEP resource id a replica issues: ``r-<tag>-``."""
+    return f"r-{tag}-"
+
+
+def replica_of_resource(resource: str | None) -> str | None:
+    """The tag of the replica that issued the resource id ``resource`` (``r-<tag>-<random>``); None for others."""
+    if not resource or not resource.startswith("r-"):
+        return None
+    tag, sep, rest = resource[2:].partition("-")
+    return tag if sep and tag and rest else None
+
+
 def view_key(secret: bytes, view_token: str) -> str:
     """A keyed hash of a view token: replicas report these, so the tokens themselves never leave the replica."""
     return hmac.new(secret, view_token.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()[:32]
@@ -91,6 +110,13 @@ def classify(scope_type: str, path: str, headers: Sequence[tuple[bytes, bytes]] 
              session: str | None = None) -> StreamRequest:
     """The :class:`StreamRequest` of an ASGI request (its scope's type, path and headers)."""
     if scope_type != "websocket":
+        if path == WHIP_PATH:
+            return StreamRequest(RequestKind.STREAM, http=True)
+        if path.startswith(WHIP_PATH + "/"):
+            resource = path[len(WHIP_PATH) + 1:].split("/")[0]
+            return StreamRequest(RequestKind.OTHER, replica=replica_of_resource(resource))
+        if path.startswith(WHEP_PREFIX):
+            return StreamRequest(RequestKind.VIEWER, view_token=path[len(WHEP_PREFIX):].split("/")[0] or None)
         return StreamRequest(RequestKind.OTHER, replica=_header(headers, REPLICA_HEADER))
     if path.startswith(VIEW_SOCKET_PREFIX):
         return StreamRequest(RequestKind.VIEWER, view_token=path[len(VIEW_SOCKET_PREFIX):] or None)

@@ -419,12 +419,19 @@ class ServerConnection:
     # -- output -------------------------------------------------------------------------------------------------
 
     def output_frame(self, frame_id: int, client_ts: float, body: bytes, format: ImageFormat,
-                     timings: ServerTimings | None = None, settings_version: int = 0) -> bytes:
+                     timings: ServerTimings | None = None, settings_version: int = 0, *, sent: bool = True) -> bytes:
         """The binary message carrying an encoded output frame for input ``frame_id`` (same bytes for viewers);
-        ``settings_version``: that of the ready or ack whose settings made it."""
-        self.stats.frames_out += 1
+        ``settings_version``: that of the ready or ack whose settings made it. ``sent``: it goes to this
+        connection's client (counted in ``frames_out``); False when only viewers get it."""
+        if sent:
+            self.output_sent()
         header = OutputHeader(frame_id, client_ts, format, timings or ServerTimings(), settings_version)
         return pack_output_frame(header, body)
+
+    def output_sent(self) -> None:
+        """Count one output frame sent to this connection's client by another way than :meth:`output_frame`
+        (a WebRTC video track)."""
+        self.stats.frames_out += 1
 
     def stats_message(self, **extra: int) -> str:
         """A ``stats`` text message with this connection's counters and the server's ``extra`` ones."""

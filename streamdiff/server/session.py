@@ -471,6 +471,18 @@ class StreamSession:
         if replaced is not None:
             self.drops["output_superseded"] += len(replaced.frame_ids)
 
+    def output_sent(self, output: StreamOutput, encode_s: float) -> None:
+        """A sink sent ``output``'s newest frame to this stream's own client by another way (the publisher's
+        WebRTC video track; ``encode_s``: its conversion to a video frame): counted in ``frames_out`` and the
+        latency histograms as a WebSocket output frame is."""
+        tag = output.frame_ids[-1] if output.frame_ids else None
+        if not isinstance(tag, FrameTag) or self.conn.state is ConnectionState.CLOSED:
+            return
+        self.conn.output_sent()
+        self.hub.metrics.observe_latency(
+            decode=tag.decode_ms / 1000, queue=max(0.0, output.started - tag.submitted),
+            engine=output.finished - output.started, encode=encode_s, server=time.perf_counter() - tag.received)
+
     async def _send_loop(self) -> None:
         while not self._finished:
             output = await self._outbox.get()
@@ -487,10 +499,13 @@ class StreamSession:
                     decode_ms=tag.decode_ms, queue_ms=max(0.0, output.started - tag.submitted) * 1000,
                     engine_ms=(output.finished - output.started) * 1000, encode_ms=encode_ms,
                     server_ms=(now - tag.received) * 1000)
-                data = self.conn.output_frame(tag.frame_id, tag.client_ts, body, fmt, timings, settings_version)
-                self.hub.metrics.observe_latency(
-                    decode=timings.decode_ms / 1000, queue=timings.queue_ms / 1000, engine=timings.engine_ms / 1000,
-                    encode=encode_ms / 1000, server=timings.server_ms / 1000)
+                wanted = getattr(self.transport, "wants_frames", True)  # else only viewers get it
+                data = self.conn.output_frame(tag.frame_id, tag.client_ts, body, fmt, timings, settings_version,
+                                              sent=wanted)
+                if wanted:
+                    self.hub.metrics.observe_latency(
+                        decode=timings.decode_ms / 1000, queue=timings.queue_ms / 1000,
+                        engine=timings.engine_ms / 1000, encode=encode_ms / 1000, server=timings.server_ms / 1000)
                 for viewer in list(self.viewers):
                     viewer.offer(data)
                 self._sending_since = now

@@ -7,6 +7,7 @@ import random
 import pytest
 
 from streamdiff.deploy.routing import (ReplicaLoad, RequestKind, StreamRequest, classify, rank_replicas,
+                                       replica_of_resource, resource_prefix,
                                        replica_of_stream, stream_id_prefix, view_key)
 
 SECRET = b"k" * 16
@@ -63,6 +64,13 @@ def test_a_viewer_goes_to_the_replica_with_its_view_token() -> None:
     assert token not in view_key(SECRET, token)
 
 
+def test_a_whip_resource_names_its_replica() -> None:
+    assert replica_of_resource(resource_prefix("tag1") + "xyz-_abc") == "tag1"
+    assert replica_of_resource("r--x") is None and replica_of_resource("xyz") is None
+    resource = classify("http", "/whip/" + resource_prefix("tag1") + "abc")
+    assert rank(resource, loads(0, 2, 0))[0] == ["r1"]
+
+
 def test_a_pinned_plain_request_goes_to_its_replica() -> None:
     assert rank(StreamRequest(RequestKind.OTHER, replica="tag1"), loads(0, 2, 0))[0] == ["r1"]
 
@@ -74,6 +82,12 @@ def test_a_pinned_plain_request_goes_to_its_replica() -> None:
     ("websocket", "/ws/view/tok", [], StreamRequest(RequestKind.VIEWER, view_token="tok")),
     ("http", "/metrics", [(b"x-streamdiff-replica", b"t1")], StreamRequest(RequestKind.OTHER, replica="t1")),
     ("http", "/ws", [(b"x-session-id", b"st-a-1")], StreamRequest(RequestKind.OTHER)),
+    ("http", "/whip", [], StreamRequest(RequestKind.STREAM, http=True)),
+    ("http", "/whip/r-t1-Abc_d-e", [], StreamRequest(RequestKind.OTHER, replica="t1")),
+    ("http", "/whip/r-t1-Abc/update", [], StreamRequest(RequestKind.OTHER, replica="t1")),
+    ("http", "/whip/not-a-resource", [], StreamRequest(RequestKind.OTHER)),
+    ("http", "/whep/tok", [], StreamRequest(RequestKind.VIEWER, view_token="tok")),
+    ("http", "/whep/tok/r-t2-x", [], StreamRequest(RequestKind.VIEWER, view_token="tok")),
 ])
 def test_classify(kind: str, path: str, headers: list, expected: StreamRequest) -> None:
     assert classify(kind, path, headers) == expected

@@ -17,6 +17,7 @@ import asyncio
 import contextvars
 import logging
 import math
+import time
 from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
@@ -130,10 +131,13 @@ def keep_rtp_timestamps(sender: Any) -> None:
     sender._run_rtp = zero_origin
 
 
-def make_output_track(session: StreamSession, pool: Any) -> Any:
+def make_output_track(session: StreamSession, pool: Any, *, own: bool = False) -> Any:
     """A new output track of ``session``'s outputs (an aiortc ``MediaStreamTrack`` and a session
     :class:`~streamdiff.server.session.OutputSink`), subscribed to them; it unsubscribes when stopped. Frames are
-    made in ``pool``'s threads. (The class is built here: aiortc is imported only when a peer connects.)"""
+    made in ``pool``'s threads. ``own``: the track goes back to the stream's publisher (sendrecv), and each frame it
+    hands to aiortc's encoder counts as sent (:meth:`StreamSession.output_sent`: ``frames_out``, latency); a WHEP
+    viewer's does not, as a WebSocket viewer's frames do not. (The class is built here: aiortc is imported only
+    when a peer connects.)"""
     from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
     class _OutputTrack(MediaStreamTrack):
@@ -161,6 +165,7 @@ def make_output_track(session: StreamSession, pool: Any) -> Any:
                 if output is None:
                     self.stop()
                     raise MediaStreamError
+                start = time.perf_counter()
                 frame = await asyncio.get_running_loop().run_in_executor(pool, _to_video_frame, output)
                 if frame is None:
                     continue
@@ -168,6 +173,8 @@ def make_output_track(session: StreamSession, pool: Any) -> Any:
                     continue  # never an older pts after a newer one (RTP timestamps are 32-bit and wrap)
                 self._last_pts = frame.pts
                 self.frames_sent += 1
+                if own:
+                    session.output_sent(output, time.perf_counter() - start)
                 return frame
 
         def stop(self) -> None:

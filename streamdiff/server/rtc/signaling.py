@@ -201,13 +201,14 @@ class ResourceTable(Generic[T]):
     """WHIP/WHEP resources by id: ids are unguessable (``secrets.token_urlsafe``), and each is bound to the bearer
     token that created it (:meth:`find` wants the same token; a resource made without a token wants none)."""
 
-    def __init__(self) -> None:
+    def __init__(self, prefix: str = "") -> None:
+        self.prefix = prefix  # begins every id (a fleet's replica: ``r-<tag>-``)
         self._entries: dict[str, _Entry[T]] = {}
 
     def add(self, value: T, token: str | None) -> str:
-        resource_id = secrets.token_urlsafe(24)
+        resource_id = self.prefix + secrets.token_urlsafe(24)
         while resource_id in self._entries:
-            resource_id = secrets.token_urlsafe(24)
+            resource_id = self.prefix + secrets.token_urlsafe(24)
         self._entries[resource_id] = _Entry(value, _digest(token))
         return resource_id
 

@@ -1,4 +1,7 @@
-"""WHIP ingest (RFC 9725) and WHEP playback as aiohttp handlers: :func:`add_rtc_routes` (docs/webrtc.md).
+"""WHIP ingest (RFC 9725) and WHEP playback: :class:`RtcFront`, one handler for every web framework
+(:meth:`RtcFront.handle`: method, path, headers, query, body chunks in; a :class:`SignalingReply` out), mounted on
+aiohttp by :func:`add_rtc_routes` and on the Ray replica's FastAPI ingress by :mod:`streamdiff.deploy.replica`
+(docs/webrtc.md).
 
 ::
 
@@ -8,6 +11,7 @@
     PATCH  /whip/{resource}          405 (no trickle ICE, no ICE restart: the answer carries every candidate)
     POST   /whep/{view_token}        application/sdp offer (recvonly video) → 201, Location, SDP answer
     DELETE /whep/{view_token}/{resource}
+    OPTIONS any of them              204 + Allow; CORS headers for an Origin the server's OriginPolicy allows, else 403
 
 Publishing is admitted by the same :class:`~streamdiff.server.session.StreamSession` as a WebSocket hello (see
 :mod:`.peer`), so streams of both kinds count together against ``max_streams`` (503 with ``Retry-After`` when
@@ -19,6 +23,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ...errors import ProtocolError
@@ -44,7 +50,7 @@ if TYPE_CHECKING:
 
     from ..hub import Hub
 
-__all__ = ["RtcFront", "add_rtc_routes"]
+__all__ = ["RtcFront", "SignalingReply", "add_rtc_routes"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,31 +59,128 @@ WHEP_PREFIX = "/whep/"
 ADMIT_TIMEOUT_S = 10.0
 REQUEST_TIMEOUT_S = 10.0
 _UNAUTHORIZED = (("WWW-Authenticate", 'Bearer realm="streamdiff"'),)
+_EXPOSED = "Location, X-Streamdiff-View, Retry-After, WWW-Authenticate"  # what a page may read of an answer
 _RETRY = (("Retry-After", "1"),)
 # A fatal error answering the WHIP request's hello → HTTP status.
 _STATUS = {"server_full": 503, "shutting_down": 503, "unauthorized": 401, "forbidden_origin": 403,
            "view_token_in_use": 409, "closed": 503}
 
 
-class RtcFront:
-    """The WebRTC front end of one server: its resources and peers (build it with :func:`add_rtc_routes`)."""
+@dataclass(frozen=True)
+class SignalingReply:
+    """The HTTP answer to a WHIP/WHEP request, for any web framework to send."""
 
-    def __init__(self, hub: Hub, config: RtcConfig) -> None:
+    status: int
+    body: bytes
+    content_type: str = "text/plain; charset=utf-8"
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class _Request:
+    method: str
+    parts: tuple[str, ...]  # the path's segments: ("whip",), ("whip", RESOURCE, "update"), ("whep", TOKEN)…
+    headers: Mapping[str, str]  # case-insensitive (aiohttp's, Starlette's)
+    query: Sequence[tuple[str, str]]
+    chunks: AsyncIterable[bytes]
+    remote: str
+
+
+class _Query:
+    """The query's pairs as :func:`~.signaling.query_settings` reads them (``keys()`` keeps repeated names)."""
+
+    def __init__(self, pairs: Sequence[tuple[str, str]]) -> None:
+        self.pairs = list(pairs)
+
+    def keys(self) -> list[str]:
+        return [name for name, _ in self.pairs]
+
+    def __getitem__(self, name: str) -> str:
+        return next(value for key, value in self.pairs if key == name)
+
+
+class RtcFront:
+    """The WebRTC front end of one server: its resources and peers (mount it with :func:`add_rtc_routes`, or call
+    :meth:`handle` from another framework). ``resource_prefix`` begins every resource id (a fleet's replica puts its
+    tag in it, so that the router sends a resource's DELETE to the replica that holds it)."""
+
+    def __init__(self, hub: Hub, config: RtcConfig, resource_prefix: str = "") -> None:
         self.hub, self.config = hub, config
-        self.publishers: ResourceTable[Peer] = ResourceTable()
-        self.viewers: ResourceTable[Peer] = ResourceTable()
+        self.publishers: ResourceTable[Peer] = ResourceTable(resource_prefix)
+        self.viewers: ResourceTable[Peer] = ResourceTable(resource_prefix)
+
+    async def handle(self, method: str, path: str, headers: Mapping[str, str], query: Sequence[tuple[str, str]],
+                     chunks: AsyncIterable[bytes], remote: str) -> SignalingReply:
+        """Answer one request: ``path`` from ``/whip`` or ``/whep`` on (a mount prefix left out), ``headers``
+        case-insensitive, ``query`` its (name, value) pairs in order, ``chunks`` the body as it arrives (read only
+        as far as the route's limit), ``remote`` the client's address (for logs)."""
+        parts = tuple(path.strip("/").split("/"))
+        request = _Request(method.upper(), parts, headers, query, chunks, remote)
+        origin = headers.get("Origin")
+        cors: tuple[tuple[str, str], ...] = ()
+        try:
+            if origin is not None:
+                if not self.hub.config.origins.allows(origin):
+                    raise SignalingError(403, "pages from this origin may not use this server (allowed: "
+                                              "--allowed-origin)")
+                cors = (("Access-Control-Allow-Origin", origin), ("Access-Control-Expose-Headers", _EXPOSED),
+                        ("Vary", "Origin"))
+            if request.method == "OPTIONS":
+                return self._options(request, cors)
+            reply = await self._route(request)
+        except SignalingError as error:
+            logger.info("%s %s from %s refused (%d): %s", request.method, _route_name(path), remote, error.status,
+                        error)
+            reply = _text(error.status, f"{error}\n", error.headers)
+        return SignalingReply(reply.status, reply.body, reply.content_type, reply.headers + cors)
+
+    def _options(self, request: _Request, cors: tuple[tuple[str, str], ...]) -> SignalingReply:
+        """``OPTIONS`` (RFC 9725 allows it; a browser's CORS preflight): 204 with the route's methods, and for an
+        allowed ``Origin`` the CORS headers a page needs to POST an offer with a bearer token and read ``Location``
+        (a refused origin is 403 before this)."""
+        kind, n = request.parts[0], len(request.parts)
+        methods = {("whip", 1): "POST", ("whip", 2): "DELETE, PATCH", ("whip", 3): "POST", ("whep", 2): "POST",
+                   ("whep", 3): "DELETE, PATCH"}.get((kind, n))
+        if methods is None:
+            raise SignalingError(404, "not found")
+        headers = (("Allow", f"{methods}, OPTIONS"),)
+        if cors:
+            headers += (("Access-Control-Allow-Methods", f"{methods}, OPTIONS"),
+                        ("Access-Control-Allow-Headers", "Authorization, Content-Type"),
+                        ("Access-Control-Max-Age", "600"))
+        return SignalingReply(204, b"", headers=headers + cors)
+
+    async def _route(self, request: _Request) -> SignalingReply:
+        method, parts = request.method, request.parts
+        kind, n = parts[0], len(parts)
+        routes = {("whip", 1, "POST"): self.publish, ("whip", 2, "DELETE"): self.unpublish,
+                  ("whep", 2, "POST"): self.view, ("whep", 3, "DELETE"): self.unview}
+        if kind == "whip" and n == 3 and parts[2] == "update" and method == "POST":
+            return await self.update(request)
+        handler = routes.get((kind, n, method))
+        if handler is not None:
+            return await handler(request)
+        if (kind, n) in (("whip", 2), ("whep", 3)) and method == "PATCH":
+            raise SignalingError(405, "trickle ICE and ICE restarts are not supported: the answer carries every "
+                                      "candidate", (("Allow", "DELETE"),))
+        known = {("whip", 1): "POST", ("whip", 2): "DELETE", ("whip", 3): "POST", ("whep", 2): "POST",
+                 ("whep", 3): "DELETE"}
+        if (kind, n) in known:
+            raise SignalingError(405, f"{method} is not allowed here", (("Allow", known[kind, n]),))
+        raise SignalingError(404, "not found")
 
     # -- WHIP -------------------------------------------------------------------------------------------------
 
-    async def publish(self, request: web.Request) -> web.Response:
+    async def publish(self, request: _Request) -> SignalingReply:
         hub = self.hub
         token = bearer_token(request.headers.get("Authorization"))
         if not token_matches(token, hub.config.token):
             raise SignalingError(401, "a valid bearer token is needed (Authorization: Bearer TOKEN)", _UNAUTHORIZED)
         if hub.shutting_down:
             raise SignalingError(503, "the server is shutting down", _RETRY)
-        text, summary = check_offer(await self._body(request), request.content_type, self.config, publish=True)
-        settings, view_token = query_settings(request.query)
+        text, summary = check_offer(await self._body(request), request.headers.get("Content-Type"), self.config,
+                                    publish=True)
+        settings, view_token = query_settings(_Query(request.query))
         if hub.full:
             raise SignalingError(503, f"the server already serves its {hub.limits.max_streams} streams; try again "
                                       "later", _RETRY)
@@ -86,7 +189,7 @@ class RtcFront:
             hello["token"] = token
         if view_token is not None:
             hello["view_token"] = view_token
-        transport = PeerTransport(json.dumps(hello), _remote(request), request.headers.get("Origin"),
+        transport = PeerTransport(json.dumps(hello), request.remote, request.headers.get("Origin"),
                                   summary.data_channel)
         session = StreamSession(hub, transport)
         session_task = asyncio.ensure_future(session.run())
@@ -104,26 +207,28 @@ class RtcFront:
         transport.on_close = lambda: peer.close("the session ended")
         try:
             sdp = await self._negotiate(peer, text, summary, publish=True)
-        except BaseException:
+        except BaseException as error:
             await asyncio.shield(peer.close("the negotiation failed"))
+            if transport.closed and isinstance(error, Exception) and not isinstance(error, SignalingError):
+                # the session ended meanwhile (idle timeout, shutdown) and closed the peer connection under aiortc
+                raise SignalingError(503, f"the stream ended before it was answered {session.close_reason}".strip(),
+                                     _RETRY) from None
             raise
         resource = self.publishers.add(peer, token if hub.config.token is not None else None)
         peer.done.add_done_callback(lambda _: self.publishers.remove(resource))
         peer.watch(session_task)
-        logger.info("%s: WHIP publisher from %s (%s, data channel: %s)", session.stream_id, _remote(request),
+        logger.info("%s: WHIP publisher from %s (%s, data channel: %s)", session.stream_id, request.remote,
                     "sendrecv" if summary.receives_video() else "sendonly", summary.data_channel)
         return _sdp_answer(sdp, f"{WHIP_PATH}/{resource}",
                            (("X-Streamdiff-View", f"{WHEP_PREFIX}{session.view_token}"),))
 
-    async def unpublish(self, request: web.Request) -> web.Response:
+    async def unpublish(self, request: _Request) -> SignalingReply:
         peer = self._publisher(request)
         ends = [peer.close("DELETE by the client")] + ([peer.session_task] if peer.session_task else [])
         await asyncio.wait(ends, timeout=ADMIT_TIMEOUT_S)  # the session has left the engine: its slot is free
         return _text(200, "ended\n")
 
-    async def update(self, request: web.Request) -> web.Response:
-        from aiohttp import web
-
+    async def update(self, request: _Request) -> SignalingReply:
         peer = self._publisher(request)
         body = await self._body(request, self.hub.limits.max_text_bytes)
         try:
@@ -137,23 +242,25 @@ class RtcFront:
         except (asyncio.CancelledError, asyncio.TimeoutError):
             raise SignalingError(503, "the stream did not answer (it ended, or too many updates wait)",
                                  _RETRY) from None
-        return web.json_response(answer, status=200 if answer.get("type") == "ack" else 400)
+        return SignalingReply(200 if answer.get("type") == "ack" else 400, json.dumps(answer).encode(),
+                              "application/json")
 
-    def _publisher(self, request: web.Request) -> Peer:
+    def _publisher(self, request: _Request) -> Peer:
         token = bearer_token(request.headers.get("Authorization"))
         if not token_matches(token, self.hub.config.token):
             raise SignalingError(401, "a valid bearer token is needed (Authorization: Bearer TOKEN)", _UNAUTHORIZED)
-        return self.publishers.find(request.match_info["resource"],
+        return self.publishers.find(request.parts[1],
                                     token if self.hub.config.token is not None else None)
 
     # -- WHEP -------------------------------------------------------------------------------------------------
 
-    async def view(self, request: web.Request) -> web.Response:
-        hub, view_token = self.hub, request.match_info["view_token"]
+    async def view(self, request: _Request) -> SignalingReply:
+        hub, view_token = self.hub, request.parts[1]
         session = None if hub.shutting_down else hub.find_view(view_token)
         if session is None or session.conn.state is ConnectionState.CLOSED or session.stream is None:
             raise SignalingError(404, "no stream has this view token")
-        text, summary = check_offer(await self._body(request), request.content_type, self.config, publish=False)
+        text, summary = check_offer(await self._body(request), request.headers.get("Content-Type"), self.config,
+                                    publish=False)
         watching = [p for p in self.viewers.values() if p.session is session]
         if len(watching) + len(session.viewers) >= hub.limits.max_viewers_per_stream:
             raise SignalingError(503, f"this stream has its {hub.limits.max_viewers_per_stream} viewers; try again "
@@ -161,17 +268,21 @@ class RtcFront:
         peer = Peer(new_peer_connection(), session, None, self.config)
         try:
             sdp = await self._negotiate(peer, text, summary, publish=False)
-        except BaseException:
+        except BaseException as error:
             await asyncio.shield(peer.close("the negotiation failed"))
+            if session.conn.state is ConnectionState.CLOSED and isinstance(error, Exception) \
+                    and not isinstance(error, SignalingError):  # the stream ended meanwhile, closing this peer
+                raise SignalingError(404, "the stream ended before the viewer was answered") from None
             raise
         resource = self.viewers.add(peer, view_token)
+        hub.metrics.connections.labels("view").inc()  # a viewer, as a /ws/view socket counts
         peer.done.add_done_callback(lambda _: self.viewers.remove(resource))
         peer.watch()
-        logger.info("%s: WHEP viewer from %s", session.stream_id, _remote(request))
+        logger.info("%s: WHEP viewer from %s", session.stream_id, request.remote)
         return _sdp_answer(sdp, f"{WHEP_PREFIX}{view_token}/{resource}")
 
-    async def unview(self, request: web.Request) -> web.Response:
-        peer = self.viewers.find(request.match_info["resource"], request.match_info["view_token"])
+    async def unview(self, request: _Request) -> SignalingReply:
+        peer = self.viewers.find(request.parts[2], request.parts[1])
         await asyncio.wait([peer.close("DELETE by the client")], timeout=ADMIT_TIMEOUT_S)
         return _text(200, "ended\n")
 
@@ -210,7 +321,7 @@ class RtcFront:
             if transceiver.kind == "video":
                 transceiver.setCodecPreferences(preferred)
         if summary.receives_video():
-            track = make_output_track(session, self.hub.encode_pool)
+            track = make_output_track(session, self.hub.encode_pool, own=publish)
             keep_rtp_timestamps(pc.addTrack(track))
             track.on("ended", lambda: peer.close("the stream ended"))  # a viewer's peer ends with its stream
         answer = await pc.createAnswer()
@@ -218,23 +329,17 @@ class RtcFront:
             await pc.setLocalDescription(answer)
         return pc.localDescription.sdp
 
-    async def _body(self, request: web.Request, limit: int | None = None) -> bytes:
-        """The request's body, at most ``limit`` bytes (``max_sdp_bytes``): 413 beyond.
-
-        ``request.read()`` is bounded by the application's ``client_max_size`` and returns the body the server's
-        guard middleware already read (within its time limit), so every route reads a body the same way."""
-        from aiohttp import web
-
+    async def _body(self, request: _Request, limit: int | None = None) -> bytes:
+        """The request's body, at most ``limit`` bytes (``max_sdp_bytes``): 413 beyond, read no further."""
         limit = limit or self.config.max_sdp_bytes
-        if request.content_length is not None and request.content_length > limit:
-            raise SignalingError(413, f"the body has {request.content_length} bytes, more than the limit of {limit} "
-                                      "bytes")
-        try:
-            body = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise SignalingError(413, f"the body has more than the limit of {limit} bytes") from None
-        if len(body) > limit:
-            raise SignalingError(413, f"the body has {len(body)} bytes, more than the limit of {limit} bytes")
+        length = request.headers.get("Content-Length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise SignalingError(413, f"the body has {int(length)} bytes, more than the limit of {limit} bytes")
+        body = b""
+        async for chunk in request.chunks:
+            body += chunk
+            if len(body) > limit:
+                raise SignalingError(413, f"the body has more than the limit of {limit} bytes")
         return body
 
     async def close(self) -> None:
@@ -251,51 +356,41 @@ def add_rtc_routes(app: web.Application, hub: Hub, rtc_config: RtcConfig | None 
 
     front = RtcFront(hub, rtc_config or RtcConfig())
 
-    def handler(method: Any) -> Any:
-        async def handle(request: web.Request) -> web.StreamResponse:
-            try:
-                return await method(request)
-            except SignalingError as error:
-                logger.info("%s %s from %s refused (%d): %s", request.method, _route_name(request), _remote(request),
-                            error.status, error)
-                return _text(error.status, f"{error}\n", error.headers)
-        return handle
-
-    async def not_allowed(request: web.Request) -> web.Response:
-        return _text(405, "trickle ICE and ICE restarts are not supported: the answer carries every candidate\n",
-                     (("Allow", "DELETE"),))
+    async def handle(request: web.Request) -> web.StreamResponse:
+        reply = await front.handle(request.method, request.path, request.headers, list(request.query.items()),
+                                   _whole_body(request), request.remote or "?")
+        return web.Response(status=reply.status, body=reply.body,
+                            headers={"Content-Type": reply.content_type, **dict(reply.headers)})
 
     async def on_shutdown(app: web.Application) -> None:
         await front.close()
 
-    app.router.add_post(WHIP_PATH, handler(front.publish))
-    app.router.add_delete(WHIP_PATH + "/{resource}", handler(front.unpublish))
-    app.router.add_patch(WHIP_PATH + "/{resource}", not_allowed)
-    app.router.add_post(WHIP_PATH + "/{resource}/update", handler(front.update))
-    app.router.add_post(WHEP_PREFIX + "{view_token}", handler(front.view))
-    app.router.add_delete(WHEP_PREFIX + "{view_token}/{resource}", handler(front.unview))
-    app.router.add_patch(WHEP_PREFIX + "{view_token}/{resource}", not_allowed)
+    for method in ("POST", "DELETE", "PATCH", "OPTIONS"):
+        app.router.add_route(method, WHIP_PATH, handle)
+        app.router.add_route(method, WHIP_PATH + "/{resource}", handle)
+        app.router.add_route(method, WHIP_PATH + "/{resource}/update", handle)
+        app.router.add_route(method, WHEP_PREFIX + "{view_token}", handle)
+        app.router.add_route(method, WHEP_PREFIX + "{view_token}/{resource}", handle)
     app.on_shutdown.append(on_shutdown)
     return front
 
 
-def _sdp_answer(sdp: str, location: str, headers: tuple[tuple[str, str], ...] = ()) -> web.Response:
-    from aiohttp import web
-
-    return web.Response(status=201, body=sdp.encode(), content_type="application/sdp",
-                        headers={"Location": location, **dict(headers)})
-
-
-def _text(status: int, text: str, headers: tuple[tuple[str, str], ...] = ()) -> web.Response:
-    from aiohttp import web
-
-    return web.Response(status=status, text=text, headers=dict(headers))
+async def _whole_body(request: web.Request) -> AsyncIterator[bytes]:
+    """The body as one chunk: ``request.read()`` is bounded by the application's ``client_max_size`` and returns the
+    body ``streamdiff serve``'s guard middleware already read within its time limit (its stream is spent then)."""
+    body = await request.read()
+    if body:
+        yield body
 
 
-def _remote(request: web.Request) -> str:
-    return request.remote or "?"
+def _sdp_answer(sdp: str, location: str, headers: tuple[tuple[str, str], ...] = ()) -> SignalingReply:
+    return SignalingReply(201, sdp.encode(), "application/sdp", (("Location", location), *headers))
 
 
-def _route_name(request: web.Request) -> str:
+def _text(status: int, text: str, headers: tuple[tuple[str, str], ...] = ()) -> SignalingReply:
+    return SignalingReply(status, text.encode(), "text/plain; charset=utf-8", headers)
+
+
+def _route_name(path: str) -> str:
     """The route without its secrets (view tokens, resource ids never reach a log)."""
-    return WHIP_PATH if request.path.startswith(WHIP_PATH) else WHEP_PREFIX + "…"
+    return WHIP_PATH if path.lstrip("/").startswith("whip") else WHEP_PREFIX + "…"

@@ -16,6 +16,7 @@ from aiohttp import ClientSession, web
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpSender, RTCSessionDescription, VideoStreamTrack
 from aiortc.mediastreams import MediaStreamError
 from av import VideoFrame
+from multidict import CIMultiDict
 
 from streamdiff.io.sources import pattern_frame
 from streamdiff.server.hub import Hub, ServerConfig
@@ -59,6 +60,36 @@ async def serve(model: Any, config: ServerConfig, rtc: RtcConfig | None = None,
         hub.close()
 
 
+@dataclass
+class ServedBoth(Served):
+    ws_url: str = ""  # ws://127.0.0.1:PORT/ws
+
+
+@contextlib.asynccontextmanager
+async def serve_both(model: Any, config: ServerConfig, rtc: RtcConfig | None = None,
+                     max_batch_rows: int = 8) -> AsyncIterator[ServedBoth]:
+    """One engine and ONE Hub behind both front ends: the WebSocket server (``StreamServer``, still on
+    ``websockets`` on main) and an aiohttp app with the WebRTC routes, each on its own port of 127.0.0.1. When
+    ``serve`` moves to aiohttp, this becomes the one app with both route sets."""
+    from streamdiff.engine import EngineConfig, StreamEngine
+    from streamdiff.server.app import StreamServer
+
+    engine = StreamEngine(model, EngineConfig(max_streams=config.limits.max_streams, max_batch_rows=max_batch_rows))
+    async with StreamServer(engine, config) as server:
+        assert server.hub is not None
+        app = web.Application()
+        front = add_rtc_routes(app, server.hub, rtc or RtcConfig(hosts=LOOPBACK))
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        try:
+            yield ServedBoth(server.hub, f"http://127.0.0.1:{port}", front, server.url)
+        finally:
+            await runner.cleanup()  # its peers first; the server's stop then ends the sessions left
+
+
 class PatternTrack(VideoStreamTrack):
     """The moving test pattern at ``fps`` (``still``: always frame 0), pts = index × 3000 (90 kHz); ``sent`` maps
     each pts to when it was handed to the encoder (perf_counter) and ``frames`` to the image."""
@@ -71,6 +102,10 @@ class PatternTrack(VideoStreamTrack):
         self.images: dict[int, np.ndarray] = {}
         self._start: float | None = None
 
+    def image(self, index: int) -> np.ndarray:
+        """Frame ``index`` as uint8 RGB ``[size, size, 3]`` (subclasses send something else)."""
+        return pattern_frame(index, self.size, self.size)
+
     async def recv(self) -> VideoFrame:
         if self.readyState != "live":
             raise MediaStreamError
@@ -78,7 +113,7 @@ class PatternTrack(VideoStreamTrack):
             self._start = time.perf_counter()
         due = self._start + self.index / self.fps
         await asyncio.sleep(max(0.0, due - time.perf_counter()))
-        image = pattern_frame(0 if self.still else self.index, self.size, self.size)
+        image = self.image(0 if self.still else self.index)
         frame = VideoFrame.from_ndarray(image, format="rgb24")
         frame.pts, frame.time_base = self.index * PTS_STEP, Fraction(1, 90000)
         self.sent[frame.pts] = time.perf_counter()
@@ -117,12 +152,15 @@ async def offer(pc: RTCPeerConnection) -> str:
     return pc.localDescription.sdp
 
 
-async def post_sdp(http: ClientSession, url: str, sdp: str, token: str | None = None) -> tuple[int, dict, str]:
+async def post_sdp(http: ClientSession, url: str, sdp: str, token: str | None = None,
+                   origin: str | None = None) -> tuple[int, dict, str]:
     headers = {"Content-Type": "application/sdp"}
     if token is not None:
         headers["Authorization"] = f"Bearer {token}"
+    if origin is not None:
+        headers["Origin"] = origin
     async with http.post(url, data=sdp.encode(), headers=headers) as response:
-        return response.status, dict(response.headers), await response.text()
+        return response.status, CIMultiDict(response.headers), await response.text()
 
 
 @dataclass
@@ -148,11 +186,12 @@ class Client:
 
 async def publish(http: ClientSession, base: str, token: str | None, *, query: str = "", codec: str = "h264",
                   sendrecv: bool = False, data_channel: bool = False, still: bool = False,
-                  size: int = 256) -> Client:
+                  size: int = 256, track: PatternTrack | None = None, origin: str | None = None) -> Client:
     """A WHIP publisher. The defaults behave like OBS 30+: a sendonly H.264 video track, no data channel, the
-    offer sent once gathering is complete, a bearer token. The sender's RTP timestamps start at 0 (pts matching)."""
+    offer sent once gathering is complete, a bearer token. The sender's RTP timestamps start at 0 (pts matching).
+    ``track``: what it sends (default: the moving test pattern, ``size``², ``still``)."""
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-    track = PatternTrack(size, still=still)
+    track = track or PatternTrack(size, still=still)
     transceiver = pc.addTransceiver(track, direction="sendrecv" if sendrecv else "sendonly")
     prefer(transceiver, codec)
     keep_rtp_timestamps(transceiver.sender)
@@ -162,7 +201,8 @@ async def publish(http: ClientSession, base: str, token: str | None, *, query: s
         client.channel.on("message", client.messages.append)
     if sendrecv:
         pc.on("track", lambda t: collect(t, client.received))
-    client.status, client.headers, client.body = await post_sdp(http, f"{base}/whip{query}", await offer(pc), token)
+    client.status, client.headers, client.body = await post_sdp(http, f"{base}/whip{query}", await offer(pc), token,
+                                                                origin)
     if client.status == 201:
         await pc.setRemoteDescription(RTCSessionDescription(client.body, "answer"))
     else:

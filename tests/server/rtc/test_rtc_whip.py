@@ -303,3 +303,23 @@ def test_a_video_over_max_frame_pixels_ends_the_stream(tiny_model) -> None:
             await publisher.close()
 
     run(main())
+
+
+def test_a_stream_that_ends_during_the_negotiation_is_503_not_a_server_error(tiny_model) -> None:
+    """The session is admitted, then ends (here its idle timeout, 1 ms) while aiortc is still answering: the peer
+    connection is closed under the negotiation; the publisher is told 503 (never 500), nothing is left behind."""
+
+    async def main() -> None:
+        async with serve(tiny_model, config(idle_timeout_s=0.001)) as served, ClientSession() as http:
+            statuses = []
+            for _ in range(3):
+                client = await publish(http, served.url, TOKEN, query=QUERY)
+                statuses.append(client.status)
+                assert client.status in (201, 503), client.body
+                if client.status == 503:
+                    assert "ended before it was answered" in client.body and "idle_timeout" in client.body
+                await client.close()
+            assert 503 in statuses, statuses
+            await wait_for(lambda: not served.hub.sessions and not len(served.front.publishers), 10, "no stream left")
+
+    run(main())
