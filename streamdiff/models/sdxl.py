@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .tiny import SD_SCHEDULER, TINY_SEED, TINY_VAE, _cached_folder, _make_passthrough_vae, save_diffusers_folder
+from .tiny import SD_SCHEDULER, TINY_SEED, TINY_UNET, TINY_VAE, _cached_folder, _make_passthrough_vae, save_diffusers_folder
 from .tokenizer_vocab import build_vocab, write_tokenizer_files
 
 TINY_SDXL_NAME = "tiny-sdxl"
@@ -35,16 +35,8 @@ TINY_SDXL_TEXT_2 = dict(hidden_size=64, intermediate_size=128, num_hidden_layers
                         max_position_embeddings=77, projection_dim=32)
 TINY_SDXL_TIME_EMBED = 8
 TINY_SDXL_UNET = dict(
-    sample_size=32,
-    in_channels=4,
-    out_channels=4,
-    down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-    block_out_channels=(32, 32, 64),
-    layers_per_block=1,
-    norm_num_groups=8,
+    TINY_UNET,  # the tiny SD U-Net's blocks, with SDXL's conditioning
     cross_attention_dim=TINY_SDXL_TEXT["hidden_size"] + TINY_SDXL_TEXT_2["hidden_size"],
-    attention_head_dim=8,
     use_linear_projection=True,
     addition_embed_type="text_time",
     addition_time_embed_dim=TINY_SDXL_TIME_EMBED,
