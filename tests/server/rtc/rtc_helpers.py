@@ -68,26 +68,20 @@ class ServedBoth(Served):
 @contextlib.asynccontextmanager
 async def serve_both(model: Any, config: ServerConfig, rtc: RtcConfig | None = None,
                      max_batch_rows: int = 8) -> AsyncIterator[ServedBoth]:
-    """One engine and ONE Hub behind both front ends: the WebSocket server (``StreamServer``, still on
-    ``websockets`` on main) and an aiohttp app with the WebRTC routes, each on its own port of 127.0.0.1. When
-    ``serve`` moves to aiohttp, this becomes the one app with both route sets."""
+    """One engine, ONE Hub and ONE port for both: ``streamdiff serve``'s aiohttp server (``StreamServer``) with the
+    WebRTC routes mounted beside its WebSocket routes, on 127.0.0.1."""
     from streamdiff.engine import EngineConfig, StreamEngine
     from streamdiff.server.app import StreamServer
 
     engine = StreamEngine(model, EngineConfig(max_streams=config.limits.max_streams, max_batch_rows=max_batch_rows))
-    async with StreamServer(engine, config) as server:
+    fronts: list[Any] = []
+
+    def mount(app: web.Application, hub: Hub) -> None:
+        fronts.append(add_rtc_routes(app, hub, rtc or RtcConfig(hosts=LOOPBACK)))
+
+    async with StreamServer(engine, config, mounts=[mount]) as server:
         assert server.hub is not None
-        app = web.Application()
-        front = add_rtc_routes(app, server.hub, rtc or RtcConfig(hosts=LOOPBACK))
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        try:
-            yield ServedBoth(server.hub, f"http://127.0.0.1:{port}", front, server.url)
-        finally:
-            await runner.cleanup()  # its peers first; the server's stop then ends the sessions left
+        yield ServedBoth(server.hub, f"http://127.0.0.1:{server.port}", fronts[0], server.url)
 
 
 class PatternTrack(VideoStreamTrack):
