@@ -5,8 +5,6 @@ run alone on the same engine setup (float32, CPU)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch

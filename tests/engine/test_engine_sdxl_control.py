@@ -113,8 +113,8 @@ def test_two_controlnets_equal_diffusers_sdxl_multicontrolnet(sdxl_model, contro
 
 def test_the_controlnet_takes_the_added_conditions(sdxl_model, controlnets) -> None:
     """Another pooled prompt embedding changes the ControlNet's residuals, not just the U-Net's own conditions."""
-    from streamdiff.core.step import UNetRows
     from streamdiff.core.control import ControlRows
+    from streamdiff.core.step import UNetRows
     from streamdiff.engine.control import controlnet_extras
 
     generator = torch.Generator().manual_seed(0)
