@@ -11,7 +11,8 @@ call over the rows of every stream using it.
   streams in this U-Net call) where it acts; each row's residuals are multiplied by that row's scale (exact: the
   residuals are linear in the scale, see :mod:`streamdiff.core.control`), scattered into full-batch zero tensors and
   summed over the ControlNets (as diffusers' ``MultiControlNetModel``). Rows without control get zeros, computed by
-  no ControlNet; a call where no row has control gets no residuals at all.
+  no ControlNet; a call where no row has control gets no residuals at all. An SDXL ControlNet takes its rows' added
+  conditions (``text_embeds``, ``time_ids`` of the call's extras) as the U-Net does.
 """
 
 from __future__ import annotations
@@ -132,6 +133,13 @@ def submit_control(
     return out
 
 
+def added_conditions(rows: UNetRows, at: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
+    """SDXL's added conditions (``text_embeds``, ``time_ids``) of the rows ``at``, as a ControlNet takes them
+    (``added_cond_kwargs``); nothing for a model without them."""
+    added = {name: rows.extras[name][at] for name in ("text_embeds", "time_ids") if name in rows.extras}
+    return {"added_cond_kwargs": added} if added else {}
+
+
 @torch.inference_mode()
 def controlnet_extras(
     controlnets: Mapping[str, torch.nn.Module],
@@ -162,7 +170,7 @@ def controlnet_extras(
         down, mid = controlnet(
             rows.sample[at], rows.timesteps[at], encoder_hidden_states=rows.embeddings[at],
             controlnet_cond=torch.cat(images).to(device, dtype), conditioning_scale=1.0, guess_mode=False,
-            return_dict=False,
+            return_dict=False, **added_conditions(rows, at),
         )
         scale = torch.cat(scales).to(device, dtype).view(-1, 1, 1, 1)
         residuals = (*down, mid)

@@ -43,7 +43,7 @@ from ..core.schedule import slot_coefficients
 from ..errors import ConfigError, FrameError, StreamClosed, StreamDiffError
 from ..models import LoadedModel, LoraSpec, load_model
 from ..models.ip_adapter import ImagePromptEncoder
-from ..models.controlnet import Preprocessor, builtin_preprocessors, check_name, load_controlnet
+from ..models.controlnet import Preprocessor, builtin_preprocessors, check_family, check_name, load_controlnet
 from ..models.prompts import PromptEncoder
 from .scheduler import Demand, Scheduler
 from .changes import StateBuilder, reshapes
@@ -104,8 +104,10 @@ class StreamEngine:
                        if model.ip_adapter is not None else None)
         self.states = StateBuilder(model, self.prompts, self.prepare_backends, self.images)
         self._inbox = Inbox()  # the one way in: clients' messages
-        self.controlnets = {check_name(name): load_controlnet(source, model.device, model.dtype)
-                            for name, source in (controlnets or {}).items()}
+        sdxl = model.sdxl is not None
+        self.controlnets = {
+            check_name(name): check_family(name, load_controlnet(source, model.device, model.dtype, sdxl=sdxl), sdxl)
+            for name, source in (controlnets or {}).items()}
         self.graphs = self._cuda_graphs(cuda)
         on_cuda = model.device.type == "cuda" or cuda is not None
         self.preprocessors = {**builtin_preprocessors(), **(preprocessors or {})}

@@ -5,6 +5,9 @@ An engine is built with named ControlNets (``StreamEngine.from_pretrained(..., c
 a stream names the ones it uses in :class:`~streamdiff.config.ControlNetSpec`. The built-in ``tiny`` ControlNet
 (random weights from a seed, ``ControlNetModel.from_unet`` of the tiny U-Net architecture, its zero convolutions
 randomised so that it does something) fits both ``tiny`` and ``tiny-random`` and lets ``run``/``serve`` work offline.
+Its SDXL twin (``ControlNetModel.from_unet`` of the ``tiny-sdxl`` U-Net architecture: ``addition_embed_type
+"text_time"``, so it takes SDXL's added conditions) is what ``tiny`` means on an SDXL engine; ``tiny-sdxl`` names it
+anywhere. A ControlNet must be of the engine's model family (SDXL ControlNets for SDXL models): others are refused.
 """
 
 from __future__ import annotations
@@ -19,10 +22,12 @@ import torch
 from ..config import ControlNetSpec
 from ..errors import ConfigError, ModelLoadError
 from .hub import hub_snapshot, is_hub_id
+from .sdxl import TINY_SDXL_NAME, TINY_SDXL_UNET, is_sdxl_unet
 from .tiny import TINY_NAME, TINY_RANDOM_NAME, TINY_SEED, TINY_UNET, _cached_folder
 
 CONTROLNET_PATTERNS = ["config.json", "diffusion_pytorch_model.safetensors"]
 TINY_CONTROLNET_VERSION = 1
+TINY_SDXL_CONTROLNET_VERSION = 1
 TINY_CONTROLNET = dict(conditioning_embedding_out_channels=(8, 16, 16, 32))  # 3 downsamplings: the VAE's factor 8
 
 # A preprocessor: (the input frame uint8 [H, W, 3] RGB at the stream's size, the spec) → uint8 [H, W, 3].
@@ -88,12 +93,13 @@ def builtin_preprocessors() -> dict[str, Preprocessor | None]:
     return {"canny": canny, PASSTHROUGH: None}
 
 
-def build_tiny_controlnet(seed: int = TINY_SEED) -> torch.nn.Module:
-    """The built-in tiny ControlNet: the tiny U-Net architecture's ControlNet, every weight random from ``seed``."""
+def build_tiny_controlnet(seed: int = TINY_SEED, sdxl: bool = False) -> torch.nn.Module:
+    """The built-in tiny ControlNet: the tiny U-Net architecture's ControlNet (``sdxl``: the ``tiny-sdxl`` U-Net's,
+    which takes SDXL's added conditions), every weight random from ``seed``."""
     from diffusers import ControlNetModel, UNet2DConditionModel
 
     torch.manual_seed(seed + 10)
-    unet = UNet2DConditionModel(**TINY_UNET)
+    unet = UNet2DConditionModel(**(TINY_SDXL_UNET if sdxl else TINY_UNET))
     controlnet = ControlNetModel.from_unet(unet, **TINY_CONTROLNET)
     generator = torch.Generator().manual_seed(seed + 11)
     with torch.no_grad():  # the zero convolutions would make every residual zero
@@ -103,19 +109,34 @@ def build_tiny_controlnet(seed: int = TINY_SEED) -> torch.nn.Module:
     return controlnet.eval()
 
 
-def tiny_controlnet_path(cache_dir: Path | None = None, seed: int = TINY_SEED) -> Path:
-    """The folder of the built-in tiny ControlNet, built atomically on first use."""
+def tiny_controlnet_path(cache_dir: Path | None = None, seed: int = TINY_SEED, sdxl: bool = False) -> Path:
+    """The folder of the built-in tiny ControlNet (``sdxl``: its SDXL twin), built atomically on first use."""
 
     def build(staging: Path) -> None:
-        build_tiny_controlnet(seed).save_pretrained(staging)
+        build_tiny_controlnet(seed, sdxl).save_pretrained(staging)
         (staging / "model_index.json").write_text("{}")  # the cache's completeness marker
 
-    return _cached_folder(cache_dir, f"tiny-controlnet-v{TINY_CONTROLNET_VERSION}-seed{seed}", build)
+    name = (f"tiny-sdxl-controlnet-v{TINY_SDXL_CONTROLNET_VERSION}" if sdxl
+            else f"tiny-controlnet-v{TINY_CONTROLNET_VERSION}")
+    return _cached_folder(cache_dir, f"{name}-seed{seed}", build)
 
 
-def load_controlnet(source: Any, device: torch.device, dtype: torch.dtype, revision: str | None = None
-                    ) -> torch.nn.Module:
-    """A ``ControlNetModel`` on ``device``/``dtype`` from a model, ``tiny``, a folder or a hub id (cache first)."""
+def check_family(name: str, controlnet: torch.nn.Module, sdxl: bool) -> torch.nn.Module:
+    """``controlnet`` if it is of the engine's model family (SDXL: takes the added conditions), else ConfigError.
+    A module without a diffusers config (a wrapper) is taken as it is."""
+    family = "SDXL" if sdxl else "SD 1.x/2.x"
+    if getattr(controlnet, "config", None) is not None and is_sdxl_unet(controlnet) != sdxl:
+        kind = "an SDXL ControlNet (addition_embed_type 'text_time')" if not sdxl else "not an SDXL ControlNet"
+        raise ConfigError(f"controlnet {name!r} is {kind} but the engine's model is {family}",
+                          field="controlnets", value=name, allowed=f"{family} ControlNets")
+    return controlnet
+
+
+def load_controlnet(source: Any, device: torch.device, dtype: torch.dtype, revision: str | None = None,
+                    sdxl: bool = False) -> torch.nn.Module:
+    """A ``ControlNetModel`` on ``device``/``dtype`` from a model, ``tiny``, a folder or a hub id (cache first).
+
+    ``sdxl``: for an SDXL model (``tiny`` is then the tiny SDXL ControlNet; ``tiny-sdxl`` is that one anyway)."""
     from diffusers import ControlNetModel
 
     if isinstance(source, torch.nn.Module):
@@ -125,14 +146,15 @@ def load_controlnet(source: Any, device: torch.device, dtype: torch.dtype, revis
         return source.to(device).eval()
     if not isinstance(source, (str, Path)) or not str(source):
         raise ConfigError(f"controlnet source {source!r} must be a ControlNetModel, a folder, a hub id or 'tiny'")
-    if str(source) in (TINY_NAME, TINY_RANDOM_NAME):
-        folder = tiny_controlnet_path()
+    if str(source) in (TINY_NAME, TINY_RANDOM_NAME, TINY_SDXL_NAME):
+        folder = tiny_controlnet_path(sdxl=sdxl or str(source) == TINY_SDXL_NAME)
     elif Path(source).expanduser().exists():
         folder = Path(source).expanduser()
     elif is_hub_id(str(source)):
         folder = hub_snapshot(str(source), CONTROLNET_PATTERNS, revision, "controlnet")
     else:
-        raise ModelLoadError(f"controlnet {source!r} is neither a folder nor a hub id (org/name) nor 'tiny'")
+        raise ModelLoadError(f"controlnet {source!r} is neither a folder nor a hub id (org/name) nor 'tiny' "
+                             "(or 'tiny-sdxl')")
     try:
         model = ControlNetModel.from_pretrained(folder, torch_dtype=dtype)
     except Exception as error:  # noqa: BLE001 - reported with the source

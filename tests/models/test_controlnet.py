@@ -23,6 +23,17 @@ def test_tiny_controlnet_is_cached_and_reloads_bit_identically(cache_dir, tmp_pa
     assert next(from_folder.parameters()).dtype == torch.bfloat16
 
 
+def test_tiny_sdxl_controlnet_takes_sdxls_added_conditions(cache_dir) -> None:
+    from streamdiff.models.sdxl import is_sdxl_unet
+
+    built = build_tiny_controlnet(sdxl=True)
+    named = load_controlnet("tiny-sdxl", torch.device("cpu"), torch.float32)
+    for_sdxl = load_controlnet("tiny", torch.device("cpu"), torch.float32, sdxl=True)
+    assert is_sdxl_unet(built) and not is_sdxl_unet(build_tiny_controlnet())
+    for a, b, c in zip(built.state_dict().values(), named.state_dict().values(), for_sdxl.state_dict().values()):
+        assert torch.equal(a, b) and torch.equal(b, c)
+
+
 def test_bad_sources_are_clear(monkeypatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match="'nobody/no-such-controlnet'.*HF_HUB_OFFLINE"):

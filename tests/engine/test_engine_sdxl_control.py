@@ -1,0 +1,164 @@
+"""SDXL ControlNets in the engine, on the built-in ``tiny-sdxl`` model with tiny random SDXL ControlNets (CPU,
+float32): judged by diffusers' ``StableDiffusionXLControlNetImg2ImgPipeline`` (one step with one and with two
+ControlNets), the Stream Batch against the sequential path, ``tiny`` on an SDXL engine, and family refusals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from streamdiff import ConfigError, ControlNetSpec, StreamConfig, StreamEngine
+from streamdiff.backends.torch_backend import TorchUNet
+from streamdiff.engine import EngineConfig
+from streamdiff.models.controlnet import build_tiny_controlnet, canny
+from streamdiff.models.sdxl import is_sdxl_unet
+from streamdiff.models.tiny import SD_SCHEDULER
+from streamdiff.testing import CountingUNet
+
+SIZE = 64
+TOLERANCE = 1e-4  # float32, max abs in [0, 1]
+
+
+@pytest.fixture(scope="module")
+def sdxl_model(cache_dir):
+    from streamdiff import load_model
+
+    return load_model("tiny-sdxl", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def controlnets() -> dict[str, torch.nn.Module]:
+    return {"a": build_tiny_controlnet(seed=1, sdxl=True), "b": build_tiny_controlnet(seed=2, sdxl=True)}
+
+
+def picture(i: int) -> np.ndarray:
+    """A deterministic 64×64 RGB frame with edges (shapes that move with ``i``)."""
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE]
+    frame = np.stack([(xx * 4 + 9 * i) % 256, (yy * 3) % 256, ((xx // 8 + yy // 8 + i) % 2) * 200 + 20], -1)
+    return frame.astype(np.uint8)
+
+
+def control_picture(i: int) -> np.ndarray:
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE]
+    disc = ((xx - 20 - 2 * i) ** 2 + (yy - 30) ** 2 < 15 ** 2) * 255
+    return np.stack([disc, disc[::-1], disc.T], -1).astype(np.uint8)
+
+
+def make_engine(model, controlnets, max_streams: int = 4) -> StreamEngine:
+    return StreamEngine(model, EngineConfig(max_streams=max_streams, max_batch_rows=32),
+                        unet=CountingUNet(TorchUNet(model.unet)), controlnets=controlnets)
+
+
+def diffusers_run(model, controlnets, scales, image, controls, steps, strength, seed, prompt, negative="",
+                  guidance_scale=1.0) -> torch.Tensor:
+    """diffusers' StableDiffusionXLControlNetImg2ImgPipeline with the LCM scheduler → [1, 3, H, W] in [0, 1]."""
+    from diffusers import LCMScheduler, StableDiffusionXLControlNetImg2ImgPipeline
+
+    single = len(controlnets) == 1
+    pipe = StableDiffusionXLControlNetImg2ImgPipeline(
+        vae=model.vae, text_encoder=model.text_encoder, text_encoder_2=model.text_encoder_2,
+        tokenizer=model.tokenizer, tokenizer_2=model.tokenizer_2, unet=model.unet,
+        controlnet=controlnets[0] if single else list(controlnets), scheduler=LCMScheduler(**SD_SCHEDULER),
+        requires_aesthetics_score=False, force_zeros_for_empty_prompt=True, add_watermarker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(
+        prompt, image=Image.fromarray(image), control_image=Image.fromarray(controls[0]) if single else
+        [Image.fromarray(c) for c in controls], num_inference_steps=steps, strength=strength,
+        guidance_scale=guidance_scale, negative_prompt=negative or None, output_type="pt",
+        controlnet_conditioning_scale=scales[0] if single else list(scales),
+        generator=torch.Generator().manual_seed(seed),
+    )
+    return out.images
+
+
+def streamdiff_run(engine, config, specs, image, control, seed, prompt, negative="", guidance_scale=1.0):
+    stream = engine.open_stream(config, prompt=prompt, negative_prompt=negative, guidance_scale=guidance_scale,
+                                seed=seed, controlnets=specs)
+    stream.submit(image, control_image=control)
+    out = engine.step({})[stream]
+    if out.images is None:
+        out = engine.flush(stream)[0]
+    stream.close()
+    return out.images
+
+
+@pytest.mark.parametrize("cfg", ["none", "full"])
+def test_one_step_equals_diffusers_sdxl_controlnet_img2img(sdxl_model, controlnets, cfg) -> None:
+    guidance = 1.0 if cfg == "none" else 1.6
+    config = StreamConfig(width=SIZE, height=SIZE, t_index_list=(3,), num_inference_steps=4, cfg_type=cfg)
+    spec = ControlNetSpec("a", scale=0.7, preprocessor="passthrough")
+    got = streamdiff_run(make_engine(sdxl_model, controlnets), config, [spec], picture(0), control_picture(0), 5,
+                         "a red house", "blurry", guidance)
+    expected = diffusers_run(sdxl_model, [controlnets["a"]], [0.7], picture(0), [control_picture(0)], 4, 0.25, 5,
+                             "a red house", "blurry" if cfg == "full" else "", guidance)
+    without = streamdiff_run(make_engine(sdxl_model, controlnets), config, [], picture(0), None, 5, "a red house",
+                             "blurry", guidance)
+    assert float((got - without).abs().max()) > 1e-3  # the ControlNet does something
+    assert float((got - expected).abs().max()) <= TOLERANCE
+
+
+def test_two_controlnets_equal_diffusers_sdxl_multicontrolnet(sdxl_model, controlnets) -> None:
+    config = StreamConfig(width=SIZE, height=SIZE, t_index_list=(3,), num_inference_steps=4, cfg_type="none")
+    edges = canny(picture(1), ControlNetSpec("b"))
+    specs = [ControlNetSpec("a", scale=0.6, preprocessor="passthrough"), ControlNetSpec("b", scale=1.3)]
+    got = streamdiff_run(make_engine(sdxl_model, controlnets), config, specs, picture(1), control_picture(1), 7,
+                         "a boat")
+    expected = diffusers_run(sdxl_model, [controlnets["a"], controlnets["b"]], [0.6, 1.3], picture(1),
+                             [control_picture(1), edges], 4, 0.25, 7, "a boat")
+    assert float((got - expected).abs().max()) <= TOLERANCE
+
+
+def test_the_controlnet_takes_the_added_conditions(sdxl_model, controlnets) -> None:
+    """Another pooled prompt embedding changes the ControlNet's residuals, not just the U-Net's own conditions."""
+    from streamdiff.core.control import ControlRows
+    from streamdiff.core.step import UNetRows
+    from streamdiff.engine.control import controlnet_extras
+
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randn((1, 4, 8, 8), generator=generator)
+    hidden = torch.randn((1, 77, 96), generator=generator)
+    time_ids = torch.tensor([[SIZE, SIZE, 0, 0, SIZE, SIZE]], dtype=torch.float32)
+    control = [{"a": ControlRows(image=torch.rand((1, 3, SIZE, SIZE), generator=generator), scale=torch.ones(1))}]
+    residuals = []
+    for pooled in (torch.zeros((1, 32)), torch.ones((1, 32))):
+        rows = UNetRows(sample, torch.tensor([500]), hidden, extras={"text_embeds": pooled, "time_ids": time_ids})
+        residuals.append(controlnet_extras(controlnets, rows, [(0, 1)], control)["mid_residual"])
+    assert float((residuals[0] - residuals[1]).abs().max()) > 1e-4
+
+
+@pytest.mark.parametrize("cfg", ["self", "initialize", "full"])
+def test_stream_batch_equals_sequential_sdxl_controlnet(sdxl_model, controlnets, cfg) -> None:
+    specs = [ControlNetSpec("a", scale=0.8, preprocessor="passthrough"), ControlNetSpec("b", scale=1.1, start=0.3)]
+    settings = dict(prompt="a cat", negative_prompt="dark", guidance_scale=1.5, delta=0.9, seed=4, controlnets=specs)
+    outs = {}
+    for batched in (True, False):
+        config = StreamConfig(width=SIZE, height=SIZE, t_index_list=(10, 25, 40), cfg_type=cfg,
+                              use_denoising_batch=batched)
+        engine = make_engine(sdxl_model, controlnets)
+        stream = engine.open_stream(config, **settings)
+        got = []
+        for i in range(5):
+            stream.submit(picture(i), control_image=control_picture(i))
+            out = engine.step({}).get(stream)
+            if out is not None and out.images is not None:
+                got.append(out.images)
+        outs[batched] = got + [o.images for o in engine.flush(stream)]
+    assert len(outs[True]) == len(outs[False]) == 5
+    worst = max(float((a - b).abs().max()) for a, b in zip(outs[True], outs[False]))
+    assert worst <= 1e-5
+
+
+def test_tiny_on_an_sdxl_engine_is_the_sdxl_controlnet_and_families_must_match(sdxl_model, tiny_model) -> None:
+    engine = StreamEngine(sdxl_model, EngineConfig(max_streams=1), controlnets={"t": "tiny"})
+    assert is_sdxl_unet(engine.controlnets["t"])
+    config = StreamConfig(width=SIZE, height=SIZE, t_index_list=(30,), cfg_type="none")
+    stream = engine.open_stream(config, controlnets=[ControlNetSpec("t", preprocessor="passthrough")])
+    stream.submit(picture(0), control_image=control_picture(0))
+    assert engine.step({})[stream].images is not None
+    with pytest.raises(ConfigError, match="'sd' is not an SDXL ControlNet but the engine's model is SDXL"):
+        StreamEngine(sdxl_model, controlnets={"sd": build_tiny_controlnet()})
+    with pytest.raises(ConfigError, match=r"'xl' is an SDXL ControlNet .* but the engine's model is SD 1.x/2.x"):
+        StreamEngine(tiny_model, controlnets={"xl": "tiny-sdxl"})
