@@ -9,6 +9,8 @@ frames/s (a paced source: a frame captured while ``--window`` frames await their
 - ``ws``: :class:`streamdiff.client.StreamClient`, input JPEG at ``--jpeg-quality`` (90, the client's default),
   output JPEG at the server's default quality (80); bytes per frame are the binary messages' sizes (header + JPEG)
   each way; an output is matched to its input by frame id.
+- ``chromium`` (``--transports ws rtc chromium``): the stream page over WebRTC in headless Chromium (playwright and
+  Debian's Chromium; the clip as the fake camera): the page's own latency (encoder out → shown), fps; no bytes, PSNR.
 - ``rtc``: an aiortc peer (``sendrecv`` video, H.264, ICE on 127.0.0.1 only, RTP timestamps from 0) to ``POST
   /whip``; bytes per frame from ``getStats()`` (outbound ``bytesSent`` over frames sent, and the same count of
   received RTP payload bytes over frames received: RTP payloads, without RTP/SRTP/UDP/IP headers); an output is matched to its input by RTP timestamp.
@@ -27,12 +29,15 @@ import argparse
 import asyncio
 import contextlib
 import io
+import math
 import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from fractions import Fraction
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -81,9 +86,11 @@ class Pacer:
         return self.index
 
 
-async def ws_round(url: str, clip: list[np.ndarray], reference: list[np.ndarray], size: int, quality: int, warmup: float, seconds: float,
+async def ws_round(url: str, clip: list[np.ndarray], reference: list[np.ndarray], size: int, quality: int,
+                   output_quality: int, warmup: float, seconds: float,
                    window: int) -> dict[str, Any]:
-    client = await StreamClient.connect(url, {"width": size, "height": size, "prompt": ""})
+    client = await StreamClient.connect(url, {"width": size, "height": size, "prompt": "",
+                                              "output": {"format": "jpeg", "quality": output_quality}})
     bodies = [encode(frame, "jpeg", quality) for frame in clip]
     waiting: dict[int, tuple[float, int]] = {}  # frame id -> (sent perf_counter, clip index)
     measure_from = time.perf_counter() + warmup
@@ -243,6 +250,58 @@ def reference_outputs(model: str, settings: dict[str, Any], clip: list[np.ndarra
     return outputs[:len(clip)]
 
 
+def write_y4m(path: str, clip: list[np.ndarray]) -> None:
+    """The clip as a 30 fps 4:2:0 Y4M file (BT.601 studio range): Chromium's fake camera plays it in a loop."""
+    height, width = clip[0].shape[:2]
+    parts = [f"YUV4MPEG2 W{width} H{height} F30:1 Ip A1:1 C420jpeg\n".encode()]
+    for frame in clip:
+        r, g, b = (frame[..., i].astype(np.float32) for i in range(3))
+        y = 16 + 0.257 * r + 0.504 * g + 0.098 * b
+        u = 128 - 0.148 * r - 0.291 * g + 0.439 * b
+        v = 128 + 0.439 * r - 0.368 * g - 0.071 * b
+        half = (height // 2, 2, width // 2, 2)
+        planes = [y, u.reshape(half).mean((1, 3)), v.reshape(half).mean((1, 3))]
+        parts.append(b"FRAME\n" + b"".join(np.clip(p.round(), 0, 255).astype(np.uint8).tobytes() for p in planes))
+    Path(path).write_bytes(b"".join(parts))
+
+
+def chromium_round(http_url: str, clip_path: str, size: int, warmup: float, seconds: float,
+                   chromium: str) -> dict[str, Any]:
+    """The stream page in headless Chromium over WebRTC (its default): the page's own end-to-end latency (encoder
+    out → shown, by RTP timestamp) sampled at every shown frame; no bytes or PSNR (not exposed by the page)."""
+    from playwright.sync_api import sync_playwright
+
+    args = ["--no-sandbox", "--disable-gpu", "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
+            f"--use-file-for-fake-video-capture={clip_path}", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run",
+            "--autoplay-policy=no-user-gesture-required"]
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, headless=True, args=args)
+        try:
+            page = browser.new_context(permissions=["camera"]).new_page()
+            page.goto(http_url + "/")
+            page.select_option("#size", str(size))
+            page.click("#start-camera")
+            page.wait_for_function("() => window.streamdiff.framesReceived > 0", timeout=60_000)
+            if page.evaluate("() => window.streamdiff.transport") != "webrtc":
+                raise RuntimeError("the page did not stream over WebRTC")
+            page.wait_for_timeout(warmup * 1000)
+            # a page-side sampler: one latency per shown frame
+            page.evaluate("""() => { window.__samples = []; let last = window.streamdiff.framesReceived;
+              const v = document.getElementById("output-video");
+              const tick = () => { const s = window.streamdiff; if (s.framesReceived !== last) {
+                last = s.framesReceived; if (s.lastLatencyMs !== null) window.__samples.push(s.lastLatencyMs); }
+                v.requestVideoFrameCallback(tick); }; v.requestVideoFrameCallback(tick); }""")
+            page.wait_for_timeout(seconds * 1000)
+            samples = page.evaluate("() => window.__samples")
+            page.click("#stop")
+        finally:
+            browser.close()
+    return {"e2e_p50_ms": percentile(samples, 50), "e2e_p95_ms": percentile(samples, 95),
+            "fps": len(samples) / seconds, "outputs": len(samples), "inputs": float("nan"),
+            "bytes_per_input_frame": float("nan"), "bytes_per_output_frame": float("nan"), "psnr_db": float("nan")}
+
+
 def format_table(rows: dict[str, dict[str, Any]]) -> str:
     lines = ["transport | e2e p50 ms | e2e p95 ms | fps out | bytes/input frame | bytes/output frame | PSNR dB",
              "---|---|---|---|---|---|---"]
@@ -259,8 +318,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds before measuring, per round")
     parser.add_argument("--seconds", type=float, default=10.0, help="seconds measured per round")
     parser.add_argument("--jpeg-quality", type=int, default=90, help="the WebSocket client's input JPEG quality")
+    parser.add_argument("--output-quality", type=int, default=80,
+                        help="the WebSocket stream's output JPEG quality (80, the server's default)")
     parser.add_argument("--window", type=int, default=3, help="WebSocket frames awaiting their output at most")
-    parser.add_argument("--transports", nargs="+", default=["ws", "rtc"], choices=["ws", "rtc"])
+    parser.add_argument("--transports", nargs="+", default=["ws", "rtc"], choices=["ws", "rtc", "chromium"],
+                        help="chromium: the stream page over WebRTC in headless Chromium (needs playwright)")
+    parser.add_argument("--chromium", default="/usr/bin/chromium", help="the Chromium executable")
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--json", metavar="FILE", help="also write the report as JSON ('-': stdout)")
     args = parser.parse_args(argv)
@@ -269,24 +332,31 @@ def main(argv: list[str] | None = None) -> int:
                   "--cfg-type", "none", "--rtc-host", "127.0.0.1", "--stats-interval", "1"]
     rounds: dict[str, list[dict[str, Any]]] = {t: [] for t in args.transports}
     started = time.monotonic()
+    clip_path = os.path.join(tempfile.mkdtemp(prefix="bench-transport-"), "clip.y4m")
+    write_y4m(clip_path, clip)
     with ServeProcess(*serve_args) as server:
         settings = asyncio.run(effective_settings(server.url, args.size))
         reference = reference_outputs(args.model, settings, clip)
         for r in range(args.rounds):
             for name in args.transports if r % 2 == 0 else args.transports[::-1]:
                 if name == "ws":
-                    result = asyncio.run(ws_round(server.url, clip, reference, args.size, args.jpeg_quality, args.warmup,
+                    result = asyncio.run(ws_round(server.url, clip, reference, args.size, args.jpeg_quality,
+                                                  args.output_quality, args.warmup,
                                                   args.seconds, args.window))
+                elif name == "chromium":
+                    result = chromium_round(server.http_url, clip_path, args.size, args.warmup, args.seconds,
+                                            args.chromium)
                 else:
                     result = asyncio.run(rtc_round(server.http_url, clip, reference, args.size, args.warmup, args.seconds))
                 rounds[name].append(result)
                 print(f"round {r + 1} {name}: p50 {result['e2e_p50_ms']:.0f} ms, {result['fps']:.1f} fps, "
                       f"{result['bytes_per_output_frame']:.0f} B/output frame, {result['psnr_db']:.1f} dB",
                       file=sys.stderr)
-    rows = {name: {key: statistics.median(r[key] for r in results) for key in results[0]}
+    rows = {name: {key: statistics.median(r[key] for r in results) if not math.isnan(results[0][key])
+                   else float("nan") for key in results[0]}
             for name, results in rounds.items()}
     report = {"benchmark": "transport", "size": args.size, "model": args.model, "fps_in": FPS,
-              "warmup_s": args.warmup, "seconds": args.seconds, "jpeg_quality": args.jpeg_quality,
+              "warmup_s": args.warmup, "seconds": args.seconds, "jpeg_quality": args.jpeg_quality, "output_quality": args.output_quality,
               "load_average": os.getloadavg(), "python": platform.python_version(),
               "elapsed_s": time.monotonic() - started, "results": rows, "rounds": rounds}
     if "ws" in rows and "rtc" in rows:
