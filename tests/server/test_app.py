@@ -98,7 +98,7 @@ def test_pages_health_readiness_metrics_and_nothing_else(live) -> None:
     status, headers, body = get(server, "/")
     assert status == 200 and headers["Content-Type"].startswith("text/html") and b"<title>streamdiff" in body
     assert "connect-src 'self'" in headers["Content-Security-Policy"] and headers["X-Content-Type-Options"] == "nosniff"
-    for path in ("/index.html", "/view.html", "/app.js", "/view.js", "/protocol.js", "/style.css"):
+    for path in ("/index.html", "/view.html", "/app.js", "/view.js", "/protocol.js", "/rtc.js", "/style.css"):
         assert get(server, path)[0] == 200, path
     assert get(server, "/healthz")[:3:2] == (200, b"ok\n")
     assert get(server, "/readyz")[:3:2] == (200, b"ready\n")

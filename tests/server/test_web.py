@@ -116,3 +116,25 @@ console.log(Buffer.from(new Uint8Array(packReferenceImage(70000, new Uint8Array(
     assert result.stdout.strip() == (pack_reference_header(70000) + b"\x09\x08").hex()
     page = _page("index.html")
     assert {"image-prompt", "reference", "ip-scale", "ip-scale-value"} <= set(page.ids)
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="needs node")
+def test_rtc_js_puts_the_page_settings_in_a_whip_url_the_server_reads_back(tmp_path) -> None:
+    from urllib.parse import parse_qsl, urlsplit
+
+    from multidict import MultiDict
+
+    from streamdiff.server.rtc.signaling import query_settings
+
+    settings = {"width": 256, "height": 256, "prompt": "a watercolor, soft & light 100%", "negative_prompt": "",
+                "strength": 0.5, "guidance_scale": 1.2, "seed": 7, "t_index_list": [32, 45]}
+    script = tmp_path / "whip.mjs"
+    script.write_text(f"""
+import {{ whipUrl }} from {json.dumps((WEB_DIR / "rtc.js").as_uri())};
+console.log(whipUrl({{ ...{json.dumps(settings)}, output: {{ format: "jpeg", quality: 80 }} }}, "view-token-1234567890"));
+""")
+    result = subprocess.run(["node", str(script)], capture_output=True, text=True, timeout=60, check=True)
+    url = urlsplit(result.stdout.strip())
+    assert url.path == "/whip"
+    parsed, view_token = query_settings(MultiDict(parse_qsl(url.query, keep_blank_values=True)))
+    assert parsed == settings and view_token == "view-token-1234567890"  # output.* is left out: output is video

@@ -1,5 +1,8 @@
-// streamdiff stream page: webcam or screen -> JPEG -> WebSocket (/ws) -> output canvas (docs/protocol.md).
+// streamdiff stream page: webcam or screen -> WebRTC (POST /whip, rtc.js; docs/webrtc.md) -> output <video>, or
+// -> JPEG -> WebSocket (/ws) -> output canvas (docs/protocol.md). WebRTC is the default where the browser has it;
+// the "Transport" select or ?transport=ws chooses the WebSocket.
 //
+// WebSocket mode:
 // Pipelined, not lock-step: a frame is captured whenever fewer than `maxInFlight` frames await their output and the
 // socket's send buffer is empty, so the browser never queues frames behind each other. Output is latest-wins: a frame
 // that arrives while the previous one is still being decoded replaces any older one waiting.
@@ -7,6 +10,7 @@
 import {
   PROTOCOL_VERSION, describeClose, packInputFrame, packReferenceImage, parseOutputFrame, randomToken, socketUrl,
 } from "./protocol.js";
+import { connectRtc, rtcSupported } from "./rtc.js";
 
 const JPEG_QUALITY = 0.8;
 const MAX_BUFFERED_BYTES = 0; // send only when the previous frame has left the browser's buffer
@@ -24,6 +28,7 @@ const els = {
   view: $("view"), viewUrl: $("view-url"), copyView: $("copy-view"), framesSent: $("frames-sent"),
   framesReceived: $("frames-received"), streamId: $("stream-id"), imagePrompt: $("image-prompt"),
   reference: $("reference"), ipScale: $("ip-scale"), ipScaleValue: $("ip-scale-value"),
+  transport: $("transport"), outputVideo: $("output-video"),
 };
 const REFERENCE_SIDE = 512; // a reference image is sent at most this large (the image encoder sees ~224 px)
 let ipAdapter = ""; // the IP-Adapter the server offers (ready.limits.ip_adapter), "" for none
@@ -42,6 +47,9 @@ const state = {
   closeCode: null,
   streamId: null,
   viewUrl: null,
+  transport: null, // "webrtc" | "ws": the transport of the current (or last) stream
+  settingsVersion: null, // of the ready, then of the last ack
+  latencyMeasure: null, // "end-to-end" (capture/encode -> shown), or null before the first measure
 };
 const api = {};
 for (const key of Object.keys(state)) Object.defineProperty(api, key, { get: () => state[key], enumerable: true });
@@ -58,6 +66,10 @@ if (params.has("token")) {
 }
 const token = sessionStorage.getItem("streamdiff-token");
 
+// The transport: WebRTC where the browser has it, unless ?transport=ws (or the select) says otherwise.
+if (!rtcSupported()) els.transport.querySelector('option[value="webrtc"]').disabled = true;
+els.transport.value = params.get("transport") === "ws" || !rtcSupported() ? "ws" : "webrtc";
+
 // A view token kept across sessions, so an OBS Browser Source URL stays valid when this page reconnects.
 let viewToken = localStorage.getItem("streamdiff-view-token");
 if (!viewToken || !/^[A-Za-z0-9_-]{16,64}$/.test(viewToken)) {
@@ -66,6 +78,7 @@ if (!viewToken || !/^[A-Za-z0-9_-]{16,64}$/.test(viewToken)) {
 }
 
 let ws = null;
+let rtc = null; // the WebRTC connection (rtc.js), in WebRTC mode
 let mediaStream = null;
 let running = false;
 let nextFrameId = 0;
@@ -139,7 +152,9 @@ async function start(screen) {
   els.capture.width = size;
   els.capture.height = size;
   setControls(true);
-  connect(size);
+  state.transport = els.transport.value;
+  if (state.transport === "webrtc") connectWebRtc(size);
+  else connect(size);
 }
 
 function stop(reason) {
@@ -150,6 +165,12 @@ function stop(reason) {
     socket.onclose = null;
     if (socket.readyState <= WebSocket.OPEN) socket.close(1000, "client stopped");
   }
+  if (rtc) {
+    const connection = rtc;
+    rtc = null;
+    connection.close();
+  }
+  els.outputVideo.srcObject = null;
   if (mediaStream) mediaStream.getTracks().forEach((track) => track.stop());
   mediaStream = null;
   els.input.srcObject = null;
@@ -162,6 +183,7 @@ function stop(reason) {
 function setControls(active) {
   els.stop.disabled = !active;
   els.size.disabled = active;
+  els.transport.disabled = active;
 }
 
 // -- the socket ------------------------------------------------------------------------------------------------------
@@ -181,6 +203,7 @@ function settingsFromControls(size) {
 
 function connect(size) {
   setState("connecting", "connecting");
+  showOutput(false);
   lostReported = 0;
   lostAccounted = 0;
   const socket = new WebSocket(socketUrl("/ws"));
@@ -221,6 +244,7 @@ function onText(text) {
     return;
   }
   if (message.type === "ready") {
+    state.settingsVersion = message.settings_version;
     state.streamId = message.stream_id;
     els.streamId.textContent = message.stream_id;
     applyServerSettings(message.settings);
@@ -236,8 +260,10 @@ function onText(text) {
     }
     setState("streaming", "streaming");
     running = true;
-    captureLoop();
+    if (ws) captureLoop(); // over WebRTC the camera's track is the input
+    else els.imagePrompt.hidden = true; // reference images are binary messages: WebSocket mode only
   } else if (message.type === "ack") {
+    state.settingsVersion = message.settings_version;
     applyServerSettings(message.settings);
   } else if (message.type === "stats") {
     lostReported = (message.frames_dropped || 0) + (message.frames_rate_limited || 0) + (message.frames_rejected || 0);
@@ -252,6 +278,87 @@ function applyServerSettings(settings) {
   if (!settings || !Array.isArray(settings.t_index_list)) return;
   // Frames inside the server's Stream Batch: n steps x F frames; one more may be on the wire.
   maxInFlight = Math.max(2, settings.t_index_list.length * (settings.frame_buffer_size || 1) + 1);
+}
+
+// -- WebRTC ------------------------------------------------------------------------------------------------------------
+
+function showOutput(video) {
+  els.outputVideo.hidden = !video;
+  els.output.hidden = video;
+}
+
+async function connectWebRtc(size) {
+  setState("connecting", "connecting (WebRTC)");
+  const track = mediaStream.getVideoTracks()[0];
+  const settings = settingsFromControls(size);
+  delete settings.output; // output is video over WebRTC
+  let connection;
+  try {
+    connection = await connectRtc({
+      track, settings, viewToken, token,
+      handlers: {
+        onMessage: onText,
+        onTrack: (stream) => {
+          els.outputVideo.srcObject = stream;
+          els.outputVideo.play().catch(() => {});
+        },
+        onClose: (reason) => {
+          if (rtc !== connection) return;
+          rtc = null;
+          running = false;
+          showError(reason, "rtc_closed");
+          setState("error", "closed");
+          stop(reason);
+        },
+      },
+    });
+  } catch (error) {
+    if ((error.status === 404 || error.status === 405) && mediaStream && mediaStream.getVideoTracks()[0] === track) {
+      state.transport = "ws"; // a server without WebRTC (no aiortc): the WebSocket does the same
+      connect(size);
+      return;
+    }
+    if (error.status === 409) { // the viewer URL is taken (another tab): this page takes a new one
+      viewToken = randomToken(16);
+      localStorage.setItem("streamdiff-view-token", viewToken);
+    }
+    setState("error", error.status ? `refused (${error.status})` : "failed");
+    showError(error.message, error.status || "rtc");
+    stop(error.message);
+    return;
+  }
+  if (!mediaStream || mediaStream.getVideoTracks()[0] !== track) {
+    connection.close(); // stopped while connecting
+    return;
+  }
+  rtc = connection;
+  showOutput(true);
+  watchVideoFrames(connection);
+}
+
+// Every frame the output <video> shows: fps, frames received and, by RTP timestamp, the end-to-end latency.
+function watchVideoFrames(connection) {
+  const video = els.outputVideo;
+  if (!video.requestVideoFrameCallback) return;
+  const onFrame = (now, metadata) => {
+    if (rtc !== connection) return;
+    state.framesReceived += 1;
+    state.framesSent = connection.framesEncoded;
+    arrivals.push(now);
+    while (arrivals.length > FPS_WINDOW || now - arrivals[0] > 5000) arrivals.shift();
+    state.fps = arrivals.length > 1 ? ((arrivals.length - 1) * 1000) / (now - arrivals[0]) : 0;
+    const sentAt = metadata.rtpTimestamp !== undefined ? connection.sentAt(metadata.rtpTimestamp) : undefined;
+    if (sentAt !== undefined) {
+      state.lastLatencyMs = (metadata.presentationTime || now) - sentAt;
+      state.latencyMeasure = "end-to-end";
+      els.latency.textContent = state.lastLatencyMs.toFixed(0);
+    }
+    els.fps.textContent = state.fps.toFixed(1);
+    els.framesReceived.textContent = state.framesReceived;
+    els.framesSent.textContent = state.framesSent;
+    video.requestVideoFrameCallback(onFrame);
+  };
+  video.requestVideoFrameCallback(onFrame);
 }
 
 // -- sending frames ---------------------------------------------------------------------------------------------------
@@ -375,12 +482,15 @@ function queueUpdate(changes, immediate = false) {
 }
 
 function flushUpdate() {
-  if (!ws || ws.readyState !== WebSocket.OPEN || state.state !== "streaming") return;
+  const open = (ws && ws.readyState === WebSocket.OPEN) || (rtc && rtc.open);
+  if (!open || state.state !== "streaming") return;
   const settings = { ...pendingChanges };
   for (const key of Object.keys(pendingChanges)) delete pendingChanges[key];
   if (Object.keys(settings).length === 0) return;
   clearError();
-  ws.send(JSON.stringify({ type: "update", request_id: nextRequestId++, settings }));
+  const text = JSON.stringify({ type: "update", request_id: nextRequestId++, settings });
+  if (ws) ws.send(text);
+  else rtc.send(text);
 }
 
 // An image prompt: the update choosing the server's IP-Adapter goes first, then the image (JPEG, at most
