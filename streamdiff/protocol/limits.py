@@ -62,6 +62,8 @@ class ServerLimits:
     undecoded: ``decode_too_slow``; 30 progressive 1920x1080 frames a second use about 0.65).
     Image prompts: ``ip_adapter`` names the IP-Adapter the server's engine has ('' none; :meth:`for_engine` fills
     it); a stream chooses it with its ``ip_adapter`` setting.
+    ControlNets: ``controlnets`` names the ControlNets the server's engine offers, in the operator's order (none:
+    ``()``; :meth:`for_engine` fills it); a stream chooses among them by name with its ``controlnets`` setting.
     """
 
     max_streams: int = 4
@@ -109,6 +111,8 @@ class ServerLimits:
     decode_window_s: float = 10.0
     # image prompts
     ip_adapter: str = ""
+    # ControlNets
+    controlnets: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -126,6 +130,11 @@ class ServerLimits:
         object.__setattr__(self, "allowed_cfg_types", _enum_tuple(CfgMode, self.allowed_cfg_types, "allowed_cfg_types"))
         if not isinstance(self.ip_adapter, str):
             raise ConfigError(f"ServerLimits.ip_adapter={self.ip_adapter!r} must be a name ('' for none)")
+        if isinstance(self.controlnets, (str, bytes)) or not hasattr(self.controlnets, "__iter__"):
+            raise ConfigError(f"ServerLimits.controlnets={self.controlnets!r} must be a list of ControlNet names")
+        object.__setattr__(self, "controlnets", tuple(dict.fromkeys(self.controlnets)))
+        if not all(isinstance(name, str) and name for name in self.controlnets):
+            raise ConfigError(f"ServerLimits.controlnets={self.controlnets!r} must be a list of ControlNet names")
         if isinstance(self.sizes, (str, bytes)) or not hasattr(self.sizes, "__iter__"):
             raise ConfigError(f"ServerLimits.sizes={self.sizes!r} must be a list of WIDTHxHEIGHT sizes")
         object.__setattr__(self, "sizes", tuple(dict.fromkeys("{}x{}".format(*parse_size(v, "ServerLimits.sizes entry"))
@@ -145,7 +154,8 @@ class ServerLimits:
         """These limits narrowed to the frame sizes ``engine`` runs (:attr:`StreamEngine.size_rule`), so that clients
         see them in ``ready`` and a hello asking for another size is refused before the engine is asked:
         ``size_multiple`` becomes a multiple of the engine's, ``max_width``/``max_height`` at most its largest side,
-        and ``sizes`` the engine's list when it has one."""
+        and ``sizes`` the engine's list when it has one; ``ip_adapter`` and ``controlnets`` name the IP-Adapter and the
+        ControlNets it has."""
         multiple = math.lcm(self.size_multiple, engine.size_multiple)
         listed = engine.allowed_sizes
         largest = {"max_width": max(w for w, _ in listed) if listed else engine.size_range[1],
@@ -154,7 +164,9 @@ class ServerLimits:
                 for name, side in largest.items()}
         sizes = tuple(f"{w}x{h}" for w, h in listed) if listed else self.sizes
         adapter = getattr(getattr(engine, "model", None), "ip_adapter", None)
-        return replace(self, size_multiple=multiple, sizes=sizes, ip_adapter=adapter.name if adapter else "", **caps)
+        controlnets = tuple(getattr(engine, "controlnets", None) or ())
+        return replace(self, size_multiple=multiple, sizes=sizes, ip_adapter=adapter.name if adapter else "",
+                       controlnets=controlnets, **caps)
 
     def to_json(self) -> dict[str, Any]:
         """The limits a client needs to know, as sent in ``ready`` (docs/protocol.md, "Limits")."""

@@ -80,3 +80,20 @@ def test_control_and_admission_limits() -> None:
         ServerLimits(max_awaiting_hello=8, max_awaiting_hello_per_address=9)
     with pytest.raises(ConfigError, match=r"^ServerLimits.max_control_per_s=0 must be a finite number > 0$"):
         ServerLimits(max_control_per_s=0)
+
+
+def test_controlnets_name_what_the_engine_offers() -> None:
+    assert ServerLimits().controlnets == () and ServerLimits().to_json()["controlnets"] == []
+    limits = ServerLimits(controlnets=["edges", "depth", "edges"])
+    assert limits.controlnets == ("edges", "depth") and limits.to_json()["controlnets"] == ["edges", "depth"]
+    for bad in ("edges", [""], [3]):
+        with pytest.raises(ConfigError, match=r"^ServerLimits.controlnets=.* must be a list of ControlNet names$"):
+            ServerLimits(controlnets=bad)
+
+    class Engine:
+        size_multiple, allowed_sizes, size_range = 8, None, (8, 1024)
+        controlnets = {"edges": object(), "depth": object()}  # the operator's order
+
+    assert ServerLimits().for_engine(Engine()).controlnets == ("edges", "depth")
+    Engine.controlnets = {}
+    assert ServerLimits().for_engine(Engine()).controlnets == ()

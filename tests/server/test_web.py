@@ -50,6 +50,15 @@ def test_stream_page_has_stable_ids_and_its_files() -> None:
         assert (WEB_DIR / ref).is_file()
 
 
+def test_stream_page_has_a_hidden_controlnet_picker() -> None:
+    html = (WEB_DIR / "index.html").read_text(encoding="utf-8")
+    ids = {"controlnet-picker", "controlnet", "controlnet-scale", "controlnet-scale-value"}
+    assert ids <= set(_page("index.html").ids)
+    assert '<div id="controlnet-picker" class="sliders" hidden>' in html  # shown when the server offers any
+    assert '<input id="controlnet-scale" type="range" min="0" max="2" step="0.05" value="1">' in html
+    assert "message.limits && message.limits.controlnets" in (WEB_DIR / "app.js").read_text(encoding="utf-8")
+
+
 def test_view_page_is_output_only() -> None:
     page = _page("view.html")
     assert set(page.ids) == {"output", "status"}

@@ -178,6 +178,7 @@ def test_the_stream_page_sends_an_image_prompt(cache_dir, chromium, tmp_path: Pa
         # WebRTC is the page's default; this server has no WHIP route (404), so the page fell back to the WebSocket
         assert page.evaluate("() => window.streamdiff.transport") == "ws"
         assert page.is_visible("#image-prompt")
+        assert not page.is_visible("#controlnet-picker")  # this server offers no ControlNet
         reference = tmp_path / "reference.png"
         Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 200, 3), dtype=np.uint8)).save(reference)
         page.set_input_files("#reference", str(reference))
@@ -191,6 +192,56 @@ def test_the_stream_page_sends_an_image_prompt(cache_dir, chromium, tmp_path: Pa
         assert session.conn.settings.ip_adapter == "style" and session.stream.prompt.reference_image is not None
         assert float(session.stream.state.extras.batch["ip_scale"][0]) == pytest.approx(0.6)  # the page's weight
         assert engine.images.encoder_calls == 1
+        assert errors == [] and page.evaluate("() => window.streamdiff.lastError") is None
+    finally:
+        server.stop()
+
+
+def test_the_stream_page_chooses_a_controlnet(tiny_model, chromium) -> None:
+    """The page lists the server's ControlNets (ready.limits.controlnets) in its picker; choosing one sends an update
+    with the slider's weight, the server's stream uses it, and the output goes on; "none" sends []."""
+    from streamdiff import ControlNetSpec
+    from streamdiff.engine import EngineConfig, StreamEngine
+    from streamdiff.protocol.limits import ServerLimits
+    from streamdiff.server.app import BackgroundServer
+    from streamdiff.server.hub import ServerConfig
+
+    engine = StreamEngine(tiny_model, EngineConfig(max_streams=1), controlnets={"edges": "tiny"})
+    defaults = StreamSettings(StreamConfig(width=256, height=256, cfg_type="none"))
+    limits = ServerLimits(max_streams=1).for_engine(engine)
+    assert limits.controlnets == ("edges",)
+    server = BackgroundServer(engine, ServerConfig(port=0, limits=limits, defaults=defaults)).start()
+    try:
+        page = chromium.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.goto(server.http_url + "/?transport=ws")
+        assert not page.is_visible("#controlnet-picker")  # until the server says what it offers
+        page.select_option("#size", "256")
+        page.click("#start-camera")
+        page.wait_for_function("() => window.streamdiff.state === 'streaming'", timeout=30_000)
+        page.wait_for_function("() => window.streamdiff.framesReceived >= 3", timeout=60_000)
+        assert page.is_visible("#controlnet-picker") and page.input_value("#controlnet") == ""
+        options = page.eval_on_selector_all("#controlnet option", "options => options.map(o => [o.value, o.text])")
+        assert options == [["", "none"], ["edges", "edges"]]
+        (session,) = server.hub.sessions.values()
+        assert session.conn.settings.prompt.controlnets == () and page.evaluate(
+            "() => window.streamdiff.settingsVersion") == 0
+
+        page.fill("#controlnet-scale", "0.7")  # no update while none is chosen
+        assert page.text_content("#controlnet-scale-value") == "0.70"
+        page.select_option("#controlnet", "edges")
+        page.wait_for_function("() => window.streamdiff.settingsVersion >= 1", timeout=30_000)
+        assert page.evaluate("() => window.streamdiff.settingsVersion") == 1  # one update: the choice
+        assert session.conn.settings.prompt.controlnets == (ControlNetSpec("edges", 0.7),)
+        received = page.evaluate("() => window.streamdiff.framesReceived")
+        page.wait_for_function(f"() => window.streamdiff.framesReceived >= {received + 5}", timeout=60_000)
+
+        page.select_option("#controlnet", "")  # none: the stream's list is emptied
+        page.wait_for_function("() => window.streamdiff.settingsVersion >= 2", timeout=30_000)
+        assert session.conn.settings.prompt.controlnets == ()
+        received = page.evaluate("() => window.streamdiff.framesReceived")
+        page.wait_for_function(f"() => window.streamdiff.framesReceived >= {received + 3}", timeout=60_000)
         assert errors == [] and page.evaluate("() => window.streamdiff.lastError") is None
     finally:
         server.stop()

@@ -28,10 +28,13 @@ const els = {
   view: $("view"), viewUrl: $("view-url"), copyView: $("copy-view"), framesSent: $("frames-sent"),
   framesReceived: $("frames-received"), streamId: $("stream-id"), imagePrompt: $("image-prompt"),
   reference: $("reference"), ipScale: $("ip-scale"), ipScaleValue: $("ip-scale-value"),
-  transport: $("transport"), outputVideo: $("output-video"),
+  transport: $("transport"), outputVideo: $("output-video"), controlnetPicker: $("controlnet-picker"),
+  controlnet: $("controlnet"), controlnetScale: $("controlnet-scale"),
+  controlnetScaleValue: $("controlnet-scale-value"),
 };
 const REFERENCE_SIDE = 512; // a reference image is sent at most this large (the image encoder sees ~224 px)
 let ipAdapter = ""; // the IP-Adapter the server offers (ready.limits.ip_adapter), "" for none
+let controlnets = []; // the ControlNets the server offers (ready.limits.controlnets), by name
 
 // Read-only state for tests and curious users: window.streamdiff.framesSent, .lastLatencyMs, ...
 const state = {
@@ -252,6 +255,7 @@ function onText(text) {
     minIntervalMs = maxFps ? 1000 / maxFps : 0;
     ipAdapter = (message.limits && message.limits.ip_adapter) || "";
     els.imagePrompt.hidden = !ipAdapter;
+    offerControlnets(message.limits && message.limits.controlnets, message.settings);
     if (message.view && message.view.url) {
       state.viewUrl = new URL(message.view.url, location.href).href;
       els.viewUrl.href = state.viewUrl;
@@ -493,6 +497,37 @@ function flushUpdate() {
   else rtc.send(text);
 }
 
+// The ControlNet picker: none or one of the server's ControlNets (Canny edges of the input, the protocol's default
+// preprocessor) at the slider's weight; an update replaces the stream's whole list, so "none" sends [].
+function controlnetChoice() {
+  const name = els.controlnet.value;
+  return name ? [{ name, scale: Number(els.controlnetScale.value) }] : [];
+}
+
+function showControlnetScale() {
+  els.controlnetScaleValue.textContent = Number(els.controlnetScale.value).toFixed(2);
+}
+
+// On ready: the picker lists what this server offers (hidden when nothing). A choice made for an earlier stream that
+// this server still offers is sent again; otherwise the picker shows what the stream uses.
+function offerControlnets(names, settings) {
+  controlnets = Array.isArray(names) ? names.filter((name) => typeof name === "string" && name) : [];
+  const chosen = els.controlnet.value;
+  els.controlnet.replaceChildren(new Option("none", ""), ...controlnets.map((name) => new Option(name, name)));
+  els.controlnetPicker.hidden = controlnets.length === 0;
+  const using = settings && Array.isArray(settings.controlnets) ? settings.controlnets : [];
+  if (chosen && controlnets.includes(chosen)) {
+    els.controlnet.value = chosen;
+    queueUpdate({ controlnets: controlnetChoice() }, true);
+  } else if (using.length > 0 && controlnets.includes(using[0].name)) {
+    els.controlnet.value = using[0].name;
+    if (Number.isFinite(using[0].scale)) els.controlnetScale.value = using[0].scale;
+    showControlnetScale();
+  } else {
+    els.controlnet.value = "";
+  }
+}
+
 // An image prompt: the update choosing the server's IP-Adapter goes first, then the image (JPEG, at most
 // REFERENCE_SIDE px) as its own binary message; the server answers it with an ack (docs/protocol.md).
 async function sendReference(file) {
@@ -523,6 +558,11 @@ els.imagePrompt.addEventListener("drop", (event) => {
 els.ipScale.addEventListener("input", () => {
   els.ipScaleValue.textContent = Number(els.ipScale.value).toFixed(2);
   queueUpdate({ ip_adapter_scale: Number(els.ipScale.value) });
+});
+els.controlnet.addEventListener("change", () => queueUpdate({ controlnets: controlnetChoice() }, true));
+els.controlnetScale.addEventListener("input", () => {
+  showControlnetScale();
+  if (els.controlnet.value) queueUpdate({ controlnets: controlnetChoice() });
 });
 els.prompt.addEventListener("input", () => queueUpdate({ prompt: els.prompt.value }));
 els.prompt.addEventListener("keydown", (event) => {
@@ -560,4 +600,5 @@ els.copyView.addEventListener("click", () => {
 });
 els.strengthValue.textContent = Number(els.strength.value).toFixed(2);
 els.guidanceValue.textContent = Number(els.guidance.value).toFixed(1);
+showControlnetScale();
 if (!navigator.mediaDevices || !navigator.mediaDevices.getDisplayMedia) els.startScreen.disabled = true;
