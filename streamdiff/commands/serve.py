@@ -59,7 +59,8 @@ _LIMIT_HELP = {
     "write_timeout_s": "seconds for one message to leave; a client that stops reading is then dropped",
     "close_timeout_s": "seconds for the closing handshake",
     "send_buffer_bytes": "kernel send buffer per socket",
-    "max_queued_messages": "received messages queued before the server stops reading a socket",
+    "max_queued_messages": "unused by serve since it runs on aiohttp (its queue stops reading a socket beyond "
+                           "~128 KiB of waiting messages); kept for configuration files",
     "max_control_per_s": "text messages (hello, update) per second; more are answered rate_limited",
     "control_burst": "text messages allowed at once above that rate",
     "max_reshape_per_s": "updates per second that rebuild a stream (size, frame buffer, steps, cfg type)",

@@ -42,7 +42,8 @@ class ServerLimits:
     Server-side only (not sent to clients): ``handshake_timeout_s`` for the HTTP/WebSocket opening handshake (a
     slowloris client is cut off), ``write_timeout_s`` for one message to leave (a client that stops reading is
     dropped), ``close_timeout_s`` for the closing handshake, ``send_buffer_bytes`` of kernel send buffer per socket
-    and ``max_queued_messages`` received but not yet handled (reading pauses beyond it).
+    and ``max_queued_messages`` received but not yet handled (reading pauses beyond it; ``streamdiff serve`` on
+    aiohttp bounds its queue by bytes instead, ~128 KiB, and does not use it).
 
     Control and admission: at most ``max_control_per_s`` text messages (hello, update) per second per connection
     with bursts of ``control_burst`` (more are answered ``rate_limited``, which costs the error budget); of those,
