@@ -59,8 +59,10 @@ def limits_defaults() -> dict[str, Any]:
     """One option per :class:`ServerLimits` field, with its default."""
     defaults = ServerLimits()
     # ServerLimits.sizes is not a flag of its own: --sizes restricts the engine, and the limits follow it.
-    # Nor is ServerLimits.ip_adapter: --ip-adapter NAME=ID_OR_PATH loads one into the engine, and the limit follows.
-    return {f.name: getattr(defaults, f.name) for f in fields(ServerLimits) if f.name not in ("sizes", "ip_adapter")}
+    # Nor are ServerLimits.ip_adapter and .controlnets: --ip-adapter NAME=ID_OR_PATH and --controlnet NAME=ID_OR_PATH
+    # load them into the engine, and the limits follow (ServerLimits.for_engine).
+    return {f.name: getattr(defaults, f.name) for f in fields(ServerLimits)
+            if f.name not in ("sizes", "ip_adapter", "controlnets")}
 
 
 def serve_defaults() -> dict[str, Any]:
