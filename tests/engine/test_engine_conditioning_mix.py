@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from control_helpers import SIZE, TOLERANCE, CountingControlNet, control_picture, picture
 
 from streamdiff import ControlNetSpec, StreamConfig, load_model
 from streamdiff.backends.torch_backend import TorchUNet
@@ -16,9 +17,7 @@ from streamdiff.models.controlnet import build_tiny_controlnet
 from streamdiff.models.ip_adapter import build_tiny_ip_adapter, save_ip_adapter
 from streamdiff.testing.components import save_tiny_model
 
-SIZE = 64
 TICKS = 4
-TOLERANCE = 1e-4  # float32, max abs in [0, 1]
 
 
 class RecordingUNet:
@@ -37,19 +36,6 @@ class RecordingUNet:
         return self.inner(sample, timestep, encoder_hidden_states, **extras)
 
 
-class CountingControlNet(torch.nn.Module):
-    """A ControlNet that records the rows of every call."""
-
-    def __init__(self, inner: torch.nn.Module) -> None:
-        super().__init__()
-        self.inner = inner
-        self.batches: list[int] = []
-
-    def forward(self, sample, *args, **kwargs):
-        self.batches.append(int(sample.shape[0]))
-        return self.inner(sample, *args, **kwargs)
-
-
 @pytest.fixture(scope="module")
 def ip_model(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("conditioning-mix")
@@ -62,18 +48,6 @@ def ip_model(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="module")
 def controlnets() -> dict[str, torch.nn.Module]:
     return {"A": build_tiny_controlnet(seed=1), "B": build_tiny_controlnet(seed=2)}
-
-
-def picture(i: int) -> np.ndarray:
-    yy, xx = np.mgrid[0:SIZE, 0:SIZE]
-    frame = np.stack([(xx * 4 + 9 * i) % 256, (yy * 3) % 256, ((xx // 8 + yy // 8 + i) % 2) * 200 + 20], -1)
-    return frame.astype(np.uint8)
-
-
-def control_picture(i: int) -> np.ndarray:
-    yy, xx = np.mgrid[0:SIZE, 0:SIZE]
-    disc = ((xx - 20 - 2 * i) ** 2 + (yy - 30) ** 2 < 15 ** 2) * 255
-    return np.stack([disc, disc[::-1], disc.T], -1).astype(np.uint8)
 
 
 def reference() -> np.ndarray:

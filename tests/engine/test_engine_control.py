@@ -7,87 +7,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from control_helpers import (
+    SIZE, TOLERANCE, CountingControlNet, control_picture, diffusers_run, make_engine, picture, streamdiff_run,
+)
 
 from streamdiff import ConfigError, ControlNetSpec, FrameError, StreamConfig, StreamEngine
 from streamdiff.backends.torch_backend import TorchUNet
 from streamdiff.engine import EngineConfig
 from streamdiff.models.controlnet import build_tiny_controlnet, canny
-from streamdiff.models.tiny import SD_SCHEDULER
 from streamdiff.testing import CountingUNet
-
-SIZE = 64
-TOLERANCE = 1e-4  # float32, max abs in [0, 1]
-
-
-class CountingControlNet(torch.nn.Module):
-    """A ControlNet that records the rows of every call."""
-
-    def __init__(self, inner: torch.nn.Module) -> None:
-        super().__init__()
-        self.inner = inner
-        self.batches: list[int] = []
-
-    def forward(self, sample, *args, **kwargs):
-        self.batches.append(int(sample.shape[0]))
-        return self.inner(sample, *args, **kwargs)
-
 
 @pytest.fixture(scope="module")
 def controlnets() -> dict[str, torch.nn.Module]:
     return {"a": build_tiny_controlnet(seed=1), "b": build_tiny_controlnet(seed=2)}
-
-
-def picture(i: int) -> np.ndarray:
-    """A deterministic 64×64 RGB frame with edges (shapes that move with ``i``)."""
-    yy, xx = np.mgrid[0:SIZE, 0:SIZE]
-    frame = np.stack([(xx * 4 + 9 * i) % 256, (yy * 3) % 256, ((xx // 8 + yy // 8 + i) % 2) * 200 + 20], -1)
-    return frame.astype(np.uint8)
-
-
-def control_picture(i: int) -> np.ndarray:
-    yy, xx = np.mgrid[0:SIZE, 0:SIZE]
-    disc = ((xx - 20 - 2 * i) ** 2 + (yy - 30) ** 2 < 15 ** 2) * 255
-    return np.stack([disc, disc[::-1], disc.T], -1).astype(np.uint8)
-
-
-def make_engine(model, controlnets, max_streams: int = 4) -> StreamEngine:
-    return StreamEngine(model, EngineConfig(max_streams=max_streams, max_batch_rows=32),
-                        unet=CountingUNet(TorchUNet(model.unet)), controlnets=controlnets)
-
-
-def diffusers_run(model, controlnets, scales, image, controls, steps, strength, seed, prompt, negative="",
-                  guidance_scale=1.0, start=0.0, end=1.0) -> torch.Tensor:
-    """diffusers' StableDiffusionControlNetImg2ImgPipeline with the LCM scheduler → [1, 3, H, W] in [0, 1]."""
-    from diffusers import LCMScheduler, StableDiffusionControlNetImg2ImgPipeline
-
-    single = len(controlnets) == 1
-    pipe = StableDiffusionControlNetImg2ImgPipeline(
-        vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=model.unet,
-        controlnet=controlnets[0] if single else list(controlnets), scheduler=LCMScheduler(**SD_SCHEDULER),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    out = pipe(
-        prompt, image=Image.fromarray(image), control_image=Image.fromarray(controls[0]) if single else
-        [Image.fromarray(c) for c in controls], num_inference_steps=steps, strength=strength,
-        guidance_scale=guidance_scale, negative_prompt=negative or None, output_type="pt",
-        controlnet_conditioning_scale=scales[0] if single else list(scales),
-        control_guidance_start=start, control_guidance_end=end,
-        generator=torch.Generator().manual_seed(seed),
-    )
-    return out.images
-
-
-def streamdiff_run(engine, config, specs, image, control, seed, prompt, negative="", guidance_scale=1.0):
-    stream = engine.open_stream(config, prompt=prompt, negative_prompt=negative, guidance_scale=guidance_scale,
-                                seed=seed, controlnets=specs)
-    stream.submit(image, control_image=control)
-    out = engine.step({})[stream]
-    if out.images is None:
-        out = engine.flush(stream)[0]
-    stream.close()
-    return out.images
 
 
 @pytest.mark.parametrize("cfg", ["none", "full"])
