@@ -304,6 +304,8 @@ class _MetaModel:
         self.vae_scale_factor = 2 ** (len(blocks) - 1)
         self.unet_down_factor = unet_down_factor(self.unet)
         self.dtype = torch.float16
+        self.unet_extras: tuple[str, ...] = ()  # the checked models are SD-architecture: no SDXL added conditions
+        self.pooled_size = 0
 
 
 # -- runs -----------------------------------------------------------------------------------------------------------
