@@ -89,3 +89,36 @@ def diffusers_run(model, controlnets, scales, image, controls, steps, strength, 
         generator=torch.Generator().manual_seed(seed),
     )
     return out.images
+
+
+def check_one_step_equals_diffusers(model, controlnets, cfg: str) -> None:
+    """One step with one ControlNet (passthrough control image) equals diffusers' pipeline for ``model``, and the
+    ControlNet changes the frame."""
+    from streamdiff import ControlNetSpec, StreamConfig
+
+    guidance = 1.0 if cfg == "none" else 1.6
+    config = StreamConfig(width=SIZE, height=SIZE, t_index_list=(3,), num_inference_steps=4, cfg_type=cfg)
+    spec = ControlNetSpec("a", scale=0.7, preprocessor="passthrough")
+    got = streamdiff_run(make_engine(model, controlnets), config, [spec], picture(0), control_picture(0), 5,
+                         "a red house", "blurry", guidance)
+    expected = diffusers_run(model, [controlnets["a"]], [0.7], picture(0), [control_picture(0)], 4, 0.25, 5,
+                             "a red house", "blurry" if cfg == "full" else "", guidance)
+    without = streamdiff_run(make_engine(model, controlnets), config, [], picture(0), None, 5, "a red house",
+                             "blurry", guidance)
+    assert float((got - without).abs().max()) > 1e-3  # the ControlNet does something
+    assert float((got - expected).abs().max()) <= TOLERANCE
+
+
+def check_two_controlnets_equal_diffusers(model, controlnets) -> None:
+    """Two ControlNets (scales 0.6 and 1.3; passthrough and Canny) equal diffusers' multi-ControlNet pipeline."""
+    from streamdiff import ControlNetSpec, StreamConfig
+    from streamdiff.models.controlnet import canny
+
+    config = StreamConfig(width=SIZE, height=SIZE, t_index_list=(3,), num_inference_steps=4, cfg_type="none")
+    edges = canny(picture(1), ControlNetSpec("b"))
+    specs = [ControlNetSpec("a", scale=0.6, preprocessor="passthrough"), ControlNetSpec("b", scale=1.3)]
+    got = streamdiff_run(make_engine(model, controlnets), config, specs, picture(1), control_picture(1), 7,
+                         "a boat")
+    expected = diffusers_run(model, [controlnets["a"], controlnets["b"]], [0.6, 1.3], picture(1),
+                             [control_picture(1), edges], 4, 0.25, 7, "a boat")
+    assert float((got - expected).abs().max()) <= TOLERANCE

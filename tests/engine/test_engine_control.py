@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 import torch
 from control_helpers import (
-    SIZE, TOLERANCE, CountingControlNet, control_picture, diffusers_run, make_engine, picture, streamdiff_run,
+    SIZE, TOLERANCE, CountingControlNet, check_one_step_equals_diffusers, check_two_controlnets_equal_diffusers,
+    control_picture, diffusers_run, make_engine, picture, streamdiff_run,
 )
 
 from streamdiff import ConfigError, ControlNetSpec, FrameError, StreamConfig, StreamEngine
 from streamdiff.backends.torch_backend import TorchUNet
 from streamdiff.engine import EngineConfig
-from streamdiff.models.controlnet import build_tiny_controlnet, canny
+from streamdiff.models.controlnet import build_tiny_controlnet
 from streamdiff.testing import CountingUNet
 
 @pytest.fixture(scope="module")
@@ -24,28 +25,11 @@ def controlnets() -> dict[str, torch.nn.Module]:
 
 @pytest.mark.parametrize("cfg", ["none", "full"])
 def test_one_step_equals_diffusers(tiny_model, controlnets, cfg) -> None:
-    guidance = 1.0 if cfg == "none" else 1.6
-    config = StreamConfig(width=SIZE, height=SIZE, t_index_list=(3,), num_inference_steps=4, cfg_type=cfg)
-    spec = ControlNetSpec("a", scale=0.7, preprocessor="passthrough")
-    got = streamdiff_run(make_engine(tiny_model, controlnets), config, [spec], picture(0), control_picture(0), 5,
-                         "a red house", "blurry", guidance)
-    expected = diffusers_run(tiny_model, [controlnets["a"]], [0.7], picture(0), [control_picture(0)], 4, 0.25, 5,
-                             "a red house", "blurry" if cfg == "full" else "", guidance)
-    without = streamdiff_run(make_engine(tiny_model, controlnets), config, [], picture(0), None, 5, "a red house",
-                             "blurry", guidance)
-    assert float((got - without).abs().max()) > 1e-3  # the ControlNet does something
-    assert float((got - expected).abs().max()) <= TOLERANCE
+    check_one_step_equals_diffusers(tiny_model, controlnets, cfg)
 
 
 def test_two_controlnets_equal_diffusers_multicontrolnet(tiny_model, controlnets) -> None:
-    config = StreamConfig(width=SIZE, height=SIZE, t_index_list=(3,), num_inference_steps=4, cfg_type="none")
-    edges = canny(picture(1), ControlNetSpec("b"))
-    specs = [ControlNetSpec("a", scale=0.6, preprocessor="passthrough"), ControlNetSpec("b", scale=1.3)]
-    got = streamdiff_run(make_engine(tiny_model, controlnets), config, specs, picture(1), control_picture(1), 7,
-                         "a boat")
-    expected = diffusers_run(tiny_model, [controlnets["a"], controlnets["b"]], [0.6, 1.3], picture(1),
-                             [control_picture(1), edges], 4, 0.25, 7, "a boat")
-    assert float((got - expected).abs().max()) <= TOLERANCE
+    check_two_controlnets_equal_diffusers(tiny_model, controlnets)
 
 
 def test_start_end_over_two_steps_equals_diffusers(tiny_model, controlnets) -> None:

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from control_helpers import SIZE, TOLERANCE, control_picture, diffusers_run, make_engine, picture, streamdiff_run
+from control_helpers import (
+    SIZE, check_one_step_equals_diffusers, check_two_controlnets_equal_diffusers, control_picture, make_engine,
+    picture,
+)
 
 from streamdiff import ConfigError, ControlNetSpec, StreamConfig, StreamEngine
 from streamdiff.engine import EngineConfig
-from streamdiff.models.controlnet import build_tiny_controlnet, canny
+from streamdiff.models.controlnet import build_tiny_controlnet
 from streamdiff.models.sdxl import is_sdxl_unet
 
 @pytest.fixture(scope="module")
@@ -27,28 +30,11 @@ def controlnets() -> dict[str, torch.nn.Module]:
 
 @pytest.mark.parametrize("cfg", ["none", "full"])
 def test_one_step_equals_diffusers_sdxl_controlnet_img2img(sdxl_model, controlnets, cfg) -> None:
-    guidance = 1.0 if cfg == "none" else 1.6
-    config = StreamConfig(width=SIZE, height=SIZE, t_index_list=(3,), num_inference_steps=4, cfg_type=cfg)
-    spec = ControlNetSpec("a", scale=0.7, preprocessor="passthrough")
-    got = streamdiff_run(make_engine(sdxl_model, controlnets), config, [spec], picture(0), control_picture(0), 5,
-                         "a red house", "blurry", guidance)
-    expected = diffusers_run(sdxl_model, [controlnets["a"]], [0.7], picture(0), [control_picture(0)], 4, 0.25, 5,
-                             "a red house", "blurry" if cfg == "full" else "", guidance)
-    without = streamdiff_run(make_engine(sdxl_model, controlnets), config, [], picture(0), None, 5, "a red house",
-                             "blurry", guidance)
-    assert float((got - without).abs().max()) > 1e-3  # the ControlNet does something
-    assert float((got - expected).abs().max()) <= TOLERANCE
+    check_one_step_equals_diffusers(sdxl_model, controlnets, cfg)
 
 
 def test_two_controlnets_equal_diffusers_sdxl_multicontrolnet(sdxl_model, controlnets) -> None:
-    config = StreamConfig(width=SIZE, height=SIZE, t_index_list=(3,), num_inference_steps=4, cfg_type="none")
-    edges = canny(picture(1), ControlNetSpec("b"))
-    specs = [ControlNetSpec("a", scale=0.6, preprocessor="passthrough"), ControlNetSpec("b", scale=1.3)]
-    got = streamdiff_run(make_engine(sdxl_model, controlnets), config, specs, picture(1), control_picture(1), 7,
-                         "a boat")
-    expected = diffusers_run(sdxl_model, [controlnets["a"], controlnets["b"]], [0.6, 1.3], picture(1),
-                             [control_picture(1), edges], 4, 0.25, 7, "a boat")
-    assert float((got - expected).abs().max()) <= TOLERANCE
+    check_two_controlnets_equal_diffusers(sdxl_model, controlnets)
 
 
 def test_the_controlnet_takes_the_added_conditions(sdxl_model, controlnets) -> None:
