@@ -12,7 +12,10 @@ frames/s (a paced source: a frame captured while ``--window`` frames await their
 - ``chromium`` (``--transports ws rtc chromium``): the stream page over WebRTC in headless Chromium (playwright and
   Debian's Chromium; the clip as the fake camera): the page's own latency (encoder out → shown), fps; no bytes, PSNR.
 - ``rtc``: an aiortc peer (``sendrecv`` video, H.264, ICE on 127.0.0.1 only, RTP timestamps from 0) to ``POST
-  /whip``; bytes per frame from ``getStats()`` (outbound ``bytesSent`` over frames sent, and the same count of
+  /whip``; its receiver hands a frame to the decoder at the frame's marked (last) packet, as the server's does
+  (:mod:`streamdiff.server.rtc.jitter`); ``rtc-aiortc-buffer``: the same peer with aiortc's own buffer, which
+  hands a frame over only at the next frame's first packet (the client side of that change, A/B in one run);
+  bytes per frame from ``getStats()`` (outbound ``bytesSent`` over frames sent, and the same count of
   received RTP payload bytes over frames received: RTP payloads, without RTP/SRTP/UDP/IP headers); an output is matched to its input by RTP timestamp.
 
 Per transport, the median over rounds of: end-to-end latency p50/p95 (input handed to the encoder/socket → output
@@ -47,6 +50,7 @@ from streamdiff.bench.harness import write_json
 from streamdiff.client import StreamClient
 from streamdiff.io.sources import pattern_frame
 from streamdiff.protocol.images import encode
+from streamdiff.server.rtc.jitter import use_marker_jitter_buffer
 from streamdiff.testing.serve import ServeProcess
 
 FPS = 30.0
@@ -131,7 +135,8 @@ async def ws_round(url: str, clip: list[np.ndarray], reference: list[np.ndarray]
     return summary(latencies, outputs, seconds, sent_bytes, sent_frames, received_bytes, psnrs)
 
 
-async def rtc_round(http_url: str, clip: list[np.ndarray], reference: list[np.ndarray], size: int, warmup: float, seconds: float) -> dict[str, Any]:
+async def rtc_round(http_url: str, clip: list[np.ndarray], reference: list[np.ndarray], size: int, warmup: float,
+                    seconds: float, marker_buffer: bool = True) -> dict[str, Any]:
     from aiohttp import ClientSession
     from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpSender, RTCSessionDescription, VideoStreamTrack
     from aiortc.mediastreams import MediaStreamError
@@ -171,6 +176,8 @@ async def rtc_round(http_url: str, clip: list[np.ndarray], reference: list[np.nd
                                      if c.mimeType.lower() == "video/h264"])
     keep_rtp_timestamps(transceiver.sender)
     count_received(transceiver.receiver)
+    if marker_buffer:
+        use_marker_jitter_buffer(transceiver.receiver)
     tasks: list[asyncio.Task[Any]] = []
     pc.on("track", lambda track: tasks.append(asyncio.ensure_future(collect(track))))
     with gather_on(("127.0.0.1",)):
@@ -321,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-quality", type=int, default=80,
                         help="the WebSocket stream's output JPEG quality (80, the server's default)")
     parser.add_argument("--window", type=int, default=3, help="WebSocket frames awaiting their output at most")
-    parser.add_argument("--transports", nargs="+", default=["ws", "rtc"], choices=["ws", "rtc", "chromium"],
+    parser.add_argument("--transports", nargs="+", default=["ws", "rtc"], choices=["ws", "rtc", "rtc-aiortc-buffer", "chromium"],
                         help="chromium: the stream page over WebRTC in headless Chromium (needs playwright)")
     parser.add_argument("--chromium", default="/usr/bin/chromium", help="the Chromium executable")
     parser.add_argument("--model", default="tiny")
@@ -347,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
                     result = chromium_round(server.http_url, clip_path, args.size, args.warmup, args.seconds,
                                             args.chromium)
                 else:
-                    result = asyncio.run(rtc_round(server.http_url, clip, reference, args.size, args.warmup, args.seconds))
+                    result = asyncio.run(rtc_round(server.http_url, clip, reference, args.size, args.warmup,
+                                                   args.seconds, marker_buffer=name == "rtc"))
                 rounds[name].append(result)
                 print(f"round {r + 1} {name}: p50 {result['e2e_p50_ms']:.0f} ms, {result['fps']:.1f} fps, "
                       f"{result['bytes_per_output_frame']:.0f} B/output frame, {result['psnr_db']:.1f} dB",

@@ -3,6 +3,7 @@ peers with a data channel (docs/webrtc.md).
 
 - :mod:`.config`: :class:`RtcConfig` (``--rtc-host``, SDP size, codecs, connect timeout);
 - :mod:`.signaling`: sans I/O: offer checks, WHIP URL query → settings, bearer tokens, the resource table;
+- :mod:`.jitter`: received video frames leave the jitter buffer at their marked (last) packet, not one frame later;
 - :mod:`.media`: a video track's newest frames into the session, the session's outputs as a video track;
 - :mod:`.peer`: ICE gathering on chosen addresses, the data-channel :class:`PeerTransport`, a peer's life cycle;
 - :mod:`.whip`: the aiohttp handlers, :func:`add_rtc_routes`.

@@ -33,6 +33,7 @@ from ..session import StreamSession
 from ..transport import TransportClosed
 from ...protocol.wire import PROTOCOL_VERSION, load_json
 from .config import RtcConfig
+from .jitter import use_marker_jitter_buffer
 from .media import drain, feed_session, keep_rtp_timestamps, make_output_track
 from .peer import Peer, PeerTransport, gather_on, new_peer_connection
 from .signaling import (
@@ -312,6 +313,9 @@ class RtcFront:
             await pc.setRemoteDescription(RTCSessionDescription(text, "offer"))
         except ValueError as error:  # aiortc's SDP parser
             raise SignalingError(400, f"the SDP offer could not be used: {str(error)[:200]}") from None
+        for transceiver in pc.getTransceivers():
+            if transceiver.kind == "video":
+                use_marker_jitter_buffer(transceiver.receiver)  # a frame is decoded when its last packet is in
         capabilities = RTCRtpReceiver.getCapabilities("video")
         assert capabilities is not None
         preferred = [c for name in self.config.video_codecs for c in capabilities.codecs
