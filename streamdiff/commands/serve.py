@@ -116,6 +116,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                           "comma-separated (default H264,VP8)")
     rtc.add_argument("--rtc-connect-timeout", type=float, metavar="S",
                      help="seconds for ICE and DTLS to connect after the answer, or the peer is closed (default 10)")
+    rtc.add_argument("--rtc-port-range", metavar="FIRST-LAST",
+                     help="UDP ports the peers' media sockets bind to, for a firewall (one per peer connection and "
+                          "--rtc-host address; none free: WHIP/WHEP answer 503) (default: the kernel's ephemeral "
+                          "ports)")
     limits = parser.add_argument_group("limits (per client unless said otherwise; the defaults are safe)")
     for name, default in limits_defaults().items():
         shown = ",".join(v.value for v in default) if isinstance(default, tuple) else f"{default:g}" \

@@ -22,6 +22,7 @@ report (each ``routing_stats_period_s``) and answers by ending its sessions with
 # annotations at runtime (a string "WebSocket" would make the socket a query parameter and every handshake a 403).
 
 import asyncio
+import dataclasses
 import logging
 from typing import Any
 from urllib.parse import unquote
@@ -35,7 +36,7 @@ from ray.serve import context as serve_context
 from ..server.hub import Hub
 from ..server.options import rtc_config
 from ..server.routes import StaticFiles, route
-from ..server.rtc import RtcConfig, RtcFront
+from ..server.rtc import RtcFront
 from ..server.session import StreamSession
 from ..server.viewing import ViewerSession
 from ..protocol.wire import STREAM_PATH, SUBPROTOCOL
@@ -67,8 +68,7 @@ class StreamReplica:
         self.static = StaticFiles(spec.web_dir())
         rtc = rtc_config(spec.options)
         if not rtc.hosts:  # ICE candidates on this node's address, the one Ray knows it by (not every interface)
-            rtc = RtcConfig(hosts=(ray.util.get_node_ip_address(),), max_sdp_bytes=rtc.max_sdp_bytes,
-                            video_codecs=rtc.video_codecs, connect_timeout_s=rtc.connect_timeout_s)
+            rtc = dataclasses.replace(rtc, hosts=(ray.util.get_node_ip_address(),))
         self.rtc = RtcFront(self.hub, rtc, resource_prefix(self.tag))
         logger.info("replica %s ready: max %d streams; WebRTC media on %s", self.tag, self.hub.limits.max_streams,
                     ", ".join(rtc.hosts))

@@ -52,6 +52,7 @@ RTC_DEFAULTS: dict[str, Any] = {
     "rtc_max_sdp_bytes": RtcConfig.max_sdp_bytes,
     "rtc_codecs": RtcConfig.video_codecs,
     "rtc_connect_timeout": RtcConfig.connect_timeout_s,
+    "rtc_port_range": None,
 }
 
 
@@ -75,7 +76,8 @@ def rtc_config(options: dict[str, Any]) -> RtcConfig:
     """The :class:`~.rtc.config.RtcConfig` the options describe (validated there)."""
     return RtcConfig(hosts=tuple(options["rtc_host"]), max_sdp_bytes=int(options["rtc_max_sdp_bytes"]),
                      video_codecs=tuple(options["rtc_codecs"]),
-                     connect_timeout_s=float(options["rtc_connect_timeout"]))
+                     connect_timeout_s=float(options["rtc_connect_timeout"]),
+                     ports=options.get("rtc_port_range") or None)
 
 
 def server_config(options: dict[str, Any]) -> ServerConfig:

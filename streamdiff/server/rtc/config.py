@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from ...errors import ConfigError
 
-__all__ = ["SUPPORTED_VIDEO_CODECS", "RtcConfig"]
+__all__ = ["SUPPORTED_VIDEO_CODECS", "RtcConfig", "parse_port_range"]
 
 #: The video codecs aiortc decodes and encodes (mime subtype, as in SDP ``rtpmap`` lines).
 SUPPORTED_VIDEO_CODECS = ("H264", "VP8")
@@ -23,16 +23,18 @@ class RtcConfig:
     ``max_sdp_bytes``: the largest SDP offer read (413 above it). ``video_codecs``: the codecs a peer may send or
     receive, in the server's order of preference (offers with none of them: 406). ``connect_timeout_s``: ICE and
     DTLS must have connected within this long after the answer, or the peer is closed and its stream slot freed.
+    ``ports``: the UDP ports ``(first, last)`` the peers' sockets bind to (``--rtc-port-range 50000-50100``, for a
+    firewall; each peer connection takes one port per ``hosts`` address; an offer arriving when none is free gets
+    503 with Retry-After); None: the kernel's ephemeral ports.
 
-    Not configurable: a UDP port range (aioice 0.13 binds every host candidate to an ephemeral port, ``(host, 0)``,
-    and has no option for a range: open the kernel's ephemeral range, ``net.ipv4.ip_local_port_range``, to UDP from
-    your clients instead); DTLS (always on: aiortc has no way to turn it off).
+    Not configurable: DTLS (always on: aiortc has no way to turn it off).
     """
 
     hosts: tuple[str, ...] = ()
     max_sdp_bytes: int = 16 << 10
     video_codecs: tuple[str, ...] = SUPPORTED_VIDEO_CODECS
     connect_timeout_s: float = 10.0
+    ports: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.hosts, (str, bytes)) or not hasattr(self.hosts, "__iter__"):
@@ -60,3 +62,20 @@ class RtcConfig:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
             raise ConfigError(f"RtcConfig.connect_timeout_s={value!r} must be a finite number > 0")
         object.__setattr__(self, "connect_timeout_s", float(value))
+        if self.ports is not None:
+            object.__setattr__(self, "ports", parse_port_range(self.ports))
+
+
+def parse_port_range(value: object) -> tuple[int, int]:
+    """``"50000-50100"``, ``"50000"`` or a pair of ints → ``(first, last)``, both in [1024, 65535], first ≤ last."""
+    text = value if isinstance(value, str) else "-".join(str(v) for v in value) \
+        if isinstance(value, (tuple, list)) and len(value) == 2 else None
+    parts = text.strip().split("-") if text is not None else []
+    try:
+        first, last = (int(parts[0]), int(parts[-1])) if len(parts) in (1, 2) else (-1, -1)
+    except ValueError:
+        first = last = -1
+    if not 1024 <= first <= last <= 65535:
+        raise ConfigError(f"--rtc-port-range {value!r} is not a UDP port range FIRST-LAST with 1024 <= FIRST <= LAST "
+                          "<= 65535 (e.g. 50000-50100)")
+    return first, last

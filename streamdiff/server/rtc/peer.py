@@ -19,9 +19,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import errno
 import ipaddress
 import json
 import logging
+import secrets
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -40,15 +42,24 @@ MAX_INCOMING_MESSAGES = 64  # received on the data channel, not read yet: more c
 MAX_CHANNEL_BUFFER_BYTES = 1 << 20  # a data channel whose client stops reading: its messages are dropped beyond
 
 _HOSTS: contextvars.ContextVar[tuple[str, ...] | None] = contextvars.ContextVar("streamdiff_rtc_hosts", default=None)
+_PORTS: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar("streamdiff_rtc_ports", default=None)
 _patched = False
 
 
+class NoFreePort(OSError):
+    """Every UDP port of ``--rtc-port-range`` is taken on an address."""
+
+
 @contextlib.contextmanager
-def gather_on(hosts: tuple[str, ...]) -> Iterator[None]:
-    """ICE candidates gathered inside this block (``setLocalDescription``) use only ``hosts`` (``--rtc-host``); an
-    empty tuple keeps aioice's choice (every interface but loopback). aioice's ``Connection.gather_candidates``
-    calls the module-level ``aioice.ice.get_host_addresses``: it is wrapped once to read a context variable, so
-    only the peer connections gathering inside this block (and the tasks they start) are affected."""
+def gather_on(hosts: tuple[str, ...], ports: tuple[int, int] | None = None) -> Iterator[None]:
+    """ICE candidates gathered inside this block (``setLocalDescription``) use only ``hosts`` (``--rtc-host``) and,
+    with ``ports`` ``(first, last)`` (``--rtc-port-range``), only those UDP ports. An empty ``hosts`` keeps aioice's
+    choice (every interface but loopback); None ``ports`` the kernel's ephemeral ports.
+
+    aioice's ``Connection.gather_candidates`` calls the module-level ``aioice.ice.get_host_addresses``, and binds
+    each host candidate's socket with ``loop.create_datagram_endpoint(..., local_addr=(address, 0))``: the first is
+    wrapped once, the second once per event loop, both to read context variables, so only the peer connections
+    gathering inside this block (and the tasks they start) are affected."""
     global _patched
     import aioice.ice as ice
 
@@ -63,11 +74,41 @@ def gather_on(hosts: tuple[str, ...]) -> Iterator[None]:
 
         ice.get_host_addresses = get_host_addresses
         _patched = True
-    token = _HOSTS.set(tuple(hosts) or None)
+    if ports is not None:
+        _bind_in_range(asyncio.get_running_loop())
+    token, port_token = _HOSTS.set(tuple(hosts) or None), _PORTS.set(ports)
     try:
         yield
     finally:
         _HOSTS.reset(token)
+        _PORTS.reset(port_token)
+
+
+def _bind_in_range(loop: asyncio.AbstractEventLoop) -> None:
+    """Make ``loop``'s datagram endpoints asked for on port 0 bind to a free port of the context's range instead
+    (from a random start, so concurrent gatherings spread; EADDRINUSE/EACCES: the next one)."""
+    if getattr(loop, "_streamdiff_port_range", False):
+        return
+    original = loop.create_datagram_endpoint
+
+    async def create_datagram_endpoint(protocol_factory: Any, local_addr: Any = None, **kwargs: Any) -> Any:
+        ports = _PORTS.get()
+        if ports is None or local_addr is None or local_addr[1] != 0:
+            return await original(protocol_factory, local_addr=local_addr, **kwargs)
+        first, last = ports
+        count = last - first + 1
+        start = secrets.randbelow(count)
+        for step in range(count):
+            port = first + (start + step) % count
+            try:
+                return await original(protocol_factory, local_addr=(local_addr[0], port), **kwargs)
+            except OSError as error:
+                if error.errno not in (errno.EADDRINUSE, errno.EACCES):
+                    raise
+        raise NoFreePort(errno.EADDRINUSE, f"no free UDP port on {local_addr[0]} in --rtc-port-range {first}-{last}")
+
+    loop.create_datagram_endpoint = create_datagram_endpoint  # type: ignore[method-assign]
+    loop._streamdiff_port_range = True  # type: ignore[attr-defined]
 
 
 def new_peer_connection() -> Any:

@@ -329,9 +329,14 @@ class RtcFront:
             keep_rtp_timestamps(pc.addTrack(track))
             track.on("ended", lambda: peer.close("the stream ended"))  # a viewer's peer ends with its stream
         answer = await pc.createAnswer()
-        with gather_on(self.config.hosts):
+        with gather_on(self.config.hosts, self.config.ports):
             await pc.setLocalDescription(answer)
-        return pc.localDescription.sdp
+        sdp = pc.localDescription.sdp
+        if self.config.ports is not None and "a=candidate:" not in sdp:
+            first, last = self.config.ports
+            raise SignalingError(503, f"no free UDP port in --rtc-port-range {first}-{last} for this peer's media; "
+                                      "try again later", _RETRY)
+        return sdp
 
     async def _body(self, request: _Request, limit: int | None = None) -> bytes:
         """The request's body, at most ``limit`` bytes (``max_sdp_bytes``): 413 beyond, read no further."""

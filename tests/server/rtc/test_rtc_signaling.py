@@ -92,7 +92,11 @@ def test_rtc_config_is_validated_and_comes_from_serve_options(monkeypatch) -> No
                              ({"hosts": "127.0.0.1"}, "must be a list"),
                              ({"video_codecs": ("VP9",)}, "give one or more of H264, VP8"),
                              ({"max_sdp_bytes": 10}, r"outside \[1024, 1048576\]"),
-                             ({"connect_timeout_s": 0}, "must be a finite number > 0")):
+                             ({"connect_timeout_s": 0}, "must be a finite number > 0"),
+                             ({"ports": "50100-50000"}, "'50100-50000' is not a UDP port range FIRST-LAST"),
+                             ({"ports": "80-90"}, "1024 <= FIRST <= LAST <= 65535"),
+                             ({"ports": "5000-x"}, "is not a UDP port range"),
+                             ({"ports": (50000, 50001, 50002)}, "is not a UDP port range")):
         with pytest.raises(ConfigError, match=expected):
             RtcConfig(**kwargs)
     monkeypatch.delenv("STREAMDIFF_TOKEN", raising=False)
@@ -102,5 +106,8 @@ def test_rtc_config_is_validated_and_comes_from_serve_options(monkeypatch) -> No
 
     assert rtc_config(options()) == RtcConfig()
     assert rtc_config(options("--rtc-host", "127.0.0.1", "--rtc-host", "10.0.0.2", "--rtc-codecs", "vp8",
-                              "--rtc-max-sdp-bytes", "4096", "--rtc-connect-timeout", "3")) == RtcConfig(
-        hosts=("127.0.0.1", "10.0.0.2"), video_codecs=("VP8",), max_sdp_bytes=4096, connect_timeout_s=3.0)
+                              "--rtc-max-sdp-bytes", "4096", "--rtc-connect-timeout", "3",
+                              "--rtc-port-range", "50000-50100")) == RtcConfig(
+        hosts=("127.0.0.1", "10.0.0.2"), video_codecs=("VP8",), max_sdp_bytes=4096, connect_timeout_s=3.0,
+        ports=(50000, 50100))
+    assert RtcConfig(ports="6000").ports == (6000, 6000) and RtcConfig(ports=[6000, 6001]).ports == (6000, 6001)

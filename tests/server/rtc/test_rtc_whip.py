@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 
 import numpy as np
 import pytest
 from aiohttp import ClientSession
-from rtc_helpers import publish, serve, wait_for, watch
+from rtc_helpers import LOOPBACK, publish, serve, wait_for, watch
 
 from streamdiff.server.hub import ServerConfig
+from streamdiff.server.rtc import RtcConfig
 from streamdiff.protocol.limits import ServerLimits
 
 TOKEN = "s3cret-token-for-tests"
@@ -118,6 +120,46 @@ def test_tokens_admission_and_delete(tiny_model) -> None:
             again = await publish(http, served.url, TOKEN, query=QUERY)
             assert again.status == 201, again.body
             await first.close()
+            await again.close()
+
+    run(main())
+
+
+def _free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _candidate_ports(sdp: str) -> set[int]:
+    """The ports of an SDP's ICE candidates (``a=candidate:F C udp PRIORITY ADDRESS PORT typ host``)."""
+    return {int(line.split()[5]) for line in sdp.splitlines() if line.startswith("a=candidate:")}
+
+
+def test_the_port_range_bounds_the_media_sockets_and_a_full_range_is_503(tiny_model) -> None:
+    """``--rtc-port-range P-P``: the answer's candidate is on port P and the stream runs; a second offer while P is
+    taken gets 503 + Retry-After (its slot freed, no session left); after DELETE the port serves again."""
+    port = _free_udp_port()
+
+    async def main() -> None:
+        rtc = RtcConfig(hosts=LOOPBACK, ports=(port, port))
+        async with serve(tiny_model, config(max_streams=2), rtc) as served, ClientSession() as http:
+            first = await publish(http, served.url, TOKEN, query=QUERY, sendrecv=True)
+            assert first.status == 201, first.body
+            assert _candidate_ports(first.body) == {port}
+            await wait_for(lambda: len(first.received.frames) >= 3, 60.0, "3 stylised frames back")
+            full = await publish(http, served.url, TOKEN, query=QUERY)
+            assert full.status == 503 and full.headers["Retry-After"] == "1", full.body
+            assert f"no free UDP port in --rtc-port-range {port}-{port}" in full.body
+            assert len(served.hub.sessions) == 1
+            await full.close()
+            headers = {"Authorization": f"Bearer {TOKEN}"}
+            async with http.delete(served.url + first.location, headers=headers) as response:
+                assert response.status == 200
+            await first.close()
+            await wait_for(lambda: not served.hub.sessions, 10.0, "the deleted stream to end")
+            again = await publish(http, served.url, TOKEN, query=QUERY)
+            assert again.status == 201 and _candidate_ports(again.body) == {port}, again.body
             await again.close()
 
     run(main())
