@@ -5,11 +5,12 @@ Such a file holds the weights only (``model.diffusion_model.*`` for the U-Net, `
 ``conditioner.embedders.1.model.*`` for OpenCLIP bigG). The family (SD 1.x, SD 2.x or SDXL) is read from the keys;
 the architecture comes from a diffusers *config* folder of the same family: ``model_config=`` a local diffusers
 folder or a hub id whose configs are cached (only the small json / tokenizer files are needed, never its weights).
-Without ``model_config`` the family's reference repo is used (SD 1.x → ``stable-diffusion-v1-5/stable-diffusion-v1-5``,
-SD 2.x → ``stabilityai/stable-diffusion-2-1``, SDXL → ``stabilityai/stable-diffusion-xl-base-1.0``): offline that
-works only if its configs are cached. diffusers' own single-file loaders convert the weights. SDXL refiner files
-(OpenCLIP bigG alone, ``conditioner.embedders.0.model.*``) are refused. ``.ckpt`` files are read with
-``torch.load(weights_only=True)``, so a pickle that carries code is refused.
+Without ``model_config`` the family's reference repo is used (SD 1.x →
+``stable-diffusion-v1-5/stable-diffusion-v1-5``, SD 2.x → ``stabilityai/stable-diffusion-2-1``, SDXL →
+``stabilityai/stable-diffusion-xl-base-1.0``): offline that works only if its configs are cached. diffusers' own
+single-file loaders convert the weights. SDXL refiner files (OpenCLIP bigG alone, ``conditioner.embedders.0.model.*``)
+are refused. ``.ckpt`` files are read with ``torch.load(weights_only=True)``, so a pickle that carries code is
+refused.
 """
 
 from __future__ import annotations
@@ -136,10 +137,10 @@ def load_single_file(
     sdxl = family == "sdxl"
     config_folder = _config_folder(path, family, model_config, revision)
     if is_sdxl_folder(config_folder) != sdxl:
+        given, other = str(model_config or config_folder), "an SD 1.x/2.x" if sdxl else "an SDXL"
         raise ModelLoadError(
-            f"checkpoint file {path} is {FAMILY_NAMES[family]}, but model_config {str(model_config or config_folder)!r} "
-            f"is {'an SDXL' if not sdxl else 'an SD 1.x/2.x'} model: pass a model_config of the checkpoint's family "
-            f"(e.g. {_FAMILY_EXAMPLES[family]!r})"
+            f"checkpoint file {path} is {FAMILY_NAMES[family]}, but model_config {given!r} is {other} model: pass a "
+            f"model_config of the checkpoint's family (e.g. {_FAMILY_EXAMPLES[family]!r})"
         )
     if sdxl:
         pipeline_class, extra = StableDiffusionXLPipeline, dict(add_watermarker=False)

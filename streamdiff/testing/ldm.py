@@ -111,7 +111,8 @@ def vae_to_ldm(vae: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def clip_to_ldm(text_encoder: torch.nn.Module, prefix: str = "cond_stage_model.transformer.") -> dict[str, torch.Tensor]:
+def clip_to_ldm(text_encoder: torch.nn.Module,
+                prefix: str = "cond_stage_model.transformer.") -> dict[str, torch.Tensor]:
     """A transformers ``CLIPTextModel`` state dict in SD 1.x's layout (``cond_stage_model.transformer.text_model.*``;
     SDXL's first encoder: ``prefix`` :data:`SDXL_CLIP_PREFIX`)."""
     out = {}

@@ -1,4 +1,5 @@
-"""Single-file SDXL checkpoints in the original (Stability ``generative-models``) layout (streamdiff/models/checkpoints.py).
+"""Single-file SDXL checkpoints in the original (Stability ``generative-models``) layout
+(streamdiff/models/checkpoints.py).
 
 A tiny SDXL model (the ``tiny-sdxl`` recipe with a small ``AutoencoderKL``, since single files carry a KL VAE) is saved
 twice: as a diffusers folder, and as one LDM-layout file written by :mod:`streamdiff.testing.ldm`. The file, loaded
@@ -15,7 +16,9 @@ import torch
 from streamdiff import ModelLoadError, load_model
 from streamdiff.models.checkpoints import FAMILY_CONFIGS
 from streamdiff.models.sdxl import build_tiny_sdxl_components, save_sdxl_folder
-from streamdiff.testing import fake_hub_cache, save_ldm_checkpoint, save_tiny_model, small_kl_vae, stream_frames
+from streamdiff.testing import (
+    fake_hub_cache, save_ldm_checkpoint, save_tiny_model, small_kl_vae, stream_frames, tiny_components,
+)
 
 SDXL_MODULES = ("unet", "vae", "text_encoder", "text_encoder_2")
 
@@ -110,6 +113,17 @@ def test_frames_depend_on_the_second_encoders_attention_layout(tmp_path, frames,
     assert worst > 1e-3
 
 
+def test_extra_keys_of_released_files_are_ignored(tmp_path, components, config_only, ldm_state) -> None:
+    """Released files carry buffers the models do not have as weights (CLIP's ``position_ids``, OpenCLIP's
+    ``logit_scale``)."""
+    state = {**ldm_state, "conditioner.embedders.1.model.logit_scale": torch.tensor(4.6),
+             "conditioner.embedders.0.transformer.text_model.embeddings.position_ids": torch.arange(77)[None]}
+    model = load_model(str(save_state(state, tmp_path / "extra.safetensors")), model_config=str(config_only))
+    for name in SDXL_MODULES:
+        expected, got = components[name].state_dict(), getattr(model, name).state_dict()
+        assert set(got) == set(expected) and all(torch.equal(got[k], expected[k]) for k in expected), name
+
+
 def test_refiner_checkpoint_is_refused(tmp_path, ldm_state, config_only) -> None:
     """A refiner has one text encoder, OpenCLIP bigG at ``conditioner.embedders.0.model``."""
     state = {key.replace("conditioner.embedders.1.model.", "conditioner.embedders.0.model."): value
@@ -148,9 +162,12 @@ def test_family_reference_configs_are_used_when_cached(tmp_path, components, con
     assert torch.equal(model.text_encoder_2.text_projection.weight, components["text_encoder_2"].text_projection.weight)
 
 
-def test_model_config_of_the_other_family_is_refused(tmp_path, components) -> None:
+def test_model_config_of_the_other_family_is_refused(tmp_path, components, config_only) -> None:
     sd_folder = save_tiny_model(tmp_path / "sd", seed=1, kl_vae=True)
     path = save_ldm_checkpoint(components, tmp_path / "model.safetensors")
     with pytest.raises(ModelLoadError, match=r"model.safetensors is SDXL, but model_config '.*sd' is an SD 1.x/2.x "
-                                             r"model"):
+                                             r"model: pass a model_config of the checkpoint's family"):
         load_model(str(path), model_config=str(sd_folder))
+    sd_path = save_ldm_checkpoint({**tiny_components(1), "vae": small_kl_vae(1)}, tmp_path / "sd.safetensors")
+    with pytest.raises(ModelLoadError, match=r"sd.safetensors is SD 1.x, but model_config .* is an SDXL model"):
+        load_model(str(sd_path), model_config=str(config_only))
