@@ -62,7 +62,8 @@ DEFAULT_T_INDEX_LIST = (32, 45)
 # Defaults of the shared options. A command may override some (``engines build`` defaults to onnxruntime); all
 # commands share the ones that shape an engine, so that defaults, too, lead to the same cache entries.
 MODEL_DEFAULTS: dict[str, Any] = {
-    "model": "tiny", "vae": None, "lora": (), "dtype": None, "device": "auto", "backend": BackendKind.AUTO.value,
+    "model": "tiny", "model_config": None, "vae": None, "lora": (), "dtype": None, "device": "auto",
+    "backend": BackendKind.AUTO.value,
 }
 ENGINE_DEFAULTS: dict[str, Any] = {
     "engine_dir": None, "compile": False, "channels_last": False, "min_resolution": None, "max_resolution": None,
@@ -218,12 +219,13 @@ class ModelOptions:
     ip_adapter: str | None = None  # an IP-Adapter to install (image prompts): "tiny", a folder or a file
     ip_adapter_name: str | None = None  # the name clients choose it by (serve); None: the source
     controlnets: tuple[tuple[str, str], ...] = ()  # (name, source): the ControlNets the engine offers
+    model_config: str | None = None  # a checkpoint file's architecture: a diffusers config folder or cached hub id
 
     def load(self) -> LoadedModel:
         from .models import load_model
 
         model = load_model(self.model, vae=self.vae, loras=self.loras, dtype=self.dtype, device=self.device,
-                           ip_adapter=self.ip_adapter)
+                           model_config=self.model_config, ip_adapter=self.ip_adapter)
         if model.ip_adapter is not None:
             model.ip_adapter.name = self.ip_adapter_name or str(self.ip_adapter)
         return model
@@ -295,6 +297,7 @@ def model_options(options: Mapping[str, Any]) -> ModelOptions:
         engine=engine,
         **dict(zip(("ip_adapter_name", "ip_adapter"), parse_ip_adapter(_text(options, "ip_adapter")))),
         controlnets=controlnet_sources(options.get("controlnet")),
+        model_config=_text(options, "model_config"),
     )
 
 

@@ -56,10 +56,14 @@ class _Concat(argparse.Action):
 
 
 def add_model_options(parser: argparse.ArgumentParser, backend_default: str = MODEL_DEFAULTS["backend"]) -> Any:
-    """``--model --vae --lora --dtype --device --backend`` (defaults in :data:`MODEL_DEFAULTS`)."""
+    """``--model --model-config --vae --lora --dtype --device --backend`` (defaults in :data:`MODEL_DEFAULTS`)."""
     group = parser.add_argument_group("model")
     add = group.add_argument
     add("--model", help="'tiny' (built-in, offline), a diffusers folder, a checkpoint file or a hub id (default tiny)")
+    add("--model-config", metavar="DIR_OR_ID",
+        help="architecture of a --model checkpoint file (.safetensors/.ckpt, SD 1.x/2.x or SDXL): a diffusers folder "
+             "of the same family (configs and tokenizers suffice) or a cached hub id (default: the family's "
+             "reference repo, offline only if cached)")
     add("--vae", help="replacement VAE folder or hub id, e.g. madebyollin/taesd")
     add("--lora", action="append", type=lora_arg, metavar="SOURCE[:SCALE]",
         help="LoRA file, folder or hub id fused at load, with an optional scale (default 1; negative and float "

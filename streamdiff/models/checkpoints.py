@@ -1,12 +1,16 @@
 """Single checkpoint files (``.safetensors`` / ``.ckpt``) in the original Stable Diffusion (LDM) layout.
 
 Such a file holds the weights only (``model.diffusion_model.*`` for the U-Net, ``first_stage_model.*`` for the VAE,
-``cond_stage_model.*`` for the text encoder). The architecture comes from a diffusers *config* folder of the same
-model family: ``model_config=`` a local diffusers folder or a hub id whose configs are cached (only the small json /
-tokenizer files are needed, never its weights). Without ``model_config`` the family's reference repo is used (SD 1.x →
-``stable-diffusion-v1-5/stable-diffusion-v1-5``, SD 2.x → ``stabilityai/stable-diffusion-2-1``): offline that
-works only if its configs are cached. ``.ckpt`` files are read with ``torch.load(weights_only=True)``, so a pickle
-that carries code is refused.
+``cond_stage_model.*`` for the text encoder; SDXL: ``conditioner.embedders.0.transformer.*`` for CLIP-L and
+``conditioner.embedders.1.model.*`` for OpenCLIP bigG). The family (SD 1.x, SD 2.x or SDXL) is read from the keys;
+the architecture comes from a diffusers *config* folder of the same family: ``model_config=`` a local diffusers
+folder or a hub id whose configs are cached (only the small json / tokenizer files are needed, never its weights).
+Without ``model_config`` the family's reference repo is used (SD 1.x →
+``stable-diffusion-v1-5/stable-diffusion-v1-5``, SD 2.x → ``stabilityai/stable-diffusion-2-1``, SDXL →
+``stabilityai/stable-diffusion-xl-base-1.0``): offline that works only if its configs are cached. diffusers' own
+single-file loaders convert the weights. SDXL refiner files (OpenCLIP bigG alone, ``conditioner.embedders.0.model.*``)
+are refused. ``.ckpt`` files are read with ``torch.load(weights_only=True)``, so a pickle that carries code is
+refused.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch
 
 from ..errors import ModelLoadError
 from .hub import hub_snapshot, is_hub_id
+from .sdxl import is_sdxl_folder, sdxl_conditions
 
 logger = logging.getLogger(__name__)
 
@@ -28,10 +33,18 @@ CONFIG_PATTERNS = ["model_index.json", "*/config.json", "*/*_config.json", "toke
 FAMILY_CONFIGS = {
     "sd1": "stable-diffusion-v1-5/stable-diffusion-v1-5",
     "sd2": "stabilityai/stable-diffusion-2-1",
+    "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
 }
+FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+# A model of each family whose diffusers configs fit its single files (named in the error without model_config).
+_FAMILY_EXAMPLES = {"sd1": "stabilityai/sd-turbo", "sd2": "stabilityai/sd-turbo", "sdxl": "stabilityai/sdxl-turbo"}
 _UNET_PREFIX = "model.diffusion_model."
 _SD1_TEXT_KEY = "cond_stage_model.transformer.text_model.embeddings.position_embedding.weight"
 _SD2_TEXT_KEY = "cond_stage_model.model.token_embedding.weight"
+_CONDITIONER = "conditioner.embedders."
+_SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer.text_model."  # CLIP-L (transformers layout)
+_SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."  # OpenCLIP bigG
+_SDXL_REFINER_PREFIX = "conditioner.embedders.0.model."  # a refiner's only encoder: OpenCLIP bigG
 _DIFFUSERS_HINTS = ("conv_in.weight", "unet.conv_in.weight", "down_blocks.0.resnets.0.conv1.weight")
 
 
@@ -55,7 +68,7 @@ def checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 
 
 def checkpoint_family(path: Path, shapes: dict[str, tuple[int, ...]]) -> str:
-    """``"sd1"`` or ``"sd2"`` from the text encoder's layout; a clear error for anything else."""
+    """``"sd1"``, ``"sd2"`` or ``"sdxl"`` from the text encoders' layout; a clear error for anything else."""
     if not any(key.startswith(_UNET_PREFIX) for key in shapes):
         if any(key in shapes for key in _DIFFUSERS_HINTS):
             raise ModelLoadError(
@@ -66,9 +79,8 @@ def checkpoint_family(path: Path, shapes: dict[str, tuple[int, ...]]) -> str:
             f"checkpoint file {path} is not a Stable Diffusion checkpoint: none of its {len(shapes)} tensors has "
             f"the U-Net prefix '{_UNET_PREFIX}'"
         )
-    if any(key.startswith("conditioner.embedders.") for key in shapes):
-        raise ModelLoadError(f"checkpoint file {path} is an SDXL checkpoint; single files are supported for SD 1.x "
-                             f"and SD 2.x (SDXL loads from a diffusers folder or hub id)")
+    if any(key.startswith(_CONDITIONER) for key in shapes):
+        return _sdxl_family(path, shapes)
     if _SD1_TEXT_KEY in shapes:
         return "sd1"
     if _SD2_TEXT_KEY in shapes:
@@ -77,6 +89,22 @@ def checkpoint_family(path: Path, shapes: dict[str, tuple[int, ...]]) -> str:
         f"checkpoint file {path} has no text encoder in a known layout ('{_SD1_TEXT_KEY}' for SD 1.x or "
         f"'{_SD2_TEXT_KEY}' for SD 2.x)"
     )
+
+
+def _sdxl_family(path: Path, shapes: dict[str, tuple[int, ...]]) -> str:
+    """``"sdxl"`` for an SDXL base layout (both text encoders); refiners and other layouts are refused."""
+    has = {prefix: any(key.startswith(prefix) for key in shapes)
+           for prefix in (_SDXL_CLIP_PREFIX, _SDXL_OPEN_CLIP_PREFIX, _SDXL_REFINER_PREFIX)}
+    if has[_SDXL_CLIP_PREFIX] and has[_SDXL_OPEN_CLIP_PREFIX]:
+        return "sdxl"
+    supported = (f"supported are SD 1.x, SD 2.x and SDXL base checkpoints (SDXL base, sdxl-turbo: CLIP-L at "
+                 f"'{_SDXL_CLIP_PREFIX}*' and OpenCLIP bigG at '{_SDXL_OPEN_CLIP_PREFIX}*')")
+    if has[_SDXL_REFINER_PREFIX] and not has[_SDXL_OPEN_CLIP_PREFIX]:
+        raise ModelLoadError(f"checkpoint file {path} is an SDXL refiner checkpoint (one text encoder, OpenCLIP bigG "
+                             f"at '{_SDXL_REFINER_PREFIX}*', and an aesthetic-score U-Net); {supported}")
+    found = sorted({".".join(key.split(".")[:4]) for key in shapes if key.startswith(_CONDITIONER)})
+    raise ModelLoadError(f"checkpoint file {path} has SDXL-style text encoders in an unknown layout ({found}); "
+                         f"{supported}")
 
 
 def resolve_config_folder(source: str, revision: str | None = None) -> Path:
@@ -96,47 +124,62 @@ def resolve_config_folder(source: str, revision: str | None = None) -> Path:
 def load_single_file(
     path: Path, dtype: torch.dtype, model_config: str | None = None, revision: str | None = None
 ) -> dict[str, Any]:
-    """The components of an original-layout SD checkpoint, loaded directly in ``dtype`` on the CPU.
+    """The components of an original-layout SD or SDXL checkpoint, loaded directly in ``dtype`` on the CPU.
 
-    Returns ``unet``, ``vae``, ``text_encoder``, ``tokenizer`` and ``scheduler`` (the config folder's scheduler).
+    Returns ``unet``, ``vae``, ``text_encoder``, ``tokenizer`` and ``scheduler`` (the config folder's scheduler);
+    SDXL also ``text_encoder_2``, ``tokenizer_2`` and ``sdxl`` (the config folder's added-condition settings).
     """
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     if not path.name.endswith(CHECKPOINT_SUFFIXES):
         raise ModelLoadError(f"model file {path} is not a {' or '.join(CHECKPOINT_SUFFIXES)} checkpoint")
     family = checkpoint_family(path, checkpoint_shapes(path))
-    source = model_config or FAMILY_CONFIGS[family]
-    try:
-        config_folder = resolve_config_folder(source, revision)
-    except ModelLoadError as error:
-        hint = "" if model_config else (
-            f" The architecture of {path.name} ({family}) comes from {source!r} by default; pass model_config= a "
-            f"local diffusers folder or a cached hub id of the same architecture (e.g. 'stabilityai/sd-turbo')."
+    sdxl = family == "sdxl"
+    config_folder = _config_folder(path, family, model_config, revision)
+    if is_sdxl_folder(config_folder) != sdxl:
+        given, other = str(model_config or config_folder), "an SD 1.x/2.x" if sdxl else "an SDXL"
+        raise ModelLoadError(
+            f"checkpoint file {path} is {FAMILY_NAMES[family]}, but model_config {given!r} is {other} model: pass a "
+            f"model_config of the checkpoint's family (e.g. {_FAMILY_EXAMPLES[family]!r})"
         )
-        raise ModelLoadError(f"{error}{hint}") from error
+    if sdxl:
+        pipeline_class, extra = StableDiffusionXLPipeline, dict(add_watermarker=False)
+    else:
+        pipeline_class, extra = StableDiffusionPipeline, dict(safety_checker=None, requires_safety_checker=False)
     try:
-        pipe = StableDiffusionPipeline.from_single_file(
-            str(path),
-            config=str(config_folder),
-            local_files_only=True,
-            torch_dtype=dtype,
-            safety_checker=None,
-            feature_extractor=None,
-            image_encoder=None,
-            requires_safety_checker=False,
+        pipe = pipeline_class.from_single_file(
+            str(path), config=str(config_folder), local_files_only=True, torch_dtype=dtype,
+            feature_extractor=None, image_encoder=None, **extra,
         )
     except Exception as error:  # noqa: BLE001 - reported with what was tried
         raise ModelLoadError(
             f"could not load the checkpoint file {path} with the architecture of {config_folder}: "
             f"{type(error).__name__}: {error}"
         ) from error
-    components = {name: getattr(pipe, name) for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")}
-    for name in ("unet", "vae", "text_encoder"):
+    names = ("unet", "vae", "text_encoder", "text_encoder_2") if sdxl else ("unet", "vae", "text_encoder")
+    components = {name: getattr(pipe, name) for name in (*names, "tokenizer", "scheduler")}
+    for name in names:
         empty = [n for n, p in components[name].named_parameters() if p.device.type == "meta"]
         if empty:
             raise ModelLoadError(
                 f"checkpoint file {path} lacks {len(empty)} {name} weights for the architecture of {config_folder} "
                 f"(e.g. {empty[0]!r}): is model_config the right model family?"
             )
+    if sdxl:
+        components.update(tokenizer_2=pipe.tokenizer_2, sdxl=sdxl_conditions(config_folder))
     logger.info("loaded %s checkpoint %s with the architecture of %s", family, path, config_folder)
     return components
+
+
+def _config_folder(path: Path, family: str, model_config: str | None, revision: str | None) -> Path:
+    """The diffusers config folder for a checkpoint of ``family``: ``model_config``, else the family's reference."""
+    source = model_config or FAMILY_CONFIGS[family]
+    try:
+        return resolve_config_folder(source, revision)
+    except ModelLoadError as error:
+        hint = "" if model_config else (
+            f" The architecture of {path.name} ({FAMILY_NAMES[family]}) comes from {source!r} by default; pass "
+            f"model_config= a local diffusers folder or a cached hub id of the same architecture (e.g. "
+            f"{_FAMILY_EXAMPLES[family]!r}; only its configs and tokenizers are read)."
+        )
+        raise ModelLoadError(f"{error}{hint}") from error

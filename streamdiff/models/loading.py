@@ -378,8 +378,9 @@ def load_model(
     """Load a model for streaming.
 
     ``model``: ``"tiny"`` (trained, built in), ``"tiny-random"`` (random weights, for tests), ``"tiny-sdxl"`` (an
-    SDXL-architecture model with random weights), a local diffusers folder, a ``.safetensors``/``.ckpt`` file in the original SD layout
-    (``model_config`` names a diffusers folder or cached hub id of the same architecture; needed offline), or a hub
+    SDXL-architecture model with random weights), a local diffusers folder, a ``.safetensors``/``.ckpt`` file in the
+    original SD 1.x/2.x or SDXL layout (``model_config`` names a diffusers folder or cached hub id of the same
+    architecture; needed offline unless the family's reference configs are cached), or a hub
     id such as ``"stabilityai/sd-turbo"``. ``vae``: replace the model's VAE, e.g. ``"madebyollin/taesd"``.
     ``loras``: fused at load, each ``(source, scale)``, e.g. ``("latent-consistency/lcm-lora-sdv1-5", 1.0)``.
     ``ip_adapter``: an IP-Adapter (image prompt) installed on the U-Net: ``"tiny"`` (built in, for the tiny models),

@@ -18,7 +18,7 @@ from .components import (
 )
 from ..models.tiny import TINY_UNET
 from .fakes import AnalyticUNet, CountingUNet
-from .ldm import clip_to_ldm, save_ldm_checkpoint, unet_to_ldm, vae_to_ldm
+from .ldm import clip_to_ldm, open_clip_to_ldm, save_ldm_checkpoint, unet_to_ldm, vae_to_ldm
 from .lora import fake_hub_cache, random_lora, save_kohya_lora, save_lora
 from .media import stream_frames, write_pattern_video
 
@@ -31,6 +31,7 @@ __all__ = [
     "TINY_UNET",
     "clip_to_ldm",
     "fake_hub_cache",
+    "open_clip_to_ldm",
     "random_lora",
     "save_kohya_lora",
     "save_ldm_checkpoint",

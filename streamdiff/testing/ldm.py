@@ -1,6 +1,7 @@
 """Writing models in the original Stable Diffusion (LDM) checkpoint layout, to test single-file loading.
 
-The key mapping of the original CompVis/Stability code base, written from the layouts of the two model classes.
+The key mapping of the original CompVis/Stability code base (and of Stability's ``generative-models`` for SDXL),
+written from the layouts of the model classes.
 """
 
 from __future__ import annotations
@@ -14,8 +15,18 @@ import torch
 _LDM_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
                "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
 _LDM_UNET_FIXED = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-                   "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+                   "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+                   # SDXL: the added-condition embedding (pooled text + time ids) is LDM's label embedding
+                   "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
 _LDM_VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+_OPEN_CLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+                    "self_attn.out_proj": "attn.out_proj"}
+_OPEN_CLIP_FIXED = {"embeddings.token_embedding.weight": "token_embedding.weight",
+                    "embeddings.position_embedding.weight": "positional_embedding",
+                    "final_layer_norm.weight": "ln_final.weight", "final_layer_norm.bias": "ln_final.bias"}
+_LAYER_KEY = re.compile(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)")
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."
+SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
 _BLOCK_KEY = re.compile(r"(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.+)")
 _MID_KEY = re.compile(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)")
 
@@ -100,23 +111,56 @@ def vae_to_ldm(vae: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def clip_to_ldm(text_encoder: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A transformers ``CLIPTextModel`` state dict in SD 1.x's layout (``cond_stage_model.transformer.text_model.*``)."""
+def clip_to_ldm(text_encoder: torch.nn.Module,
+                prefix: str = "cond_stage_model.transformer.") -> dict[str, torch.Tensor]:
+    """A transformers ``CLIPTextModel`` state dict in SD 1.x's layout (``cond_stage_model.transformer.text_model.*``;
+    SDXL's first encoder: ``prefix`` :data:`SDXL_CLIP_PREFIX`)."""
     out = {}
     for key, value in text_encoder.state_dict().items():
         key = key if key.startswith("text_model.") else f"text_model.{key}"
-        out[f"cond_stage_model.transformer.{key}"] = value
+        out[f"{prefix}{key}"] = value
+    return out
+
+
+def open_clip_to_ldm(text_encoder: torch.nn.Module, prefix: str = SDXL_OPEN_CLIP_PREFIX) -> dict[str, torch.Tensor]:
+    """A transformers ``CLIPTextModelWithProjection`` state dict in OpenCLIP's layout (SDXL's second encoder, bigG).
+
+    OpenCLIP keeps the attention's query, key and value as one ``in_proj`` matrix ``[3·D, D]`` (in that order) and
+    the text projection as a plain ``[D, P]`` parameter (the transpose of transformers' ``Linear`` weight).
+    """
+    state = {key.removeprefix("text_model."): value for key, value in text_encoder.state_dict().items()}
+    out = {f"{prefix}text_projection": state.pop("text_projection.weight").T}
+    for key, value in state.items():
+        layer = _LAYER_KEY.fullmatch(key)
+        if key in _OPEN_CLIP_FIXED:
+            out[prefix + _OPEN_CLIP_FIXED[key]] = value
+        elif layer is None:
+            raise ValueError(f"no OpenCLIP name for the text encoder weight {key!r}")
+        elif layer.group(2) in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+            if layer.group(2) == "self_attn.q_proj":
+                index, kind = layer.group(1), layer.group(3)
+                parts = [state[f"encoder.layers.{index}.self_attn.{p}_proj.{kind}"] for p in "qkv"]
+                out[f"{prefix}transformer.resblocks.{index}.attn.in_proj_{kind}"] = torch.cat(parts)
+        else:
+            index, name, kind = layer.groups()
+            out[f"{prefix}transformer.resblocks.{index}.{_OPEN_CLIP_LAYER[name]}.{kind}"] = value
     return out
 
 
 def save_ldm_checkpoint(components: dict[str, Any], path: Path) -> Path:
-    """Save U-Net, ``AutoencoderKL`` and text encoder as one original-layout SD 1.x checkpoint.
+    """Save U-Net, ``AutoencoderKL`` and text encoder as one original-layout SD 1.x checkpoint; with a
+    ``text_encoder_2``, as an SDXL base checkpoint (CLIP-L at :data:`SDXL_CLIP_PREFIX`, the second encoder in
+    OpenCLIP's layout at :data:`SDXL_OPEN_CLIP_PREFIX`).
 
     ``.safetensors`` is written with safetensors; ``.ckpt`` as a torch file ``{"state_dict": ...}`` like the
     original releases (tensors only, so it loads with ``weights_only=True``).
     """
-    state = {**unet_to_ldm(components["unet"]), **vae_to_ldm(components["vae"]),
-             **clip_to_ldm(components["text_encoder"])}
+    state = {**unet_to_ldm(components["unet"]), **vae_to_ldm(components["vae"])}
+    if components.get("text_encoder_2") is not None:
+        state.update(clip_to_ldm(components["text_encoder"], SDXL_CLIP_PREFIX))
+        state.update(open_clip_to_ldm(components["text_encoder_2"]))
+    else:
+        state.update(clip_to_ldm(components["text_encoder"]))
     state = {key: value.detach().contiguous().clone() for key, value in state.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".safetensors":

@@ -35,6 +35,38 @@ def test_run_tiny_sdxl_writes_a_video(sdxl_model, tmp_path: Path) -> None:
     assert data["frames_in"] == data["frames_out"] == 5 and data["error"] is None
 
 
+def _decoded(path: Path) -> list:
+    with av.open(str(path)) as container:
+        return [frame.to_ndarray(format="rgb24") for frame in container.decode(container.streams.video[0])]
+
+
+def test_run_sdxl_checkpoint_file_with_model_config_gives_the_folders_video(tmp_path: Path) -> None:
+    """``--model FILE --model-config DIR``: an LDM-layout SDXL file with a configs-only folder streams what the
+    diffusers folder of the same weights streams."""
+    from streamdiff.models.sdxl import build_tiny_sdxl_components, save_sdxl_folder
+    from streamdiff.testing import save_ldm_checkpoint, small_kl_vae
+
+    def components(seed: int) -> dict:
+        return {**build_tiny_sdxl_components(seed), "vae": small_kl_vae(seed)}
+
+    weights = components(0)
+    save_sdxl_folder(weights, tmp_path / "folder")
+    save_sdxl_folder(components(1), tmp_path / "config")
+    for file in (tmp_path / "config").rglob("*.safetensors"):
+        file.unlink()
+    checkpoint = save_ldm_checkpoint(weights, tmp_path / "sdxl.safetensors")
+    common = ["--source", "testpattern", "--frames", "4", "--size", "64x64", "--fps", "10", "--backend", "torch",
+              "--prompt", "a cat", "--status-interval", "0"]
+    videos = {}
+    for name, model in (("file", ["--model", str(checkpoint), "--model-config", str(tmp_path / "config")]),
+                        ("folder", ["--model", str(tmp_path / "folder")])):
+        videos[name] = tmp_path / f"{name}.mp4"
+        assert main(["run", *model, "--sink", f"file:{videos[name]}", *common]) == 0
+    file_frames, folder_frames = _decoded(videos["file"]), _decoded(videos["folder"])
+    assert len(file_frames) == len(folder_frames) == 4
+    assert all((a == b).all() for a, b in zip(file_frames, folder_frames))
+
+
 def test_serve_tiny_sdxl_streams_over_websocket(sdxl_model) -> None:
     from streamdiff.client import StreamClient
     from streamdiff.io.sources import pattern_frame

@@ -115,11 +115,17 @@ def test_checkpoint_family_from_key_layout() -> None:
     unet = {"model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3)}
     sd1 = {**unet, "cond_stage_model.transformer.text_model.embeddings.position_embedding.weight": (77, 768)}
     sd2 = {**unet, "cond_stage_model.model.token_embedding.weight": (49408, 1024)}
-    sdxl = {**unet, "conditioner.embedders.1.model.token_embedding.weight": (49408, 1280)}
+    bigg = {"conditioner.embedders.1.model.token_embedding.weight": (49408, 1280)}
+    sdxl = {**unet, **bigg,
+            "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight": (49408, 768)}
+    refiner = {**unet, "conditioner.embedders.0.model.token_embedding.weight": (49408, 1280)}
     assert checkpoint_family(Path("a.safetensors"), sd1) == "sd1"
     assert checkpoint_family(Path("a.safetensors"), sd2) == "sd2"
-    with pytest.raises(ModelLoadError, match="SDXL"):
-        checkpoint_family(Path("a.safetensors"), sdxl)
+    assert checkpoint_family(Path("a.safetensors"), sdxl) == "sdxl"
+    with pytest.raises(ModelLoadError, match="is an SDXL refiner checkpoint"):
+        checkpoint_family(Path("a.safetensors"), refiner)
+    with pytest.raises(ModelLoadError, match=r"SDXL-style text encoders in an unknown layout"):
+        checkpoint_family(Path("a.safetensors"), {**unet, **bigg})
     with pytest.raises(ModelLoadError, match="no text encoder in a known layout"):
         checkpoint_family(Path("a.safetensors"), unet)
     with pytest.raises(ModelLoadError, match="not a Stable Diffusion checkpoint: none of its 1 tensors"):
