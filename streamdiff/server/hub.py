@@ -106,7 +106,8 @@ class Hub:
         self.connections: set[StreamSession] = set()  # every stream socket, admitted or not
         self.sessions: dict[str, StreamSession] = {}  # admitted streams by stream id
         self.view_tokens: dict[str, StreamSession] = {}
-        self.viewers: set[Any] = set()
+        self.viewers: set[Any] = set()  # view-only sockets
+        self.rtc_viewers: set[Any] = set()  # WHEP viewers (peers with a .session), counted with the sockets
         self.shutting_down = False
         self.id_prefix = id_prefix
         self._opening: dict[object, tuple[str, Callable[[], bool]]] = {}  # upgraded, session not started yet
@@ -118,6 +119,14 @@ class Hub:
     @property
     def full(self) -> bool:
         return len(self.sessions) >= self.limits.max_streams
+
+    def viewer_count(self, session: Any) -> int:
+        """The viewers watching ``session``: its view sockets and its WHEP peers (``max_viewers_per_stream``)."""
+        return len(session.viewers) + sum(1 for peer in list(self.rtc_viewers) if peer.session is session)
+
+    def viewers_changed(self) -> None:
+        """Update ``streamdiff_viewers_active`` (view sockets and WHEP viewers) after one came or went."""
+        self.metrics.viewers.set(len(self.viewers) + len(self.rtc_viewers))
 
     @property
     def ready(self) -> bool:

@@ -55,14 +55,14 @@ class ViewerSession:
                 await self._execute(self.conn.close(ErrorCode.SHUTTING_DOWN, "the server is shutting down"))
             elif stream is None or stream.conn.state is ConnectionState.CLOSED:
                 await self._execute(self.conn.close(ErrorCode.UNKNOWN_VIEW_TOKEN, "no stream has this view token"))
-            elif len(stream.viewers) >= hub.limits.max_viewers_per_stream:
+            elif hub.viewer_count(stream) >= hub.limits.max_viewers_per_stream:
                 await self._execute(self.conn.close(ErrorCode.SERVER_FULL, "this stream has its "
                                                     f"{hub.limits.max_viewers_per_stream} viewers; try again later"))
             else:
                 self.stream = stream
                 stream.viewers.add(self)
                 hub.viewers.add(self)
-                hub.metrics.viewers.set(len(hub.viewers))
+                hub.viewers_changed()
                 logger.info("viewer from %s watching %s", self.transport.remote, stream.stream_id)
                 await self._execute(self.conn.accept(stream.stream_id or "?", stream.conn.settings))
                 sender = asyncio.ensure_future(self._send_loop())
@@ -74,7 +74,7 @@ class ViewerSession:
             if self.stream is not None:
                 self.stream.viewers.discard(self)
                 hub.viewers.discard(self)
-                hub.metrics.viewers.set(len(hub.viewers))
+                hub.viewers_changed()
                 logger.info("viewer from %s of %s left (%d frames, %d dropped)", self.transport.remote,
                             self.stream.stream_id, self.frames_sent, self.frames_dropped)
 

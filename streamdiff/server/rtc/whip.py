@@ -262,11 +262,18 @@ class RtcFront:
             raise SignalingError(404, "no stream has this view token")
         text, summary = check_offer(await self._body(request), request.headers.get("Content-Type"), self.config,
                                     publish=False)
-        watching = [p for p in self.viewers.values() if p.session is session]
-        if len(watching) + len(session.viewers) >= hub.limits.max_viewers_per_stream:
+        if hub.viewer_count(session) >= hub.limits.max_viewers_per_stream:
             raise SignalingError(503, f"this stream has its {hub.limits.max_viewers_per_stream} viewers; try again "
                                       "later", _RETRY)
         peer = Peer(new_peer_connection(), session, None, self.config)
+        hub.rtc_viewers.add(peer)  # counted from here on: concurrent offers cannot pass the cap together
+        hub.viewers_changed()
+
+        def gone(_: object) -> None:
+            hub.rtc_viewers.discard(peer)
+            hub.viewers_changed()
+
+        peer.done.add_done_callback(gone)
         try:
             sdp = await self._negotiate(peer, text, summary, publish=False)
         except BaseException as error:

@@ -25,7 +25,8 @@ async def scrape(http: ClientSession, base: str) -> dict:
 
 def test_a_sendrecv_peers_frames_are_counted_in_metrics_and_a_whep_viewers_are_not(tiny_model) -> None:
     """frames_out and the latency histograms count the frames the publisher's own track sends (as a WebSocket
-    stream's socket), not those a WHEP viewer gets (as a WebSocket viewer's are not)."""
+    stream's socket), not those a WHEP viewer gets (as a WebSocket viewer's are not); the WHEP viewer counts in
+    ``streamdiff_viewers_active`` while it watches."""
 
     async def main() -> None:
         config = ServerConfig(port=0, token=TOKEN, limits=ServerLimits(max_streams=2))
@@ -40,6 +41,7 @@ def test_a_sendrecv_peers_frames_are_counted_in_metrics_and_a_whep_viewers_are_n
             (session,) = served.hub.sessions.values()
             live = await scrape(http, base)
             assert live[("streamdiff_streams_active", ())] == 1
+            assert live[("streamdiff_viewers_active", ())] == 1  # the WHEP viewer
             async with http.delete(served.url + client.location,
                                    headers={"Authorization": f"Bearer {TOKEN}"}) as response:
                 assert response.status == 200
@@ -59,5 +61,7 @@ def test_a_sendrecv_peers_frames_are_counted_in_metrics_and_a_whep_viewers_are_n
             assert m[("streamdiff_connections_total", (("route", "stream"),))] == 1
             assert m[("streamdiff_connections_total", (("route", "view"),))] == 1  # the WHEP viewer
             assert m[("streamdiff_streams_active", ())] == 0
+            await wait_for(lambda: not served.hub.rtc_viewers, 30, "the WHEP viewer to be gone")
+            assert (await scrape(http, base))[("streamdiff_viewers_active", ())] == 0
 
     asyncio.run(asyncio.wait_for(main(), 120))

@@ -309,10 +309,44 @@ class _MemoryTransport:
         self.sent.append(data)
 
     async def close(self, code: int, reason: str) -> None:
+        self.close_reason = (code, reason)
         self._closed.set()
 
     def abort(self) -> None:
         self._closed.set()
+
+
+def test_whep_and_websocket_viewers_share_the_per_stream_viewer_cap(tiny_model) -> None:
+    """``max_viewers_per_stream`` counts WHEP viewers and view sockets together, whichever came first: with one of
+    each, a third of either kind is refused (WHEP 503, socket closed with server_full); when the WHEP viewer leaves,
+    a view socket fits again."""
+    from streamdiff.server.viewing import ViewerSession
+
+    async def main() -> None:
+        async with serve(tiny_model, config(max_viewers_per_stream=2)) as served, ClientSession() as http:
+            publisher = await publish(http, served.url, TOKEN, query=QUERY)
+            (session,) = served.hub.sessions.values()
+            whep = await watch(http, served.url, publisher.headers["X-Streamdiff-View"])
+            assert whep.status == 201, whep.body
+            first = _MemoryTransport()
+            socket_viewer = asyncio.ensure_future(ViewerSession(served.hub, first, session.view_token).run())
+            await wait_for(lambda: len(session.viewers) == 1, 10, "the view socket admitted")
+            assert served.hub.viewer_count(session) == 2
+            refused = await watch(http, served.url, publisher.headers["X-Streamdiff-View"])
+            assert refused.status == 503 and "its 2 viewers" in refused.body, refused.body
+            await refused.close()
+            third = _MemoryTransport()
+            await asyncio.wait_for(ViewerSession(served.hub, third, session.view_token).run(), 10)
+            assert third.close_reason[1].startswith("server_full"), third.close_reason
+            await whep.close()  # the WHEP viewer goes: its place is free
+            await wait_for(lambda: served.hub.viewer_count(session) == 1, 30, "the WHEP viewer to be gone")
+            fourth = _MemoryTransport()
+            admitted = asyncio.ensure_future(ViewerSession(served.hub, fourth, session.view_token).run())
+            await wait_for(lambda: len(session.viewers) == 2, 10, "the second view socket admitted")
+            await publisher.close()
+            await asyncio.wait_for(asyncio.gather(socket_viewer, admitted), 15)  # end with the stream
+
+    run(main())
 
 
 def test_websocket_viewers_watch_a_whip_stream_too(tiny_model) -> None:
