@@ -17,11 +17,9 @@ ray = pytest.importorskip("ray")
 pytest.importorskip("ray.serve")
 
 from streamdiff.client import ServerRefused, StreamClient  # noqa: E402
-from streamdiff.deploy.app import serve_options  # noqa: E402
-from streamdiff.deploy.config import FleetConfig, ReplicaSpec  # noqa: E402
-from streamdiff.deploy.launch import free_port  # noqa: E402
 from streamdiff.deploy.routing import replica_of_stream  # noqa: E402
 from streamdiff.client.reconnect import ReconnectingClient  # noqa: E402
+from streamdiff.testing.ray_fleet import local_fleet  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -33,26 +31,10 @@ APP = "streamdiff-test"
 
 @pytest.fixture(scope="module")
 def fleet(cache_dir: Any) -> Any:
-    """Ray (2 logical CPUs per replica's share, a 300 MB object store), Serve on a free port, the app of 2 replicas."""
-    from ray import serve
-
-    from streamdiff.deploy.launch import deploy
-
-    port = free_port()
-    ray.init(num_cpus=4, object_store_memory=300 * 1024 * 1024, include_dashboard=False, log_to_driver=False,
-             configure_logging=False)
-    try:
-        spec = ReplicaSpec(serve_options({"model": "tiny", "size": SIZE, "max_streams": MAX_STREAMS,
-                                          "stats_interval": 0.5}), torch_threads=1)
-        deploy(FleetConfig(num_replicas=2, num_cpus=0.5, name=APP, graceful_shutdown_timeout_s=5.0,
-                           health_check_period_s=1.0), spec,
-               port=port)
+    """Ray (4 logical CPUs, a 300 MB object store), Serve on a free port, the app of 2 replicas."""
+    with local_fleet({"model": "tiny", "size": SIZE, "max_streams": MAX_STREAMS, "stats_interval": 0.5},
+                     APP) as port:
         yield f"ws://127.0.0.1:{port}/ws"
-    finally:
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
 
 
 def replica_tags(app: str = APP) -> list[str]:

@@ -17,10 +17,8 @@ from rtc_helpers import publish, wait_for, watch
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.serve")
 
-from streamdiff.deploy.app import serve_options  # noqa: E402
-from streamdiff.deploy.config import FleetConfig, ReplicaSpec  # noqa: E402
-from streamdiff.deploy.launch import free_port  # noqa: E402
 from streamdiff.deploy.routing import replica_of_resource  # noqa: E402
+from streamdiff.testing.ray_fleet import local_fleet  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -31,24 +29,9 @@ TOKEN = "fleet-token-for-tests"
 @pytest.fixture(scope="module")
 def fleet(cache_dir: Any) -> Any:
     """Ray (4 logical CPUs, a 300 MB object store), Serve on a free port, 2 replicas of 1 stream each."""
-    from ray import serve
-
-    from streamdiff.deploy.launch import deploy
-
-    port = free_port()
-    ray.init(num_cpus=4, object_store_memory=300 * 1024 * 1024, include_dashboard=False, log_to_driver=False,
-             configure_logging=False)
-    try:
-        spec = ReplicaSpec(serve_options({"model": "tiny-random", "size": 64, "max_streams": 1, "token": TOKEN,
-                                          "rtc_host": ["127.0.0.1"]}), torch_threads=1)
-        deploy(FleetConfig(num_replicas=2, num_cpus=0.5, name=APP, graceful_shutdown_timeout_s=5.0,
-                           health_check_period_s=1.0), spec, port=port)
+    with local_fleet({"model": "tiny-random", "size": 64, "max_streams": 1, "token": TOKEN,
+                      "rtc_host": ["127.0.0.1"]}, APP) as port:
         yield f"http://127.0.0.1:{port}"
-    finally:
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
 
 
 def test_whip_and_whep_through_the_fleet_reach_the_right_replicas_and_a_full_fleet_is_503(fleet: str) -> None:
