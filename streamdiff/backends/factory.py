@@ -12,7 +12,7 @@ import torch
 from ..config import BackendKind, Quantization, to_enum
 from ..errors import BackendUnavailable, ConfigError, missing_extra
 from .base import UNetEngine, VaeEngine
-from .builders import COMPONENTS, BuildStep, plan_builds
+from .builders import COMPONENTS, BuildStep, plan_builds, unet_extra_inputs
 from .cache import EngineCache
 from .keys import Component, EngineOptions, EngineShapes, engine_shapes
 from .torch_backend import TorchUNet, TorchVae
@@ -200,7 +200,7 @@ def create_engines(
                 latent = (model.latent_channels, key.shapes.opt_height // model.vae_scale_factor,
                           key.shapes.opt_width // model.vae_scale_factor)
                 packages[(key.shapes.opt_batch, *latent)] = entry.artifact
-            return CompiledUNet(packages), vae
+            return CompiledUNet(packages, unet_extra_inputs(model, options)), vae
         return TorchUNet(model.unet, channels_last=options.channels_last), vae
     paths = {c: by_component[c][0][1].artifact for c in COMPONENTS}
     if kind is BackendKind.OPENVINO:
@@ -221,14 +221,16 @@ def create_engines(
         if max_shapes is not None:
             for component_options in session.values():
                 component_options["max_shapes"] = max_shapes
-        engines = OrtUNet(paths[Component.UNET], model.device, **session[Component.UNET]), OrtVae(
+        engines = OrtUNet(paths[Component.UNET], model.device, unet_extra_inputs(model, options),
+                          **session[Component.UNET]), OrtVae(
             paths[Component.VAE_ENCODER], paths[Component.VAE_DECODER], model.device,
             encoder=session[Component.VAE_ENCODER], decoder=session[Component.VAE_DECODER],
         )
     else:
         from .tensorrt_runtime import TrtUNet, TrtVae
 
-        engines = TrtUNet(paths[Component.UNET], model.device, cuda_graphs), TrtVae(
+        trt_unet = TrtUNet(paths[Component.UNET], model.device, cuda_graphs, unet_extra_inputs(model, options))
+        engines = trt_unet, TrtVae(
             paths[Component.VAE_ENCODER], paths[Component.VAE_DECODER], model.device, cuda_graphs
         )
     if model.device.type == "cuda":
@@ -249,7 +251,7 @@ def onnxruntime_session_options(model: LoadedModel, options: EngineOptions, keys
         out[component] = dict(
             providers=options.onnx_providers, graph_dtype=dtype,
             tensorrt_cache=options.directory / ORT_TENSORRT_CACHE if model.device.type == "cuda" else None,
-            profile=tensorrt_plan(model, component, key.shapes, Path(key.name)).profile,
+            profile=tensorrt_plan(model, component, key.shapes, Path(key.name), options=options).profile,
         )
     return out
 

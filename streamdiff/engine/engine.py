@@ -29,6 +29,7 @@ import logging
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any, Callable
 
 import numpy as np
@@ -108,6 +109,8 @@ class StreamEngine:
         self.controlnets = {
             check_name(name): check_family(name, load_controlnet(source, model.device, model.dtype, sdxl=sdxl), sdxl)
             for name, source in (controlnets or {}).items()}
+        if self.controlnets:  # compiled U-Net engines get residual inputs (backends.unet_inputs)
+            self.options = replace(self.options, controlnet_residuals=True)
         self.graphs = self._cuda_graphs(cuda)
         on_cuda = model.device.type == "cuda" or cuda is not None
         self.preprocessors = {**builtin_preprocessors(), **(preprocessors or {})}
