@@ -37,8 +37,6 @@ def extras_problem(kind: BackendKind, model: LoadedModel, options: EngineOptions
     if kind not in EXTRA_INPUT_BACKENDS:
         allowed = ", ".join(sorted(k.value for k in EXTRA_INPUT_BACKENDS))
         return f"backend {kind.value!r} does not take the U-Net extra inputs {list(extras)} (SDXL); use {allowed}"
-    if kind is BackendKind.TORCH and options.compile:
-        return f"compile=True (AOTInductor) does not take the U-Net extra inputs {list(extras)} (SDXL); use eager torch"
     return None
 
 
@@ -79,8 +77,8 @@ def choose_auto(model: LoadedModel, options: EngineOptions) -> tuple[BackendKind
     and the tiny model several times faster; then torch (AOTInductor with ``compile=True``) for bfloat16, ONNX
     Runtime for float32.
     """
-    if getattr(model, "ip_adapter", None) is not None and not options.compile:
-        return BackendKind.TORCH, "the model has an IP-Adapter, whose per-row image prompts run in eager torch only"
+    if getattr(model, "ip_adapter", None) is not None and model.device.type == "cpu" and not options.compile:
+        return BackendKind.TORCH, "the model has an IP-Adapter, which the OpenVINO backend does not take"
     if model.device.type == "cuda":
         problem = tensorrt_problem()
         if problem is None:
@@ -120,12 +118,11 @@ def resolve_backend(kind: BackendKind | str, model: LoadedModel, options: Engine
     if kind is BackendKind.AUTO:
         kind, reason = choose_auto(model, options)
         logger.info("backend auto: picked %s because %s", kind.value, reason)
-    if getattr(model, "ip_adapter", None) is not None and (kind is not BackendKind.TORCH or options.compile):
-        what = "compile=True" if kind is BackendKind.TORCH else f"backend {kind.value!r}"
+    if getattr(model, "ip_adapter", None) is not None and kind is BackendKind.OPENVINO:
         raise ConfigError(
-            f"an IP-Adapter (image prompt) runs on the eager torch backend only, not with {what}: its per-row "
-            "image tokens and scales are not inputs of compiled engines. Use backend='torch' without compile",
-            field="backend", value=kind.value, allowed="torch (eager) with an IP-Adapter",
+            f"an IP-Adapter (image prompt) does not run on backend {kind.value!r}: its per-row image tokens and "
+            "scales are not inputs of its engines. Use backend 'torch', 'onnxruntime' or 'tensorrt'",
+            field="backend", value=kind.value, allowed="torch, onnxruntime, tensorrt with an IP-Adapter",
         )
     if options.quantize is not Quantization.NONE and kind is not BackendKind.OPENVINO:
         raise ConfigError(
