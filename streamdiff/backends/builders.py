@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import logging
 import re
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -93,13 +94,22 @@ def unet_extra_inputs(model: LoadedModel, options: EngineOptions | None = None) 
     return ordered(inputs)
 
 
+# (N, D) of each loaded IP-Adapter's tokens, by its image projection: a Plus adapter's is found by running the image
+# encoder once, which the engine's key (computed at every stream open) should not repeat.
+_IP_TOKEN_DIMS: weakref.WeakKeyDictionary[torch.nn.Module, tuple[int, int]] = weakref.WeakKeyDictionary()
+
+
 def ip_token_dims(model: LoadedModel) -> tuple[int, int]:
-    """(N, D) of the IP-Adapter's image-prompt tokens: the projection of a zero image embedding, as the engine's
-    negative rows get (:class:`~streamdiff.models.ip_adapter.ImagePromptEncoder`)."""
+    """(N, D) of the IP-Adapter's image-prompt tokens: those of the projection of a zero image embedding, as the
+    engine's negative rows get (:class:`~streamdiff.models.ip_adapter.ImagePromptEncoder`)."""
     from ..models.ip_adapter import ImagePromptEncoder
 
-    tokens = ImagePromptEncoder(model.ip_adapter).negative()  # [1, N, D]
-    return int(tokens.shape[1]), int(tokens.shape[2])
+    projection = model.ip_adapter.image_proj
+    dims = _IP_TOKEN_DIMS.get(projection)
+    if dims is None:
+        tokens = ImagePromptEncoder(model.ip_adapter).negative()  # [1, N, D]
+        dims = _IP_TOKEN_DIMS[projection] = (int(tokens.shape[1]), int(tokens.shape[2]))
+    return dims
 
 
 def key_extra(model: LoadedModel, component: Component, options: EngineOptions,
