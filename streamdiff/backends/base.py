@@ -26,6 +26,26 @@ def extra_names(extras: dict[str, torch.Tensor]) -> tuple[str, ...]:
                                                   else 0, name)))
 
 
+def unet_kwargs(extras: dict[str, torch.Tensor]) -> dict[str, object]:
+    """A diffusers ``UNet2DConditionModel``'s keyword arguments for the named extras (see :data:`UNET_EXTRAS`)."""
+    kwargs: dict[str, object] = {}
+    added = {name: extras[name] for name in ("text_embeds", "time_ids") if name in extras}
+    if added:
+        kwargs["added_cond_kwargs"] = added
+    downs = [name for name in extra_names(extras) if name.startswith("down_residual_")]
+    if downs:
+        kwargs["down_block_additional_residuals"] = tuple(extras[name] for name in downs)
+    if "mid_residual" in extras:
+        kwargs["mid_block_additional_residual"] = extras["mid_residual"]
+    ip = {name: extras[name] for name in ("ip_tokens", "ip_scale") if name in extras}
+    if ip:  # read by streamdiff.models.ip_attention's processors, which diffusers hands these to
+        kwargs["cross_attention_kwargs"] = ip
+    unknown = set(extras) - set(added) - set(downs) - {"mid_residual"} - set(ip)
+    if unknown:
+        raise TypeError(f"unknown U-Net extra inputs {sorted(unknown)}")
+    return kwargs
+
+
 @runtime_checkable
 class UNetEngine(Protocol):
     """Noise prediction: sample ``[B, C, h, w]``, timestep ``[B]`` (int64), hidden states ``[B, L, D]`` and the

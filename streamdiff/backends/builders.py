@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import logging
 import re
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -22,6 +23,7 @@ from .cache import CacheEntry, EngineCache
 from .keys import Component, EngineKey, EngineOptions, EngineShapes, ShapeRange, engine_key, exact_ranges, shape_range
 from .onnx_export import UNetExport, VaeDecoder, VaeEncoder, component_spec, export_module, verification_cases
 from .onnx_export import verify_onnx
+from .unet_inputs import ExtraInput, controlnet_residual_inputs, extras_label, ordered
 
 if TYPE_CHECKING:
     from ..models import LoadedModel
@@ -54,14 +56,16 @@ def spatial_multiple(model: LoadedModel, component: Component) -> int:
     return factor
 
 
-def component_module(model: LoadedModel, component: Component) -> torch.nn.Module:
-    """The engine-contract wrapper of ``component`` (shares the model's weights)."""
+def component_module(model: LoadedModel, component: Component, options: EngineOptions | None = None) -> torch.nn.Module:
+    """The engine-contract wrapper of ``component`` (shares the model's weights); the U-Net's takes
+    :func:`unet_extra_inputs`."""
     if component is Component.UNET:
-        return UNetExport(model.unet, model.unet_extras)
+        return UNetExport(model.unet, tuple(extra.name for extra in unet_extra_inputs(model, options)))
     return VaeEncoder(model.vae) if component is Component.VAE_ENCODER else VaeDecoder(model.vae)
 
 
-def spec_for(model: LoadedModel, component: Component, dtype: torch.dtype, device: torch.device):  # noqa: ANN201
+def spec_for(model: LoadedModel, component: Component, dtype: torch.dtype, device: torch.device,  # noqa: ANN201
+             options: EngineOptions | None = None):
     return component_spec(
         component,
         latent_channels=model.latent_channels,
@@ -70,14 +74,51 @@ def spec_for(model: LoadedModel, component: Component, dtype: torch.dtype, devic
         text_dim=int(model.unet.config.cross_attention_dim),
         dtype=dtype,
         device=device,
-        extras=unet_extra_widths(model) if component is Component.UNET else (),
+        extras=unet_extra_inputs(model, options) if component is Component.UNET else (),
     )
 
 
-def unet_extra_widths(model: LoadedModel) -> tuple[tuple[str, int], ...]:
-    """The U-Net's extra graph inputs as (name, width): SDXL's pooled embedding and its 6 time ids; none for SD."""
+def unet_extra_inputs(model: LoadedModel, options: EngineOptions | None = None) -> tuple[ExtraInput, ...]:
+    """The extra inputs of ``model``'s exported or compiled U-Net, in graph order: SDXL's pooled embedding and 6
+    time ids (an SDXL model), the IP-Adapter's tokens ``[B, N, D]`` and scales ``[B]`` (a model with one), the
+    ControlNet residuals (``options.controlnet_residuals``: an engine with ControlNets). None for a plain SD model.
+    See :mod:`~streamdiff.backends.unet_inputs`.
+    """
     widths = {"text_embeds": model.pooled_size, "time_ids": 6}
-    return tuple((name, widths[name]) for name in model.unet_extras)
+    inputs = [ExtraInput(name, (widths[name],)) for name in model.unet_extras]
+    adapter = getattr(model, "ip_adapter", None)
+    if adapter is not None:
+        inputs += [ExtraInput("ip_tokens", ip_token_dims(model)), ExtraInput("ip_scale", ())]
+    if options is not None and options.controlnet_residuals:
+        inputs += controlnet_residual_inputs(model.unet)
+    return ordered(inputs)
+
+
+# (N, D) of each loaded IP-Adapter's tokens, by its image projection: a Plus adapter's is found by running the image
+# encoder once, which the engine's key (computed at every stream open) should not repeat.
+_IP_TOKEN_DIMS: weakref.WeakKeyDictionary[torch.nn.Module, tuple[int, int]] = weakref.WeakKeyDictionary()
+
+
+def ip_token_dims(model: LoadedModel) -> tuple[int, int]:
+    """(N, D) of the IP-Adapter's image-prompt tokens: those of the projection of a zero image embedding, as the
+    engine's negative rows get (:class:`~streamdiff.models.ip_adapter.ImagePromptEncoder`)."""
+    from ..models.ip_adapter import ImagePromptEncoder
+
+    projection = model.ip_adapter.image_proj
+    dims = _IP_TOKEN_DIMS.get(projection)
+    if dims is None:
+        tokens = ImagePromptEncoder(model.ip_adapter).negative()  # [1, N, D]
+        dims = _IP_TOKEN_DIMS[projection] = (int(tokens.shape[1]), int(tokens.shape[2]))
+    return dims
+
+
+def key_extra(model: LoadedModel, component: Component, options: EngineOptions,
+              extra: dict[str, str] | None = None) -> dict[str, str] | None:
+    """``extra`` for the cache key, plus the names of the U-Net's extra inputs (:func:`unet_extra_inputs`)."""
+    inputs = unet_extra_inputs(model, options) if component is Component.UNET else ()
+    if not inputs:
+        return extra
+    return {**(extra or {}), "unet_extras": extras_label(inputs)}
 
 
 def _onnx_version() -> str:
@@ -104,14 +145,15 @@ def onnx_step(
     norms_in_float32 = dtype != torch.float32
     key = engine_key(
         model, component, shapes, backend="onnx", backend_version=_onnx_version(), dtype=dtype, opset=options.opset,
-        device=export_device, target="portable", extra={"norms": "float32"} if norms_in_float32 else None,
+        device=export_device, target="portable",
+        extra=key_extra(model, component, options, {"norms": "float32"} if norms_in_float32 else None),
     )
 
     def build(folder: Path) -> str:
-        module = component_module(model, component)
+        module = component_module(model, component, options)
         if next(module.parameters()).dtype != dtype or next(module.parameters()).device != export_device:
             module = copy.deepcopy(module).to(export_device, dtype)
-        spec = spec_for(model, component, dtype, export_device)
+        spec = spec_for(model, component, dtype, export_device, options)
         export_module(module, spec, shapes, folder / ONNX_FILE, options.opset, norms_in_float32=norms_in_float32)
         if options.verify and dtype == torch.float32:
             verify_onnx(folder / ONNX_FILE, module, spec, verification_cases(shapes, spatial_multiple(model, component)))
@@ -130,15 +172,15 @@ def aoti_steps(
     for exact in exact_ranges(component, shapes, options):
         key = engine_key(
             model, component, exact, backend="torch-aoti", backend_version=torch.__version__, dtype=model.dtype,
-            opset=None, extra={"freezing": "1"},
+            opset=None, extra=key_extra(model, component, options, {"freezing": "1"}),
         )
 
         def build(folder: Path, exact: ShapeRange = exact) -> str:
             from .compiled import aoti_compile
 
-            spec = spec_for(model, component, model.dtype, model.device)
-            return aoti_compile(UNetExport(model.unet), spec.make_inputs(exact.opt_batch, exact.opt_height,
-                                                                         exact.opt_width), folder)
+            spec = spec_for(model, component, model.dtype, model.device, options)
+            return aoti_compile(component_module(model, component, options),
+                                spec.make_inputs(exact.opt_batch, exact.opt_height, exact.opt_width), folder)
 
         description = f"compile unet (batch {exact.opt_batch}, {exact.opt_height}x{exact.opt_width}, {key.precision})"
         steps.append(
@@ -173,8 +215,9 @@ def timing_cache_path(cache: EngineCache, key: EngineKey) -> Path:
 
 
 def tensorrt_plan(model: LoadedModel, component: Component, shapes: ShapeRange, onnx_path: Path,  # noqa: ANN201
-                  timing_cache: Path | None = None):
-    """The :class:`~streamdiff.backends.tensorrt_build.TrtBuildPlan` of ``component`` (pure; no TensorRT needed)."""
+                  timing_cache: Path | None = None, *, options: EngineOptions | None = None):
+    """The :class:`~streamdiff.backends.tensorrt_build.TrtBuildPlan` of ``component`` (pure; no TensorRT needed);
+    the U-Net's profile covers its :func:`unet_extra_inputs`."""
     from .keys import precision_name
     from .tensorrt_build import build_plan
 
@@ -183,7 +226,7 @@ def tensorrt_plan(model: LoadedModel, component: Component, shapes: ShapeRange, 
         vae_scale_factor=model.vae_scale_factor,
         text_length=int(getattr(model.text_encoder.config, "max_position_embeddings", 77)),
         text_dim=int(model.unet.config.cross_attention_dim), precision=precision_name(tensorrt_dtype(model)),
-        timing_cache=timing_cache, extras=unet_extra_widths(model) if component is Component.UNET else (),
+        timing_cache=timing_cache, extras=unet_extra_inputs(model, options) if component is Component.UNET else (),
     )
 
 
@@ -198,14 +241,14 @@ def tensorrt_step(
     dtype = tensorrt_dtype(model)
     key = engine_key(
         model, component, shapes, backend="tensorrt", backend_version=tensorrt_version(), dtype=dtype,
-        opset=options.opset,
+        opset=options.opset, extra=key_extra(model, component, options),
     )
-    info = tensorrt_plan(model, component, shapes, Path(ONNX_FILE)).describe()
+    info = tensorrt_plan(model, component, shapes, Path(ONNX_FILE), options=options).describe()
 
     def build(folder: Path) -> str:
         onnx_entry = onnx.run()
-        build_engine(tensorrt_plan(model, component, shapes, onnx_entry.artifact, timing_cache_path(cache, key)),
-                     folder / PLAN_FILE)
+        build_engine(tensorrt_plan(model, component, shapes, onnx_entry.artifact, timing_cache_path(cache, key),
+                                   options=options), folder / PLAN_FILE)
         return PLAN_FILE
 
     description = f"build TensorRT {component.value} engine ({key.precision}, strongly typed)"

@@ -9,12 +9,14 @@ into a ``.pt2`` package, and stored as an engine cache entry. Loading a package 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import ConfigError, EngineBuildError
+from .unet_inputs import ExtraFeeds, ExtraInput
 
 logger = logging.getLogger(__name__)
 
@@ -55,10 +57,16 @@ class CompiledUNet:
     """A :class:`~streamdiff.backends.base.UNetEngine` from one compiled package per U-Net batch size.
 
     Compiled for static shapes: a sample shape it was not compiled for raises ConfigError naming the shapes it has.
+    ``extras``: the packages' extra inputs after the hidden states (``builders.unet_extra_inputs``: SDXL's added
+    conditions, IP-Adapter tokens and scales, ControlNet residuals), the same for every package; a call without
+    ControlNet residuals runs with zero residuals (:class:`~streamdiff.backends.unet_inputs.ExtraFeeds`).
     """
 
-    def __init__(self, packages: dict[tuple[int, ...], Path]) -> None:
+    takes_extras = frozenset({"sdxl", "controlnet", "ip_adapter"})  # the extras kinds this engine class takes
+
+    def __init__(self, packages: dict[tuple[int, ...], Path], extras: Sequence[ExtraInput] = ()) -> None:
         self.modules = {shape: AotiModule(path) for shape, path in packages.items()}
+        self.extras = ExtraFeeds(extras)
 
     @property
     def batch_sizes(self) -> tuple[int, ...]:
@@ -67,7 +75,8 @@ class CompiledUNet:
 
     @torch.inference_mode()
     def __call__(
-        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+        **extras: torch.Tensor,
     ) -> torch.Tensor:
         module = self.modules.get(tuple(sample.shape))
         if module is None:
@@ -75,4 +84,5 @@ class CompiledUNet:
                 f"the compiled U-Net has no engine for sample shape {tuple(sample.shape)}; compiled shapes: "
                 f"{sorted(self.modules)}. Rebuild the pipeline for the new configuration."
             )
-        return module(sample, timestep.to(torch.float32), encoder_hidden_states)
+        inputs = self.extras.complete(sample, extras)
+        return module(sample, timestep.to(torch.float32), encoder_hidden_states, *inputs.values())

@@ -12,7 +12,7 @@ import torch
 from ..config import BackendKind, Quantization, to_enum
 from ..errors import BackendUnavailable, ConfigError, missing_extra
 from .base import UNetEngine, VaeEngine
-from .builders import COMPONENTS, BuildStep, plan_builds
+from .builders import COMPONENTS, BuildStep, plan_builds, unet_extra_inputs
 from .cache import EngineCache
 from .keys import Component, EngineOptions, EngineShapes, engine_shapes
 from .torch_backend import TorchUNet, TorchVae
@@ -37,8 +37,6 @@ def extras_problem(kind: BackendKind, model: LoadedModel, options: EngineOptions
     if kind not in EXTRA_INPUT_BACKENDS:
         allowed = ", ".join(sorted(k.value for k in EXTRA_INPUT_BACKENDS))
         return f"backend {kind.value!r} does not take the U-Net extra inputs {list(extras)} (SDXL); use {allowed}"
-    if kind is BackendKind.TORCH and options.compile:
-        return f"compile=True (AOTInductor) does not take the U-Net extra inputs {list(extras)} (SDXL); use eager torch"
     return None
 
 
@@ -79,8 +77,8 @@ def choose_auto(model: LoadedModel, options: EngineOptions) -> tuple[BackendKind
     and the tiny model several times faster; then torch (AOTInductor with ``compile=True``) for bfloat16, ONNX
     Runtime for float32.
     """
-    if getattr(model, "ip_adapter", None) is not None and not options.compile:
-        return BackendKind.TORCH, "the model has an IP-Adapter, whose per-row image prompts run in eager torch only"
+    if getattr(model, "ip_adapter", None) is not None and model.device.type == "cpu" and not options.compile:
+        return BackendKind.TORCH, "the model has an IP-Adapter, which the OpenVINO backend does not take"
     if model.device.type == "cuda":
         problem = tensorrt_problem()
         if problem is None:
@@ -120,12 +118,11 @@ def resolve_backend(kind: BackendKind | str, model: LoadedModel, options: Engine
     if kind is BackendKind.AUTO:
         kind, reason = choose_auto(model, options)
         logger.info("backend auto: picked %s because %s", kind.value, reason)
-    if getattr(model, "ip_adapter", None) is not None and (kind is not BackendKind.TORCH or options.compile):
-        what = "compile=True" if kind is BackendKind.TORCH else f"backend {kind.value!r}"
+    if getattr(model, "ip_adapter", None) is not None and kind is BackendKind.OPENVINO:
         raise ConfigError(
-            f"an IP-Adapter (image prompt) runs on the eager torch backend only, not with {what}: its per-row "
-            "image tokens and scales are not inputs of compiled engines. Use backend='torch' without compile",
-            field="backend", value=kind.value, allowed="torch (eager) with an IP-Adapter",
+            f"an IP-Adapter (image prompt) does not run on backend {kind.value!r}: its per-row image tokens and "
+            "scales are not inputs of its engines. Use backend 'torch', 'onnxruntime' or 'tensorrt'",
+            field="backend", value=kind.value, allowed="torch, onnxruntime, tensorrt with an IP-Adapter",
         )
     if options.quantize is not Quantization.NONE and kind is not BackendKind.OPENVINO:
         raise ConfigError(
@@ -200,7 +197,7 @@ def create_engines(
                 latent = (model.latent_channels, key.shapes.opt_height // model.vae_scale_factor,
                           key.shapes.opt_width // model.vae_scale_factor)
                 packages[(key.shapes.opt_batch, *latent)] = entry.artifact
-            return CompiledUNet(packages), vae
+            return CompiledUNet(packages, unet_extra_inputs(model, options)), vae
         return TorchUNet(model.unet, channels_last=options.channels_last), vae
     paths = {c: by_component[c][0][1].artifact for c in COMPONENTS}
     if kind is BackendKind.OPENVINO:
@@ -221,14 +218,16 @@ def create_engines(
         if max_shapes is not None:
             for component_options in session.values():
                 component_options["max_shapes"] = max_shapes
-        engines = OrtUNet(paths[Component.UNET], model.device, **session[Component.UNET]), OrtVae(
+        engines = OrtUNet(paths[Component.UNET], model.device, unet_extra_inputs(model, options),
+                          **session[Component.UNET]), OrtVae(
             paths[Component.VAE_ENCODER], paths[Component.VAE_DECODER], model.device,
             encoder=session[Component.VAE_ENCODER], decoder=session[Component.VAE_DECODER],
         )
     else:
         from .tensorrt_runtime import TrtUNet, TrtVae
 
-        engines = TrtUNet(paths[Component.UNET], model.device, cuda_graphs), TrtVae(
+        trt_unet = TrtUNet(paths[Component.UNET], model.device, cuda_graphs, unet_extra_inputs(model, options))
+        engines = trt_unet, TrtVae(
             paths[Component.VAE_ENCODER], paths[Component.VAE_DECODER], model.device, cuda_graphs
         )
     if model.device.type == "cuda":
@@ -249,7 +248,7 @@ def onnxruntime_session_options(model: LoadedModel, options: EngineOptions, keys
         out[component] = dict(
             providers=options.onnx_providers, graph_dtype=dtype,
             tensorrt_cache=options.directory / ORT_TENSORRT_CACHE if model.device.type == "cuda" else None,
-            profile=tensorrt_plan(model, component, key.shapes, Path(key.name)).profile,
+            profile=tensorrt_plan(model, component, key.shapes, Path(key.name), options=options).profile,
         )
     return out
 

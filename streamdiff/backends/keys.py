@@ -61,6 +61,9 @@ class EngineOptions:
     and TensorRT alike, are ``EngineConfig.cuda_graphs``). ``onnx_providers``: ONNX Runtime's execution providers on
     a GPU, in order of preference (``("CUDAExecutionProvider",)``); empty means TensorRT's, then CUDA's.
     ``quantize``: ``"int8-weights"`` compresses the OpenVINO U-Net's weights to int8 (:class:`Quantization`).
+    ``controlnet_residuals``: the compiled U-Net engines take ControlNet residual inputs (zeros in calls without
+    control; see :mod:`streamdiff.backends.unet_inputs`); a :class:`~streamdiff.engine.StreamEngine` with ControlNets
+    sets it itself.
     """
 
     engine_dir: Path | str | None = None
@@ -74,11 +77,12 @@ class EngineOptions:
     verify: bool = True
     onnx_providers: tuple[str, ...] = ()
     quantize: Quantization | str = Quantization.NONE
+    controlnet_residuals: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "quantize", to_enum(Quantization, self.quantize, "quantize"))
         object.__setattr__(self, "onnx_providers", tuple(self.onnx_providers))
-        for name in ("compile", "channels_last", "verify"):
+        for name in ("compile", "channels_last", "verify", "controlnet_residuals"):
             check_bool(name, getattr(self, name))
         if check_int("opset", self.opset) < 17:
             raise ConfigError(f"opset={self.opset} is below 17, the lowest opset streamdiff exports")
@@ -382,11 +386,17 @@ def engine_key(
     """The cache key of one artifact of ``model``'s ``component``.
 
     ``target`` overrides the hardware id (``"portable"`` for ONNX graphs, which do not depend on the hardware).
-    A U-Net with extra inputs (SDXL's ``text_embeds``/``time_ids``) has them in ``extra`` as ``unet_extras``.
+    A U-Net with extra inputs has them in ``extra`` as ``unet_extras``: SDXL's ``text_embeds``/``time_ids`` unless
+    ``extra`` names them itself (the exported graphs' builders name every input they take, see
+    ``builders.unet_extra_inputs``); a U-Net with an IP-Adapter installed has its weights' fingerprint as
+    ``ip_adapter``.
     """
     extras = tuple(getattr(model, "unet_extras", ()))
     if component is Component.UNET and extras:
-        extra = {**(extra or {}), "unet_extras": ",".join(extras)}
+        extra = {"unet_extras": ",".join(extras), **(extra or {})}
+    adapter = getattr(model, "ip_adapter", None)
+    if component is Component.UNET and adapter is not None:
+        extra = {**(extra or {}), "ip_adapter": adapter.fingerprint}
     return EngineKey(
         model=model.model_id,
         weights=model.fingerprint,

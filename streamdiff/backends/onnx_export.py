@@ -21,7 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError, EngineBuildError, import_extra, missing_extra
+from .base import UNET_EXTRAS, unet_kwargs
 from .keys import Component, ShapeRange
+from .unet_inputs import ExtraInput, known_extra
 
 logger = logging.getLogger(__name__)
 
@@ -29,30 +31,27 @@ PROTOBUF_LIMIT = 2**31 - 1
 DEFAULT_TOLERANCE = 1e-3
 
 
-# The U-Net extra inputs (backends.base.UNET_EXTRAS) that exported graphs take: SDXL's added conditions, each
-# [B, width]. They follow the three standard inputs, in this order.
-GRAPH_EXTRAS = ("text_embeds", "time_ids")
-
-
 class UNetExport(torch.nn.Module):
     """ε = U-Net(sample ``[B, C, h, w]``, timestep ``[B]`` float32, encoder_hidden_states ``[B, L, D]``, then the
-    ``extra_names`` inputs in that order: SDXL's ``text_embeds`` ``[B, D_pool]`` and ``time_ids`` ``[B, 6]``)."""
+    ``extra_names`` inputs in that order): any extras of :data:`~streamdiff.backends.base.UNET_EXTRAS` (SDXL's added
+    conditions, ControlNet residuals, IP-Adapter tokens and scales), handed to diffusers as the eager torch backend
+    hands them (:func:`~streamdiff.backends.base.unet_kwargs`)."""
 
     def __init__(self, unet: torch.nn.Module, extra_names: tuple[str, ...] = ()) -> None:
         super().__init__()
-        unknown = set(extra_names) - set(GRAPH_EXTRAS)
+        unknown = [name for name in extra_names if not known_extra(name)]
         if unknown:
-            raise ConfigError(f"exported U-Net graphs take the extra inputs {list(GRAPH_EXTRAS)}, "
-                              f"not {sorted(unknown)}")
+            raise ConfigError(f"exported U-Net graphs take the extra inputs {sorted(UNET_EXTRAS)} "
+                              f"(down_residual_<i> for the down blocks), not {unknown}")
         self.unet = unet
         self.extra_names = tuple(extra_names)
 
     def forward(
         self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor, *extras: torch.Tensor
     ) -> torch.Tensor:
-        added = dict(zip(self.extra_names, extras)) or None
-        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added,
-                         return_dict=False)[0]
+        kwargs = unet_kwargs(dict(zip(self.extra_names, extras)))
+        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False,
+                         **kwargs)[0]
 
 
 def _vae_factors(vae: torch.nn.Module) -> tuple[float, float, bool]:
@@ -107,12 +106,12 @@ def component_spec(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     seed: int = 0,
-    extras: tuple[tuple[str, int], ...] = (),
+    extras: tuple[ExtraInput, ...] = (),
 ) -> ComponentSpec:
     """The graph signature of ``component``; ``make_inputs`` draws seeded example inputs for a shape.
 
-    ``extras``: the U-Net's extra inputs (:data:`GRAPH_EXTRAS`) as (name, width) pairs, each ``[B, width]``; SDXL's
-    ``time_ids`` example is the frame's own (H, W, 0, 0, H, W)."""
+    ``extras``: the U-Net's extra inputs (:class:`~streamdiff.backends.unet_inputs.ExtraInput`), in graph order.
+    SDXL's ``time_ids`` example is the frame's own (H, W, 0, 0, H, W); ``ip_scale``'s is in [0, 2)."""
     s, c = vae_scale_factor, latent_channels
 
     def randn(*shape: int) -> torch.Tensor:
@@ -121,21 +120,22 @@ def component_spec(
 
     if component is Component.UNET:
 
-        def extra_input(name: str, width: int, b: int, h: int, w: int) -> torch.Tensor:
-            if name == "time_ids":
+        def extra_input(extra: ExtraInput, b: int, h: int, w: int) -> torch.Tensor:
+            if extra.name == "time_ids":
                 return torch.tensor([[h, w, 0, 0, h, w]], dtype=dtype, device=device).expand(b, -1).contiguous()
-            return randn(b, width)
+            value = randn(*extra.shape(b, h // s, w // s))
+            return value.abs().remainder(2.0) if extra.name == "ip_scale" else value
 
         def unet_inputs(b: int, h: int, w: int) -> tuple[torch.Tensor, ...]:
             timestep = torch.linspace(999.0, 19.0, b).round().to(device, torch.float32)
-            added = tuple(extra_input(name, width, b, h, w) for name, width in extras)
+            added = tuple(extra_input(extra, b, h, w) for extra in extras)
             return (randn(b, c, h // s, w // s), timestep, randn(b, text_length, text_dim), *added)
 
         return ComponentSpec(
-            ("sample", "timestep", "encoder_hidden_states", *(name for name, _ in extras)),
+            ("sample", "timestep", "encoder_hidden_states", *(extra.name for extra in extras)),
             "noise_pred",
             {"sample": {0: "B", 2: "h", 3: "w"}, "timestep": {0: "B"}, "encoder_hidden_states": {0: "B"},
-             **{name: {0: "B"} for name, _ in extras}, "noise_pred": {0: "B", 2: "h", 3: "w"}},
+             **{extra.name: extra.dynamic_axes() for extra in extras}, "noise_pred": {0: "B", 2: "h", 3: "w"}},
             unet_inputs,
         )
     if component is Component.VAE_ENCODER:

@@ -26,6 +26,7 @@ import torch
 
 from ..errors import BackendUnavailable, ConfigError, EngineBuildError, import_extra
 from .cuda_ops import DEFAULT_CUDA, TorchCuda
+from .unet_inputs import ExtraFeeds, ExtraInput
 
 logger = logging.getLogger(__name__)
 
@@ -284,10 +285,23 @@ class OrtSession:
 
 
 class OrtUNet:
-    """A :class:`~streamdiff.backends.base.UNetEngine` on an exported U-Net graph."""
+    """A :class:`~streamdiff.backends.base.UNetEngine` on an exported U-Net graph.
 
-    def __init__(self, path: Path | str, device: torch.device, **session: Any) -> None:
+    ``extras``: the graph's extra inputs (``builders.unet_extra_inputs``); a call without ControlNet residuals on a
+    graph that takes them runs with zero residuals (:class:`~streamdiff.backends.unet_inputs.ExtraFeeds`). None takes
+    the graph's extra inputs as they come (no residual filling).
+    """
+
+    takes_extras = frozenset({"sdxl", "controlnet", "ip_adapter"})  # the extras kinds this engine class takes
+
+    def __init__(self, path: Path | str, device: torch.device, extras: Sequence[ExtraInput] | None = None,
+                 **session: Any) -> None:
         self.session = OrtSession(path, device, **session)
+        self.extras = ExtraFeeds(extras) if extras is not None else None
+        graph = set(self.session.input_names) - {"sample", "timestep", "encoder_hidden_states"}
+        if self.extras is not None and graph != set(self.extras.names):
+            raise EngineBuildError(f"{path}: the graph's extra inputs {sorted(graph)} are not the engine's "
+                                   f"{list(self.extras.names)}; rebuild it")
 
     def recover(self) -> None:
         """Before the next call after a failed one (see :class:`OrtSession`)."""
@@ -297,7 +311,9 @@ class OrtUNet:
         self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
         **extras: torch.Tensor,
     ) -> torch.Tensor:
-        """``extras``: the graph's extra inputs by name (SDXL's ``text_embeds``, ``time_ids``)."""
+        """``extras``: the graph's extra inputs by name (``base.UNET_EXTRAS``; ControlNet residuals all or none)."""
+        if self.extras is not None:
+            extras = self.extras.complete(sample, extras)
         out = self.session.run(
             {"sample": sample, "timestep": timestep, "encoder_hidden_states": encoder_hidden_states, **extras}
         )

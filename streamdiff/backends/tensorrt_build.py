@@ -26,6 +26,7 @@ from typing import Any
 
 from ..errors import BackendUnavailable, EngineBuildError
 from .keys import Component, ShapeRange
+from .unet_inputs import ExtraInput
 
 logger = logging.getLogger(__name__)
 
@@ -56,11 +57,12 @@ def trt_profile(
     vae_scale_factor: int,
     text_length: int,
     text_dim: int,
-    extras: tuple[tuple[str, int], ...] = (),
+    extras: tuple[ExtraInput, ...] = (),
 ) -> tuple[TensorProfile, ...]:
     """The optimization profile of ``component`` for ``shapes`` (sides in pixels; latents are 1/s of that).
 
-    ``extras``: the U-Net's extra inputs as (name, width), each ``[B, width]`` (SDXL's ``text_embeds``, ``time_ids``).
+    ``extras``: the U-Net's extra inputs (:class:`~streamdiff.backends.unet_inputs.ExtraInput`): each follows the
+    batch range, and a ControlNet residual the latent's sides at its stride too.
     """
     s, c = vae_scale_factor, latent_channels
     (b0, b1), bo = shapes.batch, shapes.opt_batch
@@ -74,7 +76,8 @@ def trt_profile(
                 "encoder_hidden_states", (b0, text_length, text_dim), (bo, text_length, text_dim),
                 (b1, text_length, text_dim),
             ),
-            *(TensorProfile(name, (b0, width), (bo, width), (b1, width)) for name, width in extras),
+            *(TensorProfile(extra.name, extra.shape(b0, h0 // s, w0 // s), extra.shape(bo, ho // s, wo // s),
+                            extra.shape(b1, h1 // s, w1 // s)) for extra in extras),
         )
     if component is Component.VAE_ENCODER:
         return (TensorProfile("images", (b0, 3, h0, w0), (bo, 3, ho, wo), (b1, 3, h1, w1)),)
@@ -132,7 +135,7 @@ def build_plan(
     precision: str = "float16",
     optimization_level: int = DEFAULT_OPTIMIZATION_LEVEL,
     timing_cache: Path | None = None,
-    extras: tuple[tuple[str, int], ...] = (),
+    extras: tuple[ExtraInput, ...] = (),
 ) -> TrtBuildPlan:
     """The build plan of ``component`` from its exported ONNX graph (in ``precision``); ``extras``: the U-Net's
     extra inputs (see :func:`trt_profile`)."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ import torch
 from ..errors import ConfigError, EngineBuildError, StreamDiffError
 from .cuda_ops import DEFAULT_CUDA, TorchCuda
 from .tensorrt_build import check_version, import_tensorrt
+from .unet_inputs import ExtraFeeds, ExtraInput
 
 logger = logging.getLogger(__name__)
 
@@ -241,11 +243,25 @@ class TrtEngine:
 
 
 class TrtUNet:
-    """A :class:`~streamdiff.backends.base.UNetEngine` on a TensorRT U-Net engine."""
+    """A :class:`~streamdiff.backends.base.UNetEngine` on a TensorRT U-Net engine.
 
-    def __init__(self, path: Path | str, device: torch.device, cuda_graph: bool = False, **kwargs: Any) -> None:
+    ``extras``: the engine's extra inputs (``builders.unet_extra_inputs``), each bound in every shape slot; a call
+    without ControlNet residuals on an engine that takes them runs with zero residuals
+    (:class:`~streamdiff.backends.unet_inputs.ExtraFeeds`). None takes the engine's own extra inputs as they come
+    (no residual filling).
+    """
+
+    takes_extras = frozenset({"sdxl", "controlnet", "ip_adapter"})  # the extras kinds this engine class takes
+
+    def __init__(self, path: Path | str, device: torch.device, cuda_graph: bool = False,
+                 extras: Sequence[ExtraInput] | None = None, **kwargs: Any) -> None:
         kwargs.setdefault("max_shapes", UNET_MAX_SHAPES)
         self.engine = TrtEngine(path, device, cuda_graph, **kwargs)
+        self.extras = ExtraFeeds(extras) if extras is not None else None
+        engine_extras = set(self.engine.inputs) - {"sample", "timestep", "encoder_hidden_states"}
+        if self.extras is not None and engine_extras != set(self.extras.names):
+            raise EngineBuildError(f"{path}: the engine's extra inputs {sorted(engine_extras)} are not the "
+                                   f"expected {list(self.extras.names)}; rebuild it")
 
     def recover(self) -> None:
         """Before the next call after a failed one (see :meth:`TrtEngine.recover`)."""
@@ -255,8 +271,10 @@ class TrtUNet:
         self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
         **extras: torch.Tensor,
     ) -> torch.Tensor:
-        """``extras``: the engine's extra inputs by name (SDXL's ``text_embeds``, ``time_ids``)."""
+        """``extras``: the engine's extra inputs by name (``base.UNET_EXTRAS``; ControlNet residuals all or none)."""
         dtypes = self.engine.dtypes
+        if self.extras is not None:
+            extras = self.extras.complete(sample, extras)
         wanted = set(self.engine.inputs) - {"sample", "timestep", "encoder_hidden_states"}
         if set(extras) != wanted:
             raise ConfigError(f"the TensorRT U-Net takes the extra inputs {sorted(wanted)}, got {sorted(extras)}")

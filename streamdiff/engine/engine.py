@@ -29,6 +29,7 @@ import logging
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any, Callable
 
 import numpy as np
@@ -108,6 +109,8 @@ class StreamEngine:
         self.controlnets = {
             check_name(name): check_family(name, load_controlnet(source, model.device, model.dtype, sdxl=sdxl), sdxl)
             for name, source in (controlnets or {}).items()}
+        if self.controlnets:  # compiled U-Net engines get residual inputs (backends.unet_inputs)
+            self.options = replace(self.options, controlnet_residuals=True)
         self.graphs = self._cuda_graphs(cuda)
         on_cuda = model.device.type == "cuda" or cuda is not None
         self.preprocessors = {**builtin_preprocessors(), **(preprocessors or {})}
@@ -237,12 +240,12 @@ class StreamEngine:
                 allowed = ", ".join(sorted(self.preprocessors))
                 raise ConfigError(f"preprocessor {spec.preprocessor!r} of controlnet {spec.name!r} is not one of "
                                   f"{allowed}", field="preprocessor", value=spec.preprocessor, allowed=allowed)
-        if specs and (self.backend is not BackendKind.TORCH or self.graphs is not None or self.options.compile):
-            what = self.backend.value + (" with CUDA graphs" if self.graphs is not None else "") + (
-                " compiled" if self.options.compile else "")
-            raise ConfigError(f"ControlNet needs a U-Net that takes residual inputs: the eager torch backend; this "
-                              f"engine runs {what}", field="controlnets", value=[s.name for s in specs],
-                              allowed="[] on this engine")
+        residual_backends = (BackendKind.TORCH, BackendKind.ONNXRUNTIME, BackendKind.TENSORRT)
+        if specs and (self.backend not in residual_backends or self.graphs is not None):
+            what = self.backend.value + (" with CUDA graphs" if self.graphs is not None else "")
+            raise ConfigError(f"ControlNet needs a U-Net that takes residual inputs: torch (eager or compiled, "
+                              f"without CUDA graphs), onnxruntime or tensorrt; this engine runs {what}",
+                              field="controlnets", value=[s.name for s in specs], allowed="[] on this engine")
 
     # -- synchronous use --------------------------------------------------------------------------------------------
 
