@@ -26,6 +26,45 @@ def extra_names(extras: dict[str, torch.Tensor]) -> tuple[str, ...]:
                                                   else 0, name)))
 
 
+RESIDUAL_PREFIX = "down_residual_"
+IP_EXTRAS = ("ip_tokens", "ip_scale")
+
+
+def residual_layout(unet: torch.nn.Module) -> tuple[tuple[str, int, int], ...]:
+    """The ControlNet residual inputs of ``unet`` as (name, channels, down factor), in :func:`extra_names` order.
+
+    One per output of the U-Net's ``conv_in`` and of each resnet layer and downsampler of its down blocks (what its
+    ``down_block_res_samples`` hold; a ControlNet made for it returns them in that order), then the mid block's.
+    A residual of factor ``k`` has the latent's sides divided by ``k``.
+    """
+    config = unet.config  # type: ignore[attr-defined]
+    widths = list(config.block_out_channels)
+    layers = config.layers_per_block
+    layers = list(layers) if isinstance(layers, (list, tuple)) else [int(layers)] * len(widths)
+    layout, factor = [(widths[0], 1)], 1
+    for i, width in enumerate(widths):
+        layout += [(width, factor)] * int(layers[i])
+        if i < len(widths) - 1:
+            factor *= 2
+            layout.append((width, factor))
+    names = [f"{RESIDUAL_PREFIX}{i}" for i in range(len(layout))] + ["mid_residual"]
+    layout.append((widths[-1], factor))
+    return tuple((name, channels, k) for name, (channels, k) in zip(names, layout))
+
+
+@runtime_checkable
+class ControlNetEngine(Protocol):
+    """A ControlNet at conditioning scale 1: sample ``[B, C, h, w]``, timestep ``[B]``, hidden states ``[B, L, D]``,
+    control image ``[B, 3, H, W]`` in [0, 1] and, for SDXL, the ``text_embeds``/``time_ids`` extras → its residuals
+    (down blocks' in order, then the mid block's), each ``[B, C_i, h_i, w_i]``, as :func:`residual_layout` names
+    them."""
+
+    def __call__(
+        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+        controlnet_cond: torch.Tensor, **extras: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]: ...
+
+
 @runtime_checkable
 class UNetEngine(Protocol):
     """Noise prediction: sample ``[B, C, h, w]``, timestep ``[B]`` (int64), hidden states ``[B, L, D]`` and the

@@ -42,6 +42,7 @@ class Component(str, enum.Enum):
     UNET = "unet"
     VAE_ENCODER = "vae_encoder"
     VAE_DECODER = "vae_decoder"
+    CONTROLNET = "controlnet"  # a ControlNet compiled beside the U-Net (its key names the ControlNet's weights)
 
 
 def default_engine_dir() -> Path:
@@ -378,15 +379,22 @@ def engine_key(
     device: torch.device | None = None,
     target: str | None = None,
     extra: dict[str, str] | None = None,
+    unet_extras: tuple[str, ...] | None = None,
 ) -> EngineKey:
     """The cache key of one artifact of ``model``'s ``component``.
 
     ``target`` overrides the hardware id (``"portable"`` for ONNX graphs, which do not depend on the hardware).
-    A U-Net with extra inputs (SDXL's ``text_embeds``/``time_ids``) has them in ``extra`` as ``unet_extras``.
+    A U-Net with extra inputs has them in ``extra`` as ``unet_extras``: ``unet_extras`` names the graph's (None:
+    the model's own, SDXL's ``text_embeds``/``time_ids``; a backend that also takes ControlNet residuals or
+    IP-Adapter inputs names them all). A U-Net with an IP-Adapter installed has its fingerprint as ``ip_adapter``
+    (its attention weights are part of the U-Net's).
     """
-    extras = tuple(getattr(model, "unet_extras", ()))
+    extras = tuple(getattr(model, "unet_extras", ())) if unet_extras is None else tuple(unet_extras)
     if component is Component.UNET and extras:
         extra = {**(extra or {}), "unet_extras": ",".join(extras)}
+    adapter = getattr(model, "ip_adapter", None)
+    if component is Component.UNET and adapter is not None:
+        extra = {**(extra or {}), "ip_adapter": str(adapter.fingerprint)}
     return EngineKey(
         model=model.model_id,
         weights=model.fingerprint,
