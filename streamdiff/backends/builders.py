@@ -241,7 +241,7 @@ def openvino_step(
     one compiled copy of the weights per batch size. ``controlnet``: the U-Net takes ControlNet residual inputs
     (an engine with ControlNets); its key names every extra input (:func:`openvino_unet_extras`).
     """
-    from .openvino_backend import (OvUNetGraph, build_blob, example_inputs, extra_examples, nncf_version,
+    from .openvino_backend import (Float32Graph, OvUNetGraph, build_blob, example_inputs, extra_examples, nncf_version,
                                    openvino_version, precision_hint, unet_time_projection_input)
 
     exact = exact_ranges(component, shapes, options)
@@ -263,8 +263,8 @@ def openvino_step(
         spec = spec_for(model, component, torch.float32, torch.device("cpu"))
         example = example_inputs(component, spec, shapes, model.unet)
         if component is not Component.UNET:
-            return build_blob(component, component_module(model, component), example, model.dtype, folder,
-                              static=static)
+            return build_blob(component, Float32Graph(component_module(model, component)), example, model.dtype,
+                              folder, static=static)
         more = names[len(model.unet_extras):]
         latent = (shapes.opt_height // model.vae_scale_factor, shapes.opt_width // model.vae_scale_factor)
         example += extra_examples(model, more, shapes.opt_batch, latent)
