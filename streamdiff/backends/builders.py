@@ -13,7 +13,7 @@ import logging
 import re
 import weakref
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -218,6 +218,16 @@ def tensorrt_step(
     )
 
 
+def smallest(shapes: ShapeRange) -> ShapeRange:
+    """``shapes`` tuned for its smallest batch and size: where a graph with dynamic axes is traced for OpenVINO.
+
+    The trace only records the operations (the axes stay dynamic), and it runs the torch module once: at an
+    SD-2.1-size U-Net's default tuned shape (batch 8, 512²) in bfloat16 on a CPU without native bfloat16 that one
+    eager call took over 10 minutes here.
+    """
+    return replace(shapes, opt_batch=shapes.batch[0], opt_height=shapes.height[0], opt_width=shapes.width[0])
+
+
 def openvino_unet_extras(model: LoadedModel, controlnet: bool) -> tuple[str, ...]:
     """The OpenVINO U-Net graph's extra inputs, in order: SDXL's added conditions, the IP-Adapter's ``ip_tokens``
     and ``ip_scale`` (a model with one), and with ``controlnet`` every ControlNet residual."""
@@ -261,13 +271,14 @@ def openvino_step(
 
     def build(folder: Path) -> str:
         spec = spec_for(model, component, torch.float32, torch.device("cpu"))
-        example = example_inputs(component, spec, shapes, model.unet)
+        traced = shapes if static else smallest(shapes)
+        example = example_inputs(component, spec, traced, model.unet)
         if component is not Component.UNET:
             return build_blob(component, Float32Graph(component_module(model, component)), example, model.dtype,
                               folder, static=static)
         more = names[len(model.unet_extras):]
-        latent = (shapes.opt_height // model.vae_scale_factor, shapes.opt_width // model.vae_scale_factor)
-        example += extra_examples(model, more, shapes.opt_batch, latent)
+        latent = (traced.opt_height // model.vae_scale_factor, traced.opt_width // model.vae_scale_factor)
+        example += extra_examples(model, more, traced.opt_batch, latent)
         return build_blob(component, OvUNetGraph(model.unet, names), example, model.dtype, folder, static=static,
                           quantize=quantize, guard=unet_time_projection_input(model.unet))
 
@@ -313,7 +324,8 @@ def openvino_controlnet_step(
     )
 
     def build(folder: Path) -> str:
-        example = controlnet_examples(model, controlnet, shapes.opt_batch, shapes.opt_height, shapes.opt_width)
+        traced = smallest(shapes)
+        example = controlnet_examples(model, controlnet, traced.opt_batch, traced.opt_height, traced.opt_width)
         with controlnet_time_projection_input(controlnet) as given:
             graph = OvControlNetGraph(controlnet, given, sdxl=model.sdxl is not None)
             return build_blob(Component.CONTROLNET, graph, example, model.dtype, folder)
