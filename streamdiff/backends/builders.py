@@ -251,8 +251,9 @@ def openvino_step(
     one compiled copy of the weights per batch size. ``controlnet``: the U-Net takes ControlNet residual inputs
     (an engine with ControlNets); its key names every extra input (:func:`openvino_unet_extras`).
     """
-    from .openvino_backend import (Float32Graph, OvUNetGraph, build_blob, example_inputs, extra_examples, nncf_version,
-                                   openvino_version, precision_hint, unet_time_projection_input)
+    from .openvino_backend import (Float32Graph, OvUNetGraph, build_blob, nncf_version, openvino_version,
+                                   precision_hint, unet_time_projection_input)
+    from .openvino_inputs import example_inputs, extra_examples
 
     exact = exact_ranges(component, shapes, options)
     static = len(exact) == 1

@@ -281,7 +281,8 @@ def create_backend(
     paths = {c: by_component[c][0][1].artifact for c in COMPONENTS}
     if kind is BackendKind.OPENVINO:
         from .builders import openvino_unet_extras
-        from .openvino_backend import OvUNet, OvVae, hand_cores_to_openvino, warm_up
+        from .openvino_backend import OvUNet, OvVae, hand_cores_to_openvino
+        from .openvino_inputs import warm_up
         from .openvino_controlnet import OvControlNet
 
         bound = {} if max_shapes is None else {"max_shapes": max_shapes}

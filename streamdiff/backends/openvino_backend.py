@@ -30,8 +30,7 @@ import torch
 
 from ..config import Quantization
 from ..errors import ConfigError, EngineBuildError, StreamDiffError, import_extra
-from .base import IP_EXTRAS, residual_layout
-from .keys import Component, ShapeRange
+from .keys import Component
 from .torch_backend import unet_kwargs
 
 logger = logging.getLogger(__name__)
@@ -225,46 +224,6 @@ def build_blob(
     return BLOB_FILE
 
 
-def example_inputs(component: Component, spec: Any, shapes: ShapeRange, unet: torch.nn.Module | None
-                   ) -> tuple[torch.Tensor, ...]:
-    """Float32 example inputs at the tuned shape; the U-Net's timestep replaced by its time projection."""
-    inputs = tuple(t.float() for t in spec.make_inputs(shapes.opt_batch, shapes.opt_height, shapes.opt_width))
-    if component is Component.UNET:
-        assert unet is not None
-        sample, timestep, hidden, *extras = inputs
-        return (sample, unet_time_projection(unet, timestep), hidden, *extras)
-    return inputs
-
-
-def ip_example(model: Any, batch: int, zero: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """IP-Adapter inputs for ``batch`` rows of ``model`` (a LoadedModel with an IP-Adapter): ``ip_tokens``
-    ``[B, N, D]`` and ``ip_scale`` ``[B]``, float32, seeded random (``zero``: zeros, as rows without an image)."""
-    from ..models.ip_adapter import ImagePromptEncoder
-
-    shape = tuple(ImagePromptEncoder(model.ip_adapter, capacity=1).negative().shape[1:])
-    if zero:
-        return torch.zeros(batch, *shape), torch.zeros(batch)
-    generator = torch.Generator().manual_seed(batch)
-    return torch.randn(batch, *shape, generator=generator), torch.linspace(0.5, 1.5, batch)
-
-
-def extra_examples(model: Any, names: tuple[str, ...], batch: int, latent: tuple[int, int]
-                   ) -> tuple[torch.Tensor, ...]:
-    """Float32 example inputs of the U-Net extras ``names`` besides SDXL's (ControlNet residuals, IP-Adapter) for
-    ``batch`` rows at ``latent`` (height, width)."""
-    layout = {name: (channels, factor) for name, channels, factor in residual_layout(model.unet)}
-    ip = dict(zip(IP_EXTRAS, ip_example(model, batch))) if any(n in IP_EXTRAS for n in names) else {}
-    generator = torch.Generator().manual_seed(batch + latent[0])
-    out = []
-    for name in names:
-        if name in layout:
-            channels, factor = layout[name]
-            out.append(torch.randn(batch, channels, latent[0] // factor, latent[1] // factor, generator=generator))
-        else:
-            out.append(ip[name])
-    return tuple(out)
-
-
 DEFAULT_MAX_SHAPES = 8
 
 
@@ -456,24 +415,3 @@ class OvVae:
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.decoder.run(latents).to(latents.device, latents.dtype)
-
-
-@torch.inference_mode()
-def warm_up(unet: OvUNet, vae: OvVae, model: Any, shapes: Any) -> None:
-    """One call of each engine per frame size, at the tuned U-Net batch.
-
-    OpenVINO prepares its kernels for an input shape on the first call with that shape (seconds for an SD-2.1-size
-    U-Net); doing it here keeps that out of the first frames. ``model``: the LoadedModel; ``shapes``: EngineShapes.
-    """
-    batch = min(max(shapes.opt_batch, shapes.unet_batch[0]), shapes.unet_batch[1])
-    text = (int(getattr(model.text_encoder.config, "max_position_embeddings", 77)),
-            int(model.unet.config.cross_attention_dim))
-    for width, height in shapes.sizes:
-        latents = vae.encode(torch.zeros(shapes.vae_batch[0], 3, height, width, dtype=model.dtype))
-        extras = {"text_embeds": torch.zeros(batch, model.pooled_size, dtype=model.dtype),
-                  "time_ids": torch.tensor([[height, width, 0, 0, height, width]], dtype=model.dtype).expand(batch, -1)}
-        if model.ip_adapter is not None:
-            extras.update(zip(IP_EXTRAS, ip_example(model, batch, zero=True)))
-        unet(latents[:1].expand(batch, *latents.shape[1:]).contiguous(), torch.full((batch,), 500),
-             torch.zeros(batch, *text, dtype=model.dtype), **{name: extras[name] for name in unet.required})
-        vae.decode(latents)
