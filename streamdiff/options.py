@@ -247,11 +247,16 @@ class ModelOptions:
 
         config = EngineConfig(max_streams=max_streams, max_batch_rows=max_batch_rows, sizes=sizes,
                               max_shapes=max_shapes)
-        backend = self.backend
+        from .backends.factory import choose_auto, controlnet_problem
+
+        model, backend = self.load(), self.backend
         if self.controlnets and backend is BackendKind.AUTO:
-            logger.warning("backend auto: picked torch because ControlNet needs the eager torch U-Net")
-            backend = BackendKind.TORCH
-        return StreamEngine(self.load(), config, backend=backend, engine_options=self.engine,
+            picked, _ = choose_auto(model, self.engine)
+            if controlnet_problem(picked, self.engine) is not None:
+                logger.warning("backend auto: picked torch because ControlNet needs a U-Net that takes residual "
+                               "inputs, which %s does not", picked.value)
+                backend = BackendKind.TORCH
+        return StreamEngine(model, config, backend=backend, engine_options=self.engine,
                             controlnets=dict(self.controlnets))
 
 

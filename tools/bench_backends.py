@@ -200,7 +200,7 @@ def openvino_step(unet32: torch.nn.Module, inputs32: tuple[torch.Tensor, ...], s
     import openvino as ov
 
     from streamdiff.backends.openvino_backend import (
-        OvUNetGraph, _time_projection_input, compile_config, unet_time_projection,
+        OvUNetGraph, compile_config, unet_time_projection, unet_time_projection_input,
     )
 
     started = time.perf_counter()
@@ -209,7 +209,7 @@ def openvino_step(unet32: torch.nn.Module, inputs32: tuple[torch.Tensor, ...], s
     example = (sample, projection, hidden)
     shapes = [ov.PartialShape(list(t.shape)) if static else
               ov.PartialShape([-1, t.shape[1], -1, -1] if t.ndim == 4 else [-1, *t.shape[1:]]) for t in example]
-    with _time_projection_input(unet32), torch.no_grad():
+    with unet_time_projection_input(unet32), torch.no_grad():
         converted = ov.convert_model(OvUNetGraph(unet32), example_input=example, input=shapes)
     compiled = ov.Core().compile_model(converted, "CPU", compile_config(torch.bfloat16))
     del converted

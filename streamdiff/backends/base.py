@@ -47,6 +47,19 @@ def unet_kwargs(extras: dict[str, torch.Tensor]) -> dict[str, object]:
 
 
 @runtime_checkable
+class ControlNetEngine(Protocol):
+    """A ControlNet at conditioning scale 1: sample ``[B, C, h, w]``, timestep ``[B]``, hidden states ``[B, L, D]``,
+    control image ``[B, 3, H, W]`` in [0, 1] and, for SDXL, the ``text_embeds``/``time_ids`` extras → its residuals
+    (down blocks' in order, then the mid block's), each ``[B, C_i, h_i, w_i]``, as
+    :func:`~.unet_inputs.residual_layout` names them."""
+
+    def __call__(
+        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+        controlnet_cond: torch.Tensor, **extras: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]: ...
+
+
+@runtime_checkable
 class UNetEngine(Protocol):
     """Noise prediction: sample ``[B, C, h, w]``, timestep ``[B]`` (int64), hidden states ``[B, L, D]`` and the
     per-row ``extras`` of :data:`UNET_EXTRAS` → the prediction ``[B, C, h, w]``."""

@@ -8,10 +8,12 @@ the CLI can show a progress bar and the pipeline can build what is missing on fi
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import re
 import weakref
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -23,7 +25,7 @@ from .cache import CacheEntry, EngineCache
 from .keys import Component, EngineKey, EngineOptions, EngineShapes, ShapeRange, engine_key, exact_ranges, shape_range
 from .onnx_export import UNetExport, VaeDecoder, VaeEncoder, component_spec, export_module, verification_cases
 from .onnx_export import verify_onnx
-from .unet_inputs import ExtraInput, controlnet_residual_inputs, extras_label, ordered
+from .unet_inputs import ExtraInput, controlnet_residual_inputs, extras_label, ip_token_dims, ordered
 
 if TYPE_CHECKING:
     from ..models import LoadedModel
@@ -92,24 +94,6 @@ def unet_extra_inputs(model: LoadedModel, options: EngineOptions | None = None) 
     if options is not None and options.controlnet_residuals:
         inputs += controlnet_residual_inputs(model.unet)
     return ordered(inputs)
-
-
-# (N, D) of each loaded IP-Adapter's tokens, by its image projection: a Plus adapter's is found by running the image
-# encoder once, which the engine's key (computed at every stream open) should not repeat.
-_IP_TOKEN_DIMS: weakref.WeakKeyDictionary[torch.nn.Module, tuple[int, int]] = weakref.WeakKeyDictionary()
-
-
-def ip_token_dims(model: LoadedModel) -> tuple[int, int]:
-    """(N, D) of the IP-Adapter's image-prompt tokens: those of the projection of a zero image embedding, as the
-    engine's negative rows get (:class:`~streamdiff.models.ip_adapter.ImagePromptEncoder`)."""
-    from ..models.ip_adapter import ImagePromptEncoder
-
-    projection = model.ip_adapter.image_proj
-    dims = _IP_TOKEN_DIMS.get(projection)
-    if dims is None:
-        tokens = ImagePromptEncoder(model.ip_adapter).negative()  # [1, N, D]
-        dims = _IP_TOKEN_DIMS[projection] = (int(tokens.shape[1]), int(tokens.shape[2]))
-    return dims
 
 
 def key_extra(model: LoadedModel, component: Component, options: EngineOptions,
@@ -257,54 +241,125 @@ def tensorrt_step(
     )
 
 
+def smallest(shapes: ShapeRange) -> ShapeRange:
+    """``shapes`` tuned for its smallest batch and size: where a graph with dynamic axes is traced for OpenVINO.
+
+    The trace only records the operations (the axes stay dynamic), and it runs the torch module once: at an
+    SD-2.1-size U-Net's default tuned shape (batch 8, 512²) in bfloat16 on a CPU without native bfloat16 that one
+    eager call took over 10 minutes here.
+    """
+    return replace(shapes, opt_batch=shapes.batch[0], opt_height=shapes.height[0], opt_width=shapes.width[0])
+
+
 def openvino_step(
     model: LoadedModel, shapes: EngineShapes | StreamConfig, options: EngineOptions, cache: EngineCache,
-    component: Component,
+    component: Component, controlnet: bool = False,
 ) -> BuildStep:
     """Convert ``component`` with OpenVINO and keep the compiled model.
 
     Static shapes when the component serves exactly one shape (a single stream: one U-Net batch, F frames, one
     size): measured 5.5 % faster on the SD-2.1-size U-Net than dynamic axes (docs/PERF.md, "OpenVINO"). Otherwise
     (a multi-stream engine's 1 … max_batch_rows rows) one model with dynamic batch and spatial axes, rather than
-    one compiled copy of the weights per batch size.
+    one compiled copy of the weights per batch size. ``controlnet``: the U-Net takes ControlNet residual inputs
+    (an engine with ControlNets, as ``options.controlnet_residuals``); its key names every extra input
+    (:func:`unet_extra_inputs`).
     """
-    from .openvino_backend import build_blob, example_inputs, nncf_version, openvino_version, precision_hint
+    from .openvino_backend import (Float32Graph, OvUNetGraph, build_blob, nncf_version, openvino_version,
+                                   precision_hint, unet_time_projection_input)
+    from .openvino_inputs import example_inputs
 
     exact = exact_ranges(component, shapes, options)
     static = len(exact) == 1
     shapes = exact[0] if static else shape_range(component, shapes, options, spatial_multiple(model, component))
     extra = {"precision_hint": precision_hint(model.dtype), "shapes": "static" if static else "dynamic"}
     quantize = options.quantize if component is Component.UNET else Quantization.NONE  # the VAE stays float
+    if controlnet and not options.controlnet_residuals:
+        options = replace(options, controlnet_residuals=True)
+    names = tuple(i.name for i in unet_extra_inputs(model, options)) if component is Component.UNET else ()
     if component is Component.UNET:
         extra["time_embedding"] = "float32"
     if quantize is not Quantization.NONE:
         extra["quantize"] = f"{quantize.value}+nncf-{nncf_version()}"
     key = engine_key(
         model, component, shapes, backend="openvino", backend_version=openvino_version(), dtype=model.dtype,
-        opset=None, device=torch.device("cpu"), extra=extra,
+        opset=None, device=torch.device("cpu"), extra=key_extra(model, component, options, extra),
     )
 
     def build(folder: Path) -> str:
-        spec = spec_for(model, component, torch.float32, torch.device("cpu"))
-        example = example_inputs(component, spec, shapes, model.unet)
-        return build_blob(component, component_module(model, component), example, model.dtype, folder, model.unet,
-                          static=static, quantize=quantize,
-                          extra_names=model.unet_extras if component is Component.UNET else ())
+        spec = spec_for(model, component, torch.float32, torch.device("cpu"), options)  # the extras in graph order
+        traced = shapes if static else smallest(shapes)
+        example = example_inputs(component, spec, traced, model.unet)
+        if component is not Component.UNET:
+            return build_blob(component, Float32Graph(component_module(model, component)), example, model.dtype,
+                              folder, static=static)
+        return build_blob(component, OvUNetGraph(model.unet, names), example, model.dtype, folder, static=static,
+                          quantize=quantize, guard=unet_time_projection_input(model.unet))
 
     weights = f", {quantize.value}" if quantize is not Quantization.NONE else ""
-    description = (f"compile {component.value} with OpenVINO ({extra['precision_hint']}{weights}, {extra['shapes']} "
-                   "shapes)")
+    inputs = " with ControlNet inputs" if controlnet and component is Component.UNET else ""
+    description = (f"compile {component.value}{inputs} with OpenVINO ({extra['precision_hint']}{weights}, "
+                   f"{extra['shapes']} shapes)")
     return BuildStep(description, key, lambda: cache.get_or_build(key, build, description=description), component)
 
 
+_fingerprints: weakref.WeakKeyDictionary[torch.nn.Module, str] = weakref.WeakKeyDictionary()
+
+
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """A digest of ``module``'s parameters and buffers (names, dtypes, shapes and bytes): a ControlNet's identity in
+    its cache key. Computed once per module object (it reads every weight; a loaded module's weights stay)."""
+    known = _fingerprints.get(module)
+    if known is not None:
+        return known
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    _fingerprints[module] = digest.hexdigest()[:16]
+    return _fingerprints[module]
+
+
+def openvino_controlnet_step(
+    model: LoadedModel, name: str, controlnet: torch.nn.Module, shapes: EngineShapes | StreamConfig,
+    options: EngineOptions, cache: EngineCache,
+) -> BuildStep:
+    """Convert the ControlNet ``name`` with OpenVINO (dynamic batch and spatial axes over the U-Net's range: its
+    rows are those where it acts) and keep the compiled model; keyed by its weights."""
+    from .openvino_backend import build_blob, openvino_version, precision_hint
+    from .openvino_controlnet import OvControlNetGraph, controlnet_examples, controlnet_time_projection_input
+
+    shapes = shape_range(Component.UNET, shapes, options, spatial_multiple(model, Component.UNET))
+    extra = {"precision_hint": precision_hint(model.dtype), "shapes": "dynamic", "time_embedding": "float32",
+             "controlnet": weights_fingerprint(controlnet)}
+    key = engine_key(
+        model, Component.CONTROLNET, shapes, backend="openvino", backend_version=openvino_version(),
+        dtype=model.dtype, opset=None, device=torch.device("cpu"), extra=extra,
+    )
+
+    def build(folder: Path) -> str:
+        traced = smallest(shapes)
+        example = controlnet_examples(model, controlnet, traced.opt_batch, traced.opt_height, traced.opt_width)
+        with controlnet_time_projection_input(controlnet) as given:
+            graph = OvControlNetGraph(controlnet, given, sdxl=model.sdxl is not None)
+            return build_blob(Component.CONTROLNET, graph, example, model.dtype, folder)
+
+    description = f"compile controlnet {name!r} with OpenVINO ({extra['precision_hint']}, dynamic shapes)"
+    return BuildStep(description, key, lambda: cache.get_or_build(key, build, description=description),
+                     Component.CONTROLNET)
+
+
 def plan_builds(
-    kind: BackendKind, model: LoadedModel, shapes: EngineShapes | StreamConfig, options: EngineOptions, cache: EngineCache
+    kind: BackendKind, model: LoadedModel, shapes: EngineShapes | StreamConfig, options: EngineOptions, cache: EngineCache,
+    controlnets: Mapping[str, torch.nn.Module] | None = None,
 ) -> list[BuildStep]:
-    """The entries backend ``kind`` needs (none for eager torch), in build order."""
+    """The entries backend ``kind`` needs (none for eager torch), in build order. ``controlnets``: the engine's
+    ControlNets by name, for a backend that runs them compiled (its U-Net then takes residual inputs)."""
     if kind is BackendKind.ONNXRUNTIME:
         return [onnx_step(model, shapes, options, cache, c, dtype=onnxruntime_dtype(model)) for c in COMPONENTS]
     if kind is BackendKind.OPENVINO:
-        return [openvino_step(model, shapes, options, cache, c) for c in COMPONENTS]
+        controlnets = controlnets or {}
+        return [openvino_step(model, shapes, options, cache, c, controlnet=bool(controlnets)) for c in COMPONENTS] + [
+            openvino_controlnet_step(model, name, module, shapes, options, cache) for name, module in controlnets.items()]
     if kind is BackendKind.TENSORRT:
         steps = []
         for component in COMPONENTS:

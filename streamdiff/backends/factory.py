@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -11,11 +13,11 @@ import torch
 
 from ..config import BackendKind, Quantization, to_enum
 from ..errors import BackendUnavailable, ConfigError, missing_extra
-from .base import UNetEngine, VaeEngine
+from .base import ControlNetEngine, UNetEngine, VaeEngine
 from .builders import COMPONENTS, BuildStep, plan_builds, unet_extra_inputs
 from .cache import EngineCache
 from .keys import Component, EngineOptions, EngineShapes, engine_shapes
-from .torch_backend import TorchUNet, TorchVae
+from .torch_backend import TorchControlNet, TorchUNet, TorchVae
 
 if TYPE_CHECKING:
     from ..config import StreamConfig
@@ -38,6 +40,45 @@ def extras_problem(kind: BackendKind, model: LoadedModel, options: EngineOptions
         allowed = ", ".join(sorted(k.value for k in EXTRA_INPUT_BACKENDS))
         return f"backend {kind.value!r} does not take the U-Net extra inputs {list(extras)} (SDXL); use {allowed}"
     return None
+
+
+# Which backends take ControlNet residuals / IP-Adapter inputs (tokens and a per-row scale) in their U-Net engine,
+# by name: a backend's value, with "torch-compiled" for torch with compile=True (AOTInductor). A backend not named
+# here is refused when a stream asks for ControlNet (open_stream) or when an engine is built for a model with an
+# IP-Adapter, never mid-stream. The torch backend with CUDA graphs refuses both (the engine checks).
+CONTROLNET_BACKENDS = frozenset({"torch", "torch-compiled", "openvino", "onnxruntime", "tensorrt"})
+IP_ADAPTER_BACKENDS = frozenset({"torch", "torch-compiled", "openvino", "onnxruntime", "tensorrt"})
+
+
+def backend_label(kind: BackendKind, options: EngineOptions) -> str:
+    """The name of backend ``kind`` with ``options`` in :data:`CONTROLNET_BACKENDS` and :data:`IP_ADAPTER_BACKENDS`."""
+    return "torch-compiled" if kind is BackendKind.TORCH and options.compile else kind.value
+
+
+def _label_text(label: str) -> str:
+    return "compile=True (AOTInductor)" if label == "torch-compiled" else f"backend {label!r}"
+
+
+def _allowed(labels: frozenset[str]) -> str:
+    return ", ".join(("torch (eager)" if label == "torch" else label) for label in sorted(labels))
+
+
+def controlnet_problem(kind: BackendKind, options: EngineOptions) -> str | None:
+    """Why backend ``kind`` (with ``options``) cannot run ControlNets, or None if it can."""
+    label = backend_label(kind, options)
+    if label in CONTROLNET_BACKENDS:
+        return None
+    return (f"ControlNet needs a U-Net that takes residual inputs; {_label_text(label)} does not. Backends that "
+            f"do: {_allowed(CONTROLNET_BACKENDS)}")
+
+
+def ip_adapter_problem(kind: BackendKind, options: EngineOptions) -> str | None:
+    """Why backend ``kind`` (with ``options``) cannot run an IP-Adapter's per-row image prompts, or None if it can."""
+    label = backend_label(kind, options)
+    if label in IP_ADAPTER_BACKENDS:
+        return None
+    return (f"an IP-Adapter (image prompt) needs a U-Net that takes per-row image tokens and scales; "
+            f"{_label_text(label)} does not. Backends that do: {_allowed(IP_ADAPTER_BACKENDS)}")
 
 
 def _has_module(name: str) -> bool:
@@ -77,8 +118,15 @@ def choose_auto(model: LoadedModel, options: EngineOptions) -> tuple[BackendKind
     and the tiny model several times faster; then torch (AOTInductor with ``compile=True``) for bfloat16, ONNX
     Runtime for float32.
     """
-    if getattr(model, "ip_adapter", None) is not None and model.device.type == "cpu" and not options.compile:
-        return BackendKind.TORCH, "the model has an IP-Adapter, which the OpenVINO backend does not take"
+    kind, reason = _fastest(model, options)
+    if getattr(model, "ip_adapter", None) is not None and kind is not BackendKind.TORCH \
+            and ip_adapter_problem(kind, options) is not None:
+        return BackendKind.TORCH, f"the model has an IP-Adapter, which {kind.value} does not take (eager torch does)"
+    return kind, reason
+
+
+def _fastest(model: LoadedModel, options: EngineOptions) -> tuple[BackendKind, str]:
+    """The fastest available backend for ``model``'s device and dtype that takes its SDXL extras, and why."""
     if model.device.type == "cuda":
         problem = tensorrt_problem()
         if problem is None:
@@ -118,12 +166,10 @@ def resolve_backend(kind: BackendKind | str, model: LoadedModel, options: Engine
     if kind is BackendKind.AUTO:
         kind, reason = choose_auto(model, options)
         logger.info("backend auto: picked %s because %s", kind.value, reason)
-    if getattr(model, "ip_adapter", None) is not None and kind is BackendKind.OPENVINO:
-        raise ConfigError(
-            f"an IP-Adapter (image prompt) does not run on backend {kind.value!r}: its per-row image tokens and "
-            "scales are not inputs of its engines. Use backend 'torch', 'onnxruntime' or 'tensorrt'",
-            field="backend", value=kind.value, allowed="torch, onnxruntime, tensorrt with an IP-Adapter",
-        )
+    problem = ip_adapter_problem(kind, options) if getattr(model, "ip_adapter", None) is not None else None
+    if problem is not None:
+        raise ConfigError(f"model {model.model_id!r}: {problem}", field="backend",
+                          value=backend_label(kind, options), allowed=_allowed(IP_ADAPTER_BACKENDS))
     if options.quantize is not Quantization.NONE and kind is not BackendKind.OPENVINO:
         raise ConfigError(
             f"quantize={options.quantize.value!r} needs backend 'openvino' (the only backend with a quantised "
@@ -157,11 +203,22 @@ def engine_steps(
     model: LoadedModel,
     shapes: EngineShapes | StreamConfig,
     options: EngineOptions | None = None,
+    controlnets: Mapping[str, torch.nn.Module] | None = None,
 ) -> tuple[BackendKind, list[BuildStep]]:
-    """The resolved backend and the cache entries it needs (for ``streamdiff engines build``)."""
+    """The resolved backend and the cache entries it needs (for ``streamdiff engines build``); ``controlnets``:
+    the engine's ControlNets by name (compiled too by a backend that runs them)."""
     options = options or EngineOptions()
     resolved = resolve_backend(kind, model, options)
-    return resolved, plan_builds(resolved, model, shapes, options, EngineCache(options.directory))
+    return resolved, plan_builds(resolved, model, shapes, options, EngineCache(options.directory), controlnets)
+
+
+@dataclass(frozen=True)
+class BackendEngines:
+    """What :func:`create_backend` makes: the U-Net and VAE engines and the ControlNet engines by name."""
+
+    unet: UNetEngine
+    vae: VaeEngine
+    controlnets: dict[str, ControlNetEngine] = field(default_factory=dict)
 
 
 def create_engines(
@@ -173,22 +230,42 @@ def create_engines(
     max_shapes: int | None = None,
     cuda_graphs: bool = False,
 ) -> tuple[UNetEngine, VaeEngine]:
-    """The U-Net and VAE engines of backend ``kind`` for ``model``, serving ``shapes`` (or one stream's config).
+    """The U-Net and VAE engines of backend ``kind`` for ``model`` (:func:`create_backend` without ControlNets)."""
+    engines = create_backend(kind, model, shapes, options, max_shapes=max_shapes, cuda_graphs=cuda_graphs)
+    return engines.unet, engines.vae
+
+
+def create_backend(
+    kind: BackendKind | str,
+    model: LoadedModel,
+    shapes: EngineShapes | StreamConfig,
+    options: EngineOptions | None = None,
+    *,
+    max_shapes: int | None = None,
+    cuda_graphs: bool = False,
+    controlnets: Mapping[str, torch.nn.Module] | None = None,
+) -> BackendEngines:
+    """The engines of backend ``kind`` for ``model``, serving ``shapes`` (or one stream's config).
 
     Compiled backends build their missing cache entries first (logged; once per configuration). ``max_shapes``:
     frame sizes whose per-shape state an OpenVINO or ONNX Runtime engine keeps (None: their default).
     ``cuda_graphs``: TensorRT engines replay a CUDA graph per shape slot (the engine passes
-    ``EngineConfig.cuda_graphs`` here; the torch backend's graphs are the engine's own).
+    ``EngineConfig.cuda_graphs`` here; the torch backend's graphs are the engine's own). ``controlnets``: the
+    ControlNets by name, for a backend that takes them (:data:`CONTROLNET_BACKENDS`; others ignore them): the
+    eager backend wraps them, OpenVINO compiles them and builds its U-Net with residual inputs.
     """
     options = options or EngineOptions()
     shapes = engine_shapes(shapes, options)
-    kind, steps = engine_steps(kind, model, shapes, options)
+    kind = resolve_backend(kind, model, options)
+    controlnets = dict(controlnets or {}) if controlnet_problem(kind, options) is None else {}
+    kind, steps = engine_steps(kind, model, shapes, options, controlnets)
     entries = {step.key.name: step.run() for step in steps}
     by_component = {}
     for step in steps:
         by_component.setdefault(step.component, []).append((step.key, entries[step.key.name]))
     if kind is BackendKind.TORCH:
         vae = TorchVae(model.vae, channels_last=options.channels_last)
+        eager = {name: TorchControlNet(module) for name, module in controlnets.items()}
         if options.compile:
             from .compiled import CompiledUNet
 
@@ -197,19 +274,25 @@ def create_engines(
                 latent = (model.latent_channels, key.shapes.opt_height // model.vae_scale_factor,
                           key.shapes.opt_width // model.vae_scale_factor)
                 packages[(key.shapes.opt_batch, *latent)] = entry.artifact
-            return CompiledUNet(packages, unet_extra_inputs(model, options)), vae
-        return TorchUNet(model.unet, channels_last=options.channels_last), vae
+            return BackendEngines(CompiledUNet(packages, unet_extra_inputs(model, options)), vae, eager)
+        return BackendEngines(TorchUNet(model.unet, channels_last=options.channels_last), vae, eager)
     paths = {c: by_component[c][0][1].artifact for c in COMPONENTS}
     if kind is BackendKind.OPENVINO:
-        from .openvino_backend import OvUNet, OvVae, hand_cores_to_openvino, warm_up
+        from .openvino_backend import OvUNet, OvVae, hand_cores_to_openvino
+        from .openvino_inputs import warm_up
+        from .openvino_controlnet import OvControlNet
 
         bound = {} if max_shapes is None else {"max_shapes": max_shapes}
-        ov_unet = OvUNet(paths[Component.UNET], model.unet.time_proj, model.dtype, extra_names=model.unet_extras,
-                         **bound)
+        ov_unet = OvUNet(paths[Component.UNET], model.unet.time_proj, model.dtype,
+                         inputs=unet_extra_inputs(model, options), **bound)
         ov_vae = OvVae(paths[Component.VAE_ENCODER], paths[Component.VAE_DECODER], model.dtype, **bound)
+        compiled = by_component.get(Component.CONTROLNET, [])
+        ov_controlnets = {name: OvControlNet(entry.artifact, module.time_proj, model.dtype,
+                                             sdxl=model.sdxl is not None, **bound)
+                          for (name, module), (_, entry) in zip(controlnets.items(), compiled)}
         hand_cores_to_openvino()
         warm_up(ov_unet, ov_vae, model, shapes)
-        return ov_unet, ov_vae
+        return BackendEngines(ov_unet, ov_vae, ov_controlnets)
     keys = {c: by_component[c][0][0] for c in COMPONENTS}
     if kind is BackendKind.ONNXRUNTIME:
         from .onnxruntime_backend import OrtUNet, OrtVae
@@ -232,7 +315,8 @@ def create_engines(
         )
     if model.device.type == "cuda":
         offload_torch_modules(model)
-    return engines
+    # their U-Nets take the residuals; the ControlNets themselves run in eager torch beside them
+    return BackendEngines(*engines, {name: TorchControlNet(module) for name, module in controlnets.items()})
 
 
 ORT_TENSORRT_CACHE = ".onnxruntime-tensorrt"

@@ -42,6 +42,7 @@ class Component(str, enum.Enum):
     UNET = "unet"
     VAE_ENCODER = "vae_encoder"
     VAE_DECODER = "vae_decoder"
+    CONTROLNET = "controlnet"  # a ControlNet compiled beside the U-Net (its key names the ControlNet's weights)
 
 
 def default_engine_dir() -> Path:

@@ -30,7 +30,9 @@ import torch
 
 from ..config import Quantization
 from ..errors import ConfigError, EngineBuildError, StreamDiffError, import_extra
-from .keys import Component, ShapeRange
+from .base import unet_kwargs
+from .keys import Component
+from .unet_inputs import ExtraFeeds, ExtraInput
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +136,7 @@ def compile_config(dtype: torch.dtype, threads: int | None = None) -> dict[str, 
 
 
 @contextlib.contextmanager
-def _time_projection_input(unet: torch.nn.Module) -> Iterator[None]:
+def unet_time_projection_input(unet: torch.nn.Module) -> Iterator[None]:
     """While converting, the U-Net takes its time projection ``[B, P]`` (float32) in place of the timestep."""
     unet.get_time_embed = lambda sample, timestep: timestep.to(sample.dtype)  # type: ignore[method-assign]
     try:
@@ -145,7 +147,12 @@ def _time_projection_input(unet: torch.nn.Module) -> Iterator[None]:
 
 class OvUNetGraph(torch.nn.Module):
     """ε = U-Net(sample ``[B, C, h, w]``, time projection ``[B, P]``, hidden states ``[B, L, D]``, then the
-    ``extra_names`` inputs: SDXL's ``text_embeds`` ``[B, D_pool]`` and ``time_ids`` ``[B, 6]``), float32 I/O."""
+    ``extra_names`` inputs of ``backends.base.UNET_EXTRAS`` in that order), float32 I/O.
+
+    The extras reach the U-Net as the eager backend passes them (:func:`~.torch_backend.unet_kwargs`): SDXL's added
+    conditions, ControlNet residuals, and the IP-Adapter's ``ip_tokens``/``ip_scale``, which its row-scaled
+    attention processors (:mod:`streamdiff.models.ip_attention`) read; they trace like any other module, so a
+    scale is a graph input and changing it live needs no rebuild."""
 
     def __init__(self, unet: torch.nn.Module, extra_names: tuple[str, ...] = ()) -> None:
         super().__init__()
@@ -155,9 +162,9 @@ class OvUNetGraph(torch.nn.Module):
     def forward(self, sample: torch.Tensor, time_projection: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 *extras: torch.Tensor) -> torch.Tensor:
         dtype = self.unet.dtype
-        added = {name: value.to(dtype) for name, value in zip(self.extra_names, extras)} or None
+        named = {name: value.to(dtype) for name, value in zip(self.extra_names, extras)}
         out = self.unet(sample.to(dtype), time_projection, encoder_hidden_states=encoder_hidden_states.to(dtype),
-                        added_cond_kwargs=added, return_dict=False)[0]
+                        return_dict=False, **unet_kwargs(named))[0]
         return out.float()
 
 
@@ -180,21 +187,20 @@ def unet_time_projection(unet: torch.nn.Module, timestep: torch.Tensor) -> torch
 
 def build_blob(
     component: Component,
-    module: torch.nn.Module,
+    graph: torch.nn.Module,
     example: tuple[torch.Tensor, ...],
     dtype: torch.dtype,
     folder: Path,
-    unet: torch.nn.Module | None = None,
     static: bool = False,
     quantize: Quantization = Quantization.NONE,
-    extra_names: tuple[str, ...] = (),
+    guard: contextlib.AbstractContextManager[Any] | None = None,
 ) -> str:
-    """Convert ``module`` (the engine-contract wrapper), compile it for the CPU and export it to ``folder``.
+    """Convert ``graph`` (the engine-contract wrapper, float32 I/O), compile it for the CPU, export it to ``folder``.
 
-    ``example`` are float32 example inputs (the U-Net's second input is the time projection). ``static``: compiled
-    for exactly their shapes; otherwise dynamic batch and spatial axes. ``quantize``: compress the converted
-    model's weights first (:func:`quantize_weights`). ``extra_names``: the U-Net's extra inputs after the three
-    standard ones (SDXL). Returns the artifact's file name.
+    ``example`` are float32 example inputs (a U-Net's or ControlNet's second input is the time projection).
+    ``static``: compiled for exactly their shapes; otherwise dynamic batch (and spatial axes of 4-D inputs).
+    ``quantize``: compress the converted model's weights first (:func:`quantize_weights`). ``guard``: held while
+    converting (:func:`unet_time_projection_input`). Returns the artifact's file name.
     """
     if quantize is not Quantization.NONE:
         import_nncf()  # a missing NNCF fails before the conversion, with the extra to install
@@ -204,10 +210,9 @@ def build_blob(
     else:
         shapes = [ov.PartialShape([-1, t.shape[1], -1, -1]) if t.ndim == 4 else ov.PartialShape([-1, *t.shape[1:]])
                   for t in example]
-    graph = OvUNetGraph(unet, extra_names) if component is Component.UNET else Float32Graph(module)
-    guard = _time_projection_input(unet) if component is Component.UNET else contextlib.nullcontext()
     try:
-        with guard, torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+        with guard or contextlib.nullcontext(), torch.inference_mode(False), torch.no_grad(), \
+                warnings.catch_warnings():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             converted = ov.convert_model(graph.eval(), example_input=example, input=shapes)
         converted = quantize_weights(converted, quantize)
@@ -218,17 +223,6 @@ def build_blob(
                                ) from error
     (folder / BLOB_FILE).write_bytes(blob.getvalue() if hasattr(blob, "getvalue") else bytes(blob))
     return BLOB_FILE
-
-
-def example_inputs(component: Component, spec: Any, shapes: ShapeRange, unet: torch.nn.Module | None
-                   ) -> tuple[torch.Tensor, ...]:
-    """Float32 example inputs at the tuned shape; the U-Net's timestep replaced by its time projection."""
-    inputs = tuple(t.float() for t in spec.make_inputs(shapes.opt_batch, shapes.opt_height, shapes.opt_width))
-    if component is Component.UNET:
-        assert unet is not None
-        sample, timestep, hidden, *extras = inputs
-        return (sample, unet_time_projection(unet, timestep), hidden, *extras)
-    return inputs
 
 
 DEFAULT_MAX_SHAPES = 8
@@ -297,6 +291,18 @@ class OvModel:
         self.sizes[size] = None
 
     def run(self, *tensors: torch.Tensor) -> torch.Tensor:
+        """The model's (first) output for ``tensors``, a new tensor."""
+        self._infer(tensors)
+        out = self.request.get_output_tensor(0).data  # the request's own buffer, reused by the next call
+        return torch.from_numpy(np.array(out, copy=True))
+
+    def run_all(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Every output of the model for ``tensors``, in its output order (new tensors)."""
+        self._infer(tensors)
+        return tuple(torch.from_numpy(np.array(self.request.get_output_tensor(i).data, copy=True))
+                     for i in range(len(self.compiled.outputs)))
+
+    def _infer(self, tensors: tuple[torch.Tensor, ...]) -> None:
         if self.static_shapes is not None and [tuple(t.shape) for t in tensors] != self.static_shapes:
             raise ConfigError(
                 f"the OpenVINO engine was compiled for inputs {self.static_shapes}, got "
@@ -311,8 +317,6 @@ class OvModel:
         except Exception:
             self.failed = True
             raise
-        out = self.request.get_output_tensor(0).data  # the request's own buffer, reused by the next call
-        return torch.from_numpy(np.array(out, copy=True))
 
 
 def release_freed_memory() -> None:
@@ -327,13 +331,22 @@ def release_freed_memory() -> None:
 
 
 class OvUNet:
-    """A :class:`~streamdiff.backends.base.UNetEngine` on a compiled OpenVINO U-Net (float32 time embedding)."""
+    """A :class:`~streamdiff.backends.base.UNetEngine` on a compiled OpenVINO U-Net (float32 time embedding).
+
+    ``inputs``: the graph's extra inputs (:func:`~.builders.unet_extra_inputs`, in its order). A call with no
+    ControlNet residuals, as the engine makes when no row of it has control, runs the same graph with zero residuals
+    (:class:`~.unet_inputs.ExtraFeeds`; adding zeros is exact): one compiled copy of the weights instead of a second
+    graph without them (an SD-2.1-size U-Net is ~1.7 GB in bfloat16). What the zeros cost was measured:
+    docs/PERF.md, "ControlNet on OpenVINO".
+    """
 
     def __init__(self, path: Path | str, time_proj: torch.nn.Module, dtype: torch.dtype,
-                 max_shapes: int = DEFAULT_MAX_SHAPES, extra_names: tuple[str, ...] = ()) -> None:
+                 max_shapes: int = DEFAULT_MAX_SHAPES, inputs: tuple[ExtraInput, ...] = ()) -> None:
         self.model = OvModel(path, dtype, max_shapes=max_shapes)
         self.time_proj = time_proj
-        self.extra_names = tuple(extra_names)  # the graph's extra inputs, in its order (SDXL)
+        self.feeds = ExtraFeeds(inputs)
+        self.extra_names = self.feeds.names
+        self.required = frozenset(i.name for i in self.feeds.inputs if not i.stride)  # all but the residuals
 
     def recover(self) -> None:
         """Undo a failed call's damage before the next call (see :class:`OvModel`)."""
@@ -344,11 +357,9 @@ class OvUNet:
         self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
         **extras: torch.Tensor,
     ) -> torch.Tensor:
-        if set(extras) != set(self.extra_names):
-            raise ConfigError(f"the OpenVINO U-Net takes the extra inputs {list(self.extra_names)}, got "
-                              f"{sorted(extras)}")
+        extras = self.feeds.complete(sample, extras)  # in graph order; missing residuals as zeros
         projection = self.time_proj(timestep.to(torch.float32)).to(torch.float32)  # [B, P], never bfloat16
-        out = self.model.run(sample, projection, encoder_hidden_states, *(extras[n] for n in self.extra_names))
+        out = self.model.run(sample, projection, encoder_hidden_states, *extras.values())
         if out.shape != sample.shape:
             # Seen with one inference thread: a latent the traced graph cannot run (not a multiple of the U-Net's
             # down factor) returned the previous call's output instead of raising.
@@ -378,22 +389,3 @@ class OvVae:
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.decoder.run(latents).to(latents.device, latents.dtype)
-
-
-@torch.inference_mode()
-def warm_up(unet: OvUNet, vae: OvVae, model: Any, shapes: Any) -> None:
-    """One call of each engine per frame size, at the tuned U-Net batch.
-
-    OpenVINO prepares its kernels for an input shape on the first call with that shape (seconds for an SD-2.1-size
-    U-Net); doing it here keeps that out of the first frames. ``model``: the LoadedModel; ``shapes``: EngineShapes.
-    """
-    batch = min(max(shapes.opt_batch, shapes.unet_batch[0]), shapes.unet_batch[1])
-    text = (int(getattr(model.text_encoder.config, "max_position_embeddings", 77)),
-            int(model.unet.config.cross_attention_dim))
-    for width, height in shapes.sizes:
-        latents = vae.encode(torch.zeros(shapes.vae_batch[0], 3, height, width, dtype=model.dtype))
-        extras = {"text_embeds": torch.zeros(batch, model.pooled_size, dtype=model.dtype),
-                  "time_ids": torch.tensor([[height, width, 0, 0, height, width]], dtype=model.dtype).expand(batch, -1)}
-        unet(latents[:1].expand(batch, *latents.shape[1:]).contiguous(), torch.full((batch,), 500),
-             torch.zeros(batch, *text, dtype=model.dtype), **{name: extras[name] for name in unet.extra_names})
-        vae.decode(latents)

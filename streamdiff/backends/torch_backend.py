@@ -32,6 +32,24 @@ class TorchUNet:
         return out.contiguous() if self.channels_last else out
 
 
+class TorchControlNet:
+    """Wraps a diffusers ``ControlNetModel`` (or a module called the same way) as a
+    :class:`~streamdiff.backends.base.ControlNetEngine`: conditioning scale 1, no guess mode."""
+
+    def __init__(self, controlnet: torch.nn.Module) -> None:
+        self.controlnet = controlnet
+
+    @torch.inference_mode()
+    def __call__(
+        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+        controlnet_cond: torch.Tensor, **extras: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        down, mid = self.controlnet(sample, timestep, encoder_hidden_states=encoder_hidden_states,
+                                    controlnet_cond=controlnet_cond, conditioning_scale=1.0, guess_mode=False,
+                                    return_dict=False, **unet_kwargs(extras))
+        return (*down, mid)
+
+
 class TorchVae:
     """Wraps ``AutoencoderTiny`` or ``AutoencoderKL`` as a :class:`~streamdiff.backends.base.VaeEngine`.
 

@@ -15,9 +15,11 @@ an SD-2.1 U-Net in float32) and a second build, for the cost of a few additions.
 
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -26,6 +28,7 @@ from .base import UNET_EXTRAS, extra_names
 
 RESIDUAL_PREFIX = "down_residual_"
 MID_RESIDUAL = "mid_residual"
+IP_EXTRAS = ("ip_tokens", "ip_scale")
 MAX_ZERO_SHAPES = 16
 
 
@@ -95,6 +98,30 @@ def controlnet_residual_inputs(unet: torch.nn.Module) -> tuple[ExtraInput, ...]:
             inputs.append(ExtraInput(f"{RESIDUAL_PREFIX}{len(inputs)}", (int(downsampler.out_channels),), stride))
     mid = int(unet.mid_block.resnets[-1].out_channels)
     return (*inputs, ExtraInput(MID_RESIDUAL, (mid,), stride))
+
+
+def residual_layout(unet: torch.nn.Module) -> tuple[tuple[str, int, int], ...]:
+    """:func:`controlnet_residual_inputs` as (name, channels, down factor) triples: a residual of factor ``k`` has
+    the latent's sides divided by ``k``."""
+    return tuple((i.name, i.dims[0], i.stride) for i in controlnet_residual_inputs(unet))
+
+
+# (N, D) of each loaded IP-Adapter's tokens, by its image projection: a Plus adapter's is found by running the image
+# encoder once, which the engine's key (computed at every stream open) should not repeat.
+_IP_TOKEN_DIMS: weakref.WeakKeyDictionary[torch.nn.Module, tuple[int, int]] = weakref.WeakKeyDictionary()
+
+
+def ip_token_dims(model: Any) -> tuple[int, int]:
+    """(N, D) of the IP-Adapter's image-prompt tokens: those of the projection of a zero image embedding, as the
+    engine's negative rows get (:class:`~streamdiff.models.ip_adapter.ImagePromptEncoder`)."""
+    from ..models.ip_adapter import ImagePromptEncoder
+
+    projection = model.ip_adapter.image_proj
+    dims = _IP_TOKEN_DIMS.get(projection)
+    if dims is None:
+        tokens = ImagePromptEncoder(model.ip_adapter).negative()  # [1, N, D]
+        dims = _IP_TOKEN_DIMS[projection] = (int(tokens.shape[1]), int(tokens.shape[2]))
+    return dims
 
 
 class ExtraFeeds:

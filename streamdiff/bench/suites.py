@@ -368,7 +368,34 @@ def compare_diffusers(
     return comparison
 
 
-COMPARISONS = ("stream-batch", "rcfg", "filter", "dtype", "diffusers", "rcfg-compiled", "streams")
+COMPARISONS = ("stream-batch", "rcfg", "filter", "dtype", "diffusers", "rcfg-compiled", "streams", "controlnet")
 # Only on request: rcfg-compiled compiles one U-Net graph per guidance mode (~1 min each at SD-2.1 size); streams
-# runs 1, 2, 4 and 8 streams twice each (minutes at SD-2.1 size).
-DEFAULT_COMPARISONS = COMPARISONS[:-2]
+# runs 1, 2, 4 and 8 streams twice each (minutes at SD-2.1 size); controlnet compiles two U-Nets and a ControlNet
+# with OpenVINO (bench/controlnet.py).
+DEFAULT_COMPARISONS = COMPARISONS[:-3]
+
+
+def controlnet_bench_model(name: str, dtype: torch.dtype, seed: int = 0) -> tuple[LoadedModel, torch.nn.Module]:
+    """The ``name`` model (``tiny`` or ``sd21``) in ``dtype`` only, and a ControlNet of its U-Net's size (for
+    ``--only controlnet``: an SD-2.1-size model is not kept in float32 beside it)."""
+    from .controlnet import controlnet_for
+
+    if name == "tiny":
+        model = load_model("tiny", device="cpu", dtype=dtype)
+    else:
+        from transformers import CLIPTokenizer
+
+        from ..models.tokenizer_vocab import write_tokenizer_files
+        from ..testing import sd21_components
+
+        parts = sd21_components(seed)
+        calibrate_tiny_vae(parts["taesd"], seed)
+        with tempfile.TemporaryDirectory() as folder:
+            write_tokenizer_files(Path(folder))
+            tokenizer = CLIPTokenizer.from_pretrained(folder)
+        components = {k: cast_copy(parts.pop(k), dtype) for k in ("unet", "taesd", "text_encoder")}
+        components = dict(unet=components["unet"], vae=components["taesd"], text_encoder=components["text_encoder"],
+                          tokenizer=tokenizer, scheduler=parts["scheduler"])
+        model = model_from_components(components, dtype=dtype, model_id="sd21-random",
+                                      fingerprint=f"sd21-random-{seed}")
+    return model, controlnet_for(model.unet, dtype, seed)

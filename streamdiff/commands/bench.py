@@ -5,7 +5,9 @@ initialize vs full CFG), ``filter`` (U-Net calls per frame with the similarity f
 ``dtype`` (float32 vs bfloat16, with PSNR against float32), ``diffusers`` (diffusers' img2img pipeline per frame vs
 streamdiff on the same U-Net), and on request ``rcfg-compiled`` (the RCFG comparison on the in-process compiled U-Net
 and VAE, one U-Net compile per guidance mode) and ``streams`` (1, 2, 4 and 8 streams on one model: the engine's
-cross-stream batching against the streams taking turns, aggregate frames/s and per-stream latency). Models: the built-in ``tiny`` one and ``sd21``, an SD-2.1-size model with random
+cross-stream batching against the streams taking turns, aggregate frames/s and per-stream latency) and ``controlnet``
+(a ControlNet stream's cost per frame against a plain stream's, and four ControlNet streams batched against taking
+turns, on ``--backend``, default auto: OpenVINO on the CPU). Models: the built-in ``tiny`` one and ``sd21``, an SD-2.1-size model with random
 weights built in memory. Configurations are interleaved; figures are medians over rounds. Example::
 
     streamdiff bench --model sd21 --threads 1 --json > bench.json
@@ -61,6 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--only", nargs="+", choices=COMPARISONS, default=None, metavar="NAME",
         help=f"run only these comparisons ({', '.join(COMPARISONS)})",
     )
+    parser.add_argument("--backend", default="auto",
+                        help="backend of the controlnet comparison (default auto: OpenVINO on the CPU)")
     parser.add_argument("--quick", action="store_true", help="a fast smoke run: 2 rounds of 1 call, 1 warm-up")
     parser.add_argument("--no-compile", action="store_true", help="leave the compiled U-Net out of 'diffusers'")
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
@@ -96,15 +100,25 @@ def _compiled_unet(model: Any) -> Any:
 def _run_model(name: str, size: int, args: argparse.Namespace, settings: Any, only: list[str]) -> list[Comparison]:
     from ..bench import suites
 
-    started = time.perf_counter()
-    bench_model = suites.tiny_bench_model() if name == "tiny" else suites.sd21_bench_model()
-    logger.info("built the %s model in %.1f s", name, time.perf_counter() - started)
     precision = to_enum(Precision, args.dtype, "dtype") if args.dtype else _DEFAULT_DTYPE[name]
     dtype = torch.bfloat16 if precision is Precision.BFLOAT16 else torch.float32
+    bench_model = None
+    if any(c != "controlnet" for c in only):  # controlnet builds its own model, in one precision only
+        started = time.perf_counter()
+        bench_model = suites.tiny_bench_model() if name == "tiny" else suites.sd21_bench_model()
+        logger.info("built the %s model in %.1f s", name, time.perf_counter() - started)
     comparisons = []
     for comparison_name in only:
         started = time.perf_counter()
-        if comparison_name == "diffusers":
+        if comparison_name == "controlnet":
+            from ..bench.controlnet import compare_controlnet
+
+            model, controlnet = suites.controlnet_bench_model(name, dtype)
+            logger.info("built the %s model and its ControlNet in %.1f s", name, time.perf_counter() - started)
+            comparison = compare_controlnet(model, controlnet, suites.base_config(size),
+                                            suites.moving_frames(8, size), settings.rounds, settings.warmup,
+                                            backend=args.backend)
+        elif comparison_name == "diffusers":
             compiled = None if args.no_compile else _compiled_unet(bench_model.bf16)
             comparison = suites.compare_diffusers(bench_model, size, settings, compiled)
         elif comparison_name == "streams":

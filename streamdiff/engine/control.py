@@ -10,7 +10,8 @@ call over the rows of every stream using it.
 - :func:`controlnet_extras`: for each ControlNet model, ONE call at conditioning scale 1 over all the rows (of all
   streams in this U-Net call) where it acts; each row's residuals are multiplied by that row's scale (exact: the
   residuals are linear in the scale, see :mod:`streamdiff.core.control`), scattered into full-batch zero tensors and
-  summed over the ControlNets (as diffusers' ``MultiControlNetModel``). Rows without control get zeros, computed by
+  summed over the ControlNets (as diffusers' ``MultiControlNetModel``). A ControlNet runs as its engine
+  (:class:`~streamdiff.backends.base.ControlNetEngine`): eager torch, or compiled with the U-Net's backend. Rows without control get zeros, computed by
   no ControlNet; a call where no row has control gets no residuals at all. An SDXL ControlNet takes its rows' added
   conditions (``text_embeds``, ``time_ids`` of the call's extras) as the U-Net does.
 """
@@ -22,6 +23,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
+from ..backends.base import ControlNetEngine
 from ..config import ControlNetSpec
 from ..core.control import ControlRows
 from ..core.image import fit_frame, frame_to_tensor, tensor_to_frame
@@ -133,22 +135,22 @@ def submit_control(
     return out
 
 
-def added_conditions(rows: UNetRows, at: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
-    """SDXL's added conditions (``text_embeds``, ``time_ids``) of the rows ``at``, as a ControlNet takes them
-    (``added_cond_kwargs``); nothing for a model without them."""
-    added = {name: rows.extras[name][at] for name in ("text_embeds", "time_ids") if name in rows.extras}
-    return {"added_cond_kwargs": added} if added else {}
+def added_conditions(rows: UNetRows, at: torch.Tensor) -> dict[str, torch.Tensor]:
+    """SDXL's added conditions (``text_embeds``, ``time_ids``) of the rows ``at``, the extras a ControlNet engine
+    takes as the U-Net does; nothing for a model without them."""
+    return {name: rows.extras[name][at] for name in ("text_embeds", "time_ids") if name in rows.extras}
 
 
 @torch.inference_mode()
 def controlnet_extras(
-    controlnets: Mapping[str, torch.nn.Module],
+    controlnets: Mapping[str, ControlNetEngine],
     rows: UNetRows,
     spans: Sequence[tuple[int, int]],
     controls: Sequence[Mapping[str, ControlRows]],
 ) -> dict[str, torch.Tensor]:
     """The U-Net's residual extras (``down_residual_i``, ``mid_residual``) for one assembled call; see the module
-    docstring. ``spans[i]`` are the rows of the part whose ControlNet inputs are ``controls[i]``."""
+    docstring. ``controlnets``: the ControlNet engines by name (eager torch or compiled, same call);
+    ``spans[i]`` are the rows of the part whose ControlNet inputs are ``controls[i]``."""
     total = rows.rows
     sums: list[torch.Tensor] | None = None
     device, dtype = rows.sample.device, rows.sample.dtype
@@ -167,13 +169,9 @@ def controlnet_extras(
         if not index:
             continue
         at = torch.cat(index).to(device)
-        down, mid = controlnet(
-            rows.sample[at], rows.timesteps[at], encoder_hidden_states=rows.embeddings[at],
-            controlnet_cond=torch.cat(images).to(device, dtype), conditioning_scale=1.0, guess_mode=False,
-            return_dict=False, **added_conditions(rows, at),
-        )
+        residuals = controlnet(rows.sample[at], rows.timesteps[at], rows.embeddings[at],
+                               torch.cat(images).to(device, dtype), **added_conditions(rows, at))
         scale = torch.cat(scales).to(device, dtype).view(-1, 1, 1, 1)
-        residuals = (*down, mid)
         if sums is None:
             sums = [torch.zeros((total, *r.shape[1:]), device=device, dtype=r.dtype) for r in residuals]
         for full, residual in zip(sums, residuals):

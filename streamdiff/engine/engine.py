@@ -35,10 +35,11 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..backends.base import UNetEngine, VaeEngine
+from ..backends.base import ControlNetEngine, UNetEngine, VaeEngine
 from ..backends.cuda_graphs import CudaGraphs, tune_torch_cuda
 from ..backends.cuda_ops import DEFAULT_CUDA
 from ..backends.keys import EngineOptions, EngineShapes, tuned_size
+from ..backends.torch_backend import TorchControlNet
 from ..config import BackendKind, ControlNetSpec, PromptConfig, StreamConfig, check_int
 from ..core.schedule import slot_coefficients
 from ..errors import ConfigError, FrameError, StreamClosed, StreamDiffError
@@ -111,12 +112,15 @@ class StreamEngine:
             for name, source in (controlnets or {}).items()}
         if self.controlnets:  # compiled U-Net engines get residual inputs (backends.unet_inputs)
             self.options = replace(self.options, controlnet_residuals=True)
+        # The engines the executor calls, by name: eager until the backend's are made (prepare_backends).
+        self.controlnet_engines: dict[str, ControlNetEngine] = {
+            name: TorchControlNet(module) for name, module in self.controlnets.items()}
         self.graphs = self._cuda_graphs(cuda)
         on_cuda = model.device.type == "cuda" or cuda is not None
         self.preprocessors = {**builtin_preprocessors(), **(preprocessors or {})}
         self.executor = Executor(model, self._backends, self.stats.record_call, self.batch_vae, self._take_inputs,
                                  self._fail, to_host=(cuda or DEFAULT_CUDA).to_host if on_cuda else torch.Tensor.cpu,
-                                 controlnets=self.controlnets, preprocessors=self.preprocessors)
+                                 controlnets=self.controlnet_engines, preprocessors=self.preprocessors)
         self._records: dict[int, StreamRecord] = {}  # open streams, by id: only the thread that runs ticks
         self._ids = itertools.count(1)
         self._life = threading.Lock()  # start/stop
@@ -240,12 +244,18 @@ class StreamEngine:
                 allowed = ", ".join(sorted(self.preprocessors))
                 raise ConfigError(f"preprocessor {spec.preprocessor!r} of controlnet {spec.name!r} is not one of "
                                   f"{allowed}", field="preprocessor", value=spec.preprocessor, allowed=allowed)
-        residual_backends = (BackendKind.TORCH, BackendKind.ONNXRUNTIME, BackendKind.TENSORRT)
-        if specs and (self.backend not in residual_backends or self.graphs is not None):
-            what = self.backend.value + (" with CUDA graphs" if self.graphs is not None else "")
-            raise ConfigError(f"ControlNet needs a U-Net that takes residual inputs: torch (eager or compiled, "
-                              f"without CUDA graphs), onnxruntime or tensorrt; this engine runs {what}",
-                              field="controlnets", value=[s.name for s in specs], allowed="[] on this engine")
+        if not specs:
+            return
+        from ..backends.factory import CONTROLNET_BACKENDS, backend_label, controlnet_problem
+
+        problem = controlnet_problem(self.backend, self.options)
+        if problem is None and self.graphs is not None:
+            problem = "ControlNet needs a U-Net that takes residual inputs; the torch backend with CUDA graphs does not"
+        if problem is not None:
+            raise ConfigError(f"{problem} (this engine runs {backend_label(self.backend, self.options)}"
+                              f"{' with CUDA graphs' if self.graphs is not None else ''})", field="controlnets",
+                              value=[s.name for s in specs],
+                              allowed=f"[] on this engine; ControlNet on {', '.join(sorted(CONTROLNET_BACKENDS))}")
 
     # -- synchronous use --------------------------------------------------------------------------------------------
 
@@ -466,7 +476,7 @@ class StreamEngine:
         """
         from dataclasses import replace
 
-        from ..backends.factory import create_engines, engine_steps
+        from ..backends.factory import controlnet_problem, create_backend, engine_steps
 
         given_unet, given_vae = self._given
         if given_unet is not None and given_vae is not None:
@@ -482,15 +492,20 @@ class StreamEngine:
                                  set(rule.sizes or ()) | {(config.width, config.height)}))
             shapes = EngineShapes.for_engine(self.config.max_batch_rows, self.config.max_streams, sizes,
                                              opt_size=tuned_size(rule.sizes) if rule.sizes else None)
-        artifacts = frozenset(step.key.name for step in engine_steps(self.backend, self.model, shapes, options)[1])
+        controlnets = self.controlnets if controlnet_problem(self.backend, options) is None else {}
+        artifacts = frozenset(step.key.name for step in engine_steps(self.backend, self.model, shapes, options,
+                                                                     controlnets)[1])
         if self.unet is not None and self.vae is not None and artifacts == self._backend_artifacts:
             self._backend_shapes = shapes
             return
         logger.info("preparing %s engines for %s", self.backend.value, shapes)
-        unet, vae = create_engines(self.backend, self.model, shapes, options, max_shapes=self.config.max_shapes,
-                                   cuda_graphs=self.backend is BackendKind.TENSORRT and self._wants_cuda_graphs())
-        self.unet = given_unet or unet
-        self.vae = given_vae or vae
+        made = create_backend(self.backend, self.model, shapes, options, max_shapes=self.config.max_shapes,
+                              cuda_graphs=self.backend is BackendKind.TENSORRT and self._wants_cuda_graphs(),
+                              controlnets=controlnets)
+        self.unet = given_unet or made.unet
+        self.vae = given_vae or made.vae
+        if given_unet is None:  # ControlNets run beside the backend's own U-Net (whose inputs they fit)
+            self.controlnet_engines.update(made.controlnets)
         if self.backend is BackendKind.TORCH and self.model.device.type == "cuda":
             tune_torch_cuda(self.unet, self.vae)
         self._backend_shapes, self._backend_artifacts = shapes, artifacts

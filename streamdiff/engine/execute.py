@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..backends.base import UNetEngine, VaeEngine, recover
+from ..backends.base import ControlNetEngine, UNetEngine, VaeEngine, recover
 from ..config import StreamConfig, StreamMode
 from ..core.image import fit_frame, frame_to_tensor, from_model_range, tensor_to_frame, to_model_range
 from ..models import LoadedModel
@@ -40,7 +40,8 @@ class Executor:
     engines; ``record_call(rows, padding)`` counts U-Net calls; ``take_inputs(stream, n)`` takes a stream's oldest
     ``n`` input frames (fewer at the end of input); ``fail(stream, error)`` ends one stream. ``to_host(tensor)``
     copies one device tensor to the host: the tick's ONE host synchronisation (every decoded frame of the tick
-    travels in that one copy; see :meth:`_finish`). ``controlnets``: the engine's ControlNet models by name, and
+    travels in that one copy; see :meth:`_finish`). ``controlnets``: the engine's ControlNet engines by name (a mapping the engine keeps
+    current: eager, or compiled with the backend), and
     ``preprocessors`` its control-image preprocessors (see :mod:`.control`).
     """
 
@@ -53,7 +54,7 @@ class Executor:
         take_inputs: Callable[[StreamRecord, int], list[InputFrame]],
         fail: Callable[[StreamRecord, BaseException], None],
         to_host: Callable[[torch.Tensor], torch.Tensor] = torch.Tensor.cpu,
-        controlnets: Mapping[str, torch.nn.Module] | None = None,
+        controlnets: Mapping[str, ControlNetEngine] | None = None,
         preprocessors: Mapping[str, Preprocessor | None] | None = None,
     ) -> None:
         self.model = model
@@ -63,7 +64,7 @@ class Executor:
         self._take_inputs = take_inputs
         self._fail = fail
         self._to_host = to_host
-        self.controlnets = controlnets or {}
+        self.controlnets = controlnets if controlnets is not None else {}
         self.preprocessors = preprocessors or {}
 
     def run(self, calls: list[list[StreamRecord]]) -> dict[StreamRecord, StreamOutput]:

@@ -41,6 +41,7 @@ def test_the_controlnet_takes_the_added_conditions(sdxl_model, controlnets) -> N
     """Another pooled prompt embedding changes the ControlNet's residuals, not just the U-Net's own conditions."""
     from streamdiff.core.control import ControlRows
     from streamdiff.core.step import UNetRows
+    from streamdiff.backends.torch_backend import TorchControlNet
     from streamdiff.engine.control import controlnet_extras
 
     generator = torch.Generator().manual_seed(0)
@@ -51,7 +52,7 @@ def test_the_controlnet_takes_the_added_conditions(sdxl_model, controlnets) -> N
     residuals = []
     for pooled in (torch.zeros((1, 32)), torch.ones((1, 32))):
         rows = UNetRows(sample, torch.tensor([500]), hidden, extras={"text_embeds": pooled, "time_ids": time_ids})
-        residuals.append(controlnet_extras(controlnets, rows, [(0, 1)], control)["mid_residual"])
+        residuals.append(controlnet_extras({"a": TorchControlNet(controlnets["a"])}, rows, [(0, 1)], control)["mid_residual"])
     assert float((residuals[0] - residuals[1]).abs().max()) > 1e-4
 
 
