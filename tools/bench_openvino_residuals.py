@@ -15,13 +15,12 @@ import json
 import statistics
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
-from streamdiff.backends.base import residual_layout
 from streamdiff.backends.openvino_backend import BLOB_FILE, OvUNet
 from streamdiff.backends.openvino_controlnet import OvControlNet
+from streamdiff.backends.unet_inputs import controlnet_residual_inputs
 from streamdiff.testing.components import SD21_UNET
 
 
@@ -34,15 +33,14 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--calls", type=int, default=2)
     args = parser.parse_args()
+    from diffusers import UNet2DConditionModel
     from diffusers.models.embeddings import Timesteps
 
     time_proj = Timesteps(SD21_UNET["block_out_channels"][0], True, 0)
-    config = SimpleNamespace(block_out_channels=SD21_UNET["block_out_channels"],
-                             layers_per_block=SD21_UNET.get("layers_per_block", 2))
-    layout = residual_layout(SimpleNamespace(config=config))
-    names = tuple(name for name, _, _ in layout)
+    with torch.device("meta"):  # the module structure only: the residual inputs' channels and strides
+        inputs = controlnet_residual_inputs(UNet2DConditionModel(**SD21_UNET))
     plain = OvUNet(args.plain / BLOB_FILE, time_proj, torch.bfloat16)
-    residual = OvUNet(args.residual / BLOB_FILE, time_proj, torch.bfloat16, extra_names=names, residuals=layout)
+    residual = OvUNet(args.residual / BLOB_FILE, time_proj, torch.bfloat16, inputs=inputs)
     controlnet = OvControlNet(args.controlnet / BLOB_FILE, time_proj, torch.bfloat16)
     side = args.size // 8
     generator = torch.Generator().manual_seed(0)
