@@ -122,7 +122,8 @@ def test_ip_adapter_flag_names_the_adapter_clients_choose(cache_dir) -> None:
     options = model_options(_options(["--ip-adapter", "style=tiny", "--model", "tiny-random"]))
     assert (options.ip_adapter_name, options.ip_adapter) == ("style", "tiny")
     engine = options.stream_engine(2, 8)
-    assert engine.backend.value == "torch" and ServerLimits().for_engine(engine).ip_adapter == "style"
+    # auto picks as for any model: OpenVINO on the CPU takes the image prompt's inputs (docs/models.md)
+    assert engine.backend.value == "openvino" and ServerLimits().for_engine(engine).ip_adapter == "style"
     assert parse_ip_adapter("/adapters/ip.safetensors") == (None, "/adapters/ip.safetensors")
     assert parse_ip_adapter("/a=b/ip.safetensors") == (None, "/a=b/ip.safetensors")
     with pytest.raises(ConfigError, match="NAME=ID_OR_PATH"):
