@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Mapping
 
 from .config import (
@@ -231,10 +231,21 @@ class ModelOptions:
         return model
 
     def plan(self, model: LoadedModel, config: StreamConfig) -> tuple[BackendKind, list[BuildStep]]:
-        """The resolved backend and the engine cache entries it needs for ``config`` (keys without building)."""
+        """The resolved backend and the engine cache entries it needs for ``config`` (keys without building).
+
+        With ControlNets, as the engine that offers them: a U-Net with residual inputs, and the ControlNets compiled
+        by a backend that compiles them (OpenVINO)."""
         from .backends.factory import engine_steps
 
-        return engine_steps(self.backend, model, config, self.engine)
+        if not self.controlnets:
+            return engine_steps(self.backend, model, config, self.engine)
+        from .models.controlnet import check_family, load_controlnet
+
+        sdxl = model.sdxl is not None
+        controlnets = {name: check_family(name, load_controlnet(source, model.device, model.dtype, sdxl=sdxl), sdxl)
+                       for name, source in self.controlnets}
+        options = replace(self.engine, controlnet_residuals=True)
+        return engine_steps(self.backend, model, config, options, controlnets)
 
     def stream_engine(self, max_streams: int, max_batch_rows: int,
                       sizes: tuple[tuple[int, int], ...] | None = None, max_shapes: int = 8) -> StreamEngine:

@@ -23,7 +23,8 @@ import time
 from typing import Any
 
 from ..config import StreamConfig
-from ..options import ENGINE_DEFAULTS, MODEL_DEFAULTS, STREAM_DEFAULTS, ModelOptions, model_options, stream_config
+from ..options import (CONTROLNET_DEFAULTS, ENGINE_DEFAULTS, MODEL_DEFAULTS, STREAM_DEFAULTS, ModelOptions,
+                       model_options, stream_config)
 from . import options as shared
 
 logger = logging.getLogger(__name__)
@@ -32,14 +33,15 @@ NAME = "engines"
 HELP = "build, list or clear compiled engines (ONNX, ONNX Runtime, TensorRT, AOTInductor) in the engine cache"
 
 # The options and defaults of `streamdiff run` (backend auto: what `run` would pick here).
-BUILD_DEFAULTS: dict[str, Any] = {**MODEL_DEFAULTS, **ENGINE_DEFAULTS, **STREAM_DEFAULTS}
+BUILD_DEFAULTS: dict[str, Any] = {**MODEL_DEFAULTS, **CONTROLNET_DEFAULTS, **ENGINE_DEFAULTS, **STREAM_DEFAULTS}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     actions = parser.add_subparsers(dest="engines_action", metavar="ACTION")
     actions.required = True
     build = actions.add_parser("build", help="build the engines a configuration needs (flags as in `run`)")
-    shared.add_model_options(build, backend_default=BUILD_DEFAULTS["backend"])
+    shared.add_controlnet_options(shared.add_model_options(build, backend_default=BUILD_DEFAULTS["backend"]),
+                                  scale=False)
     shared.add_engine_options(build)
     shared.add_stream_options(build)
     listing = actions.add_parser("list", help="show the cached engines")

@@ -78,7 +78,7 @@ def add_controlnet_options(group: Any, scale: bool) -> None:
     """``--controlnet NAME=ID_OR_PATH`` (repeatable) into the model ``group``; ``--control-scale`` with ``scale``."""
     group.add_argument("--controlnet", action="append", type=controlnet_arg, metavar="NAME=ID_OR_PATH",
                        help="a ControlNet the engine offers under NAME: a ControlNetModel folder, a cached hub id or "
-                            "'tiny' (built-in, for the tiny model); needs the torch backend; repeatable")
+                            "'tiny' (built-in, for the tiny model); every backend but torch with CUDA graphs; repeatable")
     if scale:
         group.add_argument("--control-scale", action="append", type=float, metavar="S",
                            help="conditioning scale of the ControlNets (Canny edges of each frame): one for all or "

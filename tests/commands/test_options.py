@@ -210,3 +210,25 @@ def test_bench_takes_the_shared_size(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["bench", "--size", "big"])
     assert "argument --size: size='big' is not WIDTHxHEIGHT" in capsys.readouterr().err
+
+
+def test_engines_build_with_a_controlnet_plans_the_residual_unet_and_the_compiled_controlnet(tmp_path: Path) -> None:
+    """``engines build --controlnet`` builds what an engine offering that ControlNet runs: on OpenVINO a U-Net whose
+    key names the residual inputs (a different entry from the plain U-Net's) and the ControlNet itself; the VAE
+    entries are the plain ones."""
+    common = ["--model", "tiny", "--backend", "openvino", "--engine-dir", str(tmp_path / "engines"), "--size", "64"]
+    plain, config = engines_command.build_request(_parse(["engines", "build", *common]))
+    with_controlnet, _ = engines_command.build_request(_parse(["engines", "build", *common,
+                                                               "--controlnet", "edges=tiny"]))
+    assert with_controlnet.controlnets == (("edges", "tiny"),)
+    model = plain.load()
+    _, plain_steps = plain.plan(model, config)
+    kind, steps = with_controlnet.plan(model, config)
+    by_component = {step.component.value: step.key for step in steps}
+    assert kind.value == "openvino" and sorted(by_component) == ["controlnet", "unet", "vae_decoder", "vae_encoder"]
+    extras = dict(by_component["unet"].extra)["unet_extras"].split(",")
+    assert extras[-1] == "mid_residual" and extras[:-1] == [f"down_residual_{i}" for i in range(len(extras) - 1)]
+    plain_keys = {step.component.value: step.key.digest() for step in plain_steps}
+    assert by_component["unet"].digest() != plain_keys["unet"]
+    assert {c: by_component[c].digest() for c in ("vae_encoder", "vae_decoder")} == {
+        c: plain_keys[c] for c in ("vae_encoder", "vae_decoder")}
