@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping
 
 from .config import (
@@ -244,8 +244,7 @@ class ModelOptions:
         sdxl = model.sdxl is not None
         controlnets = {name: check_family(name, load_controlnet(source, model.device, model.dtype, sdxl=sdxl), sdxl)
                        for name, source in self.controlnets}
-        options = replace(self.engine, controlnet_residuals=True)
-        return engine_steps(self.backend, model, config, options, controlnets)
+        return engine_steps(self.backend, model, config, self.engine, controlnets)
 
     def stream_engine(self, max_streams: int, max_batch_rows: int,
                       sizes: tuple[tuple[int, int], ...] | None = None, max_shapes: int = 8) -> StreamEngine:

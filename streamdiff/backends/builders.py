@@ -253,16 +253,15 @@ def smallest(shapes: ShapeRange) -> ShapeRange:
 
 def openvino_step(
     model: LoadedModel, shapes: EngineShapes | StreamConfig, options: EngineOptions, cache: EngineCache,
-    component: Component, controlnet: bool = False,
+    component: Component,
 ) -> BuildStep:
     """Convert ``component`` with OpenVINO and keep the compiled model.
 
     Static shapes when the component serves exactly one shape (a single stream: one U-Net batch, F frames, one
     size): measured 5.5 % faster on the SD-2.1-size U-Net than dynamic axes (docs/PERF.md, "OpenVINO"). Otherwise
     (a multi-stream engine's 1 … max_batch_rows rows) one model with dynamic batch and spatial axes, rather than
-    one compiled copy of the weights per batch size. ``controlnet``: the U-Net takes ControlNet residual inputs
-    (an engine with ControlNets, as ``options.controlnet_residuals``); its key names every extra input
-    (:func:`unet_extra_inputs`).
+    one compiled copy of the weights per batch size. The U-Net takes :func:`unet_extra_inputs` (ControlNet
+    residuals with ``options.controlnet_residuals``), and its key names every one of them.
     """
     from .openvino_backend import (Float32Graph, OvUNetGraph, build_blob, nncf_version, openvino_version,
                                    precision_hint, unet_time_projection_input)
@@ -273,8 +272,6 @@ def openvino_step(
     shapes = exact[0] if static else shape_range(component, shapes, options, spatial_multiple(model, component))
     extra = {"precision_hint": precision_hint(model.dtype), "shapes": "static" if static else "dynamic"}
     quantize = options.quantize if component is Component.UNET else Quantization.NONE  # the VAE stays float
-    if controlnet and not options.controlnet_residuals:
-        options = replace(options, controlnet_residuals=True)
     names = tuple(i.name for i in unet_extra_inputs(model, options)) if component is Component.UNET else ()
     if component is Component.UNET:
         extra["time_embedding"] = "float32"
@@ -296,7 +293,7 @@ def openvino_step(
                           quantize=quantize, guard=unet_time_projection_input(model.unet))
 
     weights = f", {quantize.value}" if quantize is not Quantization.NONE else ""
-    inputs = " with ControlNet inputs" if controlnet and component is Component.UNET else ""
+    inputs = " with ControlNet inputs" if options.controlnet_residuals and component is Component.UNET else ""
     description = (f"compile {component.value}{inputs} with OpenVINO ({extra['precision_hint']}{weights}, "
                    f"{extra['shapes']} shapes)")
     return BuildStep(description, key, lambda: cache.get_or_build(key, build, description=description), component)
@@ -353,12 +350,13 @@ def plan_builds(
     controlnets: Mapping[str, torch.nn.Module] | None = None,
 ) -> list[BuildStep]:
     """The entries backend ``kind`` needs (none for eager torch), in build order. ``controlnets``: the engine's
-    ControlNets by name, for a backend that runs them compiled (its U-Net then takes residual inputs)."""
+    ControlNets by name, for a backend that runs them compiled (``options`` then says its U-Net takes residual
+    inputs: :func:`~.factory.with_controlnets`)."""
     if kind is BackendKind.ONNXRUNTIME:
         return [onnx_step(model, shapes, options, cache, c, dtype=onnxruntime_dtype(model)) for c in COMPONENTS]
     if kind is BackendKind.OPENVINO:
         controlnets = controlnets or {}
-        return [openvino_step(model, shapes, options, cache, c, controlnet=bool(controlnets)) for c in COMPONENTS] + [
+        return [openvino_step(model, shapes, options, cache, c) for c in COMPONENTS] + [
             openvino_controlnet_step(model, name, module, shapes, options, cache) for name, module in controlnets.items()]
     if kind is BackendKind.TENSORRT:
         steps = []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -207,9 +207,15 @@ def engine_steps(
 ) -> tuple[BackendKind, list[BuildStep]]:
     """The resolved backend and the cache entries it needs (for ``streamdiff engines build``); ``controlnets``:
     the engine's ControlNets by name (compiled too by a backend that runs them)."""
-    options = options or EngineOptions()
+    options = with_controlnets(options or EngineOptions(), controlnets)
     resolved = resolve_backend(kind, model, options)
     return resolved, plan_builds(resolved, model, shapes, options, EngineCache(options.directory), controlnets)
+
+
+def with_controlnets(options: EngineOptions, controlnets: Mapping[str, Any] | None) -> EngineOptions:
+    """``options`` of an engine with ``controlnets``: its compiled U-Net takes the residual inputs
+    (``EngineOptions.controlnet_residuals``), so its graph, its cache key and its ControlNets fit together."""
+    return replace(options, controlnet_residuals=True) if controlnets and not options.controlnet_residuals else options
 
 
 @dataclass(frozen=True)
@@ -258,14 +264,15 @@ def create_backend(
     shapes = engine_shapes(shapes, options)
     kind = resolve_backend(kind, model, options)
     controlnets = dict(controlnets or {}) if controlnet_problem(kind, options) is None else {}
-    kind, steps = engine_steps(kind, model, shapes, options, controlnets)
+    options = with_controlnets(options, controlnets)
+    steps = plan_builds(kind, model, shapes, options, EngineCache(options.directory), controlnets)
     entries = {step.key.name: step.run() for step in steps}
     by_component = {}
     for step in steps:
         by_component.setdefault(step.component, []).append((step.key, entries[step.key.name]))
+    eager = {name: TorchControlNet(module) for name, module in controlnets.items()}  # all but OpenVINO's
     if kind is BackendKind.TORCH:
         vae = TorchVae(model.vae, channels_last=options.channels_last)
-        eager = {name: TorchControlNet(module) for name, module in controlnets.items()}
         if options.compile:
             from .compiled import CompiledUNet
 
@@ -315,8 +322,7 @@ def create_backend(
         )
     if model.device.type == "cuda":
         offload_torch_modules(model)
-    # their U-Nets take the residuals; the ControlNets themselves run in eager torch beside them
-    return BackendEngines(*engines, {name: TorchControlNet(module) for name, module in controlnets.items()})
+    return BackendEngines(*engines, eager)  # their U-Nets take the residuals; the ControlNets run in eager torch
 
 
 ORT_TENSORRT_CACHE = ".onnxruntime-tensorrt"

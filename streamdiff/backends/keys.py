@@ -63,8 +63,8 @@ class EngineOptions:
     a GPU, in order of preference (``("CUDAExecutionProvider",)``); empty means TensorRT's, then CUDA's.
     ``quantize``: ``"int8-weights"`` compresses the OpenVINO U-Net's weights to int8 (:class:`Quantization`).
     ``controlnet_residuals``: the compiled U-Net engines take ControlNet residual inputs (zeros in calls without
-    control; see :mod:`streamdiff.backends.unet_inputs`); a :class:`~streamdiff.engine.StreamEngine` with ControlNets
-    sets it itself.
+    control; see :mod:`streamdiff.backends.unet_inputs`); building for ControlNets sets it
+    (``backends.factory.with_controlnets``).
     """
 
     engine_dir: Path | str | None = None

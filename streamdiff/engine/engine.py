@@ -29,7 +29,6 @@ import logging
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
 from typing import Any, Callable
 
 import numpy as np
@@ -110,8 +109,6 @@ class StreamEngine:
         self.controlnets = {
             check_name(name): check_family(name, load_controlnet(source, model.device, model.dtype, sdxl=sdxl), sdxl)
             for name, source in (controlnets or {}).items()}
-        if self.controlnets:  # compiled U-Net engines get residual inputs (backends.unet_inputs)
-            self.options = replace(self.options, controlnet_residuals=True)
         # The engines the executor calls, by name: eager until the backend's are made (prepare_backends).
         self.controlnet_engines: dict[str, ControlNetEngine] = {
             name: TorchControlNet(module) for name, module in self.controlnets.items()}
