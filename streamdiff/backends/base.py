@@ -17,12 +17,14 @@ UNET_EXTRAS = {
     "ip_scale": "IP-Adapter: each row's image-prompt scale [B] (0 in rows without one)",
     # "down_residual_0", "down_residual_1", …: ControlNet residuals added to the down blocks' outputs, in order
 }
+RESIDUAL_PREFIX = "down_residual_"  # + the down-block residual's index
+MID_RESIDUAL = "mid_residual"
 
 
 def extra_names(extras: dict[str, torch.Tensor]) -> tuple[str, ...]:
     """The extras' names, down-block residuals in block order."""
-    return tuple(sorted(extras, key=lambda name: (not name.startswith("down_residual_"),
-                                                  int(name.rsplit("_", 1)[1]) if name.startswith("down_residual_")
+    return tuple(sorted(extras, key=lambda name: (not name.startswith(RESIDUAL_PREFIX),
+                                                  int(name.rsplit("_", 1)[1]) if name.startswith(RESIDUAL_PREFIX)
                                                   else 0, name)))
 
 
@@ -32,15 +34,15 @@ def unet_kwargs(extras: dict[str, torch.Tensor]) -> dict[str, object]:
     added = {name: extras[name] for name in ("text_embeds", "time_ids") if name in extras}
     if added:
         kwargs["added_cond_kwargs"] = added
-    downs = [name for name in extra_names(extras) if name.startswith("down_residual_")]
+    downs = [name for name in extra_names(extras) if name.startswith(RESIDUAL_PREFIX)]
     if downs:
         kwargs["down_block_additional_residuals"] = tuple(extras[name] for name in downs)
-    if "mid_residual" in extras:
-        kwargs["mid_block_additional_residual"] = extras["mid_residual"]
+    if MID_RESIDUAL in extras:
+        kwargs["mid_block_additional_residual"] = extras[MID_RESIDUAL]
     ip = {name: extras[name] for name in ("ip_tokens", "ip_scale") if name in extras}
     if ip:  # read by streamdiff.models.ip_attention's processors, which diffusers hands these to
         kwargs["cross_attention_kwargs"] = ip
-    unknown = set(extras) - set(added) - set(downs) - {"mid_residual"} - set(ip)
+    unknown = set(extras) - set(added) - set(downs) - {MID_RESIDUAL} - set(ip)
     if unknown:
         raise TypeError(f"unknown U-Net extra inputs {sorted(unknown)}")
     return kwargs
@@ -51,7 +53,7 @@ class ControlNetEngine(Protocol):
     """A ControlNet at conditioning scale 1: sample ``[B, C, h, w]``, timestep ``[B]``, hidden states ``[B, L, D]``,
     control image ``[B, 3, H, W]`` in [0, 1] and, for SDXL, the ``text_embeds``/``time_ids`` extras → its residuals
     (down blocks' in order, then the mid block's), each ``[B, C_i, h_i, w_i]``, as
-    :func:`~.unet_inputs.residual_layout` names them."""
+    :func:`~.unet_inputs.controlnet_residual_inputs` names them."""
 
     def __call__(
         self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,

@@ -62,8 +62,6 @@ class CompiledUNet:
     ControlNet residuals runs with zero residuals (:class:`~streamdiff.backends.unet_inputs.ExtraFeeds`).
     """
 
-    takes_extras = frozenset({"sdxl", "controlnet", "ip_adapter"})  # the extras kinds this engine class takes
-
     def __init__(self, packages: dict[tuple[int, ...], Path], extras: Sequence[ExtraInput] = ()) -> None:
         self.modules = {shape: AotiModule(path) for shape, path in packages.items()}
         self.extras = ExtraFeeds(extras)

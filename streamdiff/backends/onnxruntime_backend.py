@@ -292,8 +292,6 @@ class OrtUNet:
     the graph's extra inputs as they come (no residual filling).
     """
 
-    takes_extras = frozenset({"sdxl", "controlnet", "ip_adapter"})  # the extras kinds this engine class takes
-
     def __init__(self, path: Path | str, device: torch.device, extras: Sequence[ExtraInput] | None = None,
                  **session: Any) -> None:
         self.session = OrtSession(path, device, **session)

@@ -291,13 +291,12 @@ class OvModel:
         self.sizes[size] = None
 
     def run(self, *tensors: torch.Tensor) -> torch.Tensor:
-        """The model's (first) output for ``tensors``, a new tensor."""
-        self._infer(tensors)
-        out = self.request.get_output_tensor(0).data  # the request's own buffer, reused by the next call
-        return torch.from_numpy(np.array(out, copy=True))
+        """The output of a single-output model (a U-Net, a VAE half) for ``tensors``, a new tensor."""
+        return self.run_all(*tensors)[0]
 
     def run_all(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Every output of the model for ``tensors``, in its output order (new tensors)."""
+        """Every output of the model for ``tensors``, in its output order (new tensors: the request's own buffers
+        are reused by the next call)."""
         self._infer(tensors)
         return tuple(torch.from_numpy(np.array(self.request.get_output_tensor(i).data, copy=True))
                      for i in range(len(self.compiled.outputs)))
@@ -345,7 +344,6 @@ class OvUNet:
         self.model = OvModel(path, dtype, max_shapes=max_shapes)
         self.time_proj = time_proj
         self.feeds = ExtraFeeds(inputs)
-        self.extra_names = self.feeds.names
         self.required = frozenset(i.name for i in self.feeds.inputs if not i.stride)  # all but the residuals
 
     def recover(self) -> None:

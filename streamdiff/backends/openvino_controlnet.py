@@ -4,7 +4,7 @@ Converted, compiled, cached and imported as the U-Net is (:mod:`.openvino_backen
 always with a dynamic batch and spatial axes: the engine calls a ControlNet with the rows where it acts, which change
 with each stream's scales and start/end. Its time embedding stays float32 for the same reason as the U-Net's: the
 graph takes the sinusoidal projection as an input. Outputs: the residuals at conditioning scale 1, in
-:func:`~streamdiff.backends.unet_inputs.residual_layout` order (the engine scales each row).
+:func:`~streamdiff.backends.unet_inputs.controlnet_residual_inputs` order (the engine scales each row).
 """
 
 from __future__ import annotations

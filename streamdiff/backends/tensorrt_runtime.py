@@ -251,8 +251,6 @@ class TrtUNet:
     (no residual filling).
     """
 
-    takes_extras = frozenset({"sdxl", "controlnet", "ip_adapter"})  # the extras kinds this engine class takes
-
     def __init__(self, path: Path | str, device: torch.device, cuda_graph: bool = False,
                  extras: Sequence[ExtraInput] | None = None, **kwargs: Any) -> None:
         kwargs.setdefault("max_shapes", UNET_MAX_SHAPES)

@@ -24,16 +24,9 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
-from .base import UNET_EXTRAS, extra_names
+from .base import MID_RESIDUAL, RESIDUAL_PREFIX, UNET_EXTRAS, extra_names
 
-RESIDUAL_PREFIX = "down_residual_"
-MID_RESIDUAL = "mid_residual"
-IP_EXTRAS = ("ip_tokens", "ip_scale")
 MAX_ZERO_SHAPES = 16
-
-
-def is_residual(name: str) -> bool:
-    return name == MID_RESIDUAL or name.startswith(RESIDUAL_PREFIX)
 
 
 def known_extra(name: str) -> bool:
@@ -98,12 +91,6 @@ def controlnet_residual_inputs(unet: torch.nn.Module) -> tuple[ExtraInput, ...]:
             inputs.append(ExtraInput(f"{RESIDUAL_PREFIX}{len(inputs)}", (int(downsampler.out_channels),), stride))
     mid = int(unet.mid_block.resnets[-1].out_channels)
     return (*inputs, ExtraInput(MID_RESIDUAL, (mid,), stride))
-
-
-def residual_layout(unet: torch.nn.Module) -> tuple[tuple[str, int, int], ...]:
-    """:func:`controlnet_residual_inputs` as (name, channels, down factor) triples: a residual of factor ``k`` has
-    the latent's sides divided by ``k``."""
-    return tuple((i.name, i.dims[0], i.stride) for i in controlnet_residual_inputs(unet))
 
 
 # (N, D) of each loaded IP-Adapter's tokens, by its image projection: a Plus adapter's is found by running the image

@@ -11,8 +11,8 @@ call over the rows of every stream using it.
   streams in this U-Net call) where it acts; each row's residuals are multiplied by that row's scale (exact: the
   residuals are linear in the scale, see :mod:`streamdiff.core.control`), scattered into full-batch zero tensors and
   summed over the ControlNets (as diffusers' ``MultiControlNetModel``). A ControlNet runs as its engine
-  (:class:`~streamdiff.backends.base.ControlNetEngine`): eager torch, or compiled with the U-Net's backend. Rows without control get zeros, computed by
-  no ControlNet; a call where no row has control gets no residuals at all. An SDXL ControlNet takes its rows' added
+  (:class:`~streamdiff.backends.base.ControlNetEngine`): eager torch, or compiled with the U-Net's backend. Rows
+  without control get zeros, computed by no ControlNet; a call where no row has control gets no residuals at all. An SDXL ControlNet takes its rows' added
   conditions (``text_embeds``, ``time_ids`` of the call's extras) as the U-Net does.
 """
 
@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from ..backends.base import ControlNetEngine
+from ..backends.base import MID_RESIDUAL, RESIDUAL_PREFIX, ControlNetEngine
 from ..config import ControlNetSpec
 from ..core.control import ControlRows
 from ..core.image import fit_frame, frame_to_tensor, tensor_to_frame
@@ -178,6 +178,6 @@ def controlnet_extras(
             full.index_add_(0, at, residual * scale)
     if sums is None:
         return {}
-    extras = {f"down_residual_{i}": residual for i, residual in enumerate(sums[:-1])}
-    extras["mid_residual"] = sums[-1]
+    extras = {f"{RESIDUAL_PREFIX}{i}": residual for i, residual in enumerate(sums[:-1])}
+    extras[MID_RESIDUAL] = sums[-1]
     return extras

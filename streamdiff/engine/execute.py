@@ -40,9 +40,9 @@ class Executor:
     engines; ``record_call(rows, padding)`` counts U-Net calls; ``take_inputs(stream, n)`` takes a stream's oldest
     ``n`` input frames (fewer at the end of input); ``fail(stream, error)`` ends one stream. ``to_host(tensor)``
     copies one device tensor to the host: the tick's ONE host synchronisation (every decoded frame of the tick
-    travels in that one copy; see :meth:`_finish`). ``controlnets``: the engine's ControlNet engines by name (a mapping the engine keeps
-    current: eager, or compiled with the backend), and
-    ``preprocessors`` its control-image preprocessors (see :mod:`.control`).
+    travels in that one copy; see :meth:`_finish`). ``controlnets``: the engine's ControlNet engines by name (a
+    mapping the engine keeps current: eager, or compiled with the backend), and ``preprocessors`` its control-image
+    preprocessors (see :mod:`.control`).
     """
 
     def __init__(

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from streamdiff import ControlNetSpec, StreamConfig, StreamEngine, load_model
-from streamdiff.backends.unet_inputs import residual_layout
+from streamdiff.backends.unet_inputs import controlnet_residual_inputs
 from streamdiff.backends.keys import EngineOptions
 from streamdiff.engine import EngineConfig
 from streamdiff.models.controlnet import build_tiny_controlnet
@@ -81,16 +81,6 @@ def _worst(a: list[list[torch.Tensor]], b: list[list[torch.Tensor]]) -> float:
     return max(float((p - q).abs().max()) for x, y in zip(a, b) for p, q in zip(x, y))
 
 
-def test_the_residual_inputs_are_what_a_controlnet_returns(tiny_model, controlnets) -> None:
-    sample = torch.randn(2, 4, 8, 8)
-    down, mid = controlnets["a"](sample, torch.tensor([10, 20]), encoder_hidden_states=torch.randn(2, 77, 64),
-                                 controlnet_cond=torch.rand(2, 3, 64, 64), return_dict=False)
-    layout = residual_layout(tiny_model.unet)
-    expected = [(f"down_residual_{i}", tuple(t.shape[1:])) for i, t in enumerate(down)]
-    expected.append(("mid_residual", tuple(mid.shape[1:])))
-    assert [(name, (c, 8 // k, 8 // k)) for name, c, k in layout] == expected
-
-
 def test_controlnet_streams_mixed_with_a_plain_one_equal_eager_torch_and_a_scale_change_rebuilds_nothing(
     tiny_model, controlnets, engine_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -109,8 +99,8 @@ def test_controlnet_streams_mixed_with_a_plain_one_equal_eager_torch_and_a_scale
     with caplog.at_level(logging.INFO, logger="streamdiff.backends"):
         engine = _engine(tiny_model, "openvino", engine_dir, controlnets)
         got = _stream_outputs(engine, settings, 6, changes)
-    assert isinstance(engine.unet, OvUNet) and {i.name for i in engine.unet.feeds.residuals} == {
-        n for n, _, _ in residual_layout(tiny_model.unet)}
+    assert isinstance(engine.unet, OvUNet) and engine.unet.feeds.residuals == controlnet_residual_inputs(
+        tiny_model.unet)
     assert all(isinstance(engine.controlnet_engines[n], OvControlNet) for n in "ab")
     assert _worst(got, expected) <= TOLERANCE
     # Built once each (U-Net with residual inputs, VAE halves, two ControlNets); the scale changes rebuilt nothing.
@@ -161,7 +151,7 @@ def test_ip_adapter_streams_equal_eager_torch_and_a_live_scale_change_rebuilds_n
     expected = _stream_outputs(_engine(ip_model, "torch", engine_dir), settings, 5, changes)
     engine = _engine(ip_model, "openvino", engine_dir)
     got = _stream_outputs(engine, settings, 5, changes)
-    assert isinstance(engine.unet, OvUNet) and {"ip_tokens", "ip_scale"} <= set(engine.unet.extra_names)
+    assert isinstance(engine.unet, OvUNet) and {"ip_tokens", "ip_scale"} <= set(engine.unet.feeds.names)
     assert _worst(got, expected) <= TOLERANCE
     assert max(float((a - b).abs().max()) for a, b in zip(got[0], got[2])) > 1e-3  # the image prompt acts
     assert engine.unet.model.imports == 1  # scale changes are inputs: nothing rebuilt or imported again
