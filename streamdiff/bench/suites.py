@@ -98,28 +98,37 @@ def calibrate_tiny_vae(vae: torch.nn.Module, seed: int = 0) -> None:
     decoder_out.bias.add_(0.5 - images.mean(dim=(0, 2, 3)) * k)
 
 
-def sd21_bench_model(seed: int = 0) -> BenchModel:
-    """SD-2.1-size U-Net, KL VAE, TAESD and text encoder with random weights; the tiny model's tokenizer."""
+def sd21_parts(seed: int = 0) -> tuple[dict[str, Any], Any]:
+    """SD-2.1-size U-Net, KL VAE, TAESD and text encoder with random weights (float32), and the tiny model's
+    tokenizer."""
     from transformers import CLIPTokenizer
 
     from ..testing import sd21_components
     from ..models.tokenizer_vocab import write_tokenizer_files
 
     parts = sd21_components(seed)
-    taesd = parts["taesd"]
     # Random TAESD gives latents with std ~0.02 and near-black images; rescale its last layers (as the tiny model
     # does) so latents have unit spread and images fill [0, 1]. Speed is unchanged; PSNR becomes meaningful.
-    calibrate_tiny_vae(taesd, seed)
+    calibrate_tiny_vae(parts["taesd"], seed)
     with tempfile.TemporaryDirectory() as folder:
         write_tokenizer_files(Path(folder))
         tokenizer = CLIPTokenizer.from_pretrained(folder)
+    return parts, tokenizer
 
-    def loaded(unet: Any, vae: Any, text: Any, dtype: torch.dtype) -> LoadedModel:
-        components = dict(unet=unet, vae=vae, text_encoder=text, tokenizer=tokenizer, scheduler=parts["scheduler"])
-        return model_from_components(components, dtype=dtype, model_id="sd21-random", fingerprint=f"sd21-random-{seed}")
 
-    fp32 = loaded(parts["unet"], taesd, parts["text_encoder"], torch.float32)
-    bf16 = loaded(*(cast_copy(parts[k], torch.bfloat16) for k in ("unet", "taesd", "text_encoder")), torch.bfloat16)
+def sd21_model(parts: dict[str, Any], tokenizer: Any, dtype: torch.dtype, seed: int = 0) -> LoadedModel:
+    """The SD-2.1-size model of :func:`sd21_parts` (TAESD as its VAE) in ``dtype`` (cast copies unless float32)."""
+    unet, vae, text = (parts[k] if dtype == torch.float32 else cast_copy(parts[k], dtype)
+                       for k in ("unet", "taesd", "text_encoder"))
+    components = dict(unet=unet, vae=vae, text_encoder=text, tokenizer=tokenizer, scheduler=parts["scheduler"])
+    return model_from_components(components, dtype=dtype, model_id="sd21-random", fingerprint=f"sd21-random-{seed}")
+
+
+def sd21_bench_model(seed: int = 0) -> BenchModel:
+    """SD-2.1-size U-Net, KL VAE, TAESD and text encoder with random weights; the tiny model's tokenizer."""
+    parts, tokenizer = sd21_parts(seed)
+    fp32 = sd21_model(parts, tokenizer, torch.float32, seed)
+    bf16 = sd21_model(parts, tokenizer, torch.bfloat16, seed)
     _memory_format([bf16.unet, bf16.vae], True)()  # the fastest bfloat16 layout on this CPU (see compare_dtype)
     return BenchModel("sd21", fp32, bf16, parts["scheduler"], kl_vae=parts["vae"])
 
@@ -383,19 +392,5 @@ def controlnet_bench_model(name: str, dtype: torch.dtype, seed: int = 0) -> tupl
     if name == "tiny":
         model = load_model("tiny", device="cpu", dtype=dtype)
     else:
-        from transformers import CLIPTokenizer
-
-        from ..models.tokenizer_vocab import write_tokenizer_files
-        from ..testing import sd21_components
-
-        parts = sd21_components(seed)
-        calibrate_tiny_vae(parts["taesd"], seed)
-        with tempfile.TemporaryDirectory() as folder:
-            write_tokenizer_files(Path(folder))
-            tokenizer = CLIPTokenizer.from_pretrained(folder)
-        components = {k: cast_copy(parts.pop(k), dtype) for k in ("unet", "taesd", "text_encoder")}
-        components = dict(unet=components["unet"], vae=components["taesd"], text_encoder=components["text_encoder"],
-                          tokenizer=tokenizer, scheduler=parts["scheduler"])
-        model = model_from_components(components, dtype=dtype, model_id="sd21-random",
-                                      fingerprint=f"sd21-random-{seed}")
+        model = sd21_model(*sd21_parts(seed), dtype, seed)
     return model, controlnet_for(model.unet, dtype, seed)
