@@ -77,7 +77,7 @@ def rtc_config(options: dict[str, Any]) -> RtcConfig:
     return RtcConfig(hosts=tuple(options["rtc_host"]), max_sdp_bytes=int(options["rtc_max_sdp_bytes"]),
                      video_codecs=tuple(options["rtc_codecs"]),
                      connect_timeout_s=float(options["rtc_connect_timeout"]),
-                     ports=options.get("rtc_port_range") or None)
+                     ports=options["rtc_port_range"] or None)
 
 
 def server_config(options: dict[str, Any]) -> ServerConfig:

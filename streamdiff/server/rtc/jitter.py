@@ -17,6 +17,7 @@ receiver keeps its own buffer and a warning says so (the stream works, one frame
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -29,38 +30,24 @@ VIDEO_CAPACITY = 512  # packets, as aiortc's own video buffer (a power of 2)
 _warned = False
 
 
-def _base() -> type:
-    from aiortc.jitterbuffer import JitterBuffer
-
-    return JitterBuffer
-
-
 def MarkerJitterBuffer(capacity: int = VIDEO_CAPACITY) -> Any:  # noqa: N802 - builds an instance of a lazy class
     """A video jitter buffer that completes a frame at its marked packet (see the module docstring)."""
     return _marker_class()(capacity=capacity, is_video=True)
 
 
-_CLASS: type | None = None
-
-
+@functools.cache
 def _marker_class() -> type:
-    global _CLASS
-    if _CLASS is not None:
-        return _CLASS
-    from aiortc.jitterbuffer import JitterFrame
+    """The buffer's class, built once on aiortc's (imported only when a peer connects)."""
+    from aiortc.jitterbuffer import JitterBuffer, JitterFrame
 
-    base = _base()
-
-    class _MarkerJitterBuffer(base):  # type: ignore[misc, valid-type]
+    class _MarkerJitterBuffer(JitterBuffer):
         _waiting = False  # a marked packet came in before the rest of its frame (reordered): check on each add
 
         def add(self, packet: Any) -> tuple[bool, Any]:
             pli, frame = super().add(packet)
             if frame is None and (getattr(packet, "marker", 0) or self._waiting):
                 frame = self._complete_at_marker()
-                self._waiting = frame is None and bool(getattr(packet, "marker", 0) or self._waiting)
-            elif frame is not None:
-                self._waiting = False
+            self._waiting = frame is None and (bool(getattr(packet, "marker", 0)) or self._waiting)
             return pli, frame
 
         def _complete_at_marker(self) -> Any:
@@ -81,15 +68,16 @@ def _marker_class() -> type:
                     return JitterFrame(data=b"".join(p._data for p in packets), timestamp=first.timestamp)
             return None
 
-    _CLASS = _MarkerJitterBuffer
-    return _CLASS
+    return _MarkerJitterBuffer
 
 
 def use_marker_jitter_buffer(receiver: Any) -> bool:
     """Give ``receiver`` (an aiortc ``RTCRtpReceiver`` of video, before its first packet) a
     :class:`MarkerJitterBuffer`. False, with one warning per process, where this aiortc keeps no such buffer."""
     global _warned
-    if not hasattr(receiver, _ATTRIBUTE) or not isinstance(getattr(receiver, _ATTRIBUTE), _base()):
+    from aiortc.jitterbuffer import JitterBuffer
+
+    if not isinstance(getattr(receiver, _ATTRIBUTE, None), JitterBuffer):
         if not _warned:
             _warned = True
             logger.warning("this aiortc keeps its jitter buffer elsewhere: received video frames are decoded one "
