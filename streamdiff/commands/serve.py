@@ -169,25 +169,24 @@ def run(args: argparse.Namespace) -> int:
     defaults = config.defaults
     engine.check_settings(defaults.stream, defaults.prompt)
     engine.prepare_backends(defaults.stream)
-    asyncio.run(_serve(engine, config, _mounts(options)))
+    asyncio.run(_serve(engine, config, _rtc(options)))
     return 0
 
 
-def _mounts(options: dict[str, Any]) -> list[Any]:
-    """WHIP/WHEP (docs/webrtc.md) when aiortc is installed; without it the WebSocket routes alone, said once."""
+def _rtc(options: dict[str, Any]) -> Any:
+    """WHIP/WHEP's configuration (docs/webrtc.md) when aiortc is installed; without it None (the WebSocket routes
+    alone, said once)."""
     import importlib.util
 
     if importlib.util.find_spec("aiortc") is None:
         logger.info("WebRTC (WHIP/WHEP) is off: aiortc is not installed (pip install 'streamdiff[webrtc]')")
-        return []
+        return None
     from ..server.options import rtc_config
-    from ..server.rtc.whip import add_rtc_routes
 
-    rtc = rtc_config(options)
-    return [lambda app, hub: add_rtc_routes(app, hub, rtc)]
+    return rtc_config(options)
 
 
-async def _serve(engine: Any, config: Any, mounts: list[Any] = ()) -> None:
+async def _serve(engine: Any, config: Any, rtc: Any = None) -> None:
     from ..server.app import StreamServer
 
     stop = asyncio.Event()
@@ -195,7 +194,7 @@ async def _serve(engine: Any, config: Any, mounts: list[Any] = ()) -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     try:
-        async with StreamServer(engine, config, mounts=mounts) as server:
+        async with StreamServer(engine, config, rtc=rtc) as server:
             logger.info("open http://%s:%d/ (stream socket %s)", config.host, server.port, server.url)
             await stop.wait()
             logger.info("shutting down")

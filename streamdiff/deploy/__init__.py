@@ -2,14 +2,13 @@
 
 Thin: every replica runs the same engine and the same protocol implementation as ``streamdiff serve``; this package
 only adds what a fleet needs. The data path: client → Ray Serve's HTTP proxy → :mod:`.router` (which replica) →
-:mod:`.replica` (FastAPI WebSocket → :class:`~streamdiff.server.session.StreamSession` over :mod:`.transport`) →
-the replica's :class:`~streamdiff.engine.StreamEngine`.
+:mod:`.replica` (the server's one ASGI application, :class:`~streamdiff.server.asgi.ServerApp`, as Serve's ingress:
+the same :class:`~streamdiff.server.session.StreamSession`) → the replica's :class:`~streamdiff.engine.StreamEngine`.
 
 =====================  ==========================================================================================
 :mod:`.routing`        pure policy: stream affinity, least-loaded admission, viewers (no Ray)
 :mod:`.router`         the Ray Serve request router around it
 :mod:`.replica`        the deployment: one engine, the server's Hub and sessions, routing/autoscaling reports
-:mod:`.transport`      a Starlette WebSocket as the sessions' transport
 :mod:`.autoscale`      the autoscaling policy on active streams (pure)
 :mod:`.config`         FleetConfig (replicas, autoscaling, resources) and ReplicaSpec (``streamdiff serve`` options)
 :mod:`.app`            build_app, and ``app``: the builder of ``serve run streamdiff.deploy:app key=value…``

@@ -6,7 +6,8 @@ builder behind ``serve run streamdiff.deploy:app`` and ``serve deploy`` config f
     serve run streamdiff.deploy:app model=tiny max_streams=4 replicas=2          # any streamdiff serve option
     streamdiff serve --ray --replicas 2 --model tiny --max-streams 4             # the same, from our command
 
-One deployment, ``StreamReplica``: a FastAPI ingress whose replicas each own one engine. Ray Serve's HTTP proxies
+One deployment, ``StreamReplica``: replicas that each own one engine and serve ``streamdiff serve``'s own ASGI
+application (:class:`~streamdiff.server.asgi.ServerApp`) as their ingress. Ray Serve's HTTP proxies
 (one per node) accept the connections and hand each to a replica chosen by :class:`~.router.StreamRouter`.
 """
 

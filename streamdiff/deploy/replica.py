@@ -1,15 +1,18 @@
-"""One Ray Serve replica: a :class:`~streamdiff.engine.StreamEngine` and the server's sessions over FastAPI.
+"""One Ray Serve replica: a :class:`~streamdiff.engine.StreamEngine` and the server's one application.
 
 :class:`StreamReplica` is the deployment class (decorated by :func:`~.app.build_app`). Each replica loads the model
-once, starts its engine, and serves, through the FastAPI ingress below, exactly what ``streamdiff serve`` serves:
-``/ws`` runs a :class:`~streamdiff.server.session.StreamSession`, ``/ws/view/<token>`` a
-:class:`~streamdiff.server.viewing.ViewerSession` — the same protocol implementation, over
-:class:`~.transport.StarletteTransport` —, ``/whip`` and ``/whep/<token>`` run WHIP/WHEP
-(:class:`~streamdiff.server.rtc.RtcFront`, whose resource ids name this replica; media flows to this node), and
-the pages, ``/healthz``, ``/readyz`` and ``/metrics`` come from :func:`streamdiff.server.routes.route`. A WebSocket stays on the replica that accepted it; the router
-(:mod:`.router`) chose that replica from what :meth:`StreamReplica.record_routing_stats` reports.
+once, starts its engine, and hands Ray Serve, as its ASGI ingress, the very application ``streamdiff serve`` runs
+(:class:`~streamdiff.server.asgi.ServerApp`): ``/ws`` runs a :class:`~streamdiff.server.session.StreamSession`,
+``/ws/view/<token>`` a :class:`~streamdiff.server.viewing.ViewerSession`, ``/whip`` and ``/whep/<token>`` run
+WHIP/WHEP (:class:`~streamdiff.server.rtc.RtcFront`, whose resource ids name this replica; media flows to this
+node), and the pages, ``/healthz``, ``/readyz`` and ``/metrics`` answer the same. Only two things are the
+replica's own: every HTTP answer names it (``X-Streamdiff-Replica``), and each stream socket's Serve request id is
+recorded for the router. A WebSocket stays on the replica that accepted it; the router (:mod:`.router`) chose that
+replica from what :meth:`StreamReplica.record_routing_stats` reports. What ``streamdiff serve``'s aiohttp host
+enforces on connections (slow headers, message sizes, pings) is the job of Serve's HTTP proxy here (uvicorn); the
+application still checks every message's size and keeps its own hello, idle and body deadlines.
 
-Ray Serve calls, besides the routes: ``record_routing_stats`` (streams, capacity, view-token keys: the router's
+Ray Serve calls, besides the application: ``record_routing_stats`` (streams, capacity, view-token keys: the router's
 view), ``record_autoscaling_stats`` (active streams: the autoscaler's metric, :mod:`.autoscale`), ``check_health``
 (the engine's worker must be alive, else Serve replaces the replica) and ``__del__`` (clients left hear
 ``shutting_down``, close 1001; the engine drains and stops). Serve stops a replica only once its requests have
@@ -18,38 +21,32 @@ ended (or after ``graceful_shutdown_timeout_s``), and a WebSocket does not end b
 report (each ``routing_stats_period_s``) and answers by ending its sessions with ``shutting_down`` (1001).
 """
 
-# No ``from __future__ import annotations`` here: FastAPI and Serve's class-based views read the route methods'
-# annotations at runtime (a string "WebSocket" would make the socket a query parameter and every handshake a 403).
+from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
+from collections.abc import Iterator
 from typing import Any
-from urllib.parse import unquote
 
 import ray
-from fastapi import FastAPI, Request, WebSocket
-from fastapi.responses import Response
 from ray import serve
 from ray.serve import context as serve_context
 
+from ..server.asgi import ServerApp
 from ..server.hub import Hub
 from ..server.options import rtc_config
-from ..server.routes import StaticFiles, route
+from ..server.routes import StaticFiles
 from ..server.rtc import RtcFront
 from ..server.session import StreamSession
-from ..server.viewing import ViewerSession
-from ..protocol.wire import STREAM_PATH, SUBPROTOCOL
 from .config import ReplicaSpec
 from .control import draining, mark_drained
 from .routing import resource_prefix, stream_id_prefix, view_key
-from .transport import StarletteTransport
 
-__all__ = ["StreamIngress", "StreamReplica", "ingress"]
+__all__ = ["StreamIngress", "StreamReplica"]
 
 logger = logging.getLogger(__name__)
-
-ingress = FastAPI(title="streamdiff", docs_url=None, redoc_url=None, openapi_url=None)
 
 
 class StreamReplica:
@@ -73,75 +70,19 @@ class StreamReplica:
         logger.info("replica %s ready: max %d streams; WebRTC media on %s", self.tag, self.hub.limits.max_streams,
                     ", ".join(rtc.hosts))
 
-    # -- routes -----------------------------------------------------------------------------------------------------
+    def __serve_build_asgi_app__(self) -> ServerApp:
+        """The ingress Serve runs for this replica (after ``__init__``): the server's one application."""
+        return ServerApp(self.hub, self.static, self.rtc, headers=(("X-Streamdiff-Replica", self.tag),),
+                         on_stream=self._track)
 
-    @ingress.websocket(STREAM_PATH)
-    async def stream(self, websocket: WebSocket) -> None:
-        if not await self._accept(websocket, STREAM_PATH):
-            return
-        session = StreamSession(self.hub, StarletteTransport(websocket))
-        self.hub.connection_started(websocket)  # the session counts itself from here on
+    @contextlib.contextmanager
+    def _track(self, session: StreamSession) -> Iterator[None]:
+        """Record the Serve request that holds ``session``'s socket while it runs (the router's bookkeeping)."""
         self._requests[session] = serve_context._get_serve_request_context()._internal_request_id
         try:
-            await session.run()
+            yield
         finally:
             del self._requests[session]
-
-    @ingress.websocket("/ws/view/{token}")
-    async def view(self, websocket: WebSocket, token: str) -> None:
-        if not await self._accept(websocket, f"/ws/view/{token}"):
-            return
-        await ViewerSession(self.hub, StarletteTransport(websocket), unquote(token)).run()
-
-    @ingress.api_route("/whip", methods=["POST", "DELETE", "PATCH", "OPTIONS"])
-    async def whip(self, request: Request) -> Response:
-        return await self._signaling(request, "/whip")
-
-    @ingress.api_route("/whip/{rest:path}", methods=["POST", "DELETE", "PATCH", "OPTIONS"])
-    async def whip_resource(self, request: Request, rest: str) -> Response:
-        return await self._signaling(request, f"/whip/{rest}")
-
-    @ingress.api_route("/whep/{rest:path}", methods=["POST", "DELETE", "PATCH", "OPTIONS"])
-    async def whep(self, request: Request, rest: str) -> Response:
-        return await self._signaling(request, f"/whep/{rest}")
-
-    async def _signaling(self, request: Request, path: str) -> Response:
-        """WHIP/WHEP (:meth:`RtcFront.handle`, the handler ``streamdiff serve`` mounts on aiohttp); the peer
-        connection stays on this replica, its media flows between the client and this node (``rtc_host``)."""
-        reply = await self.rtc.handle(request.method, path, request.headers, request.query_params.multi_items(),
-                                      request.stream(), request.client.host if request.client else "?")
-        root = request.scope.get("root_path", "").rstrip("/")  # the application's route prefix, if any
-        headers = {name: root + value if name in ("Location", "X-Streamdiff-View") else value
-                   for name, value in reply.headers}
-        headers["X-Streamdiff-Replica"] = self.tag
-        return Response(reply.body, status_code=reply.status, media_type=reply.content_type, headers=headers)
-
-    @ingress.get("/{path:path}")
-    async def http(self, request: Request, path: str) -> Response:
-        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-        reply = route(target, self.static, self.hub, request.headers)
-        if reply is None:  # a WebSocket path asked for over plain HTTP
-            return Response(b"this is a WebSocket endpoint\n", status_code=426, media_type="text/plain")
-        headers = dict(reply.headers)
-        headers["X-Streamdiff-Replica"] = self.tag
-        return Response(reply.body, status_code=reply.status, media_type=reply.content_type, headers=headers)
-
-    async def _accept(self, websocket: WebSocket, path: str) -> bool:
-        """Upgrade, unless the server's one decision (:meth:`Hub.upgrade_reply`: Host, query string, admission
-        caps) refuses it: then the handshake is denied (HTTP 403 from the ASGI server; the reason is logged).
-        ``path``: the route's own path (the application's route prefix left out)."""
-        from starlette.websockets import WebSocketState
-
-        target = path + (f"?{websocket.url.query}" if websocket.url.query else "")
-        address = websocket.client.host if websocket.client else "?"
-        refused = self.hub.upgrade_reply(target, self.static, websocket.headers, websocket, address,
-                                         lambda: websocket.client_state is not WebSocketState.DISCONNECTED)
-        if refused is not None:
-            await websocket.close(code=1008 if refused.status != 503 else 1013)
-            return False
-        offered = websocket.scope.get("subprotocols") or []
-        await websocket.accept(subprotocol=SUBPROTOCOL if SUBPROTOCOL in offered else None)
-        return True
 
     # -- what Ray Serve asks --------------------------------------------------------------------------------------
 
@@ -188,7 +129,5 @@ class StreamReplica:
         logger.info("replica %s stopped", self.tag)
 
 
-# The class-based view is made at import time, in every process that imports this module: Serve rewrites the route
-# methods' signatures in place, and a replica imports the methods by reference (so a rewrite made only in the driver
-# would not reach it: every route would see ``self`` as a missing query parameter).
-StreamIngress = serve.ingress(ingress)(StreamReplica)
+# The ingress is late-bound: Serve calls ``__serve_build_asgi_app__`` on each replica once its ``__init__`` has run.
+StreamIngress = serve.ingress()(StreamReplica)

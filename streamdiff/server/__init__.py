@@ -4,8 +4,9 @@
 - :mod:`.session` and :mod:`.viewing`: :class:`StreamSession` and :class:`ViewerSession`, one per socket, written
   against the :class:`~.transport.Transport` seam (:mod:`.transport`), so any WebSocket library can drive them;
 - :mod:`.pacing`: latest-wins slots and time limits; :mod:`.metrics`: Prometheus; :mod:`.routes`: the HTTP side;
-- :mod:`.app`: :class:`StreamServer` on ``aiohttp``, every route on one HTTP/WebSocket stack (:mod:`.aiohttp_app`),
-  and :class:`BackgroundServer`, the same in a thread;
+- :mod:`.asgi`: :class:`~.asgi.ServerApp`, every route in one ASGI application (the same under Ray Serve);
+- :mod:`.app`: :class:`StreamServer`, that application on an aiohttp host (:mod:`.aiohttp_app`), and
+  :class:`BackgroundServer`, the same in a thread;
 - ``web/``: the browser page (``index.html``) and the view-only page for OBS (``view.html``), static files.
 
 Importing this package needs neither ``aiohttp`` nor ``websockets`` nor a model (they load when a server starts).

@@ -1,10 +1,12 @@
-"""``streamdiff serve``: one HTTP/WebSocket server (``aiohttp``) on a multi-stream engine. Thin glue only.
+"""``streamdiff serve``: the server's one application (:class:`~.asgi.ServerApp`) on an aiohttp host, on a
+multi-stream engine. Thin glue only.
 
-Routes (:mod:`.aiohttp_app`): ``/ws`` (a stream: :class:`~.session.StreamSession`), ``/ws/view/<token>`` (a viewer:
-:class:`~.viewing.ViewerSession`), the pages, ``/healthz``, ``/readyz`` and ``/metrics`` (:mod:`.routes`), and the
-routes other modules mount before the start (``mounts``: WHIP/WHEP, which take request bodies). The stack enforces
-what it can before any of our code runs: slow headers and bodies (``handshake_timeout_s``), ``max_message_bytes``
-(a larger message closes with 1009 before it is read), pings, no compression.
+Routes (:mod:`.asgi`): ``/ws`` (a stream: :class:`~.session.StreamSession`), ``/ws/view/<token>`` (a viewer:
+:class:`~.viewing.ViewerSession`), the pages, ``/healthz``, ``/readyz`` and ``/metrics`` (:mod:`.routes`), and with
+``rtc`` WHIP/WHEP (:class:`~.rtc.RtcFront`). A Ray Serve replica serves the same application
+(:mod:`streamdiff.deploy.replica`). The host (:mod:`.aiohttp_app`) enforces what it can before any of our code
+runs: slow headers (``handshake_timeout_s``), ``max_message_bytes`` (a larger message closes with 1009 before it is
+read), pings, no compression.
 
 ::
 
@@ -16,7 +18,7 @@ what it can before any of our code runs: slow headers and bodies (``handshake_ti
     with BackgroundServer(engine, ServerConfig(port=0)) as server:        # the same, from synchronous code
         print(server.url)                                                  # ws://127.0.0.1:PORT/ws
 
-    StreamServer(engine, config, mounts=[add_rtc_routes])                 # add_rtc_routes(app, hub): more routes
+    StreamServer(engine, config, rtc=RtcConfig(hosts=("127.0.0.1",)))   # WHIP/WHEP too (docs/webrtc.md)
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -42,17 +43,18 @@ WEB_DIR = Path(__file__).with_name("web")
 
 class StreamServer:
     """The HTTP/WebSocket server of one engine. ``own_engine``: start the engine with the server and drain it on
-    stop. ``mounts``: functions ``mount(app, hub)`` that add routes to the ``aiohttp.web.Application`` before it
-    starts (they share this server's :class:`Hub`; the ``Host`` policy and the body limits apply to them too)."""
+    stop. ``rtc``: serve WHIP/WHEP with this :class:`~.rtc.RtcConfig` (aiortc needed); None: WebSockets only.
+    After :meth:`start`: :attr:`hub` and :attr:`rtc_front` (the :class:`~.rtc.RtcFront`, None without ``rtc``)."""
 
     def __init__(self, engine: Any, config: ServerConfig | None = None, *, own_engine: bool = True,
-                 web_dir: Path = WEB_DIR, mounts: Iterable[Callable[[Any, Hub], None]] = ()) -> None:
+                 web_dir: Path = WEB_DIR, rtc: Any = None) -> None:
         self.engine = engine
         self.config = config or ServerConfig()
         self.own_engine = own_engine
         self.static = StaticFiles(web_dir)
-        self.mounts = tuple(mounts)
+        self.rtc = rtc
         self.hub: Hub | None = None
+        self.rtc_front: Any = None
         self._runner: Any = None
 
     @property
@@ -73,12 +75,17 @@ class StreamServer:
         except ImportError:
             raise missing_extra("aiohttp", "server") from None
         from .aiohttp_app import bound_slow_requests, build_application, runner_options
+        from .asgi import ServerApp
 
         if self.own_engine and not getattr(self.engine, "running", True):
             self.engine.start()
         self.hub = Hub(self.engine, self.config)
+        if self.rtc is not None:
+            from .rtc import RtcFront
+
+            self.rtc_front = RtcFront(self.hub, self.rtc)
         limits = self.config.limits
-        app = build_application(self.hub, self.static, self.mounts)
+        app = build_application(ServerApp(self.hub, self.static, self.rtc_front), limits)
         runner = web.AppRunner(app, **runner_options(limits))
         await runner.setup()
         bound_slow_requests(runner.server, app, limits.handshake_timeout_s)
@@ -102,7 +109,9 @@ class StreamServer:
         for site in list(runner.sites):
             await site.stop()  # no new connections
         await hub.shutdown(timeout)
-        await runner.cleanup()  # the application's shutdown hooks (mounted routes'), then the remaining sockets
+        if self.rtc_front is not None:
+            await self.rtc_front.close()  # the WebRTC peers
+        await runner.cleanup()  # the remaining sockets
         if self.own_engine:
             await asyncio.get_running_loop().run_in_executor(None, lambda: self.engine.stop(drain=True,
                                                                                             timeout=timeout))

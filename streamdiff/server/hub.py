@@ -4,8 +4,7 @@
 :class:`Hub` holds the running parts every session needs — the :class:`~streamdiff.engine.StreamEngine`, a thread
 pool decoding clients' images and another encoding outputs, the :class:`~.metrics.ServerMetrics` — and the registry of
 live streams: admission (``max_streams``), stream ids, view tokens and their viewers, shutdown. No I/O here and no
-HTTP library: the aiohttp server (:mod:`.app`) or another front end (a Starlette/FastAPI app, Ray Serve) builds
-one Hub and runs a :class:`~.session.StreamSession` per WebSocket on it.
+HTTP library: the server's owner (:class:`~.app.StreamServer`, a Ray Serve replica) builds one Hub and runs a :class:`~.session.StreamSession` per WebSocket on it.
 """
 
 from __future__ import annotations

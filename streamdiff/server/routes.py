@@ -1,8 +1,8 @@
 """The plain-HTTP side of ``streamdiff serve``: static pages, health, readiness and metrics (no I/O here).
 
 :func:`route` maps a request path to an :class:`HttpReply`, or to None when the request is for a WebSocket
-(``/ws``, ``/ws/view/<token>``). The aiohttp server (:mod:`.aiohttp_app`) turns replies into its responses; another
-front end (the Ray replica's FastAPI app) serves the same replies.
+(``/ws``, ``/ws/view/<token>``). The server's one application (:mod:`.asgi`) sends the replies, under
+``streamdiff serve`` and Ray Serve alike.
 
 ==================  =========================================================================================
 ``/``               the stream page (``index.html``)
@@ -65,7 +65,7 @@ class StaticFiles:
 
 def route(target: str, static: StaticFiles, hub: Any, headers: Mapping[str, str] | None = None) -> HttpReply | None:
     """The reply to a GET of ``target`` (path and query) with request ``headers`` (a case-insensitive mapping, as
-    aiohttp's and Starlette's are; None: no headers); None: a WebSocket route, go on with the handshake."""
+    :class:`~.asgi.Headers` is; None: no headers); None: a WebSocket route, go on with the handshake."""
     headers = headers or {}
     config = hub.config
     if not config.hosts.allows(headers.get("Host")):

@@ -1,8 +1,8 @@
 """One stream client's session: protocol events ↔ engine stream ↔ output pacing, over any :class:`Transport`.
 
 :class:`StreamSession` is the whole per-connection logic of the stream socket, written against the small
-:class:`~.transport.Transport` seam, so the aiohttp server (:mod:`.app`) and any other front end (a
-Starlette/FastAPI WebSocket, Ray Serve) run the same protocol implementation::
+:class:`~.transport.Transport` seam: the server's one application (:mod:`.asgi`, under ``streamdiff serve``'s
+aiohttp host and under Ray Serve) runs it over an ASGI WebSocket, WHIP over a WebRTC data channel::
 
     hub = Hub(engine, ServerConfig(...))                 # once per server
     await StreamSession(hub, transport).run()            # once per WebSocket; returns when it is closed

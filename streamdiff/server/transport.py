@@ -1,25 +1,22 @@
-"""The seam between a session and its socket: a small async transport, and its aiohttp implementation.
+"""The seam between a session and its socket: a small async transport, and its ASGI implementation.
 
 A session (:mod:`.session`) speaks to its client only through :class:`Transport`: receive a message, send a
 message, close with a code, abort. Any WebSocket library can drive a session by implementing these five
-members; :class:`AiohttpTransport` wraps an ``aiohttp.web.WebSocketResponse`` (the server of :mod:`.app`). (A
-Starlette/FastAPI ``WebSocket`` fits the same shape: ``receive()`` → ``websocket.receive()``'s text or bytes,
-``send`` → ``send_text``/``send_bytes``, ``close`` → ``websocket.close(code, reason)``; see
-:mod:`streamdiff.deploy.transport`.)
+members; :class:`AsgiTransport` is an ASGI WebSocket's (the one application, :mod:`.asgi`, under ``streamdiff
+serve``'s aiohttp host and under Ray Serve alike); the WebRTC data channel has its own
+(:class:`~.rtc.peer.PeerTransport`).
 
 Time limits are the session's business (``asyncio.timeout`` around these calls), not the transport's.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import socket
 from typing import Any, Protocol
 
 from ..protocol.wire import CloseCode, ErrorCode, close_reason
 
-__all__ = ["AiohttpTransport", "Transport", "TransportClosed", "library_close_reason"]
+__all__ = ["AsgiTransport", "Transport", "TransportClosed", "library_close_reason"]
 
 logger = logging.getLogger(__name__)
 
@@ -79,77 +76,69 @@ def library_close_reason(code: int, error: BaseException | None, max_message_byt
     return close_reason(f"{coded.value}: a text message is not valid UTF-8")
 
 
-class AiohttpTransport:
-    """:class:`Transport` over a prepared ``aiohttp.web.WebSocketResponse`` (:mod:`.app` makes it).
+class AsgiTransport:
+    """:class:`Transport` over an accepted ASGI WebSocket (:class:`~.asgi.ServerApp` makes it): ``receive()``,
+    ``send()`` and ``close()`` are ASGI's ``websocket.*`` messages.
 
-    ``send_buffer_bytes`` caps the kernel's send buffer of the socket (``SO_SNDBUF``) so that a client that stops
-    reading holds a bounded amount of data and its sends back up quickly. ``writer``: what ``prepare()`` returned;
-    :meth:`send` waits on its ``drain()`` while the socket's buffer is full (aiohttp's own send waits only once per
-    64 KiB written, so a session would not see a stalled client at every message).
+    A ``websocket.disconnect`` becomes :class:`TransportClosed` with its code and reason (1006, a connection lost
+    without a close frame: code None); ``by_server`` when the server says it closed the socket itself (a key of
+    :mod:`.aiohttp_app`'s disconnect messages, ``"streamdiff.by_server"``). :meth:`abort` drops the connection where
+    the server offers it (the ``"streamdiff.transport"`` scope extension's ``abort``); elsewhere (Ray Serve's proxy)
+    the socket is only marked closed and ends when the application returns.
     """
 
-    def __init__(self, websocket: Any, request: Any, send_buffer_bytes: int | None = None,
-                 writer: Any = None) -> None:
-        self.websocket, self._writer = websocket, writer
-        self.origin: str | None = request.headers.get("Origin")
-        peer = request.transport.get_extra_info("peername") if request.transport is not None else None
-        self.remote = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else "?"
-        self._transport = request.transport
-        if send_buffer_bytes is not None and self._transport is not None:
-            sock = self._transport.get_extra_info("socket")
-            if sock is not None:
-                try:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer_bytes)
-                except OSError as error:  # not fatal: the write timeout still bounds a stalled client
-                    logger.warning("could not set SO_SNDBUF=%d: %s", send_buffer_bytes, error)
+    def __init__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        self._receive, self._send = receive, send
+        headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope.get("headers") or ()}
+        self.origin: str | None = headers.get("origin")
+        client = scope.get("client")
+        self.remote = f"{client[0]}:{client[1]}" if client else "?"
+        self._abort = ((scope.get("extensions") or {}).get("streamdiff.transport") or {}).get("abort")
+        self._closed: TransportClosed | None = None
 
     async def receive(self) -> str | bytes:
-        from aiohttp import WSMsgType
-
-        ws = self.websocket
-        if ws.closed:
-            raise self._gone()
+        if self._closed is not None:
+            raise self._closed
         try:
-            message = await ws.receive()
-        except RuntimeError:  # receiving after the close (aiohttp counts such calls)
-            raise self._gone() from None
-        if message.type is WSMsgType.TEXT or message.type is WSMsgType.BINARY:
-            return message.data
-        if message.type is WSMsgType.CLOSE:  # the peer's close frame (aiohttp answered it)
-            raise TransportClosed(message.data, message.extra or "")
-        raise self._gone()
+            message = await self._receive()
+        except Exception as error:  # noqa: BLE001 - a server raises once the connection is gone
+            raise self._gone(TransportClosed(None)) from error
+        if message["type"] == "websocket.receive":
+            if message.get("text") is not None:
+                return message["text"]
+            if message.get("bytes") is not None:
+                return message["bytes"]
+        if message["type"] == "websocket.disconnect":
+            code = message.get("code", 1005)
+            raise self._gone(TransportClosed(None if code == 1006 else code, message.get("reason") or "",
+                                             by_server=bool(message.get("streamdiff.by_server"))))
+        raise self._gone(TransportClosed(None))  # a message a WebSocket never carries
 
-    def _gone(self) -> TransportClosed:
-        """Why the connection ended without a close frame from the peer: the library closed it itself (1009, 1007,
-        1002: ``sent_close``), a ping went unanswered (1011: aiohttp dropped the socket), or the peer vanished."""
-        ws = self.websocket
-        sent = getattr(ws, "sent_close", None)
-        if sent is not None:
-            return TransportClosed(sent[0], sent[1], by_server=True)
-        if isinstance(ws.exception(), asyncio.TimeoutError):  # "No PONG received after …": an open socket's only one
-            return TransportClosed(*KEEPALIVE_CLOSE, by_server=True)
-        return TransportClosed(None)
+    def _gone(self, closed: TransportClosed) -> TransportClosed:
+        self._closed = closed
+        return closed
 
     async def send(self, data: str | bytes) -> None:
-        ws = self.websocket
-        if ws.closed:
-            raise self._gone()
+        if self._closed is not None:
+            raise self._closed
+        message = {"type": "websocket.send", "text": data} if isinstance(data, str) else \
+            {"type": "websocket.send", "bytes": data}
         try:
-            if isinstance(data, str):
-                await ws.send_str(data)
-            else:
-                await ws.send_bytes(data)
-            if self._writer is not None:
-                await self._writer.drain()
-        except (ConnectionError, RuntimeError) as error:  # the transport is gone (aiohttp raises either)
-            raise TransportClosed(None) from error
+            await self._send(message)
+        except Exception as error:  # noqa: BLE001 - servers raise several kinds once the peer is gone
+            raise self._gone(TransportClosed(None)) from error
 
     async def close(self, code: int, reason: str) -> None:
+        if self._closed is not None:
+            return
+        self._closed = TransportClosed(code, reason, by_server=True)
         try:
-            await self.websocket.close(code=code, message=reason.encode("utf-8"))
+            await self._send({"type": "websocket.close", "code": code, "reason": reason})
         except Exception as error:  # noqa: BLE001 - never raises, as the seam promises
             logger.debug("close(%d) failed: %s", code, error)
 
     def abort(self) -> None:
-        if self._transport is not None:
-            self._transport.abort()
+        if self._closed is None:
+            self._closed = TransportClosed(None, "aborted", by_server=True)
+        if self._abort is not None:
+            self._abort()

@@ -1,5 +1,6 @@
-"""streamdiff.server.aiohttp_app on real sockets: mounted routes with request bodies, the guard in front of every route,
-and the edges of aiohttp's limits (the message size exactly at the limit, a plain GET of a socket path)."""
+"""streamdiff.server.aiohttp_app (the aiohttp host of the server's one ASGI application) on real sockets: the guards in
+front of routes with request bodies, and the edges of aiohttp's limits (the message size exactly at the limit, a
+plain GET of a socket path)."""
 
 from __future__ import annotations
 
@@ -28,65 +29,43 @@ def request(server, method: str, path: str, body: bytes | None = None,
 
 
 @pytest.fixture()
-def mounted(tiny_model):
-    """``mounted(**ServerConfig fields)``: a server with one mounted route, ``POST /echo`` (its body back, and the
-    number of stream sessions of the hub it was given), and the hubs the route was mounted with."""
-    from aiohttp import web
-
+def rtc_server(tiny_model):
+    """``rtc_server(**ServerConfig fields)``: ``streamdiff serve``'s server with WHIP/WHEP on (a route that takes a
+    request body), on the tiny engine."""
     from streamdiff.engine import EngineConfig, StreamEngine
     from streamdiff.server.app import BackgroundServer
     from streamdiff.server.hub import ServerConfig
+    from streamdiff.server.rtc import RtcConfig
 
-    servers, hubs = [], []
-
-    def mount(app: web.Application, hub) -> None:
-        async def echo(request: web.Request) -> web.Response:
-            body = await request.read()
-            return web.Response(body=body, headers={"X-Sessions": str(len(hub.sessions))}, status=201)
-
-        hubs.append(hub)
-        app.router.add_post("/echo", echo)
+    servers = []
 
     def start(**config) -> BackgroundServer:
         engine = StreamEngine(tiny_model, EngineConfig(max_streams=2))
-        server = BackgroundServer(engine, ServerConfig(port=0, **config), mounts=[mount]).start()
+        server = BackgroundServer(engine, ServerConfig(port=0, **config), rtc=RtcConfig(hosts=("127.0.0.1",))).start()
         servers.append(server)
         return server
 
-    yield start, hubs
+    yield start
     for server in servers:
         server.stop()
 
 
-def test_a_mounted_route_gets_its_body_and_shares_the_hub(mounted) -> None:
-    start, hubs = mounted
-    server = start()
-    assert hubs == [server.hub]
-    body = b"v=0\r\no=- 0 0 IN IP4 127.0.0.1\r\n" * 20  # an SDP offer's size
-    status, headers, echoed = request(server, "POST", "/echo", body, {"Content-Type": "application/sdp"})
-    assert (status, echoed, headers["X-Sessions"]) == (201, body, "0")
-
-    async def main() -> None:  # a stream in the hub: the mounted route sees it
-        async with await StreamClient.connect(server.url, settings()):
-            assert request(server, "POST", "/echo", b"x")[1]["X-Sessions"] == "1"
-
-    run(main())
-    assert request(server, "GET", "/healthz")[0] == 200  # the server's own routes are still there
-    assert request(server, "GET", "/echo")[0] == 404  # a GET of the mounted path: the page routes say so
-
-
-def test_the_guard_applies_to_mounted_routes(mounted) -> None:
-    start, _ = mounted
-    server = start(hosts=HostPolicy.of(["studio.example.com"]), limits=ServerLimits(max_message_bytes=4096,
-                                                                                     max_text_bytes=1024,
-                                                                                     handshake_timeout_s=1.0))
-    assert request(server, "POST", "/echo", b"x", {"Host": "evil.example.com"})[0] == 421
-    assert request(server, "POST", "/echo", b"x", {"Host": "studio.example.com"})[0] == 201
-    assert request(server, "POST", "/echo", b"x" * 5000, {"Host": "studio.example.com"})[0] == 413
+def test_the_hosts_guards_apply_to_routes_with_bodies(rtc_server) -> None:
+    """Host policy (421), a body over ``max_message_bytes`` (413, unread), a body that never arrives whole (408 after
+    ``handshake_timeout_s``), all before WHIP looks at the request; a body within the limits reaches WHIP (which
+    answers an SDP that is no offer with 400)."""
+    server = rtc_server(hosts=HostPolicy.of(["studio.example.com"]),
+                        limits=ServerLimits(max_message_bytes=4096, max_text_bytes=1024, handshake_timeout_s=1.0))
+    sdp = {"Content-Type": "application/sdp"}
+    assert request(server, "POST", "/whip", b"v=0\r\n", {**sdp, "Host": "evil.example.com"})[0] == 421
+    status, _, body = request(server, "POST", "/whip", b"x" * 5000, {**sdp, "Host": "studio.example.com"})
+    assert status == 413 and b"4096" in body
+    status, _, body = request(server, "POST", "/whip", b"v=0\r\n", {**sdp, "Host": "studio.example.com"})
+    assert status in (400, 401), body  # WHIP's own answer: no token / not an offer
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)  # a body that never comes whole
     try:
         start_time = time.monotonic()
-        sock.sendall(b"POST /echo HTTP/1.1\r\nHost: studio.example.com\r\nContent-Length: 100\r\n\r\nabc")
+        sock.sendall(b"POST /whip HTTP/1.1\r\nHost: studio.example.com\r\nContent-Length: 100\r\n\r\nabc")
         reply = sock.recv(4096)
         assert reply.startswith(b"HTTP/1.1 408 ") and 0.9 <= time.monotonic() - start_time <= 5.0, reply
     finally:

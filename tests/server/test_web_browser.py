@@ -269,13 +269,12 @@ def test_the_stream_page_streams_over_webrtc(chromium_moving) -> None:
     from streamdiff.protocol.limits import ServerLimits
     from streamdiff.server.app import BackgroundServer
     from streamdiff.server.hub import ServerConfig
-    from streamdiff.server.rtc import RtcConfig, add_rtc_routes
+    from streamdiff.server.rtc import RtcConfig
 
     engine = StreamEngine(load_model("tiny-random", device="cpu"), EngineConfig(max_streams=2))
     defaults = StreamSettings(StreamConfig(width=256, height=256, cfg_type="none"))
     config = ServerConfig(port=0, token="page-token-1234", limits=ServerLimits(max_streams=2), defaults=defaults)
-    mount = [lambda app, hub: add_rtc_routes(app, hub, RtcConfig(hosts=("127.0.0.1",)))]
-    server = BackgroundServer(engine, config, mounts=mount).start()
+    server = BackgroundServer(engine, config, rtc=RtcConfig(hosts=("127.0.0.1",))).start()
     try:
         page = chromium_moving.new_page()
         errors: list[str] = []

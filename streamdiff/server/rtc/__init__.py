@@ -6,14 +6,14 @@ peers with a data channel (docs/webrtc.md).
 - :mod:`.jitter`: received video frames leave the jitter buffer at their marked (last) packet, not one frame later;
 - :mod:`.media`: a video track's newest frames into the session, the session's outputs as a video track;
 - :mod:`.peer`: ICE gathering on chosen addresses, the data-channel :class:`PeerTransport`, a peer's life cycle;
-- :mod:`.whip`: the aiohttp handlers, :func:`add_rtc_routes`.
+- :mod:`.whip`: :class:`RtcFront`, WHIP/WHEP's requests for the server's one application (:mod:`..asgi`).
 
-aiortc and aiohttp are imported only when a route is mounted or a peer connects.
+aiortc is imported only when a peer connects.
 """
 
 from __future__ import annotations
 
 from .config import RtcConfig
-from .whip import RtcFront, add_rtc_routes
+from .whip import RtcFront
 
-__all__ = ["RtcConfig", "RtcFront", "add_rtc_routes"]
+__all__ = ["RtcConfig", "RtcFront"]

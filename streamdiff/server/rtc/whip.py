@@ -1,7 +1,7 @@
 """WHIP ingest (RFC 9725) and WHEP playback: :class:`RtcFront`, one handler for every web framework
-(:meth:`RtcFront.handle`: method, path, headers, query, body chunks in; a :class:`SignalingReply` out), mounted on
-aiohttp by :func:`add_rtc_routes` and on the Ray replica's FastAPI ingress by :mod:`streamdiff.deploy.replica`
-(docs/webrtc.md).
+(:meth:`RtcFront.handle`: method, path, headers, query, body chunks in; a :class:`SignalingReply` out), called by
+the server's one application (:class:`streamdiff.server.asgi.ServerApp`, under ``streamdiff serve`` and Ray Serve
+alike; docs/webrtc.md).
 
 ::
 
@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -47,11 +47,9 @@ from .signaling import (
 )
 
 if TYPE_CHECKING:
-    from aiohttp import web
-
     from ..hub import Hub
 
-__all__ = ["RtcFront", "SignalingReply", "add_rtc_routes"]
+__all__ = ["RtcFront", "SignalingReply"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +79,7 @@ class SignalingReply:
 class _Request:
     method: str
     parts: tuple[str, ...]  # the path's segments: ("whip",), ("whip", RESOURCE, "update"), ("whep", TOKEN)…
-    headers: Mapping[str, str]  # case-insensitive (aiohttp's, Starlette's)
+    headers: Mapping[str, str]  # case-insensitive
     query: Sequence[tuple[str, str]]
     chunks: AsyncIterable[bytes]
     remote: str
@@ -101,8 +99,8 @@ class _Query:
 
 
 class RtcFront:
-    """The WebRTC front end of one server: its resources and peers (mount it with :func:`add_rtc_routes`, or call
-    :meth:`handle` from another framework). ``resource_prefix`` begins every resource id (a fleet's replica puts its
+    """The WebRTC front end of one server: its resources and peers (:class:`~streamdiff.server.asgi.ServerApp`
+    calls :meth:`handle`; the server's owner calls :meth:`close` when it stops). ``resource_prefix`` begins every resource id (a fleet's replica puts its
     tag in it, so that the router sends a resource's DELETE to the replica that holds it)."""
 
     def __init__(self, hub: Hub, config: RtcConfig, resource_prefix: str = "") -> None:
@@ -363,40 +361,6 @@ class RtcFront:
         peers = self.publishers.values() + self.viewers.values()
         if peers:
             await asyncio.wait([p.close("the server is shutting down") for p in peers], timeout=ADMIT_TIMEOUT_S)
-
-
-def add_rtc_routes(app: web.Application, hub: Hub, rtc_config: RtcConfig | None = None) -> RtcFront:
-    """Mount WHIP and WHEP on ``app`` (an aiohttp application serving ``hub``'s server); returns the front end.
-    Its peers are closed when the app shuts down."""
-    from aiohttp import web
-
-    front = RtcFront(hub, rtc_config or RtcConfig())
-
-    async def handle(request: web.Request) -> web.StreamResponse:
-        reply = await front.handle(request.method, request.path, request.headers, list(request.query.items()),
-                                   _whole_body(request), request.remote or "?")
-        return web.Response(status=reply.status, body=reply.body,
-                            headers={"Content-Type": reply.content_type, **dict(reply.headers)})
-
-    async def on_shutdown(app: web.Application) -> None:
-        await front.close()
-
-    for method in ("POST", "DELETE", "PATCH", "OPTIONS"):
-        app.router.add_route(method, WHIP_PATH, handle)
-        app.router.add_route(method, WHIP_PATH + "/{resource}", handle)
-        app.router.add_route(method, WHIP_PATH + "/{resource}/update", handle)
-        app.router.add_route(method, WHEP_PREFIX + "{view_token}", handle)
-        app.router.add_route(method, WHEP_PREFIX + "{view_token}/{resource}", handle)
-    app.on_shutdown.append(on_shutdown)
-    return front
-
-
-async def _whole_body(request: web.Request) -> AsyncIterator[bytes]:
-    """The body as one chunk: ``request.read()`` is bounded by the application's ``client_max_size`` and returns the
-    body ``streamdiff serve``'s guard middleware already read within its time limit (its stream is spent then)."""
-    body = await request.read()
-    if body:
-        yield body
 
 
 def _sdp_answer(sdp: str, location: str, headers: tuple[tuple[str, str], ...] = ()) -> SignalingReply:

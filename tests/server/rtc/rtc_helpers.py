@@ -1,4 +1,4 @@
-"""Helpers of the WebRTC tests: a real server (aiohttp + Hub + the tiny engine) on 127.0.0.1, and real aiortc clients
+"""Helpers of the WebRTC tests: a real server (``StreamServer`` + the tiny engine) on 127.0.0.1, and real aiortc clients
 that gather on loopback only (the traffic of these tests never leaves 127.0.0.1)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from fractions import Fraction
 from typing import Any
 
 import numpy as np
-from aiohttp import ClientSession, web
+from aiohttp import ClientSession
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpSender, RTCSessionDescription, VideoStreamTrack
 from aiortc.mediastreams import MediaStreamError
 from av import VideoFrame
@@ -20,7 +20,7 @@ from multidict import CIMultiDict
 
 from streamdiff.io.sources import pattern_frame
 from streamdiff.server.hub import Hub, ServerConfig
-from streamdiff.server.rtc import RtcConfig, add_rtc_routes
+from streamdiff.server.rtc import RtcConfig
 from streamdiff.server.rtc.media import keep_rtp_timestamps
 from streamdiff.server.rtc.peer import gather_on
 
@@ -33,55 +33,27 @@ class Served:
     hub: Hub
     url: str  # http://127.0.0.1:PORT
     front: Any
+    ws_url: str = ""  # ws://127.0.0.1:PORT/ws
 
 
 @contextlib.asynccontextmanager
 async def serve(model: Any, config: ServerConfig, rtc: RtcConfig | None = None,
                 max_batch_rows: int = 8) -> AsyncIterator[Served]:
-    """The engine, a Hub and an aiohttp app with only the WebRTC routes, on 127.0.0.1 (a free port)."""
-    from streamdiff.engine import EngineConfig, StreamEngine
-
-    engine = StreamEngine(model, EngineConfig(max_streams=config.limits.max_streams, max_batch_rows=max_batch_rows))
-    engine.start()
-    hub = Hub(engine, config)
-    app = web.Application()
-    front = add_rtc_routes(app, hub, rtc or RtcConfig(hosts=LOOPBACK))
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        yield Served(hub, f"http://127.0.0.1:{port}", front)
-    finally:
-        await hub.shutdown(5.0)
-        await runner.cleanup()
-        await asyncio.get_running_loop().run_in_executor(None, lambda: engine.stop(drain=False, timeout=10.0))
-        hub.close()
-
-
-@dataclass
-class ServedBoth(Served):
-    ws_url: str = ""  # ws://127.0.0.1:PORT/ws
-
-
-@contextlib.asynccontextmanager
-async def serve_both(model: Any, config: ServerConfig, rtc: RtcConfig | None = None,
-                     max_batch_rows: int = 8) -> AsyncIterator[ServedBoth]:
-    """One engine, ONE Hub and ONE port for both: ``streamdiff serve``'s aiohttp server (``StreamServer``) with the
-    WebRTC routes mounted beside its WebSocket routes, on 127.0.0.1."""
+    """``streamdiff serve``'s server (:class:`StreamServer`: the one application on its aiohttp host) with
+    WHIP/WHEP on 127.0.0.1, on its own tiny engine (stopped without draining at the end)."""
     from streamdiff.engine import EngineConfig, StreamEngine
     from streamdiff.server.app import StreamServer
 
     engine = StreamEngine(model, EngineConfig(max_streams=config.limits.max_streams, max_batch_rows=max_batch_rows))
-    fronts: list[Any] = []
-
-    def mount(app: web.Application, hub: Hub) -> None:
-        fronts.append(add_rtc_routes(app, hub, rtc or RtcConfig(hosts=LOOPBACK)))
-
-    async with StreamServer(engine, config, mounts=[mount]) as server:
+    engine.start()
+    server = StreamServer(engine, config, own_engine=False, rtc=rtc or RtcConfig(hosts=LOOPBACK))
+    await server.start()
+    try:
         assert server.hub is not None
-        yield ServedBoth(server.hub, f"http://127.0.0.1:{server.port}", fronts[0], server.url)
+        yield Served(server.hub, f"http://127.0.0.1:{server.port}", server.rtc_front, server.url)
+    finally:
+        await server.stop(5.0)
+        await asyncio.get_running_loop().run_in_executor(None, lambda: engine.stop(drain=False, timeout=10.0))
 
 
 class PatternTrack(VideoStreamTrack):

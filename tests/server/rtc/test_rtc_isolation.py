@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 from aiohttp import ClientSession
-from rtc_helpers import PatternTrack, publish, serve_both, wait_for
+from rtc_helpers import PatternTrack, publish, serve, wait_for
 
 from streamdiff.client import StreamClient
 from streamdiff.protocol.limits import ServerLimits
@@ -70,7 +70,7 @@ def test_webrtc_and_websocket_clients_each_get_only_their_own_frames(tiny_traine
         return owners
 
     async def main() -> None:
-        async with serve_both(tiny_trained, config) as served, ClientSession() as http:
+        async with serve(tiny_trained, config) as served, ClientSession() as http:
             rtc = [await publish(http, served.url, TOKEN, query=query, sendrecv=True, track=ColourTrack(COLOURS[i]))
                    for i in range(RTC_CLIENTS)]
             assert [c.status for c in rtc] == [201] * RTC_CLIENTS, [c.body for c in rtc]

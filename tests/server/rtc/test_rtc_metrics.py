@@ -6,7 +6,7 @@ import asyncio
 
 from aiohttp import ClientSession
 from prometheus_client.parser import text_string_to_metric_families
-from rtc_helpers import publish, serve_both, wait_for, watch
+from rtc_helpers import publish, serve, wait_for, watch
 
 from streamdiff.protocol.limits import ServerLimits
 from streamdiff.server.hub import ServerConfig
@@ -30,7 +30,7 @@ def test_a_sendrecv_peers_frames_are_counted_in_metrics_and_a_whep_viewers_are_n
 
     async def main() -> None:
         config = ServerConfig(port=0, token=TOKEN, limits=ServerLimits(max_streams=2))
-        async with serve_both(tiny_model, config) as served, ClientSession() as http:
+        async with serve(tiny_model, config) as served, ClientSession() as http:
             base = served.ws_url.replace("ws://", "http://").removesuffix("/ws")
             client = await publish(http, served.url, TOKEN, query=QUERY, sendrecv=True)
             assert client.status == 201, client.body
