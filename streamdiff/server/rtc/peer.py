@@ -40,6 +40,9 @@ logger = logging.getLogger(__name__)
 MAX_PENDING_MESSAGES = 16  # sent before the data channel opened (ready first)
 MAX_INCOMING_MESSAGES = 64  # received on the data channel, not read yet: more closes the peer
 MAX_CHANNEL_BUFFER_BYTES = 1 << 20  # a data channel whose client stops reading: its messages are dropped beyond
+#: binds tried per socket in ``--rtc-port-range`` (from a random port on): an offer costs the event loop at most
+#: this many failed binds however large the range and however many of its ports other processes hold
+MAX_BIND_TRIES = 64
 
 _HOSTS: contextvars.ContextVar[tuple[str, ...] | None] = contextvars.ContextVar("streamdiff_rtc_hosts", default=None)
 _PORTS: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar("streamdiff_rtc_ports", default=None)
@@ -86,7 +89,9 @@ def gather_on(hosts: tuple[str, ...], ports: tuple[int, int] | None = None) -> I
 
 def _bind_in_range(loop: asyncio.AbstractEventLoop) -> None:
     """Make ``loop``'s datagram endpoints asked for on port 0 bind to a free port of the context's range instead
-    (from a random start, so concurrent gatherings spread; EADDRINUSE/EACCES: the next one)."""
+    (from a random start, so concurrent gatherings spread; EADDRINUSE/EACCES: the next one, at most
+    :data:`MAX_BIND_TRIES` in all: a range almost full of other processes' sockets may answer 503 when a port is
+    still free, and the client's retry starts elsewhere)."""
     if getattr(loop, "_streamdiff_port_range", False):
         return
     original = loop.create_datagram_endpoint
@@ -98,14 +103,16 @@ def _bind_in_range(loop: asyncio.AbstractEventLoop) -> None:
         first, last = ports
         count = last - first + 1
         start = secrets.randbelow(count)
-        for step in range(count):
+        for step in range(min(count, MAX_BIND_TRIES)):
             port = first + (start + step) % count
             try:
                 return await original(protocol_factory, local_addr=(local_addr[0], port), **kwargs)
             except OSError as error:
                 if error.errno not in (errno.EADDRINUSE, errno.EACCES):
                     raise
-        raise NoFreePort(errno.EADDRINUSE, f"no free UDP port on {local_addr[0]} in --rtc-port-range {first}-{last}")
+        tried = "every port" if count <= MAX_BIND_TRIES else f"{MAX_BIND_TRIES} ports"
+        raise NoFreePort(errno.EADDRINUSE, f"no free UDP port on {local_addr[0]} in --rtc-port-range {first}-{last} "
+                                           f"({tried} tried)")
 
     loop.create_datagram_endpoint = create_datagram_endpoint  # type: ignore[method-assign]
     loop._streamdiff_port_range = True  # type: ignore[attr-defined]
