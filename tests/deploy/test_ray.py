@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import urllib.error
 import urllib.request
 from typing import Any
 
@@ -153,6 +154,27 @@ def test_the_ray_ingress_serves_the_page_health_and_metrics(fleet: str) -> None:
             assert reply.status == 200
             assert reply.headers["X-Streamdiff-Replica"]
             assert expected in reply.read().lower()
+
+
+def test_the_ray_ingress_is_streamdiff_serves_application(fleet: str) -> None:
+    """The replicas answer with ``streamdiff serve``'s own application (:class:`ServerApp`): a plain GET of the
+    stream socket is 426, another method 405, and an upgrade it refuses (a query string on ``/ws``) is answered 400."""
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import InvalidStatus
+
+    base = fleet.replace("ws://", "http://").removesuffix("/ws")
+    for method, path, status in (("GET", "/ws", 426), ("DELETE", "/healthz", 405)):
+        with pytest.raises(urllib.error.HTTPError) as answer:
+            urllib.request.urlopen(urllib.request.Request(base + path, method=method), timeout=10)
+        assert answer.value.code == status
+
+    async def refused() -> int:
+        with pytest.raises(InvalidStatus) as error:
+            async with connect(fleet + "?x=1"):
+                pass
+        return error.value.response.status_code
+
+    assert run(refused()) == 400  # a real HTTP answer: Serve's proxy passes ASGI's websocket.http.response on
 
 
 def test_a_reconnect_with_its_stream_id_lands_on_the_same_replica(fleet: str) -> None:

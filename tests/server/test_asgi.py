@@ -141,11 +141,12 @@ def test_both_hosts_answer_plain_http_alike(servers, path: str, method: str) -> 
 def test_a_refused_upgrade_is_a_real_http_answer_under_both_hosts(servers) -> None:
     """``/ws`` with a query string: 400 before any upgrade, where the server offers ASGI's
     ``websocket.http.response`` (aiohttp's host and uvicorn both do)."""
-    import websockets
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import InvalidStatus
 
     async def status_of(url: str) -> int:
-        with pytest.raises(websockets.exceptions.InvalidStatus) as refused:
-            async with websockets.connect(url + "?x=1"):
+        with pytest.raises(InvalidStatus) as refused:
+            async with connect(url + "?x=1"):
                 pass
         return refused.value.response.status_code
 
