@@ -105,9 +105,10 @@ class SenderFeedback:
     """What an RTP sender's peer told it, written on the event loop (:func:`follow_sender`), read by the encoder's
     thread. ``mime_type``/``parameters``: the negotiated codec (``video/H264``, its fmtp); ``bitrate``: the newest
     REMB estimate (bit/s), None before one; ``keyframe_requests``: PLI and FIR messages so far (a count, so that a
-    request arriving while a frame is being encoded is never lost)."""
+    request arriving while a frame is being encoded is never lost); ``ssrc``: the sender's, once followed."""
 
     def __init__(self) -> None:
+        self.ssrc: int | None = None
         self.mime_type: str | None = None
         self.parameters: dict[str, Any] = {}
         self.bitrate: int | None = None
@@ -140,6 +141,7 @@ def follow_sender(sender: Any, feedback: SenderFeedback) -> bool:
         logger.warning("aiortc's sender has changed (%s): the output encoder gets no keyframe requests and no "
                        "bandwidth estimate", error)
         return False
+    feedback.ssrc = ssrc
 
     async def note_and_handle(packet: Any) -> None:
         if isinstance(packet, RtcpPsfbPacket):
@@ -173,7 +175,7 @@ class OutputEncoder:
         self.rebuilds = 0  # encoder contexts made so far
         self._context: Any = None
         self._keyframe_requests = 0
-        self._last_keyframe: float | None = None
+        self.last_keyframe: float | None = None  # when (the `now` of encode) the last keyframe was made
         self._last_ms = -1
 
     def encode(self, frame: Any, now: float, feedback: SenderFeedback | None = None) -> list[Any]:
@@ -193,7 +195,7 @@ class OutputEncoder:
             context = self._context = self._open(frame.width, frame.height)
             self.rebuilds += 1
             requested = True  # a new context starts with one anyway; keep the interval's clock right
-        keyframe = keyframe_due(now, self._last_keyframe, requested, self.config)
+        keyframe = keyframe_due(now, self.last_keyframe, requested, self.config)
         image = frame.reformat(format="yuv420p") if frame.format.name != "yuv420p" else frame
         pts = frame.pts
         ms = max(self._last_ms + 1, round(now * 1000))  # strictly increasing, whatever the RTP timestamps do
@@ -204,7 +206,7 @@ class OutputEncoder:
         for packet in packets:
             packet.pts, packet.dts, packet.time_base = pts, pts, RTP_TIME_BASE
             if packet.is_keyframe:
-                self._last_keyframe = now
+                self.last_keyframe = now
         return packets
 
     @property

@@ -303,3 +303,45 @@ def test_follow_sender_degrades_when_aiortc_changes() -> None:
     assert feedback.mime_type == "video/H264" and feedback.parameters == {"packetization-mode": "1"}
     assert sender.sent.codecs[0].mimeType == "video/H264"
     assert feedback.bitrate is None and feedback.keyframe_requests == 0  # the encoder keeps start_bitrate
+
+
+def test_the_server_encodes_each_peer_with_its_own_encoder(tiny_model) -> None:
+    """A sendrecv publisher and two WHEP viewers: three output tracks, each with its own OutputEncoder for the
+    negotiated codec; a PLI from one viewer reaches that viewer's encoder (its keyframe), and the frames decode."""
+    import re
+
+    from aiohttp import ClientSession
+    from rtc_helpers import publish, serve, watch
+
+    from streamdiff.protocol.limits import ServerLimits
+    from streamdiff.server.hub import ServerConfig
+
+    async def main() -> None:
+        config = ServerConfig(port=0, token="t0ken", limits=ServerLimits(max_streams=1))
+        rtc = RtcConfig(hosts=LOOPBACK, encoder=EncoderConfig(keyframe_interval_s=600))  # keyframes when asked
+        async with serve(tiny_model, config, rtc) as served, ClientSession() as http:
+            publisher = await publish(http, served.url, "t0ken", query="?width=128&height=128&prompt=a", sendrecv=True)
+            assert publisher.status == 201, publisher.body
+            (session,) = served.hub.sessions.values()
+            viewers = [await watch(http, served.url, f"/whep/{session.view_token}", codec=codec)
+                       for codec in ("h264", "vp8")]
+            clients = [publisher, *viewers]
+            try:
+                await wait_for(lambda: all(len(c.received.frames) >= 5 for c in clients), 90, "frames at all peers")
+                tracks = [sink for sink in session.sinks if hasattr(sink, "feedback")]
+                assert len(tracks) == 3 and all(t.encoder is not None for t in tracks)
+                assert sorted(t.encoder.codec for t in tracks) == ["h264", "h264", "vp8"]
+                by_ssrc = {t.feedback.ssrc: t for t in tracks}
+                ssrc = int(re.search(r"a=ssrc:(\d+) ", viewers[1].body).group(1))  # the server's sender's
+                mine = by_ssrc[ssrc]
+                requests, keyframe_at = mine.feedback.keyframe_requests, mine.encoder.last_keyframe
+                await viewers[1].pc.getReceivers()[0]._send_rtcp_pli(ssrc)
+                await wait_for(lambda: mine.feedback.keyframe_requests > requests, 10, "the viewer's PLI")
+                await wait_for(lambda: mine.encoder.last_keyframe > keyframe_at, 30, "its encoder's keyframe")
+                frames = len(viewers[1].received.frames)
+                await wait_for(lambda: len(viewers[1].received.frames) > frames + 2, 30, "frames after the PLI")
+            finally:
+                for client in clients:
+                    await client.close()
+
+    run(main(), timeout=180)
