@@ -20,6 +20,7 @@ The parts, in the order a frame meets them:
 from __future__ import annotations
 
 import logging
+from collections import deque
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
@@ -44,20 +45,22 @@ class EncoderConfig:
 
     ``crf``: the quality, on x264's constant-rate-factor scale (lower is better and bigger; 23 is x264's default,
     ~18 visually lossless); VP8 uses the same number mapped onto its quantizer range (:func:`vp8_cq_level`).
-    ``min_bitrate``/``max_bitrate`` (bit/s): the range the ceiling is kept in whatever the receiver reports.
+    ``min_bitrate``/``max_bitrate`` (bit/s): the range the ceiling is kept in whatever the receiver reports (the
+    floor is also the guard against a receiver's estimate that only follows the encoder's own low rate).
     ``start_bitrate``: the ceiling before the receiver's first estimate (and for good, if it sends none).
     ``keyframe_interval_s``: a keyframe at least this often (a viewer that lost one recovers without asking), besides
     one whenever the receiver asks (PLI/FIR). ``reconfigure_factor``: the encoder is rebuilt at a new ceiling only when
-    the estimate moved by more than this factor from the current one (each rebuild starts with a keyframe).
+    the estimate moved by more than this factor from the current one (each rebuild starts with a keyframe), and
+    lowered only on congestion (:func:`next_ceiling`).
     ``preset``: x264's speed/size trade-off (``veryfast`` and faster keep up in real time on a CPU core).
     """
 
     crf: int = 30
-    min_bitrate: int = 100_000
+    min_bitrate: int = 300_000
     max_bitrate: int = 8_000_000
     start_bitrate: int = 2_000_000
     keyframe_interval_s: float = 5.0
-    reconfigure_factor: float = 1.5
+    reconfigure_factor: float = 1.4
     preset: str = "veryfast"
 
     def __post_init__(self) -> None:
@@ -85,12 +88,21 @@ def vp8_cq_level(crf: int) -> int:
     return round(crf * 63 / 51)
 
 
-def next_ceiling(current: int, reported: int | None, config: EncoderConfig) -> int:
-    """The bitrate ceiling to encode at: ``reported`` (the receiver's estimate; None: none yet → ``current``) kept
-    in ``[min_bitrate, max_bitrate]``; ``current`` itself unless that moved by more than ``reconfigure_factor``."""
+def next_ceiling(current: int, reported: int | None, fell: bool, sent_rate: float, config: EncoderConfig) -> int:
+    """The bitrate ceiling to encode at, given the receiver's newest estimate ``reported`` (None: none yet), whether
+    it ``fell`` from the one before, and what the encoder sent over the last second (``sent_rate``, bit/s):
+    ``current`` itself, unless the estimate kept in ``[min_bitrate, max_bitrate]`` moved by more than
+    ``reconfigure_factor``; and lowered only on congestion: an estimate that fell, to below ``sent_rate``.
+
+    Why that last rule: a receiver's estimate (REMB; aiortc's and libwebrtc's AIMD) rises to at most ~1.5× what it
+    receives, so a constant-quality encoder sending little sees a low, slowly rising estimate that says nothing
+    about the link ("application limited"); taken as a ceiling it would pin the encoder down for good. The
+    estimator cuts its estimate (to ~0.85× the incoming rate) only when it sees overuse: that is the congestion."""
     if reported is None:
         return current
     wanted = max(config.min_bitrate, min(int(reported), config.max_bitrate))
+    if wanted < current and not (fell and reported < sent_rate):
+        return current  # application limited, not congested
     ratio = wanted / current
     return wanted if ratio > config.reconfigure_factor or ratio < 1 / config.reconfigure_factor else current
 
@@ -176,6 +188,8 @@ class OutputEncoder:
         self._context: Any = None
         self._keyframe_requests = 0
         self.last_keyframe: float | None = None  # when (the `now` of encode) the last keyframe was made
+        self._sent: deque[tuple[float, int]] = deque()  # (now, bits) of the last second's packets
+        self._estimates: tuple[int | None, int | None] = (None, None)  # the last two distinct estimates
         self._last_ms = -1
 
     def encode(self, frame: Any, now: float, feedback: SenderFeedback | None = None) -> list[Any]:
@@ -187,7 +201,14 @@ class OutputEncoder:
         requested = feedback is not None and feedback.keyframe_requests != self._keyframe_requests
         if feedback is not None:
             self._keyframe_requests = feedback.keyframe_requests
-        ceiling = next_ceiling(self.ceiling, feedback.bitrate if feedback is not None else None, self.config)
+        while self._sent and now - self._sent[0][0] >= 1.0:
+            self._sent.popleft()
+        reported = feedback.bitrate if feedback is not None else None
+        if reported != self._estimates[-1]:
+            self._estimates = (self._estimates[-1], reported)
+        previous = self._estimates[0]
+        ceiling = next_ceiling(self.ceiling, reported, previous is not None and reported is not None
+                               and reported < previous, sum(bits for _, bits in self._sent), self.config)
         context = self._context
         if context is None or ceiling != self.ceiling or (context.width, context.height) != (frame.width,
                                                                                              frame.height):
@@ -205,6 +226,7 @@ class OutputEncoder:
         packets = context.encode(image)
         for packet in packets:
             packet.pts, packet.dts, packet.time_base = pts, pts, RTP_TIME_BASE
+            self._sent.append((now, packet.size * 8))
             if packet.is_keyframe:
                 self.last_keyframe = now
         return packets

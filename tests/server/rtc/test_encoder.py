@@ -74,7 +74,7 @@ def run(coro: Any, timeout: float = 90.0) -> Any:
     ({"crf": 20.5}, "EncoderConfig.crf=20.5 must be an integer"),
     ({"min_bitrate": 5000}, r"EncoderConfig.min_bitrate=5000 is outside \[10000, 100000000\]"),
     ({"min_bitrate": 3_000_000, "max_bitrate": 2_000_000}, "min_bitrate=3000000 is more than max_bitrate=2000000"),
-    ({"start_bitrate": 50_000}, r"EncoderConfig.start_bitrate=50000 is outside \[100000, 8000000\]"),
+    ({"start_bitrate": 50_000}, r"EncoderConfig.start_bitrate=50000 is outside \[300000, 8000000\]"),
     ({"keyframe_interval_s": 0.1}, r"EncoderConfig.keyframe_interval_s=0.1 is outside \[0.5, 600.0\]"),
     ({"reconfigure_factor": 1.0}, r"EncoderConfig.reconfigure_factor=1.0 is outside \(1.0, 10.0\]"),
     ({"preset": "placebo"}, "EncoderConfig.preset='placebo': give one of ultrafast, superfast, veryfast"),
@@ -97,14 +97,30 @@ def test_rtc_quality_is_a_crf_or_aiortc() -> None:
 
 def test_the_ceiling_follows_the_estimate_only_when_it_moved_enough() -> None:
     config = EncoderConfig(min_bitrate=100_000, max_bitrate=4_000_000, reconfigure_factor=1.5)
-    assert next_ceiling(1_000_000, None, config) == 1_000_000  # no estimate yet
-    assert next_ceiling(1_000_000, 1_400_000, config) == 1_000_000  # within the factor: no rebuild
-    assert next_ceiling(1_000_000, 700_000, config) == 1_000_000
-    assert next_ceiling(1_000_000, 1_600_000, config) == 1_600_000
-    assert next_ceiling(1_000_000, 600_000, config) == 600_000
-    assert next_ceiling(1_000_000, 50_000_000, config) == 4_000_000  # kept in [min, max]
-    assert next_ceiling(1_000_000, 1_000, config) == 100_000
-    assert next_ceiling(4_000_000, 50_000_000, config) == 4_000_000
+    sent = 2_000_000.0  # sending more than any estimate below, which fell: congestion
+
+    def ceiling(current: int, reported: int | None) -> int:
+        return next_ceiling(current, reported, True, sent, config)
+
+    assert ceiling(1_000_000, None) == 1_000_000  # no estimate yet
+    assert ceiling(1_000_000, 1_400_000) == 1_000_000  # within the factor: no rebuild
+    assert ceiling(1_000_000, 700_000) == 1_000_000
+    assert ceiling(1_000_000, 1_600_000) == 1_600_000
+    assert ceiling(1_000_000, 600_000) == 600_000
+    assert ceiling(1_000_000, 50_000_000) == 4_000_000  # kept in [min, max]
+    assert ceiling(1_000_000, 1_000) == 100_000
+    assert ceiling(4_000_000, 50_000_000) == 4_000_000
+
+
+def test_only_congestion_lowers_the_ceiling() -> None:
+    """The receiver estimates at most ~1.5x what it gets, rising slowly: 150 kbit/s while 100 kbit/s arrive is no
+    congestion, nor is a rising estimate under a burst; an estimate cut below what is being sent is."""
+    config = EncoderConfig(min_bitrate=100_000, reconfigure_factor=1.5)
+    assert next_ceiling(2_000_000, 150_000, False, 100_000.0, config) == 2_000_000
+    assert next_ceiling(2_000_000, 150_000, False, 400_000.0, config) == 2_000_000  # rising: application limited
+    assert next_ceiling(2_000_000, 150_000, True, 100_000.0, config) == 2_000_000  # cut, but above what is sent
+    assert next_ceiling(2_000_000, 150_000, True, 400_000.0, config) == 150_000
+    assert next_ceiling(150_000, 3_000_000, False, 140_000.0, config) == 3_000_000  # raising needs no congestion
 
 
 def test_keyframes_when_asked_first_and_at_the_interval() -> None:
@@ -144,22 +160,28 @@ def test_a_smooth_clip_decodes_well_in_far_fewer_bytes_than_aiortc_spends(mime: 
 
 @pytest.mark.parametrize("mime", ["video/H264", "video/VP8"])
 def test_a_low_ceiling_is_obeyed(mime: str) -> None:
-    """Noise at crf 10 would take many Mbit/s; with the estimate at 300 kbit/s, every 2 s window carries at most
-    2 s at the ceiling (+10 %) plus the encoder's half-second buffer (the first keyframe's burst)."""
+    """Noise at crf 10 would take many Mbit/s. An estimate of 300 kbit/s, below what is being sent, is congestion:
+    within a second the encoder is rebuilt at that ceiling, and from then on every 2 s window carries at most 2 s at
+    the ceiling (+10 %) plus the encoder's half-second buffer (the new keyframe's burst)."""
     ceiling = 300_000
     unbounded = OutputEncoder(mime, EncoderConfig(crf=10))
     free = sum(p.size for _, p, _ in encode_clip(unbounded, noise_frame, 30)) * 8
     assert free > 3 * ceiling, free  # the ceiling below is what binds
     encoder = OutputEncoder(mime, EncoderConfig(crf=10, min_bitrate=100_000))
     feedback = SenderFeedback()
-    feedback.bitrate = ceiling
-    frames = encode_clip(encoder, noise_frame, 90, feedback, decode=decoder(mime))
-    assert encoder.ceiling == ceiling
-    sizes = [p.size for _, p, _ in frames]
+    decode = decoder(mime)
+    feedback.bitrate = 3_000_000
+    frames = encode_clip(encoder, noise_frame, 1, feedback, decode=decode)
+    feedback.bitrate = ceiling  # cut while ~2 Mbit/s are being sent
+    frames += encode_clip(encoder, noise_frame, 119, feedback, start=1, decode=decode)
+    assert encoder.ceiling == ceiling and encoder.rebuilds == 2
+    rebuilt = next(i for i, p, _ in frames[1:] if p.is_keyframe)
+    assert rebuilt <= FPS + 1, rebuilt
+    sizes = [p.size for _, p, _ in frames[rebuilt:]]
     windows = [sum(sizes[i:i + 2 * FPS]) * 8 for i in range(0, len(sizes) - 2 * FPS + 1, 5)]
     assert max(windows) <= ceiling * (2 * 1.1 + 0.5), windows  # the keyframe's window included
-    assert np.mean(sizes[FPS:]) * 8 * FPS <= ceiling * 1.1  # after the first second, the ceiling itself
-    assert sum(image is not None for _, _, image in frames) >= 85  # it still decodes (a rate cap may skip one)
+    assert np.mean(sizes[FPS:]) * 8 * FPS <= ceiling * 1.1  # a second later, the ceiling itself
+    assert sum(image is not None for _, _, image in frames) >= 115  # it still decodes (a rate cap may skip one)
 
 
 @pytest.mark.parametrize("mime", ["video/H264", "video/VP8"])
@@ -184,20 +206,26 @@ def test_keyframes_come_at_the_interval() -> None:
 
 @pytest.mark.parametrize("mime", ["video/H264", "video/VP8"])
 def test_a_new_ceiling_rebuilds_the_encoder_and_decoding_goes_on(mime: str) -> None:
-    encoder = OutputEncoder(mime, EncoderConfig(start_bitrate=2_000_000))
+    """Down on congestion (an estimate below the smooth clip's own rate), up again when the estimate recovers; each
+    rebuild starts with a keyframe, and one decoder decodes the whole stream."""
+    encoder = OutputEncoder(mime, EncoderConfig(start_bitrate=2_000_000, min_bitrate=10_000))
     feedback = SenderFeedback()
     decode = decoder(mime)
-    first = encode_clip(encoder, smooth_frame, 20, feedback, decode=decode)
-    feedback.bitrate = 1_800_000  # within the factor: no rebuild
-    second = encode_clip(encoder, smooth_frame, 10, feedback, start=20, decode=decode)
+    first = encode_clip(encoder, smooth_frame, 40, feedback, decode=decode)
+    rate = sum(p.size for _, p, _ in first[-FPS:]) * 8  # bit/s over the last second
+    feedback.bitrate = 1_800_000  # within the factor (and above what is sent): no rebuild
+    second = encode_clip(encoder, smooth_frame, 10, feedback, start=40, decode=decode)
     assert encoder.rebuilds == 1 and encoder.ceiling == 2_000_000
-    feedback.bitrate = 400_000
-    third = encode_clip(encoder, smooth_frame, 20, feedback, start=30, decode=decode)
-    assert encoder.rebuilds == 2 and encoder.ceiling == 400_000
-    assert third[0][1].is_keyframe  # a new context starts with a keyframe: the same decoder carries on
-    frames = first + second + third
+    feedback.bitrate = rate // 2
+    third = encode_clip(encoder, smooth_frame, 20, feedback, start=50, decode=decode)
+    assert encoder.rebuilds == 2 and encoder.ceiling == max(10_000, rate // 2)
+    feedback.bitrate = 3_000_000
+    fourth = encode_clip(encoder, smooth_frame, 20, feedback, start=70, decode=decode)
+    assert encoder.rebuilds == 3 and encoder.ceiling == 3_000_000
+    assert third[0][1].is_keyframe and fourth[0][1].is_keyframe  # a new context starts with a keyframe
+    frames = first + second + third + fourth
     assert all(image is not None for _, _, image in frames)
-    assert min(psnr(image, smooth_frame(i)) for i, _, image in frames) > 30
+    assert min(psnr(image, smooth_frame(i)) for i, _, image in first + second + fourth[5:]) > 30
 
 
 def test_the_negotiated_h264_level_is_used() -> None:
