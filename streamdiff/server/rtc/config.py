@@ -97,7 +97,7 @@ def parse_quality(value: object) -> EncoderConfig | None:
     except ValueError:
         crf = -1
     if not 0 <= crf <= 51:
-        raise ConfigError(f"rtc_quality={value!r} is not a crf in [0, 51] (lower: better and bigger; 30 by default) "
+        raise ConfigError(f"rtc_quality={value!r} is not a crf in [0, 51] (lower: better and bigger; 26 by default) "
                           "or 'aiortc' (aiortc's own encoder)", field="rtc_quality", value=value,
                           allowed="[0, 51] or 'aiortc'")
     return EncoderConfig(crf=crf)

@@ -114,7 +114,7 @@ def test_rtc_config_is_validated_and_comes_from_serve_options(monkeypatch) -> No
 
 
 def test_rtc_quality_comes_from_serve_options_and_the_config_file(tmp_path, monkeypatch) -> None:
-    """``rtc_quality``: the output encoder's crf (default 30), or ``aiortc`` for aiortc's own encoder; from a
+    """``rtc_quality``: the output encoder's crf (default 26), or ``aiortc`` for aiortc's own encoder; from a
     ``--config`` TOML file like every server option."""
     from streamdiff.server.rtc.encoder import EncoderConfig
 
@@ -123,7 +123,7 @@ def test_rtc_quality_comes_from_serve_options_and_the_config_file(tmp_path, monk
     def options(*argv: str) -> dict:
         return serve_command.resolve_options(build_parser().parse_args(["serve", *argv]))
 
-    assert rtc_config(options()).encoder == EncoderConfig(crf=30)
+    assert rtc_config(options()).encoder == EncoderConfig(crf=26)
     for value, expected in (("24", EncoderConfig(crf=24)), ('"aiortc"', None)):
         path = tmp_path / "serve.toml"
         path.write_text(f"rtc_quality = {value}\n")
