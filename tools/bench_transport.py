@@ -345,10 +345,12 @@ def main(argv: list[str] | None = None) -> int:
                         choices=["ws", "rtc", "rtc-aiortc-buffer", "rtc-aiortc-encoder", "chromium"],
                         help="chromium: the stream page over WebRTC in headless Chromium (needs playwright)")
     parser.add_argument("--chromium", default="/usr/bin/chromium", help="the Chromium executable")
+    parser.add_argument("--still", action="store_true",
+                        help="send the test pattern's first frame only (a still camera) instead of the moving clip")
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--json", metavar="FILE", help="also write the report as JSON ('-': stdout)")
     args = parser.parse_args(argv)
-    clip = [pattern_frame(i, args.size, args.size) for i in range(30)]  # 1 s, looped
+    clip = [pattern_frame(0 if args.still else i, args.size, args.size) for i in range(30)]  # 1 s, looped
     serve_args = ["--model", args.model, "--size", f"{args.size}x{args.size}", "--max-streams", "2",
                   "--cfg-type", "none", "--rtc-host", "127.0.0.1", "--stats-interval", "1"]
     rounds: dict[str, list[dict[str, Any]]] = {t: [] for t in args.transports}
@@ -386,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
             for name, results in rounds.items()}
     report = {"benchmark": "transport", "size": args.size, "model": args.model, "fps_in": FPS,
               "warmup_s": args.warmup, "seconds": args.seconds, "jpeg_quality": args.jpeg_quality,
-              "output_quality": args.output_quality, "rtc_quality": args.rtc_quality,
+              "output_quality": args.output_quality, "rtc_quality": args.rtc_quality, "still": args.still,
               "load_average": os.getloadavg(), "python": platform.python_version(),
               "elapsed_s": time.monotonic() - started, "results": rows, "rounds": rounds}
     if "ws" in rows and "rtc" in rows:
