@@ -17,6 +17,9 @@ frames/s (a paced source: a frame captured while ``--window`` frames await their
   hands a frame over only at the next frame's first packet (the client side of that change, A/B in one run);
   bytes per frame from ``getStats()`` (outbound ``bytesSent`` over frames sent, and the same count of
   received RTP payload bytes over frames received: RTP payloads, without RTP/SRTP/UDP/IP headers); an output is matched to its input by RTP timestamp.
+  The server encodes its output at constant quality (``rtc_quality``, a crf; ``--rtc-quality`` here);
+  ``rtc-aiortc-encoder``: the same peer against a second server whose output goes through aiortc's own encoder
+  (a bitrate from the receiver's estimate, at least 500 kbit/s): the two encoders A/B in one run.
 
 Per transport, the median over rounds of: end-to-end latency p50/p95 (input handed to the encoder/socket → output
 decoded here), output frames/s, bytes per frame each way, PSNR (dB) of outputs against the engine's own output for
@@ -309,6 +312,14 @@ def chromium_round(http_url: str, clip_path: str, size: int, warmup: float, seco
             "bytes_per_input_frame": float("nan"), "bytes_per_output_frame": float("nan"), "psnr_db": float("nan")}
 
 
+def options_file(folder: str, name: str, rtc_quality: str) -> str:
+    """A ``streamdiff serve --config`` TOML file setting ``rtc_quality`` (a crf, or ``aiortc``)."""
+    path = os.path.join(folder, f"{name}.toml")
+    value = rtc_quality if rtc_quality.strip().isdigit() else f'"{rtc_quality}"'
+    Path(path).write_text(f"rtc_quality = {value}\n")
+    return path
+
+
 def format_table(rows: dict[str, dict[str, Any]]) -> str:
     lines = ["transport | e2e p50 ms | e2e p95 ms | fps out | bytes/input frame | bytes/output frame | PSNR dB",
              "---|---|---|---|---|---|---"]
@@ -328,20 +339,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-quality", type=int, default=80,
                         help="the WebSocket stream's output JPEG quality (80, the server's default)")
     parser.add_argument("--window", type=int, default=3, help="WebSocket frames awaiting their output at most")
-    parser.add_argument("--transports", nargs="+", default=["ws", "rtc"], choices=["ws", "rtc", "rtc-aiortc-buffer", "chromium"],
+    parser.add_argument("--rtc-quality", default=None,
+                        help="the server's WebRTC output crf (its rtc_quality option; default: the server's)")
+    parser.add_argument("--transports", nargs="+", default=["ws", "rtc"],
+                        choices=["ws", "rtc", "rtc-aiortc-buffer", "rtc-aiortc-encoder", "chromium"],
                         help="chromium: the stream page over WebRTC in headless Chromium (needs playwright)")
     parser.add_argument("--chromium", default="/usr/bin/chromium", help="the Chromium executable")
+    parser.add_argument("--still", action="store_true",
+                        help="send the test pattern's first frame only (a still camera) instead of the moving clip")
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--json", metavar="FILE", help="also write the report as JSON ('-': stdout)")
     args = parser.parse_args(argv)
-    clip = [pattern_frame(i, args.size, args.size) for i in range(30)]  # 1 s, looped
+    clip = [pattern_frame(0 if args.still else i, args.size, args.size) for i in range(30)]  # 1 s, looped
     serve_args = ["--model", args.model, "--size", f"{args.size}x{args.size}", "--max-streams", "2",
                   "--cfg-type", "none", "--rtc-host", "127.0.0.1", "--stats-interval", "1"]
     rounds: dict[str, list[dict[str, Any]]] = {t: [] for t in args.transports}
     started = time.monotonic()
-    clip_path = os.path.join(tempfile.mkdtemp(prefix="bench-transport-"), "clip.y4m")
+    folder = tempfile.mkdtemp(prefix="bench-transport-")
+    clip_path = os.path.join(folder, "clip.y4m")
     write_y4m(clip_path, clip)
-    with ServeProcess(*serve_args) as server:
+    with contextlib.ExitStack() as stack:
+        quality = [] if args.rtc_quality is None else ["--config", options_file(folder, "quality", args.rtc_quality)]
+        server = stack.enter_context(ServeProcess(*serve_args, *quality))
+        aiortc_server = stack.enter_context(ServeProcess(*serve_args, "--config",
+                                                         options_file(folder, "aiortc", "aiortc"))) \
+            if "rtc-aiortc-encoder" in args.transports else None
         settings = asyncio.run(effective_settings(server.url, args.size))
         reference = reference_outputs(args.model, settings, clip)
         for r in range(args.rounds):
@@ -354,8 +376,9 @@ def main(argv: list[str] | None = None) -> int:
                     result = chromium_round(server.http_url, clip_path, args.size, args.warmup, args.seconds,
                                             args.chromium)
                 else:
-                    result = asyncio.run(rtc_round(server.http_url, clip, reference, args.size, args.warmup,
-                                                   args.seconds, marker_buffer=name == "rtc"))
+                    url = aiortc_server.http_url if name == "rtc-aiortc-encoder" and aiortc_server else server.http_url
+                    result = asyncio.run(rtc_round(url, clip, reference, args.size, args.warmup,
+                                                   args.seconds, marker_buffer=name != "rtc-aiortc-buffer"))
                 rounds[name].append(result)
                 print(f"round {r + 1} {name}: p50 {result['e2e_p50_ms']:.0f} ms, {result['fps']:.1f} fps, "
                       f"{result['bytes_per_output_frame']:.0f} B/output frame, {result['psnr_db']:.1f} dB",
@@ -364,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
                    else float("nan") for key in results[0]}
             for name, results in rounds.items()}
     report = {"benchmark": "transport", "size": args.size, "model": args.model, "fps_in": FPS,
-              "warmup_s": args.warmup, "seconds": args.seconds, "jpeg_quality": args.jpeg_quality, "output_quality": args.output_quality,
+              "warmup_s": args.warmup, "seconds": args.seconds, "jpeg_quality": args.jpeg_quality,
+              "output_quality": args.output_quality, "rtc_quality": args.rtc_quality, "still": args.still,
               "load_average": os.getloadavg(), "python": platform.python_version(),
               "elapsed_s": time.monotonic() - started, "results": rows, "rounds": rounds}
     if "ws" in rows and "rtc" in rows:
@@ -373,6 +397,10 @@ def main(argv: list[str] | None = None) -> int:
             "input": rtc["bytes_per_input_frame"] / ws["bytes_per_input_frame"],
             "output": rtc["bytes_per_output_frame"] / ws["bytes_per_output_frame"]}
         report["psnr_difference_db"] = rtc["psnr_db"] - ws["psnr_db"]
+    if "ws" in rows:
+        report["output_bytes_ratio_to_ws"] = {name: row["bytes_per_output_frame"] / rows["ws"]["bytes_per_output_frame"]
+                                             for name, row in rows.items() if name != "ws"
+                                             and not math.isnan(row["bytes_per_output_frame"])}
     print(format_table(rows))
     if args.json:
         write_json(report, args.json)

@@ -25,7 +25,7 @@ from .hub import ServerConfig
 from ..protocol.limits import ServerLimits
 from ..protocol.policy import HostPolicy, OriginPolicy
 from ..protocol.settings import OutputConfig, StreamSettings
-from .rtc.config import RtcConfig
+from .rtc.config import RtcConfig, parse_quality
 
 __all__ = ["RTC_DEFAULTS", "SERVER_DEFAULTS", "limits_defaults", "rtc_config", "serve_defaults", "server_config"]
 
@@ -53,6 +53,7 @@ RTC_DEFAULTS: dict[str, Any] = {
     "rtc_codecs": RtcConfig.video_codecs,
     "rtc_connect_timeout": RtcConfig.connect_timeout_s,
     "rtc_port_range": None,
+    "rtc_quality": RtcConfig.encoder.crf,  # a crf, or "aiortc" (RtcConfig.encoder, parse_quality)
 }
 
 
@@ -77,7 +78,7 @@ def rtc_config(options: dict[str, Any]) -> RtcConfig:
     return RtcConfig(hosts=tuple(options["rtc_host"]), max_sdp_bytes=int(options["rtc_max_sdp_bytes"]),
                      video_codecs=tuple(options["rtc_codecs"]),
                      connect_timeout_s=float(options["rtc_connect_timeout"]),
-                     ports=options["rtc_port_range"] or None)
+                     ports=options["rtc_port_range"] or None, encoder=parse_quality(options["rtc_quality"]))
 
 
 def server_config(options: dict[str, Any]) -> ServerConfig:

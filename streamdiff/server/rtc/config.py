@@ -7,8 +7,9 @@ import math
 from dataclasses import dataclass
 
 from ...errors import ConfigError
+from .encoder import EncoderConfig
 
-__all__ = ["SUPPORTED_VIDEO_CODECS", "RtcConfig", "parse_port_range"]
+__all__ = ["SUPPORTED_VIDEO_CODECS", "RtcConfig", "parse_port_range", "parse_quality"]
 
 #: The video codecs aiortc decodes and encodes (mime subtype, as in SDP ``rtpmap`` lines).
 SUPPORTED_VIDEO_CODECS = ("H264", "VP8")
@@ -25,7 +26,9 @@ class RtcConfig:
     DTLS must have connected within this long after the answer, or the peer is closed and its stream slot freed.
     ``ports``: the UDP ports ``(first, last)`` the peers' sockets bind to (``--rtc-port-range 50000-50100``, for a
     firewall; each peer connection takes one port per ``hosts`` address; an offer arriving when none is free gets
-    503 with Retry-After); None: the kernel's ephemeral ports.
+    503 with Retry-After); None: the kernel's ephemeral ports. ``encoder``: how the server encodes the video it
+    sends (:class:`~.encoder.EncoderConfig`: constant quality, the peer's bandwidth estimate as a ceiling;
+    ``rtc_quality`` in the options); None: aiortc's own encoder (a bitrate from the estimate, at least 500 kbit/s).
 
     Not configurable: DTLS (always on: aiortc has no way to turn it off).
     """
@@ -35,6 +38,7 @@ class RtcConfig:
     video_codecs: tuple[str, ...] = SUPPORTED_VIDEO_CODECS
     connect_timeout_s: float = 10.0
     ports: tuple[int, int] | None = None
+    encoder: EncoderConfig | None = EncoderConfig()
 
     def __post_init__(self) -> None:
         if isinstance(self.hosts, (str, bytes)) or not hasattr(self.hosts, "__iter__"):
@@ -64,6 +68,8 @@ class RtcConfig:
         object.__setattr__(self, "connect_timeout_s", float(value))
         if self.ports is not None:
             object.__setattr__(self, "ports", parse_port_range(self.ports))
+        if self.encoder is not None and not isinstance(self.encoder, EncoderConfig):
+            raise ConfigError(f"RtcConfig.encoder={self.encoder!r} must be an EncoderConfig or None (aiortc's encoder)")
 
 
 def parse_port_range(value: object) -> tuple[int, int]:
@@ -79,3 +85,19 @@ def parse_port_range(value: object) -> tuple[int, int]:
         raise ConfigError(f"--rtc-port-range {value!r} is not a UDP port range FIRST-LAST with 1024 <= FIRST <= LAST "
                           "<= 65535 (e.g. 50000-50100)")
     return first, last
+
+
+def parse_quality(value: object) -> EncoderConfig | None:
+    """``rtc_quality`` → the :class:`RtcConfig` ``encoder``: a crf (``28``, ``"28"``) → an
+    :class:`~.encoder.EncoderConfig` at that quality; ``"aiortc"`` → None (aiortc's own bitrate-driven encoder)."""
+    if isinstance(value, str) and value.strip().lower() == "aiortc":
+        return None
+    try:
+        crf = int(value) if isinstance(value, str) or isinstance(value, int) and not isinstance(value, bool) else -1
+    except ValueError:
+        crf = -1
+    if not 0 <= crf <= 51:
+        raise ConfigError(f"rtc_quality={value!r} is not a crf in [0, 51] (lower: better and bigger; 26 by default) "
+                          "or 'aiortc' (aiortc's own encoder)", field="rtc_quality", value=value,
+                          allowed="[0, 51] or 'aiortc'")
+    return EncoderConfig(crf=crf)

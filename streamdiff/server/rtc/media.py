@@ -5,8 +5,10 @@
   :func:`~streamdiff.core.image.fit_frame`, in the hub's decode pool) and hands it to
   :meth:`StreamSession.submit_decoded` with its RTP timestamp. No jitter buffer grows between decoder and engine.
 - :func:`make_output_track`: a session's output as a video track (one per peer connection that sends it): latest-wins,
-  each frame converted off the event loop, its ``pts`` the RTP timestamp of the input it came from. aiortc encodes
-  off the loop too (its sender runs the encoder in an executor).
+  each frame converted off the event loop, its ``pts`` the RTP timestamp of the input it came from, and encoded
+  there by its own :class:`~.encoder.OutputEncoder` (constant quality under the peer's bandwidth estimate) into
+  packets that aiortc's sender only packetizes; without an encoder config, frames go to aiortc's own encoder.
+- :func:`attach_output`: an output track's sender: RTP timestamps kept, the peer's feedback to the track's encoder.
 - :func:`keep_rtp_timestamps`: aiortc starts each sender's RTP timestamps at a random origin; for an
   output track's sender it is 0, so an output's RTP timestamp *is* its input's (a receiver matches them).
 """
@@ -26,12 +28,14 @@ import numpy as np
 from ...core.image import fit_frame
 from ..pacing import LatestSlot
 from ...protocol.wire import ErrorCode
+from .encoder import EncoderConfig, OutputEncoder, SenderFeedback, follow_sender
 
 if TYPE_CHECKING:
     from ...engine import StreamOutput
     from ..session import StreamSession
 
-__all__ = ["VIDEO_TIME_BASE", "drain", "feed_session", "keep_rtp_timestamps", "make_output_track", "to_rgb"]
+__all__ = ["VIDEO_TIME_BASE", "attach_output", "drain", "feed_session", "keep_rtp_timestamps", "make_output_track",
+           "to_rgb"]
 
 logger = logging.getLogger(__name__)
 
@@ -131,11 +135,13 @@ def keep_rtp_timestamps(sender: Any) -> None:
     sender._run_rtp = zero_origin
 
 
-def make_output_track(session: StreamSession, pool: Any, *, own: bool = False) -> Any:
+def make_output_track(session: StreamSession, pool: Any, *, own: bool = False,
+                      encoder: EncoderConfig | None = None) -> Any:
     """A new output track of ``session``'s outputs (an aiortc ``MediaStreamTrack`` and a session
     :class:`~streamdiff.server.session.OutputSink`), subscribed to them; it unsubscribes when stopped. Frames are
-    made in ``pool``'s threads. ``own``: the track goes back to the stream's publisher (sendrecv), and each frame it
-    hands to aiortc's encoder counts as sent (:meth:`StreamSession.output_sent`: ``frames_out``, latency); a WHEP
+    made, and encoded with ``encoder`` (None: aiortc's own encoder does it), in ``pool``'s threads; then give its
+    sender to :func:`attach_output`. ``own``: the track goes back to the stream's publisher (sendrecv), and each
+    frame it hands to aiortc counts as sent (:meth:`StreamSession.output_sent`: ``frames_out``, latency); a WHEP
     viewer's does not, as a WebSocket viewer's frames do not. (The class is built here: aiortc is imported only
     when a peer connects.)"""
     from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
@@ -147,8 +153,11 @@ def make_output_track(session: StreamSession, pool: Any, *, own: bool = False) -
             super().__init__()
             self.frames_sent = 0
             self.frames_dropped = 0
+            self.feedback = SenderFeedback()  # filled by attach_output's hooks
+            self.encoder: OutputEncoder | None = None
             self._slot: LatestSlot[StreamOutput | None] = LatestSlot()
             self._last_pts: int | None = None
+            self._pending: list[Any] = []  # packets of the last frame beyond its first (normally none)
 
         def on_output(self, output: StreamOutput) -> None:
             if self._slot.put(output) is not None:
@@ -158,6 +167,8 @@ def make_output_track(session: StreamSession, pool: Any, *, own: bool = False) -
             self._slot.put(None)
 
         async def recv(self) -> Any:
+            if self._pending:
+                return self._pending.pop(0)
             while True:
                 if self.readyState != "live":
                     raise MediaStreamError
@@ -166,16 +177,30 @@ def make_output_track(session: StreamSession, pool: Any, *, own: bool = False) -
                     self.stop()
                     raise MediaStreamError
                 start = time.perf_counter()
-                frame = await asyncio.get_running_loop().run_in_executor(pool, _to_video_frame, output)
-                if frame is None:
-                    continue
-                if self._last_pts is not None and not 0 < (frame.pts - self._last_pts) % (1 << 32) < 1 << 31:
-                    continue  # never an older pts after a newer one (RTP timestamps are 32-bit and wrap)
-                self._last_pts = frame.pts
+                media = await asyncio.get_running_loop().run_in_executor(pool, self._make, output)
+                if media is None or isinstance(media, list) and not media:
+                    continue  # skipped, or the encoder had no packet for it
                 self.frames_sent += 1
                 if own:
                     session.output_sent(output, time.perf_counter() - start)
-                return frame
+                if isinstance(media, list):
+                    self._pending = media[1:]
+                    return media[0]
+                return media
+
+        def _make(self, output: StreamOutput) -> Any:
+            """Worker thread (one call at a time per track): the frame, or its packets, or None to skip it."""
+            frame = _to_video_frame(output)
+            if frame is None:
+                return None
+            if self._last_pts is not None and not 0 < (frame.pts - self._last_pts) % (1 << 32) < 1 << 31:
+                return None  # never an older pts after a newer one (RTP timestamps are 32-bit and wrap)
+            self._last_pts = frame.pts
+            if encoder is None or self.feedback.mime_type is None:
+                return frame  # aiortc encodes it (no encoder asked for, or the codec is unknown)
+            if self.encoder is None:
+                self.encoder = OutputEncoder(self.feedback.mime_type, encoder, self.feedback.parameters)
+            return self.encoder.encode(frame, time.monotonic(), self.feedback)
 
         def stop(self) -> None:
             session.sinks.discard(self)
@@ -184,6 +209,14 @@ def make_output_track(session: StreamSession, pool: Any, *, own: bool = False) -
     track = _OutputTrack()
     session.sinks.add(track)
     return track
+
+
+def attach_output(sender: Any, track: Any) -> None:
+    """Wire ``sender`` (the aiortc ``RTCRtpSender`` of a :func:`make_output_track` track, before it starts): its RTP
+    timestamps are the outputs' input timestamps (:func:`keep_rtp_timestamps`), and the peer's codec, keyframe
+    requests and bandwidth estimate reach the track's encoder (:func:`~.encoder.follow_sender`)."""
+    keep_rtp_timestamps(sender)
+    follow_sender(sender, track.feedback)
 
 
 def _to_video_frame(output: StreamOutput) -> Any:

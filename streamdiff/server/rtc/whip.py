@@ -34,7 +34,7 @@ from ..transport import TransportClosed
 from ...protocol.wire import PROTOCOL_VERSION, load_json
 from .config import RtcConfig
 from .jitter import use_marker_jitter_buffer
-from .media import drain, feed_session, keep_rtp_timestamps, make_output_track
+from .media import attach_output, drain, feed_session, make_output_track
 from .peer import Peer, PeerTransport, gather_on, new_peer_connection
 from .signaling import (
     OfferSummary,
@@ -330,8 +330,8 @@ class RtcFront:
             if transceiver.kind == "video":
                 transceiver.setCodecPreferences(preferred)
         if summary.receives_video():
-            track = make_output_track(session, self.hub.encode_pool, own=publish)
-            keep_rtp_timestamps(pc.addTrack(track))
+            track = make_output_track(session, self.hub.encode_pool, own=publish, encoder=self.config.encoder)
+            attach_output(pc.addTrack(track), track)
             track.on("ended", lambda: peer.close("the stream ended"))  # a viewer's peer ends with its stream
         answer = await pc.createAnswer()
         with gather_on(self.config.hosts, self.config.ports):

@@ -111,3 +111,23 @@ def test_rtc_config_is_validated_and_comes_from_serve_options(monkeypatch) -> No
         hosts=("127.0.0.1", "10.0.0.2"), video_codecs=("VP8",), max_sdp_bytes=4096, connect_timeout_s=3.0,
         ports=(50000, 50100))
     assert RtcConfig(ports="6000").ports == (6000, 6000) and RtcConfig(ports=[6000, 6001]).ports == (6000, 6001)
+
+
+def test_rtc_quality_comes_from_serve_options_and_the_config_file(tmp_path, monkeypatch) -> None:
+    """``rtc_quality``: the output encoder's crf (default 26), or ``aiortc`` for aiortc's own encoder; from a
+    ``--config`` TOML file like every server option."""
+    from streamdiff.server.rtc.encoder import EncoderConfig
+
+    monkeypatch.delenv("STREAMDIFF_TOKEN", raising=False)
+
+    def options(*argv: str) -> dict:
+        return serve_command.resolve_options(build_parser().parse_args(["serve", *argv]))
+
+    assert rtc_config(options()).encoder == EncoderConfig(crf=26)
+    for value, expected in (("24", EncoderConfig(crf=24)), ('"aiortc"', None)):
+        path = tmp_path / "serve.toml"
+        path.write_text(f"rtc_quality = {value}\n")
+        assert rtc_config(options("--config", str(path))).encoder == expected
+    path.write_text("rtc_quality = 60\n")
+    with pytest.raises(ConfigError, match=r"rtc_quality=60 is not a crf in \[0, 51\]"):
+        rtc_config(options("--config", str(path)))
