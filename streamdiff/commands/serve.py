@@ -120,6 +120,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="UDP ports the peers' media sockets bind to, for a firewall (one per peer connection and "
                           "--rtc-host address; none free: WHIP/WHEP answer 503) (default: the kernel's ephemeral "
                           "ports)")
+    rtc.add_argument("--rtc-quality", metavar="CRF|aiortc",
+                     help="quality of the video the server sends: an H.264/VP8 crf in [0, 51], lower is better and "
+                          "bigger, the receiver's bandwidth estimate a ceiling; 'aiortc': aiortc's own encoder, a "
+                          "bitrate of at least 500 kbit/s (default 26)")
     limits = parser.add_argument_group("limits (per client unless said otherwise; the defaults are safe)")
     for name, default in limits_defaults().items():
         shown = ",".join(v.value for v in default) if isinstance(default, tuple) else f"{default:g}" \

@@ -131,3 +131,7 @@ def test_rtc_quality_comes_from_serve_options_and_the_config_file(tmp_path, monk
     path.write_text("rtc_quality = 60\n")
     with pytest.raises(ConfigError, match=r"rtc_quality=60 is not a crf in \[0, 51\]"):
         rtc_config(options("--config", str(path)))
+    assert rtc_config(options("--rtc-quality", "30")).encoder == EncoderConfig(crf=30)  # the flag, as a string
+    assert rtc_config(options("--rtc-quality", "aiortc")).encoder is None
+    with pytest.raises(ConfigError, match=r"rtc_quality='best' is not a crf"):
+        rtc_config(options("--rtc-quality", "best"))
