@@ -19,10 +19,24 @@ import sys
 import threading
 import time
 
-__all__ = ["ServeProcess"]
+__all__ = ["LoopbackUrls", "ServeProcess"]
 
 
-class ServeProcess:
+class LoopbackUrls:
+    """The stream socket's and the pages' URLs of a server listening on 127.0.0.1 at ``self.port``."""
+
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+class ServeProcess(LoopbackUrls):
     """A ``streamdiff serve --port 0 ARGS…`` process (the same Python, the caller's environment)."""
 
     def __init__(self, *args: str, start_timeout: float = 120.0, env: dict[str, str] | None = None) -> None:
@@ -42,14 +56,6 @@ class ServeProcess:
             raise
         self.port = int(re.search(r":(\d+)/", line).group(1))  # type: ignore[union-attr]
         self.returncode: int | None = None
-
-    @property
-    def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/ws"
-
-    @property
-    def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     @property
     def pid(self) -> int:

@@ -14,11 +14,12 @@ import pytest
 from live import frames, run, settings
 
 from streamdiff.protocol.limits import ServerLimits
+from streamdiff.testing.serve import LoopbackUrls
 
 uvicorn = pytest.importorskip("uvicorn")
 
 
-class UvicornServer:
+class UvicornServer(LoopbackUrls):
     """:class:`~streamdiff.server.asgi.ServerApp` on a Hub and the tiny engine, served by uvicorn in a thread."""
 
     def __init__(self, engine: Any, config: Any) -> None:
@@ -47,16 +48,8 @@ class UvicornServer:
         self.hub.close()
 
     @property
-    def port(self) -> int:
+    def port(self) -> int:  # type: ignore[override]
         return self.server.servers[0].sockets[0].getsockname()[1]
-
-    @property
-    def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/ws"
-
-    @property
-    def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     def __enter__(self) -> UvicornServer:
         self.engine.start()
