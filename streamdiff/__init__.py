@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from ._version import __version__
 from .config import (
-    BackendKind, CfgMode, ControlNetSpec, FilterConfig, Precision, PromptConfig, Quantization, StreamConfig, StreamMode,
+    BackendKind, Calibration, CfgMode, ControlNetSpec, FilterConfig, Precision, PromptConfig, Quantization, StreamConfig,
+    StreamMode,
 )
 from .errors import (
     BackendUnavailable,
@@ -37,6 +38,7 @@ __all__ = [
     "CfgMode",
     "EngineConfig",
     "EngineFull",
+    "Calibration",
     "ConfigError",
     "EngineBuildError",
     "FilterConfig",

@@ -52,11 +52,59 @@ class Quantization(str, enum.Enum):
     """Weight quantisation of a compiled U-Net (opt-in; the VAE is never quantised).
 
     ``INT8_WEIGHTS``: NNCF's int8 weight-only compression (asymmetric, per output channel) of the OpenVINO U-Net;
-    activations keep the model's precision. PSNR against the float engine: docs/engines.md.
+    activations keep the model's precision. ``INT8``: NNCF's full int8 quantisation (weights and activations) of the
+    OpenVINO U-Net, its activation ranges calibrated on U-Net inputs made as the engine makes them
+    (:class:`Calibration`). PSNR against the float engine: docs/engines.md.
     """
 
     NONE = "none"
     INT8_WEIGHTS = "int8-weights"
+    INT8 = "int8"
+
+
+CALIBRATION_SAMPLES = (4, 256)  # the bounds of Calibration.samples
+CALIBRATION_PROMPTS = (
+    "a photo of a red fox in the snow, detailed", "an oil painting of a city street at night",
+    "a portrait of a woman, soft light, 85mm", "a watercolour landscape with mountains and a lake",
+)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The calibration set of a fully quantised U-Net (``Quantization.INT8``): what NNCF measures activation
+    ranges on, made as the engine makes U-Net inputs, deterministic from ``seed``.
+
+    ``samples`` U-Net calls (each of the engine's tuned batch), in [4, 256]. Each row holds a frame of the test pattern
+    (:func:`~streamdiff.core.image.pattern_frame`, a different frame per sample), VAE-encoded, noised to one of the
+    timesteps of ``t_index_list`` (indices into ``num_inference_steps`` LCM steps, as ``StreamConfig``'s) with
+    seeded noise, and the hidden states of one of ``prompts`` (rows past the slots get the empty prompt, as the
+    negative rows of CFG do). ``t_index_list=None``: the stream's, fixed when the engine is first built for it
+    (:meth:`for_stream`); an engine planned without a stream takes ``StreamConfig``'s default.
+    """
+
+    samples: int = 32
+    seed: int = 0
+    t_index_list: tuple[int, ...] | None = None
+    num_inference_steps: int = 50
+    prompts: tuple[str, ...] = CALIBRATION_PROMPTS
+
+    def __post_init__(self) -> None:
+        check_int("calibration samples", self.samples, *CALIBRATION_SAMPLES)
+        check_int("calibration seed", self.seed, 0, 2**63 - 1)
+        check_int("calibration num_inference_steps", self.num_inference_steps, 1, 1000)
+        if self.t_index_list is not None:
+            object.__setattr__(self, "t_index_list", tuple(self.t_index_list))
+            validate_t_index_list(self.t_index_list, self.num_inference_steps)
+        if isinstance(self.prompts, str) or not self.prompts or not all(isinstance(p, str) for p in self.prompts):
+            raise ConfigError(f"calibration prompts={self.prompts!r} must be a non-empty sequence of strings",
+                              field="calibration prompts", value=self.prompts, allowed="a non-empty list of strings")
+        object.__setattr__(self, "prompts", tuple(self.prompts))
+
+    def for_stream(self, config: StreamConfig) -> Calibration:
+        """This calibration at ``config``'s timesteps when it names none itself (else unchanged)."""
+        if self.t_index_list is not None:
+            return self
+        return replace(self, t_index_list=config.t_index_list, num_inference_steps=config.num_inference_steps)
 
 
 class BackendKind(str, enum.Enum):

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from .config import (
     BackendKind,
+    Calibration,
     CfgMode,
     ControlNetSpec,
     FilterConfig,
@@ -68,6 +69,7 @@ MODEL_DEFAULTS: dict[str, Any] = {
 ENGINE_DEFAULTS: dict[str, Any] = {
     "engine_dir": None, "compile": False, "channels_last": False, "min_resolution": None, "max_resolution": None,
     "batch_sizes": (), "verify": True, "quantize": Quantization.NONE.value,
+    "calibration_samples": Calibration.samples, "calibration_seed": Calibration.seed,
 }
 STREAM_DEFAULTS: dict[str, Any] = {
     "size": "256x256", "t_index_list": None, "strength": None, "steps": 2, "num_inference_steps": 50,
@@ -298,6 +300,8 @@ def model_options(options: Mapping[str, Any]) -> ModelOptions:
         max_resolution=options.get("max_resolution"),
         batch_sizes=parse_int_list(batch_sizes, "batch_sizes") if batch_sizes else (),
         verify=options.get("verify", True), quantize=options.get("quantize", Quantization.NONE.value),
+        calibration=Calibration(samples=options.get("calibration_samples", Calibration.samples),
+                                seed=options.get("calibration_seed", Calibration.seed)),
     )
     dtype = _text(options, "dtype")
     if dtype is not None:

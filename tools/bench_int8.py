@@ -1,15 +1,17 @@
-"""The OpenVINO engine with and without the int8 U-Net (``--quantize int8-weights``): frames/s, PSNR, per-op profile.
+"""The OpenVINO engine with the float, int8-weights and full int8 U-Net (``--quantize``): frames/s, PSNR, per-op profile.
 
 Usage::
 
     python tools/bench_int8.py                          # tiny model, 256², 2 threads, 5 interleaved rounds
     python tools/bench_int8.py --model sd21 --rounds 5 --calls 2    # SD-2.1-size U-Net, random weights (minutes)
     python tools/bench_int8.py --profile --json
+    python tools/bench_int8.py --modes int8 --calibration-samples 16    # float against full int8 only
     python tools/bench_int8.py --profile-blobs engines/unet-openvino-*/model.blob   # profile only, no model loaded
 
 Both configurations are StreamPipelines on the same loaded model (float32 unless ``--dtype``), fed the same moving
-frames (``pipe.step``), timed in interleaved rounds (``run_interleaved``); PSNR compares the int8 engine's output
-frames with the float engine's, frame by frame (after the warm-up frames). ``--profile`` imports each compiled
+frames (``pipe.step``), timed in interleaved rounds (``run_interleaved``); PSNR compares each int8 engine's output
+frames with the float engine's, frame by frame (after the warm-up frames). The build time of each engine (for full
+int8: calibration set, NNCF quantisation and compilation) is printed; pass a fresh ``--engine-dir`` to see it. ``--profile`` imports each compiled
 U-Net and VAE half again with OpenVINO's ``PERF_COUNT`` on, runs it on inputs of its own shapes and prints where
 its time goes, summed per node type (``ProfilingInfo.node_type``) over ``--profile-calls`` calls.
 """
@@ -17,28 +19,30 @@ its time goes, summed per node type (``ProfilingInfo.node_type``) over ``--profi
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import statistics
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from streamdiff import StreamConfig, StreamPipeline, load_model
+from streamdiff import Calibration, StreamConfig, StreamPipeline, load_model
 from streamdiff.backends.keys import EngineOptions
 from streamdiff.bench.harness import Case, Comparison, format_table, report_dict, run_interleaved
-from streamdiff.bench.suites import moving_frames, sd21_bench_model
+from streamdiff.bench.suites import moving_frames, sd21_model, sd21_parts
 from streamdiff.core.image import psnr
 
-QUANTIZE = {"openvino-float": "none", "openvino-int8-weights": "int8-weights"}
+QUANTIZE = {"openvino-float": "none", "openvino-int8-weights": "int8-weights", "openvino-int8": "int8"}
 
 
 def load(name: str, dtype: str) -> Any:
-    if name == "sd21":
-        bench = sd21_bench_model()
-        return bench.fp32 if dtype == "float32" else bench.bf16
+    if name == "sd21":  # only the dtype benchmarked: the SD-2.1-size model in both dtypes is ~5 GB
+        parts, tokenizer = sd21_parts()
+        return sd21_model(parts, tokenizer, getattr(torch, dtype))
     return load_model(name, dtype=dtype, device="cpu")
 
 
@@ -85,6 +89,12 @@ def main() -> int:
     parser.add_argument("--profile-calls", type=int, default=5)
     parser.add_argument("--profile-blobs", nargs="+", type=Path, metavar="BLOB",
                         help="only profile these compiled models (engine cache entries' model.blob), loading no model")
+    parser.add_argument("--modes", nargs="+", choices=["int8-weights", "int8"], default=["int8-weights", "int8"],
+                        help="the quantised engines timed against the float one")
+    parser.add_argument("--calibration-samples", type=int, default=Calibration.samples)
+    parser.add_argument("--build-only", action="store_true",
+                        help="build each configuration's engines, one at a time (each released before the next: an "
+                             "SD-2.1-size float pipeline beside a quantisation in progress needs over 20 GB), and exit")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -103,9 +113,20 @@ def main() -> int:
     pipes: dict[str, StreamPipeline] = {}
     outputs: dict[str, list[torch.Tensor]] = {}
     cases = []
-    for name, quantize in QUANTIZE.items():
-        pipe = pipes[name] = StreamPipeline(model, config, backend="openvino", engine_options=EngineOptions(
-            engine_dir=args.engine_dir, quantize=quantize))
+    modes = {name: quantize for name, quantize in QUANTIZE.items() if quantize == "none" or quantize in args.modes}
+    calibration = Calibration(samples=args.calibration_samples)
+    build_s: dict[str, float] = {}
+    for name, quantize in modes.items():
+        start = time.perf_counter()
+        pipe = StreamPipeline(model, config, backend="openvino", engine_options=EngineOptions(
+            engine_dir=args.engine_dir, quantize=quantize, calibration=calibration))
+        build_s[name] = time.perf_counter() - start
+        print(f"{name}: engines ready in {build_s[name]:.1f} s (built, or loaded from the cache)", flush=True)
+        if args.build_only:
+            del pipe
+            gc.collect()
+            continue
+        pipes[name] = pipe
         pipe.prepare(prompt="a watercolor portrait", seed=2)
         outputs[name] = [pipe.step(frame).images for frame in frames]  # same frames, same seed: comparable
         counter = {"frames": 0}
@@ -115,14 +136,26 @@ def main() -> int:
             counter["frames"] += 1
 
         cases.append(Case(name, step))
+    if args.build_only:
+        return 0
     results = run_interleaved(cases, rounds=args.rounds, calls=args.calls, warmup=args.warmup)
-    float_frames, int8_frames = (outputs[name][config.denoising_steps:] for name in QUANTIZE)
-    values = [psnr(a, b) for a, b in zip(float_frames, int8_frames)]
-    metrics = {"openvino-int8-weights": {"psnr_db_min": min(values), "psnr_db_median": statistics.median(values)}}
+    float_frames = outputs["openvino-float"][config.denoising_steps:]
+    metrics = {}
+    for name in modes:
+        values = [psnr(a, b) for a, b in zip(float_frames, outputs[name][config.denoising_steps:])]
+        if name != "openvino-float":
+            metrics[name] = {"psnr_db_min": min(values), "psnr_db_median": statistics.median(values)}
+        metrics.setdefault(name, {})["ready_s"] = build_s[name]
+    rounds = {r.name: r.seconds for r in results}
+    for name in modes:  # speed-up in each round (float time / this time), the spread the medians hide
+        ratios = [f / q for f, q in zip(rounds["openvino-float"], rounds[name])]
+        metrics[name].update(speedup_median=statistics.median(ratios), speedup_min=min(ratios),
+                             speedup_max=max(ratios))
     comparison = Comparison(f"{args.model}-{args.size}px-int8", results, "openvino-float", metrics,
-                            note="PSNR: int8-weights frames against the float engine's, same inputs and seed")
-    print(format_table([comparison], title=f"OpenVINO float vs int8-weights U-Net, {args.model}, {args.dtype}, "
-                                            f"{args.size}², {args.threads} thread(s)"))
+                            note=f"PSNR: each int8 engine's frames against the float engine's, same inputs and seed; "
+                                 f"int8 calibrated on {args.calibration_samples} U-Net calls")
+    print(format_table([comparison], title=f"OpenVINO float vs {' / '.join(args.modes)} U-Net, {args.model}, "
+                                            f"{args.dtype}, {args.size}², {args.threads} thread(s)"))
     profiles = {}
     if args.profile:
         for name, pipe in pipes.items():

@@ -263,10 +263,13 @@ def openvino_step(
     one compiled copy of the weights per batch size. The U-Net takes :func:`unet_extra_inputs` (ControlNet
     residuals with ``options.controlnet_residuals``), and its key names every one of them.
     """
-    from .openvino_backend import (Float32Graph, OvUNetGraph, build_blob, nncf_version, openvino_version,
-                                   precision_hint, unet_time_projection_input)
-    from .openvino_inputs import example_inputs
+    from .openvino_backend import (Float32Graph, OvUNetGraph, build_blob, openvino_version, precision_hint,
+                                   unet_time_projection_input)
+    from .openvino_inputs import example_inputs, graph_inputs
+    from .openvino_quantize import calibration_set, quantize_label
 
+    # planned without a stream (an EngineShapes), calibration timesteps not given: StreamConfig's default ones
+    calibration = options.calibration.for_stream(shapes if isinstance(shapes, StreamConfig) else StreamConfig())
     exact = exact_ranges(component, shapes, options)
     static = len(exact) == 1
     shapes = exact[0] if static else shape_range(component, shapes, options, spatial_multiple(model, component))
@@ -276,7 +279,7 @@ def openvino_step(
     if component is Component.UNET:
         extra["time_embedding"] = "float32"
     if quantize is not Quantization.NONE:
-        extra["quantize"] = f"{quantize.value}+nncf-{nncf_version()}"
+        extra["quantize"] = quantize_label(quantize, calibration)
     key = engine_key(
         model, component, shapes, backend="openvino", backend_version=openvino_version(), dtype=model.dtype,
         opset=None, device=torch.device("cpu"), extra=key_extra(model, component, options, extra),
@@ -289,8 +292,15 @@ def openvino_step(
         if component is not Component.UNET:
             return build_blob(component, Float32Graph(component_module(model, component)), example, model.dtype,
                               folder, static=static)
+        calibrated = None
+        if quantize is Quantization.INT8:  # U-Net inputs as the engine feeds them, at its tuned size (batch:
+            # the static one, else the smallest, which keeps calibrating a multi-stream engine affordable)
+            tuned = example if static else example_inputs(component, spec, replace(shapes, opt_batch=shapes.batch[0]),
+                                                          model.unet)
+            calibrated = [graph_inputs(model.unet, inputs)
+                          for inputs in calibration_set(model, tuned, names, calibration)]
         return build_blob(component, OvUNetGraph(model.unet, names), example, model.dtype, folder, static=static,
-                          quantize=quantize, guard=unet_time_projection_input(model.unet))
+                          quantize=quantize, guard=unet_time_projection_input(model.unet), calibration=calibrated)
 
     weights = f", {quantize.value}" if quantize is not Quantization.NONE else ""
     inputs = " with ControlNet inputs" if options.controlnet_residuals and component is Component.UNET else ""

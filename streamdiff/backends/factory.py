@@ -174,7 +174,7 @@ def resolve_backend(kind: BackendKind | str, model: LoadedModel, options: Engine
         raise ConfigError(
             f"quantize={options.quantize.value!r} needs backend 'openvino' (the only backend with a quantised "
             f"U-Net); the backend is {kind.value!r}. Use backend='openvino' or quantize='none'",
-            field="quantize", value=options.quantize.value, allowed="none (every backend); int8-weights (openvino)",
+            field="quantize", value=options.quantize.value, allowed="none (every backend); int8-weights, int8 (openvino)",
         )
     if kind is BackendKind.ONNXRUNTIME and not _has_module("onnxruntime"):
         raise missing_extra("onnxruntime", "onnx")

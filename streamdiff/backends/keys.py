@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..config import Quantization, StreamConfig, check_bool, check_int, to_enum
+from ..config import Calibration, Quantization, StreamConfig, check_bool, check_int, to_enum
 from ..errors import ConfigError
 from ..core.guidance import call_rows
 
@@ -61,7 +61,9 @@ class EngineOptions:
     AOTInductor-compiled U-Net (cached); ``channels_last`` applies to the eager torch backend (CUDA graphs, for torch
     and TensorRT alike, are ``EngineConfig.cuda_graphs``). ``onnx_providers``: ONNX Runtime's execution providers on
     a GPU, in order of preference (``("CUDAExecutionProvider",)``); empty means TensorRT's, then CUDA's.
-    ``quantize``: ``"int8-weights"`` compresses the OpenVINO U-Net's weights to int8 (:class:`Quantization`).
+    ``quantize``: ``"int8-weights"`` compresses the OpenVINO U-Net's weights to int8, ``"int8"`` quantises its
+    weights and activations to int8 (:class:`Quantization`), calibrated on ``calibration`` (:class:`Calibration`;
+    only ``int8`` reads it, and only then is it part of the U-Net's cache key).
     ``controlnet_residuals``: the compiled U-Net engines take ControlNet residual inputs (zeros in calls without
     control; see :mod:`streamdiff.backends.unet_inputs`); building for ControlNets sets it
     (``backends.factory.with_controlnets``).
@@ -79,9 +81,13 @@ class EngineOptions:
     onnx_providers: tuple[str, ...] = ()
     quantize: Quantization | str = Quantization.NONE
     controlnet_residuals: bool = False
+    calibration: Calibration = Calibration()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "quantize", to_enum(Quantization, self.quantize, "quantize"))
+        if not isinstance(self.calibration, Calibration):
+            raise ConfigError(f"calibration={self.calibration!r} must be a Calibration", field="calibration",
+                              value=self.calibration, allowed="a streamdiff.Calibration")
         object.__setattr__(self, "onnx_providers", tuple(self.onnx_providers))
         for name in ("compile", "channels_last", "verify", "controlnet_residuals"):
             check_bool(name, getattr(self, name))

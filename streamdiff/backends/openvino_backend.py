@@ -23,7 +23,7 @@ import warnings
 from collections import OrderedDict
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -32,6 +32,7 @@ from ..config import Quantization
 from ..errors import ConfigError, EngineBuildError, StreamDiffError, import_extra
 from .base import unet_kwargs
 from .keys import Component
+from .openvino_quantize import import_nncf, quantize_model
 from .unet_inputs import ExtraFeeds, ExtraInput
 
 logger = logging.getLogger(__name__)
@@ -46,54 +47,6 @@ def import_openvino() -> ModuleType:
 
 def openvino_version() -> str:
     return str(import_openvino().__version__)
-
-
-def import_nncf() -> ModuleType:
-    return import_extra("nncf", "int8")
-
-
-def nncf_version() -> str:
-    """NNCF's version (part of a quantised engine's cache key); a missing NNCF is a clear error naming the extra."""
-    return str(import_nncf().__version__)
-
-
-def quantize_weights(model: Any, quantize: Quantization) -> Any:
-    """``model`` (an ``ov.Model``, changed in place) with its MatMul/Conv weights compressed by NNCF.
-
-    ``INT8_WEIGHTS``: int8 asymmetric, per output channel (``nncf.CompressWeightsMode.INT8_ASYM``); the CPU plugin
-    decompresses them inside its kernels, activations keep the compiled precision. No calibration data.
-    """
-    if quantize is Quantization.NONE:
-        return model
-    nncf = import_nncf()
-    with _quiet_nncf():
-        return nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
-
-
-@contextlib.contextmanager
-def _quiet_nncf() -> Iterator[None]:
-    """NNCF prints a statistics table and a progress bar at INFO; keep them to our own log's level."""
-    nncf_logger = logging.getLogger("nncf")
-    level = nncf_logger.level
-    nncf_logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        nncf_logger.setLevel(level)
-
-
-def weight_precisions(compiled: Any) -> dict[str, int]:
-    """How many constants of each element type (``f32``, ``u8``…) a compiled model runs with (its runtime graph).
-
-    An int8-weights U-Net shows ``u8`` constants (its compressed weights), a float one none.
-    """
-    counts: dict[str, int] = {}
-    for op in compiled.get_runtime_model().get_ops():
-        info = op.get_rt_info()
-        if info["layerType"].astype(str) == "Const":
-            precision = info["outputPrecisions"].astype(str)
-            counts[precision] = counts.get(precision, 0) + 1
-    return counts
 
 
 def precision_hint(dtype: torch.dtype) -> str:
@@ -194,13 +147,15 @@ def build_blob(
     static: bool = False,
     quantize: Quantization = Quantization.NONE,
     guard: contextlib.AbstractContextManager[Any] | None = None,
+    calibration: Sequence[tuple[torch.Tensor, ...]] | None = None,
 ) -> str:
     """Convert ``graph`` (the engine-contract wrapper, float32 I/O), compile it for the CPU, export it to ``folder``.
 
     ``example`` are float32 example inputs (a U-Net's or ControlNet's second input is the time projection).
     ``static``: compiled for exactly their shapes; otherwise dynamic batch (and spatial axes of 4-D inputs).
-    ``quantize``: compress the converted model's weights first (:func:`quantize_weights`). ``guard``: held while
-    converting (:func:`unet_time_projection_input`). Returns the artifact's file name.
+    ``quantize``: quantise the converted model first (:func:`~.openvino_quantize.quantize_model`; ``calibration``:
+    the graph inputs ``INT8`` calibrates on). ``guard``: held while converting (:func:`unet_time_projection_input`).
+    Returns the artifact's file name.
     """
     if quantize is not Quantization.NONE:
         import_nncf()  # a missing NNCF fails before the conversion, with the extra to install
@@ -215,7 +170,7 @@ def build_blob(
                 warnings.catch_warnings():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             converted = ov.convert_model(graph.eval(), example_input=example, input=shapes)
-        converted = quantize_weights(converted, quantize)
+        converted = quantize_model(converted, quantize, calibration)
         compiled = ov.Core().compile_model(converted, "CPU", compile_config(dtype))
         blob = compiled.export_model()
     except Exception as error:  # noqa: BLE001 - reported as a build failure with its cause

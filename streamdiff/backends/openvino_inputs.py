@@ -17,9 +17,15 @@ def example_inputs(component: Component, spec: Any, shapes: ShapeRange, unet: to
     inputs = tuple(t.float() for t in spec.make_inputs(shapes.opt_batch, shapes.opt_height, shapes.opt_width))
     if component is Component.UNET:
         assert unet is not None
-        sample, timestep, hidden, *extras = inputs
-        return (sample, unet_time_projection(unet, timestep), hidden, *extras)
+        return graph_inputs(unet, inputs)
     return inputs
+
+
+def graph_inputs(unet: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """The U-Net's inputs (sample, timestep ``[B]``, hidden states, extras) as its OpenVINO graph takes them: the
+    timestep replaced by its float32 time projection ``[B, P]``."""
+    sample, timestep, hidden, *extras = inputs
+    return (sample, unet_time_projection(unet, timestep), hidden, *extras)
 
 
 @torch.inference_mode()

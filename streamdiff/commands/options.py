@@ -14,7 +14,7 @@ import argparse
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence, TypeVar
 
-from ..config import CfgMode, parse_int_list, parse_size
+from ..config import CALIBRATION_SAMPLES, Calibration, CfgMode, parse_int_list, parse_size
 from ..errors import ConfigError
 from ..options import (
     BACKENDS, DTYPES, MODEL_DEFAULTS, PROMPT_DEFAULTS, QUANTIZATIONS, STREAM_DEFAULTS, output_size_value, parse_lora,
@@ -90,8 +90,8 @@ def add_engine_dir_option(parser: Any) -> None:
 
 
 def add_engine_options(parser: argparse.ArgumentParser) -> Any:
-    """``--engine-dir --compile --channels-last --min/max-resolution --batch-sizes --verify --quantize``
-    (→ EngineOptions)."""
+    """``--engine-dir --compile --channels-last --min/max-resolution --batch-sizes --verify --quantize
+    --calibration-samples --calibration-seed`` (→ EngineOptions)."""
     group = parser.add_argument_group("engines")
     add = group.add_argument
     add_engine_dir_option(group)
@@ -106,8 +106,14 @@ def add_engine_options(parser: argparse.ArgumentParser) -> Any:
     add("--verify", action=argparse.BooleanOptionalAction,
         help="check exported ONNX graphs against PyTorch (default on)")
     add("--quantize", choices=QUANTIZATIONS,
-        help="openvino backend: int8-weights compresses the U-Net's weights to int8 with NNCF (needs "
-             "pip install 'streamdiff[int8]'; default none)")
+        help="openvino backend: int8-weights compresses the U-Net's weights to int8 with NNCF, int8 quantises its "
+             "weights and activations, calibrated on the stream's own inputs (needs pip install "
+             "'streamdiff[int8]'; default none)")
+    add("--calibration-samples", type=int, metavar="N",
+        help=f"--quantize int8: U-Net calls NNCF calibrates on, {CALIBRATION_SAMPLES[0]}–{CALIBRATION_SAMPLES[1]} "
+             f"(default {Calibration.samples})")
+    add("--calibration-seed", type=int, metavar="SEED",
+        help=f"--quantize int8: seed of the calibration noise (default {Calibration.seed}); part of the cache key")
     return group
 
 

@@ -12,6 +12,8 @@ bilinear up) — by streams (to their current size) and by sinks (to the size th
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -98,3 +100,26 @@ def fit_frame(frame: np.ndarray, width: int, height: int) -> np.ndarray:
     out = F.interpolate(tensor, size=(height, width), mode=mode, **kwargs)
     return out[0].permute(1, 2, 0).round_().clamp_(0, 255).to(torch.uint8).numpy()
 
+
+def pattern_frame(index: int, width: int, height: int) -> np.ndarray:
+    """Frame ``index`` of the moving test pattern: uint8 RGB ``[height, width, 3]``, a pure function of its inputs.
+
+    A diagonal colour gradient scrolling one pixel per frame, a bright disc moving on a Lissajous path and a bar
+    that fills with the frame number modulo 64, so that motion, colour and order are all visible.
+    """
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    t = float(index)
+    r = (xx + t) * (255.0 / max(width, 1))
+    g = (yy + 0.5 * t) * (255.0 / max(height, 1))
+    b = 128.0 + 127.0 * np.sin((xx + yy) / max(width + height, 1) * 4 * math.pi + t / 10.0)
+    frame = np.stack([r % 256.0, g % 256.0, b], axis=-1)
+    cx = width * (0.5 + 0.35 * math.sin(t / 17.0))
+    cy = height * (0.5 + 0.35 * math.sin(t / 11.0 + 1.0))
+    radius = max(2.0, min(width, height) / 8.0)
+    disc = (xx - cx) ** 2 + (yy - cy) ** 2 <= radius * radius
+    frame[disc] = (255.0, 240.0, 40.0)
+    bar_h = max(1, height // 32)
+    filled = int(width * ((index % 64) + 1) / 64)
+    frame[:bar_h, :filled] = 255.0
+    frame[:bar_h, filled:] = 0.0
+    return np.clip(frame, 0, 255).astype(np.uint8)

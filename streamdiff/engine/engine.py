@@ -39,7 +39,7 @@ from ..backends.cuda_graphs import CudaGraphs, tune_torch_cuda
 from ..backends.cuda_ops import DEFAULT_CUDA
 from ..backends.keys import EngineOptions, EngineShapes, tuned_size
 from ..backends.torch_backend import TorchControlNet
-from ..config import BackendKind, ControlNetSpec, PromptConfig, StreamConfig, check_int
+from ..config import BackendKind, ControlNetSpec, PromptConfig, Quantization, StreamConfig, check_int
 from ..core.schedule import slot_coefficients
 from ..errors import ConfigError, FrameError, StreamClosed, StreamDiffError
 from ..models import LoadedModel, LoraSpec, load_model
@@ -479,6 +479,9 @@ class StreamEngine:
         if given_unet is not None and given_vae is not None:
             return
         self.size_rule.check(config.width, config.height)
+        if self.options.quantize is Quantization.INT8 and self.options.calibration.t_index_list is None:
+            # int8 calibrates at the first stream's timesteps; later streams reuse that engine (no rebuild)
+            self.options = replace(self.options, calibration=self.options.calibration.for_stream(config))
         options = self.options
         if self.config.max_streams == 1:
             shapes = EngineShapes.for_config(config, options)
