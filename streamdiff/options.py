@@ -259,16 +259,7 @@ class ModelOptions:
 
         config = EngineConfig(max_streams=max_streams, max_batch_rows=max_batch_rows, sizes=sizes,
                               max_shapes=max_shapes)
-        from .backends.factory import choose_auto, controlnet_problem
-
-        model, backend = self.load(), self.backend
-        if self.controlnets and backend is BackendKind.AUTO:
-            picked, _ = choose_auto(model, self.engine)
-            if controlnet_problem(picked, self.engine) is not None:
-                logger.warning("backend auto: picked torch because ControlNet needs a U-Net that takes residual "
-                               "inputs, which %s does not", picked.value)
-                backend = BackendKind.TORCH
-        return StreamEngine(model, config, backend=backend, engine_options=self.engine,
+        return StreamEngine(self.load(), config, backend=self.backend, engine_options=self.engine,
                             controlnets=dict(self.controlnets))
 
 

@@ -42,45 +42,6 @@ def extras_problem(kind: BackendKind, model: LoadedModel, options: EngineOptions
     return None
 
 
-# Which backends take ControlNet residuals / IP-Adapter inputs (tokens and a per-row scale) in their U-Net engine,
-# by name: a backend's value, with "torch-compiled" for torch with compile=True (AOTInductor). A backend not named
-# here is refused when a stream asks for ControlNet (open_stream) or when an engine is built for a model with an
-# IP-Adapter, never mid-stream. The torch backend with CUDA graphs refuses both (the engine checks).
-CONTROLNET_BACKENDS = frozenset({"torch", "torch-compiled", "openvino", "onnxruntime", "tensorrt"})
-IP_ADAPTER_BACKENDS = frozenset({"torch", "torch-compiled", "openvino", "onnxruntime", "tensorrt"})
-
-
-def backend_label(kind: BackendKind, options: EngineOptions) -> str:
-    """The name of backend ``kind`` with ``options`` in :data:`CONTROLNET_BACKENDS` and :data:`IP_ADAPTER_BACKENDS`."""
-    return "torch-compiled" if kind is BackendKind.TORCH and options.compile else kind.value
-
-
-def _label_text(label: str) -> str:
-    return "compile=True (AOTInductor)" if label == "torch-compiled" else f"backend {label!r}"
-
-
-def _allowed(labels: frozenset[str]) -> str:
-    return ", ".join(("torch (eager)" if label == "torch" else label) for label in sorted(labels))
-
-
-def controlnet_problem(kind: BackendKind, options: EngineOptions) -> str | None:
-    """Why backend ``kind`` (with ``options``) cannot run ControlNets, or None if it can."""
-    label = backend_label(kind, options)
-    if label in CONTROLNET_BACKENDS:
-        return None
-    return (f"ControlNet needs a U-Net that takes residual inputs; {_label_text(label)} does not. Backends that "
-            f"do: {_allowed(CONTROLNET_BACKENDS)}")
-
-
-def ip_adapter_problem(kind: BackendKind, options: EngineOptions) -> str | None:
-    """Why backend ``kind`` (with ``options``) cannot run an IP-Adapter's per-row image prompts, or None if it can."""
-    label = backend_label(kind, options)
-    if label in IP_ADAPTER_BACKENDS:
-        return None
-    return (f"an IP-Adapter (image prompt) needs a U-Net that takes per-row image tokens and scales; "
-            f"{_label_text(label)} does not. Backends that do: {_allowed(IP_ADAPTER_BACKENDS)}")
-
-
 def _has_module(name: str) -> bool:
     import importlib.util
 
@@ -118,11 +79,7 @@ def choose_auto(model: LoadedModel, options: EngineOptions) -> tuple[BackendKind
     and the tiny model several times faster; then torch (AOTInductor with ``compile=True``) for bfloat16, ONNX
     Runtime for float32.
     """
-    kind, reason = _fastest(model, options)
-    if getattr(model, "ip_adapter", None) is not None and kind is not BackendKind.TORCH \
-            and ip_adapter_problem(kind, options) is not None:
-        return BackendKind.TORCH, f"the model has an IP-Adapter, which {kind.value} does not take (eager torch does)"
-    return kind, reason
+    return _fastest(model, options)
 
 
 def _fastest(model: LoadedModel, options: EngineOptions) -> tuple[BackendKind, str]:
@@ -166,10 +123,6 @@ def resolve_backend(kind: BackendKind | str, model: LoadedModel, options: Engine
     if kind is BackendKind.AUTO:
         kind, reason = choose_auto(model, options)
         logger.info("backend auto: picked %s because %s", kind.value, reason)
-    problem = ip_adapter_problem(kind, options) if getattr(model, "ip_adapter", None) is not None else None
-    if problem is not None:
-        raise ConfigError(f"model {model.model_id!r}: {problem}", field="backend",
-                          value=backend_label(kind, options), allowed=_allowed(IP_ADAPTER_BACKENDS))
     if options.quantize is not Quantization.NONE and kind is not BackendKind.OPENVINO:
         raise ConfigError(
             f"quantize={options.quantize.value!r} needs backend 'openvino' (the only backend with a quantised "
@@ -257,13 +210,13 @@ def create_backend(
     frame sizes whose per-shape state an OpenVINO or ONNX Runtime engine keeps (None: their default).
     ``cuda_graphs``: TensorRT engines replay a CUDA graph per shape slot (the engine passes
     ``EngineConfig.cuda_graphs`` here; the torch backend's graphs are the engine's own). ``controlnets``: the
-    ControlNets by name, for a backend that takes them (:data:`CONTROLNET_BACKENDS`; others ignore them): the
-    eager backend wraps them, OpenVINO compiles them and builds its U-Net with residual inputs.
+    ControlNets by name (every backend takes them): the eager backend wraps them, OpenVINO compiles them, and each
+    compiled U-Net is built with residual inputs.
     """
     options = options or EngineOptions()
     shapes = engine_shapes(shapes, options)
     kind = resolve_backend(kind, model, options)
-    controlnets = dict(controlnets or {}) if controlnet_problem(kind, options) is None else {}
+    controlnets = dict(controlnets or {})
     options = with_controlnets(options, controlnets)
     steps = plan_builds(kind, model, shapes, options, EngineCache(options.directory), controlnets)
     entries = {step.key.name: step.run() for step in steps}

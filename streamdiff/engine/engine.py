@@ -243,16 +243,10 @@ class StreamEngine:
                                   f"{allowed}", field="preprocessor", value=spec.preprocessor, allowed=allowed)
         if not specs:
             return
-        from ..backends.factory import CONTROLNET_BACKENDS, backend_label, controlnet_problem
-
-        problem = controlnet_problem(self.backend, self.options)
-        if problem is None and self.graphs is not None:
-            problem = "ControlNet needs a U-Net that takes residual inputs; the torch backend with CUDA graphs does not"
-        if problem is not None:
-            raise ConfigError(f"{problem} (this engine runs {backend_label(self.backend, self.options)}"
-                              f"{' with CUDA graphs' if self.graphs is not None else ''})", field="controlnets",
-                              value=[s.name for s in specs],
-                              allowed=f"[] on this engine; ControlNet on {', '.join(sorted(CONTROLNET_BACKENDS))}")
+        if self.graphs is not None:  # every backend takes residual inputs; the torch backend's CUDA graphs do not
+            raise ConfigError("ControlNet needs a U-Net that takes residual inputs; the torch backend with CUDA graphs "
+                              "does not", field="controlnets", value=[s.name for s in specs],
+                              allowed="[] on this engine; ControlNet on an engine with cuda_graphs=False")
 
     # -- synchronous use --------------------------------------------------------------------------------------------
 
@@ -473,7 +467,7 @@ class StreamEngine:
         """
         from dataclasses import replace
 
-        from ..backends.factory import controlnet_problem, create_backend, engine_steps
+        from ..backends.factory import create_backend, engine_steps
 
         given_unet, given_vae = self._given
         if given_unet is not None and given_vae is not None:
@@ -492,7 +486,7 @@ class StreamEngine:
                                  set(rule.sizes or ()) | {(config.width, config.height)}))
             shapes = EngineShapes.for_engine(self.config.max_batch_rows, self.config.max_streams, sizes,
                                              opt_size=tuned_size(rule.sizes) if rule.sizes else None)
-        controlnets = self.controlnets if controlnet_problem(self.backend, options) is None else {}
+        controlnets = self.controlnets
         artifacts = frozenset(step.key.name for step in engine_steps(self.backend, self.model, shapes, options,
                                                                      controlnets)[1])
         if self.unet is not None and self.vae is not None and artifacts == self._backend_artifacts:

@@ -199,21 +199,3 @@ def test_auto_on_a_gpu_without_tensorrt_picks_torch_quietly(
     with caplog.at_level(logging.WARNING, logger="streamdiff.backends.factory"):
         kind, reason = factory.choose_auto(gpu_model, EngineOptions())
     assert kind is BackendKind.TORCH and "pip install 'streamdiff[tensorrt]'" in reason and caplog.text == ""
-
-
-def test_which_backends_take_controlnet_and_ip_adapter_is_asked_per_backend() -> None:
-    """Eager torch and OpenVINO take both; every other backend is refused with its name and the list that does."""
-    from streamdiff.backends.factory import (CONTROLNET_BACKENDS, IP_ADAPTER_BACKENDS, backend_label,
-                                             controlnet_problem, ip_adapter_problem)
-
-    assert {"torch", "openvino"} <= CONTROLNET_BACKENDS and {"torch", "openvino"} <= IP_ADAPTER_BACKENDS
-    for kind in (BackendKind.TORCH, BackendKind.OPENVINO, BackendKind.ONNXRUNTIME, BackendKind.TENSORRT):
-        for options in (EngineOptions(), EngineOptions(compile=True)):
-            label = backend_label(kind, options)
-            assert label == ("torch-compiled" if kind is BackendKind.TORCH and options.compile else kind.value)
-            for problem, allowed in ((controlnet_problem(kind, options), CONTROLNET_BACKENDS),
-                                     (ip_adapter_problem(kind, options), IP_ADAPTER_BACKENDS)):
-                assert (problem is None) == (label in allowed)
-                if problem is not None:
-                    assert "Backends that do: " in problem and "openvino" in problem and "torch (eager)" in problem
-                    assert ("compile=True" if label == "torch-compiled" else f"backend {label!r}") in problem

@@ -150,31 +150,17 @@ def test_live_scale_and_image_changes_keep_the_stream_batch(ip_model) -> None:
     assert stream.state.buffers.filled == 5
 
 
-def test_reference_images_need_an_ip_adapter_and_backends_that_take_none_refuse_one(
-    folders, ip_model, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_reference_images_need_an_ip_adapter_and_every_backend_takes_one(folders, ip_model) -> None:
     plain = load_model(str(folders[0]), device="cpu")
     engine = StreamEngine(plain, EngineConfig(max_streams=1))
     config = StreamConfig(width=SIZE, height=SIZE)
     with pytest.raises(ConfigError, match="IP-Adapter") as info:
         engine.open_stream(config, "x", reference_image=_images(1, 1)[0])
     assert info.value.field == "reference_image"
-    # Backends not in backends.factory.IP_ADAPTER_BACKENDS are refused when the engine is built, before any
-    # availability check or build; auto then picks eager torch.
-    from streamdiff.backends import factory
+    # Every backend takes the IP-Adapter's inputs (their outputs: tests/engine/test_engine_extras_backends.py,
+    # tests/backends/test_backends_openvino_controlnet.py).
     from streamdiff.backends.keys import EngineOptions
 
-    monkeypatch.setattr(factory, "IP_ADAPTER_BACKENDS", frozenset({"torch"}))
-    for backend in ("onnxruntime", "openvino", "tensorrt"):
-        with pytest.raises(ConfigError, match=f"per-row image tokens and scales; backend '{backend}' does not. "
-                                              r"Backends that do: torch \(eager\)") as info:
-            StreamEngine(ip_model, backend=backend)
-        assert info.value.field == "backend" and info.value.value == backend
-    with pytest.raises(ConfigError, match=r"compile=True \(AOTInductor\) does not"):
-        StreamEngine(ip_model, backend="torch", engine_options=EngineOptions(compile=True))
-    assert StreamEngine(ip_model, backend="auto").backend.value == "torch"
-    monkeypatch.undo()  # the real sets: every backend takes its inputs (tests/engine/test_engine_extras_backends.py,
-    # tests/backends/test_backends_openvino_controlnet.py)
     for backend in ("onnxruntime", "openvino"):
         assert StreamEngine(ip_model, backend=backend).backend.value == backend
     assert StreamEngine(ip_model, backend="torch", engine_options=EngineOptions(compile=True)).backend.value == "torch"
