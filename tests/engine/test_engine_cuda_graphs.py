@@ -234,3 +234,22 @@ def test_graphed_float16_equals_eager_float16_on_a_gpu(frames) -> None:
             mse = float(((g[name][1] - e[name][1]) ** 2).mean())
             assert mse == 0 or 10 * torch.log10(torch.tensor(1 / mse)) >= 40, (name, mse)
     assert all(call.captures and call.replays > call.captures for call in graphed.graphs.calls())
+
+
+def test_controlnet_is_refused_when_a_stream_asks_an_engine_with_graphs(tiny_model) -> None:
+    """The one backend without residual inputs: the torch backend's CUDA graphs. A stream asking for ControlNet is
+    refused when it opens (never mid-stream); a plain stream on the same engine runs; without graphs it opens."""
+    from streamdiff import ControlNetSpec
+    from streamdiff.models.controlnet import build_tiny_controlnet
+
+    config = StreamConfig(width=64, height=64, cfg_type="none")
+    controlnets = {"a": build_tiny_controlnet(seed=1)}
+    graphed = StreamEngine(tiny_model, EngineConfig(max_streams=2, cuda_graphs=True), unet=TorchUNet(tiny_model.unet),
+                           cuda=GraphCuda(), controlnets=controlnets)
+    assert graphed.graphs is not None
+    with pytest.raises(ConfigError, match="the torch backend with CUDA graphs does not") as info:
+        graphed.open_stream(config, controlnets=[ControlNetSpec("a", preprocessor="passthrough")])
+    assert info.value.field == "controlnets" and info.value.value == ["a"]
+    assert graphed.open_stream(config) is not None
+    eager = StreamEngine(tiny_model, EngineConfig(max_streams=2), controlnets=controlnets)
+    assert eager.open_stream(config, controlnets=[ControlNetSpec("a", preprocessor="passthrough")]) is not None
