@@ -117,7 +117,7 @@ class ServerApp:
         else:
             answer = HttpReply(405, f"{method} is not allowed here\n".encode(),
                                headers=(("Allow", "GET, HEAD, POST, PATCH, DELETE, OPTIONS"),))
-        await _send_reply(send, answer, self.headers, body=method != "HEAD")
+        await _send_reply(send, answer, self.headers)  # a HEAD's body too: the server drops it, keeps its length
 
     async def _signaling(self, scope: Scope, method: str, path: str, headers: Headers, receive: Receive) -> HttpReply:
         limits = self.hub.limits
@@ -200,13 +200,15 @@ async def _one_chunk(body: bytes) -> Any:
         yield body
 
 
-async def _send_reply(send: Send, answer: HttpReply, extra: tuple[tuple[str, str], ...], body: bool = True) -> None:
+async def _send_reply(send: Send, answer: HttpReply, extra: tuple[tuple[str, str], ...]) -> None:
     await send({"type": "http.response.start", "status": answer.status, "headers": _raw_headers(answer, extra)})
-    await send({"type": "http.response.body", "body": answer.body if body else b""})
+    await send({"type": "http.response.body", "body": answer.body})
 
 
 def _raw_headers(answer: HttpReply, extra: tuple[tuple[str, str], ...]) -> list[tuple[bytes, bytes]]:
-    pairs = [("Content-Type", answer.content_type), *answer.headers, *extra]
+    """The answer's headers as ASGI wants them; ``Content-Length`` always (a HEAD's answer gives its GET's)."""
+    pairs = [("Content-Type", answer.content_type), ("Content-Length", str(len(answer.body))), *answer.headers,
+             *extra]
     return [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in pairs]
 
 

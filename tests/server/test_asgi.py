@@ -145,3 +145,12 @@ def test_a_refused_upgrade_is_a_real_http_answer_under_both_hosts(servers) -> No
 
     ours, other = servers
     assert run(status_of(ours.url)) == run(status_of(other.url)) == 400
+
+
+def test_a_head_request_gets_the_get_answers_length_and_no_body_under_both_hosts(servers) -> None:
+    for server in servers:
+        request = urllib.request.Request(server.http_url + "/", method="HEAD")
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            assert reply.status == 200 and reply.read() == b""
+            length = int(reply.headers["Content-Length"])
+        assert length == len(get(server, "/")[1]) > 1000  # the stream page
