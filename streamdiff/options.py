@@ -23,7 +23,6 @@ Next: :func:`model_options` and :func:`stream_config` of the resolved options.
 
 from __future__ import annotations
 
-import logging
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping
@@ -88,7 +87,6 @@ CONTROLNET_DEFAULTS: dict[str, Any] = {"controlnet": ()}
 # lists, the environment does not.
 TOKEN_ENV = "STREAMDIFF_TOKEN"
 
-logger = logging.getLogger(__name__)
 
 _NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?|[+-]?(?:nan|inf|infinity)", re.IGNORECASE)
 _DRIVE = re.compile(r"[A-Za-z]:[\\/]")

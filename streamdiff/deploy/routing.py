@@ -34,13 +34,12 @@ import random
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
-from ..protocol.wire import SESSION_HEADER, VIEW_SOCKET_PREFIX
+from ..protocol.wire import SESSION_HEADER, VIEW_SOCKET_PREFIX, WHEP_PREFIX, WHIP_PATH
 
 __all__ = ["ReplicaLoad", "RequestKind", "StreamRequest", "classify", "rank_replicas", "replica_of_resource",
            "replica_of_stream", "resource_prefix", "stream_id_prefix", "view_key"]
 
 REPLICA_HEADER = "x-streamdiff-replica"
-WHIP_PATH, WHEP_PREFIX = "/whip", "/whep/"
 
 
 class RequestKind(enum.Enum):

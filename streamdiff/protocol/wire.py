@@ -49,6 +49,8 @@ __all__ = [
     "SUBPROTOCOL",
     "VIEW_PAGE_PATH",
     "VIEW_SOCKET_PREFIX",
+    "WHEP_PREFIX",
+    "WHIP_PATH",
     "CloseCode",
     "ErrorCode",
     "InputHeader",
@@ -72,6 +74,10 @@ PROTOCOL_VERSION = 1
 STREAM_PATH = "/ws"
 VIEW_SOCKET_PREFIX = "/ws/view/"
 VIEW_PAGE_PATH = "/view.html"
+#: WebRTC signaling (docs/webrtc.md): WHIP ingest (``POST /whip``, its resources below it) and WHEP playback
+#: (``POST /whep/<view token>``).
+WHIP_PATH = "/whip"
+WHEP_PREFIX = "/whep/"
 MAX_ERROR_MESSAGE_CHARS = 300
 #: WebSocket subprotocol offered by clients (``Sec-WebSocket-Protocol``); optional, the server accepts it if given.
 SUBPROTOCOL = "streamdiff.v1"

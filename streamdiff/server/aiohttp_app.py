@@ -171,7 +171,7 @@ class AsgiHost:
         await self.app(scope, receive, send)
         if "status" not in answer:
             return _closing(web.Response(status=500, text="no answer\n"))
-        return _closing(web.Response(status=answer["status"], body=b"".join(body), headers=_headers(answer)))
+        return _response(answer, body)
 
 
 class _WebSocketCall:
@@ -196,8 +196,7 @@ class _WebSocketCall:
                 await self.ws.close()
             return self.ws
         if "status" in self.refusal:
-            return _closing(web.Response(status=self.refusal["status"], body=b"".join(self.refusal_body),
-                                         headers=_headers(self.refusal)))
+            return _response(self.refusal, self.refusal_body)
         return _closing(web.Response(status=403, text="the WebSocket was refused\n"))
 
     async def receive(self) -> dict[str, Any]:
@@ -274,10 +273,12 @@ class _WebSocketCall:
             self.request.transport.abort()
 
 
-def _headers(start: dict[str, Any]) -> list[tuple[str, str]]:
-    """An ASGI response start's headers (lower-case names, as ASGI wants them) as HTTP/1.1 writes them."""
-    return [(_SPELLING.get(name, "-".join(part.capitalize() for part in name.decode("latin-1").split("-"))),
-             value.decode("latin-1")) for name, value in start.get("headers", ())]
+def _response(start: dict[str, Any], body: list[bytes]) -> web.Response:
+    """The aiohttp response of an ASGI answer: its ``*.response.start`` message and its body's parts; the names of
+    its headers (lower-case, as ASGI wants them) spelled as HTTP/1.1 writes them."""
+    headers = [(_SPELLING.get(name, "-".join(part.capitalize() for part in name.decode("latin-1").split("-"))),
+                value.decode("latin-1")) for name, value in start.get("headers", ())]
+    return _closing(web.Response(status=start["status"], body=b"".join(body), headers=headers))
 
 
 _SPELLING = {b"www-authenticate": "WWW-Authenticate"}

@@ -14,7 +14,7 @@ its ingress (:mod:`streamdiff.deploy.replica`). What happens to a request is dec
   ``Retry-After`` when admission refuses), sent as a real HTTP answer where the server offers ASGI's
   ``websocket.http.response`` extension, else as a denied handshake (403); then ``/ws`` runs a
   :class:`~.session.StreamSession` and ``/ws/view/<token>`` a :class:`~.viewing.ViewerSession`, each over
-  :class:`~.transport.AsgiTransport`.
+  :class:`AsgiTransport`.
 
 The application starts and stops nothing: its owner (:class:`~.app.StreamServer`, the replica) runs the engine and
 closes the WebRTC peers; ``lifespan`` events are answered at once.
@@ -27,17 +27,17 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, unquote
 
-from ..protocol.wire import STREAM_PATH, SUBPROTOCOL, VIEW_SOCKET_PREFIX
+from ..protocol.wire import SUBPROTOCOL, VIEW_SOCKET_PREFIX, WHEP_PREFIX, WHIP_PATH
 from .hub import Hub
 from .pacing import within
 from .routes import HttpReply, StaticFiles, route
 from .session import StreamSession
-from .transport import AsgiTransport
+from .transport import TransportClosed
 from .viewing import ViewerSession
 
-__all__ = ["Headers", "ServerApp"]
+__all__ = ["AsgiTransport", "Headers", "ServerApp"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
-SIGNALING_PREFIXES = ("/whip", "/whep/")
+SIGNALING_PREFIXES = (WHIP_PATH, WHEP_PREFIX)
 SIGNALING_METHODS = frozenset({"POST", "PATCH", "DELETE", "OPTIONS"})
 #: headers of a signaling answer that hold a path of this server (the application's ``root_path`` goes before it)
 _PATH_HEADERS = frozenset({"location", "x-streamdiff-view"})
@@ -128,7 +128,7 @@ class ServerApp:
         except _BodyTooLarge as error:
             return HttpReply(413, f"{error}\n".encode())
         query = parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
-        reply = await self.rtc.handle(method, path, headers, query, _one_chunk(body), _client_host(scope))
+        reply = await self.rtc.handle(method, path, headers, query, body, _client_host(scope))
         root = scope.get("root_path", "").rstrip("/")
         answer_headers = tuple((name, root + value if name.lower() in _PATH_HEADERS else value)
                                for name, value in reply.headers)
@@ -171,6 +171,73 @@ class ServerApp:
             await send({"type": "websocket.close", "code": 1013 if answer.status == 503 else 1008})
 
 
+class AsgiTransport:
+    """:class:`Transport` over an accepted ASGI WebSocket (:class:`~.asgi.ServerApp` makes it): ``receive()``,
+    ``send()`` and ``close()`` are ASGI's ``websocket.*`` messages.
+
+    A ``websocket.disconnect`` becomes :class:`TransportClosed` with its code and reason (1006, a connection lost
+    without a close frame: code None); ``by_server`` when the server says it closed the socket itself (a key of
+    :mod:`.aiohttp_app`'s disconnect messages, ``"streamdiff.by_server"``). :meth:`abort` drops the connection where
+    the server offers it (the ``"streamdiff.transport"`` scope extension's ``abort``); elsewhere (Ray Serve's proxy)
+    the socket is only marked closed and ends when the application returns.
+    """
+
+    def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self._receive, self._send = receive, send
+        self.origin: str | None = Headers(scope.get("headers")).get("Origin")
+        client = scope.get("client")
+        self.remote = f"{client[0]}:{client[1]}" if client else "?"
+        self._abort = ((scope.get("extensions") or {}).get("streamdiff.transport") or {}).get("abort")
+        self._closed: TransportClosed | None = None
+
+    async def receive(self) -> str | bytes:
+        if self._closed is not None:
+            raise self._closed
+        try:
+            message = await self._receive()
+        except Exception as error:  # noqa: BLE001 - a server raises once the connection is gone
+            raise self._gone(TransportClosed(None)) from error
+        if message["type"] == "websocket.receive":
+            if message.get("text") is not None:
+                return message["text"]
+            if message.get("bytes") is not None:
+                return message["bytes"]
+        if message["type"] == "websocket.disconnect":
+            code = message.get("code", 1005)
+            raise self._gone(TransportClosed(None if code == 1006 else code, message.get("reason") or "",
+                                             by_server=bool(message.get("streamdiff.by_server"))))
+        raise self._gone(TransportClosed(None))  # a message a WebSocket never carries
+
+    def _gone(self, closed: TransportClosed) -> TransportClosed:
+        self._closed = closed
+        return closed
+
+    async def send(self, data: str | bytes) -> None:
+        if self._closed is not None:
+            raise self._closed
+        message = {"type": "websocket.send", "text": data} if isinstance(data, str) else \
+            {"type": "websocket.send", "bytes": data}
+        try:
+            await self._send(message)
+        except Exception as error:  # noqa: BLE001 - servers raise several kinds once the peer is gone
+            raise self._gone(TransportClosed(None)) from error
+
+    async def close(self, code: int, reason: str) -> None:
+        if self._closed is not None:
+            return
+        self._closed = TransportClosed(code, reason, by_server=True)
+        try:
+            await self._send({"type": "websocket.close", "code": code, "reason": reason})
+        except Exception as error:  # noqa: BLE001 - never raises, as the seam promises
+            logger.debug("close(%d) failed: %s", code, error)
+
+    def abort(self) -> None:
+        if self._closed is None:
+            self._closed = TransportClosed(None, "aborted", by_server=True)
+        if self._abort is not None:
+            self._abort()
+
+
 class _BodyTooLarge(Exception):
     pass
 
@@ -193,11 +260,6 @@ async def _read_body(receive: Receive, headers: Headers, limit: int) -> bytes:
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
-
-
-async def _one_chunk(body: bytes) -> Any:
-    if body:
-        yield body
 
 
 async def _send_reply(send: Send, answer: HttpReply, extra: tuple[tuple[str, str], ...]) -> None:

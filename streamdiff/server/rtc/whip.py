@@ -1,5 +1,5 @@
 """WHIP ingest (RFC 9725) and WHEP playback: :class:`RtcFront`, one handler for every web framework
-(:meth:`RtcFront.handle`: method, path, headers, query, body chunks in; a :class:`SignalingReply` out), called by
+(:meth:`RtcFront.handle`: method, path, headers, query, body in; a :class:`SignalingReply` out), called by
 the server's one application (:class:`streamdiff.server.asgi.ServerApp`, under ``streamdiff serve`` and Ray Serve
 alike; docs/webrtc.md).
 
@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +31,7 @@ from ...errors import ProtocolError
 from ...protocol.session import ConnectionState
 from ..session import StreamSession
 from ..transport import TransportClosed
-from ...protocol.wire import PROTOCOL_VERSION, load_json
+from ...protocol.wire import PROTOCOL_VERSION, WHEP_PREFIX, WHIP_PATH, load_json
 from .config import RtcConfig
 from .jitter import use_marker_jitter_buffer
 from .media import attach_output, drain, feed_session, make_output_track
@@ -53,8 +53,6 @@ __all__ = ["RtcFront", "SignalingReply"]
 
 logger = logging.getLogger(__name__)
 
-WHIP_PATH = "/whip"
-WHEP_PREFIX = "/whep/"
 ADMIT_TIMEOUT_S = 10.0
 REQUEST_TIMEOUT_S = 10.0
 _UNAUTHORIZED = (("WWW-Authenticate", 'Bearer realm="streamdiff"'),)
@@ -81,7 +79,7 @@ class _Request:
     parts: tuple[str, ...]  # the path's segments: ("whip",), ("whip", RESOURCE, "update"), ("whep", TOKEN)…
     headers: Mapping[str, str]  # case-insensitive
     query: Sequence[tuple[str, str]]
-    chunks: AsyncIterable[bytes]
+    body: bytes
     remote: str
 
 
@@ -100,8 +98,9 @@ class _Query:
 
 class RtcFront:
     """The WebRTC front end of one server: its resources and peers (:class:`~streamdiff.server.asgi.ServerApp`
-    calls :meth:`handle`; the server's owner calls :meth:`close` when it stops). ``resource_prefix`` begins every resource id (a fleet's replica puts its
-    tag in it, so that the router sends a resource's DELETE to the replica that holds it)."""
+    calls :meth:`handle`; the server's owner calls :meth:`close` when it stops). ``resource_prefix`` begins every
+    resource id (a fleet's replica puts its tag in it, so that the router sends a resource's DELETE to the replica
+    that holds it)."""
 
     def __init__(self, hub: Hub, config: RtcConfig, resource_prefix: str = "") -> None:
         self.hub, self.config = hub, config
@@ -109,12 +108,12 @@ class RtcFront:
         self.viewers: ResourceTable[Peer] = ResourceTable(resource_prefix)
 
     async def handle(self, method: str, path: str, headers: Mapping[str, str], query: Sequence[tuple[str, str]],
-                     chunks: AsyncIterable[bytes], remote: str) -> SignalingReply:
+                     body: bytes, remote: str) -> SignalingReply:
         """Answer one request: ``path`` from ``/whip`` or ``/whep`` on (a mount prefix left out), ``headers``
-        case-insensitive, ``query`` its (name, value) pairs in order, ``chunks`` the body as it arrives (read only
-        as far as the route's limit), ``remote`` the client's address (for logs)."""
+        case-insensitive, ``query`` its (name, value) pairs in order, ``body`` the request's whole body (read by the
+        application within its own time and size limits), ``remote`` the client's address (for logs)."""
         parts = tuple(path.strip("/").split("/"))
-        request = _Request(method.upper(), parts, headers, query, chunks, remote)
+        request = _Request(method.upper(), parts, headers, query, body, remote)
         origin = headers.get("Origin")
         cors: tuple[tuple[str, str], ...] = ()
         try:
@@ -177,7 +176,7 @@ class RtcFront:
             raise SignalingError(401, "a valid bearer token is needed (Authorization: Bearer TOKEN)", _UNAUTHORIZED)
         if hub.shutting_down:
             raise SignalingError(503, "the server is shutting down", _RETRY)
-        text, summary = check_offer(await self._body(request), request.headers.get("Content-Type"), self.config,
+        text, summary = check_offer(self._body(request), request.headers.get("Content-Type"), self.config,
                                     publish=True)
         settings, view_token = query_settings(_Query(request.query))
         if hub.full:
@@ -229,7 +228,7 @@ class RtcFront:
 
     async def update(self, request: _Request) -> SignalingReply:
         peer = self._publisher(request)
-        body = await self._body(request, self.hub.limits.max_text_bytes)
+        body = self._body(request, self.hub.limits.max_text_bytes)
         try:
             message = load_json(body.decode("utf-8"))
         except (ProtocolError, UnicodeDecodeError) as error:
@@ -258,7 +257,7 @@ class RtcFront:
         session = None if hub.shutting_down else hub.find_view(view_token)
         if session is None or session.conn.state is ConnectionState.CLOSED or session.stream is None:
             raise SignalingError(404, "no stream has this view token")
-        text, summary = check_offer(await self._body(request), request.headers.get("Content-Type"), self.config,
+        text, summary = check_offer(self._body(request), request.headers.get("Content-Type"), self.config,
                                     publish=False)
         if hub.viewer_count(session) >= hub.limits.max_viewers_per_stream:
             raise SignalingError(503, f"this stream has its {hub.limits.max_viewers_per_stream} viewers; try again "
@@ -343,18 +342,12 @@ class RtcFront:
                                       "try again later", _RETRY)
         return sdp
 
-    async def _body(self, request: _Request, limit: int | None = None) -> bytes:
-        """The request's body, at most ``limit`` bytes (``max_sdp_bytes``): 413 beyond, read no further."""
+    def _body(self, request: _Request, limit: int | None = None) -> bytes:
+        """The request's body, at most ``limit`` bytes (``max_sdp_bytes``): 413 beyond."""
         limit = limit or self.config.max_sdp_bytes
-        length = request.headers.get("Content-Length")
-        if length is not None and length.isdigit() and int(length) > limit:
-            raise SignalingError(413, f"the body has {int(length)} bytes, more than the limit of {limit} bytes")
-        body = b""
-        async for chunk in request.chunks:
-            body += chunk
-            if len(body) > limit:
-                raise SignalingError(413, f"the body has more than the limit of {limit} bytes")
-        return body
+        if len(request.body) > limit:
+            raise SignalingError(413, f"the body has {len(request.body)} bytes, more than the limit of {limit} bytes")
+        return request.body
 
     async def close(self) -> None:
         """Close every peer (the server is stopping)."""

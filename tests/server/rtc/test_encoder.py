@@ -16,6 +16,7 @@ from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from rtc_helpers import LOOPBACK, PTS_STEP, prefer, wait_for
 
+from streamdiff.core.image import psnr
 from streamdiff.errors import ConfigError
 from streamdiff.server.rtc.config import RtcConfig, parse_quality
 from streamdiff.server.rtc.encoder import (
@@ -52,11 +53,6 @@ def video_frame(image: np.ndarray, index: int) -> av.VideoFrame:
     frame = av.VideoFrame.from_ndarray(image, format="rgb24")
     frame.pts = index * PTS_STEP
     return frame
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return 10 * np.log10(255 ** 2 / max(mse, 1e-9))
 
 
 def decoder(mime: str) -> Any:
