@@ -32,7 +32,7 @@ from urllib.parse import parse_qsl, unquote
 from ..protocol.wire import SUBPROTOCOL, VIEW_SOCKET_PREFIX, WHEP_PREFIX, WHIP_PATH
 from .hub import Hub
 from .pacing import within
-from .routes import HttpReply, StaticFiles, route
+from .routes import HttpReply, StaticFiles, route, wrong_host
 from .session import StreamSession
 from .transport import TransportClosed
 from .viewing import ViewerSession
@@ -103,21 +103,21 @@ class ServerApp:
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = Headers(scope.get("headers"))
+        answer = wrong_host(self.hub, headers) or await self._answer(scope, headers, receive)
+        await _send_reply(send, answer, self.headers)  # a HEAD's body too: the server drops it, keeps its length
+
+    async def _answer(self, scope: Scope, headers: Headers, receive: Receive) -> HttpReply:
         path, target = _target(scope)
         method = scope["method"].upper()
-        if not self.hub.config.hosts.allows(headers.get("Host")):
-            answer = HttpReply(421, b"this server does not answer for this host name\n")
-        elif method in ("GET", "HEAD"):
-            answer = route(target, self.static, self.hub, headers) or HttpReply(
+        if method in ("GET", "HEAD"):
+            return route(target, self.static, self.hub, headers) or HttpReply(
                 426, b"this path is a WebSocket: connect with a WebSocket client\n", headers=(("Upgrade", "websocket"),))
-        elif method in SIGNALING_METHODS and path.startswith(SIGNALING_PREFIXES) and self.rtc is not None:
-            answer = await self._signaling(scope, method, path, headers, receive)
-        elif path.startswith(SIGNALING_PREFIXES) and self.rtc is None:
-            answer = HttpReply(404, b"WebRTC (WHIP/WHEP) is off on this server\n")
-        else:
-            answer = HttpReply(405, f"{method} is not allowed here\n".encode(),
-                               headers=(("Allow", "GET, HEAD, POST, PATCH, DELETE, OPTIONS"),))
-        await _send_reply(send, answer, self.headers)  # a HEAD's body too: the server drops it, keeps its length
+        if path.startswith(SIGNALING_PREFIXES) and self.rtc is None:
+            return HttpReply(404, b"WebRTC (WHIP/WHEP) is off on this server\n")
+        if path.startswith(SIGNALING_PREFIXES) and method in SIGNALING_METHODS:
+            return await self._signaling(scope, method, path, headers, receive)
+        return HttpReply(405, f"{method} is not allowed here\n".encode(),
+                         headers=(("Allow", "GET, HEAD, POST, PATCH, DELETE, OPTIONS"),))
 
     async def _signaling(self, scope: Scope, method: str, path: str, headers: Headers, receive: Receive) -> HttpReply:
         limits = self.hub.limits
@@ -164,9 +164,7 @@ class ServerApp:
 
     async def _refuse(self, scope: Scope, send: Send, answer: HttpReply) -> None:
         if "websocket.http.response" in (scope.get("extensions") or {}):
-            await send({"type": "websocket.http.response.start", "status": answer.status,
-                        "headers": _raw_headers(answer, self.headers)})
-            await send({"type": "websocket.http.response.body", "body": answer.body})
+            await _send_reply(send, answer, self.headers, "websocket.http.response")
         else:  # the server can only deny the handshake (403); the close code tells a proxy why
             await send({"type": "websocket.close", "code": 1013 if answer.status == 503 else 1008})
 
@@ -262,9 +260,11 @@ async def _read_body(receive: Receive, headers: Headers, limit: int) -> bytes:
             return b"".join(chunks)
 
 
-async def _send_reply(send: Send, answer: HttpReply, extra: tuple[tuple[str, str], ...]) -> None:
-    await send({"type": "http.response.start", "status": answer.status, "headers": _raw_headers(answer, extra)})
-    await send({"type": "http.response.body", "body": answer.body})
+async def _send_reply(send: Send, answer: HttpReply, extra: tuple[tuple[str, str], ...],
+                      kind: str = "http.response") -> None:
+    """``answer`` as ASGI's ``<kind>.start`` and ``<kind>.body`` (``websocket.http.response``: a refused upgrade)."""
+    await send({"type": f"{kind}.start", "status": answer.status, "headers": _raw_headers(answer, extra)})
+    await send({"type": f"{kind}.body", "body": answer.body})
 
 
 def _raw_headers(answer: HttpReply, extra: tuple[tuple[str, str], ...]) -> list[tuple[bytes, bytes]]:

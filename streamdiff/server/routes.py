@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 
 from ..protocol.wire import STREAM_PATH, VIEW_SOCKET_PREFIX
 
-__all__ = ["HttpReply", "StaticFiles", "route"]
+__all__ = ["HttpReply", "StaticFiles", "route", "wrong_host"]
 
 _TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
           ".css": "text/css; charset=utf-8"}
@@ -68,8 +68,9 @@ def route(target: str, static: StaticFiles, hub: Any, headers: Mapping[str, str]
     :class:`~.asgi.Headers` is; None: no headers); None: a WebSocket route, go on with the handshake."""
     headers = headers or {}
     config = hub.config
-    if not config.hosts.allows(headers.get("Host")):
-        return HttpReply(421, b"this server does not answer for this host name\n")
+    refused = wrong_host(hub, headers)
+    if refused is not None:
+        return refused
     path = urlsplit(target).path
     if path == STREAM_PATH:
         return HttpReply(400, b"the stream socket takes no query parameters\n") if "?" in target else None
@@ -87,6 +88,14 @@ def route(target: str, static: StaticFiles, hub: Any, headers: Mapping[str, str]
         return HttpReply(200, body, content_type)
     reply = static.get(path)
     return reply if reply is not None else HttpReply(404, b"not found\n")
+
+
+def wrong_host(hub: Any, headers: Mapping[str, str]) -> HttpReply | None:
+    """421 when the request's ``Host`` is not one the server's ``hosts`` policy answers for (DNS rebinding), else
+    None: the first check of every request, whatever its method or path."""
+    if hub.config.hosts.allows(headers.get("Host")):
+        return None
+    return HttpReply(421, b"this server does not answer for this host name\n")
 
 
 def _bearer_is(header: str | None, token: str) -> bool:
