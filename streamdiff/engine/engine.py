@@ -486,16 +486,15 @@ class StreamEngine:
                                  set(rule.sizes or ()) | {(config.width, config.height)}))
             shapes = EngineShapes.for_engine(self.config.max_batch_rows, self.config.max_streams, sizes,
                                              opt_size=tuned_size(rule.sizes) if rule.sizes else None)
-        controlnets = self.controlnets
         artifacts = frozenset(step.key.name for step in engine_steps(self.backend, self.model, shapes, options,
-                                                                     controlnets)[1])
+                                                                     self.controlnets)[1])
         if self.unet is not None and self.vae is not None and artifacts == self._backend_artifacts:
             self._backend_shapes = shapes
             return
         logger.info("preparing %s engines for %s", self.backend.value, shapes)
         made = create_backend(self.backend, self.model, shapes, options, max_shapes=self.config.max_shapes,
                               cuda_graphs=self.backend is BackendKind.TENSORRT and self._wants_cuda_graphs(),
-                              controlnets=controlnets)
+                              controlnets=self.controlnets)
         self.unet = given_unet or made.unet
         self.vae = given_vae or made.vae
         if given_unet is None:  # ControlNets run beside the backend's own U-Net (whose inputs they fit)
