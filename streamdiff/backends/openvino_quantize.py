@@ -24,7 +24,7 @@ import torch
 
 from ..config import Calibration, Quantization
 from ..core.image import frame_to_tensor, pattern_frame, to_model_range
-from ..core.schedule import lcm_timesteps
+from ..core.schedule import slot_coefficients
 from ..errors import import_extra
 from ..models.prompts import PromptEncoder
 from .onnx_export import VaeEncoder
@@ -107,8 +107,10 @@ def calibration_set(model: Any, example: tuple[torch.Tensor, ...], names: tuple[
     sample, _, hidden, *extras = example
     batch, _, latent_h, latent_w = sample.shape
     height, width = latent_h * model.vae_scale_factor, latent_w * model.vae_scale_factor
-    schedule = lcm_timesteps(model.schedule, calibration.num_inference_steps)
-    timesteps = [schedule[i] for i in calibration.t_index_list]
+    coeffs = slot_coefficients(model.schedule, calibration.t_index_list, calibration.num_inference_steps, 1)
+    slots = [r % len(coeffs.timesteps) for r in range(batch)]  # row r's timestep
+    steps = coeffs.timesteps[slots]
+    alpha_sqrt, beta_sqrt = coeffs.alpha_sqrt[slots].float(), coeffs.beta_sqrt[slots].float()
     prompts = PromptEncoder.for_model(model, capacity=len(calibration.prompts) + 1)
     texts = (*calibration.prompts, "")
     encoder = VaeEncoder(model.vae)
@@ -119,9 +121,7 @@ def calibration_set(model: Any, example: tuple[torch.Tensor, ...], names: tuple[
                             for r in range(batch)])
         latents = encoder(to_model_range(frames).to(model.device, model.dtype)).float().cpu()  # [B, C, h, w]
         noise = torch.randn(latents.shape, generator=generator)
-        steps = torch.tensor([timesteps[r % len(timesteps)] for r in range(batch)])
-        acp = torch.tensor([model.schedule.alphas_cumprod[int(t)] for t in steps], dtype=torch.float32)
-        x_t = acp.sqrt().view(-1, 1, 1, 1) * latents + (1 - acp).sqrt().view(-1, 1, 1, 1) * noise
+        x_t = alpha_sqrt * latents + beta_sqrt * noise
         rows = [prompts.conditioning(texts[(s + r) % len(texts)], height, width) for r in range(batch)]
         states = torch.cat([h for h, _ in rows]).float().cpu()
         if states.shape != hidden.shape:
