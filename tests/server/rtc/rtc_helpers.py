@@ -191,6 +191,11 @@ async def watch(http: ClientSession, base: str, view_path: str, codec: str = "h2
     return client
 
 
+def run(coro: Any, timeout: float = 120.0) -> Any:
+    """Run a test's coroutine on a fresh event loop, at most ``timeout`` seconds."""
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
 async def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not condition():

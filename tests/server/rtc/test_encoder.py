@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
-from rtc_helpers import LOOPBACK, PTS_STEP, prefer, wait_for
+from rtc_helpers import LOOPBACK, PTS_STEP, prefer, run, wait_for
 
 from streamdiff.core.image import psnr
 from streamdiff.errors import ConfigError
@@ -57,10 +57,6 @@ def video_frame(image: np.ndarray, index: int) -> av.VideoFrame:
 
 def decoder(mime: str) -> Any:
     return av.CodecContext.create("h264" if mime == "video/H264" else "vp8", "r")
-
-
-def run(coro: Any, timeout: float = 90.0) -> Any:
-    return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
 # -- config and policy ------------------------------------------------------------------------------------------
@@ -310,7 +306,7 @@ def test_an_aiortc_receiver_decodes_asks_for_keyframes_and_estimates(codec: str)
             for task in tasks:
                 task.cancel()
 
-    run(main())
+    run(main(), timeout=90)
 
 
 def test_follow_sender_degrades_when_aiortc_changes() -> None:

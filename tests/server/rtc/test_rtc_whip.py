@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 from aiohttp import ClientSession
-from rtc_helpers import LOOPBACK, publish, serve, wait_for, watch
+from rtc_helpers import LOOPBACK, publish, run, serve, wait_for, watch
 
 from streamdiff.server.hub import ServerConfig
 from streamdiff.server.rtc import RtcConfig
@@ -18,10 +18,6 @@ from streamdiff.protocol.limits import ServerLimits
 
 TOKEN = "s3cret-token-for-tests"
 QUERY = "?width=128&height=128&prompt=a%20watercolor&seed=7"
-
-
-def run(coro, timeout: float = 120.0):
-    return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
 def config(**limits) -> ServerConfig:
