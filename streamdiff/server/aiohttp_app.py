@@ -98,7 +98,7 @@ def build_application(app: Any, limits: ServerLimits) -> web.Application:
     """The aiohttp application hosting ``app`` (an ASGI application, :class:`~.asgi.ServerApp`): the first-request
     timer's middleware, then every method of every path handed to ``app``."""
     waiting: dict[Any, asyncio.TimerHandle] = {}
-    application = web.Application(middlewares=[_first_request_arrived(waiting)], client_max_size=limits.max_message_bytes)
+    application = web.Application(middlewares=[_first_request_arrived(waiting)])  # bodies: the app reads, within limits
     application[_WAITING] = waiting
     application.on_response_prepare.append(_server_header)
     application.router.add_route("*", "/{path:.*}", AsgiHost(app, limits).handle)
