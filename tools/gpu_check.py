@@ -23,8 +23,9 @@ What it does, in order:
 2. **models** — the built-in tiny model and an SD-2.1-size model with random weights
    (:func:`streamdiff.testing.sd21_components`: 866M-parameter U-Net, TAESD, SD-2.1 text encoder), each in float32
    (the reference) and float16.
-3. **backends** — every one installed: ``torch-fp32`` (reference), ``torch-fp16`` (eager), ``torch-compile``
-   (``torch.compile`` of the float16 U-Net), ``onnxruntime-cuda`` and ``onnxruntime-tensorrt`` (ONNX Runtime's CUDA
+3. **backends** — every one installed: ``torch-fp32`` (reference), ``torch-fp16`` (the default: whole-tick CUDA
+   graphs), ``torch-fp16-eager`` (no graphs), ``torch-fp16-calls`` (a graph per engine call), ``torch-compile``
+   (``torch.compile`` of the float16 U-Net, under the graphs), ``onnxruntime-cuda`` and ``onnxruntime-tensorrt`` (ONNX Runtime's CUDA
    and TensorRT providers on float16 graphs), ``tensorrt`` (strongly typed float16 engines, CUDA graphs). Engines
    are built through the engine cache (``--engine-dir``; a second run reuses them) and their build time is kept.
    One whose software is missing (TensorRT, onnxruntime-gpu and its providers) is a row ``not installed here``, not
@@ -34,7 +35,9 @@ What it does, in order:
 4. **runs** — every backend through the multi-stream :class:`~streamdiff.engine.StreamEngine` at 512² (``--size``)
    with 1 and 2 denoising steps and 1, 4 and 8 streams (RCFG self, strength 0.5), ``--ticks`` measured ticks after
    warm-up. Each stream gets its own moving test pattern, prompt and seed.
-5. **checks** — every backend's frames against torch float32's frames of the same case (PSNR, ``--min-psnr`` dB).
+5. **checks** — every backend's frames against torch float32's frames of the same case (PSNR, ``--min-psnr`` dB);
+   ``torch-fp16-eager``'s and ``torch-fp16-calls``' also against ``torch-fp16``'s (``psnr_vs_graphs_db``,
+   ``--min-psnr-graphs`` dB: whole-tick graphs against eager float16).
 6. **report** — a table and a JSON file (``--json``): frames/s (all streams), per-stream frames/s, tick time and
    per-frame latency p50/p95 (a frame's latency is the sum of the ticks it spends in the Stream Batch), peak and
    device-wide GPU memory, engine build times, achieved TFLOP/s (U-Net and VAE FLOPs counted with torch's
@@ -53,7 +56,7 @@ with their profiles; in a dry run the exported float16 graphs),
 warm-up, where ONNX Runtime's TensorRT provider builds its engines and torch.compile compiles), ``results`` (one per
 model × backend × steps × streams: fps, fps_per_stream, tick_ms_p50/p95, latency_ms_p50/p95, warmup_seconds,
 gpu_mem_peak_mb (torch's allocator), gpu_mem_used_mb (device-wide, sampled), gpu_mem_outside_torch_mb, tflops,
-peak_share, psnr_db, psnr_ok, unet_calls_per_tick, status, error; status
+peak_share, psnr_db, psnr_ok, psnr_vs_graphs_db, unet_calls_per_tick, status, error; status
 is ``ok``, ``failed``, ``skipped: time budget`` or ``cut: deadline``) and ``failures``. The exit status is 0 when
 every case that ran matched the reference and nothing failed; cut and not-installed items are not failures.
 
@@ -97,7 +100,10 @@ except ImportError:
 REPO = Path(__file__).resolve().parents[1]
 IN_VENV_ENV = "STREAMDIFF_GPU_CHECK_IN_VENV"
 EXTRAS = "onnx-gpu,tensorrt"
-BACKENDS = ("torch-fp32", "tensorrt", "onnxruntime-cuda", "torch-fp16", "torch-compile", "onnxruntime-tensorrt")
+BACKENDS = ("torch-fp32", "torch-fp16", "torch-fp16-eager", "tensorrt", "onnxruntime-cuda", "torch-compile",
+            "torch-fp16-calls", "onnxruntime-tensorrt")
+# Backends whose frames are also checked against torch-fp16's (whole-tick CUDA graphs) at --min-psnr-graphs dB.
+GRAPH_COMPANIONS = ("torch-fp16-eager", "torch-fp16-calls")
 CPU_BACKENDS = ("torch-fp32", "onnxruntime-cpu", "hang")  # the dry run's, and the deadline's stand-in
 DEFAULT_VENV = REPO / ".venv-gpu-check"
 # Dense (no sparsity) fp16 tensor-core peaks with fp32 accumulation, TFLOP/s, from the vendors' data sheets.
@@ -401,6 +407,10 @@ def make_engine(backend: str, model: CheckModel, device: torch.device, args: arg
     loaded = model.loaded(device, torch.float16)
     if backend == "torch-fp16":
         return StreamEngine(loaded, config, backend="torch")
+    if backend == "torch-fp16-eager":
+        return StreamEngine(loaded, replace(config, cuda_graphs=False), backend="torch")
+    if backend == "torch-fp16-calls":
+        return StreamEngine(loaded, replace(config, cuda_graph_scope="call"), backend="torch")
     if backend == "torch-compile":
         from streamdiff.backends.torch_backend import TorchVae, compiled_unet
 
@@ -466,9 +476,11 @@ def psnr_against(reference: dict[int, list[torch.Tensor]], outputs: dict[int, li
 
 def check_backend(model: CheckModel, backend: str, device: torch.device, args: argparse.Namespace,
                   progress: Progress, flops: dict[str, float], peak: float | None, budget_at: float,
-                  reference: dict[tuple[int, int], dict[int, list[torch.Tensor]]]) -> None:
+                  reference: dict[tuple[int, int], dict[int, list[torch.Tensor]]],
+                  graphed: dict[tuple[int, int], dict[int, list[torch.Tensor]]] | None = None) -> None:
     """Every steps × streams case of one model on one backend, recorded through ``progress``; the reference
-    backend's outputs go into ``reference``, the others' are checked against it. Nothing new starts after
+    backend's outputs go into ``reference``, the others' are checked against it (torch-fp16's go into ``graphed``,
+    and :data:`GRAPH_COMPANIONS`' are checked against those too). Nothing new starts after
     ``budget_at`` (the rest is ``skipped: time budget``), and the deadline may abandon this at any point."""
     max_streams, max_rows = max(args.streams), max(args.streams) * max(args.steps)
     if time.monotonic() > budget_at:
@@ -529,6 +541,15 @@ def check_backend(model: CheckModel, backend: str, device: torch.device, args: a
                 if not row["psnr_ok"]:
                     progress.add("failures", f"{model.name}/{backend}/{steps} steps/{streams} streams: PSNR "
                                              f"{value:.1f} dB < {args.min_psnr} dB against {args.backends[0]}")
+            if graphed is not None and backend == "torch-fp16":
+                graphed[(steps, streams)] = case["outputs"]
+            if graphed is not None and backend in GRAPH_COMPANIONS and (steps, streams) in graphed:
+                value = psnr_against(graphed[(steps, streams)], case["outputs"])
+                row["psnr_vs_graphs_db"] = value
+                if not value >= args.min_psnr_graphs:
+                    row["psnr_ok"] = False
+                    progress.add("failures", f"{model.name}/{backend}/{steps} steps/{streams} streams: PSNR "
+                                             f"{value:.1f} dB < {args.min_psnr_graphs} dB against torch-fp16")
             progress.add("results", row)
             progress.done()
             print(format_row(row), flush=True)
@@ -590,10 +611,11 @@ def work(names: list[str], device: torch.device, args: argparse.Namespace, progr
         # Backend by backend over the models: the reference first, the costly compiles last, so that what a short
         # deadline cuts is what matters least.
         references: dict[str, dict[tuple[int, int], dict[int, list[torch.Tensor]]]] = {n: {} for n in models}
+        graphed: dict[str, dict[tuple[int, int], dict[int, list[torch.Tensor]]]] = {n: {} for n in models}
         for backend in args.backends:
             for model in models.values():
                 check_backend(model, backend, device, args, progress, flops[model.name], peak, budget_at,
-                              references[model.name])
+                              references[model.name], graphed[model.name])
             phase(f"runs {backend}")
     except Exception as error:  # noqa: BLE001 - reported, with what finished before it
         logger.exception("gpu_check stopped")
@@ -628,7 +650,8 @@ def cut_rows(report: dict[str, Any], current: dict[str, Any] | None, names: list
 
 COLUMNS = (("model", "{}"), ("backend", "{}"), ("steps", "{}"), ("streams", "{}"), ("fps", "{:.1f}"),
            ("fps_per_stream", "{:.1f}"), ("latency_ms_p50", "{:.1f}"), ("latency_ms_p95", "{:.1f}"),
-           ("gpu_mem_peak_mb", "{:.0f}"), ("tflops", "{:.2f}"), ("peak_share", "{:.1%}"), ("psnr_db", "{:.1f}"))
+           ("gpu_mem_peak_mb", "{:.0f}"), ("tflops", "{:.2f}"), ("peak_share", "{:.1%}"), ("psnr_db", "{:.1f}"),
+           ("psnr_vs_graphs_db", "{:.1f}"))
 
 
 def format_row(row: dict[str, Any]) -> str:
@@ -662,6 +685,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--streams", default=None, help="stream counts (1,4,8; 1,3 in a dry run)")
     parser.add_argument("--ticks", type=int, default=None, help="measured ticks per case (20; 2 in a dry run)")
     parser.add_argument("--min-psnr", type=float, default=30.0)
+    parser.add_argument("--min-psnr-graphs", type=float, default=40.0,
+                        help="dB: eager float16 and per-call graphs against the whole-tick graphs (torch-fp16)")
     parser.add_argument("--deadline", type=float, default=330.0,
                         help="seconds from the start after which whatever runs is abandoned and the report written")
     parser.add_argument("--budget", type=float, default=None,

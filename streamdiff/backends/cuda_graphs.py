@@ -12,8 +12,11 @@ A capture that raises is logged once and that signature runs eagerly from then o
 Everything device-specific goes through the :mod:`.cuda_ops` seam, so the bookkeeping — what is captured, refilled,
 replayed and released — is tested on the CPU with a fake whose "graph" is the recorded callable.
 
-What is NOT captured: the step arithmetic between the calls (:mod:`streamdiff.core.step`, small elementwise kernels
-that read live host scalars such as the guidance scale) and the batch assembly; see docs/engines.md.
+:class:`GraphedPrograms` captures a whole *program* instead: a closure over static buffers that an owner built
+(the engine's whole tick of one U-Net call: :mod:`streamdiff.engine.tick_graph`), one per key, with the same warm-up,
+LRU and fallback rules. A program mutates state that outlives it (a stream's Stream Batch), so the tensors it
+mutates are restored after the warm-up and after the capture: a capture leaves the state as it found it, and only
+the replay that follows advances it.
 """
 
 from __future__ import annotations
@@ -120,6 +123,90 @@ class GraphedCall:
             self.release_oldest()
 
 
+@dataclass(eq=False)
+class Program:
+    """A capturable program: ``run()`` queues device work only (no host reads, no Python state that the replay
+    would skip), reading and writing tensors that stay where they are; ``mutable`` lists those whose contents must
+    survive a warm-up or a capture unchanged. ``graph`` is set once captured."""
+
+    run: Callable[[], None]
+    mutable: list[torch.Tensor]
+    graph: Any = None
+
+
+class GraphedPrograms:
+    """Programs captured as CUDA graphs, one per key (the owner's key names everything the program reads: shapes,
+    tensor identities, the host values it bakes in); see the module docstring.
+
+    :meth:`capture` warms ``program.run`` up :data:`WARMUP` times on a side stream and captures it, restoring the
+    ``mutable`` tensors after both; a capture that raises marks the key eager (logged once; :meth:`is_eager`). At
+    most ``max_programs`` graphs are kept, least recently used released.
+    """
+
+    def __init__(self, name: str, device: torch.device, cuda: Any = None, max_programs: int = 8) -> None:
+        self.name, self.device, self.cuda, self.max_programs = name, device, cuda or DEFAULT_CUDA, max_programs
+        self.programs: OrderedDict[Any, Program] = OrderedDict()
+        self.eager: set[Any] = set()
+        self.captures = self.replays = self.evictions = 0
+
+    def get(self, key: Any) -> Program | None:
+        program = self.programs.get(key)
+        if program is not None:
+            self.programs.move_to_end(key)
+        return program
+
+    def is_eager(self, key: Any) -> bool:
+        return key in self.eager
+
+    def capture(self, key: Any, program: Program) -> bool:
+        """Warm up and capture ``program`` under ``key``; False (the key runs eagerly from now on) if the capture
+        raises. A warm-up that raises raises: that is the program's own error, its state restored first."""
+        while len(self.programs) >= self.max_programs:
+            self.release_oldest()
+        cuda = self.cuda
+        saved = [t.clone() for t in program.mutable]
+        side, current = cuda.new_stream(self.device), cuda.current_stream(self.device)
+        cuda.wait(side, current)
+        try:
+            with cuda.use(side):
+                for _ in range(WARMUP):
+                    program.run()
+            cuda.wait(current, side)
+            try:
+                program.graph = cuda.capture(side, program.run)
+            except Exception as error:  # noqa: BLE001 - not capturable: this key runs eagerly, logged once
+                self.eager.add(key)
+                logger.warning("CUDA graph capture of %s failed (%s: %s); it runs eagerly", self.name,
+                               type(error).__name__, error)
+                return False
+        finally:
+            for tensor, before in zip(program.mutable, saved):
+                tensor.copy_(before)
+        self.programs[key] = program
+        self.captures += 1
+        logger.info("captured a CUDA graph of %s (%d kept)", self.name, len(self.programs))
+        return True
+
+    def replay(self, program: Program) -> None:
+        self.cuda.replay(program.graph)
+        self.replays += 1
+
+    def release_oldest(self) -> None:
+        _, program = self.programs.popitem(last=False)
+        self.cuda.release(program.graph)
+        self.evictions += 1
+
+    def release_where(self, predicate: Callable[[Any], bool]) -> None:
+        """Release the graphs whose key matches ``predicate`` (what they read is gone)."""
+        for key in [k for k in self.programs if predicate(k)]:
+            self.cuda.release(self.programs.pop(key).graph)
+
+    def release(self) -> None:
+        """Release every graph (the engines are being replaced)."""
+        while self.programs:
+            self.release_oldest()
+
+
 class GraphedUNet:
     """A U-Net engine whose calls replay CUDA graphs; other attributes are the wrapped engine's."""
 
@@ -155,12 +242,16 @@ class GraphedVae:
 
 class CudaGraphs:
     """The graphed engines of a :class:`~streamdiff.engine.StreamEngine`: wraps the current (U-Net, VAE) once and
-    wraps again (releasing the old graphs) when the engine's backends are replaced."""
+    wraps again (releasing the old graphs) when the engine's backends are replaced. ``ticks``: the whole-tick
+    programs (``scope="tick"``, :mod:`streamdiff.engine.tick_graph`), released with the rest; None with
+    ``scope="call"``."""
 
-    def __init__(self, device: torch.device, cuda: Any = None, max_shapes: int = 8) -> None:
+    def __init__(self, device: torch.device, cuda: Any = None, max_shapes: int = 8, scope: str = "tick") -> None:
         self.device, self.cuda, self.max_shapes = device, cuda or DEFAULT_CUDA, max_shapes
         self._inner: tuple[Any, Any] | None = None
         self._graphed: tuple[GraphedUNet, GraphedVae] | None = None
+        self.ticks = (GraphedPrograms("a tick's U-Net call", device, self.cuda, max_shapes)
+                      if scope == "tick" else None)
 
     def engines(self, unet: Any, vae: Any) -> tuple[GraphedUNet, GraphedVae]:
         if self._graphed is None or self._inner is None or self._inner[0] is not unet or self._inner[1] is not vae:
@@ -180,6 +271,8 @@ class CudaGraphs:
     def release(self) -> None:
         for call in self.calls():
             call.release()
+        if self.ticks is not None:
+            self.ticks.release()
         self._inner = self._graphed = None
 
 

@@ -4,8 +4,9 @@ A frame whose cosine similarity with the last *processed* input is ``sim`` is sk
 ``P = max(0, 1 − (1 − sim) / (1 − η))`` where η is the threshold. Never more than ``max_skip_frames`` frames are
 skipped in a row. Draws come from a seeded ``random.Random``: the same seed and inputs give the same decisions.
 
-The filter does no I/O and never sleeps: a skip is a decision the caller acts on at once. Reading the similarity
-needs one device→host copy of a scalar per frame, the one documented host sync of the filter.
+The filter does no I/O and never sleeps: a skip is a decision the caller acts on at once. It computes on the
+tensors it is given: on a device tensor, reading the similarity is one device→host copy of a scalar per frame, so
+on a GPU the engine gives it the host frames instead (:mod:`streamdiff.engine.execute`).
 """
 
 from __future__ import annotations

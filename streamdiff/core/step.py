@@ -72,6 +72,17 @@ class Embeddings:
     later_extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class DeviceGuidance:
+    """Guidance whose γ and δ are device tensors (0-d, rewritten in place between CUDA-graph replays), so a captured
+    step reads the live values; ``active`` (γ > 1 in a guided mode) is a plain bool fixed when the step is captured."""
+
+    mode: CfgMode
+    scale: torch.Tensor
+    delta: torch.Tensor
+    active: bool
+
+
 @dataclass
 class UNetRows:
     """The PLAN of one step: the rows it needs in a U-Net call (negatives first, see :mod:`.guidance`)."""
@@ -192,7 +203,7 @@ def apply_rows(
     prediction: torch.Tensor,
     x_t: torch.Tensor,
     coeffs: SlotCoefficients,
-    guidance: Guidance,
+    guidance: Guidance | DeviceGuidance,
     prediction_type: PredictionType,
     stock: torch.Tensor,
     next_alpha: torch.Tensor,
@@ -245,7 +256,7 @@ def batch_apply(
     prediction: torch.Tensor,
     buffers: StreamBuffers,
     coeffs: SlotCoefficients,
-    guidance: Guidance,
+    guidance: Guidance | DeviceGuidance,
     prediction_type: PredictionType,
     add_noise: bool = True,
 ) -> torch.Tensor:
@@ -253,6 +264,21 @@ def batch_apply(
 
     The output belongs to the frames that entered n−1 calls ago (``buffers.filled`` tells when it is real).
     """
+    x0 = batch_advance(prediction, buffers, coeffs, guidance, prediction_type, add_noise)
+    buffers.filled += 1
+    return x0
+
+
+def batch_advance(
+    prediction: torch.Tensor,
+    buffers: StreamBuffers,
+    coeffs: SlotCoefficients,
+    guidance: Guidance | DeviceGuidance,
+    prediction_type: PredictionType,
+    add_noise: bool = True,
+) -> torch.Tensor:
+    """The tensor work of :func:`batch_apply` alone: device operations on the buffers, no host state (what a CUDA
+    graph of a whole tick captures; the caller counts ``buffers.filled``)."""
     f = buffers.frames
     x0_pred, next_stock = apply_rows(
         prediction, buffers.x_batch, coeffs, guidance, prediction_type, buffers.stock_noise, buffers.next_alpha,
@@ -267,7 +293,6 @@ def batch_apply(
         if add_noise:
             renoised = renoised + coeffs.beta_sqrt[f:] * buffers.init_noise[f:]
         buffers.x_batch[f:].copy_(renoised)
-    buffers.filled += 1
     return x0_pred[-f:]
 
 

@@ -50,6 +50,7 @@ from .scheduler import Demand, Scheduler
 from .changes import StateBuilder, reshapes
 from .limits import EngineConfig, EngineStats
 from .execute import Executor
+from .tick_graph import TickGraphs
 from .inbox import ChangeSettings, Inbox, InputFrame, OpenStream, StopEngine
 from .outputs import OutputQueue, StreamOutput
 from .records import StreamRecord, take_messages
@@ -115,9 +116,15 @@ class StreamEngine:
         self.graphs = self._cuda_graphs(cuda)
         on_cuda = model.device.type == "cuda" or cuda is not None
         self.preprocessors = {**builtin_preprocessors(), **(preprocessors or {})}
+        seam = cuda or DEFAULT_CUDA
+        ticks = None
+        if self.graphs is not None and self.graphs.ticks is not None:
+            ticks = TickGraphs(self.graphs.ticks, self._raw_backends,
+                               lambda shape, dtype: seam.empty(shape, dtype, model.device), model.dtype)
         self.executor = Executor(model, self._backends, self.stats.record_call, self.batch_vae, self._take_inputs,
-                                 self._fail, to_host=(cuda or DEFAULT_CUDA).to_host if on_cuda else torch.Tensor.cpu,
-                                 controlnets=self.controlnet_engines, preprocessors=self.preprocessors)
+                                 self._fail, to_host=seam.to_host if on_cuda else torch.Tensor.cpu,
+                                 controlnets=self.controlnet_engines, preprocessors=self.preprocessors,
+                                 ticks=ticks, host_filter=on_cuda)
         self._records: dict[int, StreamRecord] = {}  # open streams, by id: only the thread that runs ticks
         self._ids = itertools.count(1)
         self._life = threading.Lock()  # start/stop
@@ -448,6 +455,8 @@ class StreamEngine:
         record.inputs.clear()
         record.outputs.finish(error)  # first: a submitter refused below already sees the stream's error
         self._inbox.forget(record.id)
+        if self.executor.ticks is not None and record.state is not None:
+            self.executor.ticks.forget(record.state)
         if known:
             self.scheduler.forget(record.id)
             if error is None:
@@ -509,6 +518,13 @@ class StreamEngine:
             return self.graphs.engines(self.unet, self.vae)
         return self.unet, self.vae
 
+    def _raw_backends(self) -> tuple[UNetEngine, VaeEngine]:
+        """The current engines without per-call graphs (what a whole-tick graph captures); after
+        :meth:`_backends`, which releases every graph when the engines were replaced."""
+        self._backends()
+        assert self.unet is not None and self.vae is not None
+        return self.unet, self.vae
+
     def _wants_cuda_graphs(self) -> bool:
         """``EngineConfig.cuda_graphs`` resolved: None is on for the torch backend on CUDA in float16 (eager);
         True is for the torch backend (:mod:`streamdiff.backends.cuda_graphs`) and TensorRT (its runtime captures
@@ -535,7 +551,7 @@ class StreamEngine:
         """The CUDA graphs of the torch backend's calls (TensorRT's are its runtime's: :meth:`prepare_backends`)."""
         if not self._wants_cuda_graphs() or self.backend is not BackendKind.TORCH:
             return None
-        return CudaGraphs(self.model.device, cuda, self.config.max_shapes)
+        return CudaGraphs(self.model.device, cuda, self.config.max_shapes, self.config.cuda_graph_scope)
 
 
 def _split_group(frame: Any, frames: int) -> list[Any]:

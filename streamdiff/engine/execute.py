@@ -5,12 +5,16 @@ scheduler picked. Everything that can fail because of one stream's work is caugh
 ``fail(stream, error)``: that stream ends, the others go on. A batched call (U-Net, or VAE when batched) that fails is
 retried stream by stream to find whose work broke it, after the backend has restored its own state
 (:func:`~streamdiff.backends.base.recover`): a failed call never leaves the shared engines broken for the others.
+
+With whole-tick CUDA graphs (:mod:`.tick_graph`), a call whose every stream is eligible is one replay between the
+filter and the decoded frames; the other calls take the path above.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -26,6 +30,7 @@ from .inbox import InputFrame
 from .outputs import StreamOutput
 from .records import StreamRecord
 from .state import StreamTask
+from .tick_graph import Member, TickGraphs, graphable
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +47,8 @@ class Executor:
     copies one device tensor to the host: the tick's ONE host synchronisation (every decoded frame of the tick
     travels in that one copy; see :meth:`_finish`). ``controlnets``: the engine's ControlNet engines by name (a
     mapping the engine keeps current: eager, or compiled with the backend), and ``preprocessors`` its control-image
-    preprocessors (see :mod:`.control`).
+    preprocessors (see :mod:`.control`). ``ticks``: the whole-tick graphs (None: none). ``host_filter``: the
+    similarity filter decides on the host frames (on a GPU: no device read per stream and tick).
     """
 
     def __init__(
@@ -56,6 +62,8 @@ class Executor:
         to_host: Callable[[torch.Tensor], torch.Tensor] = torch.Tensor.cpu,
         controlnets: Mapping[str, ControlNetEngine] | None = None,
         preprocessors: Mapping[str, Preprocessor | None] | None = None,
+        ticks: TickGraphs | None = None,
+        host_filter: bool = False,
     ) -> None:
         self.model = model
         self.backends = backends
@@ -66,24 +74,31 @@ class Executor:
         self._to_host = to_host
         self.controlnets = controlnets if controlnets is not None else {}
         self.preprocessors = preprocessors or {}
+        self.ticks = ticks
+        self.host_filter = host_filter
 
     def run(self, calls: list[list[StreamRecord]]) -> dict[StreamRecord, StreamOutput]:
         """Execute a tick: ``calls`` lists the streams of each U-Net call (one per bucket). Their outputs."""
         tasks: dict[StreamRecord, StreamTask] = {}
         outputs: dict[StreamRecord, StreamOutput] = {}
-        self._prepare([s for call in calls for s in call], tasks, outputs)
+        groups = self._take([s for call in calls for s in call], outputs)
+        graphed: list[tuple[StreamRecord, torch.Tensor, tuple[Any, ...]]] = []
+        if self.ticks is not None:
+            for call in calls:
+                self._run_graphed([s for s in call if s in groups], groups, graphed)
+        self._start(groups, tasks)
         for call in calls:
             members = [(s, tasks[s]) for s in call if s in tasks]
             for round_index in range(max((t.rounds for _, t in members), default=0)):
                 self._run_unet([(s, t) for s, t in members if s in tasks and round_index < t.rounds], round_index)
-        self._finish(tasks, outputs)
+        self._finish(tasks, outputs, graphed)
         return outputs
 
-    def _prepare(self, streams: list[StreamRecord], tasks: dict[StreamRecord, StreamTask],
-                 outputs: dict[StreamRecord, StreamOutput]) -> None:
-        """Take each stream's frame group, run its filter and the VAE encoder, and make its task."""
-        to_encode: list[tuple[StreamRecord, torch.Tensor, tuple[Any, ...]]] = []
-        controls: dict[StreamRecord, dict[str, torch.Tensor]] = {}
+    def _take(self, streams: list[StreamRecord], outputs: dict[StreamRecord, StreamOutput]
+              ) -> dict[StreamRecord, _Group]:
+        """Take each stream's frame group and run its similarity filter: the groups that go on (a filtered one
+        gets its output here)."""
+        groups: dict[StreamRecord, _Group] = {}
         for stream in streams:
             try:
                 state = stream.state
@@ -91,29 +106,83 @@ class Executor:
                 f = state.config.frame_buffer_size
                 group = self._take_inputs(stream, f)
                 if not group:  # draining: pad with the newest latents, no output of its own
-                    tasks[stream] = state.task(state.last_latents, None)
+                    groups[stream] = _Group(None, None, None, {})
                     continue
                 stream.stats.frames_in += len(group)
                 ids = tuple(item.frame_id for item in group) + (PADDING,) * (f - len(group))
                 group += [group[-1]] * (f - len(group))  # end of input inside a group: pad with the last frame
                 images = None if state.config.mode is StreamMode.TXT2IMG else torch.stack(
                     [_fit(item.image, state.config) for item in group])
-                controls[stream] = self._control(state, group, images)
-                if images is None:
-                    tasks[stream] = state.task(state.entry_latents(None), ids, controls[stream])
-                    continue
-                model_input = to_model_range(images.to(self.model.device, self.model.dtype))
-                if state.filter.decide(model_input).skip:
-                    stream.stats.filter_skips += len(group)
-                    outputs[stream] = _output(state.last_output, ids, state.version, skipped=True)
-                    continue
-                to_encode.append((stream, model_input, ids))
+                controls = self._control(state, group, images)
+                model_input = None
+                if images is not None:
+                    if not self.host_filter:
+                        model_input = to_model_range(images.to(self.model.device, self.model.dtype))
+                    if self._skips(state, images, model_input):
+                        stream.stats.filter_skips += len(group)
+                        outputs[stream] = _output(state.last_output, ids, state.version, skipped=True)
+                        continue
+                groups[stream] = _Group(images, model_input, ids, controls)
             except Exception as error:  # noqa: BLE001 - this stream's work failed: it ends, the others go on
                 self._fail(stream, error)
-        for (stream, _, ids), latents in zip(to_encode, self._vae_calls("encode", [x for _, x, _ in to_encode],
-                                                                       [s for s, _, _ in to_encode])):
+        return groups
+
+    def _skips(self, state: Any, images: torch.Tensor, model_input: torch.Tensor | None) -> bool:
+        """The similarity filter's decision for a group: on the model input where it already is (the CPU), else on
+        the host frames in float32 (on a GPU, deciding on the device would read a number back every tick)."""
+        if model_input is not None:
+            return state.filter.decide(model_input).skip
+        if not state.filter.config.enabled:
+            state.filter.reset()
+            return False
+        return state.filter.decide(to_model_range(images.float())).skip
+
+    def _run_graphed(self, call: list[StreamRecord], groups: dict[StreamRecord, _Group],
+                     graphed: list[tuple[StreamRecord, torch.Tensor, tuple[Any, ...]]]) -> None:
+        """A call whose every member can be replayed as one whole-tick graph (:mod:`.tick_graph`): replayed, its
+        members' groups taken out of ``groups`` and their leaving frames added to ``graphed``."""
+        assert self.ticks is not None
+        if not call or any(groups[s].ids is None or not graphable(s.state) for s in call):
+            return
+        try:
+            result = self.ticks.run([Member(s.state, groups[s].images) for s in call])
+        except Exception as error:  # noqa: BLE001 - the eager path runs it (and finds a failing stream there)
+            logger.warning("a whole-tick CUDA graph of %d streams failed (%s: %s); running the call eagerly",
+                           len(call), type(error).__name__, error)
+            return
+        if result is None:
+            return
+        program, frames = result
+        self.record_call(program.rows, program.padding)
+        for stream, images in zip(call, frames):
+            ids = groups.pop(stream).ids
+            stream.stats.unet_calls += 1
+            leaving = stream.state.leaving(ids)
+            if leaving is not None:
+                graphed.append((stream, images, leaving))
+
+    def _start(self, groups: dict[StreamRecord, _Group], tasks: dict[StreamRecord, StreamTask]) -> None:
+        """Each group's task: frames through the VAE encoder (img2img), the seed's noise (txt2img), or the newest
+        latents again (a draining stream's padding)."""
+        to_encode: list[tuple[StreamRecord, torch.Tensor, _Group]] = []
+        for stream, group in groups.items():
+            try:
+                state = stream.state
+                if group.ids is None:
+                    tasks[stream] = state.task(state.last_latents, None)
+                elif group.images is None:
+                    tasks[stream] = state.task(state.entry_latents(None), group.ids, group.controls)
+                else:
+                    model_input = group.model_input
+                    if model_input is None:
+                        model_input = to_model_range(group.images.to(self.model.device, self.model.dtype))
+                    to_encode.append((stream, model_input, group))
+            except Exception as error:  # noqa: BLE001
+                self._fail(stream, error)
+        for (stream, _, group), latents in zip(to_encode, self._vae_calls("encode", [x for _, x, _ in to_encode],
+                                                                         [s for s, _, _ in to_encode])):
             if latents is not None:
-                tasks[stream] = stream.state.task(stream.state.entry_latents(latents), ids, controls.get(stream))
+                tasks[stream] = stream.state.task(stream.state.entry_latents(latents), group.ids, group.controls)
         for stream in [s for s in tasks if s.finished]:
             tasks.pop(stream)
 
@@ -167,8 +236,10 @@ class Executor:
                                                                               state.config.height))
         return {name: image.to(self.model.device, self.model.dtype) for name, image in made.items()}
 
-    def _finish(self, tasks: dict[StreamRecord, StreamTask], outputs: dict[StreamRecord, StreamOutput]) -> None:
-        """Decode what leaves each Stream Batch this tick."""
+    def _finish(self, tasks: dict[StreamRecord, StreamTask], outputs: dict[StreamRecord, StreamOutput],
+                graphed: list[tuple[StreamRecord, torch.Tensor, tuple[Any, ...]]]) -> None:
+        """Decode what leaves each Stream Batch this tick; with the frames the graphed calls decoded, to the host
+        in one copy."""
         leaving: list[tuple[StreamRecord, torch.Tensor, tuple[Any, ...]]] = []
         for stream, task in tasks.items():
             if stream.finished:
@@ -185,6 +256,7 @@ class Executor:
         decoded = self._vae_calls("decode", [x0 for _, x0, _ in leaving], [s for s, _, _ in leaving])
         done = [(stream, ids, from_model_range(images).float())
                 for (stream, _, ids), images in zip(leaving, decoded) if images is not None]
+        done += [(stream, ids, images) for stream, images, ids in graphed]
         for (stream, ids, _), images in zip(done, self._host([images for _, _, images in done])):
             state = stream.state
             state.last_output = images
@@ -229,6 +301,18 @@ class Executor:
                     recover(vae)
                     self._fail(streams[i], error)
         return results
+
+
+@dataclass(eq=False)
+class _Group:
+    """A stream's frame group on its way in: host frames ``[F, 3, H, W]`` in [0, 1] (None: txt2img, or padding),
+    the model input where the filter already made it (the CPU), the frame ids (None: a draining stream's padding)
+    and the control images."""
+
+    images: torch.Tensor | None
+    model_input: torch.Tensor | None
+    ids: tuple[Any, ...] | None
+    controls: dict[str, torch.Tensor]
 
 
 def _output(images: torch.Tensor | None, ids: tuple[Any, ...], version: int, skipped: bool = False) -> StreamOutput:

@@ -8,6 +8,9 @@ from ..config import check_bool, check_int, parse_size
 from ..errors import ConfigError
 
 
+GRAPH_SCOPES = ("tick", "call")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Limits and batching policy of a :class:`~streamdiff.engine.StreamEngine`.
@@ -22,7 +25,10 @@ class EngineConfig:
     recently used one is released beyond it (also the CUDA graphs kept per engine call).
     ``cuda_graphs``: engine calls replay a CUDA graph per input shape — the torch backend's U-Net and VAE calls
     (:mod:`streamdiff.backends.cuda_graphs`) or TensorRT's shape slots; None: on for the torch backend on CUDA in
-    float16, off elsewhere; True with another backend is a ConfigError.
+    float16, off elsewhere; True with another backend is a ConfigError. ``cuda_graph_scope`` (the torch backend's
+    graphs): ``"tick"`` replays each U-Net call's whole tick — VAE encode, the batched U-Net call, every stream's
+    step arithmetic and VAE decode — as one graph where its streams allow (:mod:`.tick_graph`), each engine call
+    alone elsewhere; ``"call"`` graphs each engine call alone.
     """
 
     max_streams: int = 8
@@ -33,8 +39,12 @@ class EngineConfig:
     sizes: tuple[tuple[int, int], ...] | None = None
     max_shapes: int = 8
     cuda_graphs: bool | None = None
+    cuda_graph_scope: str = "tick"
 
     def __post_init__(self) -> None:
+        if self.cuda_graph_scope not in GRAPH_SCOPES:
+            raise ConfigError(f"cuda_graph_scope={self.cuda_graph_scope!r} must be one of {', '.join(GRAPH_SCOPES)}",
+                              field="cuda_graph_scope", value=self.cuda_graph_scope, allowed=" or ".join(GRAPH_SCOPES))
         for name in ("max_streams", "max_batch_rows", "prompt_cache", "image_prompt_cache", "max_shapes"):
             object.__setattr__(self, name, check_int(name, getattr(self, name), 1))
         for name in ("batch_vae", "cuda_graphs"):

@@ -175,6 +175,22 @@ class StreamState:
             return BatchTask(self, latents, frame_ids)
         return SequentialTask(self, latents, frame_ids)
 
+    @property
+    def batch_full(self) -> bool:
+        """Whether the next Stream Batch call brings real frames out (the batch has filled, and what leaves is not a
+        flush's padding)."""
+        inside = self.buffers.frame_ids
+        return len(inside) + 1 >= self.config.denoising_steps and (not inside or inside[0] is not None)
+
+    def leaving(self, frame_ids: tuple[Any, ...] | None) -> tuple[Any, ...] | None:
+        """A Stream Batch call's frame ids: ``frame_ids`` (None: flush padding) enter slot 0; the ids of the group
+        that leaves slot n−1 with this call, or None (the batch is still filling, or padding leaves)."""
+        inside = self.buffers.frame_ids
+        inside.append(frame_ids)
+        if len(inside) < self.config.denoising_steps:
+            return None
+        return inside.pop(0)
+
     def reset(self) -> None:
         """Empty the Stream Batch (after a flush); the next n−1 ticks are warm-up again."""
         self.buffers.reset()
@@ -231,11 +247,7 @@ class BatchTask(StreamTask):
         self.x0 = batch_apply(prediction, s.buffers, s.coeffs, s.guidance, s.prediction_type, s.config.add_noise)
 
     def finish(self) -> tuple[torch.Tensor | None, tuple[Any, ...]]:
-        inside = self.state.buffers.frame_ids
-        inside.append(self.frame_ids)
-        if len(inside) < self.state.config.denoising_steps:
-            return None, ()
-        leaving = inside.pop(0)
+        leaving = self.state.leaving(self.frame_ids)
         if leaving is None or self.x0 is None:
             return None, ()
         return self.x0, leaving

@@ -85,7 +85,8 @@ class GraphCuda:
 
 
 def make_engine(model, cuda: GraphCuda | None, graphs: bool, max_shapes: int = 8, unet: Any = None) -> StreamEngine:
-    config = EngineConfig(max_streams=4, max_batch_rows=32, batch_vae=True, cuda_graphs=graphs, max_shapes=max_shapes)
+    config = EngineConfig(max_streams=4, max_batch_rows=32, batch_vae=True, cuda_graphs=graphs, max_shapes=max_shapes,
+                          cuda_graph_scope="call")  # the per-call graphs alone (whole ticks: test_tick_graph.py)
     return StreamEngine(model, config, unet=unet or TorchUNet(model.unet), cuda=cuda)
 
 

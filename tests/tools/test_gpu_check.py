@@ -146,8 +146,8 @@ def test_missing_gpu_software_is_reported_not_failed(tools) -> None:
     assert status("onnxruntime-cuda", cuda, env) == ("not installed here: onnxruntime-gpu (ONNX Runtime 1.30.0 has "
                                                      "CPUExecutionProvider; no CUDAExecutionProvider)")
     assert status("onnxruntime-tensorrt", cuda, env).startswith("not installed here: tensorrt")
-    assert [b for b in check["BACKENDS"] if status(b, cuda, env) is None] == ["torch-fp32", "torch-fp16",
-                                                                             "torch-compile"]
+    assert [b for b in check["BACKENDS"] if status(b, cuda, env) is None] == [
+        "torch-fp32", "torch-fp16", "torch-fp16-eager", "torch-compile", "torch-fp16-calls"]
     gpu_env = dict(env, tensorrt="10.13.0", onnxruntime_providers=["TensorrtExecutionProvider",
                                                                    "CUDAExecutionProvider", "CPUExecutionProvider"])
     assert [b for b in check["BACKENDS"] if status(b, cuda, gpu_env)] == []
