@@ -180,6 +180,7 @@ class GraphedPrograms:
                                type(error).__name__, error)
                 return False
         finally:
+            cuda.wait(current, side)  # also when a warm-up raised: its queued work ends before the state is restored
             for tensor, before in zip(program.mutable, saved):
                 tensor.copy_(before)
         self.programs[key] = program

@@ -429,6 +429,8 @@ class StreamEngine:
         assert old is not None
         changed = reshapes(old.config, change.config)
         record.set_state(self.states.change(old, change.config, change.prompt, change.version))
+        if record.state is not old and self.executor.ticks is not None:
+            self.executor.ticks.forget(old)  # the graphs that read the old state's buffers are of no more use
         if changed:
             dropped = old.frames_inside
             record.stats.dropped_on_reconfigure += dropped

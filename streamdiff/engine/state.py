@@ -116,8 +116,16 @@ class StreamState:
         self, cond: torch.Tensor, uncond: torch.Tensor | None, cond_extras: dict[str, torch.Tensor] | None = None,
         uncond_extras: dict[str, torch.Tensor] | None = None,
     ) -> None:
-        """New prompt embeddings and extra conditioning (expanded once for every row layout)."""
-        self.embeddings = _embeddings(self.config, cond, uncond, cond_extras, uncond_extras)
+        """New prompt embeddings and extra conditioning (expanded once for every row layout). The Stream Batch's
+        rows are written into the tensor they replace where the shape allows: a captured CUDA graph reads that
+        tensor, so a prompt change needs no new capture."""
+        embeddings = _embeddings(self.config, cond, uncond, cond_extras, uncond_extras)
+        current = self.embeddings.batch
+        if (embeddings.batch.shape, embeddings.batch.dtype, embeddings.batch.device) == (
+                current.shape, current.dtype, current.device):
+            current.copy_(embeddings.batch)
+            embeddings.batch = current
+        self.embeddings = embeddings
 
     def set_image_prompt(self, tokens: torch.Tensor, negative: torch.Tensor, scale: float) -> None:
         """IP-Adapter inputs for every row: ``tokens`` ``[1, N, D]`` on the conditional rows, ``negative`` on the
@@ -301,7 +309,8 @@ def _embeddings(
     extras = cond_extras or {}
     negative_extras = uncond_extras if uncond is not None else None
     return Embeddings(
-        batch=expand_embeddings(mode, cond, uncond, rows, f, has_first_step=True),
+        # The stream's own copy (it may alias the prompt cache's tensor), rewritten in place by set_conditioning.
+        batch=expand_embeddings(mode, cond, uncond, rows, f, has_first_step=True).clone(),
         first=expand_embeddings(mode, cond, uncond, f, f, has_first_step=True),
         later=expand_embeddings(mode, cond, uncond, f, f, has_first_step=False),
         batch_extras=expand_extras(mode, extras, negative_extras, rows, f, has_first_step=True),

@@ -13,7 +13,11 @@ copy and the output copy is one replay.
 - **The key** (:func:`tick_key`) names the engines, the members in call order, and for each its settings, sizes and
   the identity of every tensor the graph reads. A key is captured on its second sighting (:data:`CAPTURE_AFTER`):
   a membership seen once (a stream warming up, a frame the similarity filter skipped) runs through the eager path
-  rather than paying a capture it may never replay.
+  rather than paying a capture it may never replay. A capture costs the whole call two warm-up runs, and every
+  stream of the call pays them: captures are rationed (:data:`CAPTURE_BURST` at once, then one per
+  :data:`CAPTURE_REFILL` calls), so a client that keeps changing what the key names (schedules, streams joining
+  and leaving) makes its call run eagerly, as without graphs, instead of costing the others capture after
+  capture. A prompt change is written into the stream's own embeddings tensor (the same identity: no new key).
 - **The host keeps** the Stream Batch's frame-id record, the counters and ``last_latents`` (a copy of the entry
   latents the graph wrote), and hands the decoded frames to the tick's ONE device→host copy.
 - **Who is eligible** (:func:`graphable`): Stream Batch streams (``use_denoising_batch``) without ControlNet,
@@ -41,6 +45,8 @@ from .batch import assemble, padded_size
 from .state import StreamState, stream_rows
 
 CAPTURE_AFTER = 2  # sightings of a key before it is captured
+CAPTURE_BURST = 4  # captures that may follow one another ...
+CAPTURE_REFILL = 64  # ... then one per this many calls at most
 _MEMBERS = 3  # where the members' parts start in a key (each part starts with its state's id)
 SEEN_KEYS = 64  # keys whose sightings are counted (least recently seen forgotten)
 
@@ -101,6 +107,7 @@ class TickGraphs:
                  empty: Callable[[tuple[int, ...], torch.dtype], torch.Tensor], dtype: torch.dtype) -> None:
         self.programs, self.engines, self.empty, self.dtype = programs, engines, empty, dtype
         self.seen: OrderedDict[tuple[Any, ...], int] = OrderedDict()
+        self.tokens = float(CAPTURE_BURST)  # captures allowed now (see CAPTURE_REFILL)
 
     def run(self, members: Sequence[Member]) -> tuple[TickProgram, list[torch.Tensor]] | None:
         """Replay the call of ``members`` (capturing it on its :data:`CAPTURE_AFTER`-th sighting). Each member's
@@ -110,9 +117,11 @@ class TickGraphs:
         unet, vae = self.engines()
         key = tick_key(members, unet, vae)
         program = self.programs.get(key)
+        self.tokens = min(float(CAPTURE_BURST), self.tokens + 1.0 / CAPTURE_REFILL)
         if program is None:
-            if self.programs.is_eager(key) or not self._sighted(key):
+            if self.programs.is_eager(key) or not self._sighted(key) or self.tokens < 1.0:
                 return None
+            self.tokens -= 1.0
             program = self._build(members, unet, vae)
             self._fill(program, members)
             if not self.programs.capture(key, program):

@@ -41,8 +41,8 @@ def make_engine(model, cuda: RecordingCuda | None, scope: str = "tick", max_shap
 
 def run(engine: StreamEngine, frames: list, ticks: int = 14, cuda: RecordingCuda | None = None) -> list[dict]:
     """A, B (F=2) and a txt2img stream from tick 0; a sequential 32×32 stream from tick 4; A's guidance changes at
-    tick 6 and B's prompt at tick 8; the txt2img stream closes at tick 10. Each tick's outputs by stream name; with
-    ``cuda``, ONE host copy per tick that has outputs."""
+    tick 6, B's prompt at tick 8 and A's schedule at tick 9; the txt2img stream closes at tick 11. Each tick's
+    outputs by stream name; with ``cuda``, ONE host copy per tick that has outputs."""
     streams = {"a": engine.open_stream(A[0], **A[1]), "b": engine.open_stream(B[0], **B[1]),
                "t2i": engine.open_stream(T2I[0], **T2I[1])}
     got = []
@@ -53,7 +53,9 @@ def run(engine: StreamEngine, frames: list, ticks: int = 14, cuda: RecordingCuda
             streams["a"].update(guidance_scale=2.1, delta=0.5)
         if tick == 8:
             streams["b"].update(prompt="a charcoal sketch")
-        if tick == 10:
+        if tick == 9:
+            streams["a"].update(t_index_list=(15, 35))
+        if tick == 11:
             streams.pop("t2i").close()
         copies = cuda.host_copies if cuda else 0
         inputs = {}
@@ -92,8 +94,8 @@ def test_whole_tick_graphs_equal_eager_ticks_bit_for_bit(tiny_model, frames, eag
     got = run(engine, frames, cuda=cuda)
     assert_same(got, eager_frames)
     ticks = engine.graphs.ticks
-    # A+B+t2i once filled (B's batch fills at tick 2), again after A's guidance changed (γ stays > 1: no new key),
-    # after B's prompt (new embeddings: a new key) and after the t2i stream closed (new members).
+    # A+B+t2i once B's batch filled, again after A's new schedule (new coefficients: a new key) and after the t2i
+    # stream closed (new members); A's guidance (γ stays > 1) and B's prompt (written in place) need no capture.
     assert ticks.captures == 3 and not ticks.eager, (ticks.captures, ticks.eager)
     assert ticks.replays >= 8
     assert len(ticks.programs) == 1  # the two graphs the closed txt2img stream was in were released with it
@@ -121,15 +123,15 @@ def test_a_guidance_value_baked_at_capture_would_show(tiny_model, frames, eager_
 
 
 def test_a_replaced_tensor_without_a_new_key_would_show(tiny_model, frames, eager_frames, monkeypatch) -> None:
-    """The key names each tensor the graph reads: without the embeddings in it, B's new prompt is not seen by the
-    replay (it reads the old tensor) and the frame check fails."""
+    """The key names each tensor the graph reads: without their identities in it, A's new schedule (new
+    coefficient tensors) is not seen by the replay (it reads the old ones) and the frame check fails."""
     key = tick_graph.tick_key
 
-    def without_embeddings(members, unet, vae):
-        return tuple(part[:-1] + (part[-1][:-1],) if isinstance(part, tuple) and len(part) > 2 else part
+    def without_identities(members, unet, vae):
+        return tuple(part[:-1] if isinstance(part, tuple) and len(part) > 3 else part
                      for part in key(members, unet, vae))
 
-    monkeypatch.setattr(tick_graph, "tick_key", without_embeddings)
+    monkeypatch.setattr(tick_graph, "tick_key", without_identities)
     with pytest.raises(AssertionError):
         assert_same(run(make_engine(tiny_model, RecordingCuda()), frames), eager_frames)
 
@@ -176,6 +178,45 @@ def test_a_capture_leaves_the_state_it_found() -> None:
     assert torch.equal(counter, torch.ones(2))
     assert programs.capture("k2", Program(run=lambda: counter.add_(1), mutable=[counter]))
     assert programs.evictions == 1 and cuda.graphs[0].released and list(programs.programs) == ["k2"]
+
+    runs = []
+
+    def failing() -> None:  # the second warm-up raises, after the first changed the state
+        counter.add_(1)
+        runs.append(1)
+        if len(runs) == 2:
+            raise RuntimeError("CUDA out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        programs.capture("k3", Program(run=failing, mutable=[counter]))
+    assert torch.equal(counter, torch.ones(2)) and "k3" not in programs.programs and not programs.is_eager("k3")
+
+
+def test_captures_are_rationed_when_a_client_keeps_changing_the_key(tiny_model, frames) -> None:
+    """A stream whose schedule changes every third tick makes a new key each time: after CAPTURE_BURST captures its
+    call runs eagerly (the others pay no capture after capture), with the same frames."""
+    schedules = [(20, 40), (19, 40), (18, 40), (17, 40), (16, 40), (15, 40), (14, 40), (13, 40), (12, 40)]
+
+    def churn(engine):
+        a, b = engine.open_stream(A[0], **A[1]), engine.open_stream(StreamConfig(width=SIZE, height=SIZE),
+                                                                    prompt="calm", seed=5)
+        got = []
+        for tick in range(3 * len(schedules)):
+            if tick % 3 == 0:
+                a.update(t_index_list=schedules[tick // 3])
+            out = engine.step({a: frames[tick % 8], b: frames[(tick + 3) % 8]})
+            got.append({name: o.images.clone() for name, o in (("a", out.get(a)), ("b", out.get(b)))
+                        if o is not None and o.images is not None})
+        return got
+
+    cuda = RecordingCuda()
+    engine = make_engine(tiny_model, cuda)
+    got, expected = churn(engine), churn(make_engine(tiny_model, None))
+    ticks = engine.graphs.ticks
+    assert ticks.captures == tick_graph.CAPTURE_BURST and len(engine.executor.ticks.seen) >= len(schedules)
+    assert sum(len(t) for t in expected) >= 40
+    for g, e in zip(got, expected):
+        assert g.keys() == e.keys() and all(torch.equal(g[name], e[name]) for name in e)
 
 
 def test_a_call_seen_once_is_not_captured(tiny_model, frames) -> None:
