@@ -21,10 +21,9 @@ tiny model's, since the rest does not depend on the model's size.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 from collections import Counter
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -33,6 +32,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from streamdiff import StreamConfig, StreamEngine, load_model
 from streamdiff.backends.torch_backend import TorchUNet, TorchVae
 from streamdiff.engine import EngineConfig
+from streamdiff.testing.cuda_seam import CallableCuda
 
 
 class _Counter(TorchDispatchMode):
@@ -75,46 +75,21 @@ class _Phase:
             self.counter.phase = previous
 
 
-class _Seam:
-    """A CPU stand-in for the CUDA seam: a capture keeps the program, a replay runs it uncounted (on a GPU it is one
-    launch of the whole graph)."""
+class _Seam(CallableCuda):
+    """The CPU seam whose replay is not counted (on a GPU it is one launch of the whole graph)."""
 
     def __init__(self, counter: _Counter) -> None:
+        super().__init__()
         self.counter = counter
-
-    def new_stream(self, device: torch.device) -> object:
-        return object()
-
-    def current_stream(self, device: torch.device) -> object:
-        return object()
-
-    @contextlib.contextmanager
-    def use(self, stream: object) -> Iterator[None]:
-        yield
-
-    def wait(self, waiter: object, producer: object) -> None:
-        pass
-
-    def empty(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        return torch.empty(shape, dtype=dtype)
-
-    def capture(self, stream: object, enqueue: Callable[[], Any]) -> Callable[[], Any]:
-        return enqueue
 
     def replay(self, graph: Callable[[], Any]) -> None:
         self.counter.paused = True
         try:
-            graph()
+            super().replay(graph)
         finally:
             self.counter.paused = False
         self.counter.ops["replay"] += 1
         self.counter.kernels["replay"] += 1
-
-    def release(self, graph: Any) -> None:
-        pass
-
-    def to_host(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.clone()
 
 
 def count_tick(model: Any, streams: int, steps: int, size: int, graphs: bool) -> dict[str, dict[str, int]]:

@@ -56,11 +56,13 @@ with their profiles; in a dry run the exported float16 graphs),
 warm-up, where ONNX Runtime's TensorRT provider builds its engines and torch.compile compiles), ``results`` (one per
 model × backend × steps × streams: fps, fps_per_stream, tick_ms_p50/p95, latency_ms_p50/p95, warmup_seconds,
 gpu_mem_peak_mb (torch's allocator), gpu_mem_used_mb (device-wide, sampled), gpu_mem_outside_torch_mb, tflops,
-peak_share, psnr_db, psnr_ok, psnr_vs_graphs_db, unet_calls_per_tick, status, error; status
+peak_share, psnr_db, psnr_ok, psnr_vs_graphs_db, unet_calls_per_tick, cuda_graphs (the torch backend's graph
+captures and replays in the case: whole-tick and per-call, and keys that ran eagerly), status, error; status
 is ``ok``, ``failed``, ``skipped: time budget`` or ``cut: deadline``) and ``failures``. The exit status is 0 when
 every case that ran matched the reference and nothing failed; cut and not-installed items are not failures.
 
-Without a GPU it says so and runs the dry run: the offline box's wheel plan and the venv plan are printed (not run),
+Without a GPU it says so and runs the dry run (``torch-fp32-graphs`` runs the whole-tick and per-call CUDA-graph
+code through a CPU stand-in seam, and must equal torch float32 exactly): the offline box's wheel plan and the venv plan are printed (not run),
 the tiny model is built, its float16
 ONNX graphs (what TensorRT and ONNX Runtime CUDA use) are exported, the TensorRT build plans and profiles of both
 models (the SD-2.1-size one on the meta device) are computed, the FLOPs counted, and the StreamEngine runs
@@ -104,7 +106,9 @@ BACKENDS = ("torch-fp32", "torch-fp16", "torch-fp16-eager", "tensorrt", "onnxrun
             "torch-fp16-calls", "onnxruntime-tensorrt")
 # Backends whose frames are also checked against torch-fp16's (whole-tick CUDA graphs) at --min-psnr-graphs dB.
 GRAPH_COMPANIONS = ("torch-fp16-eager", "torch-fp16-calls")
-CPU_BACKENDS = ("torch-fp32", "onnxruntime-cpu", "hang")  # the dry run's, and the deadline's stand-in
+# The dry run's (torch-fp32-graphs: the CUDA-graph code paths through a CPU stand-in seam), and the deadline's
+# stand-in.
+CPU_BACKENDS = ("torch-fp32", "torch-fp32-graphs", "onnxruntime-cpu", "hang")
 DEFAULT_VENV = REPO / ".venv-gpu-check"
 # Dense (no sparsity) fp16 tensor-core peaks with fp32 accumulation, TFLOP/s, from the vendors' data sheets.
 PEAK_FP16_TFLOPS = {
@@ -399,6 +403,11 @@ def make_engine(backend: str, model: CheckModel, device: torch.device, args: arg
     engine_dir = Path(args.engine_dir)
     if backend == "torch-fp32":
         return StreamEngine(model.loaded(device, torch.float32), config, backend="torch")
+    if backend == "torch-fp32-graphs":  # the dry run: whole-tick and per-call graphs' bookkeeping, without a GPU
+        from streamdiff.testing.cuda_seam import CallableCuda
+
+        return StreamEngine(model.loaded(device, torch.float32), replace(config, cuda_graphs=True), backend="torch",
+                            cuda=CallableCuda())
     if backend == "hang":
         return _Hang(StreamEngine(model.loaded(device, torch.float32), config, backend="torch"))
     if backend == "onnxruntime-cpu":  # the dry run: the float16 graphs of the GPU path, on ONNX Runtime's CPU provider
@@ -439,6 +448,21 @@ class _Hang:
         return getattr(self._engine, name)
 
 
+def graph_counts(engine: Any) -> dict[str, int] | None:
+    """The torch backend's CUDA-graph counters (whole-tick and per-call captures and replays, keys that fell back
+    to eager), or None without them: a case's row shows whether its ticks really replayed graphs."""
+    graphs = getattr(engine, "graphs", None)
+    if graphs is None:
+        return None
+    calls = graphs.calls()
+    counts = {"call_captures": sum(c.captures for c in calls), "call_replays": sum(c.replays for c in calls),
+              "call_eager": sum(len(c.eager) for c in calls)}
+    if graphs.ticks is not None:
+        counts.update(tick_captures=graphs.ticks.captures, tick_replays=graphs.ticks.replays,
+                      tick_eager=len(graphs.ticks.eager))
+    return counts
+
+
 def backend_status(backend: str, device: torch.device, env: dict[str, Any]) -> str | None:
     """Why ``backend`` cannot run here (``not installed here: …`` or ``not run here: …``), or None when it can."""
     if backend in CPU_BACKENDS:
@@ -461,7 +485,7 @@ def default_backends(device: torch.device) -> list[str]:
     """A dry run runs torch float32 against ONNX Runtime on the CPU and reports on the GPU backends; a GPU run
     tries every GPU backend (those not installed become rows that say so)."""
     if device.type != "cuda":
-        return ["torch-fp32", "onnxruntime-cpu", *BACKENDS[1:]]
+        return ["torch-fp32", "torch-fp32-graphs", "onnxruntime-cpu", *BACKENDS[1:]]
     return list(BACKENDS)
 
 
@@ -509,6 +533,7 @@ def check_backend(model: CheckModel, backend: str, device: torch.device, args: a
                 print(format_row(row), flush=True)
                 continue
             progress.start(model=model.name, backend=backend, steps=steps, streams=streams, phase="case")
+            graphs_before = graph_counts(engine)
             try:
                 if backend == "torch-fp32":  # the reference is true float32: TF32 off for matmuls and cuDNN
                     from streamdiff.backends.device import strict_float32
@@ -531,6 +556,8 @@ def check_backend(model: CheckModel, backend: str, device: torch.device, args: a
             metrics["tflops"] = counted / metrics.pop("seconds") / 1e12
             metrics["peak_share"] = metrics["tflops"] / peak if peak else None
             row.update(metrics, status="ok")
+            if graphs_before is not None:
+                row["cuda_graphs"] = {k: v - graphs_before[k] for k, v in graph_counts(engine).items()}
             if backend == args.backends[0]:
                 reference[(steps, streams)] = case["outputs"]
                 row["psnr_db"], row["psnr_ok"] = None, True

@@ -120,7 +120,8 @@ class StreamEngine:
         ticks = None
         if self.graphs is not None and self.graphs.ticks is not None:
             ticks = TickGraphs(self.graphs.ticks, self._raw_backends,
-                               lambda shape, dtype: seam.empty(shape, dtype, model.device), model.dtype)
+                               lambda shape, dtype: seam.empty(shape, dtype, model.device), model.dtype,
+                               self.batch_vae)
         self.executor = Executor(model, self._backends, self.stats.record_call, self.batch_vae, self._take_inputs,
                                  self._fail, to_host=seam.to_host if on_cuda else torch.Tensor.cpu,
                                  controlnets=self.controlnet_engines, preprocessors=self.preprocessors,

@@ -100,12 +100,16 @@ class TickGraphs:
 
     ``programs``: where graphs are kept (:class:`~streamdiff.backends.cuda_graphs.GraphedPrograms`);
     ``engines()``: the current (U-Net, VAE) engines, ungraphed; ``empty(shape, dtype)``: a device buffer (the CUDA
-    seam's). :meth:`run` returns None when the call is not (yet) captured: the caller runs it eagerly.
+    seam's); ``batch_vae``: one VAE encode and one decode for the call's frames (else one per stream, as the eager
+    path does with ``EngineConfig.batch_vae`` off). :meth:`run` returns None when the call is not (yet) captured:
+    the caller runs it eagerly.
     """
 
     def __init__(self, programs: GraphedPrograms, engines: Callable[[], tuple[Any, Any]],
-                 empty: Callable[[tuple[int, ...], torch.dtype], torch.Tensor], dtype: torch.dtype) -> None:
+                 empty: Callable[[tuple[int, ...], torch.dtype], torch.Tensor], dtype: torch.dtype,
+                 batch_vae: bool = True) -> None:
         self.programs, self.engines, self.empty, self.dtype = programs, engines, empty, dtype
+        self.batch_vae = batch_vae
         self.seen: OrderedDict[tuple[Any, ...], int] = OrderedDict()
         self.tokens = float(CAPTURE_BURST)  # captures allowed now (see CAPTURE_REFILL)
 
@@ -179,17 +183,19 @@ class TickGraphs:
             image_at += f if m.images is not None else 0
             frame_at += f
             program.mutable += [s.buffers.x_batch, s.buffers.stock_noise]
-        images, entries, output = program.images, program.entries, program.output
+        images, entries, output, batch_vae = program.images, program.entries, program.output, self.batch_vae
 
         def run() -> None:  # device work only: nothing here runs again at a replay
-            latents = vae.encode(to_model_range(images)) if images is not None else None
+            latents = vae.encode(to_model_range(images)) if images is not None and batch_vae else None
             planned = []
             for part in parts:
                 if part.images is None:
                     entry = part.buffers.init_noise[: part.buffers.frames]
                 else:
-                    assert latents is not None
-                    entry = noise_first_step(latents[part.images], part.coeffs, part.buffers.init_noise)
+                    assert images is not None
+                    encoded = latents[part.images] if latents is not None else vae.encode(
+                        to_model_range(images[part.images]))
+                    entry = noise_first_step(encoded, part.coeffs, part.buffers.init_noise)
                 entries[part.frames].copy_(entry)
                 planned.append(batch_plan(entries[part.frames], part.buffers, part.coeffs, part.embeddings,
                                           part.guidance.mode))
@@ -198,7 +204,11 @@ class TickGraphs:
                               **assembled.rows.extras)
             x0 = [batch_advance(p, part.buffers, part.coeffs, part.guidance, part.prediction_type, part.add_noise)
                   for part, p in zip(parts, assembled.split(prediction))]
-            output.copy_(from_model_range(vae.decode(torch.cat(x0) if len(x0) > 1 else x0[0])).float())
+            if batch_vae:
+                output.copy_(from_model_range(vae.decode(torch.cat(x0) if len(x0) > 1 else x0[0])).float())
+                return
+            for part, latent in zip(parts, x0):
+                output[part.frames].copy_(from_model_range(vae.decode(latent)).float())
 
         program.run = run
         return program

@@ -33,8 +33,9 @@ SEQ = (StreamConfig(width=32, height=32, t_index_list=(15, 35), cfg_type="none",
        dict(prompt="neon", seed=4))
 
 
-def make_engine(model, cuda: RecordingCuda | None, scope: str = "tick", max_shapes: int = 8) -> StreamEngine:
-    config = EngineConfig(max_streams=4, max_batch_rows=32, batch_vae=True, cuda_graphs=cuda is not None,
+def make_engine(model, cuda: RecordingCuda | None, scope: str = "tick", max_shapes: int = 8,
+                batch_vae: bool = True) -> StreamEngine:
+    config = EngineConfig(max_streams=4, max_batch_rows=32, batch_vae=batch_vae, cuda_graphs=cuda is not None,
                           max_shapes=max_shapes, cuda_graph_scope=scope)
     return StreamEngine(model, config, unet=TorchUNet(model.unet), cuda=cuda)
 
@@ -102,6 +103,13 @@ def test_whole_tick_graphs_equal_eager_ticks_bit_for_bit(tiny_model, frames, eag
     unet_call = engine.graphs.calls()[0]  # per-call graphs ran the eager ticks (a batch filling, the sequential one)
     tick_ops = len(next(iter(ticks.programs.values())).graph.ops)
     assert tick_ops > max(len(c.graph.ops) for c in unet_call.graphs.values())  # a whole tick, not one call
+
+
+def test_whole_tick_graphs_encode_and_decode_per_stream_without_batch_vae(tiny_model, frames) -> None:
+    cuda = RecordingCuda()
+    engine = make_engine(tiny_model, cuda, batch_vae=False)
+    assert_same(run(engine, frames, cuda=cuda), run(make_engine(tiny_model, None, batch_vae=False), frames))
+    assert engine.graphs.ticks.captures == 3 and engine.graphs.ticks.replays >= 8
 
 
 def test_a_guidance_value_baked_at_capture_would_show(tiny_model, frames, eager_frames, monkeypatch) -> None:

@@ -59,6 +59,7 @@ def test_dry_run_does_everything_up_to_the_gpu(cache_dir: Path, tmp_path: Path) 
     # The GPU backends are reported, not failed: without TensorRT or onnxruntime-gpu "not installed here".
     backends = {b["backend"]: b for b in report["backends"]}
     assert backends["torch-fp32"]["status"] == backends["onnxruntime-cpu"]["status"] == "run"
+    assert backends["torch-fp32-graphs"]["status"] == "run"
     expected = "not run here" if importlib.util.find_spec("tensorrt") else "not installed here"
     assert backends["tensorrt"]["status"] == expected
     assert backends["onnxruntime-cuda"]["status"] == "not installed here"  # the CPU build of ONNX Runtime
@@ -98,7 +99,8 @@ def test_dry_run_does_everything_up_to_the_gpu(cache_dir: Path, tmp_path: Path) 
     # Every case ran through the StreamEngine; ONNX Runtime on those float16 graphs matches torch float32.
     results = report["results"]
     assert {(r["backend"], r["steps"], r["streams"]) for r in results} == {
-        (b, steps, streams) for b in ("torch-fp32", "onnxruntime-cpu") for steps in (1, 2) for streams in (1, 3)
+        (b, steps, streams) for b in ("torch-fp32", "torch-fp32-graphs", "onnxruntime-cpu") for steps in (1, 2)
+        for streams in (1, 3)
     }
     for row in results:
         assert row["status"] == "ok" and row["frames"] == 2 * row["streams"] and row["fps"] > 0
@@ -106,6 +108,12 @@ def test_dry_run_does_everything_up_to_the_gpu(cache_dir: Path, tmp_path: Path) 
         assert row["unet_calls_per_tick"] == 1.0  # every stream's rows in one U-Net call
         if row["backend"] == "onnxruntime-cpu":
             assert row["psnr_db"] >= 40, row
+        if row["backend"] == "torch-fp32-graphs":  # the graph code paths through the CPU seam: torch's frames exactly
+            assert row["psnr_db"] == float("inf"), row
+            graphs = row["cuda_graphs"]  # every measured tick a whole-tick replay (captured during the warm-up)
+            assert graphs["tick_replays"] >= 2 and graphs["tick_eager"] == 0 and graphs["call_eager"] == 0, graphs
+        else:
+            assert "cuda_graphs" not in row
 
 
 def test_the_wheel_plan_measures_the_folder_and_refuses_strays_and_oversize(tools, tmp_path: Path) -> None:
