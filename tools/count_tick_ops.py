@@ -82,10 +82,10 @@ class _Seam(CallableCuda):
         super().__init__()
         self.counter = counter
 
-    def replay(self, graph: Callable[[], Any]) -> None:
+    def run(self, graph: Any) -> None:
         self.counter.paused = True
         try:
-            super().replay(graph)
+            super().run(graph)
         finally:
             self.counter.paused = False
         self.counter.ops["replay"] += 1

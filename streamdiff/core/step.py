@@ -262,23 +262,9 @@ def batch_apply(
 ) -> torch.Tensor:
     """APPLY one Stream Batch call: the F latents leaving slot n−1 ``[F, C, h, w]``; every other slot moves on.
 
-    The output belongs to the frames that entered n−1 calls ago (``buffers.filled`` tells when it is real).
+    The output belongs to the frames that entered n−1 calls ago. Tensor work on the buffers only, no host state
+    (a CUDA graph of a whole tick captures it): the caller counts the call (``buffers.filled``).
     """
-    x0 = batch_advance(prediction, buffers, coeffs, guidance, prediction_type, add_noise)
-    buffers.filled += 1
-    return x0
-
-
-def batch_advance(
-    prediction: torch.Tensor,
-    buffers: StreamBuffers,
-    coeffs: SlotCoefficients,
-    guidance: Guidance | DeviceGuidance,
-    prediction_type: PredictionType,
-    add_noise: bool = True,
-) -> torch.Tensor:
-    """The tensor work of :func:`batch_apply` alone: device operations on the buffers, no host state (what a CUDA
-    graph of a whole tick captures; the caller counts ``buffers.filled``)."""
     f = buffers.frames
     x0_pred, next_stock = apply_rows(
         prediction, buffers.x_batch, coeffs, guidance, prediction_type, buffers.stock_noise, buffers.next_alpha,
@@ -369,7 +355,9 @@ def stream_batch_step(
 ) -> torch.Tensor:
     """One Stream Batch call of a single stream: plan → ``unet`` → apply. F latents at t0 in, F finished out."""
     rows = batch_plan(latents, buffers, coeffs, embeddings, guidance.mode)
-    return batch_apply(_call(unet, rows), buffers, coeffs, guidance, prediction_type, add_noise)
+    x0 = batch_apply(_call(unet, rows), buffers, coeffs, guidance, prediction_type, add_noise)
+    buffers.filled += 1
+    return x0
 
 
 def sequential_step(

@@ -253,6 +253,7 @@ class BatchTask(StreamTask):
     def apply(self, round_index: int, prediction: torch.Tensor) -> None:
         s = self.state
         self.x0 = batch_apply(prediction, s.buffers, s.coeffs, s.guidance, s.prediction_type, s.config.add_noise)
+        s.buffers.filled += 1
 
     def finish(self) -> tuple[torch.Tensor | None, tuple[Any, ...]]:
         leaving = self.state.leaving(self.frame_ids)

@@ -40,7 +40,7 @@ import torch
 from ..backends.cuda_graphs import GraphedPrograms, Program
 from ..core.image import from_model_range, to_model_range
 from ..core.schedule import PredictionType, SlotCoefficients
-from ..core.step import DeviceGuidance, Embeddings, StreamBuffers, batch_advance, batch_plan, noise_first_step
+from ..core.step import DeviceGuidance, Embeddings, StreamBuffers, batch_apply, batch_plan, noise_first_step
 from .batch import assemble, padded_size
 from .state import StreamState, stream_rows
 
@@ -202,7 +202,7 @@ class TickGraphs:
             assembled = assemble(planned, batch_sizes)
             prediction = unet(assembled.rows.sample, assembled.rows.timesteps, assembled.rows.embeddings,
                               **assembled.rows.extras)
-            x0 = [batch_advance(p, part.buffers, part.coeffs, part.guidance, part.prediction_type, part.add_noise)
+            x0 = [batch_apply(p, part.buffers, part.coeffs, part.guidance, part.prediction_type, part.add_noise)
                   for part, p in zip(parts, assembled.split(prediction))]
             if batch_vae:
                 output.copy_(from_model_range(vae.decode(torch.cat(x0) if len(x0) > 1 else x0[0])).float())

@@ -7,18 +7,18 @@ engine must equal the eager engine's bit for bit; a stale static buffer or a mis
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 import torch
+from graph_helpers import assert_same, tick_outputs
 
 from streamdiff import ConfigError, StreamConfig, StreamEngine
 from streamdiff.backends import cuda_graphs
 from streamdiff.backends.torch_backend import TorchUNet
 from streamdiff.engine import EngineConfig
+from streamdiff.testing.cuda_seam import CallableCuda
 
 SIZE = 64
 A = (StreamConfig(width=SIZE, height=SIZE, t_index_list=(20, 40), cfg_type="self"),
@@ -29,59 +29,7 @@ SMALL = (StreamConfig(width=32, height=32, t_index_list=(15, 35), cfg_type="none
          dict(prompt="neon", seed=4))
 
 
-@dataclass(eq=False)
-class Graph:
-    enqueue: Callable[[], Any]
-    replays: int = 0
-    released: bool = False
-
-
-@dataclass
-class GraphCuda:
-    """A CPU stand-in for TorchCuda's streams, buffers, graphs and host copy; counts what it is asked."""
-
-    fail_capture: bool = False
-    graphs: list[Graph] = field(default_factory=list)
-    capture_attempts: int = 0
-    host_copies: int = 0
-    waits: int = 0
-
-    def new_stream(self, device: torch.device) -> object:
-        return object()
-
-    def current_stream(self, device: torch.device) -> str:
-        return "default"
-
-    @contextlib.contextmanager
-    def use(self, stream: object) -> Iterator[None]:
-        yield
-
-    def wait(self, waiter: object, producer: object) -> None:
-        self.waits += 1
-
-    def empty(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        tensor = torch.empty(shape, dtype=dtype)
-        return tensor.fill_(float("nan")) if tensor.is_floating_point() else tensor.fill_(-1)
-
-    def capture(self, stream: object, enqueue: Callable[[], Any]) -> Graph:
-        self.capture_attempts += 1
-        if self.fail_capture:
-            raise RuntimeError("operation not permitted when stream is capturing")
-        graph = Graph(enqueue)
-        self.graphs.append(graph)
-        return graph
-
-    def replay(self, graph: Graph) -> None:
-        assert not graph.released, "replay of a released graph"
-        graph.replays += 1
-        graph.enqueue()
-
-    def release(self, graph: Graph) -> None:
-        graph.released = True
-
-    def to_host(self, tensor: torch.Tensor) -> torch.Tensor:
-        self.host_copies += 1
-        return tensor.clone()
+GraphCuda = CallableCuda  # its "graph" is the callable handed to capture, called at replay
 
 
 def make_engine(model, cuda: GraphCuda | None, graphs: bool, max_shapes: int = 8, unet: Any = None) -> StreamEngine:
@@ -100,23 +48,9 @@ def run(engine: StreamEngine, frames: list, ticks: int = 8, cuda: GraphCuda | No
             streams["small"] = engine.open_stream(SMALL[0], **SMALL[1])
         if tick == 5:
             streams.pop("b").close()
-        copies = cuda.host_copies if cuda else 0
-        outputs = engine.step({s: frames[(tick + i) % len(frames)] for i, s in enumerate(streams.values())})
-        produced = {name: (out.frame_ids, out.images) for name, s in streams.items()
-                    if (out := outputs.get(s)) is not None and out.images is not None and not out.skipped}
-        if cuda is not None:
-            assert cuda.host_copies - copies == (1 if produced else 0), (tick, produced.keys())
-        got.append(produced)
+        got.append(tick_outputs(engine, streams, {s: frames[(tick + i) % len(frames)]
+                                                  for i, s in enumerate(streams.values())}, cuda))
     return got
-
-
-def assert_same(got: list[dict], expected: list[dict]) -> None:
-    assert [sorted(t) for t in got] == [sorted(t) for t in expected]
-    assert sum(len(t) for t in expected) >= 10
-    for tick, (g, e) in enumerate(zip(got, expected)):
-        for name in e:
-            assert g[name][0] == e[name][0]
-            assert torch.equal(g[name][1], e[name][1]), (tick, name, float((g[name][1] - e[name][1]).abs().max()))
 
 
 @pytest.fixture()
@@ -130,7 +64,7 @@ def test_graphed_ticks_equal_eager_ticks_bit_for_bit(tiny_model, frames, eager_f
     cuda = GraphCuda()
     engine = make_engine(tiny_model, cuda, graphs=True, max_shapes=2)
     got = run(engine, frames, cuda=cuda)
-    assert_same(got, eager_frames)
+    assert_same(got, eager_frames, 10)
     unet, encode, decode = engine.graphs.calls()
     # U-Net signatures: A+B (8 rows at 64), the small stream's two sequential rounds (1 row at 32, twice the same
     # signature), A alone after B closed (2 rows): three, so with max_shapes=2 the oldest was released.
@@ -146,7 +80,7 @@ def test_a_failed_capture_runs_eagerly_and_is_not_retried(tiny_model, frames, ea
     engine = make_engine(tiny_model, cuda, graphs=True)
     with caplog.at_level(logging.WARNING, logger=cuda_graphs.__name__):
         got = run(engine, frames, cuda=cuda)
-    assert_same(got, eager_frames)
+    assert_same(got, eager_frames, 10)
     calls = engine.graphs.calls()
     signatures = sum(len(call.eager) for call in calls)
     assert cuda.capture_attempts == signatures  # once per signature, not once per tick
@@ -161,7 +95,7 @@ def test_static_inputs_are_refilled_before_every_replay(tiny_model, frames, eage
     cuda = GraphCuda()
     seen: list[torch.Tensor] = []
     engine = make_engine(tiny_model, cuda, graphs=True, unet=_Recording(TorchUNet(tiny_model.unet), seen))
-    assert_same(run(engine, frames, cuda=cuda), eager_frames)
+    assert_same(run(engine, frames, cuda=cuda), eager_frames, 10)
     samples = [s for s in seen if s.shape[0] == 8]  # A+B calls (warm-ups, the recorded capture, replays)
     assert len(samples) >= 4 and not torch.equal(samples[-1], samples[-2])  # the inputs changed between replays
 
@@ -177,7 +111,7 @@ def test_static_inputs_are_refilled_before_every_replay(tiny_model, frames, eage
     cuda = GraphCuda()
     stale_engine = make_engine(tiny_model, cuda, graphs=True)
     with pytest.raises(AssertionError):
-        assert_same(run(stale_engine, frames, cuda=cuda), eager_frames)
+        assert_same(run(stale_engine, frames, cuda=cuda), eager_frames, 10)
 
 
 class _Recording:

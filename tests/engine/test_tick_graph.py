@@ -1,6 +1,6 @@
 """Whole-tick CUDA graphs (streamdiff/engine/tick_graph.py) in the engine, on the CPU through a recording fake.
 
-The fake (``recording_cuda.py``) replays the tensor operations recorded while capturing, not the Python that made
+The fake (``graph_helpers.py``) replays the tensor operations recorded while capturing, not the Python that made
 them: a value baked in at capture, a tensor replaced after it, host work inside the program or a host read during
 the capture all show here as they would on a GPU. Frames of the graphed engine must equal the eager engine's bit
 for bit, through live guidance and prompt changes, streams joining and leaving, txt2img beside img2img, and the
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from recording_cuda import HostSyncInCapture, RecordingCuda
+from graph_helpers import HostSyncInCapture, RecordingCuda, assert_same, tick_outputs
 from streamdiff import ConfigError, StreamConfig, StreamEngine
 from streamdiff.backends.cuda_graphs import GraphedPrograms, Program
 from streamdiff.backends.torch_backend import TorchUNet
@@ -58,28 +58,13 @@ def run(engine: StreamEngine, frames: list, ticks: int = 14, cuda: RecordingCuda
             streams["a"].update(t_index_list=(15, 35))
         if tick == 11:
             streams.pop("t2i").close()
-        copies = cuda.host_copies if cuda else 0
         inputs = {}
-        for i, (name, s) in enumerate(streams.items()):
+        for i, s in enumerate(streams.values()):
             f = s.config.frame_buffer_size
             inputs[s] = frames[(tick + i) % len(frames)] if f == 1 else np.stack(
                 [frames[(tick + i + k) % len(frames)] for k in range(f)])
-        outputs = engine.step(inputs)
-        produced = {name: (out.frame_ids, out.images) for name, s in streams.items()
-                    if (out := outputs.get(s)) is not None and out.images is not None and not out.skipped}
-        if cuda is not None:
-            assert cuda.host_copies - copies == (1 if produced else 0), (tick, produced.keys())
-        got.append(produced)
+        got.append(tick_outputs(engine, streams, inputs, cuda))
     return got
-
-
-def assert_same(got: list[dict], expected: list[dict]) -> None:
-    assert [sorted(t) for t in got] == [sorted(t) for t in expected]
-    assert sum(len(t) for t in expected) >= 30
-    for tick, (g, e) in enumerate(zip(got, expected)):
-        for name in e:
-            assert g[name][0] == e[name][0]
-            assert torch.equal(g[name][1], e[name][1]), (tick, name, float((g[name][1] - e[name][1]).abs().max()))
 
 
 @pytest.fixture()
@@ -93,7 +78,7 @@ def test_whole_tick_graphs_equal_eager_ticks_bit_for_bit(tiny_model, frames, eag
     cuda = RecordingCuda()
     engine = make_engine(tiny_model, cuda)
     got = run(engine, frames, cuda=cuda)
-    assert_same(got, eager_frames)
+    assert_same(got, eager_frames, 30)
     ticks = engine.graphs.ticks
     # A+B+t2i once B's batch filled, again after A's new schedule (new coefficients: a new key) and after the t2i
     # stream closed (new members); A's guidance (γ stays > 1) and B's prompt (written in place) need no capture.
@@ -108,7 +93,7 @@ def test_whole_tick_graphs_equal_eager_ticks_bit_for_bit(tiny_model, frames, eag
 def test_whole_tick_graphs_encode_and_decode_per_stream_without_batch_vae(tiny_model, frames) -> None:
     cuda = RecordingCuda()
     engine = make_engine(tiny_model, cuda, batch_vae=False)
-    assert_same(run(engine, frames, cuda=cuda), run(make_engine(tiny_model, None, batch_vae=False), frames))
+    assert_same(run(engine, frames, cuda=cuda), run(make_engine(tiny_model, None, batch_vae=False), frames), 30)
     assert engine.graphs.ticks.captures == 3 and engine.graphs.ticks.replays >= 8
 
 
@@ -127,7 +112,7 @@ def test_a_guidance_value_baked_at_capture_would_show(tiny_model, frames, eager_
 
     monkeypatch.setattr(tick_graph.TickGraphs, "_fill", fill_once)
     with pytest.raises(AssertionError):
-        assert_same(run(make_engine(tiny_model, RecordingCuda()), frames), eager_frames)
+        assert_same(run(make_engine(tiny_model, RecordingCuda()), frames), eager_frames, 30)
 
 
 def test_a_replaced_tensor_without_a_new_key_would_show(tiny_model, frames, eager_frames, monkeypatch) -> None:
@@ -141,23 +126,23 @@ def test_a_replaced_tensor_without_a_new_key_would_show(tiny_model, frames, eage
 
     monkeypatch.setattr(tick_graph, "tick_key", without_identities)
     with pytest.raises(AssertionError):
-        assert_same(run(make_engine(tiny_model, RecordingCuda()), frames), eager_frames)
+        assert_same(run(make_engine(tiny_model, RecordingCuda()), frames), eager_frames, 30)
 
 
 def test_a_host_read_inside_a_tick_cannot_be_captured(tiny_model, frames, eager_frames, monkeypatch, caplog) -> None:
     """A program that reads a number back (here: γ as a Python float inside the step) fails its capture, runs
     eagerly from then on, and the frames stay right."""
-    real = tick_graph.batch_advance
+    real = tick_graph.batch_apply
 
     def reading(prediction, buffers, coeffs, guidance, kind, add_noise):
         scale = float(guidance.scale)  # what a step taking γ as a Python float would need: a host read
         return real(prediction, buffers, coeffs, replace(guidance, scale=torch.tensor(scale)), kind, add_noise)
 
-    monkeypatch.setattr(tick_graph, "batch_advance", reading)
+    monkeypatch.setattr(tick_graph, "batch_apply", reading)
     cuda = RecordingCuda()
     engine = make_engine(tiny_model, cuda)
     with caplog.at_level(logging.WARNING):
-        assert_same(run(engine, frames, cuda=cuda), eager_frames)
+        assert_same(run(engine, frames, cuda=cuda), eager_frames, 30)
     ticks = engine.graphs.ticks
     assert ticks.captures == 0 and ticks.eager and cuda.capture_attempts >= len(ticks.eager)
     assert any("runs eagerly" in r.getMessage() for r in caplog.records)
@@ -269,6 +254,6 @@ def test_call_scope_keeps_per_call_graphs_only(tiny_model, frames, eager_frames)
     cuda = RecordingCuda()
     engine = make_engine(tiny_model, cuda, scope="call")
     assert engine.graphs.ticks is None
-    assert_same(run(engine, frames, cuda=cuda), eager_frames)
+    assert_same(run(engine, frames, cuda=cuda), eager_frames, 30)
     with pytest.raises(ConfigError, match="cuda_graph_scope='all' must be one of tick, call"):
         EngineConfig(cuda_graph_scope="all")

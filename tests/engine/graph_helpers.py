@@ -1,4 +1,7 @@
-"""A CPU stand-in for the CUDA seam whose graphs behave like CUDA graphs: a capture records the tensor operations the
+"""What the engine's CUDA-graph tests share: a CPU stand-in for the CUDA seam whose graphs behave like CUDA graphs,
+and the frame comparison.
+
+The stand-in's graphs: a capture records the tensor operations the
 program queues (torch's dispatcher sees each one) with their arguments, and a replay runs those operations again —
 not the Python that queued them.
 
@@ -13,12 +16,13 @@ later operations that read it see the replay's values; views and in-place operat
 
 from __future__ import annotations
 
-import contextlib
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from streamdiff.testing.cuda_seam import CallableCuda
 
 SYNC_OPS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default}
 
@@ -72,51 +76,38 @@ class RecordedGraph:
     released: bool = False
 
 
-@dataclass
-class RecordingCuda:
-    """Streams, NaN-filled buffers, recorded graphs and a counted host copy; see the module docstring."""
+class RecordingCuda(CallableCuda):
+    """The CPU seam whose graphs are recorded operations; see the module docstring."""
 
-    graphs: list[RecordedGraph] = field(default_factory=list)
-    capture_attempts: int = 0
-    host_copies: int = 0
-    replays: int = 0
-
-    def new_stream(self, device: torch.device) -> object:
-        return object()
-
-    def current_stream(self, device: torch.device) -> str:
-        return "default"
-
-    @contextlib.contextmanager
-    def use(self, stream: object) -> Iterator[None]:
-        yield
-
-    def wait(self, waiter: object, producer: object) -> None:
-        pass
-
-    def empty(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        tensor = torch.empty(shape, dtype=dtype)
-        return tensor.fill_(float("nan")) if tensor.is_floating_point() else tensor.fill_(-1)
-
-    def capture(self, stream: object, enqueue: Callable[[], Any]) -> RecordedGraph:
-        self.capture_attempts += 1
+    def record(self, enqueue: Callable[[], Any]) -> RecordedGraph:
         recorder = _Recorder()
         with recorder:
             enqueue()
-        graph = RecordedGraph(recorder.ops)
-        self.graphs.append(graph)
-        return graph
+        return RecordedGraph(recorder.ops)
 
-    def replay(self, graph: RecordedGraph) -> None:
-        assert not graph.released, "replay of a released graph"
-        graph.replays += 1
-        self.replays += 1
+    def run(self, graph: RecordedGraph) -> None:
         with torch.inference_mode():
             _rerun(graph.ops)
 
-    def release(self, graph: RecordedGraph) -> None:
-        graph.released = True
 
-    def to_host(self, tensor: torch.Tensor) -> torch.Tensor:
-        self.host_copies += 1
-        return tensor.clone()
+def assert_same(got: list[dict], expected: list[dict], at_least: int) -> None:
+    """Two runs' outputs by tick and stream name ((frame ids, images)) are the same, bit for bit, and there are
+    ``at_least`` of them."""
+    assert [sorted(t) for t in got] == [sorted(t) for t in expected]
+    assert sum(len(t) for t in expected) >= at_least
+    for tick, (g, e) in enumerate(zip(got, expected)):
+        for name in e:
+            assert g[name][0] == e[name][0]
+            assert torch.equal(g[name][1], e[name][1]), (tick, name, float((g[name][1] - e[name][1]).abs().max()))
+
+
+def tick_outputs(engine: Any, streams: dict[str, Any], inputs: dict[Any, Any], cuda: CallableCuda | None) -> dict:
+    """One ``engine.step(inputs)``: each named stream's (frame ids, images) where it produced frames; with ``cuda``,
+    checks that the tick made ONE host copy when anything was produced (none otherwise)."""
+    copies = cuda.host_copies if cuda else 0
+    outputs = engine.step(inputs)
+    produced = {name: (out.frame_ids, out.images) for name, s in streams.items()
+                if (out := outputs.get(s)) is not None and out.images is not None and not out.skipped}
+    if cuda is not None:
+        assert cuda.host_copies - copies == (1 if produced else 0), produced.keys()
+    return produced
