@@ -98,6 +98,12 @@ def test_unopenable_webcam_and_missing_virtualcam_exit_1_with_a_message(
     assert any(message in record.getMessage() for record in caplog.records), caplog.text
 
 
+def _sigint_as_in_a_terminal() -> None:
+    """The child's SIGINT at its default, as in a terminal: a test run started in the background of a
+    non-interactive shell has SIGINT ignored, and a child inherits that (it would never see the test's SIGINT)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.fixture()
 def spawn(tmp_path: Path):
     """Start endless ``streamdiff run`` processes (test pattern → ``live.mp4``); any still running are killed at the
@@ -110,6 +116,7 @@ def spawn(tmp_path: Path):
             [sys.executable, "-m", "streamdiff.cli", "run", "--source", "testpattern", "--size", "64x64",
              "--sink", f"file:{tmp_path / 'live.mp4'}", "--status-interval", "0.2", *extra],
             stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
+            preexec_fn=_sigint_as_in_a_terminal,
         )
         processes.append(process)
         return process

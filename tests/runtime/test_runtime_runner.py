@@ -4,6 +4,7 @@ live controls (including changes of size and frame_buffer_size), pause, and ever
 from __future__ import annotations
 
 import _thread
+import signal
 import statistics
 import threading
 import time
@@ -194,8 +195,14 @@ def test_stop_from_another_thread_ends_an_endless_run(kit) -> None:
 
 def test_ctrl_c_interrupts_cleanly(kit) -> None:
     runner = runner_for(kit, kit.engine(), kit.Source(frames=None), [kit.Sink()])
+    # Python raises KeyboardInterrupt on SIGINT only where SIGINT was not ignored when it started (a job started in
+    # the background of a non-interactive shell has it ignored, and interrupt_main would then do nothing).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     threading.Timer(0.5, _thread.interrupt_main).start()
-    summary = runner.run()
+    try:
+        summary = runner.run()
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert summary.interrupted and summary.error is None
     assert all(not t.is_alive() for t in runner.threads)
 
