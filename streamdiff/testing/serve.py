@@ -36,6 +36,13 @@ class LoopbackUrls:
         return f"http://127.0.0.1:{self.port}"
 
 
+def default_sigint() -> None:
+    """A child process's SIGINT at its default, as in a terminal (a ``preexec_fn``): a process started in the
+    background of a non-interactive shell has SIGINT ignored, its children inherit that, and a Python child then
+    never raises KeyboardInterrupt, so a test's SIGINT would go unseen."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class ServeProcess(LoopbackUrls):
     """A ``streamdiff serve --port 0 ARGS…`` process (the same Python, the caller's environment)."""
 
@@ -45,6 +52,7 @@ class ServeProcess(LoopbackUrls):
             [sys.executable, "-m", "streamdiff.cli", "serve", "--port", "0", *args],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=full_env,
             start_new_session=True,  # its own process group: whatever it starts (Ray's processes) ends with it
+            preexec_fn=default_sigint,
         )
         self.log: list[str] = []
         self._lines: queue.Queue[str] = queue.Queue()

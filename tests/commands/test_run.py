@@ -18,6 +18,7 @@ import pytest
 from streamdiff import ConfigError
 from streamdiff.cli import main
 from streamdiff.commands import run as run_command
+from streamdiff.testing.serve import default_sigint
 
 
 def frame_count(path: Path) -> tuple[int, int, int, float]:
@@ -98,12 +99,6 @@ def test_unopenable_webcam_and_missing_virtualcam_exit_1_with_a_message(
     assert any(message in record.getMessage() for record in caplog.records), caplog.text
 
 
-def _sigint_as_in_a_terminal() -> None:
-    """The child's SIGINT at its default, as in a terminal: a test run started in the background of a
-    non-interactive shell has SIGINT ignored, and a child inherits that (it would never see the test's SIGINT)."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 @pytest.fixture()
 def spawn(tmp_path: Path):
     """Start endless ``streamdiff run`` processes (test pattern → ``live.mp4``); any still running are killed at the
@@ -116,7 +111,7 @@ def spawn(tmp_path: Path):
             [sys.executable, "-m", "streamdiff.cli", "run", "--source", "testpattern", "--size", "64x64",
              "--sink", f"file:{tmp_path / 'live.mp4'}", "--status-interval", "0.2", *extra],
             stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
-            preexec_fn=_sigint_as_in_a_terminal,
+            preexec_fn=default_sigint,  # the test's SIGINT reaches it however the suite started
         )
         processes.append(process)
         return process

@@ -15,7 +15,7 @@ from streamdiff.client import ServerRefused, StreamClient  # noqa: E402
 from streamdiff.deploy.launch import free_port  # noqa: E402
 from streamdiff.deploy.routing import replica_of_stream  # noqa: E402
 from streamdiff.io.sources import pattern_frame  # noqa: E402
-from streamdiff.testing.serve import ServeProcess  # noqa: E402
+from streamdiff.testing.serve import ServeProcess, default_sigint  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -81,7 +81,7 @@ applications:
 """)
     serve_cli = os.path.join(os.path.dirname(sys.executable), "serve")
     process = subprocess.Popen([serve_cli, "run", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               text=True, start_new_session=True)
+                               text=True, start_new_session=True, preexec_fn=default_sigint)
     try:
         deadline = time.monotonic() + 240
         while True:
