@@ -117,7 +117,7 @@ class Executor:
                 model_input = None
                 if images is not None:
                     if not self.host_filter:
-                        model_input = to_model_range(images.to(self.model.device, self.model.dtype))
+                        model_input = self._model_input(images)
                     if self._skips(state, images, model_input):
                         stream.stats.filter_skips += len(group)
                         outputs[stream] = _output(state.last_output, ids, state.version, skipped=True)
@@ -126,6 +126,11 @@ class Executor:
             except Exception as error:  # noqa: BLE001 - this stream's work failed: it ends, the others go on
                 self._fail(stream, error)
         return groups
+
+    def _model_input(self, images: torch.Tensor) -> torch.Tensor:
+        """Host frames ``[F, 3, H, W]`` in [0, 1] as the VAE encoder takes them: on the model's device and dtype,
+        in [-1, 1]."""
+        return to_model_range(images.to(self.model.device, self.model.dtype))
 
     def _skips(self, state: Any, images: torch.Tensor, model_input: torch.Tensor | None) -> bool:
         """The similarity filter's decision for a group: on the model input where it already is (the CPU), else on
@@ -173,9 +178,8 @@ class Executor:
                 elif group.images is None:
                     tasks[stream] = state.task(state.entry_latents(None), group.ids, group.controls)
                 else:
-                    model_input = group.model_input
-                    if model_input is None:
-                        model_input = to_model_range(group.images.to(self.model.device, self.model.dtype))
+                    model_input = group.model_input if group.model_input is not None else self._model_input(
+                        group.images)
                     to_encode.append((stream, model_input, group))
             except Exception as error:  # noqa: BLE001
                 self._fail(stream, error)
